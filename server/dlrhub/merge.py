@@ -1,0 +1,144 @@
+"""The state machine of one message: stored state + incoming report -> new state.
+
+normalisation.md §4. Every distinct report of a message has a merge key
+(rank of its status, event time, digest). The current state is a maximum,
+so any order of the same reports, with any duplicates, ends in the same
+state:
+
+- status, final flag, raw codes, error, event time, channel (and the
+  winner's received time and raw text) come from the report with the
+  greatest key;
+- each descriptive field (price, parts, bulk id, reference, recipient,
+  sender, MCC/MNC, template id, sent time, entity and application ids) comes
+  from the greatest-keyed report that has it;
+- a report whose digest (source, message id, raw codes, event time, channel)
+  is already known is a duplicate and changes nothing.
+
+The digest is also the tie-break between different reports of equal rank and
+time: a total order that does not depend on arrival.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
+from dlrhub.statuses import RANK
+
+DESCRIPTIVE_FIELDS = (
+    "bulk_id",
+    "reference",
+    "recipient",
+    "sender",
+    "mcc_mnc",
+    "entity_id",
+    "application_id",
+    "price",
+    "parts_total",
+    "parts_delivered",
+    "template_id",
+    "sent_time",
+)
+_STRING_FIELDS = frozenset(
+    ("bulk_id", "reference", "recipient", "sender", "mcc_mnc", "entity_id", "application_id")
+)
+
+
+@dataclass(frozen=True, order=True, slots=True)
+class MergeKey:
+    """Orders the reports of one message: rank, then event time, then digest."""
+
+    rank: int
+    # Event time in nanoseconds since the epoch; the received time when the
+    # report has no event time.
+    time_ns: int
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MessageState:
+    """The merged report of one message and what the merge needs to go on."""
+
+    report: DeliveryReport
+    # The keys of every distinct report merged so far.
+    keys: frozenset[MergeKey]
+    # For each descriptive field present in `report`: the key of the report it came from.
+    suppliers: Mapping[str, MergeKey]
+
+    @property
+    def winner(self) -> MergeKey:
+        return max(self.keys)
+
+
+@dataclass(frozen=True, slots=True)
+class MergeResult:
+    state: MessageState
+    # The incoming report was already merged: the state is unchanged.
+    duplicate: bool
+
+
+def digest(report: DeliveryReport) -> bytes:
+    """Identity of a report for duplicate detection (normalisation.md §5)."""
+    event = report.event_time
+    identity = (
+        f"{report.source}\x00{report.message_id}\x00{report.channel}\x00"
+        f"{event.seconds if report.HasField('event_time') else '-'}.{event.nanos}\x00"
+    ).encode()
+    return hashlib.blake2b(
+        identity + report.raw.SerializeToString(deterministic=True), digest_size=16
+    ).digest()
+
+
+def merge_key(report: DeliveryReport) -> MergeKey:
+    moment = report.event_time if report.HasField("event_time") else report.received_time
+    return MergeKey(RANK[report.status], moment.seconds * 1_000_000_000 + moment.nanos, digest(report))
+
+
+def has_field(report: DeliveryReport, name: str) -> bool:
+    if name in _STRING_FIELDS:
+        return bool(getattr(report, name))
+    return report.HasField(name)  # type: ignore[arg-type]  # a DESCRIPTIVE_FIELDS name
+
+
+def merge(state: MessageState | None, incoming: DeliveryReport) -> MergeResult:
+    """Merge `incoming` into `state` (None for a message not seen before)."""
+    key = merge_key(incoming)
+    if state is None:
+        suppliers = {name: key for name in DESCRIPTIVE_FIELDS if has_field(incoming, name)}
+        return MergeResult(MessageState(_copy(incoming), frozenset((key,)), suppliers), duplicate=False)
+    if any(known.digest == key.digest for known in state.keys):
+        return MergeResult(state, duplicate=True)
+
+    if key > state.winner:
+        report = _copy(incoming)
+        suppliers = {name: key for name in DESCRIPTIVE_FIELDS if has_field(incoming, name)}
+        sources = (
+            (name, state.report, state.suppliers[name]) for name in state.suppliers if name not in suppliers
+        )
+    else:
+        report = _copy(state.report)
+        suppliers = dict(state.suppliers)
+        sources = (
+            (name, incoming, key)
+            for name in DESCRIPTIVE_FIELDS
+            if has_field(incoming, name) and (name not in suppliers or key > suppliers[name])
+        )
+    for name, source, supplier in sources:
+        _copy_field(report, source, name)
+        suppliers[name] = supplier
+    return MergeResult(MessageState(report, state.keys | {key}, suppliers), duplicate=False)
+
+
+def _copy(report: DeliveryReport) -> DeliveryReport:
+    copy = DeliveryReport()
+    copy.CopyFrom(report)
+    return copy
+
+
+def _copy_field(target: DeliveryReport, source: DeliveryReport, name: str) -> None:
+    if name in _STRING_FIELDS or name in ("parts_total", "parts_delivered", "template_id"):
+        setattr(target, name, getattr(source, name))
+    else:
+        getattr(target, name).CopyFrom(getattr(source, name))

@@ -1,0 +1,134 @@
+"""Typed, path-aware reads of one provider item (a decoded JSON object).
+
+Every read names the field's full path in its error, e.g.
+`results[3].status.groupId`, so a caller can see exactly what to fix. JSON
+null counts as absent.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+from typing import Any
+
+from dlrhub.normalise.results import Rejection
+
+_INTEGER_TEXT = re.compile(r"-?[0-9]{1,18}")
+
+
+class InvalidItem(Exception):
+    """The item is not a valid report; carries the rejection."""
+
+    def __init__(self, rejection: Rejection) -> None:
+        super().__init__(rejection.description)
+        self.rejection = rejection
+
+
+def require_object(value: Any, path: str) -> Fields:
+    """`value` as Fields, or InvalidItem if it is not a JSON object."""
+    if not isinstance(value, dict):
+        raise InvalidItem(Rejection(path, "WRONG_TYPE", f"{path or 'the payload'} must be a JSON object"))
+    return Fields(value, path)
+
+
+class Fields:
+    """Reads fields of one JSON object, checking types."""
+
+    __slots__ = ("data", "path")
+
+    def __init__(self, data: dict[str, Any], path: str) -> None:
+        self.data = data
+        self.path = path
+
+    def has(self, key: str) -> bool:
+        return self.data.get(key) is not None
+
+    def text(self, key: str) -> str | None:
+        """A string; numbers are not accepted."""
+        value = self.data.get(key)
+        if value is None or isinstance(value, str):
+            return value
+        raise self._wrong(key, "a string")
+
+    def required_text(self, key: str) -> str:
+        value = self.text(key)
+        if value is None:
+            raise self._missing(key)
+        return value
+
+    def address(self, key: str) -> str | None:
+        """A phone number or address: a string, or a JSON integer (GMS `number`)."""
+        value = self.data.get(key)
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return str(value)
+        raise self._wrong(key, "a string or a non-negative integer")
+
+    def integer(self, key: str) -> int | None:
+        """A 64-bit integer, given as a JSON integer or as a string of digits."""
+        value = self.data.get(key)
+        if value is None:
+            return None
+        if (isinstance(value, str) and _INTEGER_TEXT.fullmatch(value)) or (
+            isinstance(value, Decimal) and value.is_finite() and value.adjusted() < 19 and value == int(value)
+        ):
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self._wrong(key, "an integer")
+        if not -(2**63) <= value < 2**63:
+            path = self.path_of(key)
+            raise InvalidItem(Rejection(path, "INVALID_VALUE", f"{path} is out of range"))
+        return value
+
+    def required_integer(self, key: str) -> int:
+        value = self.integer(key)
+        if value is None:
+            raise self._missing(key)
+        return value
+
+    def boolean(self, key: str) -> bool | None:
+        value = self.data.get(key)
+        if value is None or isinstance(value, bool):
+            return value
+        raise self._wrong(key, "true or false")
+
+    def decimal(self, key: str) -> str | None:
+        """An exact decimal (a JSON number or a numeric string) as its text, e.g. "0.0075"."""
+        value = self.data.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool):
+            raise self._wrong(key, "a number")
+        if isinstance(value, int | Decimal):
+            return str(value)
+        if isinstance(value, str):
+            try:
+                if Decimal(value).is_finite():
+                    return value.strip()
+            except ArithmeticError:
+                pass
+        raise self._wrong(key, "a number")
+
+    def object(self, key: str) -> Fields | None:
+        value = self.data.get(key)
+        if value is None:
+            return None
+        if isinstance(value, dict):
+            return Fields(value, self.path_of(key))
+        raise self._wrong(key, "a JSON object")
+
+    def _missing(self, key: str) -> InvalidItem:
+        path = self.path_of(key)
+        return InvalidItem(Rejection(path, "MISSING_FIELD", f"{path} is required"))
+
+    def path_of(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def _wrong(self, key: str, expected: str) -> InvalidItem:
+        path = self.path_of(key)
+        got = type(self.data[key]).__name__
+        kind = {"dict": "an object", "list": "an array", "Decimal": "a number", "int": "a number"}.get(
+            got, f"a {got}"
+        )
+        return InvalidItem(Rejection(path, "WRONG_TYPE", f"{path} must be {expected}, not {kind}"))
