@@ -46,8 +46,10 @@ class Fields:
     def text(self, key: str) -> str | None:
         """A string; numbers are not accepted."""
         value = self.data.get(key)
-        if value is None or isinstance(value, str):
-            return value
+        if value is None:
+            return None
+        if isinstance(value, str):
+            return self._checked(key, value)
         raise self._wrong(key, "a string")
 
     def required_text(self, key: str) -> str:
@@ -59,8 +61,10 @@ class Fields:
     def address(self, key: str) -> str | None:
         """A phone number or address: a string, or a JSON integer (GMS `number`)."""
         value = self.data.get(key)
-        if value is None or isinstance(value, str):
-            return value
+        if value is None:
+            return None
+        if isinstance(value, str):
+            return self._checked(key, value)
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             return str(value)
         raise self._wrong(key, "a string or a non-negative integer")
@@ -117,6 +121,18 @@ class Fields:
         if isinstance(value, dict):
             return Fields(value, self.path_of(key))
         raise self._wrong(key, "a JSON object")
+
+    def _checked(self, key: str, value: str) -> str:
+        """`value`, unless it holds an unpaired surrogate (JSON "\\ud800"): not UTF-8, so not storable."""
+        if not value.isascii():
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                path = self.path_of(key)
+                raise InvalidItem(
+                    Rejection(path, "INVALID_VALUE", f"{path} contains an unpaired surrogate")
+                ) from None
+        return value
 
     def _missing(self, key: str) -> InvalidItem:
         path = self.path_of(key)

@@ -39,4 +39,7 @@ def from_text(text: str, path: str) -> Timestamp:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     delta = moment - _EPOCH
-    return Timestamp(seconds=delta.days * 86_400 + delta.seconds, nanos=delta.microseconds * 1000)
+    seconds = delta.days * 86_400 + delta.seconds
+    if not _MIN_SECONDS <= seconds <= _MAX_SECONDS:  # e.g. 9999-12-31T23:00:00-0300
+        raise InvalidItem(Rejection(path, "INVALID_VALUE", f"{path} is out of range: {text!r}"))
+    return Timestamp(seconds=seconds, nanos=delta.microseconds * 1000)

@@ -1,0 +1,93 @@
+"""The composition root: builds the store, hub, committer, servicer and gRPC server."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import _async as health_aio  # public as grpc_health.v1.health.aio; not in grpc-stubs
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from deliveryreport.v1 import delivery_report_service_pb2, delivery_report_service_pb2_grpc
+from dlrhub.committer import Committer
+from dlrhub.config import Settings
+from dlrhub.hub import Hub
+from dlrhub.normalise import Normaliser
+from dlrhub.service import DeliveryReportService
+from dlrhub.store import SqliteStore
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = delivery_report_service_pb2.DESCRIPTOR.services_by_name["DeliveryReportService"].full_name
+
+SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),
+    # Long-lived streams: ping idle connections, and allow clients' keepalive pings.
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+@dataclass
+class App:
+    """A running dlrhub: its server, bound port and parts."""
+
+    server: grpc.aio.Server
+    port: int
+    store: SqliteStore
+    hub: Hub
+    committer: Committer
+    health: health_aio.HealthServicer
+    reads: ThreadPoolExecutor
+    settings: Settings
+
+    async def stop(self) -> None:
+        """Graceful: NOT_SERVING, streams end, in-flight calls finish, writes commit, store closes."""
+        await self.health.enter_graceful_shutdown()
+        self.hub.close()
+        await self.server.stop(self.settings.shutdown_grace)
+        await self.committer.stop()
+        self.reads.shutdown(wait=True)
+        self.store.close()
+        log.info("stopped")
+
+
+async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) -> App:
+    """Opens the store and starts serving; the bound port is in `App.port`."""
+    store = SqliteStore(settings.db)
+    hub = Hub(capacity=settings.stream_buffer, latest_cursor=store.latest_cursor())
+    committer = Committer(store, hub)
+    committer.start()
+    reads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dlrhub-reader")
+    service = DeliveryReportService(
+        normaliser=Normaliser.load(settings.gms_codes, settings.sent_sms_report_codes),
+        committer=committer,
+        store=store,
+        hub=hub,
+        reads=reads,
+        clock=clock,
+    )
+
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    delivery_report_service_pb2_grpc.add_DeliveryReportServiceServicer_to_server(service, server)
+    health_servicer = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    port = server.add_insecure_port(settings.listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {settings.listen}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving", extra={"listen": settings.listen, "port": port, "db": str(settings.db)})
+    return App(server, port, store, hub, committer, health_servicer, reads, settings)

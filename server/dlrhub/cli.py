@@ -1,0 +1,75 @@
+"""The `dlrhub` command.
+
+    dlrhub serve [--listen HOST:PORT] [--db PATH] [--log-level LEVEL]
+
+Every flag has a DLRHUB_* environment variable; a flag wins over it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from dlrhub import __version__, app, logs
+from dlrhub.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dlrhub", description="Delivery-report hub.")
+    parser.add_argument("--version", action="version", version=f"dlrhub {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the gRPC service")
+    serve.add_argument(
+        "--listen", help="gRPC address, host:port (env DLRHUB_LISTEN; default 127.0.0.1:50051)"
+    )
+    serve.add_argument("--db", type=Path, help="SQLite file (env DLRHUB_DB; default data/dlrhub.db)")
+    serve.add_argument(
+        "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="env DLRHUB_LOG_LEVEL"
+    )
+    serve.add_argument(
+        "--gms-codes", type=Path, help="GMS code table extending the shipped one (env DLRHUB_GMS_CODES)"
+    )
+    serve.add_argument(
+        "--sent-sms-report-codes",
+        type=Path,
+        help="SentSMSReport code table extending the shipped one (env DLRHUB_SENT_SMS_REPORT_CODES)",
+    )
+    options = parser.parse_args(argv)
+
+    settings = Settings.from_env()
+    overrides = {
+        name: value
+        for name in ("listen", "db", "log_level", "gms_codes", "sent_sms_report_codes")
+        if (value := getattr(options, name, None)) is not None
+    }
+    settings = dataclasses.replace(settings, **overrides)
+    logs.configure(settings.log_level)
+    try:
+        asyncio.run(_serve(settings))
+    except (OSError, ValueError) as error:
+        log.error("cannot start: %s", error)
+        return 1
+    return 0
+
+
+async def _serve(settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    running = await app.start(settings)
+    await stop.wait()
+    log.info("shutting down")
+    await running.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

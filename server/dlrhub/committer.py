@@ -1,0 +1,93 @@
+"""Group commit: concurrent submissions share one durable transaction.
+
+Submissions queue up while the writer thread commits the previous group;
+the next group takes everything waiting (up to `max_group`). Each caller is
+answered only after its group has committed (synchronous=FULL), and the
+group's changes are published to the hub only after that commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from dlrhub.hub import Hub
+from dlrhub.ingest import Applied, Submission, apply
+from dlrhub.store.base import Store, StoreError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Pending:
+    submission: Submission
+    future: asyncio.Future[Applied]
+
+
+class Committer:
+    """Applies submissions in groups on one writer thread."""
+
+    def __init__(self, store: Store, hub: Hub, *, max_group: int = 512, max_waiting: int = 10_000) -> None:
+        self._store = store
+        self._hub = hub
+        self._max_group = max_group
+        self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue(max_waiting)
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlrhub-writer")
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="dlrhub-committer")
+
+    async def stop(self) -> None:
+        """Commits everything already submitted, then stops."""
+        if self._task is not None:
+            await self._queue.put(None)
+            await self._task
+            self._task = None
+        self._writer.shutdown(wait=True)
+
+    async def submit(self, submission: Submission) -> Applied:
+        """Applies a submission; returns once it is durably committed. Raises StoreError."""
+        if self._task is None or self._task.done():
+            raise StoreError("the store is not accepting writes")
+        future: asyncio.Future[Applied] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(submission, future))
+        # Shielded: a caller that gives up does not cancel a write already queued.
+        return await asyncio.shield(future)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        stopping = False
+        while not stopping:
+            first = await self._queue.get()
+            group: list[_Pending] = []
+            if first is None:
+                stopping = True
+            else:
+                group.append(first)
+            while len(group) < self._max_group and not self._queue.empty():
+                pending = self._queue.get_nowait()
+                if pending is None:
+                    stopping = True
+                else:
+                    group.append(pending)
+            if not group:
+                continue
+            try:
+                results = await loop.run_in_executor(self._writer, self._write, [p.submission for p in group])
+            except Exception as error:
+                log.exception("commit failed for %d submissions", len(group))
+                for pending in group:
+                    if not pending.future.done():
+                        pending.future.set_exception(StoreError(f"the store could not commit: {error}"))
+                continue
+            self._hub.publish(change for applied in results for change in applied.changes)
+            for pending, applied in zip(group, results, strict=True):
+                if not pending.future.done():
+                    pending.future.set_result(applied)
+
+    def _write(self, submissions: list[Submission]) -> list[Applied]:
+        with self._store.transaction() as tx:
+            return [apply(tx, submission) for submission in submissions]

@@ -1,0 +1,94 @@
+"""Domain errors, and the one place that turns them into gRPC statuses.
+
+    DlrhubError
+    ├── InvalidArgument   INVALID_ARGUMENT, with field violations
+    ├── NotFound          NOT_FOUND
+    ├── OutOfRange        OUT_OF_RANGE
+    └── Unavailable       UNAVAILABLE (the store cannot commit; safe to retry)
+
+Every status carries a google.rpc.Status with an ErrorInfo (an UPPER_SNAKE
+reason, domain "dlrhub", request details as metadata) and, for invalid
+arguments, a BadRequest listing each field violation (AIP-193).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+DOMAIN = "dlrhub"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    field: str
+    description: str
+    reason: str = ""
+
+
+class DlrhubError(Exception):
+    """Base of every error a caller may see; `reason` is UPPER_SNAKE."""
+
+    code = code_pb2.INTERNAL
+
+    def __init__(
+        self,
+        message: str,
+        reason: str,
+        *,
+        violations: Sequence[FieldViolation] = (),
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason
+        self.violations = list(violations)
+        self.metadata = metadata or {}
+
+
+class InvalidArgument(DlrhubError):
+    code = code_pb2.INVALID_ARGUMENT
+
+
+class NotFound(DlrhubError):
+    code = code_pb2.NOT_FOUND
+
+
+class OutOfRange(DlrhubError):
+    code = code_pb2.OUT_OF_RANGE
+
+
+class Unavailable(DlrhubError):
+    code = code_pb2.UNAVAILABLE
+
+
+def to_status(error: DlrhubError) -> grpc.Status:
+    """The gRPC status, with details, for a domain error."""
+    details = []
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
+    details.append(_pack(info))
+    if error.violations:
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=violation.field, description=violation.description, reason=violation.reason
+                )
+                for violation in error.violations
+            ]
+        )
+        details.append(_pack(bad_request))
+    status: grpc.Status = rpc_status.to_status(
+        status_pb2.Status(code=error.code, message=error.message, details=details)
+    )
+    return status
+
+
+def _pack(message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed

@@ -1,0 +1,87 @@
+"""Live fan-out of committed changes to Stream subscribers.
+
+Each subscriber has a bounded buffer of the changes that match its filter.
+Publishing never waits: a subscriber whose buffer is full is marked as
+overflowed and its buffer dropped, and the subscriber catches up from the
+store (see follow.py). So a slow consumer costs Ingest nothing and loses
+nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Iterable
+
+from dlrhub.store.base import Change, ChangeFilter
+
+
+class Subscription:
+    """One subscriber's bounded buffer."""
+
+    def __init__(self, change_filter: ChangeFilter, capacity: int) -> None:
+        self.filter = change_filter
+        self.capacity = capacity
+        self.buffer: deque[Change] = deque()
+        self.overflowed = False
+        self.closed = False
+        self._wakeup = asyncio.Event()
+
+    def offer(self, change: Change) -> None:
+        if self.overflowed or not self.filter.matches(change):
+            return
+        if len(self.buffer) >= self.capacity:
+            self.overflowed = True
+            self.buffer.clear()
+        else:
+            self.buffer.append(change)
+        self._wakeup.set()
+
+    async def wait(self, seconds: float) -> bool:
+        """Waits until there is something to do; False on timeout."""
+        if self.buffer or self.overflowed or self.closed:
+            return True
+        self._wakeup.clear()
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+        self._wakeup.set()
+
+
+class Hub:
+    """Publishes committed changes, in cursor order, to every subscription."""
+
+    def __init__(self, capacity: int = 1024, latest_cursor: int = 0) -> None:
+        self.capacity = capacity
+        # The greatest cursor published so far.
+        self.latest_cursor = latest_cursor
+        self._subscriptions: set[Subscription] = set()
+
+    def subscribe(self, change_filter: ChangeFilter) -> Subscription:
+        subscription = Subscription(change_filter, self.capacity)
+        self._subscriptions.add(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        self._subscriptions.discard(subscription)
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscriptions)
+
+    def publish(self, changes: Iterable[Change]) -> None:
+        """Call only after the changes are committed, in cursor order."""
+        for change in changes:
+            for subscription in self._subscriptions:
+                subscription.offer(change)
+            self.latest_cursor = change.cursor
+
+    def close(self) -> None:
+        """Ends every subscription (at shutdown)."""
+        for subscription in self._subscriptions:
+            subscription.close()

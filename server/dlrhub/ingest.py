@@ -1,0 +1,102 @@
+"""Ingest as a unit of work: normalised items -> merge -> store, inside one transaction.
+
+The committer runs `apply` for every submission of a group inside a single
+store transaction; the changes it returns are published only after that
+transaction has committed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from deliveryreport.v1.delivery_report_service_pb2 import (
+    IngestOutcome,
+    IngestResponse,
+    ItemError,
+)
+from dlrhub.merge import merge
+from dlrhub.normalise import NormalisedItem, Rejection
+from dlrhub.store.base import Change, QuarantinedItem, Transaction
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """One Ingest call (or webhook post, or poll) to apply."""
+
+    items: list[NormalisedItem]
+    received: Timestamp
+    request_id: str = ""
+    # Set when the payload as a whole was unusable: it is quarantined whole.
+    payload_rejection: Rejection | None = None
+    payload: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """The answer to a submission, and the changes to publish after the commit."""
+
+    response: IngestResponse
+    changes: list[Change] = field(default_factory=list)
+    # The response is the saved answer of an earlier call with the same request id.
+    replayed: bool = False
+
+
+def apply(tx: Transaction, submission: Submission) -> Applied:
+    """Applies one submission inside an open transaction."""
+    if submission.request_id:
+        saved = tx.find_response(submission.request_id)
+        if saved is not None:
+            return Applied(IngestResponse.FromString(saved), replayed=True)
+    if submission.payload_rejection is not None:
+        tx.quarantine(_quarantined(submission, submission.payload, submission.payload_rejection))
+        return Applied(IngestResponse(rejected_count=1))
+
+    response = IngestResponse()
+    changes: list[Change] = []
+    for item in submission.items:
+        result = response.results.add(index=item.index)
+        if item.report is None:
+            assert item.rejection is not None
+            tx.quarantine(_quarantined(submission, item.raw, item.rejection))
+            result.outcome = IngestOutcome.INGEST_OUTCOME_REJECTED
+            result.error.CopyFrom(_item_error(item.rejection))
+            response.rejected_count += 1
+            continue
+        report = item.report
+        result.report.CopyFrom(report)
+        merged = merge(tx.load_state(report.source, report.message_id), report)
+        if merged.duplicate:
+            result.outcome = IngestOutcome.INGEST_OUTCOME_DUPLICATE
+            response.duplicate_count += 1
+            continue
+        cursor = tx.append(report, merged.state)
+        changes.append(Change(cursor, report, merged.state.report))
+        result.outcome = IngestOutcome.INGEST_OUTCOME_ACCEPTED
+        result.cursor = str(cursor)
+        response.accepted_count += 1
+
+    if submission.request_id and not is_wholly_rejected(response):
+        tx.save_response(submission.request_id, response.SerializeToString())
+    return Applied(response, changes)
+
+
+def is_wholly_rejected(response: IngestResponse) -> bool:
+    """Nothing in the request was usable: every item (at least one) was rejected."""
+    return response.rejected_count > 0 and response.accepted_count == response.duplicate_count == 0
+
+
+def _item_error(rejection: Rejection) -> ItemError:
+    return ItemError(field=rejection.field, reason=rejection.reason, description=rejection.description)
+
+
+def _quarantined(submission: Submission, raw: str, rejection: Rejection) -> QuarantinedItem:
+    return QuarantinedItem(
+        raw=raw,
+        field=rejection.field,
+        reason=rejection.reason,
+        description=rejection.description,
+        received_seconds=submission.received.seconds,
+        request_id=submission.request_id,
+    )

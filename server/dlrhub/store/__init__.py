@@ -1,0 +1,23 @@
+"""Storage behind a small interface (base.py); SQLite is the embedded default."""
+
+from dlrhub.store.base import (
+    Change,
+    ChangeFilter,
+    MessagePage,
+    QuarantinedItem,
+    Store,
+    StoreError,
+    Transaction,
+)
+from dlrhub.store.sqlite import SqliteStore
+
+__all__ = [
+    "Change",
+    "ChangeFilter",
+    "MessagePage",
+    "QuarantinedItem",
+    "SqliteStore",
+    "Store",
+    "StoreError",
+    "Transaction",
+]

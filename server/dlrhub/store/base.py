@@ -1,0 +1,153 @@
+"""The storage interface: what the service needs from any engine.
+
+Every method is blocking and is called from worker threads, never from the
+event loop. Writes happen only inside `Store.transaction()`, from one writer
+thread at a time; reads may run concurrently from other threads and see only
+committed data.
+
+Errors: an engine raises StoreError (or lets its own error escape) when it
+cannot read or commit; a transaction that raises is rolled back whole, and
+nothing in it was acknowledged.
+
+The contract tests in tests/test_store_contract.py run against every engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
+from dlrhub.merge import MessageState
+
+
+class StoreError(Exception):
+    """The store could not read or commit."""
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One stored report, as the Stream delivers it."""
+
+    # Position in the history: strictly increasing, never reused.
+    cursor: int
+    # The report as normalised (with its raw text).
+    report: DeliveryReport
+    # The message's merged state right after this report.
+    state: DeliveryReport
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeFilter:
+    """Which changes a Stream wants; empty fields match everything."""
+
+    bulk_id: str = ""
+    message_ids: frozenset[str] = frozenset()
+    statuses: frozenset[int] = frozenset()
+    channels: frozenset[int] = frozenset()
+    source: int = 0
+
+    def matches(self, change: Change) -> bool:
+        report = change.report
+        return (
+            (not self.bulk_id or change.state.bulk_id == self.bulk_id)
+            and (not self.message_ids or report.message_id in self.message_ids)
+            and (not self.statuses or report.status in self.statuses)
+            and (not self.channels or report.channel in self.channels)
+            and (not self.source or report.source == self.source)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class MessagePage:
+    """A page of message states in a stable order."""
+
+    states: list[DeliveryReport]
+    # Position of the last message on the page, to continue after; None at the end.
+    next_after: int | None
+    # Messages matching in all, and how many are in each status.
+    total: int = 0
+    status_counts: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantinedItem:
+    """A rejected item, kept with the reason so it can be re-normalised later."""
+
+    raw: str
+    field: str
+    reason: str
+    description: str
+    received_seconds: int
+    request_id: str = ""
+
+
+class Transaction(Protocol):
+    """One atomic, durable unit of writes (and the reads it depends on)."""
+
+    def load_state(self, source: int, message_id: str) -> MessageState | None:
+        """The merged state of a message, including writes earlier in this transaction."""
+
+    def append(self, report: DeliveryReport, state: MessageState) -> int:
+        """Adds `report` to the history and saves the message's new state; returns the cursor."""
+
+    def quarantine(self, item: QuarantinedItem) -> None:
+        """Keeps a rejected item."""
+
+    def find_response(self, request_id: str) -> bytes | None:
+        """The saved response of an earlier request with this id."""
+
+    def save_response(self, request_id: str, response: bytes) -> None:
+        """Saves a request's response for replays."""
+
+
+class Store(Protocol):
+    """A delivery-report store."""
+
+    def transaction(self) -> AbstractContextManager[Transaction]:
+        """A write transaction, committed durably when the block exits without error."""
+
+    def messages(self, message_id: str, source: int = 0) -> list[DeliveryReport]:
+        """The states of every message with this id (one per source), or []."""
+
+    def history(self, message_id: str, source: int = 0) -> list[DeliveryReport]:
+        """Every distinct report of those messages, in the order they were stored."""
+
+    def messages_by(self, column: str, value: str, source: int, after: int, limit: int) -> MessagePage:
+        """Messages whose `column` ("bulk_id" or "reference") equals `value`, after position `after`."""
+
+    def changes(self, after: int, limit: int) -> list[Change]:
+        """Up to `limit` changes with cursor > `after`, in cursor order."""
+
+    def latest_cursor(self) -> int:
+        """The greatest committed cursor (0 when empty)."""
+
+    def quarantined(self, after: int, limit: int) -> list[tuple[int, QuarantinedItem]]:
+        """Quarantined items with id > `after`, oldest first."""
+
+    def close(self) -> None:
+        """Releases every connection."""
+
+
+def iterate_changes(store: Store, after: int, batch: int = 500) -> Iterator[Change]:
+    """Every change after `after`, read in batches."""
+    while True:
+        page = store.changes(after, batch)
+        yield from page
+        if len(page) < batch:
+            return
+        after = page[-1].cursor
+
+
+__all__: Sequence[str] = [
+    "Change",
+    "ChangeFilter",
+    "MessagePage",
+    "QuarantinedItem",
+    "Store",
+    "StoreError",
+    "Transaction",
+    "iterate_changes",
+]

@@ -1,0 +1,283 @@
+"""The embedded SQLite store: WAL, synchronous=FULL, versioned schema.
+
+Tables (sqlite-utils builds them; migrations are numbered and recorded in
+PRAGMA user_version, so a newer release opens an older file):
+- messages: the merged state of each (source, message_id);
+- reports: the append-only history of distinct reports; its INTEGER PRIMARY
+  KEY AUTOINCREMENT `cursor` is the Stream position (never reused);
+- quarantine: rejected items with their reason;
+- requests: responses of Ingest calls that carried a request_id.
+
+One connection writes (the committer's thread); each reader thread has its
+own connection. WAL lets readers run beside the writer and see only committed
+data. synchronous=FULL makes every commit durable before it returns.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import sqlite_utils
+
+from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
+from dlrhub.merge import MessageState
+from dlrhub.store.base import Change, MessagePage, QuarantinedItem, StoreError
+from dlrhub.store.codec import decode_state, encode_merge
+
+_BUSY_TIMEOUT_MS = 10_000
+
+
+def _migration_1(db: sqlite_utils.Database) -> None:
+    db.execute(
+        """CREATE TABLE messages (
+            id INTEGER PRIMARY KEY,
+            source INTEGER NOT NULL,
+            message_id TEXT NOT NULL,
+            bulk_id TEXT NOT NULL,
+            reference TEXT NOT NULL,
+            status INTEGER NOT NULL,
+            report BLOB NOT NULL,
+            merge BLOB NOT NULL,
+            cursor INTEGER NOT NULL,
+            UNIQUE (source, message_id)
+        )"""
+    )
+    db.execute(
+        """CREATE TABLE reports (
+            cursor INTEGER PRIMARY KEY AUTOINCREMENT,
+            source INTEGER NOT NULL,
+            message_id TEXT NOT NULL,
+            report BLOB NOT NULL,
+            state BLOB NOT NULL,
+            raw TEXT NOT NULL
+        )"""
+    )
+    db.table("quarantine").create(
+        {
+            "id": int,
+            "received_seconds": int,
+            "request_id": str,
+            "field": str,
+            "reason": str,
+            "description": str,
+            "raw": str,
+        },
+        pk="id",
+        not_null={"received_seconds", "request_id", "field", "reason", "description", "raw"},
+    )
+    db.table("requests").create(
+        {"request_id": str, "response": bytes, "created_seconds": int}, pk="request_id"
+    )
+    db.table("messages").create_index(["message_id"], if_not_exists=True)
+    db.table("messages").create_index(["bulk_id", "id"], if_not_exists=True)
+    db.table("messages").create_index(["reference", "id"], if_not_exists=True)
+    db.table("reports").create_index(["source", "message_id", "cursor"], if_not_exists=True)
+
+
+# Append only: a release never edits a migration that has shipped.
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    connection.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+    connection.execute("PRAGMA synchronous = FULL")
+    return connection
+
+
+def migrate(connection: sqlite3.Connection) -> int:
+    """Brings the schema up to SCHEMA_VERSION; returns the version found."""
+    found: int = connection.execute("PRAGMA user_version").fetchone()[0]
+    if found > SCHEMA_VERSION:
+        raise StoreError(
+            f"the database has schema version {found}, newer than this release ({SCHEMA_VERSION})"
+        )
+    db = sqlite_utils.Database(connection)
+    for version in range(found, SCHEMA_VERSION):
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            MIGRATIONS[version](db)
+            connection.execute(f"PRAGMA user_version = {version + 1}")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+    return found
+
+
+class SqliteStore:
+    """The Store interface over one SQLite file."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = _connect(self.path)
+        if self._writer.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
+            raise StoreError(f"{self.path}: cannot switch to WAL mode")
+        migrate(self._writer)
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    # Writes.
+
+    @contextmanager
+    def transaction(self) -> Iterator[_SqliteTransaction]:
+        connection = self._writer
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            yield _SqliteTransaction(connection)
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+
+    # Reads.
+
+    def messages(self, message_id: str, source: int = 0) -> list[DeliveryReport]:
+        rows = self._reader().execute(
+            "SELECT report FROM messages WHERE message_id = ? AND (? = 0 OR source = ?) ORDER BY source",
+            (message_id, source, source),
+        )
+        return [DeliveryReport.FromString(report) for (report,) in rows]
+
+    def history(self, message_id: str, source: int = 0) -> list[DeliveryReport]:
+        rows = self._reader().execute(
+            "SELECT report, raw FROM reports WHERE message_id = ? AND (? = 0 OR source = ?) ORDER BY cursor",
+            (message_id, source, source),
+        )
+        return [_with_raw(report, raw) for report, raw in rows]
+
+    def messages_by(self, column: str, value: str, source: int, after: int, limit: int) -> MessagePage:
+        if column not in ("bulk_id", "reference"):
+            raise ValueError(f"cannot select messages by {column!r}")
+        reader = self._reader()
+        where = f"{column} = ? AND (? = 0 OR source = ?)"
+        rows = reader.execute(
+            f"SELECT id, report FROM messages WHERE {where} AND id > ? ORDER BY id LIMIT ?",  # noqa: S608
+            (value, source, source, after, limit + 1),
+        ).fetchall()
+        counts = dict(
+            reader.execute(
+                f"SELECT status, count(*) FROM messages WHERE {where} GROUP BY status",  # noqa: S608
+                (value, source, source),
+            ).fetchall()
+        )
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return MessagePage(
+            states=[DeliveryReport.FromString(report) for _, report in rows],
+            next_after=rows[-1][0] if more else None,
+            total=sum(counts.values()),
+            status_counts=counts,
+        )
+
+    def changes(self, after: int, limit: int) -> list[Change]:
+        rows = self._reader().execute(
+            "SELECT cursor, report, state, raw FROM reports WHERE cursor > ? ORDER BY cursor LIMIT ?",
+            (after, limit),
+        )
+        return [
+            Change(cursor, _with_raw(report, raw), DeliveryReport.FromString(state))
+            for cursor, report, state, raw in rows
+        ]
+
+    def latest_cursor(self) -> int:
+        row = self._reader().execute("SELECT max(cursor) FROM reports").fetchone()
+        return int(row[0] or 0)
+
+    def quarantined(self, after: int, limit: int) -> list[tuple[int, QuarantinedItem]]:
+        rows = self._reader().execute(
+            "SELECT id, raw, field, reason, description, received_seconds, request_id FROM quarantine"
+            " WHERE id > ? ORDER BY id LIMIT ?",
+            (after, limit),
+        )
+        return [(row[0], QuarantinedItem(*row[1:])) for row in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            for connection in [*self._readers, self._writer]:
+                connection.close()
+            self._readers.clear()
+
+    def _reader(self) -> sqlite3.Connection:
+        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = _connect(self.path)
+            connection.execute("PRAGMA query_only = ON")
+            self._local.connection = connection
+            with self._lock:
+                self._readers.append(connection)
+        return connection
+
+
+class _SqliteTransaction:
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._connection = connection
+
+    def load_state(self, source: int, message_id: str) -> MessageState | None:
+        row = self._connection.execute(
+            "SELECT report, merge FROM messages WHERE source = ? AND message_id = ?", (source, message_id)
+        ).fetchone()
+        return None if row is None else decode_state(row[0], row[1])
+
+    def append(self, report: DeliveryReport, state: MessageState) -> int:
+        merged = state.report
+        merged_bytes = merged.SerializeToString()
+        stored = DeliveryReport()
+        stored.CopyFrom(report)
+        stored.ClearField("raw_payload")  # kept verbatim in its own column
+        cursor: int = self._connection.execute(
+            "INSERT INTO reports (source, message_id, report, state, raw)"
+            " VALUES (?, ?, ?, ?, ?) RETURNING cursor",
+            (report.source, report.message_id, stored.SerializeToString(), merged_bytes, report.raw_payload),
+        ).fetchone()[0]
+        self._connection.execute(
+            """INSERT INTO messages (source, message_id, bulk_id, reference, status, report, merge, cursor)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT (source, message_id) DO UPDATE SET
+                 bulk_id = excluded.bulk_id, reference = excluded.reference, status = excluded.status,
+                 report = excluded.report, merge = excluded.merge, cursor = excluded.cursor""",
+            (
+                merged.source,
+                merged.message_id,
+                merged.bulk_id,
+                merged.reference,
+                merged.status,
+                merged_bytes,
+                encode_merge(state),
+                cursor,
+            ),
+        )
+        return cursor
+
+    def quarantine(self, item: QuarantinedItem) -> None:
+        self._connection.execute(
+            "INSERT INTO quarantine (received_seconds, request_id, field, reason, description, raw)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (item.received_seconds, item.request_id, item.field, item.reason, item.description, item.raw),
+        )
+
+    def find_response(self, request_id: str) -> bytes | None:
+        row = self._connection.execute(
+            "SELECT response FROM requests WHERE request_id = ?", (request_id,)
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def save_response(self, request_id: str, response: bytes) -> None:
+        self._connection.execute(
+            "INSERT INTO requests (request_id, response, created_seconds) VALUES (?, ?, ?)",
+            (request_id, response, int(time.time())),
+        )
+
+
+def _with_raw(report: bytes, raw: str) -> DeliveryReport:
+    message = DeliveryReport.FromString(report)
+    message.raw_payload = raw
+    return message
