@@ -1,0 +1,111 @@
+"""Shared fixtures: the real server, in-process (grpc.aio) or as a subprocess (for grpcurl)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
+from dlrhub import app
+from dlrhub.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+SEEDS = ROOT.parent / "shared" / "seeds"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+class FakeClock:
+    """The only thing tests mock: time, in nanoseconds since the epoch."""
+
+    def __init__(self, start_ns: int = 1_700_000_000_000_000_000) -> None:
+        self.now_ns = start_ns
+
+    def __call__(self) -> int:
+        return self.now_ns
+
+    def advance(self, seconds: float) -> None:
+        self.now_ns += int(seconds * 1e9)
+
+
+@dataclass
+class Running:
+    """An in-process dlrhub and a client stub connected to it."""
+
+    app: app.App
+    stub: DeliveryReportServiceStub
+    channel: grpc.aio.Channel
+    clock: FakeClock
+    address: str
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "dlrhub.db"
+
+
+@pytest.fixture
+async def server(db_path: Path, clock: FakeClock) -> AsyncIterator[Running]:
+    """The real server on a free port over a real SQLite file, with a grpc.aio stub."""
+    running = await app.start(Settings(listen="127.0.0.1:0", db=db_path, shutdown_grace=1.0), clock=clock)
+    address = f"127.0.0.1:{running.port}"
+    channel = grpc.aio.insecure_channel(address)
+    try:
+        yield Running(running, DeliveryReportServiceStub(channel), channel, clock, address)
+    finally:
+        await channel.close()
+        await running.stop()
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen[str]
+    address: str
+    db: Path
+
+
+def start_server_process(db: Path, *extra: str) -> ServerProcess:
+    """`dlrhub serve` as a subprocess on a free port; waits for its "serving" log line."""
+    command = [sys.executable, "-m", "dlrhub.cli", "serve", "--listen", "127.0.0.1:0", "--db", str(db), *extra]
+    process = subprocess.Popen(
+        command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
+    assert process.stderr is not None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        if not line:
+            break
+        entry = json.loads(line)
+        if entry.get("message") == "serving":
+            return ServerProcess(process, f"127.0.0.1:{entry['port']}", db)
+    process.kill()
+    raise RuntimeError(f"dlrhub did not start: {process.stderr.read()}")
+
+
+@pytest.fixture
+def server_process(db_path: Path) -> Iterator[ServerProcess]:
+    """The real `dlrhub serve` process, stopped with SIGTERM afterwards."""
+    running = start_server_process(db_path)
+    try:
+        yield running
+    finally:
+        running.process.terminate()
+        try:
+            running.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            running.process.kill()
+            running.process.wait()
