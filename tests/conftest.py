@@ -79,9 +79,23 @@ class ServerProcess:
 
 def start_server_process(db: Path, *extra: str) -> ServerProcess:
     """`dlrhub serve` as a subprocess on a free port; waits for its "serving" log line."""
-    command = [sys.executable, "-m", "dlrhub.cli", "serve", "--listen", "127.0.0.1:0", "--db", str(db), *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "dlrhub.cli",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--db",
+        str(db),
+        *extra,
+    ]
     process = subprocess.Popen(
-        command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        command,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     assert process.stderr is not None
     deadline = time.monotonic() + 30

@@ -5,7 +5,9 @@ from tests.conftest import Running
 
 
 async def test_ingest_then_fetch(server: Running) -> None:
-    payload = '{"message_id": "m-1", "status": 2, "substatus": 23, "hyber_status": 23011, "time": 1477417294667}'
+    payload = (
+        '{"message_id": "m-1", "status": 2, "substatus": 23, "hyber_status": 23011, "time": 1477417294667}'
+    )
     response = await server.stub.Ingest(IngestRequest(payload=payload))
     assert [r.outcome for r in response.results] == [IngestOutcome.INGEST_OUTCOME_ACCEPTED]
     fetched = await server.stub.Fetch(FetchRequest(message_id="m-1"))
