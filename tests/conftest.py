@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
@@ -17,6 +18,9 @@ import pytest
 from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
 from dlrhub import app
 from dlrhub.config import Settings
+
+if TYPE_CHECKING:  # the async stub type exists only in the generated .pyi
+    from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceAsyncStub
 
 ROOT = Path(__file__).resolve().parent.parent
 SEEDS = ROOT.parent / "shared" / "seeds"
@@ -41,7 +45,7 @@ class Running:
     """An in-process dlrhub and a client stub connected to it."""
 
     app: app.App
-    stub: DeliveryReportServiceStub
+    stub: DeliveryReportServiceAsyncStub
     channel: grpc.aio.Channel
     clock: FakeClock
     address: str
@@ -66,7 +70,7 @@ async def server(db_path: Path, clock: FakeClock) -> AsyncIterator[Running]:
     try:
         yield Running(running, DeliveryReportServiceStub(channel), channel, clock, address)
     finally:
-        await channel.close()
+        await channel.close(None)
         await running.stop()
 
 
