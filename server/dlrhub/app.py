@@ -66,27 +66,37 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
     committer = Committer(store, hub)
     committer.start()
     reads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dlrhub-reader")
-    service = DeliveryReportService(
-        normaliser=Normaliser.load(settings.gms_codes, settings.sent_sms_report_codes),
-        committer=committer,
-        store=store,
-        hub=hub,
-        reads=reads,
-        clock=clock,
-    )
-
-    server = grpc.aio.server(options=SERVER_OPTIONS)
-    delivery_report_service_pb2_grpc.add_DeliveryReportServiceServicer_to_server(service, server)
-    health_servicer = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-        server,
-    )
-    port = server.add_insecure_port(settings.listen)
-    if port == 0:
-        raise OSError(f"cannot listen on {settings.listen}")
-    await server.start()
+    try:
+        service = DeliveryReportService(
+            normaliser=Normaliser.load(settings.gms_codes, settings.sent_sms_report_codes),
+            committer=committer,
+            store=store,
+            hub=hub,
+            reads=reads,
+            clock=clock,
+        )
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        delivery_report_service_pb2_grpc.add_DeliveryReportServiceServicer_to_server(service, server)
+        health_servicer = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            [
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            server,
+        )
+        try:
+            port = server.add_insecure_port(settings.listen)
+        except RuntimeError as error:  # grpcio raises when it cannot bind
+            raise OSError(f"cannot listen on {settings.listen}: {error}") from None
+        await server.start()
+    except BaseException:
+        await committer.stop()
+        reads.shutdown()
+        store.close()
+        raise
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving", extra={"listen": settings.listen, "port": port, "db": str(settings.db)})

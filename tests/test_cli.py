@@ -1,0 +1,99 @@
+"""`dlrhub serve` as a real process: settings from flags and environment, JSON logs, graceful stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from deliveryreport.v1.delivery_report_service_pb2 import IngestRequest
+from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
+from dlrhub.config import DEFAULT_DB, DEFAULT_LISTEN, Settings
+from tests.conftest import start_server_process
+
+REPORT = '{"message_id": "cli-1", "status": 2, "time": 1477417294667}'
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_gracefully_and_keeps_acknowledged_reports(tmp_path: Path, signum: int) -> None:
+    db = tmp_path / "cli.db"
+    server = start_server_process(db)
+    with grpc.insecure_channel(server.address) as channel:
+        response = DeliveryReportServiceStub(channel).Ingest(IngestRequest(payload=REPORT), timeout=10)
+        assert response.accepted_count == 1
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+    server.process.send_signal(signum)
+    assert server.process.wait(timeout=20) == 0
+    assert server.process.stderr is not None
+    logs = [json.loads(line) for line in server.process.stderr.read().splitlines()]
+    assert [entry["message"] for entry in logs][-2:] == ["shutting down", "stopped"]
+    assert all({"time", "level", "logger", "message"} <= entry.keys() for entry in logs)
+
+    with sqlite3.connect(db) as connection:
+        assert connection.execute("SELECT raw FROM reports").fetchall() == [(REPORT,)]
+        assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_environment_configures_and_flags_win(tmp_path: Path) -> None:
+    env_db = tmp_path / "from-env.db"
+    flag_db = tmp_path / "from-flag.db"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dlrhub.cli", "serve", "--db", str(flag_db)],
+        env={
+            **os.environ,
+            "DLRHUB_DB": str(env_db),
+            "DLRHUB_LISTEN": "127.0.0.1:0",
+            "DLRHUB_LOG_LEVEL": "debug",
+        },
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    entries = (json.loads(line) for line in process.stderr)
+    serving = next(entry for entry in entries if entry["message"] == "serving")
+    process.terminate()
+    process.wait(timeout=20)
+    assert serving["message"] == "serving"
+    assert serving["listen"] == "127.0.0.1:0"
+    assert serving["port"] > 0
+    assert serving["db"] == str(flag_db)
+    assert flag_db.exists()
+    assert not env_db.exists()
+
+
+def test_settings_defaults() -> None:
+    settings = Settings.from_env({})
+    assert (settings.listen, settings.db, settings.log_level) == (DEFAULT_LISTEN, DEFAULT_DB, "INFO")
+    assert DEFAULT_LISTEN == "127.0.0.1:50051"
+    assert Path("data") / "dlrhub.db" == DEFAULT_DB
+
+
+def test_unusable_listen_address_exits_non_zero(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dlrhub.cli",
+            "serve",
+            "--listen",
+            "256.0.0.1:1",
+            "--db",
+            str(tmp_path / "x.db"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "cannot start" in result.stderr
