@@ -64,7 +64,9 @@ def db_path(tmp_path: Path) -> Path:
 @pytest.fixture
 async def server(db_path: Path, clock: FakeClock) -> AsyncIterator[Running]:
     """The real server on a free port over a real SQLite file, with a grpc.aio stub."""
-    running = await app.start(Settings(listen="127.0.0.1:0", db=db_path, shutdown_grace=1.0), clock=clock)
+    running = await app.start(
+        Settings(listen="127.0.0.1:0", http_listen="127.0.0.1:0", db=db_path, shutdown_grace=1.0), clock=clock
+    )
     address = f"127.0.0.1:{running.port}"
     channel = grpc.aio.insecure_channel(address)
     try:
@@ -79,6 +81,7 @@ class ServerProcess:
     process: subprocess.Popen[str]
     address: str
     db: Path
+    http_address: str = ""
 
 
 def start_server_process(db: Path, *extra: str) -> ServerProcess:
@@ -109,7 +112,7 @@ def start_server_process(db: Path, *extra: str) -> ServerProcess:
             break
         entry = json.loads(line)
         if entry.get("message") == "serving":
-            return ServerProcess(process, f"127.0.0.1:{entry['port']}", db)
+            return ServerProcess(process, f"127.0.0.1:{entry['port']}", db, f"127.0.0.1:{entry['http_port']}")
     process.kill()
     raise RuntimeError(f"dlrhub did not start: {process.stderr.read()}")
 

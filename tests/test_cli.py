@@ -48,7 +48,7 @@ def test_environment_configures_and_flags_win(tmp_path: Path) -> None:
     env_db = tmp_path / "from-env.db"
     flag_db = tmp_path / "from-flag.db"
     process = subprocess.Popen(
-        [sys.executable, "-m", "dlrhub.cli", "serve", "--db", str(flag_db)],
+        [sys.executable, "-m", "dlrhub.cli", "serve", "--db", str(flag_db), "--http-listen", "127.0.0.1:0"],
         env={
             **os.environ,
             "DLRHUB_DB": str(env_db),

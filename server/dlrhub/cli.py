@@ -1,6 +1,6 @@
 """The `dlrhub` command.
 
-    dlrhub serve [--listen HOST:PORT] [--db PATH] [--log-level LEVEL]
+    dlrhub serve [--listen HOST:PORT] [--http-listen HOST:PORT] [--db PATH] [--log-level LEVEL]
 
 Every flag has a DLRHUB_* environment variable; a flag wins over it.
 """
@@ -30,6 +30,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument(
         "--listen", help="gRPC address, host:port (env DLRHUB_LISTEN; default 127.0.0.1:50051)"
     )
+    serve.add_argument(
+        "--http-listen",
+        help="webhook HTTP address, host:port (env DLRHUB_HTTP_LISTEN; default 127.0.0.1:8080)",
+    )
     serve.add_argument("--db", type=Path, help="SQLite file (env DLRHUB_DB; default data/dlrhub.db)")
     serve.add_argument(
         "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="env DLRHUB_LOG_LEVEL"
@@ -47,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings.from_env()
     overrides = {
         name: value
-        for name in ("listen", "db", "log_level", "gms_codes", "sent_sms_report_codes")
+        for name in ("listen", "http_listen", "db", "log_level", "gms_codes", "sent_sms_report_codes")
         if (value := getattr(options, name, None)) is not None
     }
     settings = dataclasses.replace(settings, **overrides)

@@ -6,13 +6,11 @@ import asyncio
 import base64
 import binascii
 import json
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from deliveryreport.v1 import delivery_report_service_pb2_grpc as service_grpc
 from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
@@ -25,7 +23,6 @@ from deliveryreport.v1.delivery_report_service_pb2 import (
     StreamRequest,
     StreamResponse,
 )
-from dlrhub.committer import Committer
 from dlrhub.errors import (
     DlrhubError,
     FieldViolation,
@@ -37,8 +34,9 @@ from dlrhub.errors import (
 )
 from dlrhub.follow import Heartbeat, follow
 from dlrhub.hub import Hub
-from dlrhub.ingest import Submission, is_wholly_rejected
-from dlrhub.normalise import Normaliser, PayloadError, typed_payload
+from dlrhub.ingest import is_wholly_rejected
+from dlrhub.intake import Intake
+from dlrhub.normalise import typed_payload
 from dlrhub.store.base import ChangeFilter, Store, StoreError
 
 T = TypeVar("T")
@@ -50,22 +48,11 @@ DEFAULT_HEARTBEAT_SECONDS = 15
 class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
     """Ingest, Fetch and Stream."""
 
-    def __init__(
-        self,
-        *,
-        normaliser: Normaliser,
-        committer: Committer,
-        store: Store,
-        hub: Hub,
-        reads: Executor,
-        clock: Callable[[], int] = time.time_ns,
-    ) -> None:
-        self._normaliser = normaliser
-        self._committer = committer
+    def __init__(self, *, intake: Intake, store: Store, hub: Hub, reads: Executor) -> None:
+        self._intake = intake
         self._store = store
         self._hub = hub
         self._reads = reads
-        self._clock = clock
 
     async def Ingest(
         self, request: IngestRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -97,8 +84,6 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
     # Ingest.
 
     async def _ingest(self, request: IngestRequest) -> IngestResponse:
-        received = Timestamp()
-        received.FromNanoseconds(self._clock())
         body = request.WhichOneof("body")
         if body is None:
             raise InvalidArgument(
@@ -113,25 +98,19 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
         else:
             payload, format = typed_payload(request.gms if body == "gms" else request.sent_sms_report)
         try:
-            submission = Submission(
-                self._normaliser.normalise(payload, format, received), received, request.request_id
-            )
-        except PayloadError as error:
-            submission = Submission([], received, request.request_id, error.rejection, payload)
-        try:
-            applied = await self._committer.submit(submission)
+            ingested = await self._intake.ingest(payload, format, request.request_id)
         except StoreError as error:
             raise Unavailable(
                 "the store could not commit the reports; retry with the same request_id", "STORE_UNAVAILABLE"
             ) from error
-        rejection = submission.payload_rejection
+        rejection = ingested.rejection
         if rejection is not None:
             raise InvalidArgument(
                 rejection.description,
                 rejection.reason,
                 violations=[FieldViolation(rejection.field or body, rejection.description, rejection.reason)],
             )
-        response = applied.response
+        response = ingested.response
         if is_wholly_rejected(response):
             raise InvalidArgument(
                 f"no valid report: all {response.rejected_count} items were rejected",

@@ -1,0 +1,192 @@
+"""Pulls SentSMSReport reports from `GET {base_url}/sms/1/reports`.
+
+The provider hands out each report only once, so a fetched batch is committed
+before the next request is made, and a batch that cannot be committed is kept
+and retried; it is never dropped. A full batch (as many reports as `limit`)
+means more are waiting: the next request goes out at once.
+
+Failures never stop the poller or the server: 401/403 are logged clearly and
+the poller's health service goes NOT_SERVING; a 400 logs the provider's
+`serviceException.text`; 429, 5xx, timeouts and connection errors back off
+exponentially, with jitter. Every failure is retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import httpx
+
+from deliveryreport.v1.delivery_report_service_pb2 import Format
+from dlrhub.intake import Intake
+from dlrhub.store.base import StoreError
+
+log = logging.getLogger(__name__)
+
+HEALTH_SERVICE = "dlrhub.SentSmsReportPoller"
+MAX_LIMIT = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class PollerSettings:
+    base_url: str
+    api_key: str
+    # Reports per request, 1 to 1000.
+    limit: int = MAX_LIMIT
+    # Seconds between polls when the last batch was not full.
+    interval: float = 5.0
+    # Seconds a request may take.
+    timeout: float = 30.0
+    # Backoff after failures: initial and maximum seconds.
+    backoff_initial: float = 1.0
+    backoff_max: float = 300.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.limit <= MAX_LIMIT:
+            raise ValueError(f"the poll limit must be 1 to {MAX_LIMIT}, not {self.limit}")
+
+
+class PollFailure(Exception):
+    """A poll failed; `kind` is auth, client_error, throttled, server_error, timeout, connection or store."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class Poller:
+    def __init__(
+        self,
+        settings: PollerSettings,
+        intake: Intake,
+        *,
+        client: httpx.AsyncClient | None = None,
+        set_serving: Callable[[bool], Awaitable[None]] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self.settings = settings
+        self._intake = intake
+        self._client = client or httpx.AsyncClient(timeout=settings.timeout)
+        self._set_serving = set_serving
+        self._sleep = sleep
+        self._jitter = jitter
+        # A fetched body not yet committed: retried before anything is fetched again.
+        self._pending: str | None = None
+        self._committing = False
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self.failures = 0
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self.run(), name="dlrhub-poller")
+
+    async def stop(self) -> None:
+        """Stops polling. A batch already fetched is committed first, never abandoned."""
+        self._stopping = True
+        if self._task is not None:
+            if not self._committing:
+                self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._client.aclose()
+
+    async def run(self) -> None:
+        """Polls until stopped."""
+        while not self._stopping:
+            try:
+                fetched = await self.poll_once()
+            except PollFailure as failure:
+                self.failures += 1
+                if failure.kind == "auth":
+                    await self._serving(False)
+                if not self._stopping:
+                    await self._sleep(self.backoff())
+                continue
+            self.failures = 0
+            await self._serving(True)
+            if fetched < self.settings.limit and not self._stopping:
+                await self._sleep(self.settings.interval)
+
+    def backoff(self) -> float:
+        """Exponential in the number of failures in a row, capped, with full jitter on its upper half."""
+        doubling: float = 2.0 ** min(max(self.failures - 1, 0), 30)
+        ceiling = min(self.settings.backoff_max, self.settings.backoff_initial * doubling)
+        return ceiling / 2 + self._jitter() * ceiling / 2
+
+    async def poll_once(self) -> int:
+        """Fetches one batch and commits it; returns how many reports it held. Raises PollFailure."""
+        if self._pending is None:
+            self._pending = await self._fetch()
+        self._committing = True
+        try:
+            ingested = await self._intake.ingest(self._pending, Format.FORMAT_SENT_SMS_REPORT)
+        except StoreError as error:
+            log.error(
+                "poll: fetched reports could not be committed; retrying them", extra={"error": str(error)}
+            )
+            raise PollFailure("store", str(error)) from error
+        finally:
+            self._committing = False
+        self._pending = None
+        response = ingested.response
+        count = len(response.results) if ingested.rejection is None else 0
+        log.info(
+            "poll",
+            extra={
+                "fetched": count,
+                "accepted": response.accepted_count,
+                "duplicate": response.duplicate_count,
+                "rejected": response.rejected_count,
+            },
+        )
+        return count
+
+    async def _fetch(self) -> str:
+        url = self.settings.base_url.rstrip("/") + "/sms/1/reports"
+        headers = {"Authorization": f"App {self.settings.api_key}", "Accept": "application/json"}
+        try:
+            response = await self._client.get(url, params={"limit": self.settings.limit}, headers=headers)
+        except httpx.TimeoutException as error:
+            log.warning("poll: timed out", extra={"url": url})
+            raise PollFailure("timeout", str(error)) from error
+        except httpx.TransportError as error:
+            log.warning("poll: cannot connect", extra={"url": url, "error": str(error)})
+            raise PollFailure("connection", str(error)) from error
+        status = response.status_code
+        if status == 200:
+            return response.text
+        if status in (401, 403):
+            log.error(
+                "poll: the provider refused the API key (HTTP %d); check DLRHUB_POLL_API_KEY",
+                status,
+                extra={"url": url, "provider_text": _service_exception_text(response)},
+            )
+            raise PollFailure("auth", f"HTTP {status}")
+        if status == 429 or status >= 500:
+            log.warning("poll: provider answered HTTP %d", status, extra={"url": url})
+            raise PollFailure("throttled" if status == 429 else "server_error", f"HTTP {status}")
+        log.error(
+            "poll: provider rejected the request (HTTP %d): %s",
+            status,
+            _service_exception_text(response),
+            extra={"url": url},
+        )
+        raise PollFailure("client_error", f"HTTP {status}")
+
+    async def _serving(self, serving: bool) -> None:
+        if self._set_serving is not None:
+            await self._set_serving(serving)
+
+
+def _service_exception_text(response: httpx.Response) -> str:
+    """The provider's `requestError.serviceException.text`, or the start of the body."""
+    try:
+        return str(response.json()["requestError"]["serviceException"]["text"])
+    except (ValueError, KeyError, TypeError):
+        return response.text[:200]

@@ -1,0 +1,138 @@
+"""HTTP endpoints for provider pushes, served by aiohttp on the gRPC server's event loop.
+
+    POST /webhooks/gms               one GMS report object, or a JSON array of them
+    POST /webhooks/sent-sms-report   a SentSMSReport body {"results": [...]}
+
+Both take the same path as Ingest (normalise -> store -> stream) and answer:
+200 once every item is committed; 400 with a JSON body naming what was wrong
+per item (the valid items are stored all the same); 401 without the
+configured credentials; 413 over the body size limit; 503 when the store
+cannot commit, so the provider retries.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from deliveryreport.v1.delivery_report_service_pb2 import Format, IngestOutcome, IngestResponse
+from dlrhub.intake import Intake
+from dlrhub.normalise import Rejection
+from dlrhub.store.base import StoreError
+
+log = logging.getLogger(__name__)
+
+ROUTES: dict[str, Format.ValueType] = {
+    "/webhooks/gms": Format.FORMAT_GMS,
+    "/webhooks/sent-sms-report": Format.FORMAT_SENT_SMS_REPORT,
+}
+_OUTCOMES = {
+    IngestOutcome.INGEST_OUTCOME_ACCEPTED: "ACCEPTED",
+    IngestOutcome.INGEST_OUTCOME_DUPLICATE: "DUPLICATE",
+    IngestOutcome.INGEST_OUTCOME_REJECTED: "REJECTED",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookAuth:
+    """Credentials a webhook requires: HTTP Basic, or a shared token.
+
+    Spelled `basic:USER:PASSWORD` or `token:SECRET` in configuration. A token is
+    accepted as `Authorization: Bearer SECRET` or as the `token` query parameter
+    (for providers that cannot set headers). Compared in constant time.
+    """
+
+    scheme: str
+    secret: bytes
+
+    @classmethod
+    def parse(cls, spec: str) -> WebhookAuth:
+        scheme, _, rest = spec.partition(":")
+        if scheme == "basic" and ":" in rest:
+            return cls("basic", rest.encode())
+        if scheme == "token" and rest:
+            return cls("token", rest.encode())
+        raise ValueError("webhook auth must be basic:USER:PASSWORD or token:SECRET")
+
+    def allows(self, request: web.Request) -> bool:
+        header = request.headers.get("Authorization", "")
+        kind, _, value = header.partition(" ")
+        if self.scheme == "basic":
+            try:
+                given = base64.b64decode(value, validate=True) if kind.lower() == "basic" else b""
+            except binascii.Error:
+                given = b""
+            return hmac.compare_digest(given, self.secret)
+        given_text = value if kind.lower() == "bearer" else request.query.get("token", "")
+        return hmac.compare_digest(given_text.encode(), self.secret)
+
+
+def create_app(intake: Intake, auth: dict[str, WebhookAuth], max_body_bytes: int) -> web.Application:
+    """The webhook application; `auth` maps a route path to the credentials it requires."""
+    app = web.Application(client_max_size=max_body_bytes)
+    for path, format in ROUTES.items():
+        app.router.add_post(path, _handler(intake, format, auth.get(path)))
+    return app
+
+
+def _handler(intake: Intake, format: Format.ValueType, auth: WebhookAuth | None) -> Any:
+    async def handle(request: web.Request) -> web.Response:
+        if auth is not None and not auth.allows(request):
+            challenge = {"WWW-Authenticate": 'Basic realm="dlrhub"'} if auth.scheme == "basic" else {}
+            return _error(401, Rejection("", "UNAUTHENTICATED", "missing or wrong credentials"), challenge)
+        body = await request.read()  # over client_max_size: aiohttp answers 413
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as error:
+            return _error(400, Rejection("", "INVALID_UTF8", f"the body is not UTF-8 (byte {error.start})"))
+        try:
+            ingested = await intake.ingest(text, format)
+        except StoreError:
+            log.exception("webhook could not commit", extra={"route": request.path})
+            return _error(503, Rejection("", "STORE_UNAVAILABLE", "could not store the reports; retry"))
+        if ingested.rejection is not None:
+            return _error(400, ingested.rejection)
+        response = ingested.response
+        log.info(
+            "webhook",
+            extra={
+                "route": request.path,
+                "accepted": response.accepted_count,
+                "duplicate": response.duplicate_count,
+                "rejected": response.rejected_count,
+            },
+        )
+        return web.json_response(_summary(response), status=400 if response.rejected_count else 200)
+
+    return handle
+
+
+def _summary(response: IngestResponse) -> dict[str, Any]:
+    results = []
+    for result in response.results:
+        entry: dict[str, Any] = {"index": result.index, "outcome": _OUTCOMES[result.outcome]}
+        if result.cursor:
+            entry["cursor"] = result.cursor
+        if result.HasField("error"):
+            error = result.error
+            entry["error"] = {"field": error.field, "reason": error.reason, "description": error.description}
+        results.append(entry)
+    return {
+        "accepted": response.accepted_count,
+        "duplicate": response.duplicate_count,
+        "rejected": response.rejected_count,
+        "results": results,
+    }
+
+
+def _error(status: int, rejection: Rejection, headers: dict[str, str] | None = None) -> web.Response:
+    body = {
+        "error": {"field": rejection.field, "reason": rejection.reason, "description": rejection.description}
+    }
+    return web.json_response(body, status=status, headers=headers)
