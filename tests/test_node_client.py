@@ -1,0 +1,123 @@
+"""A non-Python caller works from the .proto alone: the Node.js client against `dlrhub serve`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from typing import Any
+
+import grpc
+import pytest
+
+from deliveryreport.v1.delivery_report_pb2 import DeliveryStatus, Source
+from deliveryreport.v1.delivery_report_service_pb2 import FetchRequest
+from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
+from tests.conftest import ROOT, ServerProcess
+
+SCRIPT = ROOT / "client" / "node" / "dlrhub-client.js"
+NODE_PACKAGES = ("@grpc/grpc-js", "@grpc/proto-loader")
+
+
+def _node() -> str:
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail("`node` is not on PATH: install Node.js (20+) and run `make setup`")
+    missing = [
+        name for name in NODE_PACKAGES if not (ROOT / "node_modules" / name / "package.json").is_file()
+    ]
+    if missing:
+        pytest.fail(f"node_modules lacks {', '.join(missing)}: run `make setup` (npm install) first")
+    return node
+
+
+def _run_client(address: str) -> list[dict[str, Any]]:
+    completed = subprocess.run(
+        [_node(), str(SCRIPT), address],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert completed.returncode == 0, f"node client failed:\n{completed.stderr}\n{completed.stdout}"
+    return [json.loads(line) for line in completed.stdout.splitlines() if line.strip()]
+
+
+def test_node_client_ingests_fetches_and_streams(server_process: ServerProcess) -> None:
+    lines = _run_client(server_process.address)
+    steps = [line["step"] for line in lines]
+    assert steps == ["stream_open", "ingest", "fetch", "stream", "stream", "done"]
+    by_step: dict[str, list[dict[str, Any]]] = {}
+    for line in lines:
+        by_step.setdefault(line["step"], []).append(line.get("response", {}))
+
+    assert by_step["stream_open"][0]["heartbeat"] is True
+
+    # Ingest: both items accepted, normalised, with cursors. Default values are
+    # left out of the JSON (proto-loader `defaults: false`), e.g. index 0.
+    ingest = by_step["ingest"][0]
+    assert ingest["accepted_count"] == 2
+    assert "duplicate_count" not in ingest
+    assert "rejected_count" not in ingest
+    results = ingest["results"]
+    assert [result.get("index", 0) for result in results] == [0, 1]
+    assert [result["outcome"] for result in results] == ["INGEST_OUTCOME_ACCEPTED"] * 2
+    reports = [result["report"] for result in results]
+    assert [report["status"] for report in reports] == [
+        "DELIVERY_STATUS_DELIVERED",
+        "DELIVERY_STATUS_EXPIRED",
+    ]
+    assert all(report["source"] == "SOURCE_GMS" for report in reports)
+    assert all(report["channel"] == "CHANNEL_SMS" for report in reports)
+    assert all(report["final"] is True for report in reports)
+    assert reports[1]["raw"]["gms"]["hyber_status"] == "35015"  # int64 as a string (longs: String)
+    delivered_id, expired_id = (report["message_id"] for report in reports)
+    assert delivered_id != expired_id
+    cursors = [result["cursor"] for result in results]
+    assert all(cursor.isdigit() for cursor in cursors)
+
+    # Fetch: the EXPIRED message's current state and its history of one report.
+    fetch = by_step["fetch"][0]
+    assert len(fetch["reports"]) == 1
+    state = fetch["reports"][0]
+    assert state["message_id"] == expired_id
+    assert state["status"] == "DELIVERY_STATUS_EXPIRED"
+    assert state["recipient"] == "+380962222222"
+    assert state["raw"]["gms"] == {
+        "status": "3",
+        "substatus": "35",
+        "_substatus": "substatus",
+        "hyber_status": "35015",
+        "_hyber_status": "hyber_status",
+        "sent_via": "sms",
+    }
+    assert len(fetch["history"]) == 1
+    assert fetch["history"][0]["status"] == "DELIVERY_STATUS_EXPIRED"
+    assert fetch["history"][0]["raw_payload"] == reports[1]["raw_payload"]
+
+    # Stream: exactly the two ingested reports, with the cursors Ingest gave.
+    streamed = by_step["stream"]
+    assert [message["cursor"] for message in streamed] == cursors
+    assert [message["report"]["message_id"] for message in streamed] == [delivered_id, expired_id]
+    assert [message["state"]["status"] for message in streamed] == [
+        "DELIVERY_STATUS_DELIVERED",
+        "DELIVERY_STATUS_EXPIRED",
+    ]
+    assert all("heartbeat" not in message for message in streamed)
+
+    # What Node ingested is stored: Python's stub finds both messages.
+    with grpc.insecure_channel(server_process.address) as channel:
+        stub = DeliveryReportServiceStub(channel)
+        for message_id, status, report in [
+            (delivered_id, DeliveryStatus.DELIVERY_STATUS_DELIVERED, reports[0]),
+            (expired_id, DeliveryStatus.DELIVERY_STATUS_EXPIRED, reports[1]),
+        ]:
+            fetched = stub.Fetch(FetchRequest(message_id=message_id, include_history=True), timeout=10)
+            assert len(fetched.reports) == 1
+            stored = fetched.reports[0]
+            assert stored.source == Source.SOURCE_GMS
+            assert stored.status == status
+            assert stored.reference == report["reference"]
+            assert stored.raw_payload == report["raw_payload"]
+            assert [entry.raw_payload for entry in fetched.history] == [report["raw_payload"]]
