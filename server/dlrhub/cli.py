@@ -1,6 +1,7 @@
 """The `dlrhub` command.
 
     dlrhub serve [--listen HOST:PORT] [--http-listen HOST:PORT] [--db PATH] [--log-level LEVEL]
+    dlrhub ingest | fetch | tail ...     (the client commands: dlrhub_client.cli)
 
 Every flag has a DLRHUB_* environment variable; a flag wins over it.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from dlrhub import __version__, app, logs
 from dlrhub.config import Settings
+from dlrhub_client import cli as client_cli
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +48,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=Path,
         help="SentSMSReport code table extending the shipped one (env DLRHUB_SENT_SMS_REPORT_CODES)",
     )
+    serve.set_defaults(run=_run_serve)
+    client_cli.register(commands)
     options = parser.parse_args(argv)
+    code: int = options.run(options)
+    return code
 
+
+def _run_serve(options: argparse.Namespace) -> int:
     settings = Settings.from_env()
     overrides = {
         name: value

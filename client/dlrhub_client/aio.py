@@ -1,0 +1,247 @@
+"""The asyncio client."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from deliveryreport.v1 import delivery_report_service_pb2_grpc as service_grpc
+from deliveryreport.v1.delivery_report_pb2 import Channel, DeliveryReport, DeliveryStatus, Source
+from deliveryreport.v1.delivery_report_service_pb2 import (
+    FetchRequest,
+    FetchResponse,
+    Format,
+    IngestRequest,
+    IngestResponse,
+    StreamRequest,
+    StreamResponse,
+)
+from deliveryreport.v1.provider_formats_pb2 import GmsReport, GmsReports, SentSmsReport, SentSmsReports
+from dlrhub_client.errors import UnavailableError, from_rpc_error
+
+if TYPE_CHECKING:
+    from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceAsyncStub
+
+T = TypeVar("T")
+M = TypeVar("M", bound=Message)
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """TLS for the channel: the CA to trust, and for mutual TLS the client's certificate and key."""
+
+    root_certificates: Path | None = None
+    certificate_chain: Path | None = None
+    private_key: Path | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: Path | None) -> bytes | None:
+            return path.read_bytes() if path is not None else None
+
+        return grpc.ssl_channel_credentials(
+            read(self.root_certificates), read(self.private_key), read(self.certificate_chain)
+        )
+
+
+class AsyncClient:
+    """dlrhub over grpc.aio. Errors are dlrhub_client.errors classes, never raw grpc errors.
+
+    async with AsyncClient("127.0.0.1:50051") as client:
+        await client.ingest(body)
+        async for change in client.stream(bulk_id="B1"):
+            ...
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        token: str | None = None,
+        tls: TlsConfig | None = None,
+        timeout: float | None = 30.0,
+        channel: grpc.aio.Channel | None = None,
+        reconnect_attempts: int = 10,
+        reconnect_backoff: float = 0.5,
+        reconnect_backoff_max: float = 30.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        if channel is None:
+            channel = (
+                grpc.aio.secure_channel(target, tls.credentials())
+                if tls is not None
+                else grpc.aio.insecure_channel(target)
+            )
+        self._channel = channel
+        self._stub: DeliveryReportServiceAsyncStub = service_grpc.DeliveryReportServiceStub(channel)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._timeout = timeout
+        self._reconnect_attempts = reconnect_attempts
+        self._reconnect_backoff = reconnect_backoff
+        self._reconnect_backoff_max = reconnect_backoff_max
+        self._sleep = sleep
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close(None)
+
+    # Ingest.
+
+    async def ingest(
+        self,
+        payload: str | bytes,
+        *,
+        format: Format.ValueType = Format.FORMAT_UNSPECIFIED,
+        request_id: str = "",
+    ) -> IngestResponse:
+        """Ingests a provider body verbatim; the format is detected unless given."""
+        text = payload.decode("utf-8") if isinstance(payload, bytes) else payload
+        return await self._ingest(IngestRequest(payload=text, format=format, request_id=request_id))
+
+    async def ingest_gms(
+        self, reports: Iterable[GmsReport | Mapping[str, Any]], *, request_id: str = ""
+    ) -> IngestResponse:
+        """Ingests GMS reports given as messages or as dicts with the provider's field names."""
+        batch = GmsReports(reports=[_typed(report, GmsReport) for report in reports])
+        return await self._ingest(IngestRequest(gms=batch, request_id=request_id))
+
+    async def ingest_sent_sms_report(
+        self, results: Iterable[SentSmsReport | Mapping[str, Any]], *, request_id: str = ""
+    ) -> IngestResponse:
+        """Ingests SentSMSReport reports given as messages or as dicts with the provider's field names."""
+        batch = SentSmsReports(results=[_typed(report, SentSmsReport) for report in results])
+        return await self._ingest(IngestRequest(sent_sms_report=batch, request_id=request_id))
+
+    # Fetch.
+
+    async def fetch(
+        self,
+        *,
+        message_id: str | None = None,
+        bulk_id: str | None = None,
+        reference: str | None = None,
+        source: Source.ValueType = Source.SOURCE_UNSPECIFIED,
+        include_history: bool = False,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> FetchResponse:
+        """One Fetch call; give exactly one of message_id, bulk_id, reference."""
+        request = FetchRequest(
+            source=source, include_history=include_history, page_size=page_size, page_token=page_token
+        )
+        selectors = {"message_id": message_id, "bulk_id": bulk_id, "reference": reference}
+        given = {name: value for name, value in selectors.items() if value is not None}
+        if len(given) != 1:
+            raise ValueError("give exactly one of message_id, bulk_id or reference")
+        [(name, value)] = given.items()
+        setattr(request, name, value)
+        return await self._unary(self._stub.Fetch(request, timeout=self._timeout, metadata=self._metadata))
+
+    async def iter_bulk(self, bulk_id: str, *, page_size: int = 500) -> AsyncIterator[DeliveryReport]:
+        """Every message of a bulk, following page tokens."""
+        async for report in self._pages(bulk_id=bulk_id, page_size=page_size):
+            yield report
+
+    async def iter_reference(self, reference: str, *, page_size: int = 500) -> AsyncIterator[DeliveryReport]:
+        """Every message with this sender reference, following page tokens."""
+        async for report in self._pages(reference=reference, page_size=page_size):
+            yield report
+
+    # Stream.
+
+    async def stream(
+        self,
+        *,
+        bulk_id: str = "",
+        message_ids: Iterable[str] = (),
+        statuses: Iterable[DeliveryStatus.ValueType] = (),
+        channels: Iterable[Channel.ValueType] = (),
+        source: Source.ValueType = Source.SOURCE_UNSPECIFIED,
+        cursor: str | None = None,
+        from_beginning: bool = False,
+        heartbeat_seconds: int = 0,
+        include_heartbeats: bool = False,
+    ) -> AsyncIterator[StreamResponse]:
+        """Changes as they are stored, resuming after `cursor` (or from the beginning, or from now).
+
+        On UNAVAILABLE, or when the server ends the stream (a restart), it reconnects with backoff
+        and resumes after the last cursor it saw, so every change arrives once and in order.
+        Gives up with UnavailableError after `reconnect_attempts` failed connections in a row.
+        """
+        request = StreamRequest(
+            bulk_id=bulk_id,
+            message_ids=list(message_ids),
+            statuses=list(statuses),
+            channels=list(channels),
+            source=source,
+            heartbeat_seconds=heartbeat_seconds,
+        )
+        last = cursor
+        failures = 0
+        while True:
+            attempt = StreamRequest()
+            attempt.CopyFrom(request)
+            if last is not None:
+                attempt.cursor = last
+            elif from_beginning:
+                attempt.from_beginning = True
+            call = self._stub.Stream(attempt, metadata=self._metadata)
+            try:
+                async for response in call:
+                    failures = 0
+                    last = response.cursor
+                    if include_heartbeats or not response.heartbeat:
+                        yield response
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise from_rpc_error(error) from None
+            finally:
+                call.cancel()
+            failures += 1
+            if failures > self._reconnect_attempts:
+                raise UnavailableError(
+                    f"stream lost and {self._reconnect_attempts} reconnections failed",
+                    code=grpc.StatusCode.UNAVAILABLE,
+                )
+            ceiling = min(self._reconnect_backoff_max, self._reconnect_backoff * 2 ** (failures - 1))
+            await self._sleep(ceiling / 2 + random.random() * ceiling / 2)  # noqa: S311 - jitter, not security
+
+    # Plumbing.
+
+    async def _ingest(self, request: IngestRequest) -> IngestResponse:
+        return await self._unary(self._stub.Ingest(request, timeout=self._timeout, metadata=self._metadata))
+
+    async def _unary(self, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error) from None
+
+    async def _pages(self, **selector: Any) -> AsyncIterator[DeliveryReport]:
+        token = ""
+        while True:
+            page = await self.fetch(page_token=token, **selector)
+            for report in page.reports:
+                yield report
+            token = page.next_page_token
+            if not token:
+                return
+
+
+def _typed(report: M | Mapping[str, Any], kind: type[M]) -> M:
+    if isinstance(report, Mapping):
+        return json_format.ParseDict(dict(report), kind())
+    return report
