@@ -4,6 +4,10 @@ No gap and no duplicate: the subscription starts before the store is read,
 so every change committed after that moment also arrives live; changes at or
 before the last cursor delivered are skipped. When the subscriber's buffer
 overflows (a slow consumer), it catches up from the store again.
+
+The first item is always a heartbeat with the start position, sent as soon
+as the subscription is live, so a caller knows from when changes are covered
+and has a cursor to resume from even if nothing matches.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ async def follow(
     subscription = hub.subscribe(change_filter)
     try:
         last = hub.latest_cursor if after is None else after
+        # The stream is live from here on: say so at once, with the position it starts after.
+        yield Heartbeat(last)
         catch_up = True
         while not subscription.closed:
             if catch_up or subscription.overflowed:

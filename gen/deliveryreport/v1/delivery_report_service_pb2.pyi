@@ -452,7 +452,9 @@ class StreamResponse(_message.Message):
     position). Pass it as `StreamRequest.cursor` to resume after it.
     """
     heartbeat: _builtins.bool
-    """True for a heartbeat: nothing matched since the last message."""
+    """True for a heartbeat: the first message of a stream, or nothing matched
+    for `heartbeat_seconds`.
+    """
     @_builtins.property
     def report(self) -> _delivery_report_pb2.DeliveryReport:
         """The report that was stored. Unset for a heartbeat."""

@@ -89,8 +89,11 @@ class DeliveryReportServiceServicer:
     def Stream(self, request, context):
         """Streams every stored change that matches the filters, in cursor order:
         first the stored ones after the start position, then live ones, with no
-        gap and no duplicate. Heartbeats carry the latest cursor while nothing
-        matches, so a consumer can always resume from the last cursor it saw.
+        gap and no duplicate. The first message is always a heartbeat carrying
+        the start position, sent as soon as the stream is live (changes stored
+        after it are sure to arrive). Heartbeats carry the latest cursor while
+        nothing matches, so a consumer can always resume from the last cursor it
+        saw.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -54,8 +54,11 @@ class DeliveryReportServiceStub:
     Stream: _grpc.UnaryStreamMultiCallable[_delivery_report_service_pb2.StreamRequest, _delivery_report_service_pb2.StreamResponse]
     """Streams every stored change that matches the filters, in cursor order:
     first the stored ones after the start position, then live ones, with no
-    gap and no duplicate. Heartbeats carry the latest cursor while nothing
-    matches, so a consumer can always resume from the last cursor it saw.
+    gap and no duplicate. The first message is always a heartbeat carrying
+    the start position, sent as soon as the stream is live (changes stored
+    after it are sure to arrive). Heartbeats carry the latest cursor while
+    nothing matches, so a consumer can always resume from the last cursor it
+    saw.
     """
 
 @_typing.type_check_only
@@ -82,8 +85,11 @@ class DeliveryReportServiceAsyncStub(DeliveryReportServiceStub):
     Stream: _aio.UnaryStreamMultiCallable[_delivery_report_service_pb2.StreamRequest, _delivery_report_service_pb2.StreamResponse]  # type: ignore[assignment]
     """Streams every stored change that matches the filters, in cursor order:
     first the stored ones after the start position, then live ones, with no
-    gap and no duplicate. Heartbeats carry the latest cursor while nothing
-    matches, so a consumer can always resume from the last cursor it saw.
+    gap and no duplicate. The first message is always a heartbeat carrying
+    the start position, sent as soon as the stream is live (changes stored
+    after it are sure to arrive). Heartbeats carry the latest cursor while
+    nothing matches, so a consumer can always resume from the last cursor it
+    saw.
     """
 
 class DeliveryReportServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -125,8 +131,11 @@ class DeliveryReportServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_delivery_report_service_pb2.StreamResponse], _abc.AsyncIterator[_delivery_report_service_pb2.StreamResponse]]:
         """Streams every stored change that matches the filters, in cursor order:
         first the stored ones after the start position, then live ones, with no
-        gap and no duplicate. Heartbeats carry the latest cursor while nothing
-        matches, so a consumer can always resume from the last cursor it saw.
+        gap and no duplicate. The first message is always a heartbeat carrying
+        the start position, sent as soon as the stream is live (changes stored
+        after it are sure to arrive). Heartbeats carry the latest cursor while
+        nothing matches, so a consumer can always resume from the last cursor it
+        saw.
         """
 
 def add_DeliveryReportServiceServicer_to_server(servicer: DeliveryReportServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
