@@ -1,0 +1,477 @@
+"""The SentSMSReport poller against a fake provider over real HTTP (tests/fake_provider.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from deliveryreport.v1.delivery_report_pb2 import Source
+from deliveryreport.v1.delivery_report_service_pb2 import FetchRequest
+from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
+from dlrhub import app as app_module
+from dlrhub.committer import Committer
+from dlrhub.config import Settings
+from dlrhub.hub import Hub
+from dlrhub.intake import Intake
+from dlrhub.normalise import Normaliser
+from dlrhub.poller import HEALTH_SERVICE, Poller, PollerSettings
+from dlrhub.store import SqliteStore
+from dlrhub.store.base import StoreError
+from tests.conftest import FakeClock, Running
+from tests.fake_provider import FakeProvider, report, wait_until
+
+if TYPE_CHECKING:  # the async stub type exists only in the generated .pyi
+    from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceAsyncStub
+
+KEY = "test-api-key"
+SERVING: int = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING: int = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.fixture
+async def provider() -> AsyncIterator[FakeProvider]:
+    async with FakeProvider(KEY) as fake:
+        yield fake
+
+
+def reports(prefix: str, count: int) -> list[dict[str, Any]]:
+    return [report(f"{prefix}-{i}") for i in range(count)]
+
+
+def ids(items: list[dict[str, Any]]) -> list[str]:
+    return [str(item["messageId"]) for item in items]
+
+
+async def health(channel: grpc.aio.Channel, service: str) -> int | None:
+    """The health status of `service`, or None while it is unknown."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    try:
+        response = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+    except grpc.aio.AioRpcError as error:
+        if error.code() == grpc.StatusCode.NOT_FOUND:
+            return None
+        raise
+    return int(response.status)
+
+
+@dataclass
+class PollingApp:
+    app: app_module.App
+    channel: grpc.aio.Channel
+    stub: DeliveryReportServiceAsyncStub
+
+
+@asynccontextmanager
+async def polling_app(
+    db: Path, clock: FakeClock, provider: FakeProvider, **settings: Any
+) -> AsyncIterator[PollingApp]:
+    """The whole app, its poller pointed at the fake provider."""
+    running = await app_module.start(
+        Settings(
+            listen="127.0.0.1:0",
+            http_listen="127.0.0.1:0",
+            db=db,
+            shutdown_grace=1.0,
+            poll_base_url=provider.url,
+            poll_api_key=KEY,
+            **settings,
+        ),
+        clock=clock,
+    )
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+    try:
+        yield PollingApp(running, channel, DeliveryReportServiceStub(channel))
+    finally:
+        await channel.close(None)
+        await running.stop()
+
+
+def fast_app_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The app's poller with millisecond backoff, so retries happen within the test."""
+    fast = functools.partial(PollerSettings, backoff_initial=0.01, backoff_max=0.05)
+    monkeypatch.setattr(app_module, "PollerSettings", fast)
+
+
+def direct_poller(server: Running, provider: FakeProvider, **settings: Any) -> Poller:
+    """A poller over the running server's committer, with short timeout (0.5 s) and backoff."""
+    options: dict[str, Any] = {
+        "limit": 10,
+        "interval": 0.05,
+        "timeout": 0.5,
+        "backoff_initial": 0.01,
+        "backoff_max": 0.05,
+    }
+    options.update(settings)
+    intake = Intake(Normaliser.load(), server.app.committer, server.clock)
+    return Poller(PollerSettings(provider.url, KEY, **options), intake)
+
+
+# --- the fake provider itself ---------------------------------------------------------------------------
+
+
+async def test_fake_provider_follows_the_reference_semantics(provider: FakeProvider) -> None:
+    provider.add(*reports("p", 60))
+    url = provider.url + "/sms/1/reports"
+    auth = {"Authorization": f"App {KEY}"}
+    async with httpx.AsyncClient() as http:
+        missing = await http.get(url)
+        assert missing.status_code == 401
+        assert missing.json()["requestError"]["serviceException"]["messageId"] == "UNAUTHORIZED"
+        wrong = await http.get(url, headers={"Authorization": "App nope"})
+        assert wrong.status_code == 401
+        for limit in ("0", "1001", "x"):
+            bad = await http.get(url, params={"limit": limit}, headers=auth)
+            assert bad.status_code == 400
+            exception = bad.json()["requestError"]["serviceException"]
+            assert exception["messageId"] == "BAD_REQUEST"
+            assert "limit" in exception["text"]
+        assert len(provider.pending) == 60
+
+        default = await http.get(url, headers=auth)  # limit defaults to 50
+        assert ids(default.json()["results"]) == [f"p-{i}" for i in range(50)]
+        rest = await http.get(url, params={"limit": 1000}, headers=auth)
+        assert ids(rest.json()["results"]) == [f"p-{i}" for i in range(50, 60)]
+        empty = await http.get(url, params={"limit": 1000}, headers=auth)
+        assert empty.json() == {"results": []}
+
+        provider.fail_next(1)
+        provider.throttle_next(1)
+        assert (await http.get(url, headers=auth)).status_code == 500
+        assert (await http.get(url, headers=auth)).status_code == 429
+        provider.hang_next(1, seconds=5)
+        with pytest.raises(httpx.ReadTimeout):
+            await http.get(url, headers=auth, timeout=0.1)
+        assert (await http.get(url, headers=auth)).status_code == 200
+
+    assert provider.handed_out_ids() == [f"p-{i}" for i in range(60)]
+    assert [r.status for r in provider.requests] == [401, 401, 400, 400, 400, 200, 200, 200, 500, 429, 0, 200]
+    assert provider.requests[5].headers["authorization"] == f"App {KEY}"
+    assert provider.requests[6].query == {"limit": "1000"}
+    assert len(provider.requests[5].handed_out) == 50
+
+
+async def test_fake_provider_filters_by_bulk_and_message_id(provider: FakeProvider) -> None:
+    provider.add(report("b-1", bulk_id="B1"), report("b-2", bulk_id="B2"), report("b-3", bulk_id="B2"))
+    url = provider.url + "/sms/1/reports"
+    async with httpx.AsyncClient(headers={"Authorization": f"App {KEY}"}) as http:
+        by_bulk = await http.get(url, params={"bulkId": "B2", "limit": 1})
+        assert ids(by_bulk.json()["results"]) == ["b-2"]
+        by_message = await http.get(url, params={"messageId": "b-3"})
+        assert ids(by_message.json()["results"]) == ["b-3"]
+    assert ids(list(provider.pending)) == ["b-1"]
+
+
+# --- through the whole app -------------------------------------------------------------------------------
+
+
+async def test_polled_reports_are_stored_and_fetchable(
+    provider: FakeProvider, db_path: Path, clock: FakeClock
+) -> None:
+    provider.add(*reports("m", 3))
+    async with polling_app(db_path, clock, provider, poll_limit=10, poll_interval=0.05) as running:
+        assert running.app.poller is not None
+
+        async def all_stored() -> bool:
+            return all(running.app.store.messages(f"m-{i}") for i in range(3))
+
+        await wait_until(all_stored, within=5)
+        for i in range(3):
+            fetched = await running.stub.Fetch(FetchRequest(message_id=f"m-{i}", include_history=True))
+            [state] = fetched.reports
+            assert state.source == Source.SOURCE_SENT_SMS_REPORT
+            assert state.bulk_id == "BULK-FAKE"
+            assert len(fetched.history) == 1
+            assert state.received_time.ToNanoseconds() == clock.now_ns
+        assert await health(running.channel, HEALTH_SERVICE) == SERVING
+
+    first = provider.requests[0]
+    assert first.path == "/sms/1/reports"
+    assert first.query == {"limit": "10"}
+    assert first.headers["Authorization"] == f"App {KEY}"
+    assert first.headers["Accept"] == "application/json"
+    assert all(r.query == {"limit": "10"} for r in provider.requests)
+    assert provider.handed_out_ids() == ["m-0", "m-1", "m-2"]
+
+
+async def test_a_full_batch_fetches_again_at_once(
+    provider: FakeProvider, db_path: Path, clock: FakeClock
+) -> None:
+    provider.add(*reports("f", 5))
+    async with polling_app(db_path, clock, provider, poll_limit=2, poll_interval=30.0) as running:
+        # Batches of 2, 2, 1 without waiting the 30 s interval in between.
+        await wait_until(lambda: all(running.app.store.messages(f"f-{i}") for i in range(5)), within=2)
+        await asyncio.sleep(0.1)
+        # The last batch was not full: the poller now waits the interval.
+        assert [r.handed_out for r in provider.requests] == [("f-0", "f-1"), ("f-2", "f-3"), ("f-4",)]
+        assert all(r.query == {"limit": "2"} for r in provider.requests)
+
+
+async def test_rejected_key_goes_not_serving_logs_and_recovers(
+    provider: FakeProvider,
+    db_path: Path,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="dlrhub")
+    provider.api_key = "rotated-key"
+    provider.add(report("k-1"))
+    fast_app_backoff(monkeypatch)
+    async with polling_app(db_path, clock, provider, poll_limit=10, poll_interval=0.05) as running:
+
+        async def not_serving() -> bool:
+            return await health(running.channel, HEALTH_SERVICE) == NOT_SERVING
+
+        await wait_until(not_serving, within=3)
+        await wait_until(lambda: len(provider.requests) >= 3, within=3)  # it keeps retrying
+        assert {r.status for r in provider.requests} == {401}
+        assert provider.handed_out == []
+        refused = [r for r in caplog.records if "refused the API key (HTTP 401)" in r.getMessage()]
+        assert refused
+        assert refused[0].levelno == logging.ERROR
+        assert "DLRHUB_POLL_API_KEY" in refused[0].getMessage()
+        # The server itself is unaffected.
+        assert await health(running.channel, "") == SERVING
+
+        provider.api_key = KEY  # the provider accepts the key again
+
+        async def serving() -> bool:
+            return await health(running.channel, HEALTH_SERVICE) == SERVING
+
+        await wait_until(serving, within=3)
+        await wait_until(lambda: bool(running.app.store.messages("k-1")), within=3)
+
+
+async def test_bad_request_logs_the_providers_text_and_retries(
+    server: Running, provider: FakeProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="dlrhub")
+    small = FakeProvider(KEY, max_limit=100)  # this provider caps `limit` lower than the poller asks
+    await small.start()
+    poller = direct_poller(server, small, limit=1000)
+    poller.start()
+    try:
+        await wait_until(lambda: len(small.requests) >= 2, within=3)
+        text = "limit must be a whole number from 1 to 100, not '1000'"
+        logged = [r for r in caplog.records if text in r.getMessage()]
+        assert logged
+        assert logged[0].levelno == logging.ERROR
+        assert "HTTP 400" in logged[0].getMessage()
+        assert poller.failures >= 1
+        assert await health(server.channel, "") == SERVING
+    finally:
+        await poller.stop()
+        await small.stop()
+
+
+# --- failures, directly against the Poller ---------------------------------------------------------------
+
+
+async def test_outage_then_recovery_loses_nothing_and_stores_nothing_twice(
+    server: Running, provider: FakeProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="dlrhub")
+    queued = reports("o", 10)
+    provider.add(*queued)
+    provider.serve_next(1)
+    provider.fail_next(2, status=500)
+    provider.throttle_next(2)
+    provider.hang_next(2, seconds=5)
+    provider.serve_next(1)
+    provider.fail_next(1, status=503)
+    poller = direct_poller(server, provider, limit=3)
+    poller.start()
+    try:
+        store = server.app.store
+        await wait_until(lambda: all(store.messages(m) for m in ids(queued)), within=8)
+        await wait_until(lambda: poller.failures == 0 and not provider.pending, within=2)
+    finally:
+        await poller.stop()
+
+    for message_id in ids(queued):
+        fetched = await server.stub.Fetch(FetchRequest(message_id=message_id, include_history=True))
+        assert len(fetched.reports) == 1
+        assert len(fetched.history) == 1, message_id
+    assert sorted(provider.handed_out_ids()) == sorted(ids(queued))
+    assert store.latest_cursor() == 10
+    statuses = [r.status for r in provider.requests]
+    assert statuses[:8] == [200, 500, 500, 429, 429, 0, 0, 200]
+    assert statuses[8] == 503
+    messages = caplog.text
+    assert "poll: provider answered HTTP 500" in messages
+    assert "poll: provider answered HTTP 429" in messages
+    assert "poll: timed out" in messages
+    assert await health(server.channel, "") == SERVING
+
+
+class FlakyStore(SqliteStore):
+    """A SQLite store whose first `failures` transactions raise StoreError."""
+
+    def __init__(self, path: Path, failures: int) -> None:
+        super().__init__(path)
+        self.failures = failures
+        self.attempts = 0
+
+    def transaction(self) -> Any:
+        self.attempts += 1
+        if self.failures > 0:
+            self.failures -= 1
+            raise StoreError("disk unavailable")
+        return super().transaction()
+
+
+async def test_a_batch_that_cannot_be_committed_is_kept_and_retried(
+    provider: FakeProvider, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="dlrhub")
+    queued = reports("s", 4)
+    provider.add(*queued)
+    store = FlakyStore(tmp_path / "flaky.db", failures=2)
+    committer = Committer(store, Hub())
+    committer.start()
+    intake = Intake(Normaliser.load(), committer, FakeClock())
+    poller = Poller(
+        PollerSettings(provider.url, KEY, limit=10, interval=30.0, backoff_initial=0.01, backoff_max=0.05),
+        intake,
+    )
+    poller.start()
+    try:
+        await wait_until(lambda: all(store.messages(m) for m in ids(queued)), within=3)
+        # Committed on the third attempt, from the batch fetched once: no second request was made
+        # (the 30 s interval follows the commit).
+        assert store.attempts == 3
+        assert len(provider.requests) == 1
+        assert provider.handed_out_ids() == ids(queued)
+        for message_id in ids(queued):
+            assert len(store.history(message_id)) == 1
+        kept = [r for r in caplog.records if "could not be committed" in r.getMessage()]
+        assert len(kept) == 2
+    finally:
+        await poller.stop()
+        await committer.stop()
+        store.close()
+
+
+class GatedStore(SqliteStore):
+    """A SQLite store whose transactions wait (on the writer thread) until the gate opens."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def transaction(self) -> Any:
+        self.entered.set()
+        self.gate.wait(timeout=10)
+        return super().transaction()
+
+
+async def test_stop_during_a_commit_finishes_the_commit(provider: FakeProvider, tmp_path: Path) -> None:
+    queued = reports("c", 2)
+    provider.add(*queued)
+    store = GatedStore(tmp_path / "gated.db")
+    committer = Committer(store, Hub())
+    committer.start()
+    intake = Intake(Normaliser.load(), committer, FakeClock())
+    poller = Poller(PollerSettings(provider.url, KEY, limit=10, interval=30.0), intake)
+    poller.start()
+    try:
+        await wait_until(store.entered.is_set, within=3)  # fetched, and committing
+        stopping = asyncio.create_task(poller.stop())
+        await asyncio.sleep(0.05)
+        assert not stopping.done()  # the stop waits for the commit
+        store.gate.set()
+        await asyncio.wait_for(stopping, 3)
+        assert provider.handed_out_ids() == ids(queued)
+        for message_id in ids(queued):
+            assert len(store.history(message_id)) == 1
+        assert len(provider.requests) == 1
+    finally:
+        store.gate.set()
+        await poller.stop()
+        await committer.stop()
+        store.close()
+
+
+async def test_the_loop_backs_off_exponentially_and_resets_after_a_success(
+    server: Running, provider: FakeProvider
+) -> None:
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        await asyncio.sleep(0.001)
+
+    serving: list[bool] = []
+
+    async def set_serving(value: bool) -> None:
+        serving.append(value)
+
+    provider.fail_next(3, status=500)
+    provider.serve_next(1)
+    provider.fail_next(4, status=401)
+    intake = Intake(Normaliser.load(), server.app.committer, server.clock)
+    poller = Poller(
+        PollerSettings(provider.url, KEY, limit=10, interval=7.0, backoff_initial=0.01, backoff_max=0.05),
+        intake,
+        set_serving=set_serving,
+        sleep=sleep,
+        jitter=lambda: 0.5,
+    )
+    poller.start()
+    try:
+        await wait_until(lambda: len(slept) >= 9, within=3)
+    finally:
+        await poller.stop()
+
+    # Three 500s: 3/4 of 0.01, 0.02, 0.04 (the jitter is fixed at 0.5); a success waits the interval;
+    # four 401s start again from the initial backoff, the fourth capped at 3/4 of 0.05; then the interval.
+    assert slept[:9] == pytest.approx([0.0075, 0.015, 0.03, 7.0, 0.0075, 0.015, 0.03, 0.0375, 7.0])
+    # Only the 401s take the poller out of service; the next success puts it back.
+    assert serving[:6] == [True, False, False, False, False, True]
+    assert [r.status for r in provider.requests[:9]] == [500, 500, 500, 200, 401, 401, 401, 401, 200]
+
+
+async def test_backoff_is_exponential_with_jitter_and_capped(tmp_path: Path) -> None:
+    jitter = 0.0
+
+    def fixed_jitter() -> float:
+        return jitter
+
+    store = SqliteStore(tmp_path / "unused.db")
+    intake = Intake(Normaliser.load(), Committer(store, Hub()), FakeClock())
+    poller = Poller(
+        PollerSettings("http://127.0.0.1:9", KEY, backoff_initial=1.0, backoff_max=10.0),
+        intake,
+        jitter=fixed_jitter,
+    )
+    try:
+
+        def backoffs() -> list[float]:
+            values = []
+            for failures in (0, 1, 2, 3, 4, 5, 6, 1000):
+                poller.failures = failures
+                values.append(poller.backoff())
+            return values
+
+        # The ceiling doubles per failure (1, 2, 4, 8, then the 10 s cap); the wait is its upper half.
+        assert backoffs() == [0.5, 0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0]
+        jitter = 0.5
+        assert backoffs() == [0.75, 0.75, 1.5, 3.0, 6.0, 7.5, 7.5, 7.5]
+        jitter = 1.0
+        assert backoffs() == [1.0, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0]
+    finally:
+        await poller.stop()
+        store.close()
