@@ -93,6 +93,8 @@ def start_server_process(db: Path, *extra: str) -> ServerProcess:
         "serve",
         "--listen",
         "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
         "--db",
         str(db),
         *extra,
@@ -106,15 +108,17 @@ def start_server_process(db: Path, *extra: str) -> ServerProcess:
     )
     assert process.stderr is not None
     deadline = time.monotonic() + 30
+    seen: list[str] = []
     while time.monotonic() < deadline:
         line = process.stderr.readline()
         if not line:
             break
+        seen.append(line)
         entry = json.loads(line)
         if entry.get("message") == "serving":
             return ServerProcess(process, f"127.0.0.1:{entry['port']}", db, f"127.0.0.1:{entry['http_port']}")
     process.kill()
-    raise RuntimeError(f"dlrhub did not start: {process.stderr.read()}")
+    raise RuntimeError(f"dlrhub did not start: {''.join(seen)}{process.stderr.read()}")
 
 
 @pytest.fixture

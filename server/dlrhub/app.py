@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -71,17 +72,27 @@ class App:
 
 
 async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) -> App:
-    """Opens the store and starts serving; the bound port is in `App.port`."""
-    store = SqliteStore(settings.db)
-    hub = Hub(capacity=settings.stream_buffer, latest_cursor=store.latest_cursor())
-    committer = Committer(store, hub)
-    committer.start()
-    reads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dlrhub-reader")
-    http: web.AppRunner | None = None
-    try:
-        intake = Intake(Normaliser.load(settings.gms_codes, settings.sent_sms_report_codes), committer, clock)
-        service = DeliveryReportService(intake=intake, store=store, hub=hub, reads=reads)
+    """Opens the store and starts serving; the bound ports are in `App.port` and `App.http_port`.
+
+    Configuration is checked before anything starts; if starting fails half-way, whatever had
+    started is stopped again.
+    """
+    normaliser = Normaliser.load(settings.gms_codes, settings.sent_sms_report_codes)
+    webhook_auth = _webhook_auth(settings)
+    poller_settings = _poller_settings(settings)
+    async with contextlib.AsyncExitStack() as started:
+        store = SqliteStore(settings.db)
+        started.callback(store.close)
+        hub = Hub(capacity=settings.stream_buffer, latest_cursor=store.latest_cursor())
+        committer = Committer(store, hub)
+        committer.start()
+        started.push_async_callback(committer.stop)
+        reads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dlrhub-reader")
+        started.callback(reads.shutdown)
+        intake = Intake(normaliser, committer, clock)
+
         server = grpc.aio.server(options=SERVER_OPTIONS)
+        service = DeliveryReportService(intake=intake, store=store, hub=hub, reads=reads)
         delivery_report_service_pb2_grpc.add_DeliveryReportServiceServicer_to_server(service, server)
         health_servicer = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -98,57 +109,74 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
         except RuntimeError as error:  # grpcio raises when it cannot bind
             raise OSError(f"cannot listen on {settings.listen}: {error}") from None
         await server.start()
-        http, http_port = await _start_webhooks(intake, settings)
-    except BaseException:
-        if http is not None:
-            await http.cleanup()
-        await committer.stop()
-        reads.shutdown()
-        store.close()
-        raise
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    poller = _start_poller(intake, settings, health_servicer)
+        started.push_async_callback(server.stop, None)
+
+        http = web.AppRunner(
+            webhooks.create_app(intake, webhook_auth, settings.http_max_body_bytes), access_log=None
+        )
+        await http.setup()
+        started.push_async_callback(http.cleanup)
+        host, _, http_port = settings.http_listen.rpartition(":")
+        await web.TCPSite(http, host, int(http_port)).start()
+
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        poller = None
+        if poller_settings is not None:
+            poller = Poller(poller_settings, intake, set_serving=_health_setter(health_servicer))
+            await health_servicer.set(POLLER_HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+            poller.start()
+        started.pop_all()  # running: App.stop owns everything now
+
+    app = App(
+        server,
+        port,
+        store,
+        hub,
+        committer,
+        health_servicer,
+        reads,
+        settings,
+        http,
+        http.addresses[0][1],
+        poller,
+    )
     log.info(
         "serving",
         extra={
             "listen": settings.listen,
-            "port": port,
+            "port": app.port,
             "http_listen": settings.http_listen,
-            "http_port": http_port,
+            "http_port": app.http_port,
             "db": str(settings.db),
             "poller": poller is not None,
         },
     )
-    return App(server, port, store, hub, committer, health_servicer, reads, settings, http, http_port, poller)
+    return app
 
 
-async def _start_webhooks(intake: Intake, settings: Settings) -> tuple[web.AppRunner, int]:
-    auth = {
-        path: webhooks.WebhookAuth.parse(spec)
-        for path, spec in (
-            ("/webhooks/gms", settings.gms_webhook_auth),
-            ("/webhooks/sent-sms-report", settings.sent_sms_report_webhook_auth),
-        )
-        if spec
+def _webhook_auth(settings: Settings) -> dict[str, webhooks.WebhookAuth]:
+    specs = {
+        "/webhooks/gms": settings.gms_webhook_auth,
+        "/webhooks/sent-sms-report": settings.sent_sms_report_webhook_auth,
     }
-    runner = web.AppRunner(webhooks.create_app(intake, auth, settings.http_max_body_bytes), access_log=None)
-    await runner.setup()
-    host, _, port = settings.http_listen.rpartition(":")
-    try:
-        await web.TCPSite(runner, host, int(port)).start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    bound = runner.addresses[0][1]
-    return runner, int(bound)
+    return {path: webhooks.WebhookAuth.parse(spec) for path, spec in specs.items() if spec}
 
 
-def _start_poller(
-    intake: Intake, settings: Settings, health_servicer: health_aio.HealthServicer
-) -> Poller | None:
+def _poller_settings(settings: Settings) -> PollerSettings | None:
+    """The poller's settings, or None when it is not configured (both base URL and key are needed)."""
     if not (settings.poll_base_url and settings.poll_api_key):
         return None
+    return PollerSettings(
+        settings.poll_base_url,
+        settings.poll_api_key,
+        limit=settings.poll_limit,
+        interval=settings.poll_interval,
+    )
+
+
+def _health_setter(health_servicer: health_aio.HealthServicer) -> Callable[[bool], Awaitable[None]]:
+    """Reports the poller's state as its own named health service (SERVING after a good poll)."""
 
     async def set_serving(serving: bool) -> None:
         status = (
@@ -156,15 +184,4 @@ def _start_poller(
         )
         await health_servicer.set(POLLER_HEALTH_SERVICE, status)
 
-    poller = Poller(
-        PollerSettings(
-            settings.poll_base_url,
-            settings.poll_api_key,
-            limit=settings.poll_limit,
-            interval=settings.poll_interval,
-        ),
-        intake,
-        set_serving=set_serving,
-    )
-    poller.start()
-    return poller
+    return set_serving

@@ -78,7 +78,7 @@ class Poller:
         self._jitter = jitter
         # A fetched body not yet committed: retried before anything is fetched again.
         self._pending: str | None = None
-        self._committing = False
+        self._resting = False
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self.failures = 0
@@ -87,17 +87,18 @@ class Poller:
         self._task = asyncio.get_running_loop().create_task(self.run(), name="dlrhub-poller")
 
     async def stop(self) -> None:
-        """Stops polling. A batch already fetched is committed first, never abandoned."""
+        """Stops polling. A request in flight (at most `timeout`) and its commit finish first:
+        the provider hands each report out once, so a batch is never abandoned half-way."""
         self._stopping = True
         if self._task is not None:
-            if not self._committing:
+            if self._resting:
                 self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self._client.aclose()
 
     async def run(self) -> None:
-        """Polls until stopped."""
+        """Polls until stopped; no failure ends it."""
         while not self._stopping:
             try:
                 fetched = await self.poll_once()
@@ -105,13 +106,21 @@ class Poller:
                 self.failures += 1
                 if failure.kind == "auth":
                     await self._serving(False)
-                if not self._stopping:
-                    await self._sleep(self.backoff())
-                continue
-            self.failures = 0
-            await self._serving(True)
-            if fetched < self.settings.limit and not self._stopping:
-                await self._sleep(self.settings.interval)
+                delay = self.backoff()
+            except Exception:
+                log.exception("poll: unexpected failure; retrying")
+                self.failures += 1
+                delay = self.backoff()
+            else:
+                self.failures = 0
+                await self._serving(True)
+                delay = 0.0 if fetched >= self.settings.limit else self.settings.interval
+            if delay and not self._stopping:
+                self._resting = True
+                try:
+                    await self._sleep(delay)
+                finally:
+                    self._resting = False
 
     def backoff(self) -> float:
         """Exponential in the number of failures in a row, capped, with full jitter on its upper half."""
@@ -123,7 +132,6 @@ class Poller:
         """Fetches one batch and commits it; returns how many reports it held. Raises PollFailure."""
         if self._pending is None:
             self._pending = await self._fetch()
-        self._committing = True
         try:
             ingested = await self._intake.ingest(self._pending, Format.FORMAT_SENT_SMS_REPORT)
         except StoreError as error:
@@ -131,8 +139,6 @@ class Poller:
                 "poll: fetched reports could not be committed; retrying them", extra={"error": str(error)}
             )
             raise PollFailure("store", str(error)) from error
-        finally:
-            self._committing = False
         self._pending = None
         response = ingested.response
         count = len(response.results) if ingested.rejection is None else 0

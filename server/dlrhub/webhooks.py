@@ -86,7 +86,10 @@ def _handler(intake: Intake, format: Format.ValueType, auth: WebhookAuth | None)
         if auth is not None and not auth.allows(request):
             challenge = {"WWW-Authenticate": 'Basic realm="dlrhub"'} if auth.scheme == "basic" else {}
             return _error(401, Rejection("", "UNAUTHENTICATED", "missing or wrong credentials"), challenge)
-        body = await request.read()  # over client_max_size: aiohttp answers 413
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge as error:
+            return _error(413, Rejection("", "BODY_TOO_LARGE", f"the body is over the limit: {error.text}"))
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError as error:
