@@ -114,7 +114,10 @@ def start_server_process(db: Path, *extra: str) -> ServerProcess:
         if not line:
             break
         seen.append(line)
-        entry = json.loads(line)
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # gRPC core or the interpreter may write plain lines too
         if entry.get("message") == "serving":
             return ServerProcess(process, f"127.0.0.1:{entry['port']}", db, f"127.0.0.1:{entry['http_port']}")
     process.kill()

@@ -143,6 +143,8 @@ class ItemError(_message.Message):
     field: _builtins.str
     """Path of the offending field, from the top of the payload, e.g.
     "results[3].messageId" or "[2].message_id"; "" for the whole payload.
+    For typed reports the path is that of the provider JSON they mirror
+    (a GmsReports batch is a GMS array: "[1].message_id").
     """
     reason: _builtins.str
     """Machine-readable reason in UPPER_SNAKE_CASE: INVALID_JSON,
@@ -448,8 +450,9 @@ class StreamResponse(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     cursor: _builtins.str
-    """The position of this change (or, for a heartbeat, the latest stored
-    position). Pass it as `StreamRequest.cursor` to resume after it.
+    """The position of this change; for a heartbeat, the position the stream
+    has covered up to (the start position, for the first message). Pass it as
+    `StreamRequest.cursor` to resume after it.
     """
     heartbeat: _builtins.bool
     """True for a heartbeat: the first message of a stream, or nothing matched
