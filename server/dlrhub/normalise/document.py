@@ -75,8 +75,8 @@ class _Walker:
         members: dict[str, list[str]] = {}
         if self._peek() == "[":
             value: Any = self._array(elements)
-        elif self._peek() == "{":
-            value = self._object(members)
+        elif self._peek() == "{" and "[" in self.text:
+            value = self._object(members)  # may have array members: walk it for their spans
         else:
             value = self._value()
         end = self.pos

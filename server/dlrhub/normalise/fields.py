@@ -74,6 +74,8 @@ class Fields:
         value = self.data.get(key)
         if value is None:
             return None
+        if type(value) is int and -(2**63) <= value < 2**63:  # the common case, first
+            return value
         if (isinstance(value, str) and _INTEGER_TEXT.fullmatch(value)) or (
             isinstance(value, Decimal) and value.is_finite() and value.adjusted() < 19 and value == int(value)
         ):

@@ -35,6 +35,9 @@ CHANNELS: dict[str, Channel.ValueType] = {
     "whatsapp": Channel.CHANNEL_WHATSAPP,
     "push": Channel.CHANNEL_PUSH,
 }
+# Enum values looked up once: attribute access on an enum wrapper is slow per report.
+_SOURCE = Source.SOURCE_GMS
+_NO_CHANNEL = Channel.CHANNEL_UNSPECIFIED
 
 
 def normalise(document: Document, table: CodeTable, received: Timestamp) -> list[NormalisedItem]:
@@ -70,11 +73,11 @@ def _report(item: Fields, table: CodeTable) -> DeliveryReport:
     unified = table.status((status, substatus, hyber_status, error_code, channel_name))
 
     report = DeliveryReport(
-        source=Source.SOURCE_GMS,
+        source=_SOURCE,
         message_id=message_id,
         reference=item.text("extra_id") or "",
         recipient=e164(item.address("number") or item.address("phone_number") or ""),
-        channel=CHANNELS.get(channel_name, Channel.CHANNEL_UNSPECIFIED),
+        channel=CHANNELS.get(channel_name, _NO_CHANNEL),
         status=unified,
         final=unified in FINAL,
         raw=RawStatus(

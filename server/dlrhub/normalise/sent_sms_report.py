@@ -39,6 +39,10 @@ CHANNELS: dict[str, Channel.ValueType] = {
     "WHATSAPP": Channel.CHANNEL_WHATSAPP,
     "PUSH": Channel.CHANNEL_PUSH,
 }
+# Enum values looked up once: attribute access on an enum wrapper is slow per report.
+_SOURCE = Source.SOURCE_SENT_SMS_REPORT
+_SMS = Channel.CHANNEL_SMS
+_NO_CHANNEL = Channel.CHANNEL_UNSPECIFIED
 
 
 def normalise(document: Document, table: CodeTable, received: Timestamp) -> list[NormalisedItem]:
@@ -81,15 +85,13 @@ def _report(item: Fields, table: CodeTable) -> DeliveryReport:
     channel_name = item.text("channel")
 
     report = DeliveryReport(
-        source=Source.SOURCE_SENT_SMS_REPORT,
+        source=_SOURCE,
         message_id=message_id,
         bulk_id=item.text("bulkId") or "",
         reference=item.text("callbackData") or "",
         recipient=e164(item.address("to") or ""),
         sender=item.text("sender") or item.text("from") or "",
-        channel=CHANNELS.get(channel_name.upper(), Channel.CHANNEL_UNSPECIFIED)
-        if channel_name
-        else Channel.CHANNEL_SMS,
+        channel=CHANNELS.get(channel_name.upper(), _NO_CHANNEL) if channel_name else _SMS,
         mcc_mnc=item.text("mccMnc") or "",
         entity_id=item.text("entityId") or _text(platform, "entityId"),
         application_id=item.text("applicationId") or _text(platform, "applicationId"),
