@@ -16,7 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from deliveryreport.v1 import delivery_report_service_pb2, delivery_report_service_pb2_grpc
-from dlrhub import webhooks
+from dlrhub import tls, webhooks
+from dlrhub.auth import AuthInterceptor, Tokens
 from dlrhub.committer import Committer
 from dlrhub.config import Settings
 from dlrhub.hub import Hub
@@ -80,6 +81,8 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
     normaliser = Normaliser.load(settings.gms_codes, settings.sent_sms_report_codes)
     webhook_auth = _webhook_auth(settings)
     poller_settings = _poller_settings(settings)
+    tokens = _tokens(settings)
+    tls_files = tls.files(settings)
     async with contextlib.AsyncExitStack() as started:
         store = SqliteStore(settings.db)
         started.callback(store.close)
@@ -89,23 +92,26 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
         started.push_async_callback(committer.stop)
         reads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dlrhub-reader")
         started.callback(reads.shutdown)
-        intake = Intake(normaliser, committer, clock)
+        intake = Intake(normaliser, committer, clock, max_items=settings.max_batch_items)
 
-        server = grpc.aio.server(options=SERVER_OPTIONS)
-        service = DeliveryReportService(intake=intake, store=store, hub=hub, reads=reads)
+        server = grpc.aio.server(
+            options=[*SERVER_OPTIONS, ("grpc.max_receive_message_length", settings.max_request_bytes)],
+            interceptors=[AuthInterceptor(tokens)] if tokens is not None else None,
+        )
+        service = DeliveryReportService(
+            intake=intake, store=store, hub=hub, reads=reads, max_streams=settings.max_streams
+        )
         delivery_report_service_pb2_grpc.add_DeliveryReportServiceServicer_to_server(service, server)
         health_servicer = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            [
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
-            server,
-        )
+        if settings.reflection:
+            health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+            reflection.enable_server_reflection([SERVICE_NAME, health_name, reflection.SERVICE_NAME], server)
         try:
-            port = server.add_insecure_port(settings.listen)
+            if tls_files is not None:
+                port = server.add_secure_port(settings.listen, tls.grpc_credentials(*tls_files))
+            else:
+                port = server.add_insecure_port(settings.listen)
         except RuntimeError as error:  # grpcio raises when it cannot bind
             raise OSError(f"cannot listen on {settings.listen}: {error}") from None
         await server.start()
@@ -117,7 +123,8 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
         await http.setup()
         started.push_async_callback(http.cleanup)
         host, _, http_port = settings.http_listen.rpartition(":")
-        await web.TCPSite(http, host, int(http_port)).start()
+        ssl_context = tls.http_context(*tls_files) if tls_files is not None else None
+        await web.TCPSite(http, host, int(http_port), ssl_context=ssl_context).start()
 
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -150,9 +157,19 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
             "http_port": app.http_port,
             "db": str(settings.db),
             "poller": poller is not None,
+            "tls": tls_files is not None,
+            "auth": tokens is not None,
         },
     )
     return app
+
+
+def _tokens(settings: Settings) -> Tokens | None:
+    """The configured tokens; None (the API open) when there are none."""
+    tokens = Tokens.parse(settings.tokens).tokens
+    if settings.tokens_file is not None:
+        tokens += Tokens.load(settings.tokens_file).tokens
+    return Tokens(tokens) if tokens else None
 
 
 def _webhook_auth(settings: Settings) -> dict[str, webhooks.WebhookAuth]:

@@ -48,6 +48,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=Path,
         help="SentSMSReport code table extending the shipped one (env DLRHUB_SENT_SMS_REPORT_CODES)",
     )
+    serve.add_argument(
+        "--tokens-file", type=Path, help="JSON file of bearer tokens and roles (env DLRHUB_TOKENS_FILE)"
+    )
+    serve.add_argument("--tls-cert", type=Path, help="server certificate, turns TLS on (env DLRHUB_TLS_CERT)")
+    serve.add_argument("--tls-key", type=Path, help="server private key (env DLRHUB_TLS_KEY)")
+    serve.add_argument(
+        "--tls-client-ca", type=Path, help="CA for client certificates: mutual TLS (env DLRHUB_TLS_CLIENT_CA)"
+    )
     serve.set_defaults(run=_run_serve)
     client_cli.register(commands)
     options = parser.parse_args(argv)
@@ -55,13 +63,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+_SERVE_FLAGS = (
+    "listen",
+    "http_listen",
+    "db",
+    "log_level",
+    "gms_codes",
+    "sent_sms_report_codes",
+    "tokens_file",
+    "tls_cert",
+    "tls_key",
+    "tls_client_ca",
+)
+
+
 def _run_serve(options: argparse.Namespace) -> int:
-    settings = Settings.from_env()
-    overrides = {
-        name: value
-        for name in ("listen", "http_listen", "db", "log_level", "gms_codes", "sent_sms_report_codes")
-        if (value := getattr(options, name, None)) is not None
-    }
+    try:
+        settings = Settings.from_env()
+    except ValueError as error:
+        print(f"dlrhub: {error}", file=sys.stderr)
+        return 2
+    overrides = {name: value for name in _SERVE_FLAGS if (value := getattr(options, name, None)) is not None}
     settings = dataclasses.replace(settings, **overrides)
     logs.configure(settings.log_level)
     try:

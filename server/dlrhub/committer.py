@@ -54,8 +54,9 @@ class Committer:
             raise StoreError("the store is not accepting writes")
         future: asyncio.Future[Applied] = asyncio.get_running_loop().create_future()
         await self._queue.put(_Pending(submission, future))
-        # Shielded: a caller that gives up does not cancel a write already queued.
-        return await asyncio.shield(future)
+        # A caller cancelled (or past its deadline) while still queued cancels the future, and the
+        # writer skips it; once its group is being written, it commits whether or not anyone waits.
+        return await future
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -73,6 +74,7 @@ class Committer:
                     stopping = True
                 else:
                     group.append(pending)
+            group = [pending for pending in group if not pending.future.cancelled()]
             if not group:
                 continue
             try:

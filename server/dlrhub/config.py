@@ -1,63 +1,100 @@
-"""One frozen settings object, from command-line flags and DLRHUB_* environment variables."""
+"""One frozen settings object, from command-line flags and DLRHUB_* environment variables.
+
+Every setting has an environment variable (in its field's metadata); `dlrhub serve`
+flags override them.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_DB = Path("data") / "dlrhub.db"
 DEFAULT_HTTP_LISTEN = "127.0.0.1:8080"
 
 
+def _env(name: str, default: Any) -> Any:
+    return field(default=default, metadata={"env": name})
+
+
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected on or off, not {text!r}")
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "str": str,
+    "Path": Path,
+    "Path | None": Path,
+    "int": int,
+    "float": float,
+    "bool": _boolean,
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     # gRPC listen address, host:port (port 0 picks a free port).
-    listen: str = DEFAULT_LISTEN
+    listen: str = _env("DLRHUB_LISTEN", DEFAULT_LISTEN)
     # The SQLite database file.
-    db: Path = DEFAULT_DB
+    db: Path = _env("DLRHUB_DB", DEFAULT_DB)
     # DEBUG, INFO, WARNING or ERROR.
-    log_level: str = "INFO"
+    log_level: str = _env("DLRHUB_LOG_LEVEL", "INFO")
     # Operator files extending (or replacing) the shipped code tables.
-    gms_codes: Path | None = None
-    sent_sms_report_codes: Path | None = None
+    gms_codes: Path | None = _env("DLRHUB_GMS_CODES", None)
+    sent_sms_report_codes: Path | None = _env("DLRHUB_SENT_SMS_REPORT_CODES", None)
     # Changes buffered per Stream subscriber before it catches up from the store.
-    stream_buffer: int = 1024
+    stream_buffer: int = _env("DLRHUB_STREAM_BUFFER", 1024)
     # Seconds in-flight calls get to finish at shutdown.
-    shutdown_grace: float = 10.0
+    shutdown_grace: float = _env("DLRHUB_SHUTDOWN_GRACE", 10.0)
     # Webhook HTTP listen address, host:port (port 0 picks a free port).
-    http_listen: str = DEFAULT_HTTP_LISTEN
+    http_listen: str = _env("DLRHUB_HTTP_LISTEN", DEFAULT_HTTP_LISTEN)
     # Largest webhook body accepted; larger ones get 413.
-    http_max_body_bytes: int = 16 * 1024 * 1024
+    http_max_body_bytes: int = _env("DLRHUB_HTTP_MAX_BODY_BYTES", 16 * 1024 * 1024)
     # Webhook credentials: "basic:USER:PASSWORD" or "token:SECRET"; empty means open.
-    gms_webhook_auth: str = ""
-    sent_sms_report_webhook_auth: str = ""
+    gms_webhook_auth: str = _env("DLRHUB_GMS_WEBHOOK_AUTH", "")
+    sent_sms_report_webhook_auth: str = _env("DLRHUB_SENT_SMS_REPORT_WEBHOOK_AUTH", "")
     # The SentSMSReport poller; off unless both base URL and API key are set.
-    poll_base_url: str = ""
-    poll_api_key: str = ""
-    poll_limit: int = 1000
-    poll_interval: float = 5.0
+    poll_base_url: str = _env("DLRHUB_POLL_BASE_URL", "")
+    poll_api_key: str = _env("DLRHUB_POLL_API_KEY", "")
+    poll_limit: int = _env("DLRHUB_POLL_LIMIT", 1000)
+    poll_interval: float = _env("DLRHUB_POLL_INTERVAL", 5.0)
+    # gRPC bearer tokens with roles ("ingest:TOKEN,read:TOKEN"), or a JSON file of them;
+    # with neither, the API is open (the local quick start).
+    tokens: str = _env("DLRHUB_TOKENS", "")
+    tokens_file: Path | None = _env("DLRHUB_TOKENS_FILE", None)
+    # Server reflection (for grpcurl list/describe).
+    reflection: bool = _env("DLRHUB_REFLECTION", True)
+    # TLS for the gRPC and HTTP ports; with a client CA, clients must present a certificate.
+    tls_cert: Path | None = _env("DLRHUB_TLS_CERT", None)
+    tls_key: Path | None = _env("DLRHUB_TLS_KEY", None)
+    tls_client_ca: Path | None = _env("DLRHUB_TLS_CLIENT_CA", None)
+    # Limits: request size (RESOURCE_EXHAUSTED above), items per Ingest, open streams.
+    max_request_bytes: int = _env("DLRHUB_MAX_REQUEST_BYTES", 16 * 1024 * 1024)
+    max_batch_items: int = _env("DLRHUB_MAX_BATCH_ITEMS", 10_000)
+    max_streams: int = _env("DLRHUB_MAX_STREAMS", 1000)
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Defaults, overridden by every DLRHUB_* variable that is set and not empty."""
         env = os.environ if environ is None else environ
-
-        def path(name: str) -> Path | None:
-            return Path(env[name]) if env.get(name) else None
-
-        return cls(
-            listen=env.get("DLRHUB_LISTEN") or DEFAULT_LISTEN,
-            db=path("DLRHUB_DB") or DEFAULT_DB,
-            log_level=(env.get("DLRHUB_LOG_LEVEL") or "INFO").upper(),
-            gms_codes=path("DLRHUB_GMS_CODES"),
-            sent_sms_report_codes=path("DLRHUB_SENT_SMS_REPORT_CODES"),
-            http_listen=env.get("DLRHUB_HTTP_LISTEN") or DEFAULT_HTTP_LISTEN,
-            http_max_body_bytes=int(env.get("DLRHUB_HTTP_MAX_BODY_BYTES") or 16 * 1024 * 1024),
-            gms_webhook_auth=env.get("DLRHUB_GMS_WEBHOOK_AUTH", ""),
-            sent_sms_report_webhook_auth=env.get("DLRHUB_SENT_SMS_REPORT_WEBHOOK_AUTH", ""),
-            poll_base_url=env.get("DLRHUB_POLL_BASE_URL", ""),
-            poll_api_key=env.get("DLRHUB_POLL_API_KEY", ""),
-            poll_limit=int(env.get("DLRHUB_POLL_LIMIT") or 1000),
-            poll_interval=float(env.get("DLRHUB_POLL_INTERVAL") or 5.0),
-        )
+        values: dict[str, Any] = {}
+        for setting in dataclasses.fields(cls):
+            name = setting.metadata["env"]
+            if env.get(name):
+                try:
+                    values[setting.name] = _PARSERS[str(setting.type)](env[name])
+                except ValueError as error:
+                    raise ValueError(f"{name}: {error}") from None
+        if "log_level" in values:
+            values["log_level"] = values["log_level"].upper()
+        return cls(**values)

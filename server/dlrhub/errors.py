@@ -4,6 +4,9 @@
     ├── InvalidArgument   INVALID_ARGUMENT, with field violations
     ├── NotFound          NOT_FOUND
     ├── OutOfRange        OUT_OF_RANGE
+    ├── Unauthenticated   UNAUTHENTICATED (no token, or an unknown one)
+    ├── PermissionDenied  PERMISSION_DENIED (the token's roles do not allow the call)
+    ├── ResourceExhausted RESOURCE_EXHAUSTED (over a limit, named in the message)
     └── Unavailable       UNAVAILABLE (the store cannot commit; safe to retry)
 
 Every status carries a google.rpc.Status with an ErrorInfo (an UPPER_SNAKE
@@ -61,6 +64,18 @@ class NotFound(DlrhubError):
 
 class OutOfRange(DlrhubError):
     code = code_pb2.OUT_OF_RANGE
+
+
+class Unauthenticated(DlrhubError):
+    code = code_pb2.UNAUTHENTICATED
+
+
+class PermissionDenied(DlrhubError):
+    code = code_pb2.PERMISSION_DENIED
+
+
+class ResourceExhausted(DlrhubError):
+    code = code_pb2.RESOURCE_EXHAUSTED
 
 
 class Unavailable(DlrhubError):

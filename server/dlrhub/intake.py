@@ -26,21 +26,43 @@ class Ingested:
     rejection: Rejection | None = None
 
 
+class TooManyItems(Exception):
+    """A payload holds more items than one call may carry; nothing of it was stored."""
+
+    def __init__(self, count: int, limit: int) -> None:
+        super().__init__(f"{count} items in one payload; at most {limit} are allowed: split the batch")
+        self.count = count
+        self.limit = limit
+
+
 class Intake:
-    def __init__(self, normaliser: Normaliser, committer: Committer, clock: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        normaliser: Normaliser,
+        committer: Committer,
+        clock: Callable[[], int],
+        *,
+        max_items: int = 10_000,
+    ) -> None:
         self._normaliser = normaliser
         self._committer = committer
         self._clock = clock
+        self._max_items = max_items
 
     async def ingest(self, payload: str, format: Format.ValueType, request_id: str = "") -> Ingested:
-        """Normalises and commits a payload; raises StoreError if the store cannot commit."""
+        """Normalises and commits a payload.
+
+        Raises TooManyItems (nothing stored) over the item limit, StoreError if the store cannot commit.
+        """
         received = Timestamp()
         received.FromNanoseconds(self._clock())
         try:
-            submission = Submission(
-                self._normaliser.normalise(payload, format, received), received, request_id
-            )
+            items = self._normaliser.normalise(payload, format, received)
         except PayloadError as error:
             submission = Submission([], received, request_id, error.rejection, payload)
+        else:
+            if len(items) > self._max_items:
+                raise TooManyItems(len(items), self._max_items)
+            submission = Submission(items, received, request_id)
         applied = await self._committer.submit(submission)
         return Ingested(applied.response, submission.payload_rejection)

@@ -29,13 +29,14 @@ from dlrhub.errors import (
     InvalidArgument,
     NotFound,
     OutOfRange,
+    ResourceExhausted,
     Unavailable,
     to_status,
 )
 from dlrhub.follow import Heartbeat, follow
 from dlrhub.hub import Hub
 from dlrhub.ingest import is_wholly_rejected
-from dlrhub.intake import Intake
+from dlrhub.intake import Intake, TooManyItems
 from dlrhub.normalise import typed_payload
 from dlrhub.store.base import ChangeFilter, Store, StoreError
 
@@ -48,11 +49,14 @@ DEFAULT_HEARTBEAT_SECONDS = 15
 class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
     """Ingest, Fetch and Stream."""
 
-    def __init__(self, *, intake: Intake, store: Store, hub: Hub, reads: Executor) -> None:
+    def __init__(
+        self, *, intake: Intake, store: Store, hub: Hub, reads: Executor, max_streams: int = 1000
+    ) -> None:
         self._intake = intake
         self._store = store
         self._hub = hub
         self._reads = reads
+        self._max_streams = max_streams
 
     async def Ingest(
         self, request: IngestRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -99,6 +103,13 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
             payload, format = typed_payload(request.gms if body == "gms" else request.sent_sms_report)
         try:
             ingested = await self._intake.ingest(payload, format, request.request_id)
+        except TooManyItems as error:
+            raise InvalidArgument(
+                str(error),
+                "TOO_MANY_ITEMS",
+                violations=[FieldViolation(body, str(error), "TOO_MANY_ITEMS")],
+                metadata={"items": str(error.count), "max_items": str(error.limit)},
+            ) from None
         except StoreError as error:
             raise Unavailable(
                 "the store could not commit the reports; retry with the same request_id", "STORE_UNAVAILABLE"
@@ -179,6 +190,12 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
     # Stream.
 
     async def _stream(self, request: StreamRequest) -> AsyncIterator[StreamResponse]:
+        if self._hub.subscriber_count >= self._max_streams:
+            raise ResourceExhausted(
+                f"too many open streams: at most {self._max_streams}; retry later",
+                "TOO_MANY_STREAMS",
+                metadata={"max_streams": str(self._max_streams)},
+            )
         if request.heartbeat_seconds < 0:
             raise InvalidArgument(
                 "heartbeat_seconds must not be negative",
@@ -240,7 +257,7 @@ def _decode_page_token(token: str, selector: str, value: str, source: int) -> in
     try:
         decoded = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         token_selector, token_value, token_source, after = decoded
-        valid = isinstance(after, int) and after >= 0
+        valid = isinstance(after, int) and 0 <= after < 2**63  # a 64-bit position
     except (ValueError, TypeError, binascii.Error):
         valid = False
     if not valid:

@@ -22,7 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from deliveryreport.v1.delivery_report_service_pb2 import Format, IngestOutcome, IngestResponse
-from dlrhub.intake import Intake
+from dlrhub.intake import Intake, TooManyItems
 from dlrhub.normalise import Rejection
 from dlrhub.store.base import StoreError
 
@@ -96,6 +96,8 @@ def _handler(intake: Intake, format: Format.ValueType, auth: WebhookAuth | None)
             return _error(400, Rejection("", "INVALID_UTF8", f"the body is not UTF-8 (byte {error.start})"))
         try:
             ingested = await intake.ingest(text, format)
+        except TooManyItems as error:
+            return _error(413, Rejection("", "TOO_MANY_ITEMS", str(error)))
         except StoreError:
             log.exception("webhook could not commit", extra={"route": request.path})
             return _error(503, Rejection("", "STORE_UNAVAILABLE", "could not store the reports; retry"))
