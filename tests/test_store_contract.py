@@ -1,0 +1,622 @@
+"""The Store contract (dlrhub/store/base.py), written once and run against every engine.
+
+To add an engine, add one line to ENGINES: a function that opens the engine's store at a directory
+(the same directory again means the same data). The tests at the end are about SQLite itself
+(its schema version).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from deliveryreport.v1.delivery_report_pb2 import (
+    Channel,
+    DeliveryReport,
+    DeliveryStatus,
+    GmsStatusCodes,
+    Price,
+    RawStatus,
+    SentSmsReportStatusCodes,
+    Source,
+)
+from dlrhub.merge import MessageState, merge
+from dlrhub.store import SqliteStore, StoreError
+from dlrhub.store.base import Change, QuarantinedItem, Store, Transaction
+from dlrhub.store.sqlite import SCHEMA_VERSION
+
+S = DeliveryStatus
+GMS = Source.SOURCE_GMS
+SSR = Source.SOURCE_SENT_SMS_REPORT
+BASE_SECONDS = 1_700_000_000
+
+Opener = Callable[[Path], Store]
+
+
+def _open_sqlite(directory: Path) -> Store:
+    return SqliteStore(directory / "dlrhub.db")
+
+
+# One line per engine.
+ENGINES = [
+    pytest.param(_open_sqlite, id="sqlite"),
+]
+
+
+@dataclass
+class Handle:
+    """An open store of one engine, which a test can close and open again on the same data."""
+
+    opener: Opener
+    directory: Path
+    store: Store
+
+    def reopen(self) -> Store:
+        self.store.close()
+        self.store = self.opener(self.directory)
+        return self.store
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Handle]:
+    opener: Opener = request.param
+    handle = Handle(opener, tmp_path, opener(tmp_path))
+    try:
+        yield handle
+    finally:
+        handle.store.close()
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+SSR_CODES: dict[int, tuple[int, int]] = {
+    S.DELIVERY_STATUS_ACCEPTED: (1, 26),
+    S.DELIVERY_STATUS_SENT: (1, 7),
+    S.DELIVERY_STATUS_UNDELIVERED: (2, 9),
+    S.DELIVERY_STATUS_DELIVERED: (3, 5),
+    S.DELIVERY_STATUS_EXPIRED: (4, 15),
+    S.DELIVERY_STATUS_REJECTED: (5, 6),
+}
+GMS_CODES: dict[int, tuple[int, int]] = {
+    S.DELIVERY_STATUS_SENT: (1, 11),
+    S.DELIVERY_STATUS_DELIVERED: (2, 23),
+    S.DELIVERY_STATUS_UNDELIVERED: (3, 35),
+}
+
+
+def at(seconds: int) -> Timestamp:
+    return Timestamp(seconds=BASE_SECONDS + seconds)
+
+
+def report(
+    message_id: str,
+    status: DeliveryStatus.ValueType = S.DELIVERY_STATUS_DELIVERED,
+    *,
+    seconds: int = 0,
+    source: Source.ValueType = SSR,
+    bulk_id: str = "",
+    reference: str = "",
+    price: str = "",
+) -> DeliveryReport:
+    """A normalised report, as the normalisers would produce it (with its original text)."""
+    if source == SSR and status == S.DELIVERY_STATUS_SEEN:
+        raw = RawStatus(sent_sms_report=SentSmsReportStatusCodes(seen=True))
+    elif source == SSR:
+        group_id, status_id = SSR_CODES[status]
+        raw = RawStatus(sent_sms_report=SentSmsReportStatusCodes(group_id=group_id, id=status_id))
+    else:
+        gms_status, substatus = GMS_CODES[status]
+        raw = RawStatus(gms=GmsStatusCodes(status=gms_status, substatus=substatus, sent_via="sms"))
+    result = DeliveryReport(
+        source=source,
+        message_id=message_id,
+        bulk_id=bulk_id,
+        reference=reference,
+        recipient="+41793026727",
+        channel=Channel.CHANNEL_SMS,
+        status=status,
+        final=status not in (S.DELIVERY_STATUS_ACCEPTED, S.DELIVERY_STATUS_SENT),
+        event_time=at(seconds),
+        received_time=at(10_000),
+        raw=raw,
+        raw_payload=f'{{"messageId": "{message_id}", "t": {seconds}, "note": "caf\u00e9 \u2713"}}',
+    )
+    if price:
+        result.price.CopyFrom(Price(amount=price, currency="EUR"))
+    return result
+
+
+def put(tx: Transaction, incoming: DeliveryReport) -> tuple[int, MessageState]:
+    """What Ingest does with one report: load, merge, append."""
+    merged = merge(tx.load_state(incoming.source, incoming.message_id), incoming)
+    assert not merged.duplicate
+    return tx.append(incoming, merged.state), merged.state
+
+
+def commit(store: Store, *reports: DeliveryReport) -> list[int]:
+    with store.transaction() as tx:
+        return [put(tx, incoming)[0] for incoming in reports]
+
+
+def item(number: int) -> QuarantinedItem:
+    return QuarantinedItem(
+        raw=f'{{"broken": {number},',
+        field=f"results[{number}].messageId",
+        reason="MISSING_FIELD",
+        description=f"results[{number}].messageId is required",
+        received_seconds=BASE_SECONDS + number,
+        request_id=f"request-{number}",
+    )
+
+
+def all_changes(store: Store) -> list[Change]:
+    return store.changes(0, 1_000_000)
+
+
+def page_ids(states: list[DeliveryReport]) -> list[str]:
+    return [state.message_id for state in states]
+
+
+class Boom(Exception):
+    pass
+
+
+# --- transactions --------------------------------------------------------------------------------
+
+
+def test_a_committed_transaction_is_visible_whole_and_only_after_commit(engine: Handle) -> None:
+    store = engine.store
+    first = report("m-1", S.DELIVERY_STATUS_SENT, seconds=1, bulk_id="B")
+    second = report("m-1", S.DELIVERY_STATUS_DELIVERED, seconds=2, bulk_id="B")
+    third = report("m-2", S.DELIVERY_STATUS_EXPIRED, seconds=3, bulk_id="B")
+    with ThreadPoolExecutor(max_workers=1) as reader, store.transaction() as tx:
+        cursors = [put(tx, incoming)[0] for incoming in (first, second, third)]
+        tx.quarantine(item(1))
+        tx.save_response("r-1", b"answer")
+
+        # Readers (on other threads, as in the service) see none of it before the commit.
+        def snapshot() -> tuple[object, ...]:
+            return (
+                store.messages("m-1"),
+                store.history("m-1"),
+                store.messages_by("bulk_id", "B", 0, 0, 10).total,
+                store.changes(0, 10),
+                store.latest_cursor(),
+                store.quarantined(0, 10),
+            )
+
+        assert reader.submit(snapshot).result() == ([], [], 0, [], 0, [])
+
+    assert [state.status for state in store.messages("m-1")] == [S.DELIVERY_STATUS_DELIVERED]
+    assert [state.status for state in store.messages("m-2")] == [S.DELIVERY_STATUS_EXPIRED]
+    assert store.history("m-1") == [first, second]
+    assert [change.cursor for change in all_changes(store)] == cursors
+    assert store.latest_cursor() == cursors[-1]
+    assert [quarantined for _, quarantined in store.quarantined(0, 10)] == [item(1)]
+    with store.transaction() as tx:
+        assert tx.find_response("r-1") == b"answer"
+
+
+def test_a_transaction_that_raises_is_rolled_back_whole(engine: Handle) -> None:
+    store = engine.store
+    before = report("m-1", S.DELIVERY_STATUS_SENT, seconds=1, bulk_id="B", reference="R")
+    [cursor] = commit(store, before)
+    with store.transaction() as tx:
+        tx.quarantine(item(1))
+        tx.save_response("kept", b"kept")
+    changes_before = all_changes(store)
+    quarantined_before = store.quarantined(0, 10)
+
+    def failing() -> None:
+        with store.transaction() as tx:
+            put(tx, report("m-1", S.DELIVERY_STATUS_DELIVERED, seconds=2, bulk_id="B", reference="R"))
+            put(tx, report("m-2", S.DELIVERY_STATUS_DELIVERED, seconds=2, bulk_id="B", reference="R"))
+            tx.quarantine(item(2))
+            tx.save_response("lost", b"lost")
+            raise Boom
+
+    with pytest.raises(Boom):
+        failing()
+
+    assert [state.status for state in store.messages("m-1")] == [S.DELIVERY_STATUS_SENT]
+    assert store.history("m-1") == [before]
+    assert store.messages("m-2") == []
+    assert store.history("m-2") == []
+    page = store.messages_by("bulk_id", "B", 0, 0, 10)
+    assert page_ids(page.states) == ["m-1"]
+    assert (page.total, page.status_counts) == (1, {S.DELIVERY_STATUS_SENT: 1})
+    assert page_ids(store.messages_by("reference", "R", 0, 0, 10).states) == ["m-1"]
+    assert all_changes(store) == changes_before
+    assert store.latest_cursor() == cursor
+    assert store.quarantined(0, 10) == quarantined_before
+    with store.transaction() as tx:
+        assert tx.find_response("lost") is None
+        assert tx.find_response("kept") == b"kept"
+        # The merge bookkeeping was rolled back too: the message has one report, not two.
+        state = tx.load_state(SSR, "m-1")
+        assert state is not None
+        assert len(state.keys) == 1
+
+    # The store goes on working after a rollback.
+    [after] = commit(store, report("m-2", S.DELIVERY_STATUS_DELIVERED, seconds=5))
+    assert after > cursor
+    assert [state.status for state in store.messages("m-2")] == [S.DELIVERY_STATUS_DELIVERED]
+
+
+def test_load_state_sees_writes_earlier_in_the_same_transaction(engine: Handle) -> None:
+    store = engine.store
+    with store.transaction() as tx:
+        assert tx.load_state(SSR, "m-1") is None
+        _, first = put(tx, report("m-1", S.DELIVERY_STATUS_SENT, seconds=1, price="0.0075"))
+        assert tx.load_state(SSR, "m-1") == first
+        _, second = put(tx, report("m-1", S.DELIVERY_STATUS_DELIVERED, seconds=2))
+        seen = tx.load_state(SSR, "m-1")
+        assert seen == second
+        assert seen.report.status == S.DELIVERY_STATUS_DELIVERED
+        assert seen.report.price.amount == "0.0075"  # from the earlier report of this transaction
+        assert len(seen.keys) == 2
+        # Another source's message with the same id is another message.
+        assert tx.load_state(GMS, "m-1") is None
+        # A duplicate of a report appended in this transaction is recognised.
+        assert merge(seen, report("m-1", S.DELIVERY_STATUS_SENT, seconds=1)).duplicate
+    with store.transaction() as tx:
+        assert tx.load_state(SSR, "m-1") == second
+
+
+def test_reads_from_another_thread_see_a_commit_from_the_writer_thread(engine: Handle) -> None:
+    store = engine.store
+    with ThreadPoolExecutor(max_workers=1) as writer, ThreadPoolExecutor(max_workers=1) as reader:
+        assert reader.submit(store.latest_cursor).result() == 0
+        [cursor] = writer.submit(commit, store, report("m-1")).result()
+        assert reader.submit(store.latest_cursor).result() == cursor
+        assert reader.submit(store.messages, "m-1").result()[0].message_id == "m-1"
+
+
+# --- cursors -------------------------------------------------------------------------------------
+
+
+def test_cursors_are_strictly_increasing_and_never_reused(engine: Handle) -> None:
+    store = engine.store
+    committed: list[int] = []
+    committed += commit(store, report("m-1", seconds=1), report("m-2", seconds=1), report("m-3", seconds=1))
+    committed += commit(store, report("m-1", S.DELIVERY_STATUS_SENT, seconds=0))
+
+    def failing() -> None:
+        with store.transaction() as tx:
+            rolled_back = put(tx, report("m-4", seconds=1))[0]
+            assert rolled_back > committed[-1]
+            raise Boom
+
+    with pytest.raises(Boom):
+        failing()
+    committed += commit(store, report("m-5", seconds=1))
+
+    store = engine.reopen()
+    assert store.latest_cursor() == committed[-1]
+    committed += commit(store, report("m-6", seconds=1), report("m-1", S.DELIVERY_STATUS_SEEN, seconds=9))
+
+    assert committed == sorted(committed)
+    assert len(set(committed)) == len(committed)
+    assert [change.cursor for change in all_changes(store)] == committed
+    assert store.latest_cursor() == committed[-1]
+    assert "m-4" not in {change.report.message_id for change in all_changes(store)}
+
+
+def test_latest_cursor(engine: Handle) -> None:
+    store = engine.store
+    assert store.latest_cursor() == 0
+    cursors = commit(store, report("m-1"), report("m-2"))
+    assert store.latest_cursor() == max(cursors)
+    with store.transaction() as tx:
+        put(tx, report("m-3"))
+        assert store.latest_cursor() == max(cursors)  # not committed yet
+    assert store.latest_cursor() > max(cursors)
+
+
+# --- reads ---------------------------------------------------------------------------------------
+
+
+def test_messages_and_history_by_message_id_and_source(engine: Handle) -> None:
+    store = engine.store
+    gms_sent = report("shared", S.DELIVERY_STATUS_SENT, seconds=1, source=GMS)
+    ssr_delivered = report("shared", S.DELIVERY_STATUS_DELIVERED, seconds=2, source=SSR)
+    gms_delivered = report("shared", S.DELIVERY_STATUS_DELIVERED, seconds=3, source=GMS)
+    other = report("other", S.DELIVERY_STATUS_SENT, seconds=1, source=GMS)
+    with store.transaction() as tx:
+        states: dict[int, MessageState] = {}
+        for incoming in (gms_sent, ssr_delivered, other, gms_delivered):
+            _, state = put(tx, incoming)
+            if incoming.message_id == "shared":
+                states[incoming.source] = state
+
+    # One state per source, GMS before SentSMSReport.
+    assert store.messages("shared") == [states[GMS].report, states[SSR].report]
+    assert store.messages("shared", GMS) == [states[GMS].report]
+    assert store.messages("shared", SSR) == [states[SSR].report]
+    assert store.messages("shared", GMS)[0].status == S.DELIVERY_STATUS_DELIVERED
+    assert store.messages("unknown") == []
+    assert store.messages("other", SSR) == []
+
+    # Every distinct report in the order stored, with its original text byte for byte.
+    assert store.history("shared") == [gms_sent, ssr_delivered, gms_delivered]
+    assert store.history("shared")[0].raw_payload == gms_sent.raw_payload
+    assert store.history("shared", GMS) == [gms_sent, gms_delivered]
+    assert store.history("shared", SSR) == [ssr_delivered]
+    assert store.history("unknown") == []
+
+
+@pytest.mark.parametrize("column", ["bulk_id", "reference"])
+def test_messages_by_pages_with_totals_and_status_counts(engine: Handle, column: str) -> None:
+    store = engine.store
+
+    def in_set(message_id: str, status: DeliveryStatus.ValueType, seconds: int = 1) -> DeliveryReport:
+        return report(message_id, status, seconds=seconds, **{column: "wanted"})  # type: ignore[arg-type]
+
+    statuses = [
+        S.DELIVERY_STATUS_DELIVERED,
+        S.DELIVERY_STATUS_SENT,
+        S.DELIVERY_STATUS_DELIVERED,
+        S.DELIVERY_STATUS_EXPIRED,
+        S.DELIVERY_STATUS_DELIVERED,
+        S.DELIVERY_STATUS_REJECTED,
+        S.DELIVERY_STATUS_SENT,
+    ]
+    wanted = [f"m-{number}" for number in range(len(statuses))]
+    commit(
+        store,
+        report("noise-1", **{column: "other"}),  # type: ignore[arg-type]
+        *[in_set(message_id, status) for message_id, status in zip(wanted[:4], statuses, strict=False)],
+        report("noise-2", S.DELIVERY_STATUS_SENT),
+        *[in_set(message_id, status) for message_id, status in zip(wanted[4:], statuses[4:], strict=True)],
+    )
+    expected_counts = dict(Counter(statuses))
+
+    seen: list[str] = []
+    after = 0
+    pages = 0
+    while True:
+        page = store.messages_by(column, "wanted", 0, after, 3)
+        pages += 1
+        assert len(page.states) <= 3
+        assert page.total == len(wanted)
+        assert page.status_counts == expected_counts
+        seen += page_ids(page.states)
+        if page.next_after is None:
+            break
+        after = page.next_after
+    assert seen == wanted  # stable order: the order the messages were first stored
+    assert pages == 3
+
+    # Keyset paging: a message new since the first page appears at the end, and a message whose
+    # state changes keeps its place (and moves between status counts).
+    first = store.messages_by(column, "wanted", 0, 0, 3)
+    assert first.next_after is not None
+    commit(store, in_set("m-new", S.DELIVERY_STATUS_SENT), in_set("m-0", S.DELIVERY_STATUS_SEEN, seconds=9))
+    rest: list[str] = []
+    after = first.next_after
+    while True:
+        page = store.messages_by(column, "wanted", 0, after, 3)
+        rest += page_ids(page.states)
+        if page.next_after is None:
+            break
+        after = page.next_after
+    assert page_ids(first.states) + rest == [*wanted, "m-new"]
+    counts = store.messages_by(column, "wanted", 0, 0, 1).status_counts
+    assert counts == {
+        **expected_counts,
+        S.DELIVERY_STATUS_DELIVERED: 2,
+        S.DELIVERY_STATUS_SENT: 3,
+        S.DELIVERY_STATUS_SEEN: 1,
+    }
+
+    # A page holding exactly the rest has no next position.
+    whole = store.messages_by(column, "wanted", 0, 0, len(wanted) + 1)
+    assert (len(whole.states), whole.next_after) == (len(wanted) + 1, None)
+
+    # Unknown value: an empty page.
+    empty = store.messages_by(column, "unknown", 0, 0, 3)
+    assert (empty.states, empty.next_after, empty.total, empty.status_counts) == ([], None, 0, {})
+
+
+def test_messages_by_filters_by_source(engine: Handle) -> None:
+    store = engine.store
+    commit(
+        store,
+        report("g-1", source=GMS, reference="R"),
+        report("s-1", S.DELIVERY_STATUS_SENT, source=SSR, reference="R"),
+        report("g-2", S.DELIVERY_STATUS_SENT, source=GMS, reference="R"),
+    )
+    gms_page = store.messages_by("reference", "R", GMS, 0, 10)
+    assert (page_ids(gms_page.states), gms_page.total) == (["g-1", "g-2"], 2)
+    assert gms_page.status_counts == {S.DELIVERY_STATUS_DELIVERED: 1, S.DELIVERY_STATUS_SENT: 1}
+    ssr_page = store.messages_by("reference", "R", SSR, 0, 10)
+    assert (page_ids(ssr_page.states), ssr_page.total) == (["s-1"], 1)
+    assert page_ids(store.messages_by("reference", "R", 0, 0, 10).states) == ["g-1", "s-1", "g-2"]
+
+
+def test_changes_in_cursor_order_with_the_state_after_each(engine: Handle) -> None:
+    store = engine.store
+    sent = report("m-1", S.DELIVERY_STATUS_SENT, seconds=1, price="0.01")
+    delivered = report("m-1", S.DELIVERY_STATUS_DELIVERED, seconds=3)
+    late_accepted = report("m-1", S.DELIVERY_STATUS_ACCEPTED, seconds=0)  # out of order: changes nothing
+    other = report("m-2", S.DELIVERY_STATUS_EXPIRED, seconds=2)
+    with store.transaction() as tx:
+        appended = [(*put(tx, incoming), incoming) for incoming in (sent, delivered)]
+    with store.transaction() as tx:
+        appended += [(*put(tx, incoming), incoming) for incoming in (other, late_accepted)]
+
+    changes = all_changes(store)
+    assert [change.cursor for change in changes] == [cursor for cursor, _, _ in appended]
+    for change, (_, state, incoming) in zip(changes, appended, strict=True):
+        assert change.report == incoming  # with its original text
+        assert change.state == state.report  # the snapshot right after it, not the current state
+    assert changes[0].state.status == S.DELIVERY_STATUS_SENT
+    assert changes[1].state.status == S.DELIVERY_STATUS_DELIVERED
+    assert changes[1].state.price.amount == "0.01"
+    assert changes[3].report.status == S.DELIVERY_STATUS_ACCEPTED
+    assert changes[3].state.status == S.DELIVERY_STATUS_DELIVERED
+
+    cursors = [change.cursor for change in changes]
+    assert [change.cursor for change in store.changes(cursors[0], 2)] == cursors[1:3]
+    assert [change.cursor for change in store.changes(cursors[1], 100)] == cursors[2:]
+    assert [change.cursor for change in store.changes(0, 1)] == cursors[:1]
+    assert store.changes(cursors[-1], 100) == []
+    assert store.changes(cursors[-1] + 1000, 100) == []
+
+
+# --- quarantine and saved responses --------------------------------------------------------------
+
+
+def test_quarantine_round_trip(engine: Handle) -> None:
+    store = engine.store
+    assert store.quarantined(0, 10) == []
+    odd = QuarantinedItem(
+        raw='{"extra_id": AD-6640-7006", "note": "\u00fcml\u00e4ut \U0001f600"}',
+        field="",
+        reason="INVALID_JSON",
+        description="invalid JSON: line 1 column 14",
+        received_seconds=BASE_SECONDS,
+    )
+    with store.transaction() as tx:
+        tx.quarantine(item(1))
+        tx.quarantine(odd)
+    with store.transaction() as tx:
+        tx.quarantine(item(3))
+
+    kept = store.quarantined(0, 10)
+    assert [quarantined for _, quarantined in kept] == [item(1), odd, item(3)]
+    ids = [number for number, _ in kept]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == 3
+    assert store.quarantined(ids[0], 10) == kept[1:]
+    assert store.quarantined(0, 2) == kept[:2]
+    assert store.quarantined(ids[-1], 10) == []
+    # Quarantine is not history.
+    assert all_changes(store) == []
+
+
+def test_find_response_and_save_response(engine: Handle) -> None:
+    store = engine.store
+    answer = bytes(range(256))
+    with store.transaction() as tx:
+        assert tx.find_response("r-1") is None
+        tx.save_response("r-1", answer)
+        assert tx.find_response("r-1") == answer  # in the same transaction
+        tx.save_response("r-2", b"")
+    with store.transaction() as tx:
+        assert tx.find_response("r-1") == answer
+        assert tx.find_response("r-2") == b""
+        assert tx.find_response("R-1") is None
+
+
+# --- durability ----------------------------------------------------------------------------------
+
+
+def test_reopening_keeps_everything(engine: Handle) -> None:
+    store = engine.store
+    reports = [
+        report("m-1", S.DELIVERY_STATUS_SENT, seconds=1, bulk_id="B", reference="R", price="0.0075"),
+        report("m-1", S.DELIVERY_STATUS_DELIVERED, seconds=2, bulk_id="B"),
+        report("m-2", S.DELIVERY_STATUS_EXPIRED, seconds=1, bulk_id="B", source=SSR),
+        report("m-2", S.DELIVERY_STATUS_SENT, seconds=1, source=GMS, reference="R"),
+    ]
+    commit(store, *reports[:2])
+    with store.transaction() as tx:
+        for incoming in reports[2:]:
+            put(tx, incoming)
+        tx.quarantine(item(7))
+        tx.save_response("r-1", b"\x00saved\xff")
+
+    def everything(store: Store) -> tuple[object, ...]:
+        with store.transaction() as tx:
+            states = [tx.load_state(source, name) for source in (SSR, GMS) for name in ("m-1", "m-2")]
+            response = tx.find_response("r-1")
+        return (
+            [store.messages(message_id) for message_id in ("m-1", "m-2")],
+            [store.history(message_id) for message_id in ("m-1", "m-2")],
+            store.messages_by("bulk_id", "B", 0, 0, 10),
+            store.messages_by("reference", "R", 0, 0, 10),
+            all_changes(store),
+            store.latest_cursor(),
+            store.quarantined(0, 10),
+            states,
+            response,
+        )
+
+    before = everything(store)
+    store = engine.reopen()
+    assert everything(store) == before
+    assert store.messages("m-1")[0].price.amount == "0.0075"
+
+    # The merge bookkeeping survived too: a stored report is still a duplicate, and a new one merges.
+    with store.transaction() as tx:
+        state = tx.load_state(SSR, "m-1")
+        assert merge(state, reports[0]).duplicate
+        assert not merge(state, report("m-1", S.DELIVERY_STATUS_SEEN, seconds=3)).duplicate
+
+
+# --- SQLite: the schema version ------------------------------------------------------------------
+
+
+def user_version(path: Path) -> int:
+    connection = sqlite3.connect(path)
+    try:
+        version: int = connection.execute("PRAGMA user_version").fetchone()[0]
+    finally:
+        connection.close()
+    return version
+
+
+def test_sqlite_records_the_schema_version(tmp_path: Path) -> None:
+    path = tmp_path / "new.db"
+    SqliteStore(path).close()
+    assert SCHEMA_VERSION >= 1
+    assert user_version(path) == SCHEMA_VERSION
+    # Opening a current database again keeps its version and its data.
+    store = SqliteStore(path)
+    try:
+        commit(store, report("m-1"))
+    finally:
+        store.close()
+    store = SqliteStore(path)
+    try:
+        assert store.messages("m-1")[0].message_id == "m-1"
+    finally:
+        store.close()
+    assert user_version(path) == SCHEMA_VERSION
+
+
+def test_sqlite_refuses_a_database_from_a_newer_release(tmp_path: Path) -> None:
+    path = tmp_path / "newer.db"
+    connection = sqlite3.connect(path)
+    connection.execute("CREATE TABLE future (x)")
+    connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    connection.commit()
+    connection.close()
+    with pytest.raises(StoreError, match="newer"):
+        SqliteStore(path)
+    assert user_version(path) == SCHEMA_VERSION + 1
+
+
+def test_sqlite_migrates_an_empty_file_from_version_zero(tmp_path: Path) -> None:
+    path = tmp_path / "empty.db"
+    path.touch()
+    assert user_version(path) == 0
+    store = SqliteStore(path)
+    try:
+        assert user_version(path) == SCHEMA_VERSION
+        [cursor] = commit(store, report("m-1"))
+        assert store.latest_cursor() == cursor
+        with store.transaction() as tx:
+            tx.quarantine(item(1))
+            tx.save_response("r", b"x")
+        assert len(store.quarantined(0, 10)) == 1
+    finally:
+        store.close()
