@@ -118,9 +118,13 @@ class SqliteStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._writer = _connect(self.path)
-        if self._writer.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
-            raise StoreError(f"{self.path}: cannot switch to WAL mode")
-        migrate(self._writer)
+        try:
+            if self._writer.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
+                raise StoreError(f"{self.path}: cannot switch to WAL mode")
+            migrate(self._writer)
+        except BaseException:
+            self._writer.close()
+            raise
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
@@ -133,10 +137,11 @@ class SqliteStore:
         connection.execute("BEGIN IMMEDIATE")
         try:
             yield _SqliteTransaction(connection)
+            connection.execute("COMMIT")
         except BaseException:
-            connection.execute("ROLLBACK")
+            if connection.in_transaction:  # also when COMMIT itself failed
+                connection.execute("ROLLBACK")
             raise
-        connection.execute("COMMIT")
 
     # Reads.
 
@@ -159,16 +164,20 @@ class SqliteStore:
             raise ValueError(f"cannot select messages by {column!r}")
         reader = self._reader()
         where = f"{column} = ? AND (? = 0 OR source = ?)"
-        rows = reader.execute(
-            f"SELECT id, report FROM messages WHERE {where} AND id > ? ORDER BY id LIMIT ?",  # noqa: S608
-            (value, source, source, after, limit + 1),
-        ).fetchall()
-        counts = dict(
-            reader.execute(
-                f"SELECT status, count(*) FROM messages WHERE {where} GROUP BY status",  # noqa: S608
-                (value, source, source),
+        reader.execute("BEGIN")  # one snapshot for the page and the counts
+        try:
+            rows = reader.execute(
+                f"SELECT id, report FROM messages WHERE {where} AND id > ? ORDER BY id LIMIT ?",  # noqa: S608
+                (value, source, source, after, limit + 1),
             ).fetchall()
-        )
+            counts = dict(
+                reader.execute(
+                    f"SELECT status, count(*) FROM messages WHERE {where} GROUP BY status",  # noqa: S608
+                    (value, source, source),
+                ).fetchall()
+            )
+        finally:
+            reader.execute("COMMIT")
         more = len(rows) > limit
         rows = rows[:limit]
         return MessagePage(
