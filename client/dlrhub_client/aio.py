@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -10,7 +11,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
-from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from deliveryreport.v1 import delivery_report_service_pb2_grpc as service_grpc
@@ -112,18 +112,26 @@ class AsyncClient:
         return await self._ingest(IngestRequest(payload=text, format=format, request_id=request_id))
 
     async def ingest_gms(
-        self, reports: Iterable[GmsReport | Mapping[str, Any]], *, request_id: str = ""
+        self, reports: Iterable[GmsReport] | Iterable[Mapping[str, Any]], *, request_id: str = ""
     ) -> IngestResponse:
-        """Ingests GMS reports given as messages or as dicts with the provider's field names."""
-        batch = GmsReports(reports=[_typed(report, GmsReport) for report in reports])
-        return await self._ingest(IngestRequest(gms=batch, request_id=request_id))
+        """Ingests GMS reports: typed messages, or dicts exactly as the provider sends them."""
+        items = list(reports)
+        if all(isinstance(report, GmsReport) for report in items):
+            batch = GmsReports(reports=items)  # type: ignore[arg-type]  # all GmsReport, checked above
+            return await self._ingest(IngestRequest(gms=batch, request_id=request_id))
+        payload = _provider_json(items)
+        return await self.ingest(payload, format=Format.FORMAT_GMS, request_id=request_id)
 
     async def ingest_sent_sms_report(
-        self, results: Iterable[SentSmsReport | Mapping[str, Any]], *, request_id: str = ""
+        self, results: Iterable[SentSmsReport] | Iterable[Mapping[str, Any]], *, request_id: str = ""
     ) -> IngestResponse:
-        """Ingests SentSMSReport reports given as messages or as dicts with the provider's field names."""
-        batch = SentSmsReports(results=[_typed(report, SentSmsReport) for report in results])
-        return await self._ingest(IngestRequest(sent_sms_report=batch, request_id=request_id))
+        """Ingests SentSMSReport reports: typed messages, or dicts exactly as the provider sends them."""
+        items = list(results)
+        if all(isinstance(report, SentSmsReport) for report in items):
+            batch = SentSmsReports(results=items)  # type: ignore[arg-type]  # all SentSmsReport, checked above
+            return await self._ingest(IngestRequest(sent_sms_report=batch, request_id=request_id))
+        payload = '{"results":' + _provider_json(items) + "}"
+        return await self.ingest(payload, format=Format.FORMAT_SENT_SMS_REPORT, request_id=request_id)
 
     # Fetch.
 
@@ -241,7 +249,8 @@ class AsyncClient:
                 return
 
 
-def _typed(report: M | Mapping[str, Any], kind: type[M]) -> M:
-    if isinstance(report, Mapping):
-        return json_format.ParseDict(dict(report), kind())
-    return report
+def _provider_json(items: list[Any]) -> str:
+    """Dicts in the provider's own JSON (numbers stay numbers); mixing in typed messages is an error."""
+    if not all(isinstance(item, Mapping) for item in items):
+        raise TypeError("give either typed messages or dicts, not a mix")
+    return json.dumps([dict(item) for item in items], default=str)

@@ -155,8 +155,8 @@ async def _ingest(client: AsyncClient, options: argparse.Namespace) -> int:
             try:
                 response = await client.ingest(payload, format=FORMATS[options.format], request_id=request_id)
             except InvalidArgumentError as error:
-                if not options.json:
-                    _print_violations(error, sys.stderr)
+                # On stderr even with --json: a wholly rejected payload has no response to print.
+                _print_violations(error, sys.stderr)
                 rejected += max(1, len(error.violations))
                 continue
             accepted += response.accepted_count

@@ -1,0 +1,421 @@
+"""`dlrhub ingest | fetch | tail` as real processes against the real `dlrhub serve` process.
+
+One server process (on a free port, its own SQLite file) serves the whole module: starting one per
+test would cost seconds each. Every test uses its own message ids, references and bulk ids, and
+filters its streams by them, so the tests do not see each other's reports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dlrhub_client import Client, DeliveryStatus
+from tests.conftest import FIXTURES, ServerProcess, start_server_process
+
+TIMEOUT = 30.0  # seconds: the bound on every subprocess call and wait in this module
+_SCRIPT = shutil.which("dlrhub", path=str(Path(sys.executable).parent))
+DLRHUB = [_SCRIPT] if _SCRIPT else [sys.executable, "-m", "dlrhub.cli"]
+ENV = {
+    **{k: v for k, v in os.environ.items() if k not in {"DLRHUB_TARGET", "DLRHUB_TOKEN"}},
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """`dlrhub serve` (see conftest.start_server_process), shared by this module, stopped with SIGTERM."""
+    running = start_server_process(
+        tmp_path_factory.mktemp("cli") / "dlrhub.db", "--http-listen", "127.0.0.1:0"
+    )
+    try:
+        yield running
+    finally:
+        running.process.terminate()
+        try:
+            running.process.wait(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            running.process.kill()
+            running.process.wait(timeout=TIMEOUT)
+
+
+def dlrhub(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*DLRHUB, *args], input=stdin, capture_output=True, text=True, timeout=TIMEOUT, env=ENV, check=False
+    )
+
+
+def dlrhub_all(*commands: Sequence[str]) -> list[subprocess.CompletedProcess[str]]:
+    """Independent commands run at the same time (each is a Python start-up)."""
+    with ThreadPoolExecutor(max_workers=len(commands)) as pool:
+        return list(pool.map(lambda command: dlrhub(*command), commands))
+
+
+def gms(
+    message_id: str, *, status: int = 2, time_ms: int = 1_477_417_294_667, **extra: Any
+) -> dict[str, Any]:
+    return {"message_id": message_id, "status": status, "time": time_ms, **extra}
+
+
+def sent_sms(message_id: str, bulk_id: str) -> dict[str, Any]:
+    return {
+        "bulkId": bulk_id,
+        "messageId": message_id,
+        "to": "41793026727",
+        "doneAt": "2019-11-09T16:00:00.000+0000",
+        "status": {"groupId": 3, "groupName": "DELIVERED", "id": 5, "name": "DELIVERED_TO_HANDSET"},
+    }
+
+
+def write_json(path: Path, value: Any) -> str:
+    path.write_text(json.dumps(value, indent=2), encoding="utf-8")
+    return str(path)
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+# ingest
+
+
+def test_ingest_a_file_then_again_reports_duplicates(hub: ServerProcess, tmp_path: Path) -> None:
+    batch = write_json(tmp_path / "batch.json", [gms(f"file-{n}", extra_id="REF-FILE") for n in range(3)])
+    first = dlrhub("ingest", batch, "--target", hub.address)
+    assert (first.returncode, first.stdout) == (0, "accepted 3, duplicate 0, rejected 0\n"), first.stderr
+    again = dlrhub("ingest", batch, "--target", hub.address)
+    assert (again.returncode, again.stdout) == (0, "accepted 0, duplicate 3, rejected 0\n"), again.stderr
+    with Client(hub.address, timeout=10) as client:
+        assert sorted(r.message_id for r in client.iter_reference("REF-FILE")) == [
+            "file-0",
+            "file-1",
+            "file-2",
+        ]
+
+
+def test_ingest_from_stdin(hub: ServerProcess) -> None:
+    payload = json.dumps([gms("stdin-1"), gms("stdin-2", status=3, substatus=35)])
+    result = dlrhub("ingest", "-", "--target", hub.address, stdin=payload)
+    assert (result.returncode, result.stdout) == (0, "accepted 2, duplicate 0, rejected 0\n"), result.stderr
+    with Client(hub.address, timeout=10) as client:
+        report = client.fetch(message_id="stdin-2").reports[0]
+    assert report.status == DeliveryStatus.DELIVERY_STATUS_UNDELIVERED
+    assert report.raw_payload == json.dumps(gms("stdin-2", status=3, substatus=35))
+
+
+def test_ingest_with_an_explicit_format(hub: ServerProcess) -> None:
+    body = str(FIXTURES / "sent_sms_report_pull.json")
+    as_gms, as_sent_sms_report = dlrhub_all(
+        ["ingest", body, "--format", "gms", "--target", hub.address],
+        ["ingest", body, "--format", "sent-sms-report", "--target", hub.address],
+    )
+    assert as_sent_sms_report.returncode == 0, as_sent_sms_report.stderr
+    assert as_sent_sms_report.stdout == "accepted 2, duplicate 0, rejected 0\n"
+    assert as_gms.returncode == 3  # the flag is sent: a SentSMSReport body is no GMS report
+    assert "accepted 0" in as_gms.stdout
+    with Client(hub.address, timeout=10) as client:
+        assert sorted(r.message_id for r in client.iter_bulk("BULK-ID-123-xyz")) == [
+            "12db39c3-7822-4e72-a3ec-c87442c0ffc5",
+            "MESSAGE-ID-123-xyz",
+        ]
+
+
+def test_ingest_with_a_bad_item_stores_the_rest_and_exits_3(hub: ServerProcess, tmp_path: Path) -> None:
+    batch = write_json(tmp_path / "bad.json", [gms("bad-ok-1"), {"status": 2}, gms("bad-ok-2")])
+    result = dlrhub("ingest", batch, "--target", hub.address)
+    assert result.returncode == 3
+    assert result.stdout == "accepted 2, duplicate 0, rejected 1\n"
+    assert "rejected item 1: [1].message_id" in result.stderr
+    with Client(hub.address, timeout=10) as client:
+        assert client.fetch(message_id="bad-ok-2").reports[0].message_id == "bad-ok-2"
+
+
+def test_ingest_invalid_json_exits_3_with_line_and_column(hub: ServerProcess, tmp_path: Path) -> None:
+    malformed = str(FIXTURES / "gms_single_malformed.json")
+    result, as_json, missing = dlrhub_all(
+        ["ingest", malformed, "--target", hub.address],
+        ["ingest", malformed, "--json", "--target", hub.address],
+        ["ingest", str(tmp_path / "missing.json"), "--target", hub.address],
+    )
+    assert result.returncode == 3
+    assert result.stdout == "accepted 0, duplicate 0, rejected 1\n"
+    assert "invalid JSON" in result.stderr
+    assert "line 8 column 16" in result.stderr
+    # With --json there is no response to print, but the reason still goes to stderr.
+    assert (as_json.returncode, as_json.stdout) == (3, "")
+    assert "line 8 column 16" in as_json.stderr
+    assert missing.returncode == 1
+    assert "missing.json" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+def test_ingest_json_lines_one_payload_per_line(hub: ServerProcess, tmp_path: Path) -> None:
+    lines = [
+        json.dumps(gms("lines-1")),
+        json.dumps([gms("lines-2"), gms("lines-3")]),
+        json.dumps({"results": [sent_sms("lines-4", "B-LINES")]}),
+    ]
+    path = tmp_path / "reports.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    as_json = dlrhub("ingest", str(path), "--json", "--target", hub.address)
+    assert as_json.returncode == 0, as_json.stderr
+    responses = json_lines(as_json.stdout)  # one Ingest response per line
+    assert [len(response["results"]) for response in responses] == [1, 2, 1]
+    assert [response["accepted_count"] for response in responses] == [1, 2, 1]
+    assert [r["report"]["message_id"] for response in responses for r in response["results"]] == [
+        "lines-1",
+        "lines-2",
+        "lines-3",
+        "lines-4",
+    ]
+
+    again = dlrhub("ingest", str(path), "--target", hub.address)
+    assert (again.returncode, again.stdout) == (0, "accepted 0, duplicate 4, rejected 0\n"), again.stderr
+
+
+def test_a_large_batch_is_split_into_calls_and_all_of_it_is_stored(
+    hub: ServerProcess, tmp_path: Path
+) -> None:
+    ids = [f"big-{n:04d}" for n in range(2500)]
+    batch = write_json(tmp_path / "big.json", [gms(message_id, extra_id="REF-BIG") for message_id in ids])
+    result = dlrhub("ingest", batch, "--batch-size", "1000", "--json", "--target", hub.address)
+    assert result.returncode == 0, result.stderr
+    responses = json_lines(result.stdout)
+    assert [len(response["results"]) for response in responses] == [1000, 1000, 500]
+    assert sum(response["accepted_count"] for response in responses) == 2500
+
+    fetched = dlrhub("fetch", "--reference", "REF-BIG", "--json", "--target", hub.address)
+    assert fetched.returncode == 0, fetched.stderr
+    assert sorted(report["message_id"] for report in json_lines(fetched.stdout)) == ids
+
+
+def test_request_id_makes_a_rerun_of_a_split_batch_a_replay(hub: ServerProcess, tmp_path: Path) -> None:
+    batch = write_json(tmp_path / "rid.json", [gms(f"rid-{n}") for n in range(3)])
+    options = ["--batch-size", "2", "--request-id", "cli-rid", "--target", hub.address]
+    first = dlrhub("ingest", batch, *options)
+    assert (first.returncode, first.stdout) == (0, "accepted 3, duplicate 0, rejected 0\n"), first.stderr
+    # The same request ids answer the first answers again (not "duplicate 3").
+    replay = dlrhub("ingest", batch, *options)
+    assert (replay.returncode, replay.stdout) == (0, "accepted 3, duplicate 0, rejected 0\n"), replay.stderr
+
+
+# fetch
+
+
+def test_fetch_prints_a_table_json_history_bulks_and_references(hub: ServerProcess) -> None:
+    with Client(hub.address, timeout=10) as client:
+        client.ingest_gms([gms("fetch-1", status=1, time_ms=1_000, extra_id="REF-FETCH", sent_via="sms")])
+        client.ingest_gms([gms("fetch-1", status=2, time_ms=2_000, extra_id="REF-FETCH", sent_via="sms")])
+        client.ingest_sent_sms_report(
+            [sent_sms("fetch-bulk-1", "B-FETCH"), sent_sms("fetch-bulk-2", "B-FETCH")]
+        )
+    target = ["--target", hub.address]
+    table, as_json, history, history_json, bulk, reference, empty_bulk, unknown = dlrhub_all(
+        ["fetch", "--message-id", "fetch-1", *target],
+        ["fetch", "--message-id", "fetch-1", "--json", *target],
+        ["fetch", "--message-id", "fetch-1", "--history", *target],
+        ["fetch", "--message-id", "fetch-1", "--history", "--json", *target],
+        ["fetch", "--bulk-id", "B-FETCH", *target],
+        ["fetch", "--reference", "REF-FETCH", "--json", *target],
+        ["fetch", "--bulk-id", "B-NONE", *target],
+        ["fetch", "--message-id", "no-such-message", *target],
+    )
+    for result in (table, as_json, history, history_json, bulk, reference, empty_bulk):
+        assert result.returncode == 0, result.stderr
+
+    header, row = table.stdout.splitlines()
+    assert header.split() == [
+        "SOURCE",
+        "MESSAGE",
+        "ID",
+        "STATUS",
+        "CHANNEL",
+        "RECIPIENT",
+        "EVENT",
+        "TIME",
+        "BULK",
+        "ID",
+        "REFERENCE",
+    ]
+    assert "MESSAGE ID" in header
+    assert row.split() == ["GMS", "fetch-1", "DELIVERED", "SMS", "1970-01-01T00:00:02Z", "REF-FETCH"]
+    assert row.index("DELIVERED") == header.index("STATUS")  # the columns line up
+
+    [report] = json_lines(as_json.stdout)
+    assert (report["message_id"], report["status"], report["reference"]) == (
+        "fetch-1",
+        "DELIVERY_STATUS_DELIVERED",
+        "REF-FETCH",
+    )
+
+    _, state, blank, history_title, history_header, *history_rows = history.stdout.splitlines()
+    assert state == row
+    assert (blank, history_title, history_header) == ("", "history:", header)
+    assert [line.split()[2] for line in history_rows] == ["SENT", "DELIVERED"]
+
+    current, *previous = json_lines(history_json.stdout)
+    assert current["status"] == "DELIVERY_STATUS_DELIVERED"
+    assert [entry["history"]["status"] for entry in previous] == [
+        "DELIVERY_STATUS_SENT",
+        "DELIVERY_STATUS_DELIVERED",
+    ]
+
+    bulk_lines = bulk.stdout.splitlines()
+    assert "BULK ID" in bulk_lines[0]
+    assert sorted(line.split()[1] for line in bulk_lines[1:]) == ["fetch-bulk-1", "fetch-bulk-2"]
+    assert all("SENT_SMS_REPORT" in line and "B-FETCH" in line for line in bulk_lines[1:])
+
+    assert [report["message_id"] for report in json_lines(reference.stdout)] == ["fetch-1"]
+    assert empty_bulk.stdout.splitlines()[1:] == ["(no messages)"]
+
+    assert unknown.returncode == 4
+    assert unknown.stdout == ""
+    assert "no message with message_id 'no-such-message'" in unknown.stderr
+
+
+def test_nothing_listening_exits_5_saying_unavailable() -> None:
+    fetch, ingest = dlrhub_all(
+        ["fetch", "--message-id", "x", "--target", "127.0.0.1:1", "--timeout", "2"],
+        ["ingest", str(FIXTURES / "gms_batch.json"), "--target", "127.0.0.1:1", "--timeout", "2"],
+    )
+    for result in (fetch, ingest):
+        assert result.returncode == 5
+        assert "unavailable at 127.0.0.1:1" in result.stderr
+        assert "safe to retry" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+# tail
+
+
+class Tail:
+    """A running `dlrhub tail`, its stdout lines read on a thread so every read has a timeout."""
+
+    def __init__(self, *args: str) -> None:
+        self.process = subprocess.Popen(
+            [*DLRHUB, "tail", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+        )
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def lines(self, count: int) -> list[dict[str, Any]]:
+        got: list[dict[str, Any]] = []
+        while len(got) < count:
+            try:
+                line = self._lines.get(timeout=TIMEOUT)
+            except queue.Empty:
+                pytest.fail(f"tail printed {len(got)} of {count} lines in {TIMEOUT} s")
+            if line is None:
+                pytest.fail(f"tail ended ({self.process.wait(TIMEOUT)}) after {len(got)} lines")
+            got.append(json.loads(line))
+        return got
+
+    def nothing_more(self, seconds: float) -> bool:
+        try:
+            self._lines.get(timeout=seconds)
+        except queue.Empty:
+            return True
+        return False
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=TIMEOUT)
+        for stream in (self.process.stdout, self.process.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.fixture
+def tails() -> Iterator[list[Tail]]:
+    started: list[Tail] = []
+    try:
+        yield started
+    finally:
+        for tail in started:
+            tail.stop()
+
+
+def test_tail_prints_changes_resumes_from_a_cursor_and_filters(hub: ServerProcess, tails: list[Tail]) -> None:
+    ids = ["tail-a", "tail-b", "tail-c", "tail-d"]
+    only_ours = [option for message_id in ids for option in ("--message-id", message_id)]
+    with Client(hub.address, timeout=10) as client:
+        stored = client.ingest_gms([gms("tail-a"), gms("tail-b", status=3), gms("tail-c")])
+        cursors = [result.cursor for result in stored.results]
+
+        everything = Tail("--from-beginning", *only_ours, "--target", hub.address)
+        resumed = Tail("--cursor", cursors[0], *only_ours, "--target", hub.address)
+        delivered = Tail("--from-beginning", "--status", "delivered", *only_ours, "--target", hub.address)
+        heartbeats = Tail("--heartbeats", "--message-id", "tail-none", "--target", hub.address)
+        tails.extend([everything, resumed, delivered, heartbeats])
+
+        first = everything.lines(3)
+        assert [line["cursor"] for line in first] == cursors
+        assert [line["report"]["message_id"] for line in first] == ["tail-a", "tail-b", "tail-c"]
+        assert [line["state"]["status"] for line in first] == [
+            "DELIVERY_STATUS_DELIVERED",
+            "DELIVERY_STATUS_FAILED",
+            "DELIVERY_STATUS_DELIVERED",
+        ]
+        assert not any(line.get("heartbeat") for line in first)  # heartbeats only with --heartbeats
+
+        # Live: a change stored now arrives too.
+        live = client.ingest_gms([gms("tail-d")])
+        [fourth] = everything.lines(1)
+        assert (fourth["cursor"], fourth["report"]["message_id"]) == (live.results[0].cursor, "tail-d")
+
+    assert [line["report"]["message_id"] for line in resumed.lines(3)] == ["tail-b", "tail-c", "tail-d"]
+    assert [line["report"]["message_id"] for line in delivered.lines(3)] == ["tail-a", "tail-c", "tail-d"]
+    [start] = heartbeats.lines(1)
+    assert start["heartbeat"] is True
+    assert int(start["cursor"]) >= int(cursors[-1])  # the latest position when it started
+    assert "report" not in start
+    assert everything.nothing_more(0.3)
+
+
+def test_tail_stops_cleanly_on_ctrl_c(hub: ServerProcess, tails: list[Tail]) -> None:
+    with Client(hub.address, timeout=10) as client:
+        stored = client.ingest_gms([gms("ctrl-c-1")])
+    tail = Tail("--from-beginning", "--message-id", "ctrl-c-1", "--target", hub.address)
+    tails.append(tail)
+    assert [line["cursor"] for line in tail.lines(1)] == [stored.results[0].cursor]
+    tail.process.send_signal(signal.SIGINT)
+    assert tail.process.wait(timeout=TIMEOUT) == 0
+    assert tail.process.stderr is not None
+    assert "Traceback" not in tail.process.stderr.read()
+
+
+def test_bad_tail_options_are_usage_errors() -> None:
+    bad_status, both_starts = dlrhub_all(
+        ["tail", "--status", "nonsense", "--target", "127.0.0.1:1"],
+        ["tail", "--cursor", "1", "--from-beginning", "--target", "127.0.0.1:1"],
+    )
+    assert bad_status.returncode == 2
+    assert bad_status.stderr.startswith("usage: dlrhub tail")
+    assert "unknown value 'nonsense'" in bad_status.stderr
+    assert "delivered" in bad_status.stderr  # the valid values are listed
+    assert both_starts.returncode == 2
+    assert "not allowed with argument" in both_starts.stderr
