@@ -126,7 +126,10 @@ def test_explicit_format_is_not_second_guessed() -> None:
     items = normalise('{"results": []}', Format.FORMAT_GMS)
     assert items == [
         NormalisedItem(
-            0, '{"results": []}', rejection=Rejection("message_id", "MISSING_FIELD", "message_id is required")
+            0,
+            '{"results": []}',
+            rejection=Rejection("message_id", "MISSING_FIELD", "message_id is required"),
+            format=Format.FORMAT_GMS,
         )
     ]
 

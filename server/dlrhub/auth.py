@@ -33,6 +33,8 @@ METHOD_ROLES = {
     _SERVICE + "Ingest": "ingest",
     _SERVICE + "Fetch": "read",
     _SERVICE + "Stream": "read",
+    _SERVICE + "ListQuarantine": "read",
+    _SERVICE + "RenormaliseQuarantine": "ingest",
 }
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
@@ -53,8 +55,10 @@ class Tokens:
         """`ingest:abc,read:def,ingest+read:ghi`."""
         tokens = []
         for number, entry in enumerate(filter(None, (part.strip() for part in spec.split(","))), 1):
-            roles, _, secret = entry.partition(":")
-            tokens.append(_token(f"token {number}", secret, roles.split("+")))
+            roles, colon, secret = entry.partition(":")
+            if not colon:
+                raise ValueError(f"token {number}: expected ROLES:TOKEN (roles joined with +)")
+            tokens.append(_token(f"token {number}", secret.strip(), [r.strip() for r in roles.split("+")]))
         return cls(tuple(tokens))
 
     @classmethod
@@ -63,7 +67,7 @@ class Tokens:
         try:
             entries = json.loads(path.read_text())["tokens"]
             return cls(tuple(_token(e.get("name", ""), e["token"], e["roles"]) for e in entries))
-        except (KeyError, TypeError, json.JSONDecodeError) as error:
+        except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as error:
             expected = "{'tokens': [{'token': ..., 'roles': [...]}]}"
             raise ValueError(f"{path}: expected {expected} ({error})") from None
 
@@ -77,10 +81,16 @@ class Tokens:
         return found
 
 
-def _token(name: str, secret: str, roles: list[str]) -> Token:
+def _token(name: str, secret: object, roles: object) -> Token:
+    label = name or "a token"
+    if not isinstance(secret, str) or not secret:
+        raise ValueError(f"{label}: the secret is empty or not a string")
+    if not isinstance(roles, list) or not roles or not all(isinstance(role, str) for role in roles):
+        raise ValueError(f"{label}: needs a list of roles from {sorted(ROLES)}, got {roles!r}")
     unknown = set(roles) - ROLES
-    if not secret or unknown or not roles:
-        raise ValueError(f"{name or 'a token'}: needs a secret and roles from {sorted(ROLES)}, got {roles}")
+    if unknown:
+        names = ", ".join(map(repr, sorted(unknown)))
+        raise ValueError(f"{label}: unknown role {names}; roles are {sorted(ROLES)}")
     return Token(name, secret.encode(), frozenset(roles))
 
 

@@ -69,6 +69,10 @@ async def follow(
                     last = change.cursor
                 continue
             if not await subscription.wait(heartbeat_seconds):
+                if subscription.buffer or subscription.overflowed:
+                    # A change was published as the wait timed out: deliver it before any heartbeat,
+                    # or the heartbeat's cursor would pass it and it would be skipped.
+                    continue
                 last = max(last, hub.latest_cursor)
                 yield Heartbeat(last)
     finally:

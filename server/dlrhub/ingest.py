@@ -31,6 +31,11 @@ class Submission:
     # Set when the payload as a whole was unusable: it is quarantined whole.
     payload_rejection: Rejection | None = None
     payload: str = ""
+    # The format the payload was given as (for quarantining it whole).
+    format: int = 0
+    # A re-normalisation of this quarantined item: rejections are not quarantined
+    # again, and the item is resolved when nothing in it is rejected.
+    quarantine_id: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +55,12 @@ def apply(tx: Transaction, submission: Submission) -> Applied:
         if saved is not None:
             return Applied(IngestResponse.FromString(saved), replayed=True)
     if submission.payload_rejection is not None:
-        tx.quarantine(_quarantined(submission, submission.payload, submission.payload_rejection))
+        if not submission.quarantine_id:
+            tx.quarantine(
+                _quarantined(
+                    submission, submission.payload, submission.payload_rejection, submission.format, True
+                )
+            )
         return Applied(IngestResponse(rejected_count=1))
 
     response = IngestResponse()
@@ -59,7 +69,8 @@ def apply(tx: Transaction, submission: Submission) -> Applied:
         result = response.results.add(index=item.index)
         if item.report is None:
             assert item.rejection is not None
-            tx.quarantine(_quarantined(submission, item.raw, item.rejection))
+            if not submission.quarantine_id:
+                tx.quarantine(_quarantined(submission, item.raw, item.rejection, item.format, False))
             result.outcome = IngestOutcome.INGEST_OUTCOME_REJECTED
             result.error.CopyFrom(_item_error(item.rejection))
             response.rejected_count += 1
@@ -79,6 +90,8 @@ def apply(tx: Transaction, submission: Submission) -> Applied:
 
     if submission.request_id and not is_wholly_rejected(response):
         tx.save_response(submission.request_id, response.SerializeToString())
+    if submission.quarantine_id and response.results and not response.rejected_count:
+        tx.resolve_quarantined(submission.quarantine_id, submission.received.seconds)
     return Applied(response, changes)
 
 
@@ -91,7 +104,9 @@ def _item_error(rejection: Rejection) -> ItemError:
     return ItemError(field=rejection.field, reason=rejection.reason, description=rejection.description)
 
 
-def _quarantined(submission: Submission, raw: str, rejection: Rejection) -> QuarantinedItem:
+def _quarantined(
+    submission: Submission, raw: str, rejection: Rejection, format: int, whole_payload: bool
+) -> QuarantinedItem:
     return QuarantinedItem(
         raw=raw,
         field=rejection.field,
@@ -99,4 +114,6 @@ def _quarantined(submission: Submission, raw: str, rejection: Rejection) -> Quar
         description=rejection.description,
         received_seconds=submission.received.seconds,
         request_id=submission.request_id,
+        format=format,
+        whole_payload=whole_payload,
     )

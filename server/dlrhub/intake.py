@@ -15,6 +15,7 @@ from deliveryreport.v1.delivery_report_service_pb2 import Format, IngestResponse
 from dlrhub.committer import Committer
 from dlrhub.ingest import Submission
 from dlrhub.normalise import Normaliser, PayloadError, Rejection
+from dlrhub.store.base import QuarantinedItem
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,10 +60,36 @@ class Intake:
         try:
             items = self._normaliser.normalise(payload, format, received)
         except PayloadError as error:
-            submission = Submission([], received, request_id, error.rejection, payload)
+            submission = Submission([], received, request_id, error.rejection, payload, format)
         else:
             if len(items) > self._max_items:
                 raise TooManyItems(len(items), self._max_items)
             submission = Submission(items, received, request_id)
+        applied = await self._committer.submit(submission)
+        return Ingested(applied.response, submission.payload_rejection)
+
+    async def renormalise(self, quarantine_id: int, item: QuarantinedItem) -> Ingested:
+        """Runs a quarantined item through the current normaliser again, and commits what now passes.
+
+        It keeps its original received time. The item is resolved when nothing in it is rejected.
+        """
+        received = Timestamp(seconds=item.received_seconds)
+        payload = item.raw
+        if item.format == Format.FORMAT_SENT_SMS_REPORT and not item.whole_payload:
+            payload = '{"results":[' + payload + "]}"  # one item of a batch
+        try:
+            items = self._normaliser.normalise(payload, Format.ValueType(item.format), received)
+        except PayloadError as error:
+            submission = Submission(
+                [],
+                received,
+                item.request_id,
+                error.rejection,
+                payload,
+                item.format,
+                quarantine_id=quarantine_id,
+            )
+        else:
+            submission = Submission(items, received, item.request_id, quarantine_id=quarantine_id)
         applied = await self._committer.submit(submission)
         return Ingested(applied.response, submission.payload_rejection)

@@ -5,24 +5,33 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from deliveryreport.v1 import delivery_report_service_pb2_grpc as service_grpc
 from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
 from deliveryreport.v1.delivery_report_service_pb2 import (
     FetchRequest,
     FetchResponse,
+    IngestOutcome,
     IngestRequest,
     IngestResponse,
+    ItemError,
+    ListQuarantineRequest,
+    ListQuarantineResponse,
+    RenormaliseQuarantineRequest,
+    RenormaliseQuarantineResponse,
     StatusCount,
     StreamRequest,
     StreamResponse,
 )
+from deliveryreport.v1.delivery_report_service_pb2 import QuarantinedItem as QuarantinedItemMessage
 from dlrhub.errors import (
     DlrhubError,
     FieldViolation,
@@ -38,9 +47,10 @@ from dlrhub.hub import Hub
 from dlrhub.ingest import is_wholly_rejected
 from dlrhub.intake import Intake, TooManyItems
 from dlrhub.normalise import typed_payload
-from dlrhub.store.base import ChangeFilter, Store, StoreError
+from dlrhub.store.base import ChangeFilter, QuarantinedItem, Store, StoreError
 
 T = TypeVar("T")
+Context = grpc.aio.ServicerContext[Any, Any]
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 DEFAULT_HEARTBEAT_SECONDS = 15
@@ -58,27 +68,23 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
         self._reads = reads
         self._max_streams = max_streams
 
-    async def Ingest(
-        self, request: IngestRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> IngestResponse:
-        try:
-            return await self._ingest(request)
-        except DlrhubError as error:
-            await _abort(context, error)
-            raise  # unreachable: abort raises
+    async def Ingest(self, request: IngestRequest, context: Context) -> IngestResponse:
+        return await _answer(context, self._ingest(request))
 
-    async def Fetch(
-        self, request: FetchRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> FetchResponse:
-        try:
-            return await self._fetch(request)
-        except DlrhubError as error:
-            await _abort(context, error)
-            raise
+    async def Fetch(self, request: FetchRequest, context: Context) -> FetchResponse:
+        return await _answer(context, self._fetch(request))
 
-    async def Stream(
-        self, request: StreamRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[StreamResponse]:
+    async def ListQuarantine(
+        self, request: ListQuarantineRequest, context: Context
+    ) -> ListQuarantineResponse:
+        return await _answer(context, self._list_quarantine(request))
+
+    async def RenormaliseQuarantine(
+        self, request: RenormaliseQuarantineRequest, context: Context
+    ) -> RenormaliseQuarantineResponse:
+        return await _answer(context, self._renormalise_quarantine(request))
+
+    async def Stream(self, request: StreamRequest, context: Context) -> AsyncIterator[StreamResponse]:
         try:
             async for response in self._stream(request):
                 yield response
@@ -154,12 +160,7 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
                 "EMPTY_SELECTOR",
                 violations=[FieldViolation(selector, "must not be empty", "INVALID_VALUE")],
             )
-        if request.page_size < 0:
-            raise InvalidArgument(
-                "page_size must not be negative",
-                "INVALID_PAGE_SIZE",
-                violations=[FieldViolation("page_size", "must not be negative", "INVALID_VALUE")],
-            )
+        size = _page_size(request.page_size)
         source = request.source
         if selector == "message_id":
             states = await self._read(lambda: self._store.messages(value, source))
@@ -174,7 +175,6 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
                 history = await self._read(lambda: self._store.history(value, source))
             return FetchResponse(reports=states, history=history)
 
-        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         after = _decode_page_token(request.page_token, selector, value, source) if request.page_token else 0
         page = await self._read(lambda: self._store.messages_by(selector, value, source, after, size))
         response = FetchResponse(reports=page.states, total_size=page.total)
@@ -186,6 +186,62 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
                 for status, count in sorted(page.status_counts.items())
             )
         return response
+
+    # Quarantine.
+
+    async def _list_quarantine(self, request: ListQuarantineRequest) -> ListQuarantineResponse:
+        size = _page_size(request.page_size)
+        scope = "all" if request.include_resolved else "open"
+        after = _decode_page_token(request.page_token, "quarantine", scope, 0) if request.page_token else 0
+        rows = await self._read(
+            lambda: self._store.quarantined(after, size + 1, include_resolved=request.include_resolved)
+        )
+        open_count = await self._read(self._store.open_quarantine_count)
+        response = ListQuarantineResponse(
+            items=[_quarantined_item(quarantine_id, item) for quarantine_id, item in rows[:size]],
+            open_count=open_count,
+        )
+        if len(rows) > size:
+            response.next_page_token = _encode_page_token("quarantine", scope, 0, rows[size - 1][0])
+        return response
+
+    async def _renormalise_quarantine(
+        self, request: RenormaliseQuarantineRequest
+    ) -> RenormaliseQuarantineResponse:
+        response = RenormaliseQuarantineResponse()
+        after = 0
+        while True:
+            rows = await self._read(
+                functools.partial(
+                    self._store.quarantined, after, 500, include_resolved=False, ids=request.ids
+                )
+            )
+            for quarantine_id, item in rows:
+                try:
+                    ingested = await self._intake.renormalise(quarantine_id, item)
+                except StoreError as error:
+                    raise Unavailable(
+                        "the store could not commit; nothing more was re-run", "STORE_UNAVAILABLE"
+                    ) from error
+                result = response.results.add(id=quarantine_id)
+                if ingested.rejection is not None:
+                    rejection = ingested.rejection
+                    result.results.add(
+                        outcome=IngestOutcome.INGEST_OUTCOME_REJECTED,
+                        error=ItemError(
+                            field=rejection.field, reason=rejection.reason, description=rejection.description
+                        ),
+                    )
+                else:
+                    result.results.extend(ingested.response.results)
+                result.resolved = ingested.rejection is None and ingested.response.rejected_count == 0
+                if result.resolved:
+                    response.resolved_count += 1
+                else:
+                    response.still_rejected_count += 1
+            if len(rows) < 500:
+                return response
+            after = rows[-1][0]
 
     # Stream.
 
@@ -233,7 +289,41 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
         return asyncio.get_running_loop().run_in_executor(self._reads, call)
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: DlrhubError) -> None:
+async def _answer(context: Context, work: Awaitable[T]) -> T:
+    """The result of a unary call, or the call aborted with the status of its domain error."""
+    try:
+        return await work
+    except DlrhubError as error:
+        await _abort(context, error)
+        raise  # unreachable: abort raises
+
+
+def _page_size(requested: int) -> int:
+    if requested < 0:
+        raise InvalidArgument(
+            "page_size must not be negative",
+            "INVALID_PAGE_SIZE",
+            violations=[FieldViolation("page_size", "must not be negative", "INVALID_VALUE")],
+        )
+    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def _quarantined_item(quarantine_id: int, item: QuarantinedItem) -> QuarantinedItemMessage:
+    message = QuarantinedItemMessage(
+        id=quarantine_id,
+        received_time=Timestamp(seconds=item.received_seconds),
+        request_id=item.request_id,
+        format=item.format,  # type: ignore[arg-type]  # a stored Format value
+        whole_payload=item.whole_payload,
+        raw=item.raw,
+        error=ItemError(field=item.field, reason=item.reason, description=item.description),
+    )
+    if item.resolved_seconds is not None:
+        message.resolved_time.seconds = item.resolved_seconds
+    return message
+
+
+async def _abort(context: Context, error: DlrhubError) -> None:
     status = to_status(error)
     await context.abort(status.code, status.details, status.trailing_metadata)
 

@@ -10,6 +10,7 @@ from deliveryreport.v1 import delivery_report_pb2 as _delivery_report_pb2
 from deliveryreport.v1 import provider_formats_pb2 as _provider_formats_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
@@ -483,3 +484,216 @@ class StreamResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamResponse: _TypeAlias = StreamResponse  # noqa: Y015
+
+@_typing.final
+class QuarantinedItem(_message.Message):
+    """A rejected item (or a whole payload that was unusable), kept verbatim."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    RECEIVED_TIME_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    WHOLE_PAYLOAD_FIELD_NUMBER: _builtins.int
+    RAW_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    RESOLVED_TIME_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Identifier in the quarantine, increasing with time."""
+    request_id: _builtins.str
+    """The request id of the Ingest that carried it, if any."""
+    format: Global___Format.ValueType
+    """The format it was read as (FORMAT_UNSPECIFIED for a payload whose
+    format could not be told).
+    """
+    whole_payload: _builtins.bool
+    """True when it is a whole payload rather than one item of a batch."""
+    raw: _builtins.str
+    """Its original text, byte for byte."""
+    @_builtins.property
+    def received_time(self) -> _timestamp_pb2.Timestamp:
+        """When dlrhub received it."""
+
+    @_builtins.property
+    def error(self) -> Global___ItemError:
+        """Why it was rejected."""
+
+    @_builtins.property
+    def resolved_time(self) -> _timestamp_pb2.Timestamp:
+        """Set once a re-normalisation stored it."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        received_time: _timestamp_pb2.Timestamp | None = ...,
+        request_id: _builtins.str = ...,
+        format: Global___Format.ValueType = ...,
+        whole_payload: _builtins.bool = ...,
+        raw: _builtins.str = ...,
+        error: Global___ItemError | None = ...,
+        resolved_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "received_time", b"received_time", "resolved_time", b"resolved_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "format", b"format", "id", b"id", "raw", b"raw", "received_time", b"received_time", "request_id", b"request_id", "resolved_time", b"resolved_time", "whole_payload", b"whole_payload"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QuarantinedItem: _TypeAlias = QuarantinedItem  # noqa: Y015
+
+@_typing.final
+class ListQuarantineRequest(_message.Message):
+    """The request of ListQuarantine."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    INCLUDE_RESOLVED_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Maximum items per page; 0 means 100, larger values are capped at 1000;
+    negative is INVALID_ARGUMENT.
+    """
+    page_token: _builtins.str
+    """The `next_page_token` of a previous response."""
+    include_resolved: _builtins.bool
+    """Also list items that were resolved by a re-normalisation."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        include_resolved: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_resolved", b"include_resolved", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListQuarantineRequest: _TypeAlias = ListQuarantineRequest  # noqa: Y015
+
+@_typing.final
+class ListQuarantineResponse(_message.Message):
+    """The response of ListQuarantine."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    OPEN_COUNT_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token of the next page; empty on the last page."""
+    open_count: _builtins.int
+    """Number of items still open (not resolved), in all."""
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___QuarantinedItem]:
+        """The items, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___QuarantinedItem] | None = ...,
+        next_page_token: _builtins.str = ...,
+        open_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "next_page_token", b"next_page_token", "open_count", b"open_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListQuarantineResponse: _TypeAlias = ListQuarantineResponse  # noqa: Y015
+
+@_typing.final
+class RenormaliseQuarantineRequest(_message.Message):
+    """The request of RenormaliseQuarantine."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The items to run again; empty means every open item."""
+
+    def __init__(
+        self,
+        *,
+        ids: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ids", b"ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenormaliseQuarantineRequest: _TypeAlias = RenormaliseQuarantineRequest  # noqa: Y015
+
+@_typing.final
+class RenormaliseResult(_message.Message):
+    """The outcome for one quarantined item."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    RESOLVED_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """The quarantined item's id."""
+    resolved: _builtins.bool
+    """True when the item is now resolved."""
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___IngestResult]:
+        """The outcome of each report in it: ACCEPTED or DUPLICATE when it now
+        normalises (the item is resolved), REJECTED with the current reason when
+        it still does not (the item stays open).
+        """
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        results: _abc.Iterable[Global___IngestResult] | None = ...,
+        resolved: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "resolved", b"resolved", "results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenormaliseResult: _TypeAlias = RenormaliseResult  # noqa: Y015
+
+@_typing.final
+class RenormaliseQuarantineResponse(_message.Message):
+    """The response of RenormaliseQuarantine."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    RESOLVED_COUNT_FIELD_NUMBER: _builtins.int
+    STILL_REJECTED_COUNT_FIELD_NUMBER: _builtins.int
+    resolved_count: _builtins.int
+    """Items resolved by this call."""
+    still_rejected_count: _builtins.int
+    """Items still rejected."""
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___RenormaliseResult]:
+        """One result per item, in id order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___RenormaliseResult] | None = ...,
+        resolved_count: _builtins.int = ...,
+        still_rejected_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["resolved_count", b"resolved_count", "results", b"results", "still_rejected_count", b"still_rejected_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenormaliseQuarantineResponse: _TypeAlias = RenormaliseQuarantineResponse  # noqa: Y015

@@ -56,6 +56,16 @@ class DeliveryReportServiceStub:
                 request_serializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.StreamRequest.SerializeToString,
                 response_deserializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.StreamResponse.FromString,
                 _registered_method=True)
+        self.ListQuarantine = channel.unary_unary(
+                '/deliveryreport.v1.DeliveryReportService/ListQuarantine',
+                request_serializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.ListQuarantineRequest.SerializeToString,
+                response_deserializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.ListQuarantineResponse.FromString,
+                _registered_method=True)
+        self.RenormaliseQuarantine = channel.unary_unary(
+                '/deliveryreport.v1.DeliveryReportService/RenormaliseQuarantine',
+                request_serializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.RenormaliseQuarantineRequest.SerializeToString,
+                response_deserializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.RenormaliseQuarantineResponse.FromString,
+                _registered_method=True)
 
 
 class DeliveryReportServiceServicer:
@@ -99,6 +109,23 @@ class DeliveryReportServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListQuarantine(self, request, context):
+        """Lists quarantined items: every item (or whole payload) that was rejected,
+        kept verbatim with the reason, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenormaliseQuarantine(self, request, context):
+        """Runs quarantined items through the current normaliser and code tables
+        again (after a fix), with an outcome per item. Items that now normalise
+        are stored like any Ingest and marked resolved; the others stay open.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeliveryReportServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -116,6 +143,16 @@ def add_DeliveryReportServiceServicer_to_server(servicer, server):
                     servicer.Stream,
                     request_deserializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.StreamRequest.FromString,
                     response_serializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.StreamResponse.SerializeToString,
+            ),
+            'ListQuarantine': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListQuarantine,
+                    request_deserializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.ListQuarantineRequest.FromString,
+                    response_serializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.ListQuarantineResponse.SerializeToString,
+            ),
+            'RenormaliseQuarantine': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenormaliseQuarantine,
+                    request_deserializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.RenormaliseQuarantineRequest.FromString,
+                    response_serializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.RenormaliseQuarantineResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -206,6 +243,60 @@ class DeliveryReportService:
             '/deliveryreport.v1.DeliveryReportService/Stream',
             deliveryreport_dot_v1_dot_delivery__report__service__pb2.StreamRequest.SerializeToString,
             deliveryreport_dot_v1_dot_delivery__report__service__pb2.StreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListQuarantine(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deliveryreport.v1.DeliveryReportService/ListQuarantine',
+            deliveryreport_dot_v1_dot_delivery__report__service__pb2.ListQuarantineRequest.SerializeToString,
+            deliveryreport_dot_v1_dot_delivery__report__service__pb2.ListQuarantineResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenormaliseQuarantine(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deliveryreport.v1.DeliveryReportService/RenormaliseQuarantine',
+            deliveryreport_dot_v1_dot_delivery__report__service__pb2.RenormaliseQuarantineRequest.SerializeToString,
+            deliveryreport_dot_v1_dot_delivery__report__service__pb2.RenormaliseQuarantineResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -60,6 +60,15 @@ class DeliveryReportServiceStub:
     nothing matches, so a consumer can always resume from the last cursor it
     saw.
     """
+    ListQuarantine: _grpc.UnaryUnaryMultiCallable[_delivery_report_service_pb2.ListQuarantineRequest, _delivery_report_service_pb2.ListQuarantineResponse]
+    """Lists quarantined items: every item (or whole payload) that was rejected,
+    kept verbatim with the reason, oldest first.
+    """
+    RenormaliseQuarantine: _grpc.UnaryUnaryMultiCallable[_delivery_report_service_pb2.RenormaliseQuarantineRequest, _delivery_report_service_pb2.RenormaliseQuarantineResponse]
+    """Runs quarantined items through the current normaliser and code tables
+    again (after a fix), with an outcome per item. Items that now normalise
+    are stored like any Ingest and marked resolved; the others stay open.
+    """
 
 @_typing.type_check_only
 class DeliveryReportServiceAsyncStub(DeliveryReportServiceStub):
@@ -90,6 +99,15 @@ class DeliveryReportServiceAsyncStub(DeliveryReportServiceStub):
     after it are sure to arrive). Heartbeats carry the latest cursor while
     nothing matches, so a consumer can always resume from the last cursor it
     saw.
+    """
+    ListQuarantine: _aio.UnaryUnaryMultiCallable[_delivery_report_service_pb2.ListQuarantineRequest, _delivery_report_service_pb2.ListQuarantineResponse]  # type: ignore[assignment]
+    """Lists quarantined items: every item (or whole payload) that was rejected,
+    kept verbatim with the reason, oldest first.
+    """
+    RenormaliseQuarantine: _aio.UnaryUnaryMultiCallable[_delivery_report_service_pb2.RenormaliseQuarantineRequest, _delivery_report_service_pb2.RenormaliseQuarantineResponse]  # type: ignore[assignment]
+    """Runs quarantined items through the current normaliser and code tables
+    again (after a fix), with an outcome per item. Items that now normalise
+    are stored like any Ingest and marked resolved; the others stay open.
     """
 
 class DeliveryReportServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -136,6 +154,27 @@ class DeliveryReportServiceServicer(metaclass=_abc_1.ABCMeta):
         after it are sure to arrive). Heartbeats carry the latest cursor while
         nothing matches, so a consumer can always resume from the last cursor it
         saw.
+        """
+
+    @_abc_1.abstractmethod
+    def ListQuarantine(
+        self,
+        request: _delivery_report_service_pb2.ListQuarantineRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_delivery_report_service_pb2.ListQuarantineResponse, _abc.Awaitable[_delivery_report_service_pb2.ListQuarantineResponse]]:
+        """Lists quarantined items: every item (or whole payload) that was rejected,
+        kept verbatim with the reason, oldest first.
+        """
+
+    @_abc_1.abstractmethod
+    def RenormaliseQuarantine(
+        self,
+        request: _delivery_report_service_pb2.RenormaliseQuarantineRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_delivery_report_service_pb2.RenormaliseQuarantineResponse, _abc.Awaitable[_delivery_report_service_pb2.RenormaliseQuarantineResponse]]:
+        """Runs quarantined items through the current normaliser and code tables
+        again (after a fix), with an outcome per item. Items that now normalise
+        are stored like any Ingest and marked resolved; the others stay open.
         """
 
 def add_DeliveryReportServiceServicer_to_server(servicer: DeliveryReportServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -18,6 +18,7 @@ from deliveryreport.v1.delivery_report_pb2 import (
     RawStatus,
     Source,
 )
+from deliveryreport.v1.delivery_report_service_pb2 import Format
 from dlrhub.normalise.codes import CodeTable
 from dlrhub.normalise.document import Document
 from dlrhub.normalise.fields import Fields, InvalidItem, require_object
@@ -26,6 +27,7 @@ from dlrhub.normalise.results import NormalisedItem
 from dlrhub.normalise.timestamps import from_millis
 from dlrhub.statuses import FINAL
 
+FORMAT = Format.FORMAT_GMS
 FACTS = ("status", "substatus", "hyber_status", "error_code", "sent_via")
 SHIPPED_TABLE = "gms_codes.json"
 
@@ -56,10 +58,10 @@ def _item(
     try:
         report = _report(require_object(value, path), table)
     except InvalidItem as invalid:
-        return NormalisedItem(index, text, rejection=invalid.rejection)
+        return NormalisedItem(index, text, rejection=invalid.rejection, format=FORMAT)
     report.received_time.CopyFrom(received)
     report.raw_payload = text
-    return NormalisedItem(index, text, report=report)
+    return NormalisedItem(index, text, report=report, format=FORMAT)
 
 
 def _report(item: Fields, table: CodeTable) -> DeliveryReport:

@@ -31,6 +31,8 @@ class NormalisedItem:
     raw: str
     report: DeliveryReport | None = None
     rejection: Rejection | None = None
+    # The format it was read as (a Format value), so a rejected item can be re-run.
+    format: int = 0
 
 
 class PayloadError(Exception):

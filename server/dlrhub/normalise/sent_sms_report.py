@@ -20,6 +20,7 @@ from deliveryreport.v1.delivery_report_pb2 import (
     SentSmsReportStatusCodes,
     Source,
 )
+from deliveryreport.v1.delivery_report_service_pb2 import Format
 from dlrhub.normalise.codes import CodeTable
 from dlrhub.normalise.document import Document
 from dlrhub.normalise.fields import Fields, InvalidItem, require_object
@@ -28,6 +29,7 @@ from dlrhub.normalise.results import NormalisedItem, PayloadError, Rejection
 from dlrhub.normalise.timestamps import from_text
 from dlrhub.statuses import FINAL
 
+FORMAT = Format.FORMAT_SENT_SMS_REPORT
 FACTS = ("seen", "group_id", "id")
 SHIPPED_TABLE = "sent_sms_report_codes.json"
 
@@ -66,10 +68,10 @@ def _item(index: int, value: object, text: str, table: CodeTable, received: Time
     try:
         report = _report(require_object(value, f"results[{index}]"), table)
     except InvalidItem as invalid:
-        return NormalisedItem(index, text, rejection=invalid.rejection)
+        return NormalisedItem(index, text, rejection=invalid.rejection, format=FORMAT)
     report.received_time.CopyFrom(received)
     report.raw_payload = text
-    return NormalisedItem(index, text, report=report)
+    return NormalisedItem(index, text, report=report, format=FORMAT)
 
 
 def _report(item: Fields, table: CodeTable) -> DeliveryReport:

@@ -82,6 +82,12 @@ class QuarantinedItem:
     description: str
     received_seconds: int
     request_id: str = ""
+    # The format it was read as (a Format value; 0 when it could not be told).
+    format: int = 0
+    # A whole payload rather than one item of a batch.
+    whole_payload: bool = False
+    # When a re-normalisation stored it; None while it is open.
+    resolved_seconds: int | None = None
 
 
 class Transaction(Protocol):
@@ -101,6 +107,9 @@ class Transaction(Protocol):
 
     def save_response(self, request_id: str, response: bytes) -> None:
         """Saves a request's response for replays."""
+
+    def resolve_quarantined(self, quarantine_id: int, seconds: int) -> None:
+        """Marks a quarantined item as stored by a re-normalisation."""
 
 
 class Store(Protocol):
@@ -124,8 +133,13 @@ class Store(Protocol):
     def latest_cursor(self) -> int:
         """The greatest committed cursor (0 when empty)."""
 
-    def quarantined(self, after: int, limit: int) -> list[tuple[int, QuarantinedItem]]:
-        """Quarantined items with id > `after`, oldest first."""
+    def quarantined(
+        self, after: int, limit: int, *, include_resolved: bool = True, ids: Sequence[int] = ()
+    ) -> list[tuple[int, QuarantinedItem]]:
+        """Quarantined items with id > `after` (and in `ids`, when given), oldest first."""
+
+    def open_quarantine_count(self) -> int:
+        """How many quarantined items are not resolved."""
 
     def close(self) -> None:
         """Releases every connection."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -79,8 +79,17 @@ def _migration_1(db: sqlite_utils.Database) -> None:
     db.table("reports").create_index(["source", "message_id", "cursor"], if_not_exists=True)
 
 
+def _migration_2(db: sqlite_utils.Database) -> None:
+    """Quarantined items remember their format and kind, and when a re-normalisation resolved them."""
+    quarantine = db.table("quarantine")
+    quarantine.add_column("format", int, not_null_default=0)
+    quarantine.add_column("whole_payload", int, not_null_default=0)
+    quarantine.add_column("resolved_seconds", int)
+    quarantine.create_index(["resolved_seconds", "id"], if_not_exists=True)
+
+
 # Append only: a release never edits a migration that has shipped.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -201,13 +210,39 @@ class SqliteStore:
         row = self._reader().execute("SELECT max(cursor) FROM reports").fetchone()
         return int(row[0] or 0)
 
-    def quarantined(self, after: int, limit: int) -> list[tuple[int, QuarantinedItem]]:
-        rows = self._reader().execute(
-            "SELECT id, raw, field, reason, description, received_seconds, request_id FROM quarantine"
-            " WHERE id > ? ORDER BY id LIMIT ?",
-            (after, limit),
+    def quarantined(
+        self, after: int, limit: int, *, include_resolved: bool = True, ids: Sequence[int] = ()
+    ) -> list[tuple[int, QuarantinedItem]]:
+        where = "id > ?" + ("" if include_resolved else " AND resolved_seconds IS NULL")
+        if ids:
+            where += f" AND id IN ({','.join('?' * len(ids))})"
+        columns = "id, raw, field, reason, description, received_seconds, request_id, format, whole_payload"
+        query = f"SELECT {columns}, resolved_seconds FROM quarantine WHERE {where} ORDER BY id LIMIT ?"  # noqa: S608
+        return [
+            (
+                row[0],
+                QuarantinedItem(
+                    raw=row[1],
+                    field=row[2],
+                    reason=row[3],
+                    description=row[4],
+                    received_seconds=row[5],
+                    request_id=row[6],
+                    format=row[7],
+                    whole_payload=bool(row[8]),
+                    resolved_seconds=row[9],
+                ),
+            )
+            for row in self._reader().execute(query, (after, *ids, limit))
+        ]
+
+    def open_quarantine_count(self) -> int:
+        row = (
+            self._reader()
+            .execute("SELECT count(*) FROM quarantine WHERE resolved_seconds IS NULL")
+            .fetchone()
         )
-        return [(row[0], QuarantinedItem(*row[1:])) for row in rows]
+        return int(row[0])
 
     def close(self) -> None:
         with self._lock:
@@ -268,9 +303,23 @@ class _SqliteTransaction:
 
     def quarantine(self, item: QuarantinedItem) -> None:
         self._connection.execute(
-            "INSERT INTO quarantine (received_seconds, request_id, field, reason, description, raw)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (item.received_seconds, item.request_id, item.field, item.reason, item.description, item.raw),
+            "INSERT INTO quarantine (received_seconds, request_id, field, reason, description, raw, format,"
+            " whole_payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                item.received_seconds,
+                item.request_id,
+                item.field,
+                item.reason,
+                item.description,
+                item.raw,
+                item.format,
+                item.whole_payload,
+            ),
+        )
+
+    def resolve_quarantined(self, quarantine_id: int, seconds: int) -> None:
+        self._connection.execute(
+            "UPDATE quarantine SET resolved_seconds = ? WHERE id = ?", (seconds, quarantine_id)
         )
 
     def find_response(self, request_id: str) -> bytes | None:
