@@ -224,10 +224,10 @@ async def test_dicts_go_as_the_providers_json_so_numbers_and_extra_fields_pass(c
     response = await client.ingest_sent_sms_report(pulled["results"])
     assert [r.outcome for r in response.results] == [ACCEPTED, ACCEPTED]
     assert response.results[0].report.price.amount == "0.01"  # a JSON number, kept exact
-    gms = {"number": 380961111111, "message_id": "gms-number", "status": 2, "clicks": 3}
+    gms: dict[str, Any] = {"number": 380961111111, "message_id": "gms-number", "status": 2, "clicks": 3}
     assert (await client.ingest_gms([gms])).results[0].report.recipient == "+380961111111"
     with pytest.raises(TypeError, match="not a mix"):
-        await client.ingest_gms([gms, GmsReport(message_id="x", status=2)])
+        await client.ingest_gms([gms, GmsReport(message_id="x", status=2)])  # type: ignore[arg-type]
 
 
 # Fetch.

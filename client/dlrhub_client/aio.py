@@ -21,6 +21,11 @@ from deliveryreport.v1.delivery_report_service_pb2 import (
     Format,
     IngestRequest,
     IngestResponse,
+    ListQuarantineRequest,
+    ListQuarantineResponse,
+    QuarantinedItem,
+    RenormaliseQuarantineRequest,
+    RenormaliseQuarantineResponse,
     StreamRequest,
     StreamResponse,
 )
@@ -167,6 +172,39 @@ class AsyncClient:
         """Every message with this sender reference, following page tokens."""
         async for report in self._pages(reference=reference, page_size=page_size):
             yield report
+
+    # Quarantine.
+
+    async def list_quarantine(
+        self, *, include_resolved: bool = False, page_size: int = 0, page_token: str = ""
+    ) -> ListQuarantineResponse:
+        """One page of quarantined (rejected) items, oldest first."""
+        request = ListQuarantineRequest(
+            include_resolved=include_resolved, page_size=page_size, page_token=page_token
+        )
+        return await self._unary(
+            self._stub.ListQuarantine(request, timeout=self._timeout, metadata=self._metadata)
+        )
+
+    async def iter_quarantine(self, *, include_resolved: bool = False) -> AsyncIterator[QuarantinedItem]:
+        """Every quarantined item, following page tokens."""
+        token = ""
+        while True:
+            page = await self.list_quarantine(
+                include_resolved=include_resolved, page_size=500, page_token=token
+            )
+            for item in page.items:
+                yield item
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def renormalise_quarantine(self, ids: Iterable[int] = ()) -> RenormaliseQuarantineResponse:
+        """Runs quarantined items (all open ones, by default) through the current normaliser again."""
+        request = RenormaliseQuarantineRequest(ids=list(ids))
+        return await self._unary(
+            self._stub.RenormaliseQuarantine(request, timeout=self._timeout, metadata=self._metadata)
+        )
 
     # Stream.
 

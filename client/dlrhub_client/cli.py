@@ -4,6 +4,8 @@
     dlrhub fetch (--message-id ID [--history] | --bulk-id ID | --reference REF) [--json]
     dlrhub tail [--bulk-id ID] [--message-id ID ...] [--status S ...] [--channel C ...] [--source S]
                 [--cursor C | --from-beginning] [--heartbeats]
+    dlrhub quarantine [--all] [--json]          list rejected items
+    dlrhub renormalise [ID ...] [--json]        run them (default: all open) through the normaliser again
 
 Connection: --target (env DLRHUB_TARGET, default 127.0.0.1:50051), --token (env DLRHUB_TOKEN),
 --tls-ca / --tls-cert / --tls-key for TLS and mutual TLS.
@@ -19,7 +21,7 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -89,6 +91,20 @@ def register(commands: Any) -> None:
     start.add_argument("--from-beginning", action="store_true")
     tail.add_argument("--heartbeats", action="store_true", help="print heartbeats too")
     tail.set_defaults(run=lambda options: _run(options, _tail))
+
+    quarantine = commands.add_parser(
+        "quarantine", parents=[connection], help="list rejected (quarantined) items"
+    )
+    quarantine.add_argument("--all", action="store_true", help="resolved items too")
+    quarantine.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    quarantine.set_defaults(run=lambda options: _run(options, _quarantine))
+
+    renormalise = commands.add_parser(
+        "renormalise", parents=[connection], help="run quarantined items through the current normaliser again"
+    )
+    renormalise.add_argument("ids", nargs="*", type=int, help="quarantine ids (default: every open item)")
+    renormalise.add_argument("--json", action="store_true", help="the response as JSON")
+    renormalise.set_defaults(run=lambda options: _run(options, _renormalise))
 
 
 def _enum(enum: Any, prefix: str) -> Callable[[str], int]:
@@ -270,11 +286,15 @@ def _print_table(reports: list[DeliveryReport]) -> None:
         )
         for r in reports
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    _print_rows(rows)
     if not reports:
         print("(no messages)")
+
+
+def _print_rows(rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
 # tail
@@ -300,3 +320,44 @@ def _json(message: Message) -> str:
     return json.dumps(
         json_format.MessageToDict(message, preserving_proto_field_name=True), separators=(",", ":")
     )
+
+
+# quarantine
+
+
+async def _quarantine(client: AsyncClient, options: argparse.Namespace) -> int:
+    items = [item async for item in client.iter_quarantine(include_resolved=options.all)]
+    if options.json:
+        for item in items:
+            print(_json(item))
+        return EXIT_OK
+    rows = [("ID", "RECEIVED", "FORMAT", "STATE", "FIELD", "REASON", "DESCRIPTION")] + [
+        (
+            str(item.id),
+            item.received_time.ToJsonString(),
+            Format.Name(item.format).removeprefix("FORMAT_").lower(),
+            "resolved" if item.HasField("resolved_time") else "open",
+            item.error.field,
+            item.error.reason,
+            item.error.description,
+        )
+        for item in items
+    ]
+    _print_rows(rows)
+    if not items:
+        print("(nothing quarantined)")
+    return EXIT_OK
+
+
+async def _renormalise(client: AsyncClient, options: argparse.Namespace) -> int:
+    response = await client.renormalise_quarantine(options.ids)
+    if options.json:
+        print(_json(response))
+    else:
+        for result in response.results:
+            errors = "; ".join(
+                f"{r.error.field}: {r.error.description}" for r in result.results if r.HasField("error")
+            )
+            print(f"{result.id}: {'resolved' if result.resolved else 'still rejected: ' + errors}")
+        print(f"resolved {response.resolved_count}, still rejected {response.still_rejected_count}")
+    return EXIT_INVALID if response.still_rejected_count else EXIT_OK

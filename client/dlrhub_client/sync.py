@@ -8,7 +8,14 @@ from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import Any, TypeVar
 
 from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
-from deliveryreport.v1.delivery_report_service_pb2 import FetchResponse, IngestResponse, StreamResponse
+from deliveryreport.v1.delivery_report_service_pb2 import (
+    FetchResponse,
+    IngestResponse,
+    ListQuarantineResponse,
+    QuarantinedItem,
+    RenormaliseQuarantineResponse,
+    StreamResponse,
+)
 from dlrhub_client.aio import DEFAULT_TARGET, AsyncClient
 
 T = TypeVar("T")
@@ -63,6 +70,15 @@ class Client:
 
     def iter_reference(self, reference: str, **options: Any) -> Iterator[DeliveryReport]:
         return self._iterate(self._client.iter_reference(reference, **options))
+
+    def list_quarantine(self, **options: Any) -> ListQuarantineResponse:
+        return self._run(self._client.list_quarantine(**options))
+
+    def iter_quarantine(self, **options: Any) -> Iterator[QuarantinedItem]:
+        return self._iterate(self._client.iter_quarantine(**options))
+
+    def renormalise_quarantine(self, ids: Any = ()) -> RenormaliseQuarantineResponse:
+        return self._run(self._client.renormalise_quarantine(ids))
 
     def stream(self, **options: Any) -> Iterator[StreamResponse]:
         return self._iterate(self._client.stream(**options))
