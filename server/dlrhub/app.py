@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from aiohttp import web
@@ -22,11 +24,13 @@ from dlrhub.committer import Committer
 from dlrhub.config import Settings
 from dlrhub.hub import Hub
 from dlrhub.intake import Intake
+from dlrhub.metrics import Metrics
 from dlrhub.normalise import Normaliser
 from dlrhub.poller import HEALTH_SERVICE as POLLER_HEALTH_SERVICE
 from dlrhub.poller import Poller, PollerSettings
 from dlrhub.service import DeliveryReportService
 from dlrhub.store import SqliteStore
+from dlrhub.telemetry import CallInterceptor, tracing_interceptor
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +91,18 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
         store = SqliteStore(settings.db)
         started.callback(store.close)
         hub = Hub(capacity=settings.stream_buffer, latest_cursor=store.latest_cursor())
-        committer = Committer(store, hub)
+        metrics = Metrics()
+        metrics.watch(hub, store.open_quarantine_count)
+        committer = Committer(store, hub, on_commit=_commit_recorder(metrics))
         committer.start()
         started.push_async_callback(committer.stop)
         reads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dlrhub-reader")
         started.callback(reads.shutdown)
-        intake = Intake(normaliser, committer, clock, max_items=settings.max_batch_items)
+        intake = Intake(normaliser, committer, clock, max_items=settings.max_batch_items, metrics=metrics)
 
         server = grpc.aio.server(
             options=[*SERVER_OPTIONS, ("grpc.max_receive_message_length", settings.max_request_bytes)],
-            interceptors=[AuthInterceptor(tokens)] if tokens is not None else None,
+            interceptors=_interceptors(settings.tracing, metrics, tokens),
         )
         service = DeliveryReportService(
             intake=intake, store=store, hub=hub, reads=reads, max_streams=settings.max_streams
@@ -118,7 +124,13 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
         started.push_async_callback(server.stop, None)
 
         http = web.AppRunner(
-            webhooks.create_app(intake, webhook_auth, settings.http_max_body_bytes), access_log=None
+            webhooks.create_app(
+                intake,
+                webhook_auth,
+                settings.http_max_body_bytes,
+                metrics=lambda: asyncio.get_running_loop().run_in_executor(reads, metrics.render),
+            ),
+            access_log=None,
         )
         await http.setup()
         started.push_async_callback(http.cleanup)
@@ -130,7 +142,9 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         poller = None
         if poller_settings is not None:
-            poller = Poller(poller_settings, intake, set_serving=_health_setter(health_servicer))
+            poller = Poller(
+                poller_settings, intake, set_serving=_health_setter(health_servicer), metrics=metrics
+            )
             await health_servicer.set(POLLER_HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
             poller.start()
         started.pop_all()  # running: App.stop owns everything now
@@ -162,6 +176,22 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
         },
     )
     return app
+
+
+def _interceptors(tracing: str, metrics: Metrics, tokens: Tokens | None) -> list[Any]:
+    """Outermost first: tracing (when on), then per-call logs and metrics, then authentication."""
+    chain: list[Any] = [tracing_interceptor(tracing), CallInterceptor(metrics)]
+    if tokens is not None:
+        chain.append(AuthInterceptor(tokens))
+    return [interceptor for interceptor in chain if interceptor is not None]
+
+
+def _commit_recorder(metrics: Metrics) -> Callable[[float, int], None]:
+    def record(seconds: float, items: int) -> None:
+        metrics.commit_seconds.observe(seconds)
+        metrics.commit_reports.observe(items)
+
+    return record
 
 
 def _tokens(settings: Settings) -> Tokens | None:

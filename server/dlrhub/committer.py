@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -29,9 +31,19 @@ class _Pending:
 class Committer:
     """Applies submissions in groups on one writer thread."""
 
-    def __init__(self, store: Store, hub: Hub, *, max_group: int = 512, max_waiting: int = 10_000) -> None:
+    def __init__(
+        self,
+        store: Store,
+        hub: Hub,
+        *,
+        max_group: int = 512,
+        max_waiting: int = 10_000,
+        on_commit: Callable[[float, int], None] | None = None,
+    ) -> None:
         self._store = store
         self._hub = hub
+        # Called after each commit with its duration in seconds and how many items it held.
+        self._on_commit = on_commit
         self._max_group = max_group
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue(max_waiting)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlrhub-writer")
@@ -91,5 +103,9 @@ class Committer:
                     pending.future.set_result(applied)
 
     def _write(self, submissions: list[Submission]) -> list[Applied]:
+        started = time.perf_counter()
         with self._store.transaction() as tx:
-            return [apply(tx, submission) for submission in submissions]
+            applied = [apply(tx, submission) for submission in submissions]
+        if self._on_commit is not None:
+            self._on_commit(time.perf_counter() - started, sum(len(s.items) or 1 for s in submissions))
+        return applied

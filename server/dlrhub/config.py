@@ -82,6 +82,8 @@ class Settings:
     max_request_bytes: int = _env("DLRHUB_MAX_REQUEST_BYTES", 16 * 1024 * 1024)
     max_batch_items: int = _env("DLRHUB_MAX_BATCH_ITEMS", 10_000)
     max_streams: int = _env("DLRHUB_MAX_STREAMS", 1000)
+    # OpenTelemetry tracing: off, console or otlp (OTEL_EXPORTER_OTLP_* configure the exporter).
+    tracing: str = _env("DLRHUB_TRACING", "off")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -45,7 +45,7 @@ async def follow(
     """Changes matching the filter with cursor > `after` (None: only changes from now on)."""
     subscription = hub.subscribe(change_filter)
     try:
-        last = hub.latest_cursor if after is None else after
+        subscription.position = last = hub.latest_cursor if after is None else after
         # The stream is live from here on: say so at once, with the position it starts after.
         yield Heartbeat(last)
         catch_up = True
@@ -58,7 +58,7 @@ async def follow(
                     for change in batch:
                         if change_filter.matches(change):
                             yield change
-                        last = change.cursor
+                        subscription.position = last = change.cursor
                     if len(batch) < REPLAY_BATCH:
                         break
                 continue
@@ -66,14 +66,14 @@ async def follow(
                 change = subscription.buffer.popleft()
                 if change.cursor > last:
                     yield change
-                    last = change.cursor
+                    subscription.position = last = change.cursor
                 continue
             if not await subscription.wait(heartbeat_seconds):
                 if subscription.buffer or subscription.overflowed:
                     # A change was published as the wait timed out: deliver it before any heartbeat,
                     # or the heartbeat's cursor would pass it and it would be skipped.
                     continue
-                last = max(last, hub.latest_cursor)
+                subscription.position = last = max(last, hub.latest_cursor)
                 yield Heartbeat(last)
     finally:
         hub.unsubscribe(subscription)

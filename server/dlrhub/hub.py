@@ -10,10 +10,13 @@ nothing.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import deque
 from collections.abc import Iterable
 
 from dlrhub.store.base import Change, ChangeFilter
+
+_ids = itertools.count(1)
 
 
 class Subscription:
@@ -25,6 +28,9 @@ class Subscription:
         self.buffer: deque[Change] = deque()
         self.overflowed = False
         self.closed = False
+        # The cursor the subscriber has been given everything up to (for lag metrics).
+        self.position = 0
+        self.id = next(_ids)
         self._wakeup = asyncio.Event()
 
     def offer(self, change: Change) -> None:
@@ -73,6 +79,10 @@ class Hub:
     @property
     def subscriber_count(self) -> int:
         return len(self._subscriptions)
+
+    @property
+    def subscriptions(self) -> list[Subscription]:
+        return list(self._subscriptions)
 
     def publish(self, changes: Iterable[Change]) -> None:
         """Call only after the changes are committed, in cursor order."""

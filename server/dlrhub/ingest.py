@@ -50,7 +50,9 @@ class Applied:
 
 def apply(tx: Transaction, submission: Submission) -> Applied:
     """Applies one submission inside an open transaction."""
-    if submission.request_id:
+    # A re-normalisation carries its item's request id only to remember it: it is no retry of that
+    # Ingest, so it neither replays the Ingest's saved answer nor saves one in its place.
+    if submission.request_id and not submission.quarantine_id:
         saved = tx.find_response(submission.request_id)
         if saved is not None:
             return Applied(IngestResponse.FromString(saved), replayed=True)
@@ -88,7 +90,7 @@ def apply(tx: Transaction, submission: Submission) -> Applied:
         result.cursor = str(cursor)
         response.accepted_count += 1
 
-    if submission.request_id and not is_wholly_rejected(response):
+    if submission.request_id and not submission.quarantine_id and not is_wholly_rejected(response):
         tx.save_response(submission.request_id, response.SerializeToString())
     if submission.quarantine_id and response.results and not response.rejected_count:
         tx.resolve_quarantined(submission.quarantine_id, submission.received.seconds)

@@ -14,6 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from deliveryreport.v1.delivery_report_service_pb2 import Format, IngestResponse
 from dlrhub.committer import Committer
 from dlrhub.ingest import Submission
+from dlrhub.metrics import Metrics
 from dlrhub.normalise import Normaliser, PayloadError, Rejection
 from dlrhub.store.base import QuarantinedItem
 
@@ -44,11 +45,13 @@ class Intake:
         clock: Callable[[], int],
         *,
         max_items: int = 10_000,
+        metrics: Metrics | None = None,
     ) -> None:
         self._normaliser = normaliser
         self._committer = committer
         self._clock = clock
         self._max_items = max_items
+        self._metrics = metrics
 
     async def ingest(self, payload: str, format: Format.ValueType, request_id: str = "") -> Ingested:
         """Normalises and commits a payload.
@@ -65,8 +68,7 @@ class Intake:
             if len(items) > self._max_items:
                 raise TooManyItems(len(items), self._max_items)
             submission = Submission(items, received, request_id)
-        applied = await self._committer.submit(submission)
-        return Ingested(applied.response, submission.payload_rejection)
+        return await self._commit(submission)
 
     async def renormalise(self, quarantine_id: int, item: QuarantinedItem) -> Ingested:
         """Runs a quarantined item through the current normaliser again, and commits what now passes.
@@ -91,5 +93,13 @@ class Intake:
             )
         else:
             submission = Submission(items, received, item.request_id, quarantine_id=quarantine_id)
+        return await self._commit(submission)
+
+    async def _commit(self, submission: Submission) -> Ingested:
         applied = await self._committer.submit(submission)
+        if self._metrics is not None and not applied.replayed:
+            if submission.payload_rejection is not None:
+                self._metrics.record_rejected_payload(submission.format)
+            else:
+                self._metrics.record_ingest(submission.items, applied.response)
         return Ingested(applied.response, submission.payload_rejection)

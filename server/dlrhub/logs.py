@@ -7,6 +7,8 @@ import logging
 import sys
 from datetime import UTC, datetime
 
+from dlrhub.telemetry import current_trace_id
+
 # Attributes every LogRecord has; anything else was passed with `extra=`.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
     "message",
@@ -24,6 +26,9 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         entry.update((key, value) for key, value in vars(record).items() if key not in _STANDARD)
+        trace_id = current_trace_id()
+        if trace_id is not None:
+            entry["trace_id"] = trace_id
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)

@@ -24,6 +24,7 @@ import httpx
 
 from deliveryreport.v1.delivery_report_service_pb2 import Format
 from dlrhub.intake import Intake
+from dlrhub.metrics import Metrics
 from dlrhub.store.base import StoreError
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class Poller:
         set_serving: Callable[[bool], Awaitable[None]] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         jitter: Callable[[], float] = random.random,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self._intake = intake
@@ -76,6 +78,7 @@ class Poller:
         self._set_serving = set_serving
         self._sleep = sleep
         self._jitter = jitter
+        self._metrics = metrics
         # A fetched body not yet committed: retried before anything is fetched again.
         self._pending: str | None = None
         self._resting = False
@@ -104,15 +107,20 @@ class Poller:
                 fetched = await self.poll_once()
             except PollFailure as failure:
                 self.failures += 1
+                self._count_failure(failure.kind)
                 if failure.kind == "auth":
                     await self._serving(False)
                 delay = self.backoff()
             except Exception:
                 log.exception("poll: unexpected failure; retrying")
                 self.failures += 1
+                self._count_failure("unexpected")
                 delay = self.backoff()
             else:
                 self.failures = 0
+                if self._metrics is not None:
+                    self._metrics.poller_fetched.inc(fetched)
+                    self._metrics.poller_last_success.set_to_current_time()
                 await self._serving(True)
                 delay = 0.0 if fetched >= self.settings.limit else self.settings.interval
             if delay and not self._stopping:
@@ -184,6 +192,10 @@ class Poller:
             extra={"url": url},
         )
         raise PollFailure("client_error", f"HTTP {status}")
+
+    def _count_failure(self, kind: str) -> None:
+        if self._metrics is not None:
+            self._metrics.poller_failures.labels(kind).inc()
 
     async def _serving(self, serving: bool) -> None:
         if self._set_serving is not None:

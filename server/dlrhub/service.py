@@ -48,6 +48,7 @@ from dlrhub.ingest import is_wholly_rejected
 from dlrhub.intake import Intake, TooManyItems
 from dlrhub.normalise import typed_payload
 from dlrhub.store.base import ChangeFilter, QuarantinedItem, Store, StoreError
+from dlrhub.telemetry import note
 
 T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -107,6 +108,8 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
             payload, format = request.payload, request.format
         else:
             payload, format = typed_payload(request.gms if body == "gms" else request.sent_sms_report)
+        if request.request_id:
+            note(request_id=request.request_id)
         try:
             ingested = await self._intake.ingest(payload, format, request.request_id)
         except TooManyItems as error:
@@ -128,6 +131,11 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
                 violations=[FieldViolation(rejection.field or body, rejection.description, rejection.reason)],
             )
         response = ingested.response
+        note(
+            accepted=response.accepted_count,
+            duplicate=response.duplicate_count,
+            rejected=response.rejected_count,
+        )
         if is_wholly_rejected(response):
             raise InvalidArgument(
                 f"no valid report: all {response.rejected_count} items were rejected",

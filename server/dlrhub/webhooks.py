@@ -16,10 +16,13 @@ import base64
 import binascii
 import hmac
 import logging
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from deliveryreport.v1.delivery_report_service_pb2 import Format, IngestOutcome, IngestResponse
 from dlrhub.intake import Intake, TooManyItems
@@ -73,16 +76,32 @@ class WebhookAuth:
         return hmac.compare_digest(given_text.encode(), self.secret)
 
 
-def create_app(intake: Intake, auth: dict[str, WebhookAuth], max_body_bytes: int) -> web.Application:
-    """The webhook application; `auth` maps a route path to the credentials it requires."""
+def create_app(
+    intake: Intake,
+    auth: dict[str, WebhookAuth],
+    max_body_bytes: int,
+    metrics: Callable[[], Awaitable[bytes]] | None = None,
+) -> web.Application:
+    """The webhook application; `auth` maps a route path to the credentials it requires.
+
+    With `metrics` (rendering the Prometheus exposition text), GET /metrics serves it.
+    """
     app = web.Application(client_max_size=max_body_bytes)
     for path, format in ROUTES.items():
         app.router.add_post(path, _handler(intake, format, auth.get(path)))
+    if metrics is not None:
+        render = metrics
+
+        async def serve_metrics(_: web.Request) -> web.Response:
+            return web.Response(body=await render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        app.router.add_get("/metrics", serve_metrics)
     return app
 
 
 def _handler(intake: Intake, format: Format.ValueType, auth: WebhookAuth | None) -> Any:
     async def handle(request: web.Request) -> web.Response:
+        started = time.perf_counter()
         if auth is not None and not auth.allows(request):
             challenge = {"WWW-Authenticate": 'Basic realm="dlrhub"'} if auth.scheme == "basic" else {}
             return _error(401, Rejection("", "UNAUTHENTICATED", "missing or wrong credentials"), challenge)
@@ -108,6 +127,8 @@ def _handler(intake: Intake, format: Format.ValueType, auth: WebhookAuth | None)
             "webhook",
             extra={
                 "route": request.path,
+                "request_id": request.headers.get("X-Request-Id", ""),
+                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
                 "accepted": response.accepted_count,
                 "duplicate": response.duplicate_count,
                 "rejected": response.rejected_count,

@@ -1,0 +1,157 @@
+"""Prometheus metrics (prometheus-client), one registry per running app, served at /metrics.
+
+dlrhub_rpc_requests_total{method,code}            RPCs by method and status code
+dlrhub_rpc_duration_seconds{method}               RPC latency
+dlrhub_reports_total{source,status,outcome}       items by source, unified status and outcome
+dlrhub_unmapped_codes_total{source,codes}         raw provider codes that mapped to UNSPECIFIED
+dlrhub_store_commit_seconds                       duration of each group commit
+dlrhub_store_commit_reports                       items per group commit (group-commit batch size)
+dlrhub_poller_last_success_timestamp_seconds      when a poll last succeeded
+dlrhub_poller_reports_fetched_total               reports fetched by the poller
+dlrhub_poller_failures_total{kind}                poll failures: auth, client_error, throttled,
+                                                  server_error, timeout, connection, store, unexpected
+dlrhub_stream_subscribers                         open Stream subscribers
+dlrhub_stream_lag{subscriber}                     changes each subscriber is behind the newest cursor
+dlrhub_stream_latest_cursor                       the newest published cursor
+dlrhub_quarantine_open                            quarantined items not resolved
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from deliveryreport.v1.delivery_report_pb2 import DeliveryReport, DeliveryStatus, Source
+from deliveryreport.v1.delivery_report_service_pb2 import Format, IngestOutcome, IngestResponse
+from dlrhub.hub import Hub
+from dlrhub.normalise import NormalisedItem
+
+_SOURCE_OF_FORMAT: dict[int, str] = {
+    Format.FORMAT_GMS: "gms",
+    Format.FORMAT_SENT_SMS_REPORT: "sent_sms_report",
+}
+_SOURCES = {Source.SOURCE_GMS: "gms", Source.SOURCE_SENT_SMS_REPORT: "sent_sms_report"}
+_OUTCOMES = {
+    IngestOutcome.INGEST_OUTCOME_ACCEPTED: "accepted",
+    IngestOutcome.INGEST_OUTCOME_DUPLICATE: "duplicate",
+    IngestOutcome.INGEST_OUTCOME_REJECTED: "rejected",
+}
+_UNSPECIFIED = DeliveryStatus.DELIVERY_STATUS_UNSPECIFIED
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """Every metric dlrhub exposes; the parts record into it, /metrics renders it."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.rpc_requests = Counter(
+            "dlrhub_rpc_requests", "RPCs by method and status code", ["method", "code"], registry=r
+        )
+        self.rpc_duration = Histogram(
+            "dlrhub_rpc_duration_seconds", "RPC latency", ["method"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.reports = Counter(
+            "dlrhub_reports",
+            "Items by source, unified status and outcome",
+            ["source", "status", "outcome"],
+            registry=r,
+        )
+        self.unmapped = Counter(
+            "dlrhub_unmapped_codes",
+            "Raw provider codes that mapped to UNSPECIFIED",
+            ["source", "codes"],
+            registry=r,
+        )
+        self.commit_seconds = Histogram(
+            "dlrhub_store_commit_seconds",
+            "Duration of each group commit",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.commit_reports = Histogram(
+            "dlrhub_store_commit_reports",
+            "Items per group commit",
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000),
+            registry=r,
+        )
+        self.poller_last_success = Gauge(
+            "dlrhub_poller_last_success_timestamp_seconds", "When a poll last succeeded", registry=r
+        )
+        self.poller_fetched = Counter(
+            "dlrhub_poller_reports_fetched", "Reports fetched by the poller", registry=r
+        )
+        self.poller_failures = Counter(
+            "dlrhub_poller_failures", "Poll failures by kind", ["kind"], registry=r
+        )
+
+    def watch(self, hub: Hub, open_quarantine: Callable[[], int]) -> None:
+        """Stream and quarantine gauges, read when scraped."""
+        self.registry.register(_LiveCollector(hub, open_quarantine))
+
+    def render(self) -> bytes:
+        """The exposition text (blocking: it may read the store)."""
+        return generate_latest(self.registry)
+
+    def record_ingest(self, items: Iterable[NormalisedItem], response: IngestResponse) -> None:
+        """Counts each item's outcome, and the raw codes of reports that mapped to UNSPECIFIED."""
+        formats = {item.index: item.format for item in items}
+        for result in response.results:
+            outcome = _OUTCOMES.get(result.outcome, "unknown")
+            if result.HasField("report"):
+                report = result.report
+                source = _SOURCES.get(report.source, "unknown")
+                status = DeliveryStatus.Name(report.status).removeprefix("DELIVERY_STATUS_").lower()
+                if report.status == _UNSPECIFIED and outcome == "accepted":
+                    self.unmapped.labels(source, raw_codes(report)).inc()
+            else:
+                source = _SOURCE_OF_FORMAT.get(formats.get(result.index, 0), "unknown")
+                status = ""
+            self.reports.labels(source, status, outcome).inc()
+
+    def record_rejected_payload(self, format: int) -> None:
+        self.reports.labels(_SOURCE_OF_FORMAT.get(format, "unknown"), "", "rejected").inc()
+
+
+def raw_codes(report: DeliveryReport) -> str:
+    """The provider's codes as a short label, e.g. "status=3,substatus=37,hyber_status=37001"."""
+    raw = report.raw
+    if raw.HasField("gms"):
+        gms = raw.gms
+        optional = [
+            f"{name}={getattr(gms, name)}"
+            for name in ("substatus", "hyber_status", "error_code")
+            if gms.HasField(name)
+        ]
+        return ",".join([f"status={gms.status}", *optional])
+    if raw.HasField("sent_sms_report"):
+        codes = raw.sent_sms_report
+        return "seen" if codes.seen else f"group_id={codes.group_id},id={codes.id}"
+    return ""
+
+
+class _LiveCollector(Collector):
+    def __init__(self, hub: Hub, open_quarantine: Callable[[], int]) -> None:
+        self._hub = hub
+        self._open_quarantine = open_quarantine
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        subscriptions = self._hub.subscriptions
+        latest = self._hub.latest_cursor
+        yield GaugeMetricFamily(
+            "dlrhub_stream_subscribers", "Open Stream subscribers", value=len(subscriptions)
+        )
+        yield GaugeMetricFamily("dlrhub_stream_latest_cursor", "The newest published cursor", value=latest)
+        lag = GaugeMetricFamily(
+            "dlrhub_stream_lag", "Changes each subscriber is behind the newest cursor", labels=["subscriber"]
+        )
+        for subscription in subscriptions:
+            lag.add_metric([str(subscription.id)], max(0, latest - subscription.position))
+        yield lag
+        yield GaugeMetricFamily(
+            "dlrhub_quarantine_open", "Quarantined items not resolved", value=self._open_quarantine()
+        )

@@ -1,0 +1,159 @@
+"""Per-call observability for the gRPC API: one JSON log line per call, RPC metrics, tracing.
+
+The call interceptor times every call, counts it by method and status code,
+and logs one line when it ends: the RPC, its code, its duration and whatever
+the servicer added with `note()` (request id, outcome counts). Payload
+contents never go into these lines (they hold phone numbers).
+
+Tracing is OpenTelemetry's gRPC instrumentation, off unless DLRHUB_TRACING is
+`console` or `otlp` (the OTLP exporter reads the standard OTEL_EXPORTER_OTLP_*
+variables). The log formatter adds the current trace id to every line logged
+inside a traced call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
+
+from dlrhub.metrics import Metrics
+
+if TYPE_CHECKING:
+    Handler = grpc.RpcMethodHandler[Any, Any]
+
+log = logging.getLogger(__name__)
+
+_call: contextvars.ContextVar[dict[str, object] | None] = contextvars.ContextVar("dlrhub_call", default=None)
+
+
+def note(**fields: object) -> None:
+    """Adds fields to the log line of the call being served (no-op outside a call)."""
+    current = _call.get()
+    if current is not None:
+        current.update(fields)
+
+
+class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler: Handler | None = await continuation(handler_call_details)
+        if handler is None:  # no such method: gRPC answers UNIMPLEMENTED
+            return handler  # type: ignore[return-value]
+        method = handler_call_details.method.lstrip("/")
+        options = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(self._unary(method, handler.unary_unary), **options)
+        if handler.unary_stream is not None:
+            streaming: Any = handler.unary_stream  # an async generator function on grpc.aio
+            return grpc.unary_stream_rpc_method_handler(self._stream(method, streaming), **options)
+        return handler
+
+    def _unary(self, method: str, behaviour: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+        async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            fields = _fields(method, context)
+            token = _call.set(fields)
+            started = time.perf_counter()
+            code = "OK"
+            try:
+                return await behaviour(request, context)
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except BaseException:
+                code = _code(context)
+                raise
+            finally:
+                self._finish(method, code, started, fields)
+                _call.reset(token)
+
+        return call
+
+    def _stream(
+        self, method: str, behaviour: Callable[..., AsyncIterator[Any]]
+    ) -> Callable[..., AsyncIterator[Any]]:
+        async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            fields = _fields(method, context) | {"messages": 0}
+            token = _call.set(fields)
+            started = time.perf_counter()
+            code = "OK"
+            try:
+                async for response in behaviour(request, context):
+                    fields["messages"] = int(fields["messages"]) + 1  # type: ignore[call-overload]
+                    yield response
+            except (asyncio.CancelledError, GeneratorExit):
+                code = "CANCELLED"
+                raise
+            except BaseException:
+                code = _code(context)
+                raise
+            finally:
+                self._finish(method, code, started, fields)
+                _call.reset(token)
+
+        return call
+
+    def _finish(self, method: str, code: str, started: float, fields: dict[str, object]) -> None:
+        seconds = time.perf_counter() - started
+        self._metrics.rpc_requests.labels(method, code).inc()
+        self._metrics.rpc_duration.labels(method).observe(seconds)
+        log.info("rpc", extra={**fields, "code": code, "duration_ms": round(seconds * 1000, 3)})
+
+
+def _fields(method: str, context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, object]:
+    fields: dict[str, object] = {"rpc": method}
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id":
+            fields["request_id"] = value
+    return fields
+
+
+def _code(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The status an aborted call ended with (UNKNOWN for an unexpected exception)."""
+    code = context.code()
+    return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+
+
+def tracing_interceptor(mode: str) -> grpc.aio.ServerInterceptor | None:  # type: ignore[type-arg]
+    """OpenTelemetry's server interceptor exporting to the console or OTLP; None when off."""
+    if mode in ("", "off"):
+        return None
+    interceptor: grpc.aio.ServerInterceptor = aio_server_interceptor(tracer_provider=_provider(mode))  # type: ignore[type-arg, no-untyped-call]
+    return interceptor
+
+
+def _provider(mode: str) -> TracerProvider:
+    provider = TracerProvider(resource=Resource.create({"service.name": "dlrhub"}))
+    if mode == "console":
+        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
+    elif mode == "otlp":
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    else:
+        raise ValueError(f"DLRHUB_TRACING must be off, console or otlp, not {mode!r}")
+    return provider
+
+
+def current_trace_id() -> str | None:
+    """The trace id of the span being served, as 32 hex digits, if tracing is on."""
+    context = trace.get_current_span().get_span_context()
+    return format(context.trace_id, "032x") if context.is_valid else None
