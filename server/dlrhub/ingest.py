@@ -36,6 +36,9 @@ class Submission:
     # A re-normalisation of this quarantined item: rejections are not quarantined
     # again, and the item is resolved when nothing in it is rejected.
     quarantine_id: int = 0
+    # For a re-normalisation: when it ran (Unix seconds), the item's resolved time. `received` is
+    # the item's original received time, kept for the reports.
+    resolved_seconds: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +96,9 @@ def apply(tx: Transaction, submission: Submission) -> Applied:
     if submission.request_id and not submission.quarantine_id and not is_wholly_rejected(response):
         tx.save_response(submission.request_id, response.SerializeToString())
     if submission.quarantine_id and response.results and not response.rejected_count:
-        tx.resolve_quarantined(submission.quarantine_id, submission.received.seconds)
+        tx.resolve_quarantined(
+            submission.quarantine_id, submission.resolved_seconds or submission.received.seconds
+        )
     return Applied(response, changes)
 
 

@@ -76,6 +76,7 @@ class Intake:
         It keeps its original received time. The item is resolved when nothing in it is rejected.
         """
         received = Timestamp(seconds=item.received_seconds)
+        resolved_seconds = self._clock() // 1_000_000_000  # now: when it is resolved, if it is
         payload = item.raw
         if item.format == Format.FORMAT_SENT_SMS_REPORT and not item.whole_payload:
             payload = '{"results":[' + payload + "]}"  # one item of a batch
@@ -90,9 +91,16 @@ class Intake:
                 payload,
                 item.format,
                 quarantine_id=quarantine_id,
+                resolved_seconds=resolved_seconds,
             )
         else:
-            submission = Submission(items, received, item.request_id, quarantine_id=quarantine_id)
+            submission = Submission(
+                items,
+                received,
+                item.request_id,
+                quarantine_id=quarantine_id,
+                resolved_seconds=resolved_seconds,
+            )
         return await self._commit(submission)
 
     async def _commit(self, submission: Submission) -> Ingested:

@@ -1,0 +1,575 @@
+"""The quarantine over the real server: ListQuarantine, RenormaliseQuarantine, migration 2, the CLI.
+
+Rejected items (and whole payloads) are quarantined by Ingest and by the webhooks, listed oldest
+first, and re-run through the current normaliser after a fix. A "fix" is simulated the way a
+release ships one: the app is stopped and started again on the same database with a normaliser
+that now accepts an item shape it used to reject (see `keyed_by_reference`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+import httpx
+import pytest
+import sqlite_utils
+
+from deliveryreport.v1.delivery_report_pb2 import DeliveryReport, Source
+from deliveryreport.v1.delivery_report_service_pb2 import (
+    FetchRequest,
+    Format,
+    IngestOutcome,
+    IngestRequest,
+    IngestResponse,
+    ListQuarantineRequest,
+    ListQuarantineResponse,
+    QuarantinedItem,
+    RenormaliseQuarantineRequest,
+    RenormaliseQuarantineResponse,
+    StreamRequest,
+    StreamResponse,
+)
+from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
+from deliveryreport.v1.provider_formats_pb2 import GmsReport, GmsReports
+from dlrhub import app as dlrhub_app
+from dlrhub.config import Settings
+from dlrhub.normalise.fields import Fields
+from dlrhub.store import SqliteStore
+from dlrhub.store.sqlite import MIGRATIONS, SCHEMA_VERSION, migrate
+from tests.conftest import FakeClock, Running, ServerProcess
+
+if TYPE_CHECKING:
+    from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceAsyncStub as Stub
+
+    StreamCall = grpc.aio.UnaryStreamCall[StreamRequest, StreamResponse]
+
+TIMEOUT = 10.0
+T0 = FakeClock().now_ns // 1_000_000_000  # the FakeClock's start, in whole seconds
+ACCEPTED = IngestOutcome.INGEST_OUTCOME_ACCEPTED
+REJECTED = IngestOutcome.INGEST_OUTCOME_REJECTED
+GMS = Format.FORMAT_GMS
+SSR = Format.FORMAT_SENT_SMS_REPORT
+UNSPECIFIED = Format.FORMAT_UNSPECIFIED
+
+# --- payloads (odd spacing on purpose: the quarantine keeps an item's text byte for byte) ----------
+
+GMS_OK = (
+    '{"message_id": "q-gms-ok", "status": 2, "substatus": 23, "hyber_status": 23011, "time": 1477417294667}'
+)
+# No message_id: rejected today; the "fixed" normaliser keys it by its extra_id.
+GMS_NO_ID = '{"extra_id": "q-gms-ref",   "status": 2, "substatus": 23, "time": 1477417294667}'
+# No status: rejected by both releases.
+GMS_NO_STATUS = '{"message_id": "q-gms-nostatus",  "time": 1477417294667}'
+GMS_BATCH = f"[{GMS_OK},\n  {GMS_NO_ID}, {GMS_NO_STATUS}]"
+GMS_REQUEST_ID = "q-gms-batch-1"
+
+SSR_OK = (
+    '{"messageId": "q-ssr-ok", "to": "41793026727", "doneAt": "2019-11-09T16:00:00.000+0000",'
+    ' "status": {"groupId": 3, "id": 5}}'
+)
+# No messageId: rejected today; the "fixed" normaliser keys it by its callbackData.
+SSR_NO_ID = (
+    '{"callbackData": "q-ssr-ref",  "to": "41793026727", "doneAt": "2019-11-09T16:00:00.000+0000",'
+    ' "status": {"groupId": 3, "id": 5}}'
+)
+SSR_BATCH = f'{{"results": [{SSR_OK}, {SSR_NO_ID}]}}'
+
+NOT_JSON = '{"results": [{"messageId": "x",'
+UNKNOWN_SHAPE = '{"hello": "world"}'
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What ListQuarantine must show for one quarantined item."""
+
+    raw: str
+    format: Format.ValueType
+    whole_payload: bool
+    field: str
+    reason: str
+    received_seconds: int
+    request_id: str = ""
+
+
+# The quarantine after `ingest_samples`, oldest first.
+SAMPLES = [
+    Expected(GMS_NO_ID, GMS, False, "[1].message_id", "MISSING_FIELD", T0, GMS_REQUEST_ID),
+    Expected(GMS_NO_STATUS, GMS, False, "[2].status", "MISSING_FIELD", T0, GMS_REQUEST_ID),
+    Expected(SSR_NO_ID, SSR, False, "results[1].messageId", "MISSING_FIELD", T0 + 10),
+    Expected(NOT_JSON, UNSPECIFIED, True, "", "INVALID_JSON", T0 + 20),
+    Expected(UNKNOWN_SHAPE, UNSPECIFIED, True, "", "UNKNOWN_FORMAT", T0 + 30),
+]
+GMS_NO_ID_AT, GMS_NO_STATUS_AT, SSR_NO_ID_AT, NOT_JSON_AT, UNKNOWN_SHAPE_AT = range(5)
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+async def ingest(stub: Stub, request: IngestRequest) -> IngestResponse:
+    return await asyncio.wait_for(stub.Ingest(request), TIMEOUT)
+
+
+async def ingest_rejected(stub: Stub, request: IngestRequest) -> None:
+    """An Ingest with nothing usable: INVALID_ARGUMENT (and quarantined all the same)."""
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await ingest(stub, request)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def ingest_samples(stub: Stub, clock: FakeClock) -> None:
+    """Ingests the payloads behind SAMPLES, 10 s apart, starting at T0."""
+    assert clock.now_ns == T0 * 1_000_000_000
+    response = await ingest(stub, IngestRequest(payload=GMS_BATCH, request_id=GMS_REQUEST_ID))
+    assert [r.outcome for r in response.results] == [ACCEPTED, REJECTED, REJECTED]
+    clock.advance(10)
+    response = await ingest(stub, IngestRequest(payload=SSR_BATCH))
+    assert [r.outcome for r in response.results] == [ACCEPTED, REJECTED]
+    clock.advance(10)
+    await ingest_rejected(stub, IngestRequest(payload=NOT_JSON))
+    clock.advance(10)
+    await ingest_rejected(stub, IngestRequest(payload=UNKNOWN_SHAPE))
+
+
+async def list_quarantine(stub: Stub, request: ListQuarantineRequest) -> ListQuarantineResponse:
+    return await asyncio.wait_for(stub.ListQuarantine(request), TIMEOUT)
+
+
+async def all_quarantined(stub: Stub, *, include_resolved: bool = False) -> list[QuarantinedItem]:
+    response = await list_quarantine(stub, ListQuarantineRequest(include_resolved=include_resolved))
+    assert not response.next_page_token
+    return list(response.items)
+
+
+async def renormalise(stub: Stub, ids: Sequence[int] = ()) -> RenormaliseQuarantineResponse:
+    return await asyncio.wait_for(stub.RenormaliseQuarantine(RenormaliseQuarantineRequest(ids=ids)), TIMEOUT)
+
+
+async def fetch_one(stub: Stub, message_id: str) -> tuple[DeliveryReport, list[DeliveryReport]]:
+    """The state of a message and its history."""
+    request = FetchRequest(message_id=message_id, include_history=True)
+    response = await asyncio.wait_for(stub.Fetch(request), TIMEOUT)
+    assert len(response.reports) == 1
+    return response.reports[0], list(response.history)
+
+
+def assert_listed(item: QuarantinedItem, expected: Expected) -> None:
+    assert item.raw == expected.raw
+    assert item.format == expected.format
+    assert item.whole_payload is expected.whole_payload
+    assert item.error.field == expected.field
+    assert item.error.reason == expected.reason
+    assert item.error.description
+    assert item.received_time.seconds == expected.received_seconds
+    assert item.received_time.nanos == 0
+    assert item.request_id == expected.request_id
+    assert not item.HasField("resolved_time")
+
+
+def quarantine_count(db: Path) -> int:
+    with sqlite3.connect(db) as connection:
+        count: int = connection.execute("SELECT count(*) FROM quarantine").fetchone()[0]
+    return count
+
+
+_REFERENCE_OF = {"message_id": "extra_id", "messageId": "callbackData"}
+_required_text = Fields.required_text
+
+
+def keyed_by_reference(self: Fields, key: str) -> str:
+    """The "fixed" normaliser release: a report without a message id is keyed by its sender reference.
+
+    GMS `message_id` falls back to `extra_id`, SentSMSReport `messageId` to `callbackData`, so the
+    GMS_NO_ID and SSR_NO_ID items, rejected before, now normalise; everything else is unchanged.
+    """
+    if key in _REFERENCE_OF and not self.has(key):
+        reference = self.text(_REFERENCE_OF[key])
+        if reference:
+            return reference
+    return _required_text(self, key)
+
+
+@dataclass
+class OwnApp:
+    app: dlrhub_app.App
+    stub: Stub
+
+
+@asynccontextmanager
+async def own_app(db: Path, clock: FakeClock) -> AsyncIterator[OwnApp]:
+    """A dlrhub of the test's own (to stop and start it again on the same database)."""
+    running = await dlrhub_app.start(
+        Settings(listen="127.0.0.1:0", http_listen="127.0.0.1:0", db=db, shutdown_grace=1.0), clock=clock
+    )
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+    try:
+        yield OwnApp(running, DeliveryReportServiceStub(channel))
+    finally:
+        await channel.close(None)
+        await running.stop()
+
+
+async def read_change(call: StreamCall) -> StreamResponse:
+    """The next change (the 15 s default heartbeat never fires within these tests)."""
+    message = await asyncio.wait_for(call.read(), TIMEOUT)
+    assert isinstance(message, StreamResponse), "the stream ended"
+    assert not message.heartbeat
+    return message
+
+
+# --- ListQuarantine ------------------------------------------------------------------------------
+
+
+async def test_list_quarantine_shows_every_rejected_item_and_payload(server: Running) -> None:
+    await ingest_samples(server.stub, server.clock)
+    # Typed reports: the path is that of the GMS array they mirror.
+    server.clock.advance(10)
+    typed = GmsReports(
+        reports=[GmsReport(message_id="q-typed-ok", status=2), GmsReport(extra_id="q-typed-ref")]
+    )
+    response = await ingest(server.stub, IngestRequest(gms=typed))
+    assert [r.outcome for r in response.results] == [ACCEPTED, REJECTED]
+    # The webhooks quarantine the same way, under the route's format.
+    server.clock.advance(10)
+    hook_batch = '[{"message_id": "q-hook-ok", "status": 2}, {"status": 2,  "extra_id": "q-hook-ref"}]'
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.app.http_port}") as http:
+        answer = await http.post("/webhooks/gms", content=hook_batch)
+        assert answer.status_code == 400
+        assert answer.json()["rejected"] == 1
+        server.clock.advance(10)
+        answer = await http.post("/webhooks/sent-sms-report", content=NOT_JSON)
+        assert answer.status_code == 400
+        assert answer.json()["error"]["reason"] == "INVALID_JSON"
+
+    response_page = await list_quarantine(server.stub, ListQuarantineRequest())
+    items = list(response_page.items)
+    assert not response_page.next_page_token
+    assert response_page.open_count == len(items) == len(SAMPLES) + 3
+    ids = [item.id for item in items]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+    for item, expected in zip(items, SAMPLES, strict=False):
+        assert_listed(item, expected)
+
+    typed_item, hook_item, hook_payload = items[len(SAMPLES) :]
+    assert json.loads(typed_item.raw) == {"extra_id": "q-typed-ref"}
+    assert (typed_item.format, typed_item.whole_payload) == (GMS, False)
+    assert (typed_item.error.field, typed_item.error.reason) == ("[1].message_id", "MISSING_FIELD")
+    assert typed_item.received_time.seconds == T0 + 40
+    hook_raw = '{"status": 2,  "extra_id": "q-hook-ref"}'
+    assert_listed(hook_item, Expected(hook_raw, GMS, False, "[1].message_id", "MISSING_FIELD", T0 + 50))
+    assert_listed(hook_payload, Expected(NOT_JSON, SSR, True, "", "INVALID_JSON", T0 + 60))
+
+    # The accepted items of the same batches were stored as usual.
+    for message_id in ("q-gms-ok", "q-ssr-ok", "q-typed-ok", "q-hook-ok"):
+        state, _ = await fetch_one(server.stub, message_id)
+        assert state.message_id == message_id
+
+
+async def test_list_quarantine_pages(server: Running) -> None:
+    await ingest_samples(server.stub, server.clock)
+    everything = await all_quarantined(server.stub)
+    assert len(everything) == len(SAMPLES)
+
+    paged: list[QuarantinedItem] = []
+    token = ""
+    for _ in range(len(SAMPLES) + 1):
+        page = await list_quarantine(server.stub, ListQuarantineRequest(page_size=1, page_token=token))
+        assert len(page.items) == 1
+        assert page.open_count == len(SAMPLES)
+        paged.extend(page.items)
+        token = page.next_page_token
+        if not token:
+            break
+    assert paged == everything
+
+    # A page size over the cap is capped, not refused.
+    big = await list_quarantine(server.stub, ListQuarantineRequest(page_size=1_000_000))
+    assert list(big.items) == everything
+
+    for bad in (ListQuarantineRequest(page_size=-1), ListQuarantineRequest(page_token="not-a-token")):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await list_quarantine(server.stub, bad)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    # A token of the open-only listing does not continue the listing with resolved items.
+    first = await list_quarantine(server.stub, ListQuarantineRequest(page_size=1))
+    other = ListQuarantineRequest(page_size=1, page_token=first.next_page_token, include_resolved=True)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await list_quarantine(server.stub, other)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# --- RenormaliseQuarantine -----------------------------------------------------------------------
+
+
+async def test_renormalise_with_nothing_fixed_changes_nothing(server: Running, db_path: Path) -> None:
+    await ingest_samples(server.stub, server.clock)
+    before = await all_quarantined(server.stub, include_resolved=True)
+    latest = server.app.store.latest_cursor()
+    assert quarantine_count(db_path) == len(SAMPLES)
+
+    for _ in range(2):  # a second run neither resolves nor quarantines anything again
+        server.clock.advance(100)
+        response = await renormalise(server.stub)
+        assert [result.id for result in response.results] == [item.id for item in before]
+        assert response.resolved_count == 0
+        assert response.still_rejected_count == len(SAMPLES)
+        for result, item in zip(response.results, before, strict=True):
+            assert not result.resolved
+            assert len(result.results) == 1, "one outcome per item, not the replay of its batch"
+            (outcome,) = result.results
+            assert outcome.outcome == REJECTED
+            assert outcome.error.reason == item.error.reason
+            assert not outcome.HasField("report")
+            assert not outcome.cursor
+
+        assert quarantine_count(db_path) == len(SAMPLES)
+        assert server.app.store.latest_cursor() == latest
+        listing = await list_quarantine(server.stub, ListQuarantineRequest(include_resolved=True))
+        assert list(listing.items) == before
+        assert listing.open_count == len(SAMPLES)
+
+
+async def test_renormalise_after_a_fix_stores_what_now_passes(
+    db_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with own_app(db_path, clock) as old_release:
+        await ingest_samples(old_release.stub, clock)
+        items = await all_quarantined(old_release.stub)
+    ids = [item.id for item in items]
+    gms_id, ssr_id, unknown_id = ids[GMS_NO_ID_AT], ids[SSR_NO_ID_AT], ids[UNKNOWN_SHAPE_AT]
+    still_open = [ids[GMS_NO_STATUS_AT], ids[NOT_JSON_AT], unknown_id]
+
+    # The new release: same database, a normaliser that now accepts the two items without an id.
+    monkeypatch.setattr(Fields, "required_text", keyed_by_reference)
+    clock.advance(1000)
+    fixed_at = clock.now_ns // 1_000_000_000
+    async with own_app(db_path, clock) as new_release:
+        stub, store = new_release.stub, new_release.app.store
+        assert await all_quarantined(stub) == items  # the quarantine survived the restart
+        start = store.latest_cursor()
+        call: StreamCall = stub.Stream(StreamRequest())
+        try:
+            first = await asyncio.wait_for(call.read(), TIMEOUT)
+            assert isinstance(first, StreamResponse)
+            assert first.heartbeat
+            assert int(first.cursor) == start
+
+            # By explicit ids: only those are run, in id order.
+            response = await renormalise(stub, [unknown_id, gms_id])
+            assert [result.id for result in response.results] == [gms_id, unknown_id]
+            assert (response.resolved_count, response.still_rejected_count) == (1, 1)
+            resolved, rejected = response.results
+            assert resolved.resolved
+            assert [r.outcome for r in resolved.results] == [ACCEPTED]
+            assert resolved.results[0].report.message_id == "q-gms-ref"
+            assert not rejected.resolved
+            assert [(r.outcome, r.error.reason) for r in rejected.results] == [(REJECTED, "UNKNOWN_FORMAT")]
+
+            change = await read_change(call)
+            assert change.cursor == resolved.results[0].cursor
+            assert int(change.cursor) > start
+            assert change.report.message_id == "q-gms-ref"
+            assert change.report.raw_payload == GMS_NO_ID
+            assert change.report.received_time.seconds == T0
+            assert change.state.message_id == "q-gms-ref"
+
+            # Every open item: the resolved one is not run again.
+            response = await renormalise(stub)
+            assert [result.id for result in response.results] == [i for i in ids if i != gms_id]
+            assert (response.resolved_count, response.still_rejected_count) == (1, 3)
+            by_id = {result.id: result for result in response.results}
+            assert by_id[ssr_id].resolved
+            assert [r.outcome for r in by_id[ssr_id].results] == [ACCEPTED]
+            assert [result.id for result in response.results if not result.resolved] == still_open
+
+            change = await read_change(call)
+            assert change.report.message_id == "q-ssr-ref"
+            assert change.report.raw_payload == SSR_NO_ID
+            assert change.report.received_time.seconds == T0 + 10
+            assert int(change.cursor) == start + 2
+
+            # Stored like any Ingest, with the original received time and the item's own text.
+            for message_id, raw, received, source in (
+                ("q-gms-ref", GMS_NO_ID, T0, Source.SOURCE_GMS),
+                ("q-ssr-ref", SSR_NO_ID, T0 + 10, Source.SOURCE_SENT_SMS_REPORT),
+            ):
+                state, history = await fetch_one(stub, message_id)
+                assert (state.source, state.reference) == (source, message_id)
+                assert state.received_time.seconds == received
+                assert len(history) == 1
+                assert history[0].raw_payload == raw
+                assert history[0].received_time.seconds == received
+
+            # Resolved items leave the open listing and show their resolution time in the full one.
+            listing = await list_quarantine(stub, ListQuarantineRequest())
+            assert [item.id for item in listing.items] == still_open
+            assert listing.open_count == 3
+            full = await all_quarantined(stub, include_resolved=True)
+            assert [item.id for item in full] == ids
+            for item, before in zip(full, items, strict=True):
+                if item.id in (gms_id, ssr_id):
+                    assert item.resolved_time.seconds == fixed_at
+                    item.ClearField("resolved_time")
+                else:
+                    assert not item.HasField("resolved_time")
+                assert item == before  # otherwise unchanged, reason and all
+
+            # Again: nothing left to resolve, and nothing stored twice.
+            latest = store.latest_cursor()
+            assert latest == start + 2
+            response = await renormalise(stub)
+            assert [result.id for result in response.results] == still_open
+            assert (response.resolved_count, response.still_rejected_count) == (0, 3)
+            response = await renormalise(stub, [gms_id, ssr_id])
+            assert list(response.results) == []
+            assert (response.resolved_count, response.still_rejected_count) == (0, 0)
+            assert store.latest_cursor() == latest
+            assert quarantine_count(db_path) == len(SAMPLES)
+            for message_id in ("q-gms-ref", "q-ssr-ref"):
+                _, history = await fetch_one(stub, message_id)
+                assert len(history) == 1
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(call.read(), 0.3)  # no further change
+        finally:
+            call.cancel()
+
+
+# --- schema migration ----------------------------------------------------------------------------
+
+
+def create_version_1(db: Path) -> None:
+    """A database as the first release left it (migration 1 only), with a quarantined item."""
+    connection = sqlite3.connect(db, isolation_level=None)
+    try:
+        MIGRATIONS[0](sqlite_utils.Database(connection))
+        connection.execute("PRAGMA user_version = 1")
+        connection.execute(
+            "INSERT INTO quarantine (received_seconds, request_id, field, reason, description, raw)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                1_600_000_000,
+                "old-request",
+                "[0].status",
+                "INVALID_VALUE",
+                "rejected by the first release",
+                '{"message_id": "q-old-1", "status": 2,  "time": 1477417294667}',
+            ),
+        )
+    finally:
+        connection.close()
+
+
+def user_version(db: Path) -> int:
+    with sqlite3.connect(db) as connection:
+        version: int = connection.execute("PRAGMA user_version").fetchone()[0]
+    return version
+
+
+async def test_a_version_1_database_is_migrated(db_path: Path, clock: FakeClock) -> None:
+    create_version_1(db_path)
+    assert user_version(db_path) == 1
+    assert SCHEMA_VERSION == 2
+
+    store = SqliteStore(db_path)
+    try:
+        assert user_version(db_path) == SCHEMA_VERSION
+        ((quarantine_id, old),) = store.quarantined(0, 10)
+        assert (old.format, old.whole_payload, old.resolved_seconds) == (0, False, None)
+        assert (old.request_id, old.reason, old.received_seconds) == (
+            "old-request",
+            "INVALID_VALUE",
+            1_600_000_000,
+        )
+        assert store.open_quarantine_count() == 1
+    finally:
+        store.close()
+    with sqlite3.connect(db_path) as connection:
+        assert migrate(connection) == SCHEMA_VERSION  # already current: nothing to do
+
+    async with own_app(db_path, clock) as running:
+        listing = await list_quarantine(running.stub, ListQuarantineRequest())
+        assert listing.open_count == 1
+        (item,) = listing.items
+        assert item.id == quarantine_id
+        assert (item.format, item.whole_payload) == (UNSPECIFIED, False)
+        assert (item.request_id, item.error.field, item.error.reason) == (
+            "old-request",
+            "[0].status",
+            "INVALID_VALUE",
+        )
+        assert item.received_time.seconds == 1_600_000_000
+        assert not item.HasField("resolved_time")
+
+        # An old row (format unknown) is read by its shape, and the current release accepts it.
+        response = await renormalise(running.stub)
+        assert response.resolved_count == 1
+        assert [r.outcome for r in response.results[0].results] == [ACCEPTED]
+        state, _ = await fetch_one(running.stub, "q-old-1")
+        assert state.received_time.seconds == 1_600_000_000
+        assert (await list_quarantine(running.stub, ListQuarantineRequest())).open_count == 0
+
+
+# --- CLI -----------------------------------------------------------------------------------------
+
+_SCRIPT = shutil.which("dlrhub", path=str(Path(sys.executable).parent))
+DLRHUB = [_SCRIPT] if _SCRIPT else [sys.executable, "-m", "dlrhub.cli"]
+ENV = {k: v for k, v in os.environ.items() if k not in {"DLRHUB_TARGET", "DLRHUB_TOKEN"}}
+
+
+def dlrhub(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*DLRHUB, *args], capture_output=True, text=True, timeout=30, env=ENV, check=False)
+
+
+def test_cli_lists_and_renormalises(server_process: ServerProcess) -> None:
+    with grpc.insecure_channel(server_process.address) as channel:
+        stub = DeliveryReportServiceStub(channel)
+        response = stub.Ingest(IngestRequest(payload=GMS_BATCH), timeout=TIMEOUT)
+        assert response.rejected_count == 2
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.Ingest(IngestRequest(payload=UNKNOWN_SHAPE), timeout=TIMEOUT)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        items = list(stub.ListQuarantine(ListQuarantineRequest(), timeout=TIMEOUT).items)
+    assert [item.error.reason for item in items] == ["MISSING_FIELD", "MISSING_FIELD", "UNKNOWN_FORMAT"]
+
+    target = ("--target", server_process.address)
+    commands = [("quarantine", *target), ("quarantine", *target, "--json"), ("renormalise", *target)]
+    with ThreadPoolExecutor(max_workers=len(commands)) as pool:
+        table, lines, rerun = pool.map(lambda command: dlrhub(*command), commands)
+
+    assert table.returncode == 0, table.stderr
+    header, *rows = table.stdout.splitlines()
+    assert header.split()[:6] == ["ID", "RECEIVED", "FORMAT", "STATE", "FIELD", "REASON"]
+    assert len(rows) == len(items)
+    for row, item in zip(rows, items, strict=True):
+        cells = row.split()
+        assert cells[0] == str(item.id)
+        assert cells[2] == ("gms" if item.format == GMS else "unspecified")
+        assert cells[3] == "open"
+        assert item.error.reason in cells
+
+    assert lines.returncode == 0, lines.stderr
+    listed = [json.loads(line) for line in lines.stdout.splitlines()]
+    assert [int(entry["id"]) for entry in listed] == [item.id for item in items]
+    assert [entry["error"]["reason"] for entry in listed] == [item.error.reason for item in items]
+    assert [entry["raw"] for entry in listed] == [GMS_NO_ID, GMS_NO_STATUS, UNKNOWN_SHAPE]
+    assert listed[2]["whole_payload"] is True
+
+    assert rerun.returncode == 3, rerun.stderr
+    assert rerun.stdout.count("still rejected") == len(items) + 1  # one line per item, and the total
+    assert "resolved 0, still rejected 3" in rerun.stdout
+    for item in items:
+        assert f"{item.id}: still rejected" in rerun.stdout
