@@ -8,10 +8,14 @@ null counts as absent.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
-from dlrhub.normalise.results import Rejection
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
+from dlrhub.normalise.results import NormalisedItem, Rejection
 
 _INTEGER_TEXT = re.compile(r"-?[0-9]{1,18}")
 
@@ -22,6 +26,26 @@ class InvalidItem(Exception):
     def __init__(self, rejection: Rejection) -> None:
         super().__init__(rejection.description)
         self.rejection = rejection
+
+
+def read_item(
+    index: int,
+    value: object,
+    text: str,
+    path: str,
+    format: int,
+    build: Callable[[Fields], DeliveryReport],
+    received: Timestamp,
+) -> NormalisedItem:
+    """One item of a payload: `build` reads it into a report (or raises InvalidItem), then the
+    report gets its original text and the time it was received."""
+    try:
+        report = build(require_object(value, path))
+    except InvalidItem as invalid:
+        return NormalisedItem(index, text, rejection=invalid.rejection, format=format)
+    report.received_time.CopyFrom(received)
+    report.raw_payload = text
+    return NormalisedItem(index, text, report=report, format=format)
 
 
 def require_object(value: Any, path: str) -> Fields:
@@ -53,9 +77,13 @@ class Fields:
         raise self._wrong(key, "a string")
 
     def required_text(self, key: str) -> str:
+        """A string that must be there and not be empty (a message id: "" could not be fetched)."""
         value = self.text(key)
         if value is None:
             raise self._missing(key)
+        if not value:
+            path = self.path_of(key)
+            raise InvalidItem(Rejection(path, "INVALID_VALUE", f"{path} must not be empty"))
         return value
 
     def address(self, key: str) -> str | None:

@@ -8,6 +8,8 @@ beside `number` and `sent_via`. `number` may be a JSON number or a string;
 
 from __future__ import annotations
 
+import functools
+
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from deliveryreport.v1.delivery_report_pb2 import (
@@ -21,7 +23,7 @@ from deliveryreport.v1.delivery_report_pb2 import (
 from deliveryreport.v1.delivery_report_service_pb2 import Format
 from dlrhub.normalise.codes import CodeTable
 from dlrhub.normalise.document import Document
-from dlrhub.normalise.fields import Fields, InvalidItem, require_object
+from dlrhub.normalise.fields import Fields, read_item
 from dlrhub.normalise.recipient import e164
 from dlrhub.normalise.results import NormalisedItem
 from dlrhub.normalise.timestamps import from_millis
@@ -44,24 +46,13 @@ _NO_CHANNEL = Channel.CHANNEL_UNSPECIFIED
 
 def normalise(document: Document, table: CodeTable, received: Timestamp) -> list[NormalisedItem]:
     """Every report of a GMS payload, or the reason each item was rejected."""
+    build = functools.partial(_report, table=table)
     if isinstance(document.value, list):
         return [
-            _item(index, value, text, f"[{index}]", table, received)
+            read_item(index, value, text, f"[{index}]", FORMAT, build, received)
             for index, (value, text) in enumerate(zip(document.value, document.elements, strict=True))
         ]
-    return [_item(0, document.value, document.text, "", table, received)]
-
-
-def _item(
-    index: int, value: object, text: str, path: str, table: CodeTable, received: Timestamp
-) -> NormalisedItem:
-    try:
-        report = _report(require_object(value, path), table)
-    except InvalidItem as invalid:
-        return NormalisedItem(index, text, rejection=invalid.rejection, format=FORMAT)
-    report.received_time.CopyFrom(received)
-    report.raw_payload = text
-    return NormalisedItem(index, text, report=report, format=FORMAT)
+    return [read_item(0, document.value, document.text, "", FORMAT, build, received)]
 
 
 def _report(item: Fields, table: CodeTable) -> DeliveryReport:

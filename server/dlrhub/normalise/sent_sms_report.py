@@ -9,6 +9,8 @@ a webhook. Both spellings are accepted: `from`/`sender`,
 
 from __future__ import annotations
 
+import functools
+
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from deliveryreport.v1.delivery_report_pb2 import (
@@ -23,7 +25,7 @@ from deliveryreport.v1.delivery_report_pb2 import (
 from deliveryreport.v1.delivery_report_service_pb2 import Format
 from dlrhub.normalise.codes import CodeTable
 from dlrhub.normalise.document import Document
-from dlrhub.normalise.fields import Fields, InvalidItem, require_object
+from dlrhub.normalise.fields import Fields, InvalidItem, read_item
 from dlrhub.normalise.recipient import e164
 from dlrhub.normalise.results import NormalisedItem, PayloadError, Rejection
 from dlrhub.normalise.timestamps import from_text
@@ -58,20 +60,11 @@ def normalise(document: Document, table: CodeTable, received: Timestamp) -> list
     if not isinstance(results, list):
         reason = "MISSING_FIELD" if results is None else "WRONG_TYPE"
         raise PayloadError(Rejection("results", reason, "results must be an array of reports"))
+    build = functools.partial(_report, table=table)
     return [
-        _item(index, value, text, table, received)
+        read_item(index, value, text, f"results[{index}]", FORMAT, build, received)
         for index, (value, text) in enumerate(zip(results, document.member_elements["results"], strict=True))
     ]
-
-
-def _item(index: int, value: object, text: str, table: CodeTable, received: Timestamp) -> NormalisedItem:
-    try:
-        report = _report(require_object(value, f"results[{index}]"), table)
-    except InvalidItem as invalid:
-        return NormalisedItem(index, text, rejection=invalid.rejection, format=FORMAT)
-    report.received_time.CopyFrom(received)
-    report.raw_payload = text
-    return NormalisedItem(index, text, report=report, format=FORMAT)
 
 
 def _report(item: Fields, table: CodeTable) -> DeliveryReport:
