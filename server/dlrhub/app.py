@@ -87,6 +87,7 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
     poller_settings = _poller_settings(settings)
     tokens = _tokens(settings)
     tls_files = tls.files(settings)
+    tracing = tracing_interceptor(settings.tracing)
     async with contextlib.AsyncExitStack() as started:
         store = SqliteStore(settings.db)
         started.callback(store.close)
@@ -100,26 +101,13 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
         started.callback(reads.shutdown)
         intake = Intake(normaliser, committer, clock, max_items=settings.max_batch_items, metrics=metrics)
 
-        server = grpc.aio.server(
-            options=[*SERVER_OPTIONS, ("grpc.max_receive_message_length", settings.max_request_bytes)],
-            interceptors=_interceptors(settings.tracing, metrics, tokens),
-        )
         service = DeliveryReportService(
             intake=intake, store=store, hub=hub, reads=reads, max_streams=settings.max_streams
         )
-        delivery_report_service_pb2_grpc.add_DeliveryReportServiceServicer_to_server(service, server)
         health_servicer = health_aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        if settings.reflection:
-            health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-            reflection.enable_server_reflection([SERVICE_NAME, health_name, reflection.SERVICE_NAME], server)
-        try:
-            if tls_files is not None:
-                port = server.add_secure_port(settings.listen, tls.grpc_credentials(*tls_files))
-            else:
-                port = server.add_insecure_port(settings.listen)
-        except RuntimeError as error:  # grpcio raises when it cannot bind
-            raise OSError(f"cannot listen on {settings.listen}: {error}") from None
+        server, port = _grpc_server(
+            settings, service, health_servicer, _interceptors(tracing, metrics, tokens)
+        )
         await server.start()
         started.push_async_callback(server.stop, None)
 
@@ -128,7 +116,8 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
                 intake,
                 webhook_auth,
                 settings.http_max_body_bytes,
-                metrics=lambda: asyncio.get_running_loop().run_in_executor(reads, metrics.render),
+                metrics,
+                render_metrics=lambda: asyncio.get_running_loop().run_in_executor(reads, metrics.render),
             ),
             access_log=None,
         )
@@ -178,9 +167,31 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
     return app
 
 
-def _interceptors(tracing: str, metrics: Metrics, tokens: Tokens | None) -> list[Any]:
+def _grpc_server(
+    settings: Settings, service: DeliveryReportService, health_servicer: Any, interceptors: list[Any]
+) -> tuple[grpc.aio.Server, int]:
+    """The gRPC server with every service registered, bound (not yet started); and its port."""
+    server = grpc.aio.server(
+        options=[*SERVER_OPTIONS, ("grpc.max_receive_message_length", settings.max_request_bytes)],
+        interceptors=interceptors,
+    )
+    delivery_report_service_pb2_grpc.add_DeliveryReportServiceServicer_to_server(service, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if settings.reflection:
+        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        reflection.enable_server_reflection([SERVICE_NAME, health_name, reflection.SERVICE_NAME], server)
+    tls_files = tls.files(settings)
+    try:
+        if tls_files is not None:
+            return server, server.add_secure_port(settings.listen, tls.grpc_credentials(*tls_files))
+        return server, server.add_insecure_port(settings.listen)
+    except RuntimeError as error:  # grpcio raises when it cannot bind
+        raise OSError(f"cannot listen on {settings.listen}: {error}") from None
+
+
+def _interceptors(tracing: Any, metrics: Metrics, tokens: Tokens | None) -> list[Any]:
     """Outermost first: tracing (when on), then per-call logs and metrics, then authentication."""
-    chain: list[Any] = [tracing_interceptor(tracing), CallInterceptor(metrics)]
+    chain: list[Any] = [tracing, CallInterceptor(metrics)]
     if tokens is not None:
         chain.append(AuthInterceptor(tokens))
     return [interceptor for interceptor in chain if interceptor is not None]

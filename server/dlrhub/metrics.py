@@ -79,6 +79,9 @@ class Metrics:
             buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000),
             registry=r,
         )
+        self.http_requests = Counter(
+            "dlrhub_http_requests", "HTTP requests by route and status", ["route", "status"], registry=r
+        )
         self.poller_last_success = Gauge(
             "dlrhub_poller_last_success_timestamp_seconds", "When a poll last succeeded", registry=r
         )

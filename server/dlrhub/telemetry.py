@@ -14,6 +14,7 @@ inside a traced call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import time
@@ -109,7 +110,10 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 raise
             finally:
                 self._finish(method, code, started, fields)
-                _call.reset(token)
+                # A stream whose client left while a send was held up is closed later by the event
+                # loop's async-generator finaliser, in another context, where the token cannot be reset.
+                with contextlib.suppress(ValueError):
+                    _call.reset(token)
 
         return call
 

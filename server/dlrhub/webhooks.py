@@ -26,11 +26,13 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from deliveryreport.v1.delivery_report_service_pb2 import Format, IngestOutcome, IngestResponse
 from dlrhub.intake import Intake, TooManyItems
+from dlrhub.metrics import Metrics
 from dlrhub.normalise import Rejection
 from dlrhub.store.base import StoreError
 
 log = logging.getLogger(__name__)
 
+_DETAILS = web.RequestKey("details", dict)
 ROUTES: dict[str, Format.ValueType] = {
     "/webhooks/gms": Format.FORMAT_GMS,
     "/webhooks/sent-sms-report": Format.FORMAT_SENT_SMS_REPORT,
@@ -80,17 +82,19 @@ def create_app(
     intake: Intake,
     auth: dict[str, WebhookAuth],
     max_body_bytes: int,
-    metrics: Callable[[], Awaitable[bytes]] | None = None,
+    metrics: Metrics | None = None,
+    render_metrics: Callable[[], Awaitable[bytes]] | None = None,
 ) -> web.Application:
     """The webhook application; `auth` maps a route path to the credentials it requires.
 
-    With `metrics` (rendering the Prometheus exposition text), GET /metrics serves it.
+    Every request is logged in one line and counted by route and status; with
+    `render_metrics` (the Prometheus exposition text), GET /metrics serves it.
     """
-    app = web.Application(client_max_size=max_body_bytes)
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[_observe(metrics)])
     for path, format in ROUTES.items():
         app.router.add_post(path, _handler(intake, format, auth.get(path)))
-    if metrics is not None:
-        render = metrics
+    if render_metrics is not None:
+        render = render_metrics
 
         async def serve_metrics(_: web.Request) -> web.Response:
             return web.Response(body=await render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -99,9 +103,46 @@ def create_app(
     return app
 
 
+def _observe(metrics: Metrics | None) -> Any:
+    """Middleware: one log line per request (route, status, duration, request id, outcome counts)."""
+
+    @web.middleware
+    async def observe(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> Any:
+        started = time.perf_counter()
+        details: dict[str, object] = {}
+        request[_DETAILS] = details
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as error:
+            status = error.status
+            raise
+        finally:
+            resource = request.match_info.route.resource
+            route = resource.canonical if resource is not None else "unmatched"
+            if metrics is not None:
+                metrics.http_requests.labels(route, str(status)).inc()
+            log.log(
+                logging.DEBUG if route == "/metrics" else logging.INFO,
+                "http",
+                extra={
+                    "route": route,
+                    "status": status,
+                    "request_id": request.headers.get("X-Request-Id", ""),
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                    **details,
+                },
+            )
+
+    return observe
+
+
 def _handler(intake: Intake, format: Format.ValueType, auth: WebhookAuth | None) -> Any:
     async def handle(request: web.Request) -> web.Response:
-        started = time.perf_counter()
         if auth is not None and not auth.allows(request):
             challenge = {"WWW-Authenticate": 'Basic realm="dlrhub"'} if auth.scheme == "basic" else {}
             return _error(401, Rejection("", "UNAUTHENTICATED", "missing or wrong credentials"), challenge)
@@ -121,18 +162,13 @@ def _handler(intake: Intake, format: Format.ValueType, auth: WebhookAuth | None)
             log.exception("webhook could not commit", extra={"route": request.path})
             return _error(503, Rejection("", "STORE_UNAVAILABLE", "could not store the reports; retry"))
         if ingested.rejection is not None:
+            request[_DETAILS]["reason"] = ingested.rejection.reason
             return _error(400, ingested.rejection)
         response = ingested.response
-        log.info(
-            "webhook",
-            extra={
-                "route": request.path,
-                "request_id": request.headers.get("X-Request-Id", ""),
-                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-                "accepted": response.accepted_count,
-                "duplicate": response.duplicate_count,
-                "rejected": response.rejected_count,
-            },
+        request[_DETAILS].update(
+            accepted=response.accepted_count,
+            duplicate=response.duplicate_count,
+            rejected=response.rejected_count,
         )
         return web.json_response(_summary(response), status=400 if response.rejected_count else 200)
 

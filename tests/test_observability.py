@@ -1,0 +1,678 @@
+"""Observability: /metrics scraped around known operations, the per-call log lines, tracing.
+
+Every metric check is a delta between two scrapes of the real HTTP endpoint
+(`GET http://127.0.0.1:{http_port}/metrics`), parsed with prometheus_client's
+own parser, so what is asserted is what Prometheus would see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import gc
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from deliveryreport.v1.delivery_report_service_pb2 import (
+    FetchRequest,
+    Format,
+    IngestOutcome,
+    IngestRequest,
+    StreamRequest,
+    StreamResponse,
+)
+from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
+from dlrhub import app as app_module
+from dlrhub.config import Settings
+from dlrhub.logs import JsonFormatter
+from dlrhub.poller import PollerSettings
+from tests.conftest import FakeClock, Running
+from tests.fake_provider import FakeProvider, report, wait_until
+
+if TYPE_CHECKING:
+    from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceAsyncStub
+
+    StreamCall = grpc.aio.UnaryStreamCall[StreamRequest, StreamResponse]
+
+INGEST = "deliveryreport.v1.DeliveryReportService/Ingest"
+FETCH = "deliveryreport.v1.DeliveryReportService/Fetch"
+STREAM = "deliveryreport.v1.DeliveryReportService/Stream"
+TIMEOUT = 10.0
+KEY = "observability-api-key"
+# Distinctive payload contents that must never reach a log line.
+SECRET_NUMBER = 380_977_123_456
+SECRET_MESSAGE_ID = "obs-secret-mid-8472"
+# A report this big (its raw payload travels in the StreamResponse twice, as report and state) does not
+# fit in a 64 KiB HTTP/2 window: a consumer that reads nothing holds up the server's very first send.
+FAT_PADDING = 100_000
+# No BDP probing: the client's window stays at its initial 64 KiB while it reads nothing.
+STALLING_CHANNEL_OPTIONS = [("grpc.http2.bdp_probe", 0)]
+
+
+# --- scraping ------------------------------------------------------------------------------------
+
+Labels = frozenset[tuple[str, str]]
+Samples = dict[tuple[str, Labels], float]
+
+
+async def scrape(http_port: int) -> Samples:
+    """Every dlrhub_* sample on /metrics, keyed by sample name and labels."""
+    async with httpx.AsyncClient() as http:
+        response = await http.get(f"http://127.0.0.1:{http_port}/metrics", timeout=TIMEOUT)
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("text/plain")
+    samples: Samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name.startswith("dlrhub_"):
+                samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """One series' value; 0 when the series does not exist (yet)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+def series(samples: Samples, name: str) -> dict[Labels, float]:
+    """Every series of one sample name."""
+    return {labels: sample for (sample_name, labels), sample in samples.items() if sample_name == name}
+
+
+def moved(before: Samples, after: Samples, name: str) -> dict[Labels, float]:
+    """The series of `name` whose value changed, by how much."""
+    changes = {
+        labels: after.get((name, labels), 0.0) - before.get((name, labels), 0.0)
+        for labels in series(before, name).keys() | series(after, name).keys()
+    }
+    return {labels: change for labels, change in changes.items() if change}
+
+
+def labels_of(**labels: str) -> Labels:
+    return frozenset(labels.items())
+
+
+# --- payloads ------------------------------------------------------------------------------------
+
+
+def gms_item(message_id: str, status: int = 2, **extra: Any) -> dict[str, Any]:
+    """A GMS report; the defaults (2/23/23011) map to DELIVERED."""
+    item: dict[str, Any] = {
+        "number": 380_961_111_111,
+        "time": 1_700_000_000_000,
+        "status": status,
+        "substatus": 23,
+        "hyber_status": 23011,
+        "message_id": message_id,
+        "sent_via": "sms",
+    }
+    item.update(extra)
+    return item
+
+
+def gms_request(items: object, request_id: str = "") -> IngestRequest:
+    return IngestRequest(payload=json.dumps(items), format=Format.FORMAT_GMS, request_id=request_id)
+
+
+# --- gRPC: reports, RPC codes, group commits, quarantine -----------------------------------------
+
+
+async def test_a_batch_with_a_duplicate_and_a_bad_item_moves_each_series_by_its_items(
+    server: Running,
+) -> None:
+    first = await server.stub.Ingest(gms_request(gms_item("obs-1")), timeout=TIMEOUT)
+    assert first.accepted_count == 1
+    before = await scrape(server.app.http_port)
+
+    batch = [gms_item("obs-1"), gms_item("obs-2"), {"status": 2, "number": 380_961_111_111}]  # no message_id
+    response = await server.stub.Ingest(gms_request(batch), timeout=TIMEOUT)
+    assert [result.outcome for result in response.results] == [
+        IngestOutcome.INGEST_OUTCOME_DUPLICATE,
+        IngestOutcome.INGEST_OUTCOME_ACCEPTED,
+        IngestOutcome.INGEST_OUTCOME_REJECTED,
+    ]
+    after = await scrape(server.app.http_port)
+
+    # One item per outcome, each with its source and unified status (none for the rejected item).
+    assert moved(before, after, "dlrhub_reports_total") == {
+        labels_of(source="gms", status="delivered", outcome="accepted"): 1,
+        labels_of(source="gms", status="delivered", outcome="duplicate"): 1,
+        labels_of(source="gms", status="", outcome="rejected"): 1,
+    }
+    # The call: counted once, as OK, and timed.
+    assert moved(before, after, "dlrhub_rpc_requests_total") == {labels_of(method=INGEST, code="OK"): 1}
+    assert delta(before, after, "dlrhub_rpc_duration_seconds_count", method=INGEST) == 1
+    assert delta(before, after, "dlrhub_rpc_duration_seconds_sum", method=INGEST) > 0
+    assert delta(before, after, "dlrhub_rpc_duration_seconds_bucket", method=INGEST, le="+Inf") == 1
+    # One group commit holding the batch's three items.
+    assert delta(before, after, "dlrhub_store_commit_reports_count") == 1
+    assert delta(before, after, "dlrhub_store_commit_reports_sum") == 3
+    assert delta(before, after, "dlrhub_store_commit_reports_bucket", le="2.0") == 0
+    assert delta(before, after, "dlrhub_store_commit_reports_bucket", le="5.0") == 1
+    assert delta(before, after, "dlrhub_store_commit_seconds_count") == 1
+    assert delta(before, after, "dlrhub_store_commit_seconds_sum") > 0
+    # The bad item waits in the quarantine; only the new report is a change.
+    assert delta(before, after, "dlrhub_quarantine_open") == 1
+    assert value(after, "dlrhub_quarantine_open") == 1
+    assert delta(before, after, "dlrhub_stream_latest_cursor") == 1
+    assert value(after, "dlrhub_stream_latest_cursor") == int(response.results[1].cursor)
+    assert moved(before, after, "dlrhub_unmapped_codes_total") == {}
+
+
+async def test_failed_calls_are_counted_by_their_status_code(server: Running) -> None:
+    before = await scrape(server.app.http_port)
+
+    with pytest.raises(grpc.aio.AioRpcError) as invalid:
+        await server.stub.Ingest(IngestRequest(payload="not json", format=Format.FORMAT_GMS), timeout=TIMEOUT)
+    assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await server.stub.Fetch(FetchRequest(message_id="obs-no-such-id"), timeout=TIMEOUT)
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+    after = await scrape(server.app.http_port)
+    assert moved(before, after, "dlrhub_rpc_requests_total") == {
+        labels_of(method=INGEST, code="INVALID_ARGUMENT"): 1,
+        labels_of(method=FETCH, code="NOT_FOUND"): 1,
+    }
+    assert delta(before, after, "dlrhub_rpc_duration_seconds_count", method=INGEST) == 1
+    assert delta(before, after, "dlrhub_rpc_duration_seconds_count", method=FETCH) == 1
+    # The unusable payload is one rejected (and quarantined) GMS item; the Fetch wrote nothing.
+    assert moved(before, after, "dlrhub_reports_total") == {
+        labels_of(source="gms", status="", outcome="rejected"): 1
+    }
+    assert delta(before, after, "dlrhub_quarantine_open") == 1
+    assert delta(before, after, "dlrhub_store_commit_reports_count") == 1
+    assert delta(before, after, "dlrhub_stream_latest_cursor") == 0
+
+
+async def test_a_code_missing_from_the_table_is_counted_as_unmapped_once(server: Running) -> None:
+    before = await scrape(server.app.http_port)
+    unknown = {"message_id": "obs-unmapped", "status": 7, "time": 1_700_000_000_000}
+
+    accepted = await server.stub.Ingest(gms_request(unknown), timeout=TIMEOUT)
+    assert accepted.accepted_count == 1
+    middle = await scrape(server.app.http_port)
+    assert moved(before, middle, "dlrhub_unmapped_codes_total") == {
+        labels_of(source="gms", codes="status=7"): 1
+    }
+    assert moved(before, middle, "dlrhub_reports_total") == {
+        labels_of(source="gms", status="unspecified", outcome="accepted"): 1
+    }
+
+    # Its duplicate is not a new unmapped report; a mapped report is not counted at all.
+    duplicate = await server.stub.Ingest(gms_request([unknown, gms_item("obs-mapped")]), timeout=TIMEOUT)
+    assert (duplicate.duplicate_count, duplicate.accepted_count) == (1, 1)
+    after = await scrape(server.app.http_port)
+    assert moved(middle, after, "dlrhub_unmapped_codes_total") == {}
+    assert moved(middle, after, "dlrhub_reports_total") == {
+        labels_of(source="gms", status="unspecified", outcome="duplicate"): 1,
+        labels_of(source="gms", status="delivered", outcome="accepted"): 1,
+    }
+
+
+# --- the poller ----------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def polling_app(
+    db: Path, clock: FakeClock, provider: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[app_module.App]:
+    """The whole app, polling the fake provider every 50 ms, backing off for milliseconds."""
+    fast = functools.partial(PollerSettings, backoff_initial=0.01, backoff_max=0.05)
+    monkeypatch.setattr(app_module, "PollerSettings", fast)
+    running = await app_module.start(
+        Settings(
+            listen="127.0.0.1:0",
+            http_listen="127.0.0.1:0",
+            db=db,
+            shutdown_grace=1.0,
+            poll_base_url=provider.url,
+            poll_api_key=KEY,
+            poll_interval=0.05,
+        ),
+        clock=clock,
+    )
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+async def test_poller_failures_are_counted_by_kind_and_fetched_reports_after_recovery(
+    db_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with FakeProvider(KEY) as provider, polling_app(db_path, clock, provider, monkeypatch) as running:
+
+        async def succeeded() -> bool:
+            return value(await scrape(running.http_port), "dlrhub_poller_last_success_timestamp_seconds") > 0
+
+        await wait_until(succeeded, message="the poller never succeeded against an empty provider")
+        before = await scrape(running.http_port)
+        mark = len(provider.requests)
+        # From here on: three 500s, then a 401, then five reports.
+        provider.fail_next(3, 500)
+        provider.fail_next(1, 401)
+        provider.add(*(report(f"obs-poll-{index}") for index in range(5)))
+
+        async def fetched_all() -> bool:
+            return delta(before, await scrape(running.http_port), "dlrhub_poller_reports_fetched_total") >= 5
+
+        await wait_until(fetched_all, message="the poller did not fetch the reports after the failures")
+        after = await scrape(running.http_port)
+        answered = [request.status for request in provider.requests[mark:]]
+
+    assert answered[:4] == [500, 500, 500, 401]
+    assert moved(before, after, "dlrhub_poller_failures_total") == {
+        labels_of(kind="server_error"): 3,
+        labels_of(kind="auth"): 1,
+    }
+    assert delta(before, after, "dlrhub_poller_reports_fetched_total") == 5
+    assert provider.handed_out_ids() == [f"obs-poll-{index}" for index in range(5)]
+    assert moved(before, after, "dlrhub_reports_total") == {
+        labels_of(source="sent_sms_report", status="delivered", outcome="accepted"): 5
+    }
+    last_success = value(after, "dlrhub_poller_last_success_timestamp_seconds")
+    assert value(before, "dlrhub_poller_last_success_timestamp_seconds") < last_success <= time.time()
+
+
+# --- a slow Stream consumer ----------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def stalling_stub(server: Running) -> AsyncIterator[DeliveryReportServiceAsyncStub]:
+    channel = grpc.aio.insecure_channel(server.address, options=STALLING_CHANNEL_OPTIONS)
+    try:
+        yield DeliveryReportServiceStub(channel)
+    finally:
+        await channel.close(None)
+
+
+async def read_message(call: StreamCall) -> StreamResponse:
+    message = await asyncio.wait_for(call.read(), TIMEOUT)
+    assert isinstance(message, StreamResponse), "the stream ended"
+    return message
+
+
+async def ingest_fat_reports(server: Running, prefix: str, count: int) -> list[int]:
+    """`count` reports too big for the HTTP/2 window, one call each; their cursors."""
+    cursors = []
+    for index in range(count):
+        response = await server.stub.Ingest(
+            gms_request(gms_item(f"{prefix}-{index}", note="x" * FAT_PADDING)), timeout=TIMEOUT
+        )
+        assert response.accepted_count == 1
+        cursors.append(int(response.results[0].cursor))
+    return cursors
+
+
+async def test_a_slow_stream_shows_its_lag_until_it_reads_and_disappears_when_it_closes(
+    server: Running,
+) -> None:
+    port = server.app.http_port
+    ahead = await ingest_fat_reports(server, "obs-old", 1)
+    assert value(await scrape(port), "dlrhub_stream_subscribers") == 0
+    async with stalling_stub(server) as stub:
+        call = stub.Stream(StreamRequest(heartbeat_seconds=30), timeout=60)
+        try:
+            start = await read_message(call)
+            assert (start.heartbeat, int(start.cursor)) == (True, ahead[-1])
+            (subscription,) = server.app.hub.subscriptions
+            subscriber = str(subscription.id)
+            # Live at the newest cursor: nothing to catch up.
+            before = await scrape(port)
+            assert value(before, "dlrhub_stream_subscribers") == 1
+            assert series(before, "dlrhub_stream_lag") == {labels_of(subscriber=subscriber): 0}
+
+            # It reads nothing while N reports arrive.
+            count = 3
+            cursors = await ingest_fat_reports(server, "obs-slow", count)
+            during = await scrape(port)
+            assert value(during, "dlrhub_stream_subscribers") == 1
+            assert delta(before, during, "dlrhub_stream_latest_cursor") == count
+            assert value(during, "dlrhub_stream_latest_cursor") == cursors[-1]
+            assert series(during, "dlrhub_stream_lag") == {labels_of(subscriber=subscriber): count}
+
+            # Once it has read everything, it is behind by nothing.
+            got = [await read_message(call) for _ in range(count)]
+            assert [int(message.cursor) for message in got] == cursors
+            assert not any(message.heartbeat for message in got)
+
+            async def caught_up() -> bool:
+                lag = series(await scrape(port), "dlrhub_stream_lag")
+                return lag == {labels_of(subscriber=subscriber): 0}
+
+            await wait_until(
+                caught_up, message="the lag did not return to 0 after the stream read everything"
+            )
+        finally:
+            call.cancel()
+
+        async def closed() -> bool:
+            return value(await scrape(port), "dlrhub_stream_subscribers") == 0
+
+        await wait_until(closed, message="the closed stream is still counted as a subscriber")
+        after = await scrape(port)
+        assert series(after, "dlrhub_stream_lag") == {}
+        assert value(after, "dlrhub_stream_latest_cursor") == cursors[-1]
+
+
+@contextmanager
+def loop_errors() -> Iterator[list[dict[str, Any]]]:
+    """What the running loop's exception handler is given (e.g. "Task exception was never retrieved")."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    try:
+        yield errors
+    finally:
+        loop.set_exception_handler(previous)
+
+
+async def test_a_stream_closed_while_its_send_is_held_up_is_logged_cancelled_without_errors(
+    server: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The client goes away while the server's send waits on the HTTP/2 window, so the call's
+    generator is closed by the event loop's async-generator finaliser, in another context."""
+    caplog.set_level(logging.INFO, logger="dlrhub")
+    port = server.app.http_port
+    with loop_errors() as errors:
+        async with stalling_stub(server) as stub:
+            call = stub.Stream(StreamRequest(heartbeat_seconds=30), metadata=[("x-request-id", "obs-held")])
+            assert (await read_message(call)).heartbeat
+            await ingest_fat_reports(server, "obs-held", 2)
+            assert series(await scrape(port), "dlrhub_stream_lag") != {}
+            call.cancel()
+
+            async def closed() -> bool:
+                samples = await scrape(port)
+                return value(samples, "dlrhub_stream_subscribers") == 0 and not series(
+                    samples, "dlrhub_stream_lag"
+                )
+
+            await wait_until(closed, message="the cancelled stream is still counted")
+
+            def logged() -> bool:
+                return any(getattr(record, "rpc", None) == STREAM for record in caplog.records)
+
+            await wait_until(logged, message="no rpc line for the cancelled stream")
+        gc.collect()
+        await asyncio.sleep(0.05)
+        after = await scrape(port)
+
+    (line,) = [record for record in caplog.records if getattr(record, "rpc", None) == STREAM]
+    assert line.getMessage() == "rpc"
+    assert getattr(line, "code", None) == "CANCELLED"
+    assert getattr(line, "request_id", None) == "obs-held"
+    assert value(after, "dlrhub_rpc_requests_total", method=STREAM, code="CANCELLED") == 1
+    assert errors == []
+    # (grpc logs the failed send itself, at ERROR, under grpc._cython; dlrhub logs no error.)
+    assert not [r for r in caplog.records if r.name.startswith("dlrhub") and r.levelno >= logging.ERROR]
+
+
+# --- log lines -----------------------------------------------------------------------------------
+
+
+def formatted(records: list[logging.LogRecord]) -> list[dict[str, Any]]:
+    """The records as the JSON lines `dlrhub serve` writes."""
+    formatter = JsonFormatter()
+    return [json.loads(formatter.format(record)) for record in records]
+
+
+def assert_no_payload_content(records: list[logging.LogRecord]) -> None:
+    text = "\n".join(JsonFormatter().format(record) for record in records)
+    assert records
+    assert SECRET_MESSAGE_ID not in text
+    assert str(SECRET_NUMBER)[3:] not in text  # nor the number, in any spelling (380..., +380...)
+
+
+async def test_an_ingest_logs_one_rpc_line_with_counts_and_no_payload_content(
+    server: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    await server.stub.Ingest(gms_request(gms_item("obs-log-dup")), timeout=TIMEOUT)
+    caplog.clear()
+    caplog.set_level(logging.INFO)
+    batch = [
+        gms_item(SECRET_MESSAGE_ID, number=SECRET_NUMBER),
+        gms_item("obs-log-dup"),
+        {"status": 2, "number": SECRET_NUMBER, "note": SECRET_MESSAGE_ID},
+    ]
+    response = await server.stub.Ingest(gms_request(batch, request_id="req-1"), timeout=TIMEOUT)
+    assert (response.accepted_count, response.duplicate_count, response.rejected_count) == (1, 1, 1)
+
+    rpc_records = [r for r in caplog.records if r.name == "dlrhub.telemetry" and r.getMessage() == "rpc"]
+    (line,) = formatted(rpc_records)
+    assert line["level"] == "INFO"
+    assert line["rpc"] == INGEST
+    assert line["code"] == "OK"
+    assert line["request_id"] == "req-1"
+    assert (line["accepted"], line["duplicate"], line["rejected"]) == (1, 1, 1)
+    assert isinstance(line["duration_ms"], float)
+    assert 0 < line["duration_ms"] < TIMEOUT * 1000
+    assert_no_payload_content(caplog.records)
+
+
+async def test_a_failed_call_logs_its_code_and_the_request_id_from_metadata(
+    server: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="dlrhub.telemetry")
+    with pytest.raises(grpc.aio.AioRpcError):
+        await server.stub.Fetch(
+            FetchRequest(message_id="obs-missing"), metadata=[("x-request-id", "req-2")], timeout=TIMEOUT
+        )
+    (line,) = formatted([r for r in caplog.records if r.getMessage() == "rpc"])
+    assert (line["rpc"], line["code"], line["request_id"]) == (FETCH, "NOT_FOUND", "req-2")
+    assert line["duration_ms"] >= 0
+
+
+async def test_a_webhook_logs_one_line_with_route_counts_and_duration(
+    server: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    before = await scrape(server.app.http_port)
+    body = [gms_item(SECRET_MESSAGE_ID, number=SECRET_NUMBER), gms_item("obs-hook-2", status=1, substatus=11)]
+    async with httpx.AsyncClient() as http:
+        answer = await http.post(
+            f"http://127.0.0.1:{server.app.http_port}/webhooks/gms",
+            content=json.dumps(body),
+            headers={"X-Request-Id": "hook-1", "Content-Type": "application/json"},
+            timeout=TIMEOUT,
+        )
+    assert answer.status_code == 200
+    after = await scrape(server.app.http_port)
+
+    webhook_records = [
+        r
+        for r in caplog.records
+        if r.name == "dlrhub.webhooks" and r.getMessage() == "http" and r.__dict__["route"] != "/metrics"
+    ]
+    (line,) = formatted(webhook_records)
+    assert line["route"] == "/webhooks/gms"
+    assert line["status"] == 200
+    assert line["request_id"] == "hook-1"
+    assert (line["accepted"], line["duplicate"], line["rejected"]) == (2, 0, 0)
+    assert isinstance(line["duration_ms"], float)
+    assert 0 < line["duration_ms"] < TIMEOUT * 1000
+    assert_no_payload_content(caplog.records)
+    # The webhook takes Ingest's path: the same report series move, and no RPC is counted.
+    assert moved(before, after, "dlrhub_reports_total") == {
+        labels_of(source="gms", status="delivered", outcome="accepted"): 1,
+        labels_of(source="gms", status="sent", outcome="accepted"): 1,
+    }
+    assert moved(before, after, "dlrhub_rpc_requests_total") == {}
+    assert (
+        moved(before, after, "dlrhub_http_requests_total")[labels_of(route="/webhooks/gms", status="200")]
+        == 1
+    )
+
+
+async def test_every_webhook_answer_is_logged_and_counted_even_refusals(
+    server: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    before = await scrape(server.app.http_port)
+    async with httpx.AsyncClient() as http:
+        invalid = await http.post(
+            f"http://127.0.0.1:{server.app.http_port}/webhooks/gms", content=b"{not json", timeout=TIMEOUT
+        )
+        not_utf8 = await http.post(
+            f"http://127.0.0.1:{server.app.http_port}/webhooks/gms", content=b"\xff\xfe", timeout=TIMEOUT
+        )
+    assert (invalid.status_code, not_utf8.status_code) == (400, 400)
+    after = await scrape(server.app.http_port)
+    lines = [
+        r.__dict__
+        for r in caplog.records
+        if r.name == "dlrhub.webhooks" and r.getMessage() == "http" and r.__dict__["route"] == "/webhooks/gms"
+    ]
+    assert [(line["status"], line.get("reason")) for line in lines] == [(400, "INVALID_JSON"), (400, None)]
+    assert (
+        moved(before, after, "dlrhub_http_requests_total")[labels_of(route="/webhooks/gms", status="400")]
+        == 2
+    )
+
+
+# --- tracing, in a real `dlrhub serve` process ---------------------------------------------------
+
+HEX32 = re.compile(r"[0-9a-f]{32}")
+
+
+def serve(db: Path, **env: str) -> tuple[subprocess.Popen[str], str]:
+    """`dlrhub serve` with extra environment, stdout captured (the console span exporter writes there);
+    returns once it logs "serving", with its gRPC address."""
+    environment = {key: val for key, val in os.environ.items() if not key.startswith(("DLRHUB_", "OTEL_"))}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dlrhub.cli",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--db",
+            str(db),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**environment, "PYTHONUNBUFFERED": "1", **env},
+    )
+    assert process.stderr is not None
+    deadline = time.monotonic() + 30
+    seen: list[str] = []
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        if not line:
+            break
+        seen.append(line)
+        if line.startswith("{") and json.loads(line).get("message") == "serving":
+            return process, f"127.0.0.1:{json.loads(line)['port']}"
+    process.kill()
+    out, err = process.communicate()
+    raise AssertionError(f"dlrhub did not start: {''.join(seen)}{err}{out}")
+
+
+def ingest_and_stop(process: subprocess.Popen[str], address: str, request_id: str) -> tuple[list[Any], str]:
+    """One Ingest, then SIGTERM; the JSON log lines written after start-up, and stdout."""
+    try:
+        with grpc.insecure_channel(address) as channel:
+            response = DeliveryReportServiceStub(channel).Ingest(
+                gms_request(gms_item(SECRET_MESSAGE_ID, number=SECRET_NUMBER), request_id), timeout=TIMEOUT
+            )
+            assert response.accepted_count == 1
+    finally:
+        process.terminate()
+        out, err = process.communicate(timeout=20)
+    assert process.returncode == 0
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    return lines, out
+
+
+def rpc_line(lines: list[Any]) -> dict[str, Any]:
+    (line,) = [entry for entry in lines if entry["message"] == "rpc"]
+    assert isinstance(line, dict)
+    return line
+
+
+def test_console_tracing_puts_the_trace_id_on_the_rpc_line_and_exports_the_span(tmp_path: Path) -> None:
+    process, address = serve(tmp_path / "traced.db", DLRHUB_TRACING="console")
+    lines, stdout = ingest_and_stop(process, address, "req-traced")
+
+    line = rpc_line(lines)
+    assert (line["rpc"], line["code"], line["request_id"]) == (INGEST, "OK", "req-traced")
+    trace_id = line["trace_id"]
+    assert HEX32.fullmatch(trace_id)
+    assert trace_id != "0" * 32
+    # The exported span: the call's, with that trace id.
+    assert f'"trace_id": "0x{trace_id}"' in stdout
+    assert "/deliveryreport.v1.DeliveryReportService/Ingest" in stdout
+    # Lines logged outside a call carry no trace id.
+    assert all("trace_id" not in entry for entry in lines if entry["message"] in ("shutting down", "stopped"))
+    assert SECRET_MESSAGE_ID not in json.dumps(lines)
+
+
+def test_without_tracing_no_trace_id_and_no_span_output(tmp_path: Path) -> None:
+    process, address = serve(tmp_path / "untraced.db")
+    lines, stdout = ingest_and_stop(process, address, "req-untraced")
+
+    line = rpc_line(lines)
+    assert (line["rpc"], line["code"], line["request_id"]) == (INGEST, "OK", "req-untraced")
+    assert not any("trace_id" in entry for entry in lines)
+    assert stdout == ""
+
+
+def test_an_unknown_tracing_mode_stops_start_up_with_a_clear_message(tmp_path: Path) -> None:
+    db = tmp_path / "bogus.db"
+    environment = {key: val for key, val in os.environ.items() if not key.startswith("DLRHUB_")}
+    finished = subprocess.run(
+        [sys.executable, "-m", "dlrhub.cli", "serve", "--listen", "127.0.0.1:0", "--db", str(db)],
+        env={**environment, "DLRHUB_TRACING": "bogus", "DLRHUB_HTTP_LISTEN": "127.0.0.1:0"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert finished.returncode != 0
+    lines = [json.loads(line) for line in finished.stderr.splitlines() if line.startswith("{")]
+    errors = [entry["message"] for entry in lines if entry["level"] == "ERROR"]
+    assert len(errors) == 1
+    assert "DLRHUB_TRACING" in errors[0]
+    assert "'bogus'" in errors[0]
+    assert "console" in errors[0]
+    assert "otlp" in errors[0]
+    assert not any(entry["message"] == "serving" for entry in lines)
+
+
+async def test_an_unknown_tracing_mode_stops_an_in_process_start(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"DLRHUB_TRACING must be off, console or otlp, not 'bogus'"):
+        await app_module.start(
+            Settings(listen="127.0.0.1:0", http_listen="127.0.0.1:0", db=tmp_path / "x.db", tracing="bogus")
+        )
+
+
+async def test_an_unknown_tracing_mode_is_refused_before_the_store_is_opened(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="DLRHUB_TRACING"):
+        await app_module.start(
+            Settings(listen="127.0.0.1:0", http_listen="127.0.0.1:0", db=tmp_path / "x.db", tracing="bogus")
+        )
+    assert not (tmp_path / "x.db").exists()  # refused before anything started
