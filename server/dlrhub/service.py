@@ -254,12 +254,6 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
     # Stream.
 
     async def _stream(self, request: StreamRequest) -> AsyncIterator[StreamResponse]:
-        if self._hub.subscriber_count >= self._max_streams:
-            raise ResourceExhausted(
-                f"too many open streams: at most {self._max_streams}; retry later",
-                "TOO_MANY_STREAMS",
-                metadata={"max_streams": str(self._max_streams)},
-            )
         if request.heartbeat_seconds < 0:
             raise InvalidArgument(
                 "heartbeat_seconds must not be negative",
@@ -287,6 +281,13 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
             source=request.source,
         )
         heartbeat = request.heartbeat_seconds or DEFAULT_HEARTBEAT_SECONDS
+        # Checked after the last await before follow() subscribes, so concurrent calls cannot all pass.
+        if self._hub.subscriber_count >= self._max_streams:
+            raise ResourceExhausted(
+                f"too many open streams: at most {self._max_streams}; retry later",
+                "TOO_MANY_STREAMS",
+                metadata={"max_streams": str(self._max_streams)},
+            )
         async for item in follow(self._store, self._hub, self._read, change_filter, after, heartbeat):
             if isinstance(item, Heartbeat):
                 yield StreamResponse(cursor=str(item.cursor), heartbeat=True)
