@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
@@ -61,19 +62,37 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "dlrhub.db"
 
 
-@pytest.fixture
-async def server(db_path: Path, clock: FakeClock) -> AsyncIterator[Running]:
-    """The real server on a free port over a real SQLite file, with a grpc.aio stub."""
+@contextlib.asynccontextmanager
+async def serving(
+    tmp_path: Path, *, clock: FakeClock | None = None, **overrides: Any
+) -> AsyncIterator[app.App]:
+    """A real app on free ports over `tmp_path/dlrhub.db`, with any Settings overridden; stopped after."""
     running = await app.start(
-        Settings(listen="127.0.0.1:0", http_listen="127.0.0.1:0", db=db_path, shutdown_grace=1.0), clock=clock
+        Settings(
+            listen="127.0.0.1:0",
+            http_listen="127.0.0.1:0",
+            db=tmp_path / "dlrhub.db",
+            shutdown_grace=1.0,
+            **overrides,
+        ),
+        clock=clock or FakeClock(),
     )
-    address = f"127.0.0.1:{running.port}"
-    channel = grpc.aio.insecure_channel(address)
     try:
-        yield Running(running, DeliveryReportServiceStub(channel), channel, clock, address)
+        yield running
     finally:
-        await channel.close(None)
         await running.stop()
+
+
+@pytest.fixture
+async def server(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Running]:
+    """The real server on a free port over a real SQLite file, with a grpc.aio stub."""
+    async with serving(tmp_path, clock=clock) as running:
+        address = f"127.0.0.1:{running.port}"
+        channel = grpc.aio.insecure_channel(address)
+        try:
+            yield Running(running, DeliveryReportServiceStub(channel), channel, clock, address)
+        finally:
+            await channel.close(None)
 
 
 @dataclass

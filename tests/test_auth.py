@@ -8,7 +8,6 @@ checked with both. Callers go through the real client (dlrhub_client.AsyncClient
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
@@ -37,7 +36,7 @@ from dlrhub_client import (
     UnauthenticatedError,
 )
 from dlrhub_client.errors import from_rpc_error
-from tests.conftest import FakeClock
+from tests.conftest import FakeClock, serving
 
 TIMEOUT = 10.0  # seconds: the bound on every call, stream read and subprocess here
 INGEST_TOKEN = "ingest-token-5f0c9a1d"
@@ -67,24 +66,6 @@ def gms(*message_ids: str) -> str:
             for message_id in message_ids
         ]
     )
-
-
-@contextlib.asynccontextmanager
-async def serving(tmp_path: Path, **overrides: Any) -> AsyncIterator[app.App]:
-    running = await app.start(
-        Settings(
-            listen="127.0.0.1:0",
-            http_listen="127.0.0.1:0",
-            db=tmp_path / "dlrhub.db",
-            shutdown_grace=1.0,
-            **overrides,
-        ),
-        clock=FakeClock(),
-    )
-    try:
-        yield running
-    finally:
-        await running.stop()
 
 
 def write_tokens_file(path: Path, entries: list[dict[str, Any]]) -> Path:

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import json
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -24,7 +24,6 @@ from deliveryreport.v1.delivery_report_service_pb2 import StreamRequest, StreamR
 from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
 from deliveryreport.v1.provider_formats_pb2 import GmsReport
 from dlrhub import app
-from dlrhub.config import Settings
 from dlrhub_client import (
     AsyncClient,
     DeadlineExceededError,
@@ -32,7 +31,7 @@ from dlrhub_client import (
     NotFoundError,
     ResourceExhaustedError,
 )
-from tests.conftest import FakeClock
+from tests.conftest import serving
 
 TIMEOUT = 10.0  # seconds: the bound on every call and wait here
 
@@ -54,24 +53,6 @@ def report(message_id: str, extra: str = "") -> dict[str, Any]:
 def gms(*message_ids: str) -> str:
     """A GMS push body: one report per message id."""
     return json.dumps([report(message_id) for message_id in message_ids])
-
-
-@contextlib.asynccontextmanager
-async def serving(tmp_path: Path, **overrides: Any) -> AsyncIterator[app.App]:
-    running = await app.start(
-        Settings(
-            listen="127.0.0.1:0",
-            http_listen="127.0.0.1:0",
-            db=tmp_path / "dlrhub.db",
-            shutdown_grace=1.0,
-            **overrides,
-        ),
-        clock=FakeClock(),
-    )
-    try:
-        yield running
-    finally:
-        await running.stop()
 
 
 def connect(running: app.App, timeout: float = TIMEOUT) -> AsyncClient:

@@ -7,7 +7,6 @@ for the webhooks and the `dlrhub` CLI as a subprocess.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
@@ -16,7 +15,6 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -25,7 +23,7 @@ from dlrhub import app
 from dlrhub.config import Settings
 from dlrhub_client import AsyncClient, TlsConfig, UnavailableError
 from tests.certs import Certs, make_certs
-from tests.conftest import FakeClock
+from tests.conftest import FakeClock, serving
 
 TIMEOUT = 10.0  # seconds: the bound on every call and subprocess here
 DLRHUB = shutil.which("dlrhub", path=str(Path(sys.executable).parent)) or "dlrhub"
@@ -53,24 +51,6 @@ def gms(*message_ids: str) -> str:
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
     return make_certs(tmp_path_factory.mktemp("certs"))
-
-
-@contextlib.asynccontextmanager
-async def serving(tmp_path: Path, **overrides: Any) -> AsyncIterator[app.App]:
-    running = await app.start(
-        Settings(
-            listen="127.0.0.1:0",
-            http_listen="127.0.0.1:0",
-            db=tmp_path / "dlrhub.db",
-            shutdown_grace=1.0,
-            **overrides,
-        ),
-        clock=FakeClock(),
-    )
-    try:
-        yield running
-    finally:
-        await running.stop()
 
 
 @pytest.fixture
