@@ -676,3 +676,22 @@ async def test_an_unknown_tracing_mode_is_refused_before_the_store_is_opened(tmp
             Settings(listen="127.0.0.1:0", http_listen="127.0.0.1:0", db=tmp_path / "x.db", tracing="bogus")
         )
     assert not (tmp_path / "x.db").exists()  # refused before anything started
+
+
+async def test_concurrent_ingests_share_commits(server: Running) -> None:
+    """Group commit: 200 concurrent single-report Ingests are committed in far fewer transactions."""
+    before = await scrape(server.app.http_port)
+    calls = [
+        server.stub.Ingest(
+            IngestRequest(
+                payload=json.dumps({"message_id": f"group-{n}", "status": 2, "time": 1477417294667 + n})
+            )
+        )
+        for n in range(200)
+    ]
+    responses = await asyncio.gather(*calls)
+    assert sum(response.accepted_count for response in responses) == 200
+    after = await scrape(server.app.http_port)
+    commits = moved(before, after, "dlrhub_store_commit_reports_count")[labels_of()]
+    assert moved(before, after, "dlrhub_store_commit_reports_sum")[labels_of()] == 200
+    assert 1 <= commits <= 100, f"{commits} commits for 200 concurrent reports: they are not grouped"
