@@ -76,6 +76,9 @@ def test_node_client_ingests_fetches_and_streams(server_process: ServerProcess) 
     assert delivered_id != expired_id
     cursors = [result["cursor"] for result in results]
     assert all(cursor.isdigit() for cursor in cursors)
+    assert all("raw_payload" not in report for report in reports)  # Ingest does not echo the text
+    # The text each report was stored with, as the stream carries it.
+    texts = [message["report"]["raw_payload"] for message in by_step["stream"]]
 
     # Fetch: the EXPIRED message's current state and its history of one report.
     fetch = by_step["fetch"][0]
@@ -94,7 +97,7 @@ def test_node_client_ingests_fetches_and_streams(server_process: ServerProcess) 
     }
     assert len(fetch["history"]) == 1
     assert fetch["history"][0]["status"] == "DELIVERY_STATUS_EXPIRED"
-    assert fetch["history"][0]["raw_payload"] == reports[1]["raw_payload"]
+    assert fetch["history"][0]["raw_payload"] == texts[1]
 
     # Stream: exactly the two ingested reports, with the cursors Ingest gave.
     streamed = by_step["stream"]
@@ -109,9 +112,9 @@ def test_node_client_ingests_fetches_and_streams(server_process: ServerProcess) 
     # What Node ingested is stored: Python's stub finds both messages.
     with grpc.insecure_channel(server_process.address) as channel:
         stub = DeliveryReportServiceStub(channel)
-        for message_id, status, report in [
-            (delivered_id, DeliveryStatus.DELIVERY_STATUS_DELIVERED, reports[0]),
-            (expired_id, DeliveryStatus.DELIVERY_STATUS_EXPIRED, reports[1]),
+        for message_id, status, report, text in [
+            (delivered_id, DeliveryStatus.DELIVERY_STATUS_DELIVERED, reports[0], texts[0]),
+            (expired_id, DeliveryStatus.DELIVERY_STATUS_EXPIRED, reports[1], texts[1]),
         ]:
             fetched = stub.Fetch(FetchRequest(message_id=message_id, include_history=True), timeout=10)
             assert len(fetched.reports) == 1
@@ -119,5 +122,6 @@ def test_node_client_ingests_fetches_and_streams(server_process: ServerProcess) 
             assert stored.source == Source.SOURCE_GMS
             assert stored.status == status
             assert stored.reference == report["reference"]
-            assert stored.raw_payload == report["raw_payload"]
-            assert [entry.raw_payload for entry in fetched.history] == [report["raw_payload"]]
+            assert stored.raw_payload == text
+            assert json.loads(text)["message_id"] == message_id
+            assert [entry.raw_payload for entry in fetched.history] == [text]

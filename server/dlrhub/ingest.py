@@ -82,6 +82,7 @@ def apply(tx: Transaction, submission: Submission) -> Applied:
             continue
         report = item.report
         result.report.CopyFrom(report)
+        result.report.ClearField("raw_payload")  # the caller sent it; Fetch and Stream carry it
         merged = merge(tx.load_state(report.source, report.message_id), report)
         if merged.duplicate:
             result.outcome = IngestOutcome.INGEST_OUTCOME_DUPLICATE

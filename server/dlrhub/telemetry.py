@@ -29,6 +29,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
 
+from dlrhub.errors import FieldViolation, InvalidArgument, to_status
 from dlrhub.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return handler  # type: ignore[return-value]
         method = handler_call_details.method.lstrip("/")
         options = {
-            "request_deserializer": handler.request_deserializer,
+            "request_deserializer": _tolerant(handler.request_deserializer),
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary is not None:
@@ -77,6 +78,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             started = time.perf_counter()
             code = "OK"
             try:
+                await _refuse_undecodable(request, context)
                 return await behaviour(request, context)
             except asyncio.CancelledError:
                 code = "CANCELLED"
@@ -99,6 +101,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             started = time.perf_counter()
             code = "OK"
             try:
+                await _refuse_undecodable(request, context)
                 async for response in behaviour(request, context):
                     fields["messages"] = int(fields["messages"]) + 1  # type: ignore[call-overload]
                     yield response
@@ -122,6 +125,44 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self._metrics.rpc_requests.labels(method, code).inc()
         self._metrics.rpc_duration.labels(method).observe(seconds)
         log.info("rpc", extra={**fields, "code": code, "duration_ms": round(seconds * 1000, 3)})
+
+
+class _Undecodable:
+    """A request whose bytes are not a valid message (bad protobuf, or strings not UTF-8)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """Lets an undecodable request reach the call, to be refused as INVALID_ARGUMENT.
+
+    grpc.aio would otherwise answer UNKNOWN by itself when deserialising fails.
+    """
+    if deserializer is None:
+        return None
+    decode = deserializer
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return decode(data)
+        except Exception as error:  # DecodeError, or a string that is not UTF-8
+            return _Undecodable(error)
+
+    return deserialize
+
+
+async def _refuse_undecodable(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    if isinstance(request, _Undecodable):
+        error = InvalidArgument(
+            f"the request is not a valid protobuf message: {request.error}",
+            "UNDECODABLE_REQUEST",
+            violations=[
+                FieldViolation("", "not a valid protobuf message (or a string is not UTF-8)", "INVALID_VALUE")
+            ],
+        )
+        status = to_status(error)
+        await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 def _fields(method: str, context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, object]:

@@ -187,7 +187,10 @@ class IngestResult(_message.Message):
     """For ACCEPTED, the stream cursor of the stored report."""
     @_builtins.property
     def report(self) -> _delivery_report_pb2.DeliveryReport:
-        """The normalised report (unset when rejected)."""
+        """The normalised report (unset when rejected), without `raw_payload`: the
+        caller sent that text, and Fetch and Stream carry it. This keeps the
+        answer smaller than the request.
+        """
 
     @_builtins.property
     def error(self) -> Global___ItemError:
