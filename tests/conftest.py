@@ -24,7 +24,8 @@ if TYPE_CHECKING:  # the async stub type exists only in the generated .pyi
     from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceAsyncStub
 
 ROOT = Path(__file__).resolve().parent.parent
-SEEDS = ROOT.parent / "shared" / "seeds"
+# Copies of the two provider documents (shared/seeds), so the suite needs nothing outside the repo.
+SEEDS = Path(__file__).resolve().parent / "fixtures" / "seeds"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
