@@ -4,7 +4,8 @@ No .proto file is given to grpcurl: everything goes through server reflection, e
 poke at the service. Requests are sent as JSON on stdin (`-d @`), answers are parsed from grpcurl's
 JSON output (int64 fields print as strings), errors from its "ERROR:" block on stderr.
 
-Every example in the provider documents (tests/fixtures/seeds, copied from shared/seeds) is extracted from the documents
+Every example in the provider documents (tests/fixtures/seeds, copies of shared/seeds) is
+extracted from the documents
 themselves and ingested verbatim, including the GMS single-report example, which is invalid JSON.
 """
 
