@@ -5,8 +5,8 @@ poke at the service. Requests are sent as JSON on stdin (`-d @`), answers are pa
 JSON output (int64 fields print as strings), errors from its "ERROR:" block on stderr.
 
 Every example in the provider documents (tests/fixtures/seeds, copies of shared/seeds) is
-extracted from the documents
-themselves and ingested verbatim, including the GMS single-report example, which is invalid JSON.
+extracted from the documents themselves and ingested verbatim, including the GMS single-report
+example, which is invalid JSON.
 """
 
 from __future__ import annotations
