@@ -41,8 +41,12 @@ test: lint
 gen: $(INSTALLED)
 	$(PY) tools/generate_protos.py
 
+# BENCH_ARGS: e.g. --quick, --full, --event-loop both, --profile (python -m bench --help).
+BENCH_ARGS ?=
+
 bench: $(INSTALLED)
-	$(PY) -m bench
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""dlrhub benchmarks: `python -m bench` (see bench/README.md)."""
