@@ -1,11 +1,18 @@
-"""Structured logs: one JSON object per line on stderr."""
+"""Structured logs: one JSON object per line on stderr.
+
+A line per call is on the hot path, so lines are written in batches: when
+`capacity` lines are waiting, at once for a WARNING or worse, and otherwise at
+most `interval` seconds after they were logged (and at exit).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
+import threading
 from datetime import UTC, datetime
+from typing import Any
 
 from dlrhub.telemetry import current_trace_id
 
@@ -34,6 +41,43 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A StreamHandler that writes many lines per system call."""
+
+    def __init__(self, stream: Any, capacity: int = 256, interval: float = 0.2) -> None:
+        super().__init__(stream)
+        self.capacity = capacity
+        self.interval = interval
+        self._lines: list[str] = []
+        self._timer: threading.Timer | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:  # called with self.lock held
+        try:
+            self._lines.append(self.format(record))
+        except Exception:
+            self.handleError(record)
+            return
+        if record.levelno >= logging.WARNING or len(self._lines) >= self.capacity:
+            self._write()
+        elif self._timer is None:
+            self._timer = threading.Timer(self.interval, self.flush)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._write()
+
+    def _write(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._lines:
+            self.stream.write("\n".join(self._lines) + "\n")
+            self._lines.clear()
+        self.stream.flush()
+
+
 def configure(level: str) -> None:
     # A line per call is on the hot path: skip what these lines never show (the caller's file and
     # line, thread and process names), as the logging documentation's optimisation notes advise.
@@ -41,7 +85,7 @@ def configure(level: str) -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stderr)
+    handler = BatchingStreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
