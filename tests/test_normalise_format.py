@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from google.protobuf.json_format import ParseDict
-from google.protobuf.timestamp_pb2 import Timestamp
 
 import dlrhub.normalise
 from deliveryreport.v1.delivery_report_pb2 import DeliveryReport, DeliveryStatus, Source
@@ -22,16 +20,9 @@ from deliveryreport.v1.provider_formats_pb2 import (
     SentSmsReports,
     SentSmsReportStatus,
 )
-from dlrhub.normalise import NormalisedItem, Normaliser, PayloadError, Rejection, detect_format, typed_payload
+from dlrhub.normalise import NormalisedItem, PayloadError, Rejection, detect_format, typed_payload
 from dlrhub.normalise.document import decode
-
-FIXTURES = Path(__file__).parent / "fixtures"
-RECEIVED = Timestamp(seconds=1_700_000_000, nanos=5_000_000)
-NORMALISER = Normaliser.load()
-
-
-def fixture(name: str) -> str:
-    return (FIXTURES / name).read_text()
+from tests.normalising import NORMALISER, RECEIVED, fixture
 
 
 def normalise(payload: str, format: Format.ValueType = Format.FORMAT_UNSPECIFIED) -> list[NormalisedItem]:

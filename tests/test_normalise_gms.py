@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,22 +19,10 @@ from deliveryreport.v1.delivery_report_pb2 import (
     Source,
 )
 from deliveryreport.v1.delivery_report_service_pb2 import Format
-from dlrhub.normalise import NormalisedItem, Normaliser, PayloadError, Rejection
+from dlrhub.normalise import NormalisedItem, PayloadError, Rejection
+from tests.normalising import NORMALISER, RECEIVED, fixture, ts
 
-FIXTURES = Path(__file__).parent / "fixtures"
-RECEIVED = Timestamp(seconds=1_700_000_000, nanos=5_000_000)
-NORMALISER = Normaliser.load()
 S = DeliveryStatus
-
-
-def ts(text: str) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromJsonString(text)
-    return stamp
-
-
-def fixture(name: str) -> str:
-    return (FIXTURES / name).read_text()
 
 
 def normalise(payload: str, format: Format.ValueType = Format.FORMAT_GMS) -> list[NormalisedItem]:
