@@ -96,7 +96,7 @@ def apply(tx: Transaction, submission: Submission) -> Applied:
 
     if submission.request_id and not submission.quarantine_id and not is_wholly_rejected(response):
         tx.save_response(submission.request_id, response.SerializeToString())
-    if submission.quarantine_id and response.results and not response.rejected_count:
+    if submission.quarantine_id and not response.rejected_count:
         tx.resolve_quarantined(
             submission.quarantine_id, submission.resolved_seconds or submission.received.seconds
         )
