@@ -7,13 +7,17 @@ filters its streams by them, so the tests do not see each other's reports.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
 import queue
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -419,3 +423,36 @@ def test_bad_tail_options_are_usage_errors() -> None:
     assert "delivered" in bad_status.stderr  # the valid values are listed
     assert both_starts.returncode == 2
     assert "not allowed with argument" in both_starts.stderr
+
+
+def test_a_large_file_shows_a_progress_bar_on_a_terminal_only(hub: ServerProcess, tmp_path: Path) -> None:
+    """On a terminal (a pseudo-terminal here) stderr shows tqdm's bar; piped, it shows nothing."""
+    ids = [f"bar-{n:04d}" for n in range(40)]
+    batch = write_json(tmp_path / "bar.json", [gms(message_id) for message_id in ids])
+    command = [*DLRHUB, "ingest", batch, "--batch-size", "10", "--target", hub.address]
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
+    try:
+        with subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=follower, env=ENV, text=True
+        ) as process:
+            os.close(follower)
+            out, _ = process.communicate(timeout=TIMEOUT)
+            terminal = b""
+            while True:
+                try:
+                    chunk = os.read(leader, 65536)
+                except OSError:  # the follower side is closed: everything was read
+                    break
+                if not chunk:
+                    break
+                terminal += chunk
+    finally:
+        os.close(leader)
+    assert process.returncode == 0
+    assert out == "accepted 40, duplicate 0, rejected 0\n"
+    assert b"40/40" in terminal, terminal
+    assert b"item" in terminal, terminal
+
+    piped = dlrhub("ingest", batch, "--batch-size", "10", "--target", hub.address)
+    assert (piped.returncode, piped.stderr) == (0, "")
