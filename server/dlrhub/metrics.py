@@ -18,7 +18,8 @@ dlrhub_quarantine_open                            quarantined items not resolved
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import collections
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -40,6 +41,9 @@ _OUTCOMES = {
     IngestOutcome.INGEST_OUTCOME_REJECTED: "rejected",
 }
 _UNSPECIFIED = DeliveryStatus.DELIVERY_STATUS_UNSPECIFIED
+_STATUS_NAMES = {
+    value: name.removeprefix("DELIVERY_STATUS_").lower() for name, value in DeliveryStatus.items()
+}
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -100,21 +104,21 @@ class Metrics:
         """The exposition text (blocking: it may read the store)."""
         return generate_latest(self.registry)
 
-    def record_ingest(self, items: Iterable[NormalisedItem], response: IngestResponse) -> None:
+    def record_ingest(self, items: Sequence[NormalisedItem], response: IngestResponse) -> None:
         """Counts each item's outcome, and the raw codes of reports that mapped to UNSPECIFIED."""
-        formats = {item.index: item.format for item in items}
+        counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
         for result in response.results:
             outcome = _OUTCOMES.get(result.outcome, "unknown")
             if result.HasField("report"):
                 report = result.report
                 source = _SOURCES.get(report.source, "unknown")
-                status = DeliveryStatus.Name(report.status).removeprefix("DELIVERY_STATUS_").lower()
                 if report.status == _UNSPECIFIED and outcome == "accepted":
                     self.unmapped.labels(source, raw_codes(report)).inc()
+                counts[source, _STATUS_NAMES.get(report.status, "unknown"), outcome] += 1
             else:
-                source = _SOURCE_OF_FORMAT.get(formats.get(result.index, 0), "unknown")
-                status = ""
-            self.reports.labels(source, status, outcome).inc()
+                counts[_SOURCE_OF_FORMAT.get(items[result.index].format, "unknown"), "", outcome] += 1
+        for labels, count in counts.items():  # one update per series, not per item
+            self.reports.labels(*labels).inc(count)
 
     def record_rejected_payload(self, format: int) -> None:
         self.reports.labels(_SOURCE_OF_FORMAT.get(format, "unknown"), "", "rejected").inc()
