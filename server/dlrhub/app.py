@@ -225,6 +225,11 @@ def _poller_settings(settings: Settings) -> PollerSettings | None:
     """The poller's settings, or None when it is not configured (both base URL and key are needed)."""
     if not (settings.poll_base_url and settings.poll_api_key):
         return None
+    if settings.poll_limit > settings.max_batch_items:
+        raise ValueError(
+            f"DLRHUB_POLL_LIMIT ({settings.poll_limit}) is over DLRHUB_MAX_BATCH_ITEMS"
+            f" ({settings.max_batch_items}): a fetched batch could never be stored"
+        )
     return PollerSettings(
         settings.poll_base_url,
         settings.poll_api_key,

@@ -107,5 +107,8 @@ class Committer:
         with self._store.transaction() as tx:
             applied = [apply(tx, submission) for submission in submissions]
         if self._on_commit is not None:
-            self._on_commit(time.perf_counter() - started, sum(len(s.items) or 1 for s in submissions))
+            try:  # committed already: a failing observer must not turn it into an error
+                self._on_commit(time.perf_counter() - started, sum(len(s.items) or 1 for s in submissions))
+            except Exception:
+                log.exception("commit observer failed")
         return applied

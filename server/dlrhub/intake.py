@@ -78,8 +78,11 @@ class Intake:
         received = Timestamp(seconds=item.received_seconds)
         resolved_seconds = self._clock() // 1_000_000_000  # now: when it is resolved, if it is
         payload = item.raw
-        if item.format == Format.FORMAT_SENT_SMS_REPORT and not item.whole_payload:
-            payload = '{"results":[' + payload + "]}"  # one item of a batch
+        if not item.whole_payload:  # one item of a batch: run it in a batch of its own, as it came
+            if item.format == Format.FORMAT_SENT_SMS_REPORT:
+                payload = '{"results":[' + payload + "]}"
+            elif item.format == Format.FORMAT_GMS:
+                payload = "[" + payload + "]"
         try:
             items = self._normaliser.normalise(payload, Format.ValueType(item.format), received)
         except PayloadError as error:

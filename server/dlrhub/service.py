@@ -55,6 +55,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 DEFAULT_HEARTBEAT_SECONDS = 15
+MAX_RENORMALISE_IDS = 10_000
 
 
 class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
@@ -217,6 +218,13 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
     async def _renormalise_quarantine(
         self, request: RenormaliseQuarantineRequest
     ) -> RenormaliseQuarantineResponse:
+        if len(request.ids) > MAX_RENORMALISE_IDS:
+            raise InvalidArgument(
+                f"at most {MAX_RENORMALISE_IDS} ids per call; give none to re-run every open item",
+                "TOO_MANY_IDS",
+                violations=[FieldViolation("ids", f"at most {MAX_RENORMALISE_IDS} ids", "INVALID_VALUE")],
+                metadata={"max_ids": str(MAX_RENORMALISE_IDS)},
+            )
         response = RenormaliseQuarantineResponse()
         after = 0
         while True:
@@ -358,7 +366,7 @@ def _decode_page_token(token: str, selector: str, value: str, source: int) -> in
         decoded = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         token_selector, token_value, token_source, after = decoded
         valid = isinstance(after, int) and 0 <= after < 2**63  # a 64-bit position
-    except (ValueError, TypeError, binascii.Error):
+    except (ValueError, TypeError, binascii.Error, RecursionError):
         valid = False
     if not valid:
         raise InvalidArgument(

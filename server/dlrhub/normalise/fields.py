@@ -18,6 +18,8 @@ from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
 from dlrhub.normalise.results import NormalisedItem, Rejection
 
 _INTEGER_TEXT = re.compile(r"-?[0-9]{1,18}")
+# A plain ASCII decimal: "0.0075", "-1", "1.5E-3" (Decimal() also takes "1_000" and non-ASCII digits).
+_DECIMAL_TEXT = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
 
 
 class InvalidItem(Exception):
@@ -136,12 +138,8 @@ class Fields:
             raise self._wrong(key, "a number")
         if isinstance(value, int | Decimal):
             return str(value)
-        if isinstance(value, str):
-            try:
-                if Decimal(value).is_finite():
-                    return value.strip()
-            except ArithmeticError:
-                pass
+        if isinstance(value, str) and _DECIMAL_TEXT.fullmatch(value.strip()):
+            return value.strip()
         raise self._wrong(key, "a number")
 
     def object(self, key: str) -> Fields | None:
