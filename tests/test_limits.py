@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sqlite3
 import threading
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
@@ -276,9 +277,16 @@ async def test_a_cancelled_client_task_ends_its_stream_subscription(tmp_path: Pa
 
 async def test_an_expired_deadline_fails_and_the_server_stays_healthy(tmp_path: Path) -> None:
     async with serving(tmp_path) as running:
-        async with connect(running, timeout=0.000001) as hurried:
-            with pytest.raises(DeadlineExceededError) as raised:
-                await hurried.ingest(gms("hurried-1"))
+        # Another connection holds the write lock, so the commit cannot finish before the deadline.
+        blocker = sqlite3.connect(tmp_path / "dlrhub.db", isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            async with connect(running, timeout=0.3) as hurried:
+                with pytest.raises(DeadlineExceededError) as raised:
+                    await hurried.ingest(gms("hurried-1"))
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
         assert raised.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
 
         async with connect(running) as client:
