@@ -98,6 +98,9 @@ MODES = {
 }
 
 
+PHASES = frozenset({"unary", "batched", "fanout", "latency", "fetch"})
+
+
 @dataclass
 class Options:
     mode: Mode
@@ -112,6 +115,7 @@ class Options:
     keep: bool
     patience: float  # seconds to wait for a quiet machine before each point
     warm: bool = True  # read the database file into the page cache before each Fetch point
+    only: frozenset[str] = PHASES  # the phases to run (latency needs unary: its rate is half of unary's peak)
 
 
 # Servers.
@@ -640,41 +644,15 @@ class Suite:
             hub = start_dlrhub(db, self.event_loop)
             print(f"dlrhub: {hub.target} (uvloop loaded: {hub.uvloop}), db {db}", flush=True)
             try:
-                self.run_unary(echo, hub)
-                peak_level = max(
-                    (p for p in self.points if p["scenario"] == "unary" and p["target"] == "dlrhub"),
-                    key=lambda p: p["calls_per_s"],
-                )
-                self.maybe_profile(
-                    "unary",
-                    hub,
-                    lambda: self.unary_jobs(INGEST, "ingest", peak_level["concurrency"]),
-                )
-                self.run_batched(echo, hub)
-                self.maybe_profile("batched", hub, self.batch_jobs)
-                self.run_fanout(echo, hub)
-                subs = self.options.subscribers
-                self.maybe_profile(
-                    "fanout",
-                    hub,
-                    lambda: (
-                        [
-                            (worker, {"kind": "subscribe", "method": STREAM, "mode": "count"})
-                            for worker in self.pool.subscribers[:subs]
-                        ]
-                        + self.batch_jobs()
-                    ),
-                )
-                self.run_latency(hub, peak_level["calls_per_s"])
-                self.maybe_profile(
-                    "latency", hub, lambda: self.latency_jobs(peak_level["calls_per_s"] / 2, subs)
-                )
+                self.run_ingest_and_stream(echo, hub)
                 self.rss["after the Ingest and Stream phases"] = {
                     **proc_status(hub.pid),
                     "stored": _stored_count(hub),
                 }
             finally:
                 hub.stop()
+            if "fetch" not in self.options.only:
+                return
             small = self.workdir / "fetch-10k.db"
             shutil.copyfile(preload.ensure(10_000), small)
             self.run_fetch(echo, 10_000, small)
@@ -683,7 +661,40 @@ class Suite:
                 self.run_fetch(echo, self.options.million, preload.ensure(self.options.million))
         finally:
             echo.stop()
-        self.rows = build_rows(self)
+            self.rows = build_rows(self)
+
+    def run_ingest_and_stream(self, echo: Server, hub: Server) -> None:
+        only = self.options.only
+        if "unary" in only:
+            self.run_unary(echo, hub)
+            peak_level = max(
+                (p for p in self.points if p["scenario"] == "unary" and p["target"] == "dlrhub"),
+                key=lambda p: p["calls_per_s"],
+            )
+            self.maybe_profile(
+                "unary", hub, lambda: self.unary_jobs(INGEST, "ingest", peak_level["concurrency"])
+            )
+        if "batched" in only:
+            self.run_batched(echo, hub)
+            self.maybe_profile("batched", hub, self.batch_jobs)
+        if "fanout" in only:
+            self.run_fanout(echo, hub)
+            subs = self.options.subscribers
+            self.maybe_profile(
+                "fanout",
+                hub,
+                lambda: (
+                    [
+                        (worker, {"kind": "subscribe", "method": STREAM, "mode": "count"})
+                        for worker in self.pool.subscribers[:subs]
+                    ]
+                    + self.batch_jobs()
+                ),
+            )
+        if "latency" in only and "unary" in only:
+            peak = peak_level["calls_per_s"]
+            self.run_latency(hub, peak)
+            self.maybe_profile("latency", hub, lambda: self.latency_jobs(peak / 2, self.options.subscribers))
 
 
 def _sleep_until(epoch: float) -> None:
@@ -1102,7 +1113,17 @@ def parse_args(argv: list[str] | None) -> Options:
         action="store_true",
         help="do not read the database into the page cache before each Fetch point",
     )
+    parser.add_argument(
+        "--only",
+        default=",".join(sorted(PHASES)),
+        help=f"comma-separated phases to run, of {', '.join(sorted(PHASES))} (latency needs unary)",
+    )
     options = parser.parse_args(argv)
+    only = frozenset(filter(None, options.only.split(",")))
+    if only - PHASES:
+        parser.error(f"--only: unknown phase(s) {', '.join(sorted(only - PHASES))}")
+    if "latency" in only and "unary" not in only:
+        parser.error("--only: latency needs unary (it runs at half of unary's peak rate)")
     mode = MODES["quick" if options.quick else "full" if options.full else "standard"]
     loops = ["asyncio", "uvloop"] if options.event_loop == "both" else [options.event_loop]
     return Options(
@@ -1118,6 +1139,7 @@ def parse_args(argv: list[str] | None) -> Options:
         keep=options.keep,
         patience=options.patience,
         warm=not options.cold,
+        only=only,
     )
 
 

@@ -30,7 +30,9 @@ from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportSer
 from deliveryreport.v1.provider_formats_pb2 import GmsReport, GmsReports
 from dlrhub import app as dlrhub_app
 from dlrhub.config import Settings
+from dlrhub.service import StreamEncoder
 from dlrhub.store import SqliteStore
+from dlrhub.store.base import Change
 from tests.conftest import FakeClock, Running
 
 if TYPE_CHECKING:
@@ -1086,3 +1088,21 @@ async def test_graceful_shutdown_ends_streams_and_keeps_what_was_acknowledged(
             assert [state.message_id for state in store.messages(message_id)] == [message_id]
     finally:
         store.close()
+
+
+# Stream encoding: one change, encoded once for every subscriber.
+
+
+def test_a_change_is_encoded_once_and_decodes_to_its_stream_response() -> None:
+    report = DeliveryReport(message_id="m-1", status=DeliveryStatus.DELIVERY_STATUS_DELIVERED)
+    state = DeliveryReport(message_id="m-1", bulk_id="b-1", status=DeliveryStatus.DELIVERY_STATUS_DELIVERED)
+    encode = StreamEncoder(size=2)
+    first = encode(Change(7, report, state))
+    assert encode(Change(7, report, state)) is first  # a second subscriber gets the same bytes
+    assert StreamResponse.FromString(first) == StreamResponse(cursor="7", report=report, state=state)
+
+    encode(Change(8, report, state))
+    encode(Change(9, report, state))  # over the size: the oldest (7) is dropped and re-encoded on demand
+    again = encode(Change(7, report, state))
+    assert again is not first
+    assert again == first

@@ -17,7 +17,6 @@ from grpc_health.v1 import _async as health_aio  # public as grpc_health.v1.heal
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from deliveryreport.v1 import delivery_report_service_pb2, delivery_report_service_pb2_grpc
 from dlrhub import tls, webhooks
 from dlrhub.auth import AuthInterceptor, Tokens
 from dlrhub.committer import Committer
@@ -28,13 +27,12 @@ from dlrhub.metrics import Metrics
 from dlrhub.normalise import Normaliser
 from dlrhub.poller import HEALTH_SERVICE as POLLER_HEALTH_SERVICE
 from dlrhub.poller import Poller, PollerSettings
-from dlrhub.service import DeliveryReportService
+from dlrhub.service import SERVICE_NAME, DeliveryReportService, add_to_server
 from dlrhub.store import SqliteStore
 from dlrhub.telemetry import CallInterceptor, tracing_interceptor
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = delivery_report_service_pb2.DESCRIPTOR.services_by_name["DeliveryReportService"].full_name
 
 SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),
@@ -175,7 +173,7 @@ def _grpc_server(
         options=[*SERVER_OPTIONS, ("grpc.max_receive_message_length", settings.max_request_bytes)],
         interceptors=interceptors,
     )
-    delivery_report_service_pb2_grpc.add_DeliveryReportServiceServicer_to_server(service, server)
+    add_to_server(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name

@@ -9,11 +9,12 @@ import functools
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from deliveryreport.v1 import delivery_report_service_pb2 as service_pb2
 from deliveryreport.v1 import delivery_report_service_pb2_grpc as service_grpc
 from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
 from deliveryreport.v1.delivery_report_service_pb2 import (
@@ -47,7 +48,7 @@ from dlrhub.hub import Hub
 from dlrhub.ingest import is_wholly_rejected
 from dlrhub.intake import Intake, TooManyItems
 from dlrhub.normalise import typed_payload
-from dlrhub.store.base import ChangeFilter, QuarantinedItem, Store, StoreError
+from dlrhub.store.base import Change, ChangeFilter, QuarantinedItem, Store, StoreError
 from dlrhub.telemetry import note
 
 T = TypeVar("T")
@@ -56,6 +57,66 @@ DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 DEFAULT_HEARTBEAT_SECONDS = 15
 MAX_RENORMALISE_IDS = 10_000
+SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["DeliveryReportService"].full_name
+# Changes whose encoded StreamResponse is kept for other subscribers (about 1 KiB each).
+ENCODED_CHANGES = 4096
+
+
+def add_to_server(service: DeliveryReportService, server: grpc.aio.Server) -> None:
+    """Registers the service as the generated code does, except that Stream's serializer also takes
+    bytes: a change is encoded once and the same bytes go to every subscriber (see StreamEncoder)."""
+    captured = _CapturedHandlers()
+    service_grpc.add_DeliveryReportServiceServicer_to_server(service, cast(grpc.aio.Server, captured))
+    handlers = captured.handlers
+    handlers["Stream"] = grpc.unary_stream_rpc_method_handler(
+        service.Stream,
+        request_deserializer=StreamRequest.FromString,
+        response_serializer=_serialize_stream_response,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]  # not in grpc-stubs
+
+
+class _CapturedHandlers:
+    """Stands in for the server while the generated code registers the method handlers."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    def add_generic_rpc_handlers(self, _: object) -> None:
+        pass
+
+    def add_registered_method_handlers(
+        self, _: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        self.handlers = dict(handlers)
+
+
+def _serialize_stream_response(response: StreamResponse | bytes) -> bytes:
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
+class StreamEncoder:
+    """Each change's StreamResponse, encoded once however many subscribers send it.
+
+    Cursors are never reused, so a cursor names one encoding; the newest `size` are kept
+    (live subscribers send a change within moments of each other).
+    """
+
+    def __init__(self, size: int = ENCODED_CHANGES) -> None:
+        self._size = size
+        self._encoded: dict[int, bytes] = {}
+
+    def __call__(self, change: Change) -> bytes:
+        encoded = self._encoded.get(change.cursor)
+        if encoded is None:
+            encoded = StreamResponse(
+                cursor=str(change.cursor), report=change.report, state=change.state
+            ).SerializeToString()
+            self._encoded[change.cursor] = encoded
+            if len(self._encoded) > self._size:
+                del self._encoded[next(iter(self._encoded))]  # the oldest: dicts keep insertion order
+        return encoded
 
 
 class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
@@ -69,6 +130,7 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
         self._hub = hub
         self._reads = reads
         self._max_streams = max_streams
+        self._encode = StreamEncoder()
 
     async def Ingest(self, request: IngestRequest, context: Context) -> IngestResponse:
         return await _answer(context, self._ingest(request))
@@ -86,7 +148,10 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
     ) -> RenormaliseQuarantineResponse:
         return await _answer(context, self._renormalise_quarantine(request))
 
-    async def Stream(self, request: StreamRequest, context: Context) -> AsyncIterator[StreamResponse]:
+    async def Stream(  # type: ignore[override]  # bytes as well: see add_to_server
+        self, request: StreamRequest, context: Context
+    ) -> AsyncIterator[StreamResponse | bytes]:
+        """Yields heartbeats as messages and changes already encoded (see add_to_server)."""
         try:
             async for response in self._stream(request):
                 yield response
@@ -262,7 +327,7 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
 
     # Stream.
 
-    async def _stream(self, request: StreamRequest) -> AsyncIterator[StreamResponse]:
+    async def _stream(self, request: StreamRequest) -> AsyncIterator[StreamResponse | bytes]:
         if request.heartbeat_seconds < 0:
             raise InvalidArgument(
                 "heartbeat_seconds must not be negative",
@@ -301,7 +366,7 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
             if isinstance(item, Heartbeat):
                 yield StreamResponse(cursor=str(item.cursor), heartbeat=True)
             else:
-                yield StreamResponse(cursor=str(item.cursor), report=item.report, state=item.state)
+                yield self._encode(item)
 
     def _read(self, call: Callable[[], T]) -> Awaitable[T]:
         return asyncio.get_running_loop().run_in_executor(self._reads, call)
