@@ -49,7 +49,8 @@ class Subscription:
             return True
         self._wakeup.clear()
         try:
-            await asyncio.wait_for(self._wakeup.wait(), seconds)
+            async with asyncio.timeout(seconds):  # no task per wait, unlike wait_for (once per change)
+                await self._wakeup.wait()
         except TimeoutError:
             return False
         return True
