@@ -107,16 +107,17 @@ class Metrics:
     def record_ingest(self, items: Sequence[NormalisedItem], response: IngestResponse) -> None:
         """Counts each item's outcome, and the raw codes of reports that mapped to UNSPECIFIED."""
         counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
-        for result in response.results:
+        # One result per item, in order; the item's own report is read (not the result's copy).
+        for item, result in zip(items, response.results, strict=True):
             outcome = _OUTCOMES.get(result.outcome, "unknown")
-            if result.HasField("report"):
-                report = result.report
+            report = item.report
+            if report is not None:
                 source = _SOURCES.get(report.source, "unknown")
                 if report.status == _UNSPECIFIED and outcome == "accepted":
                     self.unmapped.labels(source, raw_codes(report)).inc()
                 counts[source, _STATUS_NAMES.get(report.status, "unknown"), outcome] += 1
             else:
-                counts[_SOURCE_OF_FORMAT.get(items[result.index].format, "unknown"), "", outcome] += 1
+                counts[_SOURCE_OF_FORMAT.get(item.format, "unknown"), "", outcome] += 1
         for labels, count in counts.items():  # one update per series, not per item
             self.reports.labels(*labels).inc(count)
 
