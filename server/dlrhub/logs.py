@@ -29,9 +29,21 @@ _ENCODER = json.JSONEncoder(default=str)
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        # The current second, formatted once (a line per call is on the hot path); one tuple, so a
+        # thread never sees the text of one second with the number of another.
+        self._second: tuple[int, str] = (-1, "")
+
     def format(self, record: logging.LogRecord) -> str:
+        created = record.created
+        second, second_text = self._second
+        if int(created) != second:
+            second = int(created)
+            second_text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            self._second = (second, second_text)
         entry: dict[str, object] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "time": f"{second_text}.{int((created - second) * 1000):03d}+00:00",
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),

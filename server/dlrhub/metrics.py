@@ -96,6 +96,18 @@ class Metrics:
             "dlrhub_poller_failures", "Poll failures by kind", ["kind"], registry=r
         )
 
+        # The labelled children of the per-call series, looked up once (labels() takes a lock).
+        self._rpc_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
+
+    def record_rpc(self, method: str, code: str, seconds: float) -> None:
+        children = self._rpc_children.get((method, code))
+        if children is None:
+            children = (self.rpc_requests.labels(method, code), self.rpc_duration.labels(method))
+            self._rpc_children[method, code] = children
+        requests, duration = children
+        requests.inc()
+        duration.observe(seconds)
+
     def watch(self, hub: Hub, open_quarantine: Callable[[], int]) -> None:
         """Stream and quarantine gauges, read when scraped."""
         self.registry.register(_LiveCollector(hub, open_quarantine))

@@ -122,8 +122,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     def _finish(self, method: str, code: str, started: float, fields: dict[str, object]) -> None:
         seconds = time.perf_counter() - started
-        self._metrics.rpc_requests.labels(method, code).inc()
-        self._metrics.rpc_duration.labels(method).observe(seconds)
+        self._metrics.record_rpc(method, code, seconds)
         log.info("rpc", extra={**fields, "code": code, "duration_ms": round(seconds * 1000, 3)})
 
 
