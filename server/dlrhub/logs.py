@@ -37,13 +37,17 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         created = record.created
+        # Rounded to the microsecond first, as datetime.fromtimestamp does, then cut to milliseconds.
+        whole = int(created)
+        micros = round((created - whole) * 1e6)
+        if micros >= 1_000_000:
+            whole, micros = whole + 1, micros - 1_000_000
         second, second_text = self._second
-        if int(created) != second:
-            second = int(created)
-            second_text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-            self._second = (second, second_text)
+        if whole != second:
+            second_text = datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            self._second = (whole, second_text)
         entry: dict[str, object] = {
-            "time": f"{second_text}.{int((created - second) * 1000):03d}+00:00",
+            "time": f"{second_text}.{micros // 1000:03d}+00:00",
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
