@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import logging
 import signal
 import sys
@@ -94,12 +95,25 @@ def _run_serve(options: argparse.Namespace) -> int:
     return 0
 
 
+def _tune_gc() -> None:
+    """Fewer, cheaper cyclic collections for a long-running server (2-5% of the loop otherwise).
+
+    Everything alive after start-up (modules, descriptors, the app) is frozen out of the
+    collector's scans, and the youngest generation is collected after 10,000 allocations instead
+    of 700: each Ingest allocates hundreds of short-lived objects, nearly all freed by refcounting.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
+
+
 async def _serve(settings: Settings) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     running = await app.start(settings)
+    _tune_gc()
     await stop.wait()
     log.info("shutting down")
     await running.stop()
