@@ -44,7 +44,7 @@ gen: $(INSTALLED)
 # BENCH_ARGS: e.g. --quick, --full, --event-loop both, --profile (python -m bench --help).
 BENCH_ARGS ?=
 
-bench: $(INSTALLED)
+bench: $(INSTALLED) $(NODE_INSTALLED)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	$(PY) -m bench $(BENCH_ARGS)
 

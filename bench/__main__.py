@@ -87,6 +87,7 @@ class Mode:
     fetch_levels: tuple[int, ...]  # calls in flight, Fetch vs echo
     million: bool  # also the 1M-report database (Fetch, RSS)
     latency_fractions: tuple[float, ...] = (0.5,)  # ack->subscriber latency at these shares of peak
+    fanout_steps: int = 5  # points in the search for the sustainable fan-out rate
 
 
 MODES = {
@@ -115,6 +116,7 @@ class Options:
     keep: bool
     patience: float  # seconds to wait for a quiet machine before each point
     warm: bool = True  # read the database file into the page cache before each Fetch point
+    subscriber_client: str = "node"  # "node" (bench/subscriber.js) or "python" (bench/load.py)
     only: frozenset[str] = PHASES  # the phases to run (latency needs unary: its rate is half of unary's peak)
 
 
@@ -403,6 +405,7 @@ class Suite:
             "warmup": mode.warmup,
             "duration": mode.duration,
             "tag": tag,
+            "subscriber_client": self.options.subscriber_client,
         }
         profiler = None
         if profile_as is not None:
@@ -535,24 +538,52 @@ class Suite:
             _print_point(point)
             self.record(point)
         for subscribers in counts:
-            subs = [
-                (worker, {"kind": "subscribe", "method": STREAM, "mode": "count"})
-                for worker in self.pool.subscribers[:subscribers]
-            ]
-            results, window = self.measure(hub, subs + self.batch_jobs(), lead=2.0)
-            loaders = [r for r in results if "calls" in r]
-            point = _fanout_summary([r for r in results if "calls" not in r], self.mode.duration)
-            ingest = _unary_summary(loaders, self.mode.duration)
-            point.update(
-                window,
-                scenario="fanout",
-                target="dlrhub",
-                subscribers=subscribers,
-                ingest_reports_per_s=ingest["items_per_s"],
-                ingest_errors=ingest["errors"],
-            )
-            _print_point(point)
-            self.record(point)
+            overload = self.fanout_point(hub, subscribers, None)
+            best = self.sustainable_fanout(hub, subscribers, start=overload["per_subscriber_min"])
+            if best is not None:
+                self.record({**best, "scenario": "fanout"})
+
+    def fanout_point(self, hub: Server, subscribers: int, rate: float | None) -> Point:
+        """`subscribers` live Streams while batched Ingest runs at `rate` reports/s (None: flat out)."""
+        subs = [
+            (worker, {"kind": "subscribe", "method": STREAM, "mode": "count"})
+            for worker in self.pool.subscribers[:subscribers]
+        ]
+        loaders = self.batch_jobs()
+        if rate is not None:
+            calls_per_s = rate / self.options.batch / self.options.procs
+            loaders = [(worker, {**job, "rate": calls_per_s}) for worker, job in loaders]
+        results, window = self.measure(hub, subs + loaders, lead=2.0)
+        point = _fanout_summary([r for r in results if "calls" not in r], self.mode.duration)
+        ingest = _unary_summary([r for r in results if "calls" in r], self.mode.duration)["items_per_s"]
+        point.update(
+            window,
+            scenario="fanout_search" if rate is not None else "fanout_overload",
+            target="dlrhub",
+            subscribers=subscribers,
+            ingest_reports_per_s=ingest,
+            offered_reports_per_s=rate,
+            # Every subscriber got (nearly) every change, and Ingest ran at the rate offered.
+            kept_up=point["per_subscriber_min"] >= 0.97 * ingest and (rate is None or ingest >= 0.97 * rate),
+        )
+        _print_point(point)
+        return point
+
+    def sustainable_fanout(self, hub: Server, subscribers: int, start: float) -> Point | None:
+        """The highest paced Ingest rate at which every subscriber keeps up, found in a few steps
+        (grow by half until one falls behind, then bisect); that point, or None if none kept up."""
+        low: Point | None = None
+        high: float | None = None
+        rate = max(start, 100.0)
+        for _ in range(self.mode.fanout_steps):
+            point = self.fanout_point(hub, subscribers, rate)
+            if point["kept_up"]:
+                low = point
+                rate = rate * 1.5 if high is None else (rate + high) / 2
+            else:
+                high = rate
+                rate = (low["offered_reports_per_s"] + rate) / 2 if low is not None else rate / 2
+        return low
 
     def latency_jobs(self, rate: float, subscribers: int) -> list[tuple[int, Job]]:
         subs = [
@@ -799,12 +830,16 @@ def _print_point(point: Point) -> None:
         f"server {point['server_cpu_pct']:.0f}% cpu, clients {point['client_cpu_pct']:.0f}%,"
         f" other {point['other_cpu_pct']:.0f}% (of {100 * (os.cpu_count() or 1)}%)"
     )
-    if scenario == "fanout":
+    if scenario.startswith("fanout"):
         extra = ""
         if target == "dlrhub":
-            extra = f", ingest {point['ingest_reports_per_s']:,.0f} reports/s"
+            offered = point.get("offered_reports_per_s")
+            pace = f"of {offered:,.0f} offered" if offered else "flat out"
+            verdict = "every subscriber kept up" if point.get("kept_up") else "subscribers fell behind"
+            extra = f", ingest {point['ingest_reports_per_s']:,.0f} reports/s {pace}: {verdict}"
+        label = {"fanout_search": "fanout paced", "fanout_overload": "fanout"}.get(scenario, scenario)
         print(
-            f"  {target:6} {scenario:13} subs={point['subscribers']:<3} "
+            f"  {target:6} {label:13} subs={point['subscribers']:<3} "
             f"{point['messages_per_s']:>9,.0f} msgs/s (per sub {point['per_subscriber_min']:,.0f}"
             f"..{point['per_subscriber_max']:,.0f}){extra}; {cpu}",
             flush=True,
@@ -971,16 +1006,27 @@ def _stream_rows(suite: Suite, rows: _Rows) -> None:
             rows.find("fanout", "echo", subscribers=subscribers),
             rows.find("fanout", "dlrhub", subscribers=subscribers),
         )
+        plural = "s" if subscribers > 1 else ""
         if echo and hub:
             big_fanout = subscribers == suite.options.subscribers and subscribers > 1
             rows.add(
                 "fanout",
-                f"Stream fan-out, {subscribers} subscriber{'s' if subscribers > 1 else ''}",
+                f"Stream fan-out, {subscribers} subscriber{plural}, all keeping up",
                 hub["messages_per_s"],
                 "msgs/s",
                 echo["messages_per_s"],
                 ">= 0.7" if big_fanout else "",
                 (lambda r: r >= 0.7) if big_fanout else None,
+            )
+            rows.add("fanout", "  at a paced Ingest of", hub["ingest_reports_per_s"], "reports/s")
+        overload = rows.find("fanout_overload", "dlrhub", subscribers=subscribers)
+        if echo and overload:
+            rows.add(
+                "fanout",
+                f"Stream fan-out, {subscribers} subscriber{plural}, Ingest flat out",
+                overload["messages_per_s"],
+                "msgs/s",
+                echo["messages_per_s"],
             )
     for fraction in suite.mode.latency_fractions:
         for subscribers in sorted({1, suite.options.subscribers}):
@@ -1114,6 +1160,13 @@ def parse_args(argv: list[str] | None) -> Options:
         help="do not read the database into the page cache before each Fetch point",
     )
     parser.add_argument(
+        "--subscriber-client",
+        choices=["node", "python"],
+        default="node",
+        help="Stream subscribers (fan-out, latency; dlrhub and echo alike): bench/subscriber.js on "
+        "@grpc/grpc-js (default), or grpc.aio processes (about four times the CPU per message)",
+    )
+    parser.add_argument(
         "--only",
         default=",".join(sorted(PHASES)),
         help=f"comma-separated phases to run, of {', '.join(sorted(PHASES))} (latency needs unary)",
@@ -1140,6 +1193,7 @@ def parse_args(argv: list[str] | None) -> Options:
         patience=options.patience,
         warm=not options.cold,
         only=only,
+        subscriber_client=options.subscriber_client,
     )
 
 

@@ -17,12 +17,17 @@ Job kinds:
   server_stream  one server-streaming call, counting messages (echo ceiling of Stream fan-out).
   subscribe      one dlrhub Stream subscription; mode "count" counts messages (identity
                  deserializer), mode "record" parses each and records (message_id, receive time).
+
+With `subscriber_client` "node", server_stream and subscribe jobs run in bench/subscriber.js
+(@grpc/grpc-js) instead, with the same window and result: a Python subscriber costs about four
+times the CPU per message, and ten of them on two cores measure mostly themselves.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import multiprocessing.queues
 import random
 import time
@@ -34,6 +39,7 @@ from typing import Any
 import grpc
 
 from bench.common import (
+    BENCH,
     CHANNEL_OPTIONS,
     INGEST,
     gms_batch,
@@ -82,6 +88,8 @@ def worker_main(
 async def run(job: Job) -> Result:
     if job["kind"] == "ping":  # the process is up and has imported everything
         return {}
+    if job["kind"] in ("server_stream", "subscribe") and job.get("subscriber_client") == "node":
+        return await _node_subscriber(job)
     kinds = {
         "unary": _unary,
         "client_stream": _client_stream,
@@ -297,6 +305,31 @@ async def _server_stream(channel: grpc.aio.Channel, job: Job, window: _Window) -
     except asyncio.CancelledError:
         pass
     return {"messages": messages, "errors": {}}
+
+
+async def _node_subscriber(job: Job) -> Result:
+    """The job run by bench/subscriber.js; its result."""
+    request = (
+        SERVER_STREAM_REQUEST.pack(2**40, job["size"])
+        if job["kind"] == "server_stream"
+        else StreamRequest(heartbeat_seconds=60).SerializeToString()
+    )
+    keys = ("target", "kind", "method", "start_at", "warmup", "duration", "mode", "grace")
+    spec = {key: job[key] for key in keys if key in job} | {"request": request.hex()}
+    process = await asyncio.create_subprocess_exec(
+        "node",
+        str(BENCH / "subscriber.js"),
+        json.dumps(spec),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"bench/subscriber.js failed ({process.returncode}): {err.decode()[-2000:]}")
+    result: Result = json.loads(out)
+    if "records" in result:
+        result["records"] = [tuple(record) for record in result["records"]]
+    return result
 
 
 async def _subscribe(channel: grpc.aio.Channel, job: Job, window: _Window) -> Result:
