@@ -53,7 +53,7 @@ class Settings:
     gms_codes: Path | None = _env("DLRHUB_GMS_CODES", None)
     sent_sms_report_codes: Path | None = _env("DLRHUB_SENT_SMS_REPORT_CODES", None)
     # Changes buffered per Stream subscriber before it catches up from the store.
-    stream_buffer: int = _env("DLRHUB_STREAM_BUFFER", 1024)
+    stream_buffer: int = _env("DLRHUB_STREAM_BUFFER", 8192)
     # Seconds in-flight calls get to finish at shutdown.
     shutdown_grace: float = _env("DLRHUB_SHUTDOWN_GRACE", 10.0)
     # Webhook HTTP listen address, host:port (port 0 picks a free port).

@@ -63,7 +63,7 @@ class Subscription:
 class Hub:
     """Publishes committed changes, in cursor order, to every subscription."""
 
-    def __init__(self, capacity: int = 1024, latest_cursor: int = 0) -> None:
+    def __init__(self, capacity: int = 8192, latest_cursor: int = 0) -> None:
         self.capacity = capacity
         # The greatest cursor published so far.
         self.latest_cursor = latest_cursor

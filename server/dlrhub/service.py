@@ -58,8 +58,6 @@ MAX_PAGE_SIZE = 1000
 DEFAULT_HEARTBEAT_SECONDS = 15
 MAX_RENORMALISE_IDS = 10_000
 SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["DeliveryReportService"].full_name
-# Changes whose encoded StreamResponse is kept for other subscribers (about 1 KiB each).
-ENCODED_CHANGES = 4096
 
 
 def add_to_server(service: DeliveryReportService, server: grpc.aio.Server) -> None:
@@ -99,11 +97,11 @@ def _serialize_stream_response(response: StreamResponse | bytes) -> bytes:
 class StreamEncoder:
     """Each change's StreamResponse, encoded once however many subscribers send it.
 
-    Cursors are never reused, so a cursor names one encoding; the newest `size` are kept
-    (live subscribers send a change within moments of each other).
+    Cursors are never reused, so a cursor names one encoding; the newest `size` are kept (as
+    many as a subscriber buffers: live subscribers send a change within that window).
     """
 
-    def __init__(self, size: int = ENCODED_CHANGES) -> None:
+    def __init__(self, size: int) -> None:
         self._size = size
         self._encoded: dict[int, bytes] = {}
 
@@ -130,7 +128,7 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
         self._hub = hub
         self._reads = reads
         self._max_streams = max_streams
-        self._encode = StreamEncoder()
+        self._encode = StreamEncoder(size=hub.capacity)
 
     async def Ingest(self, request: IngestRequest, context: Context) -> IngestResponse:
         return await _answer(context, self._ingest(request))

@@ -1,0 +1,52 @@
+"""The benchmark's Node subscriber (bench/subscriber.js) against a real server: it must see every change
+and read each one's message id off the wire, or the fan-out and latency figures would be wrong."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from deliveryreport.v1.delivery_report_service_pb2 import IngestRequest, StreamRequest
+from tests.conftest import ROOT, Running
+from tests.test_node_client import _node
+
+SCRIPT = ROOT / "bench" / "subscriber.js"
+
+
+def _gms(message_id: str) -> str:
+    return json.dumps({"message_id": message_id, "status": 2, "substatus": 23, "time": 1_700_000_000_000})
+
+
+async def test_the_node_subscriber_records_every_change_with_its_message_id(server: Running) -> None:
+    start_at = time.time() + 1.5
+    job = {
+        "target": server.address,
+        "kind": "subscribe",
+        "method": "/deliveryreport.v1.DeliveryReportService/Stream",
+        "request": StreamRequest(heartbeat_seconds=60).SerializeToString().hex(),
+        "start_at": start_at,
+        "warmup": 0,
+        "duration": 1.5,
+        "mode": "record",
+        "grace": 0.5,
+    }
+    subscriber = await asyncio.create_subprocess_exec(
+        _node(), str(SCRIPT), json.dumps(job), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    await asyncio.sleep(start_at - time.time() + 0.2)  # inside the window, the subscription long live
+    ids = [f"bench-{n}" for n in range(5)] + ["ünïcode-ид"]
+    for message_id in ids:
+        await server.stub.Ingest(IngestRequest(payload=_gms(message_id)))
+    out, err = await asyncio.wait_for(subscriber.communicate(), 20)
+    assert subscriber.returncode == 0, err.decode()
+    result = json.loads(out)
+
+    assert [message_id for message_id, _ in result["records"]] == ids
+    assert result["messages"] == len(ids)  # all inside the window; the opening heartbeat not counted
+    assert result["errors"] == {}
+    assert result["late"] is False  # live before the window opened
+    received = [at for _, at in result["records"]]
+    assert received == sorted(received)
+    assert all(abs(at / 1e9 - time.time()) < 30 for at in received)  # wall-clock nanoseconds
+    assert result["client_cpu_s"] >= 0
