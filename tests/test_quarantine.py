@@ -26,6 +26,8 @@ import grpc
 import httpx
 import pytest
 import sqlite_utils
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from deliveryreport.v1.delivery_report_pb2 import DeliveryReport, Source
 from deliveryreport.v1.delivery_report_service_pb2 import (
@@ -341,6 +343,39 @@ async def test_renormalise_with_nothing_fixed_changes_nothing(server: Running, d
         listing = await list_quarantine(server.stub, ListQuarantineRequest(include_resolved=True))
         assert list(listing.items) == before
         assert listing.open_count == len(SAMPLES)
+
+
+async def test_renormalise_with_an_unknown_id_is_not_found_and_runs_nothing(
+    db_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with own_app(db_path, clock) as old_release:
+        await ingest_samples(old_release.stub, clock)
+        items = await all_quarantined(old_release.stub)
+    gms_id = items[GMS_NO_ID_AT].id
+    unknown = max(item.id for item in items) + 1000
+
+    monkeypatch.setattr(Fields, "required_text", keyed_by_reference)  # the GMS item would now pass
+    async with own_app(db_path, clock) as new_release:
+        stub, store = new_release.stub, new_release.app.store
+        latest = store.latest_cursor()
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await renormalise(stub, [gms_id, unknown, unknown])
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+        assert f"no quarantined item with id {unknown};" in (raised.value.details() or "")
+        status = rpc_status.from_call(raised.value)  # type: ignore[arg-type]
+        assert status is not None
+        info = error_details_pb2.ErrorInfo()
+        assert status.details[0].Unpack(info)
+        assert info.reason == "QUARANTINED_ITEM_NOT_FOUND"
+        assert dict(info.metadata) == {"ids": str(unknown), "count": "1"}
+        # Nothing was run: the known item is still open and nothing was stored.
+        assert await all_quarantined(stub) == items
+        assert store.latest_cursor() == latest
+
+        # A resolved item's id is known: it is skipped, not refused.
+        assert (await renormalise(stub, [gms_id])).resolved_count == 1
+        again = await renormalise(stub, [gms_id])
+        assert list(again.results) == []
 
 
 async def test_renormalise_after_a_fix_stores_what_now_passes(

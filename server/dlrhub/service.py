@@ -288,6 +288,19 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
                 violations=[FieldViolation("ids", f"at most {MAX_RENORMALISE_IDS} ids", "INVALID_VALUE")],
                 metadata={"max_ids": str(MAX_RENORMALISE_IDS)},
             )
+        if request.ids:
+            wanted = sorted(set(request.ids))
+            found = await self._read(
+                functools.partial(self._store.quarantined, 0, len(wanted), include_resolved=True, ids=wanted)
+            )
+            unknown = sorted(set(wanted) - {quarantine_id for quarantine_id, _ in found})
+            if unknown:
+                listed = ", ".join(map(str, unknown[:20])) + (", ..." if len(unknown) > 20 else "")
+                raise NotFound(
+                    f"no quarantined item with id {listed}; nothing was re-run",
+                    "QUARANTINED_ITEM_NOT_FOUND",
+                    metadata={"ids": ",".join(map(str, unknown[:100])), "count": str(len(unknown))},
+                )
         response = RenormaliseQuarantineResponse()
         after = 0
         while True:

@@ -619,7 +619,10 @@ class RenormaliseQuarantineRequest(_message.Message):
     IDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """The items to run again; empty means every open item."""
+        """The items to run again; empty means every open item. An id of no
+        quarantined item is NOT_FOUND and nothing is run; items already resolved
+        are skipped.
+        """
 
     def __init__(
         self,
