@@ -40,7 +40,7 @@ from dlrhub import app as app_module
 from dlrhub.config import Settings
 from dlrhub.logs import JsonFormatter
 from dlrhub.poller import PollerSettings
-from tests.conftest import FakeClock, Running
+from tests.conftest import FakeClock, Running, serving
 from tests.fake_provider import FakeProvider, report, wait_until
 
 if TYPE_CHECKING:
@@ -372,6 +372,42 @@ async def test_a_slow_stream_shows_its_lag_until_it_reads_and_disappears_when_it
         after = await scrape(port)
         assert series(after, "dlrhub_stream_lag") == {}
         assert value(after, "dlrhub_stream_latest_cursor") == cursors[-1]
+
+
+async def test_a_subscriber_that_falls_a_buffer_behind_is_counted_and_still_gets_everything(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    async with serving(tmp_path, clock=clock, stream_buffer=2) as running:
+        address = f"127.0.0.1:{running.port}"
+        channel = grpc.aio.insecure_channel(address)
+        server = Running(running, DeliveryReportServiceStub(channel), channel, clock, address)
+        port = running.http_port
+        try:
+            async with stalling_stub(server) as stub:
+                call = stub.Stream(StreamRequest(heartbeat_seconds=30), timeout=60)
+                try:
+                    await read_message(call)  # live
+                    before = await scrape(port)
+                    assert value(before, "dlrhub_stream_overflows_total") == 0
+                    # Sends stall on the HTTP/2 window while more than 2 changes arrive: it overflows.
+                    cursors = await ingest_fat_reports(server, "obs-overflow", 6)
+                    during = await scrape(port)
+                    assert delta(before, during, "dlrhub_stream_overflows_total") >= 1
+
+                    got = [await read_message(call) for _ in range(len(cursors))]
+                    assert [int(message.cursor) for message in got] == cursors  # caught up, in order
+                finally:
+                    call.cancel()
+            overflows = value(during, "dlrhub_stream_overflows_total")
+
+            async def closed() -> bool:
+                return value(await scrape(port), "dlrhub_stream_subscribers") == 0
+
+            await wait_until(closed, message="the closed stream is still counted as a subscriber")
+            after = await scrape(port)  # a counter: the closed subscriber's overflows stay counted
+            assert value(after, "dlrhub_stream_overflows_total") >= overflows
+        finally:
+            await channel.close(None)
 
 
 @contextmanager

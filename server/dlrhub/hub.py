@@ -30,6 +30,8 @@ class Subscription:
         self.closed = False
         # The cursor the subscriber has been given everything up to (for lag metrics).
         self.position = 0
+        # Times the buffer overflowed (the subscriber then caught up from the store).
+        self.overflows = 0
         self.id = next(_ids)
         self._wakeup = asyncio.Event()
 
@@ -38,6 +40,7 @@ class Subscription:
             return
         if len(self.buffer) >= self.capacity:
             self.overflowed = True
+            self.overflows += 1
             self.buffer.clear()
         else:
             self.buffer.append(change)
@@ -68,6 +71,7 @@ class Hub:
         # The greatest cursor published so far.
         self.latest_cursor = latest_cursor
         self._subscriptions: set[Subscription] = set()
+        self._overflows_of_closed = 0
 
     def subscribe(self, change_filter: ChangeFilter) -> Subscription:
         subscription = Subscription(change_filter, self.capacity)
@@ -75,7 +79,14 @@ class Hub:
         return subscription
 
     def unsubscribe(self, subscription: Subscription) -> None:
-        self._subscriptions.discard(subscription)
+        if subscription in self._subscriptions:
+            self._subscriptions.discard(subscription)
+            self._overflows_of_closed += subscription.overflows
+
+    @property
+    def overflows(self) -> int:
+        """Times any subscriber's buffer overflowed, since start (never decreases)."""
+        return self._overflows_of_closed + sum(s.overflows for s in self._subscriptions)
 
     @property
     def subscriber_count(self) -> int:

@@ -13,6 +13,8 @@ dlrhub_poller_failures_total{kind}                poll failures: auth, client_er
 dlrhub_stream_subscribers                         open Stream subscribers
 dlrhub_stream_lag{subscriber}                     changes each subscriber is behind the newest cursor
 dlrhub_stream_latest_cursor                       the newest published cursor
+dlrhub_stream_overflows_total                     times a subscriber fell more than its buffer behind
+                                                  (it then catches up from the store)
 dlrhub_quarantine_open                            quarantined items not resolved
 """
 
@@ -22,7 +24,7 @@ import collections
 from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from deliveryreport.v1.delivery_report_pb2 import DeliveryReport, DeliveryStatus, Source
@@ -159,7 +161,7 @@ class _LiveCollector(Collector):
         self._hub = hub
         self._open_quarantine = open_quarantine
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         subscriptions = self._hub.subscriptions
         latest = self._hub.latest_cursor
         yield GaugeMetricFamily(
@@ -172,6 +174,11 @@ class _LiveCollector(Collector):
         for subscription in subscriptions:
             lag.add_metric([str(subscription.id)], max(0, latest - subscription.position))
         yield lag
+        yield CounterMetricFamily(
+            "dlrhub_stream_overflows",
+            "Times a Stream subscriber fell more than its buffer behind and caught up from the store",
+            value=self._hub.overflows,
+        )
         yield GaugeMetricFamily(
             "dlrhub_quarantine_open", "Quarantined items not resolved", value=self._open_quarantine()
         )
