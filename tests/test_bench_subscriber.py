@@ -19,7 +19,7 @@ def _gms(message_id: str) -> str:
 
 
 async def test_the_node_subscriber_records_every_change_with_its_message_id(server: Running) -> None:
-    start_at = time.time() + 1.5
+    start_at = time.time() + 3.0  # Node starts in well under a second, even on a busy machine
     job = {
         "target": server.address,
         "kind": "subscribe",
@@ -27,18 +27,21 @@ async def test_the_node_subscriber_records_every_change_with_its_message_id(serv
         "request": StreamRequest(heartbeat_seconds=60).SerializeToString().hex(),
         "start_at": start_at,
         "warmup": 0,
-        "duration": 1.5,
+        "duration": 3.0,
         "mode": "record",
         "grace": 0.5,
     }
     subscriber = await asyncio.create_subprocess_exec(
         _node(), str(SCRIPT), json.dumps(job), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
-    await asyncio.sleep(start_at - time.time() + 0.2)  # inside the window, the subscription long live
+    while server.app.hub.subscriber_count == 0:  # the subscription is live
+        assert time.time() < start_at, "the Node subscriber did not subscribe before its window"
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(start_at - time.time() + 0.1)  # inside the window
     ids = [f"bench-{n}" for n in range(5)] + ["ünïcode-ид"]
     for message_id in ids:
         await server.stub.Ingest(IngestRequest(payload=_gms(message_id)))
-    out, err = await asyncio.wait_for(subscriber.communicate(), 20)
+    out, err = await asyncio.wait_for(subscriber.communicate(), 30)
     assert subscriber.returncode == 0, err.decode()
     result = json.loads(out)
 
@@ -48,5 +51,5 @@ async def test_the_node_subscriber_records_every_change_with_its_message_id(serv
     assert result["late"] is False  # live before the window opened
     received = [at for _, at in result["records"]]
     assert received == sorted(received)
-    assert all(abs(at / 1e9 - time.time()) < 30 for at in received)  # wall-clock nanoseconds
+    assert all(abs(at / 1e9 - time.time()) < 60 for at in received)  # wall-clock nanoseconds
     assert result["client_cpu_s"] >= 0
