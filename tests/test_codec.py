@@ -102,3 +102,9 @@ def test_a_message_stored_in_the_json_form_still_merges_and_detects_duplicates(t
     assert again == merged.state
     assert again.report.status == S.DELIVERY_STATUS_DELIVERED
     assert again.suppliers["bulk_id"] == merge(None, report).state.winner
+
+
+def test_a_message_with_more_reports_than_fit_in_16_bits_still_round_trips() -> None:
+    keys = [MergeKey(10, n, n.to_bytes(16, "big")) for n in range(70_000)]
+    state = MessageState(DeliveryReport(message_id="m-1"), frozenset(keys), {"bulk_id": keys[-1]})
+    assert decode_state(state.report.SerializeToString(), encode_merge(state)) == state

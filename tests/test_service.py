@@ -30,9 +30,10 @@ from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportSer
 from deliveryreport.v1.provider_formats_pb2 import GmsReport, GmsReports
 from dlrhub import app as dlrhub_app
 from dlrhub.config import Settings
+from dlrhub.hub import Hub
 from dlrhub.service import StreamEncoder
 from dlrhub.store import SqliteStore
-from dlrhub.store.base import Change
+from dlrhub.store.base import Change, ChangeFilter
 from tests.conftest import FakeClock, Running
 
 if TYPE_CHECKING:
@@ -1106,3 +1107,14 @@ def test_a_change_is_encoded_once_and_decodes_to_its_stream_response() -> None:
     again = encode(Change(7, report, state))
     assert again is not first
     assert again == first
+
+
+def test_buffer_overflows_are_counted_once_each_and_stay_counted_after_the_subscriber_leaves() -> None:
+    hub = Hub(capacity=2)
+    slow = hub.subscribe(ChangeFilter())
+    report = DeliveryReport(message_id="m-1")
+    hub.publish(Change(cursor, report, report) for cursor in range(1, 6))  # overflows at the third
+    assert slow.overflowed
+    assert hub.overflows == 1  # once per fall-behind, not per change offered while behind
+    hub.unsubscribe(slow)
+    assert hub.overflows == 1

@@ -30,21 +30,20 @@ class Subscription:
         self.closed = False
         # The cursor the subscriber has been given everything up to (for lag metrics).
         self.position = 0
-        # Times the buffer overflowed (the subscriber then caught up from the store).
-        self.overflows = 0
         self.id = next(_ids)
         self._wakeup = asyncio.Event()
 
-    def offer(self, change: Change) -> None:
+    def offer(self, change: Change) -> bool:
+        """Buffers a change if it matches; True if the buffer overflowed with it."""
         if self.overflowed or not self.filter.matches(change):
-            return
+            return False
         if len(self.buffer) >= self.capacity:
             self.overflowed = True
-            self.overflows += 1
             self.buffer.clear()
         else:
             self.buffer.append(change)
         self._wakeup.set()
+        return self.overflowed
 
     async def wait(self, seconds: float) -> bool:
         """Waits until there is something to do; False on timeout."""
@@ -71,7 +70,9 @@ class Hub:
         # The greatest cursor published so far.
         self.latest_cursor = latest_cursor
         self._subscriptions: set[Subscription] = set()
-        self._overflows_of_closed = 0
+        # Times any subscriber's buffer overflowed, since start: one integer, so a reader on another
+        # thread (/metrics) sees it only grow.
+        self.overflows = 0
 
     def subscribe(self, change_filter: ChangeFilter) -> Subscription:
         subscription = Subscription(change_filter, self.capacity)
@@ -79,14 +80,7 @@ class Hub:
         return subscription
 
     def unsubscribe(self, subscription: Subscription) -> None:
-        if subscription in self._subscriptions:
-            self._subscriptions.discard(subscription)
-            self._overflows_of_closed += subscription.overflows
-
-    @property
-    def overflows(self) -> int:
-        """Times any subscriber's buffer overflowed, since start (never decreases)."""
-        return self._overflows_of_closed + sum(s.overflows for s in self._subscriptions)
+        self._subscriptions.discard(subscription)
 
     @property
     def subscriber_count(self) -> int:
@@ -100,7 +94,8 @@ class Hub:
         """Call only after the changes are committed, in cursor order."""
         for change in changes:
             for subscription in self._subscriptions:
-                subscription.offer(change)
+                if subscription.offer(change):
+                    self.overflows += 1
             self.latest_cursor = change.cursor
 
     def close(self) -> None:

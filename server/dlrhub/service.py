@@ -7,6 +7,7 @@ import base64
 import binascii
 import functools
 import json
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 from typing import Any, TypeVar, cast
@@ -103,7 +104,8 @@ class StreamEncoder:
 
     def __init__(self, size: int) -> None:
         self._size = size
-        self._encoded: dict[int, bytes] = {}
+        # OrderedDict, not dict: popping the oldest of a dict scans the holes its deletions left.
+        self._encoded: OrderedDict[int, bytes] = OrderedDict()
 
     def __call__(self, change: Change) -> bytes:
         encoded = self._encoded.get(change.cursor)
@@ -113,7 +115,7 @@ class StreamEncoder:
             ).SerializeToString()
             self._encoded[change.cursor] = encoded
             if len(self._encoded) > self._size:
-                del self._encoded[next(iter(self._encoded))]  # the oldest: dicts keep insertion order
+                self._encoded.popitem(last=False)
         return encoded
 
 

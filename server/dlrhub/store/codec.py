@@ -3,9 +3,9 @@
 The merge bookkeeping (keys and field suppliers) is packed binary, written on
 every accepted report:
 
-    version 1 (byte) | key count (u16) | supplier count (u16)
+    version 1 (byte) | key count (u32) | supplier count (u32)
     key count x      rank (i16) | event seconds (i64) | nanos (u32) | digest (16 bytes)
-    supplier count x DeliveryReport field number (u16) | index into the keys (u16)
+    supplier count x DeliveryReport field number (u32) | index into the keys (u32)
 
 Fields are named by their protobuf field numbers, which never change. Rows
 written by earlier releases hold JSON (starting with "{") and are still read.
@@ -20,9 +20,9 @@ from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
 from dlrhub.merge import DESCRIPTIVE_FIELDS, MergeKey, MessageState
 
 _VERSION = 1
-_HEADER = struct.Struct(">BHH")
+_HEADER = struct.Struct(">BII")
 _KEY = struct.Struct(">hqI16s")
-_SUPPLIER = struct.Struct(">HH")
+_SUPPLIER = struct.Struct(">II")
 _NUMBER = {name: DeliveryReport.DESCRIPTOR.fields_by_name[name].number for name in DESCRIPTIVE_FIELDS}
 _NAME = {number: name for name, number in _NUMBER.items()}
 _NS = 1_000_000_000
