@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -157,3 +158,19 @@ def server_process(db_path: Path) -> Iterator[ServerProcess]:
         except subprocess.TimeoutExpired:
             running.process.kill()
             running.process.wait()
+
+
+NODE_PACKAGES = ("@grpc/grpc-js", "@grpc/proto-loader")
+
+
+def node_executable() -> str:
+    """`node`, with the npm packages the Node scripts need; fails the test with what to do if missing."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail("`node` is not on PATH: install Node.js (20+) and run `make setup`")
+    missing = [
+        name for name in NODE_PACKAGES if not (ROOT / "node_modules" / name / "package.json").is_file()
+    ]
+    if missing:
+        pytest.fail(f"node_modules lacks {', '.join(missing)}: run `make setup` (npm install) first")
+    return node

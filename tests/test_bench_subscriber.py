@@ -8,8 +8,7 @@ import json
 import time
 
 from deliveryreport.v1.delivery_report_service_pb2 import IngestRequest, StreamRequest
-from tests.conftest import ROOT, Running
-from tests.test_node_client import _node
+from tests.conftest import ROOT, Running, node_executable
 
 SCRIPT = ROOT / "bench" / "subscriber.js"
 
@@ -32,7 +31,11 @@ async def test_the_node_subscriber_records_every_change_with_its_message_id(serv
         "grace": 0.5,
     }
     subscriber = await asyncio.create_subprocess_exec(
-        _node(), str(SCRIPT), json.dumps(job), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        node_executable(),
+        str(SCRIPT),
+        json.dumps(job),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     while server.app.hub.subscriber_count == 0:  # the subscription is live
         assert time.time() < start_at, "the Node subscriber did not subscribe before its window"

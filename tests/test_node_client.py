@@ -3,37 +3,22 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from typing import Any
 
 import grpc
-import pytest
 
 from deliveryreport.v1.delivery_report_pb2 import DeliveryStatus, Source
 from deliveryreport.v1.delivery_report_service_pb2 import FetchRequest
 from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
-from tests.conftest import ROOT, ServerProcess
+from tests.conftest import ROOT, ServerProcess, node_executable
 
 SCRIPT = ROOT / "client" / "node" / "dlrhub-client.js"
-NODE_PACKAGES = ("@grpc/grpc-js", "@grpc/proto-loader")
-
-
-def _node() -> str:
-    node = shutil.which("node")
-    if node is None:
-        pytest.fail("`node` is not on PATH: install Node.js (20+) and run `make setup`")
-    missing = [
-        name for name in NODE_PACKAGES if not (ROOT / "node_modules" / name / "package.json").is_file()
-    ]
-    if missing:
-        pytest.fail(f"node_modules lacks {', '.join(missing)}: run `make setup` (npm install) first")
-    return node
 
 
 def _run_client(address: str) -> list[dict[str, Any]]:
     completed = subprocess.run(
-        [_node(), str(SCRIPT), address],
+        [node_executable(), str(SCRIPT), address],
         cwd=ROOT,
         capture_output=True,
         text=True,
