@@ -13,6 +13,7 @@ and has a cursor to resume from even if nothing matches.
 from __future__ import annotations
 
 import functools
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -24,7 +25,8 @@ T = TypeVar("T")
 # Runs a blocking store read off the event loop.
 ReadRunner = Callable[[Callable[[], T]], Awaitable[T]]
 
-REPLAY_BATCH = 500
+# Changes read from the store at a time, and yielded together at most.
+MAX_BATCH = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +45,25 @@ async def follow(
     heartbeat_seconds: float,
 ) -> AsyncIterator[Change | Heartbeat]:
     """Changes matching the filter with cursor > `after` (None: only changes from now on)."""
+    async for item in follow_batches(store, hub, read, change_filter, after, heartbeat_seconds):
+        if isinstance(item, Heartbeat):
+            yield item
+        else:
+            for change in item:
+                yield change
+
+
+async def follow_batches(
+    store: Store,
+    hub: Hub,
+    read: ReadRunner[list[Change]],
+    change_filter: ChangeFilter,
+    after: int | None,
+    heartbeat_seconds: float,
+    max_batch: int = MAX_BATCH,
+) -> AsyncIterator[list[Change] | Heartbeat]:
+    """follow(), with the changes that are ready at the same moment yielded together (never empty,
+    at most `max_batch`): a subscriber that sends them in one message keeps up with far more."""
     subscription = hub.subscribe(change_filter)
     try:
         subscription.position = last = hub.latest_cursor if after is None else after
@@ -54,19 +75,23 @@ async def follow(
                 subscription.overflowed = False
                 catch_up = False
                 while True:
-                    batch = await read(functools.partial(store.changes, last, REPLAY_BATCH))
-                    for change in batch:
-                        if change_filter.matches(change):
-                            yield change
-                        subscription.position = last = change.cursor
-                    if len(batch) < REPLAY_BATCH:
+                    batch = await read(functools.partial(store.changes, last, max_batch))
+                    if not batch:
+                        break
+                    matched = [change for change in batch if change_filter.matches(change)]
+                    last = batch[-1].cursor
+                    if matched:
+                        yield matched
+                    subscription.position = last
+                    if len(batch) < max_batch:
                         break
                 continue
             if subscription.buffer:
-                change = subscription.buffer.popleft()
-                if change.cursor > last:
-                    yield change
-                    subscription.position = last = change.cursor
+                ready = _take(subscription.buffer, last, max_batch)
+                if ready:
+                    last = ready[-1].cursor
+                    yield ready
+                    subscription.position = last
                 continue
             if not await subscription.wait(heartbeat_seconds):
                 if subscription.buffer or subscription.overflowed:
@@ -77,3 +102,15 @@ async def follow(
                 yield Heartbeat(last)
     finally:
         hub.unsubscribe(subscription)
+
+
+def _take(buffer: deque[Change], last: int, limit: int) -> list[Change]:
+    """Up to `limit` buffered changes after cursor `last`, taken off the buffer (older ones were
+    already read from the store while catching up)."""
+    ready: list[Change] = []
+    while buffer and len(ready) < limit:
+        change = buffer.popleft()
+        if change.cursor > last:
+            ready.append(change)
+            last = change.cursor
+    return ready

@@ -8,11 +8,13 @@ import binascii
 import functools
 import json
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Executor
+from dataclasses import replace
 from typing import Any, TypeVar, cast
 
 import grpc
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from deliveryreport.v1 import delivery_report_service_pb2 as service_pb2
@@ -30,6 +32,8 @@ from deliveryreport.v1.delivery_report_service_pb2 import (
     RenormaliseQuarantineRequest,
     RenormaliseQuarantineResponse,
     StatusCount,
+    StreamBatchesRequest,
+    StreamBatchesResponse,
     StreamRequest,
     StreamResponse,
 )
@@ -44,7 +48,7 @@ from dlrhub.errors import (
     Unavailable,
     to_status,
 )
-from dlrhub.follow import Heartbeat, follow
+from dlrhub.follow import Heartbeat, follow_batches
 from dlrhub.hub import Hub
 from dlrhub.ingest import is_wholly_rejected
 from dlrhub.intake import Intake, TooManyItems
@@ -62,15 +66,19 @@ SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["DeliveryReportService"].
 
 
 def add_to_server(service: DeliveryReportService, server: grpc.aio.Server) -> None:
-    """Registers the service as the generated code does, except that Stream's serializer also takes
-    bytes: a change is encoded once and the same bytes go to every subscriber (see StreamEncoder)."""
+    """Registers the service as the generated code does, except that the serializers of Stream and
+    StreamBatches also take bytes: a change is encoded once and the same bytes go to every
+    subscriber (see StreamEncoder)."""
     captured = _CapturedHandlers()
     service_grpc.add_DeliveryReportServiceServicer_to_server(service, cast(grpc.aio.Server, captured))
     handlers = captured.handlers
     handlers["Stream"] = grpc.unary_stream_rpc_method_handler(
-        service.Stream,
-        request_deserializer=StreamRequest.FromString,
-        response_serializer=_serialize_stream_response,
+        service.Stream, request_deserializer=StreamRequest.FromString, response_serializer=_serialize
+    )
+    handlers["StreamBatches"] = grpc.unary_stream_rpc_method_handler(
+        service.StreamBatches,
+        request_deserializer=StreamBatchesRequest.FromString,
+        response_serializer=_serialize,
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]  # not in grpc-stubs
@@ -91,32 +99,69 @@ class _CapturedHandlers:
         self.handlers = dict(handlers)
 
 
-def _serialize_stream_response(response: StreamResponse | bytes) -> bytes:
+def _serialize(response: Message | bytes) -> bytes:
     return response if isinstance(response, bytes) else response.SerializeToString()
+
+
+# A StreamBatchesResponse is its StreamResponses, each framed as field 1 (length-delimited).
+_RESPONSES_TAG = b"\x0a"
+# A StreamBatchesResponse holds changes up to about this many bytes (clients accept 4 MiB by default).
+MAX_BATCH_BYTES = 1 << 20
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 class StreamEncoder:
     """Each change's StreamResponse, encoded once however many subscribers send it.
 
-    Cursors are never reused, so a cursor names one encoding; the newest `size` are kept (as
-    many as a subscriber buffers: live subscribers send a change within that window).
+    It is kept framed as an item of a StreamBatchesResponse, so a batch is the concatenation of its
+    changes; Stream sends the StreamResponse without the frame. Cursors are never reused, so a
+    cursor names one encoding; the newest `size` are kept (as many as a subscriber buffers: live
+    subscribers send a change within that window).
     """
 
     def __init__(self, size: int) -> None:
         self._size = size
         # OrderedDict, not dict: popping the oldest of a dict scans the holes its deletions left.
-        self._encoded: OrderedDict[int, bytes] = OrderedDict()
+        self._framed: OrderedDict[int, tuple[bytes, int]] = OrderedDict()
 
-    def __call__(self, change: Change) -> bytes:
-        encoded = self._encoded.get(change.cursor)
-        if encoded is None:
+    def _entry(self, change: Change) -> tuple[bytes, int]:
+        entry = self._framed.get(change.cursor)
+        if entry is None:
             encoded = StreamResponse(
                 cursor=str(change.cursor), report=change.report, state=change.state
             ).SerializeToString()
-            self._encoded[change.cursor] = encoded
-            if len(self._encoded) > self._size:
-                self._encoded.popitem(last=False)
-        return encoded
+            header = _RESPONSES_TAG + _varint(len(encoded))
+            entry = self._framed[change.cursor] = (header + encoded, len(header))
+            if len(self._framed) > self._size:
+                self._framed.popitem(last=False)
+        return entry
+
+    def response(self, change: Change) -> bytes:
+        """The change as a StreamResponse."""
+        framed, header = self._entry(change)
+        return framed[header:]
+
+    def batches(self, changes: list[Change], max_bytes: int = MAX_BATCH_BYTES) -> Iterator[bytes]:
+        """The changes as StreamBatchesResponses of up to `max_bytes` each (or one bigger change)."""
+        parts: list[bytes] = []
+        size = 0
+        for change in changes:
+            framed = self._entry(change)[0]
+            if parts and size + len(framed) > max_bytes:
+                yield b"".join(parts)
+                parts, size = [], 0
+            parts.append(framed)
+            size += len(framed)
+        if parts:
+            yield b"".join(parts)
 
 
 class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
@@ -153,9 +198,32 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
     ) -> AsyncIterator[StreamResponse | bytes]:
         """Yields heartbeats as messages and changes already encoded (see add_to_server)."""
         try:
-            async for response in self._stream(request):
-                yield response
+            async for item in self._follow(request):
+                if isinstance(item, Heartbeat):
+                    yield StreamResponse(cursor=str(item.cursor), heartbeat=True)
+                else:
+                    for change in item:
+                        yield self._encode.response(change)
         except DlrhubError as error:
+            await _abort(context, error)
+
+    async def StreamBatches(  # type: ignore[override]  # bytes as well: see add_to_server
+        self, request: StreamBatchesRequest, context: Context
+    ) -> AsyncIterator[StreamBatchesResponse | bytes]:
+        """Stream's feed with the changes ready together in one message, encoded (see add_to_server)."""
+        try:
+            async for item in self._follow(request.stream):
+                if isinstance(item, Heartbeat):
+                    heartbeat = StreamResponse(cursor=str(item.cursor), heartbeat=True)
+                    yield StreamBatchesResponse(responses=[heartbeat])
+                else:
+                    for batch in self._encode.batches(item):
+                        yield batch
+        except DlrhubError as error:
+            # The fields are those of the StreamRequest inside this request.
+            error.violations = [
+                replace(violation, field=f"stream.{violation.field}") for violation in error.violations
+            ]
             await _abort(context, error)
 
     # Ingest.
@@ -340,7 +408,7 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
 
     # Stream.
 
-    async def _stream(self, request: StreamRequest) -> AsyncIterator[StreamResponse | bytes]:
+    async def _follow(self, request: StreamRequest) -> AsyncIterator[list[Change] | Heartbeat]:
         if request.heartbeat_seconds < 0:
             raise InvalidArgument(
                 "heartbeat_seconds must not be negative",
@@ -375,11 +443,8 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
                 "TOO_MANY_STREAMS",
                 metadata={"max_streams": str(self._max_streams)},
             )
-        async for item in follow(self._store, self._hub, self._read, change_filter, after, heartbeat):
-            if isinstance(item, Heartbeat):
-                yield StreamResponse(cursor=str(item.cursor), heartbeat=True)
-            else:
-                yield self._encode(item)
+        async for item in follow_batches(self._store, self._hub, self._read, change_filter, after, heartbeat):
+            yield item
 
     def _read(self, call: Callable[[], T]) -> Awaitable[T]:
         return asyncio.get_running_loop().run_in_executor(self._reads, call)

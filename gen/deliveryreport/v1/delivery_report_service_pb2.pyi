@@ -489,6 +489,57 @@ class StreamResponse(_message.Message):
 Global___StreamResponse: _TypeAlias = StreamResponse  # noqa: Y015
 
 @_typing.final
+class StreamBatchesRequest(_message.Message):
+    """The request of StreamBatches."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def stream(self) -> Global___StreamRequest:
+        """What to follow and from where, exactly as for Stream."""
+
+    def __init__(
+        self,
+        *,
+        stream: Global___StreamRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["stream", b"stream"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["stream", b"stream"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamBatchesRequest: _TypeAlias = StreamBatchesRequest  # noqa: Y015
+
+@_typing.final
+class StreamBatchesResponse(_message.Message):
+    """One message of StreamBatches."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def responses(self) -> _containers.RepeatedCompositeFieldContainer[Global___StreamResponse]:
+        """Consecutive messages of the Stream feed, in cursor order: changes that
+        were ready together, or one heartbeat (a heartbeat always travels alone).
+        Resume after the cursor of the last one.
+        """
+
+    def __init__(
+        self,
+        *,
+        responses: _abc.Iterable[Global___StreamResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["responses", b"responses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamBatchesResponse: _TypeAlias = StreamBatchesResponse  # noqa: Y015
+
+@_typing.final
 class QuarantinedItem(_message.Message):
     """A rejected item (or a whole payload that was unusable), kept verbatim."""
 

@@ -56,6 +56,11 @@ class DeliveryReportServiceStub:
                 request_serializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.StreamRequest.SerializeToString,
                 response_deserializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.StreamResponse.FromString,
                 _registered_method=True)
+        self.StreamBatches = channel.unary_stream(
+                '/deliveryreport.v1.DeliveryReportService/StreamBatches',
+                request_serializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.StreamBatchesRequest.SerializeToString,
+                response_deserializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.StreamBatchesResponse.FromString,
+                _registered_method=True)
         self.ListQuarantine = channel.unary_unary(
                 '/deliveryreport.v1.DeliveryReportService/ListQuarantine',
                 request_serializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.ListQuarantineRequest.SerializeToString,
@@ -109,6 +114,18 @@ class DeliveryReportServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamBatches(self, request, context):
+        """The Stream feed for throughput: the same changes and heartbeats, in the
+        same order with the same cursors, but the changes that are ready to send
+        at the same moment travel together in one message (up to about 1 MiB).
+        Each gRPC message costs the server far more than a change does, so a
+        consumer keeping up with a busy hub should follow this; the client
+        libraries do. Stream suits a reader of single changes, such as grpcurl.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListQuarantine(self, request, context):
         """Lists quarantined items: every item (or whole payload) that was rejected,
         kept verbatim with the reason, oldest first.
@@ -143,6 +160,11 @@ def add_DeliveryReportServiceServicer_to_server(servicer, server):
                     servicer.Stream,
                     request_deserializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.StreamRequest.FromString,
                     response_serializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.StreamResponse.SerializeToString,
+            ),
+            'StreamBatches': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamBatches,
+                    request_deserializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.StreamBatchesRequest.FromString,
+                    response_serializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.StreamBatchesResponse.SerializeToString,
             ),
             'ListQuarantine': grpc.unary_unary_rpc_method_handler(
                     servicer.ListQuarantine,
@@ -243,6 +265,33 @@ class DeliveryReportService:
             '/deliveryreport.v1.DeliveryReportService/Stream',
             deliveryreport_dot_v1_dot_delivery__report__service__pb2.StreamRequest.SerializeToString,
             deliveryreport_dot_v1_dot_delivery__report__service__pb2.StreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamBatches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/deliveryreport.v1.DeliveryReportService/StreamBatches',
+            deliveryreport_dot_v1_dot_delivery__report__service__pb2.StreamBatchesRequest.SerializeToString,
+            deliveryreport_dot_v1_dot_delivery__report__service__pb2.StreamBatchesResponse.FromString,
             options,
             channel_credentials,
             insecure,

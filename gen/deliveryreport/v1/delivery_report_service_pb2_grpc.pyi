@@ -60,6 +60,14 @@ class DeliveryReportServiceStub:
     nothing matches, so a consumer can always resume from the last cursor it
     saw.
     """
+    StreamBatches: _grpc.UnaryStreamMultiCallable[_delivery_report_service_pb2.StreamBatchesRequest, _delivery_report_service_pb2.StreamBatchesResponse]
+    """The Stream feed for throughput: the same changes and heartbeats, in the
+    same order with the same cursors, but the changes that are ready to send
+    at the same moment travel together in one message (up to about 1 MiB).
+    Each gRPC message costs the server far more than a change does, so a
+    consumer keeping up with a busy hub should follow this; the client
+    libraries do. Stream suits a reader of single changes, such as grpcurl.
+    """
     ListQuarantine: _grpc.UnaryUnaryMultiCallable[_delivery_report_service_pb2.ListQuarantineRequest, _delivery_report_service_pb2.ListQuarantineResponse]
     """Lists quarantined items: every item (or whole payload) that was rejected,
     kept verbatim with the reason, oldest first.
@@ -99,6 +107,14 @@ class DeliveryReportServiceAsyncStub(DeliveryReportServiceStub):
     after it are sure to arrive). Heartbeats carry the latest cursor while
     nothing matches, so a consumer can always resume from the last cursor it
     saw.
+    """
+    StreamBatches: _aio.UnaryStreamMultiCallable[_delivery_report_service_pb2.StreamBatchesRequest, _delivery_report_service_pb2.StreamBatchesResponse]  # type: ignore[assignment]
+    """The Stream feed for throughput: the same changes and heartbeats, in the
+    same order with the same cursors, but the changes that are ready to send
+    at the same moment travel together in one message (up to about 1 MiB).
+    Each gRPC message costs the server far more than a change does, so a
+    consumer keeping up with a busy hub should follow this; the client
+    libraries do. Stream suits a reader of single changes, such as grpcurl.
     """
     ListQuarantine: _aio.UnaryUnaryMultiCallable[_delivery_report_service_pb2.ListQuarantineRequest, _delivery_report_service_pb2.ListQuarantineResponse]  # type: ignore[assignment]
     """Lists quarantined items: every item (or whole payload) that was rejected,
@@ -154,6 +170,20 @@ class DeliveryReportServiceServicer(metaclass=_abc_1.ABCMeta):
         after it are sure to arrive). Heartbeats carry the latest cursor while
         nothing matches, so a consumer can always resume from the last cursor it
         saw.
+        """
+
+    @_abc_1.abstractmethod
+    def StreamBatches(
+        self,
+        request: _delivery_report_service_pb2.StreamBatchesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_delivery_report_service_pb2.StreamBatchesResponse], _abc.AsyncIterator[_delivery_report_service_pb2.StreamBatchesResponse]]:
+        """The Stream feed for throughput: the same changes and heartbeats, in the
+        same order with the same cursors, but the changes that are ready to send
+        at the same moment travel together in one message (up to about 1 MiB).
+        Each gRPC message costs the server far more than a change does, so a
+        consumer keeping up with a busy hub should follow this; the client
+        libraries do. Stream suits a reader of single changes, such as grpcurl.
         """
 
     @_abc_1.abstractmethod
