@@ -26,6 +26,7 @@ from deliveryreport.v1.delivery_report_service_pb2 import (
     QuarantinedItem,
     RenormaliseQuarantineRequest,
     RenormaliseQuarantineResponse,
+    StreamBatchesRequest,
     StreamRequest,
     StreamResponse,
 )
@@ -244,13 +245,15 @@ class AsyncClient:
                 attempt.cursor = last
             elif from_beginning:
                 attempt.from_beginning = True
-            call = self._stub.Stream(attempt, metadata=self._metadata)
+            # StreamBatches: the same feed as Stream, several changes per message when they are ready.
+            call = self._stub.StreamBatches(StreamBatchesRequest(stream=attempt), metadata=self._metadata)
             try:
-                async for response in call:
+                async for batch in call:
                     failures = 0
-                    last = response.cursor
-                    if include_heartbeats or not response.heartbeat:
-                        yield response
+                    for response in batch.responses:
+                        last = response.cursor
+                        if include_heartbeats or not response.heartbeat:
+                            yield response
             except grpc.aio.AioRpcError as error:
                 if error.code() != grpc.StatusCode.UNAVAILABLE:
                     raise from_rpc_error(error) from None

@@ -112,10 +112,16 @@ class DlrhubClient {
    *   with the gRPC error otherwise.
    */
   stream(request, onMessage) {
-    const call = this.stub.Stream(request, this.metadata());
+    // StreamBatches: the same feed as Stream, several changes per message when they are ready.
+    const call = this.stub.StreamBatches({ stream: request }, this.metadata());
     let cancelled = false;
     const done = new Promise((resolve, reject) => {
-      call.on('data', onMessage);
+      call.on('data', (batch) => {
+        for (const response of batch.responses) {
+          if (cancelled) return; // nothing more after cancel(), as with one change per message
+          onMessage(response);
+        }
+      });
       call.on('end', () => resolve());
       call.on('error', (error) => {
         if (cancelled && error.code === grpc.status.CANCELLED) {
