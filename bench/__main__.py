@@ -58,7 +58,9 @@ from bench.common import (
     INGEST,
     RESULTS,
     ROOT,
+    SERVICE,
     STREAM,
+    STREAM_BATCHES,
     gms_report,
     live_id,
     proc_cpu_seconds,
@@ -118,6 +120,7 @@ class Options:
     patience: float  # seconds to wait for a quiet machine before each point
     warm: bool = True  # read the database file into the page cache before each Fetch point
     subscriber_client: str = "node"  # "node" (bench/subscriber.js) or "python" (bench/load.py)
+    stream_method: str = STREAM_BATCHES  # what dlrhub's subscribers follow: StreamBatches or Stream
     only: frozenset[str] = PHASES  # the phases to run (latency needs unary: its rate is half of unary's peak)
 
 
@@ -549,7 +552,7 @@ class Suite:
     def fanout_point(self, hub: Server, subscribers: int, rate: float | None) -> Point:
         """`subscribers` live Streams while batched Ingest runs at `rate` reports/s (None: flat out)."""
         subs = [
-            (worker, {"kind": "subscribe", "method": STREAM, "mode": "count"})
+            (worker, {"kind": "subscribe", "method": self.options.stream_method, "mode": "count"})
             for worker in self.pool.subscribers[:subscribers]
         ]
         loaders = self.batch_jobs()
@@ -596,7 +599,10 @@ class Suite:
 
     def latency_jobs(self, rate: float, subscribers: int) -> list[tuple[int, Job]]:
         subs = [
-            (worker, {"kind": "subscribe", "method": STREAM, "mode": "record", "grace": 3.0})
+            (
+                worker,
+                {"kind": "subscribe", "method": self.options.stream_method, "mode": "record", "grace": 3.0},
+            )
             for worker in self.pool.subscribers[:subscribers]
         ]
         loaders = self.unary_jobs(
@@ -725,7 +731,7 @@ class Suite:
                 hub,
                 lambda: (
                     [
-                        (worker, {"kind": "subscribe", "method": STREAM, "mode": "count"})
+                        (worker, {"kind": "subscribe", "method": self.options.stream_method, "mode": "count"})
                         for worker in self.pool.subscribers[:subs]
                     ]
                     + self.batch_jobs()
@@ -1191,6 +1197,13 @@ def parse_args(argv: list[str] | None) -> Options:
         "@grpc/grpc-js (default), or grpc.aio processes (about four times the CPU per message)",
     )
     parser.add_argument(
+        "--stream-rpc",
+        choices=["StreamBatches", "Stream"],
+        default="StreamBatches",
+        help="what dlrhub's subscribers follow: StreamBatches (the client libraries' choice; the "
+        "changes of a commit in one message) or Stream (one message per change)",
+    )
+    parser.add_argument(
         "--only",
         default=",".join(sorted(PHASES)),
         help=f"comma-separated phases to run, of {', '.join(sorted(PHASES))} (latency needs unary)",
@@ -1218,6 +1231,7 @@ def parse_args(argv: list[str] | None) -> Options:
         warm=not options.cold,
         only=only,
         subscriber_client=options.subscriber_client,
+        stream_method=SERVICE + options.stream_rpc,
     )
 
 

@@ -15,8 +15,9 @@ Job kinds:
   client_stream  `concurrency` client-streaming calls at a time, `messages` single-report
                  IngestRequests each (echo ceiling of batched ingest).
   server_stream  one server-streaming call, counting messages (echo ceiling of Stream fan-out).
-  subscribe      one dlrhub Stream subscription; mode "count" counts messages (identity
-                 deserializer), mode "record" parses each and records (message_id, receive time).
+  subscribe      one dlrhub Stream or StreamBatches subscription (`method`); mode "count" counts
+                 changes (a Stream message is never parsed), mode "record" parses each and records
+                 (message_id, receive time).
 
 With `subscriber_client` "node", server_stream and subscribe jobs run in bench/subscriber.js
 (@grpc/grpc-js) instead, with the same window and result: a Python subscriber costs about four
@@ -42,6 +43,7 @@ from bench.common import (
     BENCH,
     CHANNEL_OPTIONS,
     INGEST,
+    STREAM_BATCHES,
     gms_batch,
     gms_report,
     live_id,
@@ -52,6 +54,8 @@ from deliveryreport.v1.delivery_report_service_pb2 import (
     FetchRequest,
     IngestRequest,
     IngestResponse,
+    StreamBatchesRequest,
+    StreamBatchesResponse,
     StreamRequest,
     StreamResponse,
 )
@@ -312,7 +316,7 @@ async def _node_subscriber(job: Job) -> Result:
     request = (
         SERVER_STREAM_REQUEST.pack(2**40, job["size"])
         if job["kind"] == "server_stream"
-        else StreamRequest(heartbeat_seconds=60).SerializeToString()
+        else _subscribe_request(job["method"])
     )
     keys = ("target", "kind", "method", "start_at", "warmup", "duration", "mode", "grace")
     spec = {key: job[key] for key in keys if key in job} | {"request": request.hex()}
@@ -332,16 +336,26 @@ async def _node_subscriber(job: Job) -> Result:
     return result
 
 
+def _subscribe_request(method: str) -> bytes:
+    """A live subscription's request, for Stream or StreamBatches."""
+    request = StreamRequest(heartbeat_seconds=60)
+    if method == STREAM_BATCHES:
+        return StreamBatchesRequest(stream=request).SerializeToString()
+    return request.SerializeToString()
+
+
 async def _subscribe(channel: grpc.aio.Channel, job: Job, window: _Window) -> Result:
-    """One Stream subscriber: live from now; counts (or records) every change it receives."""
+    """One Stream (or StreamBatches) subscription: live from now; counts (or records) every change
+    it receives."""
     record = job.get("mode") == "record"
+    batched = job["method"] == STREAM_BATCHES
     method = channel.unary_stream(job["method"])
-    call = method(StreamRequest(heartbeat_seconds=60).SerializeToString())
+    call = method(_subscribe_request(job["method"]))
     first = await call.read()  # the opening heartbeat: the subscription is live
     ready_at = time.time_ns()
     stop_at = window.end + int(job.get("grace", 0) * 1e9)
     asyncio.get_running_loop().call_later((stop_at - time.time_ns()) / 1e9, call.cancel)
-    messages = 0
+    messages = grpc_messages = 0
     records: list[tuple[str, int]] = []
     errors: Counter[str] = Counter()
     try:
@@ -350,18 +364,26 @@ async def _subscribe(channel: grpc.aio.Channel, job: Job, window: _Window) -> Re
             if message is grpc.aio.EOF:
                 break
             now = time.time_ns()
-            if record:
-                response = StreamResponse.FromString(message)
-                if not response.heartbeat:
-                    records.append((response.report.message_id, now))
+            count = 1
+            if record or batched:
+                responses = (
+                    StreamBatchesResponse.FromString(message).responses
+                    if batched
+                    else [StreamResponse.FromString(message)]
+                )
+                count = len(responses)
+                if record:
+                    records += [(r.report.message_id, now) for r in responses if not r.heartbeat]
             if window.inside(now):
-                messages += 1
+                messages += count
+                grpc_messages += 1
     except asyncio.CancelledError:
         pass
     except grpc.aio.AioRpcError as error:
         errors[error.code().name] += 1
     return {
         "messages": messages,
+        "grpc_messages": grpc_messages,
         "records": records,
         "ready_at": ready_at,
         "late": ready_at > window.begin,

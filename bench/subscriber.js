@@ -7,7 +7,8 @@
 //
 // Job: target, kind ("server_stream" | "subscribe"), method, request (hex), start_at (Unix s),
 // warmup and duration (s); subscribe also mode ("count" | "record") and grace (s).
-// Messages are never decoded, except that "record" reads report.message_id off the wire.
+// Messages are never decoded, except that "record" reads report.message_id off the wire and a
+// StreamBatches message is split into its changes.
 'use strict';
 
 const grpc = require('@grpc/grpc-js');
@@ -33,7 +34,8 @@ function varint(buffer, position) {
   return [value, position];
 }
 
-function lengthDelimited(buffer, wanted) {
+// Yields [field number, bytes] for each length-delimited field of a message.
+function* lengthDelimitedFields(buffer) {
   let position = 0;
   while (position < buffer.length) {
     let key;
@@ -43,7 +45,7 @@ function lengthDelimited(buffer, wanted) {
     if (type === 2) {
       let length;
       [length, position] = varint(buffer, position);
-      if (number === wanted) return buffer.subarray(position, position + length);
+      yield [number, buffer.subarray(position, position + length)];
       position += length;
     } else if (type === 0) {
       [, position] = varint(buffer, position);
@@ -55,7 +57,22 @@ function lengthDelimited(buffer, wanted) {
       throw new Error(`unexpected wire type ${type}`);
     }
   }
+}
+
+function lengthDelimited(buffer, wanted) {
+  for (const [number, value] of lengthDelimitedFields(buffer)) {
+    if (number === wanted) return value;
+  }
   return null;
+}
+
+// StreamBatchesResponse.responses = 1: the StreamResponses a StreamBatches message carries.
+function responsesOf(batch) {
+  const responses = [];
+  for (const [number, value] of lengthDelimitedFields(batch)) {
+    if (number === 1) responses.push(value);
+  }
+  return responses;
 }
 
 // StreamResponse.report = 2, DeliveryReport.message_id = 2; a heartbeat has no report.
@@ -75,7 +92,9 @@ const client = new grpc.Client(job.target, grpc.credentials.createInsecure(), {
 });
 const identity = (bytes) => bytes;
 const record = job.mode === 'record';
-const result = { messages: 0, errors: {} };
+// StreamBatches carries several changes per message; `messages` counts changes either way.
+const batched = job.method.endsWith('/StreamBatches');
+const result = { messages: 0, grpc_messages: 0, errors: {} };
 if (record) result.records = [];
 let call = null;
 let finished = false;
@@ -102,11 +121,17 @@ function open() {
       result.late = now > begin;
       return;
     }
+    const responses = batched ? responsesOf(message) : [message];
     if (record) {
-      const id = messageId(message);
-      if (id !== null) result.records.push([id, now]);
+      for (const response of responses) {
+        const id = messageId(response);
+        if (id !== null) result.records.push([id, now]);
+      }
     }
-    if (inside(now)) result.messages += 1;
+    if (inside(now)) {
+      result.messages += responses.length;
+      result.grpc_messages += 1;
+    }
   });
   call.on('error', (error) => {
     if (error.code !== grpc.status.CANCELLED) {

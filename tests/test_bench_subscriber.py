@@ -7,7 +7,9 @@ import asyncio
 import json
 import time
 
-from deliveryreport.v1.delivery_report_service_pb2 import IngestRequest, StreamRequest
+import pytest
+
+from deliveryreport.v1.delivery_report_service_pb2 import IngestRequest, StreamBatchesRequest, StreamRequest
 from tests.conftest import ROOT, Running, node_executable
 
 SCRIPT = ROOT / "bench" / "subscriber.js"
@@ -17,13 +19,19 @@ def _gms(message_id: str) -> str:
     return json.dumps({"message_id": message_id, "status": 2, "substatus": 23, "time": 1_700_000_000_000})
 
 
-async def test_the_node_subscriber_records_every_change_with_its_message_id(server: Running) -> None:
+@pytest.mark.parametrize("rpc", ["Stream", "StreamBatches"])
+async def test_the_node_subscriber_records_every_change_with_its_message_id(
+    server: Running, rpc: str
+) -> None:
+    request = StreamRequest(heartbeat_seconds=60)
     start_at = time.time() + 3.0  # Node starts in well under a second, even on a busy machine
     job = {
         "target": server.address,
         "kind": "subscribe",
-        "method": "/deliveryreport.v1.DeliveryReportService/Stream",
-        "request": StreamRequest(heartbeat_seconds=60).SerializeToString().hex(),
+        "method": f"/deliveryreport.v1.DeliveryReportService/{rpc}",
+        "request": (request if rpc == "Stream" else StreamBatchesRequest(stream=request))
+        .SerializeToString()
+        .hex(),
         "start_at": start_at,
         "warmup": 0,
         "duration": 3.0,
@@ -44,12 +52,16 @@ async def test_the_node_subscriber_records_every_change_with_its_message_id(serv
     ids = [f"bench-{n}" for n in range(5)] + ["ünïcode-ид"]
     for message_id in ids:
         await server.stub.Ingest(IngestRequest(payload=_gms(message_id)))
+    together = [f"together-{n}" for n in range(3)]  # one commit: one StreamBatches message
+    await server.stub.Ingest(IngestRequest(payload="[" + ",".join(map(_gms, together)) + "]"))
+    ids += together
     out, err = await asyncio.wait_for(subscriber.communicate(), 30)
     assert subscriber.returncode == 0, err.decode()
     result = json.loads(out)
 
     assert [message_id for message_id, _ in result["records"]] == ids
     assert result["messages"] == len(ids)  # all inside the window; the opening heartbeat not counted
+    assert result["grpc_messages"] == (len(ids) if rpc == "Stream" else len(ids) - 2)
     assert result["errors"] == {}
     assert result["late"] is False  # live before the window opened
     received = [at for _, at in result["records"]]
