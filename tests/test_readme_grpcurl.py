@@ -63,7 +63,7 @@ class Example:
 
     @property
     def is_timed_stream(self) -> bool:
-        return self.method.endswith("/Stream") and self.flag("-max-time") is not None
+        return self.method.endswith(("/Stream", "/StreamBatches")) and self.flag("-max-time") is not None
 
 
 def readme_examples() -> list[Example]:
@@ -108,7 +108,7 @@ def json_messages(text: str) -> list[dict[str, Any]]:
 def test_readme_has_grpcurl_examples_of_every_rpc() -> None:
     examples = readme_examples()
     methods = [example.method for example in examples]
-    for rpc in ("Ingest", "Fetch", "Stream"):
+    for rpc in ("Ingest", "Fetch", "Stream", "StreamBatches"):
         assert f"{SERVICE}/{rpc}" in methods, f"README has no grpcurl example of {rpc}"
     assert "list" in methods
     assert f"describe {SERVICE}" in [" ".join(example.args[-2:]) for example in examples]
@@ -156,6 +156,9 @@ def test_readme_grpcurl_examples_run_verbatim(server_process: ServerProcess) -> 
             check(done.returncode == EXIT_DEADLINE_EXCEEDED, f"exit {done.returncode}, not 68 (-max-time)")
             check("Code: DeadlineExceeded" in done.stderr, "did not end at -max-time")
             messages = json_messages(done.stdout)
+            if example.method.endswith("/StreamBatches"):
+                check(all(set(m) == {"responses"} for m in messages), "not StreamBatchesResponses")
+                messages = [response for m in messages for response in m.get("responses", [])]
             replayed = [m for m in messages if not m.get("heartbeat")]
             check(len(replayed) == accepted, f"replayed {len(replayed)} changes, {accepted} were accepted")
             check(any(m.get("heartbeat") for m in messages), "no heartbeat")

@@ -1160,6 +1160,31 @@ async def test_stream_batches_catches_up_in_bounded_batches(server: Running) -> 
         call.cancel()
 
 
+async def test_a_stream_batches_consumer_that_falls_behind_catches_up_with_nothing_lost(
+    db_path: Path, clock: FakeClock
+) -> None:
+    async with own_server(db_path, clock, stream_buffer=8) as own:
+        call = own.stub.StreamBatches(StreamBatchesRequest())
+        try:
+            [start] = await read_batch(call)
+            assert start.heartbeat
+            cursors: list[int] = []
+            for batch in range(10):
+                # Each commit publishes 30 changes at once: more than the buffer of 8, so the
+                # subscriber overflows and reads them from the store instead.
+                response = await ingest(own.stub, ssr_payload(*(ssr(f"f-{batch}-{n}") for n in range(30))))
+                cursors += [int(result.cursor) for result in response.results]
+            assert own.app.hub.overflows >= 1
+            got: list[StreamResponse] = []
+            while len(got) < len(cursors):
+                got += await read_batch(call)
+            assert cursors_of(got) == cursors  # every change once, in order
+            [last] = await ingest_each(own.stub, gms("after"))  # and live again afterwards
+            assert cursors_of(await read_batch(call)) == [last]
+        finally:
+            call.cancel()
+
+
 async def test_stream_batches_names_the_field_inside_the_stream_request(server: Running) -> None:
     request = StreamBatchesRequest(stream=StreamRequest(heartbeat_seconds=-1))
     details = await failure(server.stub.StreamBatches(request).read())
