@@ -201,7 +201,7 @@ async def test_an_ingest_token_may_not_fetch_or_stream(secured: app.App) -> None
             await first_change(client)
     assert fetch.value.reason == stream.value.reason == "MISSING_ROLE"
     assert fetch.value.metadata == {"method": "Fetch", "role": "read"}
-    assert stream.value.metadata == {"method": "Stream", "role": "read"}
+    assert stream.value.metadata == {"method": "StreamBatches", "role": "read"}  # what the client follows
 
 
 async def test_each_role_does_its_part_and_both_roles_do_both(secured: app.App) -> None:

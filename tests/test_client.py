@@ -15,7 +15,8 @@ import grpc
 import pytest
 
 import dlrhub_client
-from deliveryreport.v1.delivery_report_service_pb2 import IngestResponse, StreamResponse
+from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
+from deliveryreport.v1.delivery_report_service_pb2 import IngestResponse, StreamRequest, StreamResponse
 from deliveryreport.v1.provider_formats_pb2 import (
     GmsReport,
     SentSmsReport,
@@ -384,6 +385,41 @@ async def test_stream_gives_up_after_reconnect_attempts_with_growing_backoff() -
 
 
 # Stream.
+
+
+async def test_stream_falls_back_to_stream_on_a_server_without_stream_batches() -> None:
+    """A server from before StreamBatches answers it UNIMPLEMENTED; the client follows Stream instead."""
+    requests: list[StreamRequest] = []
+
+    async def older_stream(request: StreamRequest, context: object) -> AsyncIterator[StreamResponse]:
+        requests.append(request)
+        yield StreamResponse(cursor="0", heartbeat=True)
+        for cursor in (1, 2):
+            yield StreamResponse(cursor=str(cursor), report=DeliveryReport(message_id=f"old-{cursor}"))
+        await asyncio.Event().wait()  # live, with nothing more to send
+
+    older = grpc.aio.server()
+    handler = grpc.unary_stream_rpc_method_handler(
+        older_stream,
+        request_deserializer=StreamRequest.FromString,
+        response_serializer=StreamResponse.SerializeToString,
+    )
+    older.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "deliveryreport.v1.DeliveryReportService", {"Stream": handler}
+            ),
+        )
+    )
+    port = older.add_insecure_port("127.0.0.1:0")
+    await older.start()
+    try:
+        async with AsyncClient(f"127.0.0.1:{port}") as client:
+            changes = await take(client.stream(from_beginning=True), 2)
+    finally:
+        await older.stop(None)
+    assert [change.report.message_id for change in changes] == ["old-1", "old-2"]
+    assert [request.from_beginning for request in requests] == [True]  # one Stream call, no retries
 
 
 async def test_stream_receives_changes_in_order_and_resumes_from_a_cursor(client: AsyncClient) -> None:

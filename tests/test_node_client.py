@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -14,6 +16,7 @@ from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportSer
 from tests.conftest import ROOT, ServerProcess, node_executable
 
 SCRIPT = ROOT / "client" / "node" / "dlrhub-client.js"
+SERVICE = "/deliveryreport.v1.DeliveryReportService"
 
 
 def _run_client(address: str) -> list[dict[str, Any]]:
@@ -110,3 +113,49 @@ def test_node_client_ingests_fetches_and_streams(server_process: ServerProcess) 
             assert stored.raw_payload == text
             assert json.loads(text)["message_id"] == message_id
             assert [entry.raw_payload for entry in fetched.history] == [text]
+
+
+class _OlderServer(grpc.GenericRpcHandler):  # type: ignore[type-arg]
+    """A dlrhub from before StreamBatches: forwards every other method to a real one, as bytes."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
+        self.methods: list[str] = []
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
+        method: str = details.method
+        if method.endswith("/StreamBatches"):
+            return None  # UNIMPLEMENTED
+        self.methods.append(method)
+        if method.endswith("/Stream"):
+
+            async def stream(request: bytes, context: object) -> AsyncIterator[bytes]:
+                async for response in self.channel.unary_stream(method, None, None)(request):
+                    yield response
+
+            return grpc.unary_stream_rpc_method_handler(stream)
+
+        async def unary(request: bytes, context: object) -> bytes:
+            answer: bytes = await self.channel.unary_unary(method, None, None)(request)
+            return answer
+
+        return grpc.unary_unary_rpc_method_handler(unary)
+
+
+async def test_node_client_falls_back_to_stream_on_a_server_without_stream_batches(
+    server_process: ServerProcess,
+) -> None:
+    async with grpc.aio.insecure_channel(server_process.address) as channel:
+        older = _OlderServer(channel)
+        proxy = grpc.aio.server()
+        proxy.add_generic_rpc_handlers((older,))
+        port = proxy.add_insecure_port("127.0.0.1:0")
+        await proxy.start()
+        try:
+            lines = await asyncio.to_thread(_run_client, f"127.0.0.1:{port}")
+        finally:
+            await proxy.stop(None)
+    assert [line["step"] for line in lines] == ["stream_open", "ingest", "fetch", "stream", "stream", "done"]
+    ingested = [result["report"]["message_id"] for result in lines[1]["response"]["results"]]
+    assert [line["response"]["report"]["message_id"] for line in lines[3:5]] == ingested
+    assert f"{SERVICE}/Stream" in older.methods

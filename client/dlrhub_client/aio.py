@@ -238,6 +238,9 @@ class AsyncClient:
         )
         last = cursor
         failures = 0
+        # StreamBatches: the same feed as Stream, several changes per message when they are ready;
+        # Stream for a server from before StreamBatches.
+        batched = True
         while True:
             attempt = StreamRequest()
             attempt.CopyFrom(request)
@@ -245,16 +248,22 @@ class AsyncClient:
                 attempt.cursor = last
             elif from_beginning:
                 attempt.from_beginning = True
-            # StreamBatches: the same feed as Stream, several changes per message when they are ready.
-            call = self._stub.StreamBatches(StreamBatchesRequest(stream=attempt), metadata=self._metadata)
+            call: grpc.aio.UnaryStreamCall[Any, Any] = (
+                self._stub.StreamBatches(StreamBatchesRequest(stream=attempt), metadata=self._metadata)
+                if batched
+                else self._stub.Stream(attempt, metadata=self._metadata)
+            )
             try:
-                async for batch in call:
+                async for message in call:
                     failures = 0
-                    for response in batch.responses:
+                    for response in message.responses if batched else (message,):
                         last = response.cursor
                         if include_heartbeats or not response.heartbeat:
                             yield response
             except grpc.aio.AioRpcError as error:
+                if batched and error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    batched = False
+                    continue
                 if error.code() != grpc.StatusCode.UNAVAILABLE:
                     raise from_rpc_error(error) from None
             finally:

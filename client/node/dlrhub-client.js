@@ -103,8 +103,9 @@ class DlrhubClient {
   }
 
   /**
-   * Follow the Stream, calling onMessage(StreamResponse) for every message
-   * (changes and heartbeats).
+   * Follow the feed of changes (StreamBatches, or Stream on a server from
+   * before it), calling onMessage(StreamResponse) for every change and
+   * heartbeat, in cursor order.
    * @param {object} request a StreamRequest.
    * @param {function(object): void} onMessage
    * @returns {{call: object, cancel: function(): void, done: Promise<void>}} `done`
@@ -112,27 +113,42 @@ class DlrhubClient {
    *   with the gRPC error otherwise.
    */
   stream(request, onMessage) {
-    // StreamBatches: the same feed as Stream, several changes per message when they are ready.
-    const call = this.stub.StreamBatches({ stream: request }, this.metadata());
     let cancelled = false;
+    let call = null;
     const done = new Promise((resolve, reject) => {
-      call.on('data', (batch) => {
-        for (const response of batch.responses) {
-          if (cancelled) return; // nothing more after cancel(), as with one change per message
-          onMessage(response);
-        }
-      });
-      call.on('end', () => resolve());
-      call.on('error', (error) => {
-        if (cancelled && error.code === grpc.status.CANCELLED) {
-          resolve();
-        } else {
-          reject(error);
-        }
-      });
+      // StreamBatches: the same feed as Stream, several changes per message when they are ready;
+      // Stream for a server from before StreamBatches (it answers UNIMPLEMENTED).
+      const follow = (batched) => {
+        const current = batched
+          ? this.stub.StreamBatches({ stream: request }, this.metadata())
+          : this.stub.Stream(request, this.metadata());
+        call = current;
+        current.on('data', (message) => {
+          for (const response of batched ? message.responses : [message]) {
+            if (cancelled) return; // nothing more after cancel(), as with one change per message
+            onMessage(response);
+          }
+        });
+        current.on('end', () => {
+          if (call === current) resolve();
+        });
+        current.on('error', (error) => {
+          if (call !== current) return;
+          if (cancelled && error.code === grpc.status.CANCELLED) {
+            resolve();
+          } else if (batched && error.code === grpc.status.UNIMPLEMENTED) {
+            follow(false);
+          } else {
+            reject(error);
+          }
+        });
+      };
+      follow(true);
     });
     return {
-      call,
+      get call() {
+        return call;
+      },
       done,
       cancel() {
         cancelled = true;

@@ -5,7 +5,8 @@ Tokens are configured as `ROLES:TOKEN` pairs separated by commas
 (`{"tokens": [{"name": "billing", "token": "...", "roles": ["read"]}]}`,
 DLRHUB_TOKENS_FILE). Callers send `authorization: Bearer TOKEN`.
 
-Roles: `ingest` may call Ingest; `read` may call Fetch and Stream. No token
+Roles: `ingest` may call Ingest and RenormaliseQuarantine; `read` may call
+Fetch, Stream, StreamBatches and ListQuarantine. No token
 or an unknown one is UNAUTHENTICATED; a token without the role is
 PERMISSION_DENIED. Health checks (and reflection, unless turned off) stay
 open. Tokens are compared in constant time, against every configured token.
@@ -33,6 +34,7 @@ METHOD_ROLES = {
     _SERVICE + "Ingest": "ingest",
     _SERVICE + "Fetch": "read",
     _SERVICE + "Stream": "read",
+    _SERVICE + "StreamBatches": "read",
     _SERVICE + "ListQuarantine": "read",
     _SERVICE + "RenormaliseQuarantine": "ingest",
 }
