@@ -770,10 +770,10 @@ def _stream_overflows(server: Server) -> float:
 def _stored_count(server: Server) -> int:
     """Reports in the server's store: the latest cursor, from the opening heartbeat of a Stream."""
     with grpc.insecure_channel(server.target) as channel:
-        call = channel.unary_stream(STREAM)(b"", timeout=10)
+        call = channel.unary_stream(STREAM, None, None)(b"", timeout=10)
         for message in call:
             response = StreamResponse.FromString(message)
-            call.cancel()
+            call.cancel()  # type: ignore[no-untyped-call]
             return int(response.cursor)
     return 0
 
@@ -1201,7 +1201,7 @@ def parse_args(argv: list[str] | None) -> Options:
         choices=["StreamBatches", "Stream"],
         default="StreamBatches",
         help="what dlrhub's subscribers follow: StreamBatches (the client libraries' choice; the "
-        "changes of a commit in one message) or Stream (one message per change)",
+        "changes ready together in one message) or Stream (one message per change)",
     )
     parser.add_argument(
         "--only",

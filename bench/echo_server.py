@@ -46,7 +46,7 @@ async def server_stream(request: bytes, context: Any) -> AsyncIterator[bytes]:
         yield payload
 
 
-def handlers() -> grpc.GenericRpcHandler:
+def handlers() -> grpc.GenericRpcHandler[bytes, bytes]:
     return grpc.method_handlers_generic_handler(
         "bench.Echo",
         {

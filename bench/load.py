@@ -61,6 +61,8 @@ from deliveryreport.v1.delivery_report_service_pb2 import (
 )
 
 Job = dict[str, Any]
+# What read() answers once a stream has ended (grpc-stubs lacks it).
+EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]
 Result = dict[str, Any]
 # A request factory: the request bytes, its message id (when it carries exactly one report) and
 # the number of reports in it.
@@ -182,7 +184,7 @@ def _factory(job: Job) -> Factory:
 
 
 async def _unary(channel: grpc.aio.Channel, job: Job, window: _Window) -> Result:
-    call = channel.unary_unary(job["method"])
+    call = channel.unary_unary(job["method"], None, None)  # identity: bytes in, bytes out
     make = _factory(job)
     check_ingest = job["method"] == INGEST
     latencies: list[int] = []
@@ -266,7 +268,7 @@ async def _open_loop(
 
 
 async def _client_stream(channel: grpc.aio.Channel, job: Job, window: _Window) -> Result:
-    call = channel.stream_unary(job["method"])
+    call = channel.stream_unary(job["method"], None, None)
     make = _factory({**job, "payload": "ingest"})
     messages = [make()[0] for _ in range(job["messages"])]
     latencies: list[int] = []
@@ -296,13 +298,13 @@ async def _client_stream(channel: grpc.aio.Channel, job: Job, window: _Window) -
 async def _server_stream(channel: grpc.aio.Channel, job: Job, window: _Window) -> Result:
     request = SERVER_STREAM_REQUEST.pack(2**40, job["size"])
     await window.sleep_until(window.begin)
-    call = channel.unary_stream(job["method"])(request)
+    call = channel.unary_stream(job["method"], None, None)(request)
     asyncio.get_running_loop().call_later((window.end - time.time_ns()) / 1e9, call.cancel)
     messages = 0
     try:
         while True:
             message = await call.read()
-            if message is grpc.aio.EOF:
+            if message is EOF:
                 break
             if window.inside(time.time_ns()):
                 messages += 1
@@ -336,6 +338,25 @@ async def _node_subscriber(job: Job) -> Result:
     return result
 
 
+def _items(batch: bytes) -> int:
+    """The StreamResponses in an encoded StreamBatchesResponse, counted off the wire without parsing
+    them (it has only field 1, length-delimited: a tag byte and a varint length before each)."""
+    count = position = 0
+    while position < len(batch):
+        position += 1  # the tag
+        length = shift = 0
+        while True:
+            byte = batch[position]
+            position += 1
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                break
+        position += length
+        count += 1
+    return count
+
+
 def _subscribe_request(method: str) -> bytes:
     """A live subscription's request, for Stream or StreamBatches."""
     request = StreamRequest(heartbeat_seconds=60)
@@ -349,7 +370,7 @@ async def _subscribe(channel: grpc.aio.Channel, job: Job, window: _Window) -> Re
     it receives."""
     record = job.get("mode") == "record"
     batched = job["method"] == STREAM_BATCHES
-    method = channel.unary_stream(job["method"])
+    method = channel.unary_stream(job["method"], None, None)
     call = method(_subscribe_request(job["method"]))
     first = await call.read()  # the opening heartbeat: the subscription is live
     ready_at = time.time_ns()
@@ -359,21 +380,20 @@ async def _subscribe(channel: grpc.aio.Channel, job: Job, window: _Window) -> Re
     records: list[tuple[str, int]] = []
     errors: Counter[str] = Counter()
     try:
-        while first is not grpc.aio.EOF:
+        while first is not EOF:
             message = await call.read()
-            if message is grpc.aio.EOF:
+            if message is EOF:
                 break
             now = time.time_ns()
-            count = 1
-            if record or batched:
+            assert isinstance(message, bytes)
+            count = _items(message) if batched else 1
+            if record:
                 responses = (
                     StreamBatchesResponse.FromString(message).responses
                     if batched
                     else [StreamResponse.FromString(message)]
                 )
-                count = len(responses)
-                if record:
-                    records += [(r.report.message_id, now) for r in responses if not r.heartbeat]
+                records += [(r.report.message_id, now) for r in responses if not r.heartbeat]
             if window.inside(now):
                 messages += count
                 grpc_messages += 1

@@ -8,8 +8,18 @@ import json
 import time
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from deliveryreport.v1.delivery_report_service_pb2 import IngestRequest, StreamBatchesRequest, StreamRequest
+from bench import load
+from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
+from deliveryreport.v1.delivery_report_service_pb2 import (
+    IngestRequest,
+    StreamBatchesRequest,
+    StreamBatchesResponse,
+    StreamRequest,
+    StreamResponse,
+)
 from tests.conftest import ROOT, Running, node_executable
 
 SCRIPT = ROOT / "bench" / "subscriber.js"
@@ -68,3 +78,14 @@ async def test_the_node_subscriber_records_every_change_with_its_message_id(
     assert received == sorted(received)
     assert all(abs(at / 1e9 - time.time()) < 60 for at in received)  # wall-clock nanoseconds
     assert result["client_cpu_s"] >= 0
+
+
+@given(sizes=st.lists(st.integers(min_value=0, max_value=3000), max_size=30))
+def test_the_python_subscriber_counts_the_changes_of_a_batch_without_parsing_it(sizes: list[int]) -> None:
+    batch = StreamBatchesResponse(
+        responses=[
+            StreamResponse(cursor=str(cursor), report=DeliveryReport(message_id="x" * size))
+            for cursor, size in enumerate(sizes, start=1)
+        ]
+    )
+    assert load._items(batch.SerializeToString()) == len(sizes)

@@ -1204,7 +1204,9 @@ def test_a_change_is_encoded_once_and_decodes_to_its_stream_response() -> None:
     assert second is first  # a second subscriber gets the same bytes
     expected = StreamResponse(cursor="7", report=report, state=state)
     assert StreamBatchesResponse.FromString(first) == StreamBatchesResponse(responses=[expected])
-    assert StreamResponse.FromString(encode.response(Change(7, report, state))) == expected
+    single = encode.response(Change(7, report, state))
+    assert StreamResponse.FromString(single) == expected
+    assert encode.response(Change(7, report, state)) is single  # Stream subscribers share bytes too
 
     list(encode.batches([Change(8, report, state), Change(9, report, state)]))
     # Over the size: the oldest (7) was dropped, and is encoded again on demand.

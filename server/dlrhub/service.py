@@ -118,43 +118,58 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
+class _Encoded:
+    """One change's StreamResponse, and the same framed as an item of a StreamBatchesResponse."""
+
+    __slots__ = ("framed", "plain")
+
+    def __init__(self, plain: bytes) -> None:
+        self.plain = plain
+        self.framed: bytes | None = None  # made when a StreamBatches subscriber first sends it
+
+
 class StreamEncoder:
     """Each change's StreamResponse, encoded once however many subscribers send it.
 
-    It is kept framed as an item of a StreamBatchesResponse, so a batch is the concatenation of its
-    changes; Stream sends the StreamResponse without the frame. Cursors are never reused, so a
-    cursor names one encoding; the newest `size` are kept (as many as a subscriber buffers: live
-    subscribers send a change within that window).
+    A StreamBatchesResponse is the concatenation of its changes framed as field 1, so batches cost no
+    more encoding than single changes. Cursors are never reused, so a cursor names one encoding; the
+    newest `size` are kept (as many as a subscriber buffers: live subscribers send a change within
+    that window).
     """
 
     def __init__(self, size: int) -> None:
         self._size = size
         # OrderedDict, not dict: popping the oldest of a dict scans the holes its deletions left.
-        self._framed: OrderedDict[int, tuple[bytes, int]] = OrderedDict()
+        self._encoded: OrderedDict[int, _Encoded] = OrderedDict()
 
-    def _entry(self, change: Change) -> tuple[bytes, int]:
-        entry = self._framed.get(change.cursor)
+    def _entry(self, change: Change) -> _Encoded:
+        entry = self._encoded.get(change.cursor)
         if entry is None:
-            encoded = StreamResponse(
-                cursor=str(change.cursor), report=change.report, state=change.state
-            ).SerializeToString()
-            header = _RESPONSES_TAG + _varint(len(encoded))
-            entry = self._framed[change.cursor] = (header + encoded, len(header))
-            if len(self._framed) > self._size:
-                self._framed.popitem(last=False)
+            entry = self._encoded[change.cursor] = _Encoded(
+                StreamResponse(
+                    cursor=str(change.cursor), report=change.report, state=change.state
+                ).SerializeToString()
+            )
+            if len(self._encoded) > self._size:
+                self._encoded.popitem(last=False)
         return entry
 
     def response(self, change: Change) -> bytes:
         """The change as a StreamResponse."""
-        framed, header = self._entry(change)
-        return framed[header:]
+        return self._entry(change).plain
+
+    def _framed(self, change: Change) -> bytes:
+        entry = self._entry(change)
+        if entry.framed is None:
+            entry.framed = _RESPONSES_TAG + _varint(len(entry.plain)) + entry.plain
+        return entry.framed
 
     def batches(self, changes: list[Change], max_bytes: int = MAX_BATCH_BYTES) -> Iterator[bytes]:
         """The changes as StreamBatchesResponses of up to `max_bytes` each (or one bigger change)."""
         parts: list[bytes] = []
         size = 0
         for change in changes:
-            framed = self._entry(change)[0]
+            framed = self._framed(change)
             if parts and size + len(framed) > max_bytes:
                 yield b"".join(parts)
                 parts, size = [], 0

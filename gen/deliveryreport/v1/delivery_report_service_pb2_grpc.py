@@ -117,7 +117,8 @@ class DeliveryReportServiceServicer:
     def StreamBatches(self, request, context):
         """The Stream feed for throughput: the same changes and heartbeats, in the
         same order with the same cursors, but the changes that are ready to send
-        at the same moment travel together in one message (up to about 1 MiB).
+        at the same moment travel together in one message (at most 500 changes
+        and about 1 MiB; a bigger change travels alone).
         Each gRPC message costs the server far more than a change does, so a
         consumer keeping up with a busy hub should follow this; the client
         libraries do. Stream suits a reader of single changes, such as grpcurl.

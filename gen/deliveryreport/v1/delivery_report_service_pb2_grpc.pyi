@@ -63,7 +63,8 @@ class DeliveryReportServiceStub:
     StreamBatches: _grpc.UnaryStreamMultiCallable[_delivery_report_service_pb2.StreamBatchesRequest, _delivery_report_service_pb2.StreamBatchesResponse]
     """The Stream feed for throughput: the same changes and heartbeats, in the
     same order with the same cursors, but the changes that are ready to send
-    at the same moment travel together in one message (up to about 1 MiB).
+    at the same moment travel together in one message (at most 500 changes
+    and about 1 MiB; a bigger change travels alone).
     Each gRPC message costs the server far more than a change does, so a
     consumer keeping up with a busy hub should follow this; the client
     libraries do. Stream suits a reader of single changes, such as grpcurl.
@@ -111,7 +112,8 @@ class DeliveryReportServiceAsyncStub(DeliveryReportServiceStub):
     StreamBatches: _aio.UnaryStreamMultiCallable[_delivery_report_service_pb2.StreamBatchesRequest, _delivery_report_service_pb2.StreamBatchesResponse]  # type: ignore[assignment]
     """The Stream feed for throughput: the same changes and heartbeats, in the
     same order with the same cursors, but the changes that are ready to send
-    at the same moment travel together in one message (up to about 1 MiB).
+    at the same moment travel together in one message (at most 500 changes
+    and about 1 MiB; a bigger change travels alone).
     Each gRPC message costs the server far more than a change does, so a
     consumer keeping up with a busy hub should follow this; the client
     libraries do. Stream suits a reader of single changes, such as grpcurl.
@@ -180,7 +182,8 @@ class DeliveryReportServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_delivery_report_service_pb2.StreamBatchesResponse], _abc.AsyncIterator[_delivery_report_service_pb2.StreamBatchesResponse]]:
         """The Stream feed for throughput: the same changes and heartbeats, in the
         same order with the same cursors, but the changes that are ready to send
-        at the same moment travel together in one message (up to about 1 MiB).
+        at the same moment travel together in one message (at most 500 changes
+        and about 1 MiB; a bigger change travels alone).
         Each gRPC message costs the server far more than a change does, so a
         consumer keeping up with a busy hub should follow this; the client
         libraries do. Stream suits a reader of single changes, such as grpcurl.
