@@ -80,7 +80,8 @@ def _bars(
                 "items_per_s"
             ]
         elif scenario == "fanout":
-            key = f"fan-out {point['subscribers']}\n{point['target']} (msgs/s)"
+            target = point.get("rpc", "echo") if point["target"] == "dlrhub" else "echo"
+            key = f"fan-out {point['subscribers']}\n{target} (msgs/s)"
             bars.setdefault(loop, {})[key] = point["messages_per_s"]
         elif scenario == "latency":
             ack = point["ack_to_subscriber"]
