@@ -40,6 +40,7 @@ from dlrhub import app as app_module
 from dlrhub.config import Settings
 from dlrhub.logs import JsonFormatter
 from dlrhub.poller import PollerSettings
+from dlrhub.telemetry import CallLog
 from tests.conftest import FakeClock, Running, serving
 from tests.fake_provider import FakeProvider, report, wait_until
 
@@ -493,6 +494,7 @@ async def test_an_ingest_logs_one_rpc_line_with_counts_and_no_payload_content(
     ]
     response = await server.stub.Ingest(gms_request(batch, request_id="req-1"), timeout=TIMEOUT)
     assert (response.accepted_count, response.duplicate_count, response.rejected_count) == (1, 1, 1)
+    server.app.call_log.flush()  # as at shutdown; otherwise within CallLog.interval
 
     rpc_records = [r for r in caplog.records if r.name == "dlrhub.telemetry" and r.getMessage() == "rpc"]
     (line,) = formatted(rpc_records)
@@ -510,13 +512,43 @@ async def test_a_failed_call_logs_its_code_and_the_request_id_from_metadata(
     server: Running, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="dlrhub.telemetry")
+    before = time.time()
     with pytest.raises(grpc.aio.AioRpcError):
         await server.stub.Fetch(
             FetchRequest(message_id="obs-missing"), metadata=[("x-request-id", "req-2")], timeout=TIMEOUT
         )
-    (line,) = formatted([r for r in caplog.records if r.getMessage() == "rpc"])
+    after = time.time()
+
+    def logged() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.getMessage() == "rpc"]
+
+    await wait_until(lambda: bool(logged()), message="no rpc line within CallLog.interval")
+    (record,) = logged()
+    assert before <= record.created <= after  # when the call ended, not when the line was written
+    (line,) = formatted([record])
     assert (line["rpc"], line["code"], line["request_id"]) == (FETCH, "NOT_FOUND", "req-2")
     assert line["duration_ms"] >= 0
+
+
+async def test_call_lines_are_logged_in_runs_in_the_order_and_with_the_times_of_their_calls(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="dlrhub.telemetry")
+    call_log = CallLog(capacity=3, interval=60)
+    times = []
+    for number in range(3):
+        times.append(time.time())
+        call_log.add({"rpc": "X", "number": number})
+        assert not caplog.records  # queued, not yet logged
+        await asyncio.sleep(0.01)
+    # The third filled the queue: all three are logged on the loop's next turn, outside the call.
+    assert [getattr(record, "number", None) for record in caplog.records] == [0, 1, 2]
+    bounds = [*times, time.time()]
+    for number, record in enumerate(caplog.records):
+        assert bounds[number] <= record.created <= bounds[number + 1]  # when it was added
+    call_log.add({"rpc": "X", "number": 3})
+    call_log.flush()
+    assert [getattr(record, "number", None) for record in caplog.records] == [0, 1, 2, 3]
 
 
 async def test_a_webhook_logs_one_line_with_route_counts_and_duration(

@@ -29,7 +29,7 @@ from dlrhub.poller import HEALTH_SERVICE as POLLER_HEALTH_SERVICE
 from dlrhub.poller import Poller, PollerSettings
 from dlrhub.service import SERVICE_NAME, DeliveryReportService, add_to_server
 from dlrhub.store import SqliteStore
-from dlrhub.telemetry import CallInterceptor, tracing_interceptor
+from dlrhub.telemetry import CallInterceptor, CallLog, tracing_interceptor
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class App:
     settings: Settings
     http: web.AppRunner
     http_port: int
+    call_log: CallLog
     poller: Poller | None = None
 
     async def stop(self) -> None:
@@ -68,6 +69,7 @@ class App:
         self.hub.close()
         await self.http.cleanup()
         await self.server.stop(self.settings.shutdown_grace)
+        self.call_log.flush()
         await self.committer.stop()
         self.reads.shutdown(wait=True)
         self.store.close()
@@ -103,8 +105,9 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
             intake=intake, store=store, hub=hub, reads=reads, max_streams=settings.max_streams
         )
         health_servicer = health_aio.HealthServicer()
+        call_log = CallLog(traced=tracing is not None)
         server, port = _grpc_server(
-            settings, service, health_servicer, _interceptors(tracing, metrics, tokens)
+            settings, service, health_servicer, _interceptors(tracing, metrics, call_log, tokens)
         )
         await server.start()
         started.push_async_callback(server.stop, None)
@@ -147,6 +150,7 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
         settings,
         http,
         http.addresses[0][1],
+        call_log,
         poller,
     )
     log.info(
@@ -187,9 +191,9 @@ def _grpc_server(
         raise OSError(f"cannot listen on {settings.listen}: {error}") from None
 
 
-def _interceptors(tracing: Any, metrics: Metrics, tokens: Tokens | None) -> list[Any]:
+def _interceptors(tracing: Any, metrics: Metrics, call_log: CallLog, tokens: Tokens | None) -> list[Any]:
     """Outermost first: tracing (when on), then per-call logs and metrics, then authentication."""
-    chain: list[Any] = [tracing, CallInterceptor(metrics)]
+    chain: list[Any] = [tracing, CallInterceptor(metrics, call_log)]
     if tokens is not None:
         chain.append(AuthInterceptor(tokens))
     return [interceptor for interceptor in chain if interceptor is not None]

@@ -53,9 +53,10 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         entry.update((key, value) for key, value in vars(record).items() if key not in _STANDARD)
-        trace_id = current_trace_id()
-        if trace_id is not None:
-            entry["trace_id"] = trace_id
+        if "trace_id" not in entry:  # a call's line brings the trace id of its call (CallLog)
+            trace_id = current_trace_id()
+            if trace_id is not None:
+                entry["trace_id"] = trace_id
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return _ENCODER.encode(entry)
