@@ -100,6 +100,7 @@ class Metrics:
 
         # The labelled children of the per-call series, looked up once (labels() takes a lock).
         self._rpc_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
+        self._report_children: dict[tuple[str, str, str], Counter] = {}
 
     def record_rpc(self, method: str, code: str, seconds: float) -> None:
         children = self._rpc_children.get((method, code))
@@ -133,7 +134,10 @@ class Metrics:
             else:
                 counts[_SOURCE_OF_FORMAT.get(item.format, "unknown"), "", outcome] += 1
         for labels, count in counts.items():  # one update per series, not per item
-            self.reports.labels(*labels).inc(count)
+            child = self._report_children.get(labels)
+            if child is None:
+                child = self._report_children[labels] = self.reports.labels(*labels)
+            child.inc(count)
 
     def record_rejected_payload(self, format: int) -> None:
         self.reports.labels(_SOURCE_OF_FORMAT.get(format, "unknown"), "", "rejected").inc()
