@@ -30,7 +30,9 @@ def plot(document: dict[str, Any], path: Path) -> None:
     for axis in (throughput, latency):
         axis.grid(True, which="both", alpha=0.3)
         axis.legend(fontsize=7)
-    _grouped_bars(streams, bars, "streams: batched Ingest and fan-out vs echo", "per second")
+    _grouped_bars(
+        streams, bars, "batched Ingest (reports/s) and fan-out (changes/s) vs echo (msgs/s)", "per second"
+    )
     _grouped_bars(stream_latency, latency_bars, "Ingest ack -> subscriber latency", "ms")
     stream_latency.axhline(10, color="red", linewidth=0.8, linestyle="--", label="target p99 10 ms")
     stream_latency.legend(fontsize=8)
@@ -74,14 +76,13 @@ def _bars(
     for point in suite["points"]:
         scenario = point["scenario"]
         if scenario == "client_stream":
-            bars.setdefault(loop, {})["client-stream echo\n(msgs/s)"] = point["items_per_s"]
+            bars.setdefault(loop, {})["client-stream\necho"] = point["items_per_s"]
         elif scenario == "batched":
-            bars.setdefault(loop, {})[f"batched Ingest\n({point['batch']}/call, reports/s)"] = point[
-                "items_per_s"
-            ]
+            bars.setdefault(loop, {})[f"batched Ingest\n({point['batch']}/call)"] = point["items_per_s"]
         elif scenario == "fanout":
-            target = point.get("rpc", "echo") if point["target"] == "dlrhub" else "echo"
-            key = f"fan-out {point['subscribers']}\n{target} (msgs/s)"
+            names = {"StreamBatches": "dlrhub\nbatches", "Stream": "dlrhub\nStream"}
+            target = names.get(point.get("rpc", ""), "dlrhub") if point["target"] == "dlrhub" else "echo"
+            key = f"fan-out {point['subscribers']}\n{target}"
             bars.setdefault(loop, {})[key] = point["messages_per_s"]
         elif scenario == "latency":
             ack = point["ack_to_subscriber"]
