@@ -5,8 +5,9 @@
 Starts `dlrhub serve` on a fresh database with 5,000 reports, then drives unary Ingest (one fresh
 report per call) and Fetch by message id from two load processes, 16 calls in flight each, and
 prints the server's CPU time (all its threads, from /proc) per call for each round. CPU per call
-moves far less with the machine's noise than throughput ratios do (±5% against ±10-15%), so it shows
-a change of a few percent that `python -m bench` cannot; run it before and after, on a quiet machine.
+moves less with the machine's noise than throughput ratios do (rounds mostly within ±5-10%, with an
+odd outlier), so alternating before/after runs on a quiet machine show changes of ~10% that
+`python -m bench` cannot. The server runs with its defaults (DLRHUB_* variables are not passed on).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
+import os
 import subprocess
 import sys
 import tempfile
@@ -67,13 +69,16 @@ def main(argv: list[str] | None = None) -> int:
         port, http_port = _free_port(), _free_port()
         command = [sys.executable, "-m", "dlrhub.cli", "serve", "--listen", f"127.0.0.1:{port}"]
         command += ["--http-listen", f"127.0.0.1:{http_port}", "--db", str(Path(folder) / "cpu.db")]
-        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Its defaults, whatever DLRHUB_* variables this shell has: both sides of an A/B alike.
+        env = {key: value for key, value in os.environ.items() if not key.startswith("DLRHUB_")}
+        errors = (Path(folder) / "stderr.log").open("w")
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, env=env)
         try:
             ready = _health_ready(port)
             deadline = time.monotonic() + 30
             while not ready():
                 if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("dlrhub did not start")
+                    raise RuntimeError(f"dlrhub did not start:\n{Path(errors.name).read_text()[-2000:]}")
                 time.sleep(0.1)
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
                 ingest = channel.unary_unary(INGEST, None, None)
@@ -85,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
                 for kind in options.kinds.split(","):
                     figures = []
                     for round_ in range(options.rounds):
+                        time.sleep(0.5)  # the last round's queued log lines are written (CallLog)
+                        if server.poll() is not None:
+                            raise RuntimeError(f"dlrhub exited:\n{Path(errors.name).read_text()[-2000:]}")
                         cpu, started = proc_cpu_seconds(server.pid), time.perf_counter()
                         half = options.calls // 2
                         pool.map(_load_star, [(port, kind, half, 2 * round_ + k) for k in range(2)])
@@ -95,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             server.terminate()
             server.wait(30)
+            errors.close()
     return 0
 
 

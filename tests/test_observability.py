@@ -551,6 +551,26 @@ async def test_call_lines_are_logged_in_runs_in_the_order_and_with_the_times_of_
     assert [getattr(record, "number", None) for record in caplog.records] == [0, 1, 2, 3]
 
 
+async def test_after_close_a_call_line_is_logged_at_once_and_a_bad_line_sinks_no_other(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="dlrhub.telemetry")
+    call_log = CallLog(capacity=100, interval=60)
+
+    def numbers() -> list[object]:
+        return [getattr(record, "number", None) for record in caplog.records if record.getMessage() == "rpc"]
+
+    call_log.add({"rpc": "X", "number": 0})
+    call_log.add({"rpc": "X", "message": "a field LogRecord refuses"})
+    call_log.add({"rpc": "X", "number": 2})
+    call_log.close()  # at shutdown
+    assert numbers() == [0, 2]
+    assert "could not log a call's line" in caplog.text
+    # A stream whose client vanished can end after the server stopped: its line is not left queued.
+    call_log.add({"rpc": "X", "number": 3})
+    assert numbers() == [0, 2, 3]
+
+
 async def test_a_webhook_logs_one_line_with_route_counts_and_duration(
     server: Running, caplog: pytest.LogCaptureFixture
 ) -> None:

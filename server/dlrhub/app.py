@@ -69,7 +69,7 @@ class App:
         self.hub.close()
         await self.http.cleanup()
         await self.server.stop(self.settings.shutdown_grace)
-        self.call_log.flush()
+        self.call_log.close()  # and lines of streams that end later are logged at once
         await self.committer.stop()
         self.reads.shutdown(wait=True)
         self.store.close()
