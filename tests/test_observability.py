@@ -494,7 +494,7 @@ async def test_an_ingest_logs_one_rpc_line_with_counts_and_no_payload_content(
     ]
     response = await server.stub.Ingest(gms_request(batch, request_id="req-1"), timeout=TIMEOUT)
     assert (response.accepted_count, response.duplicate_count, response.rejected_count) == (1, 1, 1)
-    server.app.call_log.flush()  # as at shutdown; otherwise within CallLog.interval
+    server.app.flush_logs()  # as at shutdown; otherwise within CallLog.interval
 
     rpc_records = [r for r in caplog.records if r.name == "dlrhub.telemetry" and r.getMessage() == "rpc"]
     (line,) = formatted(rpc_records)
@@ -586,6 +586,7 @@ async def test_a_webhook_logs_one_line_with_route_counts_and_duration(
         )
     assert answer.status_code == 200
     after = await scrape(server.app.http_port)
+    server.app.flush_logs()  # as at shutdown; otherwise within CallLog.interval
 
     webhook_records = [
         r
@@ -626,6 +627,7 @@ async def test_every_webhook_answer_is_logged_and_counted_even_refusals(
         )
     assert (invalid.status_code, not_utf8.status_code) == (400, 400)
     after = await scrape(server.app.http_port)
+    server.app.flush_logs()
     lines = [
         r.__dict__
         for r in caplog.records

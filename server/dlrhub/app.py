@@ -59,7 +59,13 @@ class App:
     http: web.AppRunner
     http_port: int
     call_log: CallLog
+    http_log: CallLog
     poller: Poller | None = None
+
+    def flush_logs(self) -> None:
+        """Logs the queued per-call lines now (see telemetry.CallLog)."""
+        self.call_log.flush()
+        self.http_log.flush()
 
     async def stop(self) -> None:
         """Graceful: NOT_SERVING, streams end, in-flight calls finish, writes commit, store closes."""
@@ -68,6 +74,7 @@ class App:
             await self.poller.stop()
         self.hub.close()
         await self.http.cleanup()
+        self.http_log.close()
         await self.server.stop(self.settings.shutdown_grace)
         self.call_log.close()  # and lines of streams that end later are logged at once
         await self.committer.stop()
@@ -106,6 +113,7 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
         )
         health_servicer = health_aio.HealthServicer()
         call_log = CallLog(traced=tracing is not None)
+        http_log = CallLog(logging.getLogger(webhooks.__name__), "http")
         server, port = _grpc_server(
             settings, service, health_servicer, _interceptors(tracing, metrics, call_log, tokens)
         )
@@ -119,6 +127,7 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
                 settings.http_max_body_bytes,
                 metrics,
                 render_metrics=lambda: asyncio.get_running_loop().run_in_executor(reads, metrics.render),
+                call_log=http_log,
             ),
             access_log=None,
         )
@@ -151,6 +160,7 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
         http,
         http.addresses[0][1],
         call_log,
+        http_log,
         poller,
     )
     log.info(

@@ -115,7 +115,7 @@ async def _serve(settings: Settings) -> None:
     running = await app.start(settings)
     _tune_gc()
     await stop.wait()
-    running.call_log.flush()  # the lines of calls that ended before, then this one
+    running.flush_logs()  # the lines of calls that ended before, then this one
     log.info("shutting down")
     await running.stop()
 

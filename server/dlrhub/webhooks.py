@@ -29,6 +29,7 @@ from dlrhub.intake import Intake, TooManyItems
 from dlrhub.metrics import Metrics
 from dlrhub.normalise import Rejection
 from dlrhub.store.base import StoreError
+from dlrhub.telemetry import CallLog
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +85,16 @@ def create_app(
     max_body_bytes: int,
     metrics: Metrics | None = None,
     render_metrics: Callable[[], Awaitable[bytes]] | None = None,
+    call_log: CallLog | None = None,
 ) -> web.Application:
     """The webhook application; `auth` maps a route path to the credentials it requires.
 
-    Every request is logged in one line and counted by route and status; with
+    Every request is logged in one line (by `call_log`, in runs) and counted by route and status; with
     `render_metrics` (the Prometheus exposition text), GET /metrics serves it.
     """
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[_observe(metrics)])
+    app = web.Application(
+        client_max_size=max_body_bytes, middlewares=[_observe(metrics, call_log or CallLog(log, "http"))]
+    )
     for path, format in ROUTES.items():
         app.router.add_post(path, _handler(intake, format, auth.get(path)))
     if render_metrics is not None:
@@ -103,7 +107,7 @@ def create_app(
     return app
 
 
-def _observe(metrics: Metrics | None) -> Any:
+def _observe(metrics: Metrics | None, call_log: CallLog) -> Any:
     """Middleware: one log line per request (route, status, duration, request id, outcome counts)."""
 
     @web.middleware
@@ -126,17 +130,17 @@ def _observe(metrics: Metrics | None) -> Any:
             route = resource.canonical if resource is not None else "unmatched"
             if metrics is not None:
                 metrics.http_requests.labels(route, str(status)).inc()
-            log.log(
-                logging.DEBUG if route == "/metrics" else logging.INFO,
-                "http",
-                extra={
-                    "route": route,
-                    "status": status,
-                    "request_id": request.headers.get("X-Request-Id", ""),
-                    "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-                    **details,
-                },
-            )
+            fields = {
+                "route": route,
+                "status": status,
+                "request_id": request.headers.get("X-Request-Id", ""),
+                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                **details,
+            }
+            if route == "/metrics":  # scrapes: only at DEBUG
+                log.debug("http", extra=fields)
+            else:
+                call_log.add(fields)
 
     return observe
 
