@@ -7,7 +7,8 @@ report per call) and Fetch by message id from two load processes, 16 calls in fl
 prints the server's CPU time (all its threads, from /proc) per call for each round. CPU per call
 moves less with the machine's noise than throughput ratios do (rounds mostly within ±5-10%, with an
 odd outlier), so alternating before/after runs on a quiet machine show changes of ~10% that
-`python -m bench` cannot. The server runs with its defaults (DLRHUB_* variables are not passed on).
+`python -m bench` cannot. The server is started as `python -m bench` starts it (DLRHUB_* variables
+you set apply, so keep them the same for both sides).
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.__main__ import _free_port, _health_ready  # the bench's own helpers
+from bench.__main__ import start_dlrhub
 from bench.common import FETCH, INGEST, gms_batch, gms_report, proc_cpu_seconds
 from deliveryreport.v1.delivery_report_service_pb2 import FetchRequest, IngestRequest
 
@@ -66,44 +65,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kinds", default="ingest,fetch")
     options = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
-        port, http_port = _free_port(), _free_port()
-        command = [sys.executable, "-m", "dlrhub.cli", "serve", "--listen", f"127.0.0.1:{port}"]
-        command += ["--http-listen", f"127.0.0.1:{http_port}", "--db", str(Path(folder) / "cpu.db")]
-        # Its defaults, whatever DLRHUB_* variables this shell has: both sides of an A/B alike.
-        env = {key: value for key, value in os.environ.items() if not key.startswith("DLRHUB_")}
-        errors = (Path(folder) / "stderr.log").open("w")
-        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, env=env)
+        # As `python -m bench` starts it: real settings, its log drained, DLRHUB_* variables applied.
+        server = start_dlrhub(Path(folder) / "cpu.db", "asyncio")
         try:
-            ready = _health_ready(port)
-            deadline = time.monotonic() + 30
-            while not ready():
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError(f"dlrhub did not start:\n{Path(errors.name).read_text()[-2000:]}")
-                time.sleep(0.1)
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with grpc.insecure_channel(server.target) as channel:
                 ingest = channel.unary_unary(INGEST, None, None)
                 for first in range(0, STORED, 100):
                     ids = [f"stored-{number}" for number in range(first, first + 100)]
                     ingest(IngestRequest(payload=gms_batch(ids, first)).SerializeToString(), timeout=30)
             with multiprocessing.get_context("spawn").Pool(2) as pool:
-                pool.map(_load_star, [(port, "fetch", 500, 1), (port, "ingest", 500, 2)])  # warm up
+                pool.map(_load_star, [(server.port, "fetch", 500, 1), (server.port, "ingest", 500, 2)])
                 for kind in options.kinds.split(","):
                     figures = []
                     for round_ in range(options.rounds):
                         time.sleep(0.5)  # the last round's queued log lines are written (CallLog)
-                        if server.poll() is not None:
-                            raise RuntimeError(f"dlrhub exited:\n{Path(errors.name).read_text()[-2000:]}")
+                        if server.process.poll() is not None:
+                            raise RuntimeError("dlrhub exited:\n" + "".join(server.lines[-20:]))
                         cpu, started = proc_cpu_seconds(server.pid), time.perf_counter()
                         half = options.calls // 2
-                        pool.map(_load_star, [(port, kind, half, 2 * round_ + k) for k in range(2)])
+                        jobs = [(server.port, kind, half, 2 * round_ + k) for k in range(2)]
+                        pool.map(_load_star, jobs)
                         seconds = time.perf_counter() - started
                         used = proc_cpu_seconds(server.pid) - cpu
                         figures.append(f"{used / (2 * half) * 1e6:.0f} µs ({2 * half / seconds:,.0f}/s)")
                     print(f"{kind:7} server CPU per call: {', '.join(figures)}", flush=True)
         finally:
-            server.terminate()
-            server.wait(30)
-            errors.close()
+            server.stop()
     return 0
 
 

@@ -213,7 +213,7 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
     ) -> AsyncIterator[StreamResponse | bytes]:
         """Yields heartbeats as messages and changes already encoded (see add_to_server)."""
         try:
-            async for item in self._follow(request):
+            async for item in await self._follow(request):
                 if isinstance(item, Heartbeat):
                     yield StreamResponse(cursor=str(item.cursor), heartbeat=True)
                 else:
@@ -227,7 +227,7 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
     ) -> AsyncIterator[StreamBatchesResponse | bytes]:
         """Stream's feed with the changes ready together in one message, encoded (see add_to_server)."""
         try:
-            async for item in self._follow(request.stream):
+            async for item in await self._follow(request.stream):
                 if isinstance(item, Heartbeat):
                     heartbeat = StreamResponse(cursor=str(item.cursor), heartbeat=True)
                     yield StreamBatchesResponse(responses=[heartbeat])
@@ -424,6 +424,7 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
     # Stream.
 
     async def _follow(self, request: StreamRequest) -> AsyncIterator[list[Change] | Heartbeat]:
+        """The feed the request asks for, once the request is checked (raises DlrhubError)."""
         if request.heartbeat_seconds < 0:
             raise InvalidArgument(
                 "heartbeat_seconds must not be negative",
@@ -458,8 +459,7 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
                 "TOO_MANY_STREAMS",
                 metadata={"max_streams": str(self._max_streams)},
             )
-        async for item in follow_batches(self._store, self._hub, self._read, change_filter, after, heartbeat):
-            yield item
+        return follow_batches(self._store, self._hub, self._read, change_filter, after, heartbeat)
 
     def _read(self, call: Callable[[], T]) -> Awaitable[T]:
         return asyncio.get_running_loop().run_in_executor(self._reads, call)
