@@ -26,6 +26,7 @@ import grpc
 import httpx
 import pytest
 import sqlite_utils
+from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -60,6 +61,8 @@ if TYPE_CHECKING:
 
 TIMEOUT = 10.0
 T0 = FakeClock().now_ns // 1_000_000_000  # the FakeClock's start, in whole seconds
+# The samples arrive this far into their seconds: received times are kept to the nanosecond.
+FRACTION_NS = 250_000_001
 ACCEPTED = IngestOutcome.INGEST_OUTCOME_ACCEPTED
 REJECTED = IngestOutcome.INGEST_OUTCOME_REJECTED
 GMS = Format.FORMAT_GMS
@@ -132,8 +135,9 @@ async def ingest_rejected(stub: Stub, request: IngestRequest) -> None:
 
 
 async def ingest_samples(stub: Stub, clock: FakeClock) -> None:
-    """Ingests the payloads behind SAMPLES, 10 s apart, starting at T0."""
+    """Ingests the payloads behind SAMPLES, 10 s apart, starting at T0 + FRACTION_NS."""
     assert clock.now_ns == T0 * 1_000_000_000
+    clock.now_ns += FRACTION_NS
     response = await ingest(stub, IngestRequest(payload=GMS_BATCH, request_id=GMS_REQUEST_ID))
     assert [r.outcome for r in response.results] == [ACCEPTED, REJECTED, REJECTED]
     clock.advance(10)
@@ -175,7 +179,7 @@ def assert_listed(item: QuarantinedItem, expected: Expected) -> None:
     assert item.error.reason == expected.reason
     assert item.error.description
     assert item.received_time.seconds == expected.received_seconds
-    assert item.received_time.nanos == 0
+    assert item.received_time.nanos == FRACTION_NS
     assert item.request_id == expected.request_id
     assert not item.HasField("resolved_time")
 
@@ -419,7 +423,7 @@ async def test_renormalise_after_a_fix_stores_what_now_passes(
             assert int(change.cursor) > start
             assert change.report.message_id == "q-gms-ref"
             assert change.report.raw_payload == GMS_NO_ID
-            assert change.report.received_time.seconds == T0
+            assert change.report.received_time == Timestamp(seconds=T0, nanos=FRACTION_NS)
             assert change.state.message_id == "q-gms-ref"
 
             # Every open item: the resolved one is not run again.
@@ -434,7 +438,7 @@ async def test_renormalise_after_a_fix_stores_what_now_passes(
             change = await read_change(call)
             assert change.report.message_id == "q-ssr-ref"
             assert change.report.raw_payload == SSR_NO_ID
-            assert change.report.received_time.seconds == T0 + 10
+            assert change.report.received_time == Timestamp(seconds=T0 + 10, nanos=FRACTION_NS)
             assert int(change.cursor) == start + 2
 
             # Stored like any Ingest, with the original received time and the item's own text.
@@ -444,10 +448,10 @@ async def test_renormalise_after_a_fix_stores_what_now_passes(
             ):
                 state, history = await fetch_one(stub, message_id)
                 assert (state.source, state.reference) == (source, message_id)
-                assert state.received_time.seconds == received
+                assert state.received_time == Timestamp(seconds=received, nanos=FRACTION_NS)
                 assert len(history) == 1
                 assert history[0].raw_payload == raw
-                assert history[0].received_time.seconds == received
+                assert history[0].received_time == state.received_time
 
             # Resolved items leave the open listing and show their resolution time in the full one.
             listing = await list_quarantine(stub, ListQuarantineRequest())
@@ -517,13 +521,14 @@ def user_version(db: Path) -> int:
 async def test_a_version_1_database_is_migrated(db_path: Path, clock: FakeClock) -> None:
     create_version_1(db_path)
     assert user_version(db_path) == 1
-    assert SCHEMA_VERSION == 2
+    assert SCHEMA_VERSION == 3
 
     store = SqliteStore(db_path)
     try:
         assert user_version(db_path) == SCHEMA_VERSION
         ((quarantine_id, old),) = store.quarantined(0, 10)
         assert (old.format, old.whole_payload, old.resolved_seconds) == (0, False, None)
+        assert old.received_nanos == 0  # not known for rows of older releases
         assert (old.request_id, old.reason, old.received_seconds) == (
             "old-request",
             "INVALID_VALUE",

@@ -152,6 +152,7 @@ def item(number: int) -> QuarantinedItem:
         reason="MISSING_FIELD",
         description=f"results[{number}].messageId is required",
         received_seconds=BASE_SECONDS + number,
+        received_nanos=number * 1_000_000 + 7,
         request_id=f"request-{number}",
     )
 

@@ -121,6 +121,7 @@ def _quarantined(
         reason=rejection.reason,
         description=rejection.description,
         received_seconds=submission.received.seconds,
+        received_nanos=submission.received.nanos,
         request_id=submission.request_id,
         format=format,
         whole_payload=whole_payload,

@@ -487,7 +487,7 @@ def _page_size(requested: int) -> int:
 def _quarantined_item(quarantine_id: int, item: QuarantinedItem) -> QuarantinedItemMessage:
     message = QuarantinedItemMessage(
         id=quarantine_id,
-        received_time=Timestamp(seconds=item.received_seconds),
+        received_time=Timestamp(seconds=item.received_seconds, nanos=item.received_nanos),
         request_id=item.request_id,
         format=item.format,  # type: ignore[arg-type]  # a stored Format value
         whole_payload=item.whole_payload,

@@ -88,6 +88,8 @@ class QuarantinedItem:
     whole_payload: bool = False
     # When a re-normalisation stored it; None while it is open.
     resolved_seconds: int | None = None
+    # The fraction of `received_seconds`, in nanoseconds (0 to 999,999,999).
+    received_nanos: int = 0
 
 
 class Transaction(Protocol):

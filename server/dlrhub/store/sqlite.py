@@ -88,8 +88,13 @@ def _migration_2(db: sqlite_utils.Database) -> None:
     quarantine.create_index(["resolved_seconds", "id"], if_not_exists=True)
 
 
+def _migration_3(db: sqlite_utils.Database) -> None:
+    """Quarantined items keep the fraction of the second they were received in (0 for older rows)."""
+    db.table("quarantine").add_column("received_nanos", int, not_null_default=0)
+
+
 # Append only: a release never edits a migration that has shipped.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -216,8 +221,11 @@ class SqliteStore:
         where = "id > ?" + ("" if include_resolved else " AND resolved_seconds IS NULL")
         if ids:
             where += f" AND id IN ({','.join('?' * len(ids))})"
-        columns = "id, raw, field, reason, description, received_seconds, request_id, format, whole_payload"
-        query = f"SELECT {columns}, resolved_seconds FROM quarantine WHERE {where} ORDER BY id LIMIT ?"  # noqa: S608
+        columns = (
+            "id, raw, field, reason, description, received_seconds, request_id, format, whole_payload,"
+            " resolved_seconds, received_nanos"
+        )
+        query = f"SELECT {columns} FROM quarantine WHERE {where} ORDER BY id LIMIT ?"  # noqa: S608
         return [
             (
                 row[0],
@@ -231,6 +239,7 @@ class SqliteStore:
                     format=row[7],
                     whole_payload=bool(row[8]),
                     resolved_seconds=row[9],
+                    received_nanos=row[10],
                 ),
             )
             for row in self._reader().execute(query, (after, *ids, limit))
@@ -303,10 +312,11 @@ class _SqliteTransaction:
 
     def quarantine(self, item: QuarantinedItem) -> None:
         self._connection.execute(
-            "INSERT INTO quarantine (received_seconds, request_id, field, reason, description, raw, format,"
-            " whole_payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO quarantine (received_seconds, received_nanos, request_id, field, reason,"
+            " description, raw, format, whole_payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 item.received_seconds,
+                item.received_nanos,
                 item.request_id,
                 item.field,
                 item.reason,
