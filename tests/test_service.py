@@ -1096,6 +1096,26 @@ async def test_graceful_shutdown_ends_streams_and_keeps_what_was_acknowledged(
         store.close()
 
 
+async def test_a_stream_opened_while_shutting_down_is_refused_at_once(
+    db_path: Path, clock: FakeClock
+) -> None:
+    async with own_server(db_path, clock) as own:
+        open_before = own.stub.Stream(StreamRequest())
+        assert await read_start(open_before) == 0
+        own.app.hub.close()  # the first step of App.stop that ends streams; the server still serves
+        assert await asyncio.wait_for(open_before.read(), TIMEOUT) == grpc.aio.EOF
+        # Refused at once, instead of held open until the server's grace period ends.
+        for call in (
+            own.stub.Stream(StreamRequest(from_beginning=True)),
+            own.stub.StreamBatches(StreamBatchesRequest()),
+        ):
+            refused = await failure(call.read())
+            assert (refused.code, refused.reason) == (grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN")
+        # Other calls are still answered until the server stops.
+        [cursor] = await ingest_each(own.stub, gms("while-stopping"))
+        assert cursor > 0
+
+
 # StreamBatches: Stream's feed, with the changes ready together in one message.
 
 

@@ -73,10 +73,14 @@ class Hub:
         # Times any subscriber's buffer overflowed, since start: one integer, so a reader on another
         # thread (/metrics) sees it only grow.
         self.overflows = 0
+        # Shutting down: subscriptions end, and new ones start ended.
+        self.closed = False
 
     def subscribe(self, change_filter: ChangeFilter) -> Subscription:
         subscription = Subscription(change_filter, self.capacity)
         self._subscriptions.add(subscription)
+        if self.closed:
+            subscription.close()
         return subscription
 
     def unsubscribe(self, subscription: Subscription) -> None:
@@ -99,6 +103,7 @@ class Hub:
             self.latest_cursor = change.cursor
 
     def close(self) -> None:
-        """Ends every subscription (at shutdown)."""
+        """Ends every subscription, and any made from now on (at shutdown)."""
+        self.closed = True
         for subscription in self._subscriptions:
             subscription.close()

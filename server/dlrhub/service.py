@@ -452,7 +452,14 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
             source=request.source,
         )
         heartbeat = request.heartbeat_seconds or DEFAULT_HEARTBEAT_SECONDS
-        # Checked after the last await before follow() subscribes, so concurrent calls cannot all pass.
+        # Checked after the last await before follow() subscribes: no stream starts once the hub has
+        # closed (it would stay open until the server's grace period ran out), and concurrent calls
+        # cannot all pass the limit.
+        if self._hub.closed:
+            raise Unavailable(
+                "the server is shutting down: retry, resuming after the last cursor you received",
+                "SHUTTING_DOWN",
+            )
         if self._hub.subscriber_count >= self._max_streams:
             raise ResourceExhausted(
                 f"too many open streams: at most {self._max_streams}; retry later",
