@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import multiprocessing
 import statistics
 import sys
@@ -73,44 +74,42 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(kinds) - {"echo", "ingest", "fetch"}
     if unknown:
         parser.error(f"unknown kinds {sorted(unknown)}: choose from echo, ingest, fetch")
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, contextlib.ExitStack() as servers:
         # As `python -m bench` starts it: real settings, its log drained, DLRHUB_* variables applied.
         server = start_dlrhub(Path(folder) / "cpu.db", "asyncio")
+        servers.callback(server.stop)
         echo = start_echo("asyncio") if "echo" in kinds else None
-        try:
-            with grpc.insecure_channel(server.target) as channel:
-                ingest = channel.unary_unary(INGEST, None, None)
-                for first in range(0, STORED, 100):
-                    ids = [f"stored-{number}" for number in range(first, first + 100)]
-                    ingest(IngestRequest(payload=gms_batch(ids, first)).SerializeToString(), timeout=30)
-            with multiprocessing.get_context("spawn").Pool(2) as pool:
-                warm_up = [(server.port, "fetch", 500, 1), (server.port, "ingest", 500, 2)]
-                if echo is not None:
-                    warm_up.append((echo.port, "echo", 500, 3))
-                pool.map(_load_star, warm_up)
-                medians: dict[str, float] = {}
-                for kind in kinds:
-                    target = echo if kind == "echo" and echo is not None else server
-                    figures, per_call = [], []
-                    for round_ in range(options.rounds):
-                        time.sleep(0.5)  # the last round's queued log lines are written (CallLog)
-                        _check_running(target)
-                        cpu, started = proc_cpu_seconds(target.pid), time.perf_counter()
-                        half = options.calls // 2
-                        jobs = [(target.port, kind, half, 2 * round_ + k) for k in range(2)]
-                        pool.map(_load_star, jobs)
-                        seconds = time.perf_counter() - started
-                        per_call.append((proc_cpu_seconds(target.pid) - cpu) / (2 * half) * 1e6)
-                        figures.append(f"{per_call[-1]:.0f} µs ({2 * half / seconds:,.0f}/s)")
-                    medians[kind] = statistics.median(per_call)
-                    compared = ""
-                    if kind != "echo" and "echo" in medians:
-                        compared = f"; median {medians[kind] / medians['echo']:.2f}x echo"
-                    print(f"{kind:7} server CPU per call: {', '.join(figures)}{compared}", flush=True)
-        finally:
-            server.stop()
+        if echo is not None:
+            servers.callback(echo.stop)
+        with grpc.insecure_channel(server.target) as channel:
+            ingest = channel.unary_unary(INGEST, None, None)
+            for first in range(0, STORED, 100):
+                ids = [f"stored-{number}" for number in range(first, first + 100)]
+                ingest(IngestRequest(payload=gms_batch(ids, first)).SerializeToString(), timeout=30)
+        with multiprocessing.get_context("spawn").Pool(2) as pool:
+            warm_up = [(server.port, "fetch", 500, 1), (server.port, "ingest", 500, 2)]
             if echo is not None:
-                echo.stop()
+                warm_up.append((echo.port, "echo", 500, 3))
+            pool.map(_load_star, warm_up)
+            medians: dict[str, float] = {}
+            for kind in kinds:
+                target = echo if kind == "echo" and echo is not None else server
+                figures, per_call = [], []
+                for round_ in range(options.rounds):
+                    time.sleep(0.5)  # the last round's queued log lines are written (CallLog)
+                    _check_running(target)
+                    cpu, started = proc_cpu_seconds(target.pid), time.perf_counter()
+                    half = options.calls // 2
+                    jobs = [(target.port, kind, half, 2 * round_ + k) for k in range(2)]
+                    pool.map(_load_star, jobs)
+                    seconds = time.perf_counter() - started
+                    per_call.append((proc_cpu_seconds(target.pid) - cpu) / (2 * half) * 1e6)
+                    figures.append(f"{per_call[-1]:.0f} µs ({2 * half / seconds:,.0f}/s)")
+                medians[kind] = statistics.median(per_call)
+                compared = ""
+                if kind != "echo" and "echo" in medians:
+                    compared = f"; median {medians[kind] / medians['echo']:.2f}x echo"
+                print(f"{kind:7} server CPU per call: {', '.join(figures)}{compared}", flush=True)
     return 0
 
 

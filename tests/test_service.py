@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -34,6 +34,7 @@ from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportSer
 from deliveryreport.v1.provider_formats_pb2 import GmsReport, GmsReports
 from dlrhub import app as dlrhub_app
 from dlrhub.config import Settings
+from dlrhub.follow import Heartbeat, follow_batches
 from dlrhub.hub import Hub
 from dlrhub.service import StreamEncoder
 from dlrhub.store import SqliteStore
@@ -1116,6 +1117,33 @@ async def test_a_stream_opened_while_shutting_down_is_refused_at_once(
         # Other calls are still answered until the server stops.
         [cursor] = await ingest_each(own.stub, gms("while-stopping"))
         assert cursor > 0
+
+
+async def test_a_stream_catching_up_stops_at_shutdown(server: Running) -> None:
+    for first in range(0, 1200, 400):
+        response = await ingest(
+            server.stub, gms_payload(*(gms(f"backlog-{n}") for n in range(first, first + 400)))
+        )
+        assert response.accepted_count == 400
+    running = server.app
+    loop = asyncio.get_running_loop()
+
+    def read(call: Any) -> Any:
+        return loop.run_in_executor(running.reads, call)
+
+    feed = cast(
+        AsyncGenerator[list[Change] | Heartbeat, None],
+        follow_batches(running.store, running.hub, read, ChangeFilter(), 0, 15, max_batch=500),
+    )
+    try:
+        assert await anext(feed) == Heartbeat(0)
+        first_batch = await anext(feed)
+        assert isinstance(first_batch, list)
+        assert len(first_batch) == 500
+        running.hub.close()  # shutdown, with 700 changes still to replay
+        assert [item async for item in feed] == []
+    finally:
+        await feed.aclose()
 
 
 # StreamBatches: Stream's feed, with the changes ready together in one message.

@@ -74,7 +74,7 @@ async def follow_batches(
             if catch_up or subscription.overflowed:
                 subscription.overflowed = False
                 catch_up = False
-                while True:
+                while not subscription.closed:  # a long replay stops at shutdown too
                     batch = await read(functools.partial(store.changes, last, max_batch))
                     if not batch:
                         break
