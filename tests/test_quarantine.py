@@ -51,6 +51,7 @@ from dlrhub import app as dlrhub_app
 from dlrhub.config import Settings
 from dlrhub.normalise.fields import Fields
 from dlrhub.store import SqliteStore
+from dlrhub.store.base import QuarantinedItem as StoredItem
 from dlrhub.store.sqlite import MIGRATIONS, SCHEMA_VERSION, migrate
 from tests.conftest import FakeClock, Running, ServerProcess
 
@@ -510,6 +511,41 @@ def create_version_1(db: Path) -> None:
         )
     finally:
         connection.close()
+
+
+def test_a_version_2_database_is_migrated(db_path: Path) -> None:
+    """The second release's quarantine rows (format, kind, resolution) survive migration 3 as they were."""
+    connection = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        for migration in MIGRATIONS[:2]:
+            migration(sqlite_utils.Database(connection))
+        connection.execute("PRAGMA user_version = 2")
+        connection.execute(
+            "INSERT INTO quarantine (received_seconds, request_id, field, reason, description, raw, format,"
+            " whole_payload, resolved_seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (1_650_000_000, "v2-request", "", "INVALID_JSON", "not JSON", NOT_JSON, SSR, 1, 1_650_000_100),
+        )
+    finally:
+        connection.close()
+
+    store = SqliteStore(db_path)
+    try:
+        assert user_version(db_path) == SCHEMA_VERSION == 3
+        ((_, item),) = store.quarantined(0, 10)
+        assert item == StoredItem(
+            raw=NOT_JSON,
+            field="",
+            reason="INVALID_JSON",
+            description="not JSON",
+            received_seconds=1_650_000_000,
+            request_id="v2-request",
+            format=SSR,
+            whole_payload=True,
+            resolved_seconds=1_650_000_100,
+            received_nanos=0,  # not known for rows of older releases
+        )
+    finally:
+        store.close()
 
 
 def user_version(db: Path) -> int:
