@@ -75,7 +75,7 @@ class Intake:
 
         It keeps its original received time. The item is resolved when nothing in it is rejected.
         """
-        received = Timestamp(seconds=item.received_seconds, nanos=item.received_nanos)
+        received = item.received_time()
         resolved_seconds = self._clock() // 1_000_000_000  # now: when it is resolved, if it is
         payload = item.raw
         if not item.whole_payload:  # one item of a batch: run it in a batch of its own, as it came

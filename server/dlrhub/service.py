@@ -15,7 +15,6 @@ from typing import Any, TypeVar, cast
 
 import grpc
 from google.protobuf.message import Message
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from deliveryreport.v1 import delivery_report_service_pb2 as service_pb2
 from deliveryreport.v1 import delivery_report_service_pb2_grpc as service_grpc
@@ -494,7 +493,7 @@ def _page_size(requested: int) -> int:
 def _quarantined_item(quarantine_id: int, item: QuarantinedItem) -> QuarantinedItemMessage:
     message = QuarantinedItemMessage(
         id=quarantine_id,
-        received_time=Timestamp(seconds=item.received_seconds, nanos=item.received_nanos),
+        received_time=item.received_time(),
         request_id=item.request_id,
         format=item.format,  # type: ignore[arg-type]  # a stored Format value
         whole_payload=item.whole_payload,

@@ -19,6 +19,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
 from dlrhub.merge import MessageState
 
@@ -90,6 +92,10 @@ class QuarantinedItem:
     resolved_seconds: int | None = None
     # The fraction of `received_seconds`, in nanoseconds (0 to 999,999,999).
     received_nanos: int = 0
+
+    def received_time(self) -> Timestamp:
+        """When it was received, as the reports made from it carry it."""
+        return Timestamp(seconds=self.received_seconds, nanos=self.received_nanos)
 
 
 class Transaction(Protocol):
