@@ -31,6 +31,7 @@ from deliveryreport.v1.delivery_report_service_pb2 import (
     StreamResponse,
 )
 from deliveryreport.v1.provider_formats_pb2 import GmsReport, GmsReports, SentSmsReport, SentSmsReports
+from dlrhub_client import payloads
 from dlrhub_client.errors import UnavailableError, from_rpc_error
 
 if TYPE_CHECKING:
@@ -125,7 +126,7 @@ class AsyncClient:
         if all(isinstance(report, GmsReport) for report in items):
             batch = GmsReports(reports=items)  # type: ignore[arg-type]  # all GmsReport, checked above
             return await self._ingest(IngestRequest(gms=batch, request_id=request_id))
-        payload = _provider_json(items)
+        payload = payloads.batch(Format.FORMAT_GMS, _provider_json(items))
         return await self.ingest(payload, format=Format.FORMAT_GMS, request_id=request_id)
 
     async def ingest_sent_sms_report(
@@ -136,7 +137,7 @@ class AsyncClient:
         if all(isinstance(report, SentSmsReport) for report in items):
             batch = SentSmsReports(results=items)  # type: ignore[arg-type]  # all SentSmsReport, checked above
             return await self._ingest(IngestRequest(sent_sms_report=batch, request_id=request_id))
-        payload = '{"results":' + _provider_json(items) + "}"
+        payload = payloads.batch(Format.FORMAT_SENT_SMS_REPORT, _provider_json(items))
         return await self.ingest(payload, format=Format.FORMAT_SENT_SMS_REPORT, request_id=request_id)
 
     # Fetch.
@@ -299,8 +300,8 @@ class AsyncClient:
                 return
 
 
-def _provider_json(items: list[Any]) -> str:
+def _provider_json(items: list[Any]) -> list[str]:
     """Dicts in the provider's own JSON (numbers stay numbers); mixing in typed messages is an error."""
     if not all(isinstance(item, Mapping) for item in items):
         raise TypeError("give either typed messages or dicts, not a mix")
-    return json.dumps([dict(item) for item in items], default=str)
+    return [json.dumps(dict(item), default=str) for item in items]

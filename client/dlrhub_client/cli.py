@@ -31,10 +31,9 @@ from tqdm import tqdm
 
 from deliveryreport.v1.delivery_report_pb2 import Channel, DeliveryReport, DeliveryStatus, Source
 from deliveryreport.v1.delivery_report_service_pb2 import Format, IngestResponse
-from dlrhub.normalise.document import decode
-from dlrhub.normalise.results import PayloadError
 from dlrhub_client.aio import DEFAULT_TARGET, AsyncClient, TlsConfig
 from dlrhub_client.errors import DlrhubClientError, InvalidArgumentError, NotFoundError, UnavailableError
+from dlrhub_client.payloads import InvalidJson, batch, batch_items, decode
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INVALID, EXIT_NOT_FOUND, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4, 5
 FORMATS = {
@@ -201,30 +200,18 @@ def _payloads(text: str, batch_size: int) -> tuple[Iterator[str], int]:
         try:
             for line in lines:
                 decode(line)
-        except PayloadError:
+        except InvalidJson:
             pass  # not JSON lines: one document over several lines
         else:
             return iter(lines), len(lines)
     try:
-        document = decode(text)
-    except PayloadError:
+        found = batch_items(decode(text))
+    except InvalidJson:
         return iter([text]), 1  # the server says what is wrong with it
-    if isinstance(document.value, list) and len(document.elements) > batch_size:
-        items = document.elements
-        return (
-            ("[" + ",".join(items[i : i + batch_size]) + "]") for i in range(0, len(items), batch_size)
-        ), len(items)
-    results = document.member_elements.get("results")
-    if (
-        isinstance(document.value, dict)
-        and set(document.value) == {"results"}
-        and results
-        and len(results) > batch_size
-    ):
-        return (
-            ('{"results":[' + ",".join(results[i : i + batch_size]) + "]}")
-            for i in range(0, len(results), batch_size)
-        ), len(results)
+    if found is not None and len(found[1]) > batch_size:
+        format, items = found
+        chunks = (batch(format, items[i : i + batch_size]) for i in range(0, len(items), batch_size))
+        return chunks, len(items)
     return iter([text]), 1
 
 

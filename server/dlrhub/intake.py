@@ -17,6 +17,7 @@ from dlrhub.ingest import Submission
 from dlrhub.metrics import Metrics
 from dlrhub.normalise import Normaliser, PayloadError, Rejection
 from dlrhub.store.base import QuarantinedItem
+from dlrhub_client.payloads import batch
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,14 +78,12 @@ class Intake:
         """
         received = item.received_time()
         resolved_seconds = self._clock() // 1_000_000_000  # now: when it is resolved, if it is
+        format = Format.ValueType(item.format)
         payload = item.raw
-        if not item.whole_payload:  # one item of a batch: run it in a batch of its own, as it came
-            if item.format == Format.FORMAT_SENT_SMS_REPORT:
-                payload = '{"results":[' + payload + "]}"
-            elif item.format == Format.FORMAT_GMS:
-                payload = "[" + payload + "]"
+        if not item.whole_payload and format != Format.FORMAT_UNSPECIFIED:  # (rows of the first release)
+            payload = batch(format, [item.raw])  # one item of a batch: in a batch of its own, as it came
         try:
-            items = self._normaliser.normalise(payload, Format.ValueType(item.format), received)
+            items = self._normaliser.normalise(payload, format, received)
         except PayloadError as error:
             submission = Submission(
                 [],

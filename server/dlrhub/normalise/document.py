@@ -1,155 +1,18 @@
-"""Strict JSON decoding that keeps each batch item's original text.
-
-Providers batch reports as a top-level array (GMS) or as the array member
-`results` of a top-level object (SentSMSReport). The store keeps every item
-byte for byte, so the decoder records the exact text of each element of a
-top-level array and of each array-valued member of a top-level object. It
-walks only those outer levels itself; every value inside is decoded by the
-standard library's C scanner in one pass.
-
-Floats become `decimal.Decimal`, so prices stay exact; NaN and Infinity are
-rejected. Every error is a `PayloadError` whose description gives line and
-column.
-"""
+"""Strict JSON decoding that keeps each batch item's original text (dlrhub_client.payloads), with
+its errors as the normalisers' PayloadError."""
 
 from __future__ import annotations
 
-import json
-import re
-from dataclasses import dataclass, field
-from decimal import Decimal
-from typing import Any
-
 from dlrhub.normalise.results import PayloadError, Rejection
+from dlrhub_client import payloads
+from dlrhub_client.payloads import Document
 
-_WHITESPACE = re.compile(r"[ \t\n\r]*")
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-_DECODER = json.JSONDecoder(parse_float=Decimal, parse_constant=_reject_constant)
-
-
-@dataclass(frozen=True, slots=True)
-class Document:
-    """A decoded JSON payload and the original text of its batch items."""
-
-    value: Any
-    # The whole payload without surrounding white space.
-    text: str
-    # For a top-level array: the text of each element, in order.
-    elements: list[str] = field(default_factory=list)
-    # For a top-level object: the text of each element of each array member.
-    member_elements: dict[str, list[str]] = field(default_factory=dict)
+__all__ = ["Document", "decode"]
 
 
 def decode(text: str) -> Document:
     """Decode `text`; raises PayloadError (reason INVALID_JSON) if it is not JSON."""
     try:
-        return _Walker(text).document()
-    except json.JSONDecodeError as error:
-        raise _invalid(f"{error.msg}: line {error.lineno} column {error.colno}") from None
-    except RecursionError:
-        raise _invalid("nested too deeply") from None
-    except ValueError as error:  # an integer too long to convert, NaN, Infinity
-        raise _invalid(str(error)) from None
-
-
-def _invalid(description: str) -> PayloadError:
-    return PayloadError(Rejection("", "INVALID_JSON", f"invalid JSON: {description}"))
-
-
-class _Walker:
-    """Walks the outer one or two levels of a JSON text, recording item spans."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text.removeprefix("\ufeff")
-        self.pos = 0
-
-    def document(self) -> Document:
-        self._skip()
-        start = self.pos
-        elements: list[str] = []
-        members: dict[str, list[str]] = {}
-        if self._peek() == "[":
-            value: Any = self._array(elements)
-        elif self._peek() == "{" and "[" in self.text:
-            value = self._object(members)  # may have array members: walk it for their spans
-        else:
-            value = self._value()
-        end = self.pos
-        self._skip()
-        if self.pos != len(self.text):
-            self._fail("Extra data")
-        return Document(value, self.text[start:end], elements, members)
-
-    def _array(self, texts: list[str]) -> list[Any]:
-        items: list[Any] = []
-        self.pos += 1
-        self._skip()
-        if self._peek() == "]":
-            self.pos += 1
-            return items
-        while True:
-            self._skip()
-            start = self.pos
-            items.append(self._value())
-            texts.append(self.text[start : self.pos])
-            self._skip()
-            char = self._peek()
-            self.pos += 1
-            if char == "]":
-                return items
-            if char != ",":
-                self.pos -= 1
-                self._fail("Expecting ',' delimiter")
-
-    def _object(self, members: dict[str, list[str]]) -> dict[str, Any]:
-        result: dict[str, Any] = {}
-        self.pos += 1
-        self._skip()
-        if self._peek() == "}":
-            self.pos += 1
-            return result
-        while True:
-            self._skip()
-            if self._peek() != '"':
-                self._fail("Expecting property name enclosed in double quotes")
-            key = self._value()
-            self._skip()
-            if self._peek() != ":":
-                self._fail("Expecting ':' delimiter")
-            self.pos += 1
-            self._skip()
-            if self._peek() == "[":
-                texts: list[str] = []
-                result[key] = self._array(texts)
-                members[key] = texts
-            else:
-                result[key] = self._value()
-                members.pop(key, None)
-            self._skip()
-            char = self._peek()
-            self.pos += 1
-            if char == "}":
-                return result
-            if char != ",":
-                self.pos -= 1
-                self._fail("Expecting ',' delimiter")
-
-    def _value(self) -> Any:
-        value, self.pos = _DECODER.raw_decode(self.text, self.pos)
-        return value
-
-    def _peek(self) -> str:
-        return self.text[self.pos : self.pos + 1]
-
-    def _skip(self) -> None:
-        match = _WHITESPACE.match(self.text, self.pos)
-        assert match is not None  # the pattern matches the empty string
-        self.pos = match.end()
-
-    def _fail(self, message: str) -> None:
-        raise json.JSONDecodeError(message, self.text, self.pos)
+        return payloads.decode(text)
+    except payloads.InvalidJson as error:
+        raise PayloadError(Rejection("", "INVALID_JSON", f"invalid JSON: {error}")) from None
