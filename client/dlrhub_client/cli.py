@@ -27,7 +27,6 @@ from typing import Any, TextIO
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
-from tqdm import tqdm
 
 from deliveryreport.v1.delivery_report_pb2 import Channel, DeliveryReport, DeliveryStatus, Source
 from deliveryreport.v1.delivery_report_service_pb2 import Format, IngestResponse
@@ -159,6 +158,8 @@ async def _ingest(client: AsyncClient, options: argparse.Namespace) -> int:
     text = await asyncio.to_thread(_read_input, options.file)
     payloads, total = _payloads(text, options.batch_size)
     accepted = duplicate = rejected = 0
+    from tqdm import tqdm  # noqa: PLC0415 - only ingest shows progress: the other commands start sooner
+
     progress = tqdm(
         total=total, unit="item", disable=not sys.stderr.isatty() or total < 2 * options.batch_size
     )

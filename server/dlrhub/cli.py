@@ -3,7 +3,8 @@
     dlrhub serve [--listen HOST:PORT] [--http-listen HOST:PORT] [--db PATH] [--log-level LEVEL]
     dlrhub ingest | fetch | tail ...     (the client commands: dlrhub_client.cli)
 
-Every flag has a DLRHUB_* environment variable; a flag wins over it.
+Every flag has a DLRHUB_* environment variable; a flag wins over it. Only `serve` imports the
+server: the client commands, --help and --version start without loading it.
 """
 
 from __future__ import annotations
@@ -15,12 +16,16 @@ import gc
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from dlrhub import __version__, app, logs
-from dlrhub.config import Settings
+from dlrhub import __version__
 from dlrhub_client import cli as client_cli
+
+if TYPE_CHECKING:
+    from dlrhub.app import App
+    from dlrhub.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +84,10 @@ _SERVE_FLAGS = (
 
 
 def _run_serve(options: argparse.Namespace) -> int:
+    # The server loads only here: the client commands, --help and --version start without it.
+    from dlrhub import app, logs  # noqa: PLC0415
+    from dlrhub.config import Settings  # noqa: PLC0415
+
     try:
         settings = Settings.from_env()
     except ValueError as error:
@@ -88,7 +97,7 @@ def _run_serve(options: argparse.Namespace) -> int:
     settings = dataclasses.replace(settings, **overrides)
     logs.configure(settings.log_level)
     try:
-        asyncio.run(_serve(settings))
+        asyncio.run(_serve(settings, app.start))
     except (OSError, ValueError) as error:
         log.error("cannot start: %s", error)
         return 1
@@ -107,12 +116,12 @@ def _tune_gc() -> None:
     gc.set_threshold(10_000, 10, 10)
 
 
-async def _serve(settings: Settings) -> None:
+async def _serve(settings: Settings, start: Callable[[Settings], Awaitable[App]]) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    running = await app.start(settings)
+    running = await start(settings)
     _tune_gc()
     await stop.wait()
     running.flush_logs()  # the lines of calls that ended before, then this one
