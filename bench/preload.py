@@ -1,7 +1,7 @@
 """Databases with N reports stored, built once and cached under bench/.cache/.
 
 Loading a million reports through Ingest would take most of an hour on two cores, so the file is
-written through the store API directly: the real Normaliser, `dlrhub.ingest.apply` and
+written through the store API directly: the real Normaliser, `dlrhub.write.submission.apply` and
 `SqliteStore.transaction()`, exactly what the committer runs, in transactions of 20,000 reports.
 Report i has message id `bench.common.stored_id(i)` (UUID-shaped, spread over the index like
 provider ids), so the Fetch load can pick stored ids without reading the file.
@@ -19,10 +19,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from bench.common import CACHE, gms_batch, stored_id
 from deliveryreport.v1.delivery_report_service_pb2 import Format
-from dlrhub.ingest import Submission, apply
 from dlrhub.normalise import Normaliser
 from dlrhub.store import SqliteStore
 from dlrhub.store.sqlite import SCHEMA_VERSION
+from dlrhub.write.submission import Submission, apply
 
 CHUNK = 1000  # reports per normalised payload
 TRANSACTION = 20_000  # reports per transaction

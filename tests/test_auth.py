@@ -25,9 +25,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from deliveryreport.v1 import delivery_report_service_pb2
 from deliveryreport.v1.delivery_report_service_pb2 import FetchRequest, IngestRequest, StreamResponse
 from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
-from dlrhub import app, auth
-from dlrhub.auth import Tokens
+from dlrhub import app
 from dlrhub.config import Settings
+from dlrhub.transport import auth
+from dlrhub.transport.auth import Tokens
 from dlrhub_client import (
     AsyncClient,
     DlrhubClientError,

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dlrhub.logs import JsonFormatter
+from dlrhub.observability.logs import JsonFormatter
 
 
 @pytest.mark.parametrize(

@@ -38,9 +38,9 @@ from deliveryreport.v1.delivery_report_service_pb2 import (
 from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
 from dlrhub import app as app_module
 from dlrhub.config import Settings
-from dlrhub.logs import JsonFormatter
-from dlrhub.poller import PollerSettings
-from dlrhub.telemetry import CallLog
+from dlrhub.observability.calls import CallLog
+from dlrhub.observability.logs import JsonFormatter
+from dlrhub.transport.poller import PollerSettings
 from tests.conftest import FakeClock, Running, serving
 from tests.fake_provider import FakeProvider, report, wait_until
 
@@ -496,7 +496,9 @@ async def test_an_ingest_logs_one_rpc_line_with_counts_and_no_payload_content(
     assert (response.accepted_count, response.duplicate_count, response.rejected_count) == (1, 1, 1)
     server.app.flush_logs()  # as at shutdown; otherwise within CallLog.interval
 
-    rpc_records = [r for r in caplog.records if r.name == "dlrhub.telemetry" and r.getMessage() == "rpc"]
+    rpc_records = [
+        r for r in caplog.records if r.name == "dlrhub.observability.calls" and r.getMessage() == "rpc"
+    ]
     (line,) = formatted(rpc_records)
     assert line["level"] == "INFO"
     assert line["rpc"] == INGEST
@@ -511,7 +513,7 @@ async def test_an_ingest_logs_one_rpc_line_with_counts_and_no_payload_content(
 async def test_a_failed_call_logs_its_code_and_the_request_id_from_metadata(
     server: Running, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="dlrhub.telemetry")
+    caplog.set_level(logging.INFO, logger="dlrhub.observability.calls")
     before = time.time()
     with pytest.raises(grpc.aio.AioRpcError):
         await server.stub.Fetch(
@@ -533,7 +535,7 @@ async def test_a_failed_call_logs_its_code_and_the_request_id_from_metadata(
 async def test_call_lines_are_logged_in_runs_in_the_order_and_with_the_times_of_their_calls(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="dlrhub.telemetry")
+    caplog.set_level(logging.INFO, logger="dlrhub.observability.calls")
     call_log = CallLog(capacity=3, interval=60)
     times = []
     for number in range(3):
@@ -554,7 +556,7 @@ async def test_call_lines_are_logged_in_runs_in_the_order_and_with_the_times_of_
 async def test_after_close_a_call_line_is_logged_at_once_and_a_bad_line_sinks_no_other(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="dlrhub.telemetry")
+    caplog.set_level(logging.INFO, logger="dlrhub.observability.calls")
     call_log = CallLog(capacity=100, interval=60)
 
     def numbers() -> list[object]:
@@ -591,7 +593,9 @@ async def test_a_webhook_logs_one_line_with_route_counts_and_duration(
     webhook_records = [
         r
         for r in caplog.records
-        if r.name == "dlrhub.webhooks" and r.getMessage() == "http" and r.__dict__["route"] != "/metrics"
+        if r.name == "dlrhub.transport.webhooks"
+        and r.getMessage() == "http"
+        and r.__dict__["route"] != "/metrics"
     ]
     (line,) = formatted(webhook_records)
     assert line["route"] == "/webhooks/gms"
@@ -631,7 +635,9 @@ async def test_every_webhook_answer_is_logged_and_counted_even_refusals(
     lines = [
         r.__dict__
         for r in caplog.records
-        if r.name == "dlrhub.webhooks" and r.getMessage() == "http" and r.__dict__["route"] == "/webhooks/gms"
+        if r.name == "dlrhub.transport.webhooks"
+        and r.getMessage() == "http"
+        and r.__dict__["route"] == "/webhooks/gms"
     ]
     assert [(line["status"], line.get("reason")) for line in lines] == [(400, "INVALID_JSON"), (400, None)]
     assert (

@@ -21,14 +21,14 @@ from deliveryreport.v1.delivery_report_pb2 import Source
 from deliveryreport.v1.delivery_report_service_pb2 import FetchRequest
 from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
 from dlrhub import app as app_module
-from dlrhub.committer import Committer
 from dlrhub.config import Settings
-from dlrhub.hub import Hub
-from dlrhub.intake import Intake
+from dlrhub.feed.hub import Hub
 from dlrhub.normalise import Normaliser
-from dlrhub.poller import HEALTH_SERVICE, Poller, PollerSettings
 from dlrhub.store import SqliteStore
 from dlrhub.store.base import StoreError
+from dlrhub.transport.poller import HEALTH_SERVICE, Poller, PollerSettings
+from dlrhub.write.committer import Committer
+from dlrhub.write.writer import Writer
 from tests.conftest import FakeClock, Running
 from tests.fake_provider import FakeProvider, report, wait_until
 
@@ -114,8 +114,8 @@ def direct_poller(server: Running, provider: FakeProvider, **settings: Any) -> P
         "backoff_max": 0.05,
     }
     options.update(settings)
-    intake = Intake(Normaliser.load(), server.app.committer, server.clock)
-    return Poller(PollerSettings(provider.url, KEY, **options), intake)
+    writer = Writer(Normaliser.load(), server.app.committer, server.clock)
+    return Poller(PollerSettings(provider.url, KEY, **options), writer)
 
 
 # --- the fake provider itself ---------------------------------------------------------------------------
@@ -341,10 +341,10 @@ async def test_a_batch_that_cannot_be_committed_is_kept_and_retried(
     store = FlakyStore(tmp_path / "flaky.db", failures=2)
     committer = Committer(store, Hub())
     committer.start()
-    intake = Intake(Normaliser.load(), committer, FakeClock())
+    writer = Writer(Normaliser.load(), committer, FakeClock())
     poller = Poller(
         PollerSettings(provider.url, KEY, limit=10, interval=30.0, backoff_initial=0.01, backoff_max=0.05),
-        intake,
+        writer,
     )
     poller.start()
     try:
@@ -384,8 +384,8 @@ async def test_stop_during_a_commit_finishes_the_commit(provider: FakeProvider, 
     store = GatedStore(tmp_path / "gated.db")
     committer = Committer(store, Hub())
     committer.start()
-    intake = Intake(Normaliser.load(), committer, FakeClock())
-    poller = Poller(PollerSettings(provider.url, KEY, limit=10, interval=30.0), intake)
+    writer = Writer(Normaliser.load(), committer, FakeClock())
+    poller = Poller(PollerSettings(provider.url, KEY, limit=10, interval=30.0), writer)
     poller.start()
     try:
         await wait_until(store.entered.is_set, within=3)  # fetched, and committing
@@ -422,10 +422,10 @@ async def test_the_loop_backs_off_exponentially_and_resets_after_a_success(
     provider.fail_next(3, status=500)
     provider.serve_next(1)
     provider.fail_next(4, status=401)
-    intake = Intake(Normaliser.load(), server.app.committer, server.clock)
+    writer = Writer(Normaliser.load(), server.app.committer, server.clock)
     poller = Poller(
         PollerSettings(provider.url, KEY, limit=10, interval=7.0, backoff_initial=0.01, backoff_max=0.05),
-        intake,
+        writer,
         set_serving=set_serving,
         sleep=sleep,
         jitter=lambda: 0.5,
@@ -451,10 +451,10 @@ async def test_backoff_is_exponential_with_jitter_and_capped(tmp_path: Path) -> 
         return jitter
 
     store = SqliteStore(tmp_path / "unused.db")
-    intake = Intake(Normaliser.load(), Committer(store, Hub()), FakeClock())
+    writer = Writer(Normaliser.load(), Committer(store, Hub()), FakeClock())
     poller = Poller(
         PollerSettings("http://127.0.0.1:9", KEY, backoff_initial=1.0, backoff_max=10.0),
-        intake,
+        writer,
         jitter=fixed_jitter,
     )
     try:

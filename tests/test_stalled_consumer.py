@@ -32,7 +32,7 @@ from deliveryreport.v1.delivery_report_service_pb2 import (
 from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
 from dlrhub import app
 from dlrhub.config import Settings
-from dlrhub.follow import Heartbeat, follow
+from dlrhub.feed.follow import Heartbeat, follow
 from dlrhub.store.base import Change, ChangeFilter
 from tests.conftest import FakeClock, Running
 

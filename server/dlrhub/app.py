@@ -17,19 +17,20 @@ from grpc_health.v1 import _async as health_aio  # public as grpc_health.v1.heal
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from dlrhub import tls, webhooks
-from dlrhub.auth import AuthInterceptor, Tokens
-from dlrhub.committer import Committer
 from dlrhub.config import Settings
-from dlrhub.hub import Hub
-from dlrhub.intake import Intake
-from dlrhub.metrics import Metrics
+from dlrhub.feed.hub import Hub
 from dlrhub.normalise import Normaliser
-from dlrhub.poller import HEALTH_SERVICE as POLLER_HEALTH_SERVICE
-from dlrhub.poller import Poller, PollerSettings
-from dlrhub.service import SERVICE_NAME, DeliveryReportService, add_to_server
+from dlrhub.observability.calls import CallInterceptor, CallLog
+from dlrhub.observability.metrics import Metrics
+from dlrhub.observability.tracing import tracing_interceptor
 from dlrhub.store import SqliteStore
-from dlrhub.telemetry import CallInterceptor, CallLog, tracing_interceptor
+from dlrhub.transport import tls, webhooks
+from dlrhub.transport.auth import AuthInterceptor, Tokens
+from dlrhub.transport.poller import HEALTH_SERVICE as POLLER_HEALTH_SERVICE
+from dlrhub.transport.poller import Poller, PollerSettings
+from dlrhub.transport.service import SERVICE_NAME, DeliveryReportService, add_to_server
+from dlrhub.write.committer import Committer
+from dlrhub.write.writer import Writer
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +107,10 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
         started.push_async_callback(committer.stop)
         reads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dlrhub-reader")
         started.callback(reads.shutdown)
-        intake = Intake(normaliser, committer, clock, max_items=settings.max_batch_items, metrics=metrics)
+        writer = Writer(normaliser, committer, clock, max_items=settings.max_batch_items, metrics=metrics)
 
         service = DeliveryReportService(
-            intake=intake, store=store, hub=hub, reads=reads, max_streams=settings.max_streams
+            writer=writer, store=store, hub=hub, reads=reads, max_streams=settings.max_streams
         )
         health_servicer = health_aio.HealthServicer()
         call_log = CallLog(traced=tracing is not None)
@@ -122,7 +123,7 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
 
         http = web.AppRunner(
             webhooks.create_app(
-                intake,
+                writer,
                 webhook_auth,
                 settings.http_max_body_bytes,
                 metrics,
@@ -142,7 +143,7 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
         poller = None
         if poller_settings is not None:
             poller = Poller(
-                poller_settings, intake, set_serving=_health_setter(health_servicer), metrics=metrics
+                poller_settings, writer, set_serving=_health_setter(health_servicer), metrics=metrics
             )
             await health_servicer.set(POLLER_HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
             poller.start()

@@ -85,8 +85,9 @@ _SERVE_FLAGS = (
 
 def _run_serve(options: argparse.Namespace) -> int:
     # The server loads only here: the client commands, --help and --version start without it.
-    from dlrhub import app, logs  # noqa: PLC0415
+    from dlrhub import app  # noqa: PLC0415
     from dlrhub.config import Settings  # noqa: PLC0415
+    from dlrhub.observability import logs  # noqa: PLC0415
 
     try:
         settings = Settings.from_env()

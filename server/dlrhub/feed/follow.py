@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from dlrhub.hub import Hub
+from dlrhub.feed.hub import Hub
 from dlrhub.store.base import Change, ChangeFilter, Store
 
 T = TypeVar("T")

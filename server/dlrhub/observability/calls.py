@@ -1,15 +1,11 @@
-"""Per-call observability for the gRPC API: one JSON log line per call, RPC metrics, tracing.
+"""Per-call observability: one JSON log line per call, and RPC metrics.
 
-The call interceptor times every call, counts it by method and status code,
-and logs one line for it (see CallLog: in runs, with the time the call ended):
-the RPC, its code, its duration and whatever the servicer added with `note()`
-(request id, outcome counts). Payload contents never go into these lines (they
-hold phone numbers).
-
-Tracing is OpenTelemetry's gRPC instrumentation, off unless DLRHUB_TRACING is
-`console` or `otlp` (the OTLP exporter reads the standard OTEL_EXPORTER_OTLP_*
-variables). A call's line carries its trace id; the log formatter adds the
-current trace id to any other line logged inside a traced call.
+The call interceptor times every gRPC call, counts it by method and status
+code, and logs one line for it (see CallLog: in runs, with the time the call
+ended): the RPC, its code, its duration and whatever the servicer added with
+`note()` (request id, outcome counts). The webhooks log their request lines
+through a CallLog too. Payload contents never go into these lines (they hold
+phone numbers). With tracing on (tracing.py), a call's line carries its trace id.
 """
 
 from __future__ import annotations
@@ -23,15 +19,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from opentelemetry import trace
-from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
 
 from dlrhub.errors import FieldViolation, InvalidArgument, to_status
-from dlrhub.metrics import Metrics
+from dlrhub.observability.metrics import Metrics
+from dlrhub.observability.tracing import current_trace_id
 
 if TYPE_CHECKING:
     Handler = grpc.RpcMethodHandler[Any, Any]
@@ -257,28 +248,3 @@ def _code(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     """The status an aborted call ended with (UNKNOWN for an unexpected exception)."""
     code = context.code()
     return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
-
-
-def tracing_interceptor(mode: str) -> grpc.aio.ServerInterceptor | None:  # type: ignore[type-arg]
-    """OpenTelemetry's server interceptor exporting to the console or OTLP; None when off."""
-    if mode in ("", "off"):
-        return None
-    interceptor: grpc.aio.ServerInterceptor = aio_server_interceptor(tracer_provider=_provider(mode))  # type: ignore[type-arg, no-untyped-call]
-    return interceptor
-
-
-def _provider(mode: str) -> TracerProvider:
-    provider = TracerProvider(resource=Resource.create({"service.name": "dlrhub"}))
-    if mode == "console":
-        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
-    elif mode == "otlp":
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    else:
-        raise ValueError(f"DLRHUB_TRACING must be off, console or otlp, not {mode!r}")
-    return provider
-
-
-def current_trace_id() -> str | None:
-    """The trace id of the span being served, as 32 hex digits, if tracing is on."""
-    context = trace.get_current_span().get_span_context()
-    return format(context.trace_id, "032x") if context.is_valid else None

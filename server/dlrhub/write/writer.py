@@ -1,7 +1,8 @@
-"""Every transport's way in: normalise a provider payload, then commit it.
+"""The one way in for every transport: normalise a provider payload, then commit it.
 
-The gRPC Ingest, the webhooks and the poller all call `Intake.ingest`, so a
-report takes the same path whichever way it arrives.
+The gRPC Ingest, the webhooks and the poller all call `Writer.ingest`, so a
+report takes the same path whichever way it arrives; a quarantined item is
+run again through `Writer.renormalise`.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ from dataclasses import dataclass
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from deliveryreport.v1.delivery_report_service_pb2 import Format, IngestResponse
-from dlrhub.committer import Committer
-from dlrhub.ingest import Submission
-from dlrhub.metrics import Metrics
 from dlrhub.normalise import Normaliser, PayloadError, Rejection
+from dlrhub.observability.metrics import Metrics
 from dlrhub.store.base import QuarantinedItem
+from dlrhub.write.committer import Committer
+from dlrhub.write.submission import Submission
 from dlrhub_client.payloads import batch
 
 
@@ -38,7 +39,9 @@ class TooManyItems(Exception):
         self.limit = limit
 
 
-class Intake:
+class Writer:
+    """Normalises payloads and hands them to the committer; answers once they are committed."""
+
     def __init__(
         self,
         normaliser: Normaliser,

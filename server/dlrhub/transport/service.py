@@ -47,13 +47,13 @@ from dlrhub.errors import (
     Unavailable,
     to_status,
 )
-from dlrhub.follow import Heartbeat, follow_batches
-from dlrhub.hub import Hub
-from dlrhub.ingest import is_wholly_rejected
-from dlrhub.intake import Intake, TooManyItems
+from dlrhub.feed.follow import Heartbeat, follow_batches
+from dlrhub.feed.hub import Hub
 from dlrhub.normalise import typed_payload
+from dlrhub.observability.calls import note
 from dlrhub.store.base import Change, ChangeFilter, QuarantinedItem, Store, StoreError
-from dlrhub.telemetry import note
+from dlrhub.write.submission import is_wholly_rejected
+from dlrhub.write.writer import TooManyItems, Writer
 
 T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -182,9 +182,9 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
     """Ingest, Fetch, Stream, and the quarantine."""
 
     def __init__(
-        self, *, intake: Intake, store: Store, hub: Hub, reads: Executor, max_streams: int = 1000
+        self, *, writer: Writer, store: Store, hub: Hub, reads: Executor, max_streams: int = 1000
     ) -> None:
-        self._intake = intake
+        self._writer = writer
         self._store = store
         self._hub = hub
         self._reads = reads
@@ -259,7 +259,7 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
         if request.request_id:
             note(request_id=request.request_id)
         try:
-            ingested = await self._intake.ingest(payload, format, request.request_id)
+            ingested = await self._writer.ingest(payload, format, request.request_id)
         except TooManyItems as error:
             raise InvalidArgument(
                 str(error),
@@ -395,7 +395,7 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
             )
             for quarantine_id, item in rows:
                 try:
-                    ingested = await self._intake.renormalise(quarantine_id, item)
+                    ingested = await self._writer.renormalise(quarantine_id, item)
                 except StoreError as error:
                     raise Unavailable(
                         "the store could not commit; nothing more was re-run", "STORE_UNAVAILABLE"

@@ -25,11 +25,11 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from deliveryreport.v1.delivery_report_service_pb2 import Format, IngestOutcome, IngestResponse
-from dlrhub.intake import Intake, TooManyItems
-from dlrhub.metrics import Metrics
 from dlrhub.normalise import Rejection
+from dlrhub.observability.calls import CallLog
+from dlrhub.observability.metrics import Metrics
 from dlrhub.store.base import StoreError
-from dlrhub.telemetry import CallLog
+from dlrhub.write.writer import TooManyItems, Writer
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class WebhookAuth:
 
 
 def create_app(
-    intake: Intake,
+    writer: Writer,
     auth: dict[str, WebhookAuth],
     max_body_bytes: int,
     metrics: Metrics | None = None,
@@ -96,7 +96,7 @@ def create_app(
         client_max_size=max_body_bytes, middlewares=[_observe(metrics, call_log or CallLog(log, "http"))]
     )
     for path, format in ROUTES.items():
-        app.router.add_post(path, _handler(intake, format, auth.get(path)))
+        app.router.add_post(path, _handler(writer, format, auth.get(path)))
     if render_metrics is not None:
         render = render_metrics
 
@@ -145,7 +145,7 @@ def _observe(metrics: Metrics | None, call_log: CallLog) -> Any:
     return observe
 
 
-def _handler(intake: Intake, format: Format.ValueType, auth: WebhookAuth | None) -> Any:
+def _handler(writer: Writer, format: Format.ValueType, auth: WebhookAuth | None) -> Any:
     async def handle(request: web.Request) -> web.Response:
         if auth is not None and not auth.allows(request):
             challenge = {"WWW-Authenticate": 'Basic realm="dlrhub"'} if auth.scheme == "basic" else {}
@@ -159,7 +159,7 @@ def _handler(intake: Intake, format: Format.ValueType, auth: WebhookAuth | None)
         except UnicodeDecodeError as error:
             return _error(400, Rejection("", "INVALID_UTF8", f"the body is not UTF-8 (byte {error.start})"))
         try:
-            ingested = await intake.ingest(text, format)
+            ingested = await writer.ingest(text, format)
         except TooManyItems as error:
             return _error(413, Rejection("", "TOO_MANY_ITEMS", str(error)))
         except StoreError:

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from dlrhub.hub import Hub
-from dlrhub.ingest import Applied, Submission, apply
+from dlrhub.feed.hub import Hub
 from dlrhub.store.base import Store, StoreError
+from dlrhub.write.submission import Applied, Submission, apply
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import httpx
 
 from deliveryreport.v1.delivery_report_service_pb2 import Format
-from dlrhub.intake import Intake
-from dlrhub.metrics import Metrics
+from dlrhub.observability.metrics import Metrics
 from dlrhub.store.base import StoreError
+from dlrhub.write.writer import Writer
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class Poller:
     def __init__(
         self,
         settings: PollerSettings,
-        intake: Intake,
+        writer: Writer,
         *,
         client: httpx.AsyncClient | None = None,
         set_serving: Callable[[bool], Awaitable[None]] | None = None,
@@ -73,7 +73,7 @@ class Poller:
         metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
-        self._intake = intake
+        self._writer = writer
         self._client = client or httpx.AsyncClient(timeout=settings.timeout)
         self._set_serving = set_serving
         self._sleep = sleep
@@ -141,7 +141,7 @@ class Poller:
         if self._pending is None:
             self._pending = await self._fetch()
         try:
-            ingested = await self._intake.ingest(self._pending, Format.FORMAT_SENT_SMS_REPORT)
+            ingested = await self._writer.ingest(self._pending, Format.FORMAT_SENT_SMS_REPORT)
         except StoreError as error:
             log.error(
                 "poll: fetched reports could not be committed; retrying them", extra={"error": str(error)}

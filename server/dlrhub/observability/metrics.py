@@ -29,7 +29,7 @@ from prometheus_client.registry import Collector
 
 from deliveryreport.v1.delivery_report_pb2 import DeliveryReport, DeliveryStatus, Source
 from deliveryreport.v1.delivery_report_service_pb2 import Format, IngestOutcome, IngestResponse
-from dlrhub.hub import Hub
+from dlrhub.feed.hub import Hub
 from dlrhub.normalise import NormalisedItem
 
 _SOURCE_OF_FORMAT: dict[int, str] = {

@@ -1,0 +1,1 @@
+"""Metrics, per-call log lines, tracing and the JSON log format."""
