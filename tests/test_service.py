@@ -34,11 +34,11 @@ from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportSer
 from deliveryreport.v1.provider_formats_pb2 import GmsReport, GmsReports
 from dlrhub import app as dlrhub_app
 from dlrhub.config import Settings
+from dlrhub.feed.encoding import StreamEncoder
 from dlrhub.feed.follow import Heartbeat, follow_batches
 from dlrhub.feed.hub import Hub
 from dlrhub.store import SqliteStore
 from dlrhub.store.base import Change, ChangeFilter
-from dlrhub.transport.service import StreamEncoder
 from tests.conftest import FakeClock, Running
 
 if TYPE_CHECKING:

@@ -26,9 +26,10 @@ from dlrhub.observability.tracing import tracing_interceptor
 from dlrhub.store import SqliteStore
 from dlrhub.transport import tls, webhooks
 from dlrhub.transport.auth import AuthInterceptor, Tokens
+from dlrhub.transport.handlers import SERVICE_NAME, add_to_server
 from dlrhub.transport.poller import HEALTH_SERVICE as POLLER_HEALTH_SERVICE
 from dlrhub.transport.poller import Poller, PollerSettings
-from dlrhub.transport.service import SERVICE_NAME, DeliveryReportService, add_to_server
+from dlrhub.transport.service import DeliveryReportService
 from dlrhub.write.committer import Committer
 from dlrhub.write.writer import Writer
 

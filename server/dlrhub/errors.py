@@ -11,7 +11,8 @@
 
 Every status carries a google.rpc.Status with an ErrorInfo (an UPPER_SNAKE
 reason, domain "dlrhub", request details as metadata) and, for invalid
-arguments, a BadRequest listing each field violation (AIP-193).
+arguments, a BadRequest listing each field violation (AIP-193);
+`invalid_argument` builds the usual one, naming a single field.
 """
 
 from __future__ import annotations
@@ -56,6 +57,25 @@ class DlrhubError(Exception):
 
 class InvalidArgument(DlrhubError):
     code = code_pb2.INVALID_ARGUMENT
+
+
+def invalid_argument(
+    field: str,
+    description: str,
+    reason: str,
+    *,
+    message: str | None = None,
+    violation_reason: str = "INVALID_VALUE",
+    metadata: dict[str, str] | None = None,
+) -> InvalidArgument:
+    """INVALID_ARGUMENT naming one field: `reason`, and a field violation of `field` saying
+    `description`. The message is `message`, or "<field> <description>"."""
+    return InvalidArgument(
+        f"{field} {description}" if message is None else message,
+        reason,
+        violations=[FieldViolation(field, description, violation_reason)],
+        metadata=metadata,
+    )
 
 
 class NotFound(DlrhubError):

@@ -14,16 +14,11 @@ from __future__ import annotations
 
 import functools
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TypeVar
 
 from dlrhub.feed.hub import Hub
-from dlrhub.store.base import Change, ChangeFilter, Store
-
-T = TypeVar("T")
-# Runs a blocking store read off the event loop.
-ReadRunner = Callable[[Callable[[], T]], Awaitable[T]]
+from dlrhub.store.base import Change, ChangeFilter, ReadRunner, Store
 
 # Changes read from the store at a time, and yielded together at most.
 MAX_BATCH = 500

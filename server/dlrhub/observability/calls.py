@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from dlrhub.errors import FieldViolation, InvalidArgument, to_status
+from dlrhub.errors import invalid_argument, to_status
 from dlrhub.observability.metrics import Metrics
 from dlrhub.observability.tracing import current_trace_id
 
@@ -225,12 +225,11 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
 
 async def _refuse_undecodable(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
     if isinstance(request, _Undecodable):
-        error = InvalidArgument(
-            f"the request is not a valid protobuf message: {request.error}",
+        error = invalid_argument(
+            "",
+            "not a valid protobuf message (or a string is not UTF-8)",
             "UNDECODABLE_REQUEST",
-            violations=[
-                FieldViolation("", "not a valid protobuf message (or a string is not UTF-8)", "INVALID_VALUE")
-            ],
+            message=f"the request is not a valid protobuf message: {request.error}",
         )
         status = to_status(error)
         await context.abort(status.code, status.details, status.trailing_metadata)

@@ -1,9 +1,10 @@
 """The storage interface: what the service needs from any engine.
 
 Every method is blocking and is called from worker threads, never from the
-event loop. Writes happen only inside `Store.transaction()`, from one writer
-thread at a time; reads may run concurrently from other threads and see only
-committed data.
+event loop: async code awaits a read through a ReadRunner (the app's reader
+threads), and writes run on the committer's writer thread. Writes happen only
+inside `Store.transaction()`, from one writer thread at a time; reads may run
+concurrently from other threads and see only committed data.
 
 Errors: an engine raises StoreError (or lets its own error escape) when it
 cannot read or commit; a transaction that raises is rolled back whole, and
@@ -14,15 +15,19 @@ The contract tests in tests/test_store_contract.py run against every engine.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
 from dlrhub.merge import MessageState
+
+T = TypeVar("T")
+# Runs a blocking store call on a reader thread; the event loop awaits its result.
+ReadRunner = Callable[[Callable[[], T]], Awaitable[T]]
 
 
 class StoreError(Exception):
@@ -168,6 +173,7 @@ __all__: Sequence[str] = [
     "ChangeFilter",
     "MessagePage",
     "QuarantinedItem",
+    "ReadRunner",
     "Store",
     "StoreError",
     "Transaction",

@@ -1,28 +1,20 @@
-"""The gRPC servicer: requests into calls on the domain objects, results into responses."""
+"""The gRPC servicer: each request into calls on the write path, the store and the feed, and their
+results into a response (or the status of a domain error)."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import functools
-import json
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import replace
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import grpc
-from google.protobuf.message import Message
 
-from deliveryreport.v1 import delivery_report_service_pb2 as service_pb2
 from deliveryreport.v1 import delivery_report_service_pb2_grpc as service_grpc
-from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
 from deliveryreport.v1.delivery_report_service_pb2 import (
     FetchRequest,
     FetchResponse,
-    IngestOutcome,
     IngestRequest,
     IngestResponse,
     ItemError,
@@ -45,137 +37,24 @@ from dlrhub.errors import (
     OutOfRange,
     ResourceExhausted,
     Unavailable,
+    invalid_argument,
     to_status,
 )
+from dlrhub.feed.encoding import StreamEncoder
 from dlrhub.feed.follow import Heartbeat, follow_batches
 from dlrhub.feed.hub import Hub
 from dlrhub.normalise import typed_payload
 from dlrhub.observability.calls import note
 from dlrhub.store.base import Change, ChangeFilter, QuarantinedItem, Store, StoreError
+from dlrhub.transport.pages import decode_page_token, encode_page_token, page_size
+from dlrhub.write import quarantine
 from dlrhub.write.submission import is_wholly_rejected
 from dlrhub.write.writer import TooManyItems, Writer
 
 T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
-DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000
 DEFAULT_HEARTBEAT_SECONDS = 15
 MAX_RENORMALISE_IDS = 10_000
-SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["DeliveryReportService"].full_name
-
-
-def add_to_server(service: DeliveryReportService, server: grpc.aio.Server) -> None:
-    """Registers the service as the generated code does, except that the serializers of Stream and
-    StreamBatches also take bytes: a change is encoded once and the same bytes go to every
-    subscriber (see StreamEncoder)."""
-    captured = _CapturedHandlers()
-    service_grpc.add_DeliveryReportServiceServicer_to_server(service, cast(grpc.aio.Server, captured))
-    handlers = captured.handlers
-    handlers["Stream"] = grpc.unary_stream_rpc_method_handler(
-        service.Stream, request_deserializer=StreamRequest.FromString, response_serializer=_serialize
-    )
-    handlers["StreamBatches"] = grpc.unary_stream_rpc_method_handler(
-        service.StreamBatches,
-        request_deserializer=StreamBatchesRequest.FromString,
-        response_serializer=_serialize,
-    )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]  # not in grpc-stubs
-
-
-class _CapturedHandlers:
-    """Stands in for the server while the generated code registers the method handlers."""
-
-    def __init__(self) -> None:
-        self.handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
-
-    def add_generic_rpc_handlers(self, _: object) -> None:
-        pass
-
-    def add_registered_method_handlers(
-        self, _: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
-    ) -> None:
-        self.handlers = dict(handlers)
-
-
-def _serialize(response: Message | bytes) -> bytes:
-    return response if isinstance(response, bytes) else response.SerializeToString()
-
-
-# A StreamBatchesResponse is its StreamResponses, each framed as field 1 (length-delimited).
-_RESPONSES_TAG = b"\x0a"
-# A StreamBatchesResponse holds changes up to about this many bytes (clients accept 4 MiB by default).
-MAX_BATCH_BYTES = 1 << 20
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-class _Encoded:
-    """One change's StreamResponse, and the same framed as an item of a StreamBatchesResponse."""
-
-    __slots__ = ("framed", "plain")
-
-    def __init__(self, plain: bytes) -> None:
-        self.plain = plain
-        self.framed: bytes | None = None  # made when a StreamBatches subscriber first sends it
-
-
-class StreamEncoder:
-    """Each change's StreamResponse, encoded once however many subscribers send it.
-
-    A StreamBatchesResponse is the concatenation of its changes framed as field 1, so batches cost no
-    more encoding than single changes. Cursors are never reused, so a cursor names one encoding; the
-    newest `size` are kept (as many as a subscriber buffers: live subscribers send a change within
-    that window).
-    """
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        # OrderedDict, not dict: popping the oldest of a dict scans the holes its deletions left.
-        self._encoded: OrderedDict[int, _Encoded] = OrderedDict()
-
-    def _entry(self, change: Change) -> _Encoded:
-        entry = self._encoded.get(change.cursor)
-        if entry is None:
-            entry = self._encoded[change.cursor] = _Encoded(
-                StreamResponse(
-                    cursor=str(change.cursor), report=change.report, state=change.state
-                ).SerializeToString()
-            )
-            if len(self._encoded) > self._size:
-                self._encoded.popitem(last=False)
-        return entry
-
-    def response(self, change: Change) -> bytes:
-        """The change as a StreamResponse."""
-        return self._entry(change).plain
-
-    def _framed(self, change: Change) -> bytes:
-        entry = self._entry(change)
-        if entry.framed is None:
-            entry.framed = _RESPONSES_TAG + _varint(len(entry.plain)) + entry.plain
-        return entry.framed
-
-    def batches(self, changes: list[Change], max_bytes: int = MAX_BATCH_BYTES) -> Iterator[bytes]:
-        """The changes as StreamBatchesResponses of up to `max_bytes` each (or one bigger change)."""
-        parts: list[bytes] = []
-        size = 0
-        for change in changes:
-            framed = self._framed(change)
-            if parts and size + len(framed) > max_bytes:
-                yield b"".join(parts)
-                parts, size = [], 0
-            parts.append(framed)
-            size += len(framed)
-        if parts:
-            yield b"".join(parts)
 
 
 class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
@@ -207,10 +86,10 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
     ) -> RenormaliseQuarantineResponse:
         return await _answer(context, self._renormalise_quarantine(request))
 
-    async def Stream(  # type: ignore[override]  # bytes as well: see add_to_server
+    async def Stream(  # type: ignore[override]  # bytes as well: see transport/handlers.py
         self, request: StreamRequest, context: Context
     ) -> AsyncIterator[StreamResponse | bytes]:
-        """Yields heartbeats as messages and changes already encoded (see add_to_server)."""
+        """Yields heartbeats as messages and changes already encoded (see transport/handlers.py)."""
         try:
             async for item in await self._follow(request):
                 if isinstance(item, Heartbeat):
@@ -221,10 +100,10 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
         except DlrhubError as error:
             await _abort(context, error)
 
-    async def StreamBatches(  # type: ignore[override]  # bytes as well: see add_to_server
+    async def StreamBatches(  # type: ignore[override]  # bytes as well: see transport/handlers.py
         self, request: StreamBatchesRequest, context: Context
     ) -> AsyncIterator[StreamBatchesResponse | bytes]:
-        """Stream's feed with the changes ready together in one message, encoded (see add_to_server)."""
+        """Stream's feed with the changes ready together in one message, encoded."""
         try:
             async for item in await self._follow(request.stream):
                 if isinstance(item, Heartbeat):
@@ -245,12 +124,12 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
     async def _ingest(self, request: IngestRequest) -> IngestResponse:
         body = request.WhichOneof("body")
         if body is None:
-            raise InvalidArgument(
-                "nothing to ingest: set payload, gms or sent_sms_report",
+            raise invalid_argument(
+                "payload",
+                "set payload, gms or sent_sms_report",
                 "MISSING_PAYLOAD",
-                violations=[
-                    FieldViolation("payload", "set payload, gms or sent_sms_report", "MISSING_FIELD")
-                ],
+                message="nothing to ingest: set payload, gms or sent_sms_report",
+                violation_reason="MISSING_FIELD",
             )
         if body == "payload":
             payload, format = request.payload, request.format
@@ -261,10 +140,12 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
         try:
             ingested = await self._writer.ingest(payload, format, request.request_id)
         except TooManyItems as error:
-            raise InvalidArgument(
+            raise invalid_argument(
+                body,
                 str(error),
                 "TOO_MANY_ITEMS",
-                violations=[FieldViolation(body, str(error), "TOO_MANY_ITEMS")],
+                message=str(error),
+                violation_reason="TOO_MANY_ITEMS",
                 metadata={"items": str(error.count), "max_items": str(error.limit)},
             ) from None
         except StoreError as error:
@@ -273,10 +154,12 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
             ) from error
         rejection = ingested.rejection
         if rejection is not None:
-            raise InvalidArgument(
+            raise invalid_argument(
+                rejection.field or body,
                 rejection.description,
                 rejection.reason,
-                violations=[FieldViolation(rejection.field or body, rejection.description, rejection.reason)],
+                message=rejection.description,
+                violation_reason=rejection.reason,
             )
         response = ingested.response
         note(
@@ -300,23 +183,17 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
     async def _fetch(self, request: FetchRequest) -> FetchResponse:
         selector = request.WhichOneof("selector")
         if selector is None:
-            raise InvalidArgument(
+            raise invalid_argument(
+                "message_id",
                 "set one of message_id, bulk_id or reference",
                 "MISSING_SELECTOR",
-                violations=[
-                    FieldViolation(
-                        "message_id", "set one of message_id, bulk_id or reference", "MISSING_FIELD"
-                    )
-                ],
+                message="set one of message_id, bulk_id or reference",
+                violation_reason="MISSING_FIELD",
             )
         value: str = getattr(request, selector)
         if not value:
-            raise InvalidArgument(
-                f"{selector} must not be empty",
-                "EMPTY_SELECTOR",
-                violations=[FieldViolation(selector, "must not be empty", "INVALID_VALUE")],
-            )
-        size = _page_size(request.page_size)
+            raise invalid_argument(selector, "must not be empty", "EMPTY_SELECTOR")
+        size = page_size(request.page_size)
         source = request.source
         if selector == "message_id":
             # A keyed lookup takes microseconds, less than handing it to a reader thread and back.
@@ -327,16 +204,14 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
                     "MESSAGE_NOT_FOUND",
                     metadata={"message_id": value},
                 )
-            history: list[DeliveryReport] = []
-            if request.include_history:
-                history = self._store.history(value, source)
+            history = self._store.history(value, source) if request.include_history else []
             return FetchResponse(reports=states, history=history)
 
-        after = _decode_page_token(request.page_token, selector, value, source) if request.page_token else 0
+        after = decode_page_token(request.page_token, selector, value, source) if request.page_token else 0
         page = await self._read(lambda: self._store.messages_by(selector, value, source, after, size))
         response = FetchResponse(reports=page.states, total_size=page.total)
         if page.next_after is not None:
-            response.next_page_token = _encode_page_token(selector, value, source, page.next_after)
+            response.next_page_token = encode_page_token(selector, value, source, page.next_after)
         if selector == "bulk_id":
             response.status_counts.extend(
                 StatusCount(status=status, count=count)  # type: ignore[arg-type]  # stored enum values
@@ -347,9 +222,9 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
     # Quarantine.
 
     async def _list_quarantine(self, request: ListQuarantineRequest) -> ListQuarantineResponse:
-        size = _page_size(request.page_size)
+        size = page_size(request.page_size)
         scope = "all" if request.include_resolved else "open"
-        after = _decode_page_token(request.page_token, "quarantine", scope, 0) if request.page_token else 0
+        after = decode_page_token(request.page_token, "quarantine", scope, 0) if request.page_token else 0
         rows = await self._read(
             lambda: self._store.quarantined(after, size + 1, include_resolved=request.include_resolved)
         )
@@ -359,77 +234,28 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
             open_count=open_count,
         )
         if len(rows) > size:
-            response.next_page_token = _encode_page_token("quarantine", scope, 0, rows[size - 1][0])
+            response.next_page_token = encode_page_token("quarantine", scope, 0, rows[size - 1][0])
         return response
 
     async def _renormalise_quarantine(
         self, request: RenormaliseQuarantineRequest
     ) -> RenormaliseQuarantineResponse:
         if len(request.ids) > MAX_RENORMALISE_IDS:
-            raise InvalidArgument(
-                f"at most {MAX_RENORMALISE_IDS} ids per call; give none to re-run every open item",
+            raise invalid_argument(
+                "ids",
+                f"at most {MAX_RENORMALISE_IDS} ids",
                 "TOO_MANY_IDS",
-                violations=[FieldViolation("ids", f"at most {MAX_RENORMALISE_IDS} ids", "INVALID_VALUE")],
+                message=f"at most {MAX_RENORMALISE_IDS} ids per call; give none to re-run every open item",
                 metadata={"max_ids": str(MAX_RENORMALISE_IDS)},
             )
-        if request.ids:
-            wanted = sorted(set(request.ids))
-            found = await self._read(
-                functools.partial(self._store.quarantined, 0, len(wanted), include_resolved=True, ids=wanted)
-            )
-            unknown = sorted(set(wanted) - {quarantine_id for quarantine_id, _ in found})
-            if unknown:
-                listed = ", ".join(map(str, unknown[:20])) + (", ..." if len(unknown) > 20 else "")
-                raise NotFound(
-                    f"no quarantined item with id {listed}; nothing was re-run",
-                    "QUARANTINED_ITEM_NOT_FOUND",
-                    metadata={"ids": ",".join(map(str, unknown[:100])), "count": str(len(unknown))},
-                )
-        response = RenormaliseQuarantineResponse()
-        after = 0
-        while True:
-            rows = await self._read(
-                functools.partial(
-                    self._store.quarantined, after, 500, include_resolved=False, ids=request.ids
-                )
-            )
-            for quarantine_id, item in rows:
-                try:
-                    ingested = await self._writer.renormalise(quarantine_id, item)
-                except StoreError as error:
-                    raise Unavailable(
-                        "the store could not commit; nothing more was re-run", "STORE_UNAVAILABLE"
-                    ) from error
-                result = response.results.add(id=quarantine_id)
-                if ingested.rejection is not None:
-                    rejection = ingested.rejection
-                    result.results.add(
-                        outcome=IngestOutcome.INGEST_OUTCOME_REJECTED,
-                        error=ItemError(
-                            field=rejection.field, reason=rejection.reason, description=rejection.description
-                        ),
-                    )
-                else:
-                    result.results.extend(ingested.response.results)
-                result.resolved = ingested.rejection is None and ingested.response.rejected_count == 0
-                if result.resolved:
-                    response.resolved_count += 1
-                else:
-                    response.still_rejected_count += 1
-            if len(rows) < 500:
-                return response
-            after = rows[-1][0]
+        return await quarantine.renormalise(self._writer, self._store, self._read, request.ids)
 
     # Stream.
 
     async def _follow(self, request: StreamRequest) -> AsyncIterator[list[Change] | Heartbeat]:
         """The feed the request asks for, once the request is checked (raises DlrhubError)."""
         if request.heartbeat_seconds < 0:
-            raise InvalidArgument(
-                "heartbeat_seconds must not be negative",
-                "INVALID_HEARTBEAT",
-                violations=[FieldViolation("heartbeat_seconds", "must not be negative", "INVALID_VALUE")],
-            )
+            raise invalid_argument("heartbeat_seconds", "must not be negative", "INVALID_HEARTBEAT")
         after: int | None = None
         start = request.WhichOneof("start")
         if start == "cursor":
@@ -451,9 +277,9 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
             source=request.source,
         )
         heartbeat = request.heartbeat_seconds or DEFAULT_HEARTBEAT_SECONDS
-        # Checked after the last await before follow() subscribes: no stream starts once the hub has
-        # closed (it would stay open until the server's grace period ran out), and concurrent calls
-        # cannot all pass the limit.
+        # Checked after the last await before follow_batches() subscribes: no stream starts once the
+        # hub has closed (it would stay open until the server's grace period ran out), and concurrent
+        # calls cannot all pass the limit.
         if self._hub.closed:
             raise Unavailable(
                 "the server is shutting down: retry, resuming after the last cursor you received",
@@ -480,14 +306,9 @@ async def _answer(context: Context, work: Awaitable[T]) -> T:
         raise  # unreachable: abort raises
 
 
-def _page_size(requested: int) -> int:
-    if requested < 0:
-        raise InvalidArgument(
-            "page_size must not be negative",
-            "INVALID_PAGE_SIZE",
-            violations=[FieldViolation("page_size", "must not be negative", "INVALID_VALUE")],
-        )
-    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+async def _abort(context: Context, error: DlrhubError) -> None:
+    status = to_status(error)
+    await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 def _quarantined_item(quarantine_id: int, item: QuarantinedItem) -> QuarantinedItemMessage:
@@ -505,49 +326,12 @@ def _quarantined_item(quarantine_id: int, item: QuarantinedItem) -> QuarantinedI
     return message
 
 
-async def _abort(context: Context, error: DlrhubError) -> None:
-    status = to_status(error)
-    await context.abort(status.code, status.details, status.trailing_metadata)
-
-
 def _parse_cursor(cursor: str) -> int:
     if not cursor.isascii() or not cursor.isdigit() or len(cursor) > 19:
-        raise InvalidArgument(
-            f"malformed cursor {cursor!r}: pass a cursor from a StreamResponse or an IngestResult",
+        raise invalid_argument(
+            "cursor",
+            "not a cursor dlrhub gave out",
             "INVALID_CURSOR",
-            violations=[FieldViolation("cursor", "not a cursor dlrhub gave out", "INVALID_VALUE")],
+            message=f"malformed cursor {cursor!r}: pass a cursor from a StreamResponse or an IngestResult",
         )
     return int(cursor)
-
-
-def _encode_page_token(selector: str, value: str, source: int, after: int) -> str:
-    token = json.dumps([selector, value, source, after], separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(token).decode().rstrip("=")
-
-
-def _decode_page_token(token: str, selector: str, value: str, source: int) -> int:
-    try:
-        decoded = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        token_selector, token_value, token_source, after = decoded
-        valid = isinstance(after, int) and 0 <= after < 2**63  # a 64-bit position
-    except (ValueError, TypeError, binascii.Error, RecursionError):
-        valid = False
-    if not valid:
-        raise InvalidArgument(
-            "page_token is not a token from a previous response",
-            "INVALID_PAGE_TOKEN",
-            violations=[
-                FieldViolation("page_token", "not a next_page_token dlrhub gave out", "INVALID_VALUE")
-            ],
-        )
-    if (token_selector, token_value, token_source) != (selector, value, source):
-        raise InvalidArgument(
-            "page_token belongs to a request with another selector or source",
-            "PAGE_TOKEN_MISMATCH",
-            violations=[
-                FieldViolation(
-                    "page_token", "the other request fields must match the first page's", "INVALID_VALUE"
-                )
-            ],
-        )
-    return int(after)

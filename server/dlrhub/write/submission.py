@@ -77,7 +77,7 @@ def apply(tx: Transaction, submission: Submission) -> Applied:
             if not submission.quarantine_id:
                 tx.quarantine(_quarantined(submission, item.raw, item.rejection, item.format, False))
             result.outcome = IngestOutcome.INGEST_OUTCOME_REJECTED
-            result.error.CopyFrom(_item_error(item.rejection))
+            result.error.CopyFrom(item_error(item.rejection))
             response.rejected_count += 1
             continue
         report = item.report
@@ -108,7 +108,8 @@ def is_wholly_rejected(response: IngestResponse) -> bool:
     return response.rejected_count > 0 and response.accepted_count == response.duplicate_count == 0
 
 
-def _item_error(rejection: Rejection) -> ItemError:
+def item_error(rejection: Rejection) -> ItemError:
+    """A rejection as the caller sees it."""
     return ItemError(field=rejection.field, reason=rejection.reason, description=rejection.description)
 
 
