@@ -8,7 +8,6 @@ own parser, so what is asserted is what Prometheus would see.
 from __future__ import annotations
 
 import asyncio
-import functools
 import gc
 import json
 import logging
@@ -233,21 +232,12 @@ async def test_a_code_missing_from_the_table_is_counted_as_unmapped_once(server:
 
 
 @asynccontextmanager
-async def polling_app(
-    db: Path, clock: FakeClock, provider: FakeProvider, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[app_module.App]:
+async def polling_app(db: Path, clock: FakeClock, provider: FakeProvider) -> AsyncIterator[app_module.App]:
     """The whole app, polling the fake provider every 50 ms, backing off for milliseconds."""
-    fast = functools.partial(PollerSettings, backoff_initial=0.01, backoff_max=0.05)
-    monkeypatch.setattr(app_module, "PollerSettings", fast)
     running = await app_module.start(
-        Settings(
-            listen="127.0.0.1:0",
-            http_listen="127.0.0.1:0",
-            db=db,
-            shutdown_grace=1.0,
-            poll_base_url=provider.url,
-            poll_api_key=KEY,
-            poll_interval=0.05,
+        Settings(listen="127.0.0.1:0", http_listen="127.0.0.1:0", db=db, shutdown_grace=1.0),
+        poller_settings=PollerSettings(
+            provider.url, KEY, interval=0.05, backoff_initial=0.01, backoff_max=0.05
         ),
         clock=clock,
     )
@@ -258,9 +248,9 @@ async def polling_app(
 
 
 async def test_poller_failures_are_counted_by_kind_and_fetched_reports_after_recovery(
-    db_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+    db_path: Path, clock: FakeClock
 ) -> None:
-    async with FakeProvider(KEY) as provider, polling_app(db_path, clock, provider, monkeypatch) as running:
+    async with FakeProvider(KEY) as provider, polling_app(db_path, clock, provider) as running:
 
         async def succeeded() -> bool:
             return value(await scrape(running.http_port), "dlrhub_poller_last_success_timestamp_seconds") > 0

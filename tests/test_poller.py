@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -75,33 +74,37 @@ class PollingApp:
 
 @asynccontextmanager
 async def polling_app(
-    db: Path, clock: FakeClock, provider: FakeProvider, **settings: Any
+    db: Path, clock: FakeClock, provider: FakeProvider, *, fast_backoff: bool = False, **settings: Any
 ) -> AsyncIterator[PollingApp]:
-    """The whole app, its poller pointed at the fake provider."""
-    running = await app_module.start(
-        Settings(
-            listen="127.0.0.1:0",
-            http_listen="127.0.0.1:0",
-            db=db,
-            shutdown_grace=1.0,
-            poll_base_url=provider.url,
-            poll_api_key=KEY,
-            **settings,
-        ),
-        clock=clock,
+    """The whole app, its poller pointed at the fake provider by the DLRHUB_POLL_* settings; with
+    `fast_backoff`, given the same poller settings with millisecond backoff, so retries happen
+    within the test."""
+    configured = Settings(
+        listen="127.0.0.1:0",
+        http_listen="127.0.0.1:0",
+        db=db,
+        shutdown_grace=1.0,
+        poll_base_url=provider.url,
+        poll_api_key=KEY,
+        **settings,
     )
+    poller = None
+    if fast_backoff:
+        poller = PollerSettings(
+            provider.url,
+            KEY,
+            limit=configured.poll_limit,
+            interval=configured.poll_interval,
+            backoff_initial=0.01,
+            backoff_max=0.05,
+        )
+    running = await app_module.start(configured, poller_settings=poller, clock=clock)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
     try:
         yield PollingApp(running, channel, DeliveryReportServiceStub(channel))
     finally:
         await channel.close(None)
         await running.stop()
-
-
-def fast_app_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The app's poller with millisecond backoff, so retries happen within the test."""
-    fast = functools.partial(PollerSettings, backoff_initial=0.01, backoff_max=0.05)
-    monkeypatch.setattr(app_module, "PollerSettings", fast)
 
 
 def direct_poller(server: Running, provider: FakeProvider, **settings: Any) -> Poller:
@@ -222,14 +225,14 @@ async def test_rejected_key_goes_not_serving_logs_and_recovers(
     provider: FakeProvider,
     db_path: Path,
     clock: FakeClock,
-    monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="dlrhub")
     provider.api_key = "rotated-key"
     provider.add(report("k-1"))
-    fast_app_backoff(monkeypatch)
-    async with polling_app(db_path, clock, provider, poll_limit=10, poll_interval=0.05) as running:
+    async with polling_app(
+        db_path, clock, provider, fast_backoff=True, poll_limit=10, poll_interval=0.05
+    ) as running:
 
         async def not_serving() -> bool:
             return await health(running.channel, HEALTH_SERVICE) == NOT_SERVING

@@ -3,7 +3,7 @@
 Rejected items (and whole payloads) are quarantined by Ingest and by the webhooks, listed oldest
 first, and re-run through the current normaliser after a fix. A "fix" is simulated the way a
 release ships one: the app is stopped and started again on the same database with a normaliser
-that now accepts an item shape it used to reject (see `keyed_by_reference`).
+that now accepts an item shape it used to reject (see `KeyedByReference`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,10 +49,11 @@ from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportSer
 from deliveryreport.v1.provider_formats_pb2 import GmsReport, GmsReports
 from dlrhub import app as dlrhub_app
 from dlrhub.config import Settings
-from dlrhub.normalise.fields import Fields
+from dlrhub.normalise import NormalisedItem, Normaliser
 from dlrhub.store import SqliteStore
 from dlrhub.store.base import QuarantinedItem as StoredItem
 from dlrhub.store.sqlite import MIGRATIONS, SCHEMA_VERSION, migrate
+from dlrhub_client.payloads import batch
 from tests.conftest import FakeClock, Running, ServerProcess
 
 if TYPE_CHECKING:
@@ -192,20 +193,34 @@ def quarantine_count(db: Path) -> int:
 
 
 _REFERENCE_OF = {"message_id": "extra_id", "messageId": "callbackData"}
-_required_text = Fields.required_text
 
 
-def keyed_by_reference(self: Fields, key: str) -> str:
+class KeyedByReference(Normaliser):
     """The "fixed" normaliser release: a report without a message id is keyed by its sender reference.
 
     GMS `message_id` falls back to `extra_id`, SentSMSReport `messageId` to `callbackData`, so the
     GMS_NO_ID and SSR_NO_ID items, rejected before, now normalise; everything else is unchanged.
     """
-    if key in _REFERENCE_OF and not self.has(key):
-        reference = self.text(_REFERENCE_OF[key])
-        if reference:
-            return reference
-    return _required_text(self, key)
+
+    def normalise(self, payload: str, format: Format.ValueType, received: Timestamp) -> list[NormalisedItem]:
+        return [self._keyed(item, received) for item in super().normalise(payload, format, received)]
+
+    def _keyed(self, item: NormalisedItem, received: Timestamp) -> NormalisedItem:
+        """The item read again with its reference as its message id, if that is all it lacked."""
+        rejection = item.rejection
+        key = rejection.field.rpartition(".")[2] if rejection is not None else ""
+        if rejection is None or rejection.reason != "MISSING_FIELD" or key not in _REFERENCE_OF:
+            return item
+        fields = json.loads(item.raw)
+        if not fields.get(_REFERENCE_OF[key]):
+            return item
+        fields[key] = fields[_REFERENCE_OF[key]]
+        format = Format.ValueType(item.format)
+        [keyed] = super().normalise(batch(format, [json.dumps(fields)]), format, received)
+        if keyed.report is None:
+            return item
+        keyed.report.raw_payload = item.raw  # the item's own text, as it came
+        return replace(keyed, index=item.index, raw=item.raw)
 
 
 @dataclass
@@ -215,10 +230,13 @@ class OwnApp:
 
 
 @asynccontextmanager
-async def own_app(db: Path, clock: FakeClock) -> AsyncIterator[OwnApp]:
-    """A dlrhub of the test's own (to stop and start it again on the same database)."""
+async def own_app(db: Path, clock: FakeClock, normaliser: Normaliser | None = None) -> AsyncIterator[OwnApp]:
+    """A dlrhub of the test's own (to stop and start it again on the same database), with the
+    release's normaliser, or another one."""
     running = await dlrhub_app.start(
-        Settings(listen="127.0.0.1:0", http_listen="127.0.0.1:0", db=db, shutdown_grace=1.0), clock=clock
+        Settings(listen="127.0.0.1:0", http_listen="127.0.0.1:0", db=db, shutdown_grace=1.0),
+        normaliser=normaliser,
+        clock=clock,
     )
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
     try:
@@ -351,7 +369,7 @@ async def test_renormalise_with_nothing_fixed_changes_nothing(server: Running, d
 
 
 async def test_renormalise_with_an_unknown_id_is_not_found_and_runs_nothing(
-    db_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+    db_path: Path, clock: FakeClock
 ) -> None:
     async with own_app(db_path, clock) as old_release:
         await ingest_samples(old_release.stub, clock)
@@ -359,8 +377,8 @@ async def test_renormalise_with_an_unknown_id_is_not_found_and_runs_nothing(
     gms_id = items[GMS_NO_ID_AT].id
     unknown = max(item.id for item in items) + 1000
 
-    monkeypatch.setattr(Fields, "required_text", keyed_by_reference)  # the GMS item would now pass
-    async with own_app(db_path, clock) as new_release:
+    # The GMS item would now pass.
+    async with own_app(db_path, clock, KeyedByReference.load()) as new_release:
         stub, store = new_release.stub, new_release.app.store
         latest = store.latest_cursor()
         with pytest.raises(grpc.aio.AioRpcError) as raised:
@@ -383,9 +401,7 @@ async def test_renormalise_with_an_unknown_id_is_not_found_and_runs_nothing(
         assert list(again.results) == []
 
 
-async def test_renormalise_after_a_fix_stores_what_now_passes(
-    db_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_renormalise_after_a_fix_stores_what_now_passes(db_path: Path, clock: FakeClock) -> None:
     async with own_app(db_path, clock) as old_release:
         await ingest_samples(old_release.stub, clock)
         items = await all_quarantined(old_release.stub)
@@ -394,10 +410,9 @@ async def test_renormalise_after_a_fix_stores_what_now_passes(
     still_open = [ids[GMS_NO_STATUS_AT], ids[NOT_JSON_AT], unknown_id]
 
     # The new release: same database, a normaliser that now accepts the two items without an id.
-    monkeypatch.setattr(Fields, "required_text", keyed_by_reference)
     clock.advance(1000)
     fixed_at = clock.now_ns // 1_000_000_000
-    async with own_app(db_path, clock) as new_release:
+    async with own_app(db_path, clock, KeyedByReference.load()) as new_release:
         stub, store = new_release.stub, new_release.app.store
         assert await all_quarantined(stub) == items  # the quarantine survived the restart
         start = store.latest_cursor()

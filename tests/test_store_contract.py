@@ -29,7 +29,7 @@ from deliveryreport.v1.delivery_report_pb2 import (
 )
 from dlrhub.merge import MessageState, merge
 from dlrhub.store import SqliteStore, StoreError
-from dlrhub.store.base import Change, QuarantinedItem, Store, Transaction
+from dlrhub.store.base import Change, QuarantinedItem, Selector, Store, Transaction
 from dlrhub.store.sqlite import SCHEMA_VERSION
 
 S = DeliveryStatus
@@ -187,7 +187,7 @@ def test_a_committed_transaction_is_visible_whole_and_only_after_commit(engine: 
             return (
                 store.messages("m-1"),
                 store.history("m-1"),
-                store.messages_by("bulk_id", "B", 0, 0, 10).total,
+                store.messages_by(Selector.BULK_ID, "B", 0, 0, 10).total,
                 store.changes(0, 10),
                 store.latest_cursor(),
                 store.quarantined(0, 10),
@@ -230,10 +230,10 @@ def test_a_transaction_that_raises_is_rolled_back_whole(engine: Handle) -> None:
     assert store.history("m-1") == [before]
     assert store.messages("m-2") == []
     assert store.history("m-2") == []
-    page = store.messages_by("bulk_id", "B", 0, 0, 10)
+    page = store.messages_by(Selector.BULK_ID, "B", 0, 0, 10)
     assert page_ids(page.states) == ["m-1"]
     assert (page.total, page.status_counts) == (1, {S.DELIVERY_STATUS_SENT: 1})
-    assert page_ids(store.messages_by("reference", "R", 0, 0, 10).states) == ["m-1"]
+    assert page_ids(store.messages_by(Selector.REFERENCE, "R", 0, 0, 10).states) == ["m-1"]
     assert all_changes(store) == changes_before
     assert store.latest_cursor() == cursor
     assert store.quarantined(0, 10) == quarantined_before
@@ -353,8 +353,8 @@ def test_messages_and_history_by_message_id_and_source(engine: Handle) -> None:
     assert store.history("unknown") == []
 
 
-@pytest.mark.parametrize("column", ["bulk_id", "reference"])
-def test_messages_by_pages_with_totals_and_status_counts(engine: Handle, column: str) -> None:
+@pytest.mark.parametrize("column", [Selector.BULK_ID, Selector.REFERENCE])
+def test_messages_by_pages_with_totals_and_status_counts(engine: Handle, column: Selector) -> None:
     store = engine.store
 
     def in_set(message_id: str, status: DeliveryStatus.ValueType, seconds: int = 1) -> DeliveryReport:
@@ -434,12 +434,12 @@ def test_messages_by_filters_by_source(engine: Handle) -> None:
         report("s-1", S.DELIVERY_STATUS_SENT, source=SSR, reference="R"),
         report("g-2", S.DELIVERY_STATUS_SENT, source=GMS, reference="R"),
     )
-    gms_page = store.messages_by("reference", "R", GMS, 0, 10)
+    gms_page = store.messages_by(Selector.REFERENCE, "R", GMS, 0, 10)
     assert (page_ids(gms_page.states), gms_page.total) == (["g-1", "g-2"], 2)
     assert gms_page.status_counts == {S.DELIVERY_STATUS_DELIVERED: 1, S.DELIVERY_STATUS_SENT: 1}
-    ssr_page = store.messages_by("reference", "R", SSR, 0, 10)
+    ssr_page = store.messages_by(Selector.REFERENCE, "R", SSR, 0, 10)
     assert (page_ids(ssr_page.states), ssr_page.total) == (["s-1"], 1)
-    assert page_ids(store.messages_by("reference", "R", 0, 0, 10).states) == ["g-1", "s-1", "g-2"]
+    assert page_ids(store.messages_by(Selector.REFERENCE, "R", 0, 0, 10).states) == ["g-1", "s-1", "g-2"]
 
 
 def test_changes_in_cursor_order_with_the_state_after_each(engine: Handle) -> None:
@@ -542,8 +542,8 @@ def test_reopening_keeps_everything(engine: Handle) -> None:
         return (
             [store.messages(message_id) for message_id in ("m-1", "m-2")],
             [store.history(message_id) for message_id in ("m-1", "m-2")],
-            store.messages_by("bulk_id", "B", 0, 0, 10),
-            store.messages_by("reference", "R", 0, 0, 10),
+            store.messages_by(Selector.BULK_ID, "B", 0, 0, 10),
+            store.messages_by(Selector.REFERENCE, "R", 0, 0, 10),
             all_changes(store),
             store.latest_cursor(),
             store.quarantined(0, 10),

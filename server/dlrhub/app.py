@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from aiohttp import web
@@ -24,6 +25,7 @@ from dlrhub.observability.calls import CallInterceptor, CallLog
 from dlrhub.observability.metrics import Metrics
 from dlrhub.observability.tracing import tracing_interceptor
 from dlrhub.store import SqliteStore
+from dlrhub.store.base import ReadRunner, Store
 from dlrhub.transport import tls, webhooks
 from dlrhub.transport.auth import AuthInterceptor, Tokens
 from dlrhub.transport.handlers import SERVICE_NAME, add_to_server
@@ -34,6 +36,7 @@ from dlrhub.write.committer import Committer
 from dlrhub.write.writer import Writer
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 SERVER_OPTIONS = [
@@ -52,7 +55,7 @@ class App:
 
     server: grpc.aio.Server
     port: int
-    store: SqliteStore
+    store: Store
     hub: Hub
     committer: Committer
     health: health_aio.HealthServicer
@@ -65,7 +68,7 @@ class App:
     poller: Poller | None = None
 
     def flush_logs(self) -> None:
-        """Logs the queued per-call lines now (see telemetry.CallLog)."""
+        """Logs the queued per-call lines now (see observability.calls.CallLog)."""
         self.call_log.flush()
         self.http_log.flush()
 
@@ -80,38 +83,57 @@ class App:
         await self.server.stop(self.settings.shutdown_grace)
         self.call_log.close()  # and lines of streams that end later are logged at once
         await self.committer.stop()
+        await _runner(self.reads)(self.store.close)
         self.reads.shutdown(wait=True)
-        self.store.close()
         log.info("stopped")
 
 
-async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) -> App:
+async def start(
+    settings: Settings,
+    *,
+    store: Store | None = None,
+    normaliser: Normaliser | None = None,
+    poller_settings: PollerSettings | None = None,
+    clock: Callable[[], int] = time.time_ns,
+) -> App:
     """Opens the store and starts serving; the bound ports are in `App.port` and `App.http_port`.
+
+    The parts not given are built from `settings`: the SQLite store at `settings.db`, the
+    normaliser with the configured code tables, the poller from the DLRHUB_POLL_* settings (off
+    unless they are set). A store given here is the app's: it closes it at stop, or if starting
+    fails. `clock` gives nanoseconds since the epoch (the received time of reports).
 
     Configuration is checked before anything starts; if starting fails half-way, whatever had
     started is stopped again.
     """
-    normaliser = Normaliser.load(settings.gms_codes, settings.sent_sms_report_codes)
-    webhook_auth = _webhook_auth(settings)
-    poller_settings = _poller_settings(settings)
-    tokens = _tokens(settings)
-    tls_files = tls.files(settings)
-    tracing = tracing_interceptor(settings.tracing)
     async with contextlib.AsyncExitStack() as started:
-        store = SqliteStore(settings.db)
-        started.callback(store.close)
-        hub = Hub(capacity=settings.stream_buffer, latest_cursor=store.latest_cursor())
+        reads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dlrhub-reader")
+        started.callback(reads.shutdown)
+        read = _runner(reads)
+        if store is not None:
+            started.push_async_callback(read, store.close)
+        if normaliser is None:
+            normaliser = Normaliser.load(settings.gms_codes, settings.sent_sms_report_codes)
+        webhook_auth = _webhook_auth(settings)
+        poller_settings = _poller_settings(settings, poller_settings)
+        tokens = _tokens(settings)
+        tls_files = tls.files(settings)
+        tracing = tracing_interceptor(settings.tracing)
+
+        if store is None:
+            store = await read(functools.partial(SqliteStore, settings.db))  # it migrates: blocking
+            started.push_async_callback(read, store.close)
+        hub = Hub(capacity=settings.stream_buffer, latest_cursor=await read(store.latest_cursor))
         metrics = Metrics()
+        # Read when /metrics is scraped, on a reader thread (see render_metrics).
         metrics.watch(hub, store.open_quarantine_count)
         committer = Committer(store, hub, on_commit=_commit_recorder(metrics))
         committer.start()
         started.push_async_callback(committer.stop)
-        reads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dlrhub-reader")
-        started.callback(reads.shutdown)
         writer = Writer(normaliser, committer, clock, max_items=settings.max_batch_items, metrics=metrics)
 
         service = DeliveryReportService(
-            writer=writer, store=store, hub=hub, reads=reads, max_streams=settings.max_streams
+            writer=writer, store=store, hub=hub, read=read, max_streams=settings.max_streams
         )
         health_servicer = health_aio.HealthServicer()
         call_log = CallLog(traced=tracing is not None)
@@ -128,7 +150,7 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
                 webhook_auth,
                 settings.http_max_body_bytes,
                 metrics,
-                render_metrics=lambda: asyncio.get_running_loop().run_in_executor(reads, metrics.render),
+                render_metrics=lambda: read(metrics.render),
                 call_log=http_log,
             ),
             access_log=None,
@@ -235,21 +257,32 @@ def _webhook_auth(settings: Settings) -> dict[str, webhooks.WebhookAuth]:
     return {path: webhooks.WebhookAuth.parse(spec) for path, spec in specs.items() if spec}
 
 
-def _poller_settings(settings: Settings) -> PollerSettings | None:
-    """The poller's settings, or None when it is not configured (both base URL and key are needed)."""
-    if not (settings.poll_base_url and settings.poll_api_key):
+def _poller_settings(settings: Settings, given: PollerSettings | None) -> PollerSettings | None:
+    """The poller's settings: those given, else from DLRHUB_POLL_* (None, the poller off, unless both
+    base URL and key are set)."""
+    if given is None and not (settings.poll_base_url and settings.poll_api_key):
         return None
-    if settings.poll_limit > settings.max_batch_items:
+    limit = settings.poll_limit if given is None else given.limit
+    if limit > settings.max_batch_items:
         raise ValueError(
-            f"DLRHUB_POLL_LIMIT ({settings.poll_limit}) is over DLRHUB_MAX_BATCH_ITEMS"
+            f"DLRHUB_POLL_LIMIT ({limit}) is over DLRHUB_MAX_BATCH_ITEMS"
             f" ({settings.max_batch_items}): a fetched batch could never be stored"
         )
-    return PollerSettings(
+    return given or PollerSettings(
         settings.poll_base_url,
         settings.poll_api_key,
         limit=settings.poll_limit,
         interval=settings.poll_interval,
     )
+
+
+def _runner(reads: Executor) -> ReadRunner:
+    """Runs blocking store calls on the reader threads (store/base.py: never on the event loop)."""
+
+    def read(call: Callable[[], T]) -> Awaitable[T]:
+        return asyncio.get_running_loop().run_in_executor(reads, call)
+
+    return read
 
 
 def _health_setter(health_servicer: health_aio.HealthServicer) -> Callable[[bool], Awaitable[None]]:

@@ -34,7 +34,7 @@ class Heartbeat:
 async def follow(
     store: Store,
     hub: Hub,
-    read: ReadRunner[list[Change]],
+    read: ReadRunner,
     change_filter: ChangeFilter,
     after: int | None,
     heartbeat_seconds: float,
@@ -51,7 +51,7 @@ async def follow(
 async def follow_batches(
     store: Store,
     hub: Hub,
-    read: ReadRunner[list[Change]],
+    read: ReadRunner,
     change_filter: ChangeFilter,
     after: int | None,
     heartbeat_seconds: float,

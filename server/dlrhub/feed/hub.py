@@ -5,6 +5,17 @@ Publishing never waits: a subscriber whose buffer is full is marked as
 overflowed and its buffer dropped, and the subscriber catches up from the
 store (see follow.py). So a slow consumer costs Ingest nothing and loses
 nothing.
+
+Single writer: the hub assumes that every change in the store is committed by
+this process's committer (write/committer.py), which publishes each group
+right after its commit, in cursor order (one writer thread: commit order is
+cursor order). So `latest_cursor` is the store's,
+and a subscriber that has read the store up to a cursor finds every later
+change in its buffer. A change committed by another process is never
+published here: with several processes writing one database, live changes
+must come from the store itself (a notification, or reading `Store.changes`
+after the latest cursor seen), and this assumption is what that work
+replaces.
 """
 
 from __future__ import annotations

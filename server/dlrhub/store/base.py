@@ -15,6 +15,7 @@ The contract tests in tests/test_store_contract.py run against every engine.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -26,8 +27,12 @@ from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
 from dlrhub.merge import MessageState
 
 T = TypeVar("T")
-# Runs a blocking store call on a reader thread; the event loop awaits its result.
-ReadRunner = Callable[[Callable[[], T]], Awaitable[T]]
+
+
+class ReadRunner(Protocol):
+    """Runs a blocking store call on a reader thread; the event loop awaits its result."""
+
+    def __call__(self, call: Callable[[], T], /) -> Awaitable[T]: ...
 
 
 class StoreError(Exception):
@@ -65,6 +70,13 @@ class ChangeFilter:
             and (not self.channels or report.channel in self.channels)
             and (not self.source or report.source == self.source)
         )
+
+
+class Selector(enum.StrEnum):
+    """A field that several messages may share, to select them by (Store.messages_by)."""
+
+    BULK_ID = "bulk_id"
+    REFERENCE = "reference"
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,8 +149,9 @@ class Store(Protocol):
     def history(self, message_id: str, source: int = 0) -> list[DeliveryReport]:
         """Every distinct report of those messages, in the order they were stored."""
 
-    def messages_by(self, column: str, value: str, source: int, after: int, limit: int) -> MessagePage:
-        """Messages whose `column` ("bulk_id" or "reference") equals `value`, after position `after`."""
+    def messages_by(self, selector: Selector, value: str, source: int, after: int, limit: int) -> MessagePage:
+        """Messages whose `selector` field equals `value` (and from `source`, unless 0), after
+        position `after`: a page of up to `limit`, with the totals of all that match."""
 
     def changes(self, after: int, limit: int) -> list[Change]:
         """Up to `limit` changes with cursor > `after`, in cursor order."""
@@ -174,6 +187,7 @@ __all__: Sequence[str] = [
     "MessagePage",
     "QuarantinedItem",
     "ReadRunner",
+    "Selector",
     "Store",
     "StoreError",
     "Transaction",

@@ -26,10 +26,12 @@ import sqlite_utils
 
 from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
 from dlrhub.merge import MessageState
-from dlrhub.store.base import Change, MessagePage, QuarantinedItem, StoreError
+from dlrhub.store.base import Change, MessagePage, QuarantinedItem, Selector, StoreError
 from dlrhub.store.codec import decode_state, encode_merge
 
 _BUSY_TIMEOUT_MS = 10_000
+# The messages table's column for each selector of messages_by.
+_COLUMNS = {Selector.BULK_ID: "bulk_id", Selector.REFERENCE: "reference"}
 
 
 def _migration_1(db: sqlite_utils.Database) -> None:
@@ -173,11 +175,9 @@ class SqliteStore:
         )
         return [_with_raw(report, raw) for report, raw in rows]
 
-    def messages_by(self, column: str, value: str, source: int, after: int, limit: int) -> MessagePage:
-        if column not in ("bulk_id", "reference"):
-            raise ValueError(f"cannot select messages by {column!r}")
+    def messages_by(self, selector: Selector, value: str, source: int, after: int, limit: int) -> MessagePage:
         reader = self._reader()
-        where = f"{column} = ? AND (? = 0 OR source = ?)"
+        where = f"{_COLUMNS[selector]} = ? AND (? = 0 OR source = ?)"
         reader.execute("BEGIN")  # one snapshot for the page and the counts
         try:
             rows = reader.execute(

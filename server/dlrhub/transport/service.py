@@ -3,15 +3,14 @@ results into a response (or the status of a domain error)."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import Executor
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import replace
 from typing import Any, TypeVar
 
 import grpc
 
 from deliveryreport.v1 import delivery_report_service_pb2_grpc as service_grpc
+from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
 from deliveryreport.v1.delivery_report_service_pb2 import (
     FetchRequest,
     FetchResponse,
@@ -45,7 +44,7 @@ from dlrhub.feed.follow import Heartbeat, follow_batches
 from dlrhub.feed.hub import Hub
 from dlrhub.normalise import typed_payload
 from dlrhub.observability.calls import note
-from dlrhub.store.base import Change, ChangeFilter, QuarantinedItem, Store, StoreError
+from dlrhub.store.base import Change, ChangeFilter, QuarantinedItem, ReadRunner, Selector, Store, StoreError
 from dlrhub.transport.pages import decode_page_token, encode_page_token, page_size
 from dlrhub.write import quarantine
 from dlrhub.write.submission import is_wholly_rejected
@@ -61,12 +60,12 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
     """Ingest, Fetch, Stream, and the quarantine."""
 
     def __init__(
-        self, *, writer: Writer, store: Store, hub: Hub, reads: Executor, max_streams: int = 1000
+        self, *, writer: Writer, store: Store, hub: Hub, read: ReadRunner, max_streams: int = 1000
     ) -> None:
         self._writer = writer
         self._store = store
         self._hub = hub
-        self._reads = reads
+        self._read = read
         self._max_streams = max_streams
         self._encode = StreamEncoder(size=hub.capacity)
 
@@ -196,19 +195,24 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
         size = page_size(request.page_size)
         source = request.source
         if selector == "message_id":
-            # A keyed lookup takes microseconds, less than handing it to a reader thread and back.
-            states = self._store.messages(value, source)
+
+            def lookup() -> tuple[list[DeliveryReport], list[DeliveryReport]]:
+                states = self._store.messages(value, source)
+                history = self._store.history(value, source) if states and request.include_history else []
+                return states, history
+
+            states, history = await self._read(lookup)  # one trip to a reader thread
             if not states:
                 raise NotFound(
                     f"no message with message_id {value!r}",
                     "MESSAGE_NOT_FOUND",
                     metadata={"message_id": value},
                 )
-            history = self._store.history(value, source) if request.include_history else []
             return FetchResponse(reports=states, history=history)
 
         after = decode_page_token(request.page_token, selector, value, source) if request.page_token else 0
-        page = await self._read(lambda: self._store.messages_by(selector, value, source, after, size))
+        by = Selector(selector)
+        page = await self._read(lambda: self._store.messages_by(by, value, source, after, size))
         response = FetchResponse(reports=page.states, total_size=page.total)
         if page.next_after is not None:
             response.next_page_token = encode_page_token(selector, value, source, page.next_after)
@@ -292,9 +296,6 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
                 metadata={"max_streams": str(self._max_streams)},
             )
         return follow_batches(self._store, self._hub, self._read, change_filter, after, heartbeat)
-
-    def _read(self, call: Callable[[], T]) -> Awaitable[T]:
-        return asyncio.get_running_loop().run_in_executor(self._reads, call)
 
 
 async def _answer(context: Context, work: Awaitable[T]) -> T:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from deliveryreport.v1.delivery_report_service_pb2 import IngestOutcome, RenormaliseQuarantineResponse
 from dlrhub.errors import NotFound, Unavailable
-from dlrhub.store.base import QuarantinedItem, ReadRunner, Store, StoreError
+from dlrhub.store.base import ReadRunner, Store, StoreError
 from dlrhub.write.submission import item_error
 from dlrhub.write.writer import Writer
 
@@ -22,7 +22,7 @@ PAGE = 500
 
 
 async def renormalise(
-    writer: Writer, store: Store, read: ReadRunner[list[tuple[int, QuarantinedItem]]], ids: Sequence[int]
+    writer: Writer, store: Store, read: ReadRunner, ids: Sequence[int]
 ) -> RenormaliseQuarantineResponse:
     """Re-runs the open items among `ids` (every open item when there are none), oldest first.
 
