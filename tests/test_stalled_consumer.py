@@ -32,7 +32,7 @@ from deliveryreport.v1.delivery_report_service_pb2 import (
 from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
 from dlrhub import app
 from dlrhub.config import Settings
-from dlrhub.feed.follow import Heartbeat, follow
+from dlrhub.feed.follow import Heartbeat, follow_batches
 from dlrhub.store.base import Change, ChangeFilter
 from tests.conftest import FakeClock, Running
 
@@ -183,7 +183,7 @@ async def test_stalled_consumer_misses_nothing_and_does_not_hold_up_ingest(
 
 
 async def test_a_change_published_as_the_heartbeat_wait_times_out_is_not_skipped(server: Running) -> None:
-    """follow() with a heartbeat so short that it times out around every publish.
+    """follow_batches() with a heartbeat so short that it times out around every publish.
 
     A change published between the wait's timeout and the follower's turn sits in the buffer; the
     heartbeat must not move the cursor past it (that would skip it, here and on resume).
@@ -211,17 +211,18 @@ async def test_a_change_published_as_the_heartbeat_wait_times_out_is_not_skipped
     async def consume() -> None:
         nonlocal heartbeats
         feed = cast(
-            AsyncGenerator[Change | Heartbeat, None],
-            follow(running.store, running.hub, read, ChangeFilter(), 0, 0.001),
+            AsyncGenerator[list[Change] | Heartbeat, None],
+            follow_batches(running.store, running.hub, read, ChangeFilter(), 0, 0.001),
         )
         try:
             async for item in feed:
-                if isinstance(item, Change):
-                    got.append(item.cursor)
-                else:
-                    assert isinstance(item, Heartbeat)
+                if isinstance(item, Heartbeat):
                     heartbeats += 1
-                if done.is_set() and item.cursor >= acked[-1]:
+                    cursor = item.cursor
+                else:
+                    got.extend(change.cursor for change in item)
+                    cursor = item[-1].cursor
+                if done.is_set() and cursor >= acked[-1]:
                     return
         finally:
             await feed.aclose()

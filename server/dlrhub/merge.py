@@ -1,9 +1,9 @@
 """The state machine of one message: stored state + incoming report -> new state.
 
-normalisation.md §4. Every distinct report of a message has a merge key
-(rank of its status, event time, digest). The current state is a maximum,
-so any order of the same reports, with any duplicates, ends in the same
-state:
+Reports of a message (keyed by source and message id) arrive duplicated and
+out of order. Every distinct report has a merge key (rank of its status,
+event time, digest). The current state is a maximum, so any order of the
+same reports, with any duplicates, ends in the same state:
 
 - status, final flag, raw codes, error, event time, channel (and the
   winner's received time and raw text) come from the report with the
@@ -80,7 +80,7 @@ class MergeResult:
 
 
 def digest(report: DeliveryReport) -> bytes:
-    """Identity of a report for duplicate detection (normalisation.md §5)."""
+    """Identity of a report for duplicate detection: source, message id, channel, event time and raw codes."""
     event = report.event_time
     identity = (
         f"{report.source}\x00{report.message_id}\x00{report.channel}\x00"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from deliveryreport.v1.delivery_report_pb2 import DeliveryStatus
 
-# normalisation.md §3: UNSPECIFIED 0 < ACCEPTED 10 < SENT 20 < final failures 30
-# < DELIVERED 40 < SEEN 50.
+# The merge rank (merge.py: the greatest wins): UNSPECIFIED 0 < ACCEPTED 10 < SENT 20 < the final
+# failures 30 (among them, the later event wins) < DELIVERED 40 < SEEN 50 (seen implies delivered).
 RANK: dict[int, int] = {
     DeliveryStatus.DELIVERY_STATUS_UNSPECIFIED: 0,
     DeliveryStatus.DELIVERY_STATUS_ACCEPTED: 10,

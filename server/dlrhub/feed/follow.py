@@ -31,23 +31,6 @@ class Heartbeat:
     cursor: int
 
 
-async def follow(
-    store: Store,
-    hub: Hub,
-    read: ReadRunner,
-    change_filter: ChangeFilter,
-    after: int | None,
-    heartbeat_seconds: float,
-) -> AsyncIterator[Change | Heartbeat]:
-    """Changes matching the filter with cursor > `after` (None: only changes from now on)."""
-    async for item in follow_batches(store, hub, read, change_filter, after, heartbeat_seconds):
-        if isinstance(item, Heartbeat):
-            yield item
-        else:
-            for change in item:
-                yield change
-
-
 async def follow_batches(
     store: Store,
     hub: Hub,
@@ -57,8 +40,9 @@ async def follow_batches(
     heartbeat_seconds: float,
     max_batch: int = MAX_BATCH,
 ) -> AsyncIterator[list[Change] | Heartbeat]:
-    """follow(), with the changes that are ready at the same moment yielded together (never empty,
-    at most `max_batch`): a subscriber that sends them in one message keeps up with far more."""
+    """Changes matching the filter with cursor > `after` (None: only changes from now on), those
+    that are ready at the same moment together (never empty, at most `max_batch`): a subscriber that
+    sends them in one message keeps up with far more."""
     subscription = hub.subscribe(change_filter)
     try:
         subscription.position = last = hub.latest_cursor if after is None else after

@@ -16,7 +16,7 @@ The contract tests in tests/test_store_contract.py run against every engine.
 from __future__ import annotations
 
 import enum
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -171,16 +171,6 @@ class Store(Protocol):
         """Releases every connection."""
 
 
-def iterate_changes(store: Store, after: int, batch: int = 500) -> Iterator[Change]:
-    """Every change after `after`, read in batches."""
-    while True:
-        page = store.changes(after, batch)
-        yield from page
-        if len(page) < batch:
-            return
-        after = page[-1].cursor
-
-
 __all__: Sequence[str] = [
     "Change",
     "ChangeFilter",
@@ -191,5 +181,4 @@ __all__: Sequence[str] = [
     "Store",
     "StoreError",
     "Transaction",
-    "iterate_changes",
 ]
