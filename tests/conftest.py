@@ -21,6 +21,8 @@ from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportSer
 from dlrhub import app
 from dlrhub.config import Settings
 
+pytest_plugins = ["tests.postgres"]  # postgres_url, postgres_db
+
 if TYPE_CHECKING:  # the async stub type exists only in the generated .pyi
     from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceAsyncStub
 
