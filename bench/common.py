@@ -1,4 +1,4 @@
-"""What the orchestrator, the load processes and the preloader share: payloads, ids, statistics, paths."""
+"""What the bench, the load processes and the preloader share: payloads, ids, /proc figures, paths."""
 
 from __future__ import annotations
 
@@ -59,26 +59,6 @@ def stored_id(index: int) -> str:
 def live_id(tag: str, worker: int, seq: int) -> str:
     """A fresh message id for live ingest load: unique per (run tag, worker, sequence)."""
     return f"{tag}-{worker:04x}-4000-8000-{seq:012x}"
-
-
-def percentile(sorted_values: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile of already sorted values; NaN when there are none."""
-    if not sorted_values:
-        return math.nan
-    rank = max(1, math.ceil(fraction * len(sorted_values)))
-    return float(sorted_values[rank - 1])
-
-
-def summarise_us(latencies_us: Sequence[float]) -> dict[str, float]:
-    """p50 / p90 / p99 / max of latencies in microseconds, reported in milliseconds."""
-    ordered = sorted(latencies_us)
-    return {
-        "count": len(ordered),
-        "p50_ms": percentile(ordered, 0.50) / 1000,
-        "p90_ms": percentile(ordered, 0.90) / 1000,
-        "p99_ms": percentile(ordered, 0.99) / 1000,
-        "max_ms": (ordered[-1] / 1000) if ordered else math.nan,
-    }
 
 
 def proc_status(pid: int) -> dict[str, int]:

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import grpc
 
-from bench.__main__ import Server, start_dlrhub, start_echo
 from bench.common import ECHO_UNARY, FETCH, INGEST, gms_batch, gms_report, proc_cpu_seconds
+from bench.servers import Server, start_dlrhub, start_echo
 from deliveryreport.v1.delivery_report_service_pb2 import FetchRequest, IngestRequest
 
 STORED = 5000
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check_running(server: Server) -> None:
     if server.process.poll() is not None:
-        raise RuntimeError(f"{server.name} exited:\n" + "".join(server.lines[-20:]))
+        raise RuntimeError(f"{server.name} exited:\n" + "".join(server.output.lines[-20:]))
 
 
 if __name__ == "__main__":

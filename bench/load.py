@@ -1,6 +1,6 @@
 """Load generators, each in its own process with its own channel.
 
-The orchestrator (bench/__main__.py) starts a pool of these processes once (multiprocessing, spawn)
+The bench (bench/measurement.py) starts a pool of these processes once (multiprocessing, spawn)
 and hands each a job (a dict) per measurement point; the process answers a result dict. Every job
 has a shared measurement window on the wall clock (time.time_ns(), the same clock in every process
 of the machine): load starts `warmup` seconds before `start_at`, and only what completes inside

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,16 +12,18 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after choosing the backend
 
+from bench.records import CallsPoint, FanoutPoint, LatencyPoint, SuiteResult
+
 _STYLES = {"asyncio": "-", "uvloop": "--"}
 
 
-def plot(document: dict[str, Any], path: Path) -> None:
+def plot(suites: Sequence[SuiteResult], title: str, path: Path) -> None:
     figure, axes = plt.subplots(2, 2, figsize=(14, 10))
     throughput, latency, streams, stream_latency = axes[0][0], axes[0][1], axes[1][0], axes[1][1]
     bars: dict[str, dict[str, float]] = {}
     latency_bars: dict[str, dict[str, float]] = {}
     colors: dict[str, str] = {}
-    for suite in document["suites"]:
+    for suite in suites:
         _curves(suite, throughput, latency, colors)
         _bars(suite, bars, latency_bars)
     throughput.set(title="unary throughput vs calls in flight", xlabel="calls in flight", ylabel="calls/s")
@@ -36,27 +40,27 @@ def plot(document: dict[str, Any], path: Path) -> None:
     _grouped_bars(stream_latency, latency_bars, "Ingest ack -> subscriber latency", "ms")
     stream_latency.axhline(10, color="red", linewidth=0.8, linestyle="--", label="target p99 10 ms")
     stream_latency.legend(fontsize=8)
-    figure.suptitle(f"dlrhub bench {document['stamp']} ({document['mode']['name']})")
+    figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
-def _curves(suite: dict[str, Any], throughput: Any, latency: Any, colors: dict[str, str]) -> None:
+def _curves(suite: SuiteResult, throughput: Any, latency: Any, colors: dict[str, str]) -> None:
     """Calls/s and p50/p99 against calls in flight, one line per server and payload."""
-    loop = suite["event_loop"]
+    loop = suite.event_loop
     style = _STYLES.get(loop, "-")
     curves: dict[str, list[tuple[int, float, float, float]]] = {}
-    for point in suite["points"]:
-        if "concurrency" not in point or point["scenario"] in ("client_stream", "batched"):
+    for point in suite.points:
+        if not isinstance(point, CallsPoint) or point.scenario in ("client_stream", "batched"):
             continue
-        name = f"{point['target']} {point['scenario']}".replace("dlrhub unary", "dlrhub Ingest")
+        name = f"{point.target} {point.scenario}".replace("dlrhub unary", "dlrhub Ingest")
         name = name.replace("echo unary", "echo (Ingest bytes)").replace(
             "echo fetch_echo", "echo (Fetch bytes)"
         )
         name = name.replace("dlrhub fetch_", "dlrhub Fetch ")
         curves.setdefault(name, []).append(
-            (point["concurrency"], point["calls_per_s"], point["p50_ms"] or 0, point["p99_ms"] or 0)
+            (point.concurrency, point.calls_per_s, _ms(point.latency.p50_ms), _ms(point.latency.p99_ms))
         )
     for name, values in sorted(curves.items()):
         values.sort()
@@ -69,26 +73,28 @@ def _curves(suite: dict[str, Any], throughput: Any, latency: Any, colors: dict[s
 
 
 def _bars(
-    suite: dict[str, Any], bars: dict[str, dict[str, float]], latency: dict[str, dict[str, float]]
+    suite: SuiteResult, bars: dict[str, dict[str, float]], latency: dict[str, dict[str, float]]
 ) -> None:
     """Batched Ingest, fan-out and ack -> subscriber latency, one group per event loop."""
-    loop = suite["event_loop"]
-    for point in suite["points"]:
-        scenario = point["scenario"]
-        if scenario == "client_stream":
-            bars.setdefault(loop, {})["client-stream\necho"] = point["items_per_s"]
-        elif scenario == "batched":
-            bars.setdefault(loop, {})[f"batched Ingest\n({point['batch']}/call)"] = point["items_per_s"]
-        elif scenario == "fanout":
-            names = {"StreamBatches": "dlrhub\nbatches", "Stream": "dlrhub\nStream"}
-            target = names.get(point.get("rpc", ""), "dlrhub") if point["target"] == "dlrhub" else "echo"
-            key = f"fan-out {point['subscribers']}\n{target}"
-            bars.setdefault(loop, {})[key] = point["messages_per_s"]
-        elif scenario == "latency":
-            ack = point["ack_to_subscriber"]
-            where = f"{point['subscribers']} sub\n@ {point.get('fraction', 0.5):g} x peak"
-            latency.setdefault(f"{loop} p50", {})[where] = ack["p50_ms"] or 0
-            latency.setdefault(f"{loop} p99", {})[where] = ack["p99_ms"] or 0
+    loop = suite.event_loop
+    names = {"StreamBatches": "dlrhub\nbatches", "Stream": "dlrhub\nStream"}
+    for point in suite.points:
+        if isinstance(point, CallsPoint) and point.scenario == "client_stream":
+            bars.setdefault(loop, {})["client-stream\necho"] = point.items_per_s
+        elif isinstance(point, CallsPoint) and point.scenario == "batched":
+            bars.setdefault(loop, {})[f"batched Ingest\n({point.batch}/call)"] = point.items_per_s
+        elif isinstance(point, FanoutPoint) and point.scenario == "fanout":
+            target = names.get(point.rpc, "dlrhub") if point.target == "dlrhub" else "echo"
+            bars.setdefault(loop, {})[f"fan-out {point.subscribers}\n{target}"] = point.messages_per_s
+        elif isinstance(point, LatencyPoint):
+            where = f"{point.subscribers} sub\n@ {point.fraction:g} x peak"
+            latency.setdefault(f"{loop} p50", {})[where] = _ms(point.ack_to_subscriber.p50_ms)
+            latency.setdefault(f"{loop} p99", {})[where] = _ms(point.ack_to_subscriber.p99_ms)
+
+
+def _ms(value: float) -> float:
+    """A latency to draw: 0 where there was none (NaN)."""
+    return value if math.isfinite(value) else 0.0
 
 
 def _grouped_bars(axis: Any, groups: dict[str, dict[str, float]], title: str, unit: str) -> None:
