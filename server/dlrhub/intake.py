@@ -15,7 +15,7 @@ from deliveryreport.v1.delivery_report_service_pb2 import Format, IngestResponse
 from dlrhub.committer import Committer
 from dlrhub.ingest import Submission
 from dlrhub.metrics import Metrics
-from dlrhub.normalise import Normaliser, PayloadError, Rejection
+from dlrhub.normalise import Normaliser, PayloadError, Rejection, single_item_payload
 from dlrhub.store.base import QuarantinedItem
 
 
@@ -77,12 +77,8 @@ class Intake:
         """
         received = item.received_time()
         resolved_seconds = self._clock() // 1_000_000_000  # now: when it is resolved, if it is
-        payload = item.raw
-        if not item.whole_payload:  # one item of a batch: run it in a batch of its own, as it came
-            if item.format == Format.FORMAT_SENT_SMS_REPORT:
-                payload = '{"results":[' + payload + "]}"
-            elif item.format == Format.FORMAT_GMS:
-                payload = "[" + payload + "]"
+        # One item of a batch runs in a batch of its own, as it came.
+        payload = item.raw if item.whole_payload else single_item_payload(item.raw, item.format)
         try:
             items = self._normaliser.normalise(payload, Format.ValueType(item.format), received)
         except PayloadError as error:
