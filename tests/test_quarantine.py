@@ -350,6 +350,19 @@ async def test_renormalise_with_nothing_fixed_changes_nothing(server: Running, d
         assert listing.open_count == len(SAMPLES)
 
 
+async def test_a_rejected_xml_report_is_run_again_as_xml(server: Running) -> None:
+    # A GMS XML callback is one report, not an element of a batch: it is re-run as it came, not in "[...]".
+    xml = "<DeliveryReport><status>2</status><last_partner>sms</last_partner></DeliveryReport>"
+    await ingest_rejected(server.stub, IngestRequest(payload=xml))
+    [item] = await all_quarantined(server.stub)
+    assert (item.error.field, item.error.reason) == ("message_id", "MISSING_FIELD")
+    assert (item.raw, item.format, item.whole_payload) == (xml, GMS, False)
+
+    result = (await renormalise(server.stub)).results[0]
+    assert not result.resolved
+    assert [(r.error.field, r.error.reason) for r in result.results] == [("message_id", "MISSING_FIELD")]
+
+
 async def test_renormalise_with_an_unknown_id_is_not_found_and_runs_nothing(
     db_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
