@@ -23,6 +23,7 @@ from deliveryreport.v1.delivery_report_pb2 import (
     Source,
 )
 from deliveryreport.v1.delivery_report_service_pb2 import Format
+from dlrhub.merge import merge
 from dlrhub.normalise import NormalisedItem
 from tests.normalising import FIXTURES, NORMALISER, RECEIVED, ts
 
@@ -212,19 +213,34 @@ def test_whatsapp_seen_report_to_is_the_business_number() -> None:
     )
 
 
-def test_older_whatsapp_seen_report_names_only_the_business_number() -> None:
-    # No recipient to take: the business number in `to` is the sender, and the recipient stays empty
-    # (the merge keeps the one the delivery report gave).
+def test_older_whatsapp_seen_report_has_only_the_recipient() -> None:
+    # No `from`: on the same page, the delivery report of the same message gives the same `to`.
     [got] = reports_of("omni_whatsapp_seen.json", C.CHANNEL_WHATSAPP)
     assert got == report(
         got.raw_payload,
         message_id="1215f543ab19-345f-adbd-12ad31451ed25f35",
-        sender="41793026731",
+        recipient="+41793026731",
         channel=C.CHANNEL_WHATSAPP,
         event_time=ts("2018-12-12T11:21:58.251Z"),
         sent_time=ts("2018-12-12T11:21:57.793Z"),
         **seen(),
     )
+
+
+def test_seen_report_merged_after_its_delivery_report_keeps_the_recipient() -> None:
+    state = None
+    for got in reports_of("omni_whatsapp_pull.json") + reports_of(
+        "omni_whatsapp_seen.json", C.CHANNEL_WHATSAPP
+    ):
+        state = merge(state, got).state
+    assert state is not None
+    merged = state.report
+    assert (merged.status, merged.channel, merged.recipient) == (
+        S.DELIVERY_STATUS_SEEN,
+        C.CHANNEL_WHATSAPP,
+        "+41793026731",
+    )
+    assert (merged.parts_total, merged.price.amount) == (1, "0")  # from the delivery report
 
 
 def test_apple_messages_for_business_report_keeps_its_opaque_addresses() -> None:

@@ -12,8 +12,10 @@ Infobip documents:
 - seen reports: `seenAt` and no `status`. In the per-channel seen reports
   (WhatsApp, Viber, RCS) `from` is the end user who saw the message and `to`
   the business sender (Infobip's WhatsAppWebhookSeenReport, ViberSeenReport and
-  RcsSeenReport models); the Messages API seen report keeps `destination` and
-  `sender`. SMS and MMS have no seen reports.
+  RcsSeenReport models). The older OMNI seen report has no `from`: its `to` is
+  the recipient, the same as in the message's delivery report. The Messages
+  API seen report keeps `destination` and `sender`. SMS and MMS have no seen
+  reports.
 
 Channel: a `channel` field wins (a name dlrhub has no value for gives
 CHANNEL_UNSPECIFIED, its name kept in the raw codes); else `mmsCount` says
@@ -114,7 +116,9 @@ def _report(item: Fields, table: CodeTable, default_channel: Channel.ValueType) 
     platform = item.object("platform")
     mcc_mnc = item.address("mccMnc")  # text, or a number in Messages API and MMS reports
     destination = item.address("destination")
-    if status is None and destination is None:  # a per-channel seen report: `from` saw it, `to` sent it
+    if (
+        status is None and destination is None and item.has("from")
+    ):  # per-channel: `from` saw it, `to` sent it
         recipient, sender = item.address("from"), item.text("sender") or item.address("to")
     else:
         recipient, sender = destination or item.address("to"), item.text("sender") or item.text("from")
