@@ -38,9 +38,18 @@ def write(tmp_path: Path, document: dict[str, Any]) -> Path:
 def test_shipped_tables_load() -> None:
     normaliser = Normaliser.load()
     assert normaliser.gms_table.facts == gms.FACTS == GMS
-    assert normaliser.sent_sms_report_table.facts == sent_sms_report.FACTS == ("seen", "group_id", "id")
+    assert (
+        normaliser.sent_sms_report_table.facts
+        == sent_sms_report.FACTS
+        == (
+            "seen",
+            "group_id",
+            "id",
+            "group_name",
+        )
+    )
     assert len(normaliser.gms_table.rules) == 10
-    assert len(normaliser.sent_sms_report_table.rules) == 10
+    assert len(normaliser.sent_sms_report_table.rules) == 16
 
 
 def test_shipped_gms_rules_in_order() -> None:
@@ -62,17 +71,23 @@ def test_shipped_gms_rules_in_order() -> None:
 @pytest.mark.parametrize(
     ("key", "status"),
     [
-        ((True, None, None), S.DELIVERY_STATUS_SEEN),
-        ((False, 3, 5), S.DELIVERY_STATUS_DELIVERED),
-        ((False, 3, 2), S.DELIVERY_STATUS_SENT),
-        ((False, 1, 26), S.DELIVERY_STATUS_ACCEPTED),
-        ((False, 2, 4), S.DELIVERY_STATUS_UNDELIVERED),
-        ((False, 4, 29), S.DELIVERY_STATUS_EXPIRED),
-        ((False, 5, 6), S.DELIVERY_STATUS_REJECTED),
-        ((False, 6, 1), S.DELIVERY_STATUS_UNSPECIFIED),
+        ((True, None, None, None), S.DELIVERY_STATUS_SEEN),
+        ((False, 3, 5, "DELIVERED"), S.DELIVERY_STATUS_DELIVERED),
+        ((False, 3, 2, "DELIVERED"), S.DELIVERY_STATUS_SENT),
+        ((False, 1, 26, None), S.DELIVERY_STATUS_ACCEPTED),
+        ((False, 2, 4, None), S.DELIVERY_STATUS_UNDELIVERED),
+        ((False, 4, 29, None), S.DELIVERY_STATUS_EXPIRED),
+        ((False, 5, 6, None), S.DELIVERY_STATUS_REJECTED),
+        ((False, 6, 1, None), S.DELIVERY_STATUS_UNSPECIFIED),
+        # By group name, where the ids are missing or unknown (normalisation.md §5).
+        ((False, None, None, "DELIVERED"), S.DELIVERY_STATUS_DELIVERED),
+        ((False, 6, 1, "REJECTED"), S.DELIVERY_STATUS_REJECTED),
+        ((False, None, None, "FUTURE"), S.DELIVERY_STATUS_UNSPECIFIED),
     ],
 )
-def test_shipped_sent_sms_report_table(key: tuple[bool, int | None, int | None], status: int) -> None:
+def test_shipped_sent_sms_report_table(
+    key: tuple[bool, int | None, int | None, str | None], status: int
+) -> None:
     assert Normaliser.load().sent_sms_report_table.status(key) == status
 
 

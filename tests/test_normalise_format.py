@@ -8,7 +8,7 @@ import pytest
 from google.protobuf.json_format import ParseDict
 
 import dlrhub.normalise
-from deliveryreport.v1.delivery_report_pb2 import DeliveryReport, DeliveryStatus, Source
+from deliveryreport.v1.delivery_report_pb2 import Channel, DeliveryReport, DeliveryStatus, Source
 from deliveryreport.v1.delivery_report_service_pb2 import Format
 from deliveryreport.v1.provider_formats_pb2 import (
     GmsReport,
@@ -55,6 +55,7 @@ def test_public_surface() -> None:
         "PayloadError",
         "Rejection",
         "detect_format",
+        "single_item_payload",
         "typed_payload",
     ]
 
@@ -331,6 +332,49 @@ def test_typed_seen_report_with_from_normalises_like_its_json() -> None:
     assert typed_reports[0].sender == "InfoSMS"
 
 
+@pytest.mark.parametrize("name", ["messages_api_delivery.json", "messages_api_seen.json"])
+def test_typed_messages_api_report_normalises_like_its_json(name: str) -> None:
+    # The mirror carries `destination` and `event`; `campaignReferenceId` has no place in a report.
+    text = fixture(f"providers/infobip/{name}")
+    typed = SentSmsReports(
+        results=[
+            ParseDict(item, SentSmsReport(), ignore_unknown_fields=True)
+            for item in json.loads(text)["results"]
+        ]
+    )
+    typed_reports = reports(normalise_typed(typed))
+    assert typed_reports == reports(normalise(text))
+    assert typed_reports[0].recipient == "+41793026727"
+
+
+def test_typed_mms_count_and_send_at_normalise_like_their_json() -> None:
+    typed = SentSmsReports(
+        results=[
+            SentSmsReport(
+                message_id="m",
+                mms_count=2,
+                send_at="2022-04-02T15:44:12.351Z",
+                status=SentSmsReportStatus(group_id=1, id=26),
+            )
+        ]
+    )
+    text = json.dumps(
+        {
+            "results": [
+                {
+                    "messageId": "m",
+                    "mmsCount": 2,
+                    "sendAt": "2022-04-02T15:44:12.351Z",
+                    "status": {"groupId": 1, "id": 26},
+                }
+            ]
+        }
+    )
+    typed_reports = reports(normalise_typed(typed))
+    assert typed_reports == reports(normalise(text))
+    assert (typed_reports[0].channel, typed_reports[0].parts_total) == (Channel.CHANNEL_MMS, 2)
+
+
 @pytest.mark.parametrize(
     ("typed", "rejection"),
     [
@@ -340,7 +384,11 @@ def test_typed_seen_report_with_from_normalises_like_its_json() -> None:
         ),
         (
             GmsReports(reports=[GmsReport(message_id="a", status=2), GmsReport(message_id="b")]),
-            Rejection("[1].status", "MISSING_FIELD", "[1].status is required"),
+            Rejection(
+                "[1].status",
+                "MISSING_FIELD",
+                "[1].status is required (or, in campaign status, an error_code the code table maps)",
+            ),
         ),
         (
             SentSmsReports(
@@ -355,10 +403,14 @@ def test_typed_seen_report_with_from_normalises_like_its_json() -> None:
             SentSmsReports(
                 results=[
                     SentSmsReport(message_id="a", seen_at="2019-11-09T16:00:00.000+0000"),
-                    SentSmsReport(message_id="b", status=SentSmsReportStatus(group_id=3)),
+                    SentSmsReport(message_id="b"),
                 ]
             ),
-            Rejection("results[1].status.id", "MISSING_FIELD", "results[1].status.id is required"),
+            Rejection(
+                "results[1].status",
+                "MISSING_FIELD",
+                "results[1].status is required (or seenAt, for a seen report)",
+            ),
         ),
     ],
 )

@@ -30,7 +30,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from deliveryreport.v1.delivery_report_pb2 import DeliveryReport, Source
+from deliveryreport.v1.delivery_report_pb2 import Channel, DeliveryReport, Source
 from deliveryreport.v1.delivery_report_service_pb2 import (
     FetchRequest,
     Format,
@@ -202,8 +202,16 @@ class KeyedByReference(Normaliser):
     GMS_NO_ID and SSR_NO_ID items, rejected before, now normalise; everything else is unchanged.
     """
 
-    def normalise(self, payload: str, format: Format.ValueType, received: Timestamp) -> list[NormalisedItem]:
-        return [self._keyed(item, received) for item in super().normalise(payload, format, received)]
+    def normalise(
+        self,
+        payload: str,
+        format: Format.ValueType,
+        received: Timestamp,
+        *,
+        default_channel: Channel.ValueType = Channel.CHANNEL_SMS,
+    ) -> list[NormalisedItem]:
+        items = super().normalise(payload, format, received, default_channel=default_channel)
+        return [self._keyed(item, received) for item in items]
 
     def _keyed(self, item: NormalisedItem, received: Timestamp) -> NormalisedItem:
         """The item read again with its reference as its message id, if that is all it lacked."""
@@ -366,6 +374,19 @@ async def test_renormalise_with_nothing_fixed_changes_nothing(server: Running, d
         listing = await list_quarantine(server.stub, ListQuarantineRequest(include_resolved=True))
         assert list(listing.items) == before
         assert listing.open_count == len(SAMPLES)
+
+
+async def test_a_rejected_xml_report_is_run_again_as_xml(server: Running) -> None:
+    # A GMS XML callback is one report, not an element of a batch: it is re-run as it came, not in "[...]".
+    xml = "<DeliveryReport><status>2</status><last_partner>sms</last_partner></DeliveryReport>"
+    await ingest_rejected(server.stub, IngestRequest(payload=xml))
+    [item] = await all_quarantined(server.stub)
+    assert (item.error.field, item.error.reason) == ("message_id", "MISSING_FIELD")
+    assert (item.raw, item.format, item.whole_payload) == (xml, GMS, False)
+
+    result = (await renormalise(server.stub)).results[0]
+    assert not result.resolved
+    assert [(r.error.field, r.error.reason) for r in result.results] == [("message_id", "MISSING_FIELD")]
 
 
 async def test_renormalise_with_an_unknown_id_is_not_found_and_runs_nothing(

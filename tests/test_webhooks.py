@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from deliveryreport.v1.delivery_report_pb2 import Channel, DeliveryStatus, Source
-from deliveryreport.v1.delivery_report_service_pb2 import FetchRequest
+from deliveryreport.v1.delivery_report_service_pb2 import FetchRequest, IngestRequest
 from dlrhub import app
 from dlrhub.config import Settings
 from tests.conftest import FIXTURES, SEEDS, FakeClock, Running
@@ -143,6 +143,56 @@ async def test_sent_sms_report_pushes_in_both_spellings_and_a_seen_report(
     seen = (await server.stub.Fetch(FetchRequest(message_id="MSG-SEEN-1"))).reports[0]
     assert seen.status == DeliveryStatus.DELIVERY_STATUS_SEEN
     assert seen.channel == Channel.CHANNEL_VIBER
+
+
+async def test_gms_get_answers_and_xml_callback_are_accepted_and_detected(
+    server: Running, http: httpx.AsyncClient
+) -> None:
+    gms = FIXTURES / "providers" / "gms"
+    # Ingest detects the XML callback; the webhook takes every GMS shape.
+    ingested = await server.stub.Ingest(IngestRequest(payload=(gms / "callback.xml").read_text()))
+    assert ingested.accepted_count == 1
+    # The advanced GET answer of the same message: its SMS attempt is the report the callback carried.
+    response = await http.post(GMS, content=(gms / "get_advanced.json").read_bytes())
+    assert response.status_code == 200, response.text
+    assert [r["outcome"] for r in response.json()["results"]] == ["ACCEPTED", "DUPLICATE"]
+    xml = await http.post(
+        GMS, content=(gms / "callback.xml").read_bytes(), headers={"Content-Type": "text/xml"}
+    )
+    assert xml.status_code == 200, xml.text
+    assert xml.json()["duplicate"] == 1
+    campaign = await http.post(GMS, content=(gms / "campaign_status.json").read_bytes())
+    assert campaign.status_code == 200, campaign.text
+    assert campaign.json()["accepted"] == 2
+
+    fetched = await server.stub.Fetch(
+        FetchRequest(message_id="9f60ac8f-e721-5027-b838-e6fcb95fcd7a", include_history=True)
+    )
+    [state] = fetched.reports
+    # `delivered_via` "sms": the message's channel is that of its delivering attempt.
+    assert (state.channel, state.status) == (Channel.CHANNEL_SMS, DeliveryStatus.DELIVERY_STATUS_DELIVERED)
+    assert sorted((r.channel, r.status) for r in fetched.history) == [
+        (Channel.CHANNEL_UNSPECIFIED, DeliveryStatus.DELIVERY_STATUS_DELIVERED),  # the campaign-status item
+        (Channel.CHANNEL_SMS, DeliveryStatus.DELIVERY_STATUS_DELIVERED),
+        (Channel.CHANNEL_VIBER, DeliveryStatus.DELIVERY_STATUS_EXPIRED),
+    ]
+    expired = (
+        await server.stub.Fetch(FetchRequest(message_id="e5ea7286-6849-52d7-9e1b-8719b736283e"))
+    ).reports[0]
+    assert (expired.status, expired.error.code) == (DeliveryStatus.DELIVERY_STATUS_EXPIRED, 35015)
+
+
+async def test_messages_api_delivery_and_seen_reports_are_accepted(
+    server: Running, http: httpx.AsyncClient
+) -> None:
+    infobip = FIXTURES / "providers" / "infobip"
+    for name in ("messages_api_seen.json", "messages_api_delivery.json"):
+        response = await http.post(SMS, content=(infobip / name).read_bytes())
+        assert response.status_code == 200, response.text
+        assert response.json()["accepted"] == 1
+    [state] = (await server.stub.Fetch(FetchRequest(message_id="ABEGVUGWh3gEAgo-sLTvmQCS5kwjhsy"))).reports
+    assert (state.status, state.channel) == (DeliveryStatus.DELIVERY_STATUS_SEEN, Channel.CHANNEL_WHATSAPP)
+    assert (state.recipient, state.parts_total) == ("+41793026727", 1)
 
 
 async def test_sent_sms_report_route_reads_its_own_format(http: httpx.AsyncClient, db_path: Path) -> None:

@@ -32,7 +32,9 @@ class _SourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Source.ValueTy
     SOURCE_GMS: _Source.ValueType  # 1
     """GMS ("Hyber") callbacks: a report object or a JSON array of them."""
     SOURCE_SENT_SMS_REPORT: _Source.ValueType  # 2
-    """SentSMSReport (Infobip-style) `{"results": [...]}`, pulled or pushed."""
+    """SentSMSReport (Infobip-style) `{"results": [...]}`, pulled or pushed:
+    SMS, MMS, OTT channel and Messages API delivery and seen reports.
+    """
 
 class Source(_Source, metaclass=_SourceEnumTypeWrapper):
     """Which provider format a report came from."""
@@ -42,7 +44,9 @@ SOURCE_UNSPECIFIED: Source.ValueType  # 0
 SOURCE_GMS: Source.ValueType  # 1
 """GMS ("Hyber") callbacks: a report object or a JSON array of them."""
 SOURCE_SENT_SMS_REPORT: Source.ValueType  # 2
-"""SentSMSReport (Infobip-style) `{"results": [...]}`, pulled or pushed."""
+"""SentSMSReport (Infobip-style) `{"results": [...]}`, pulled or pushed:
+SMS, MMS, OTT channel and Messages API delivery and seen reports.
+"""
 Global___Source: _TypeAlias = Source  # noqa: Y015
 
 class _Channel:
@@ -61,9 +65,33 @@ class _ChannelEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Channel.Value
     """WhatsApp."""
     CHANNEL_PUSH: _Channel.ValueType  # 4
     """Mobile push notification."""
+    CHANNEL_MMS: _Channel.ValueType  # 5
+    """MMS (SentSMSReport `channel` "MMS", or an MMS report's `mmsCount`)."""
+    CHANNEL_RCS: _Channel.ValueType  # 6
+    """RCS business messaging (SentSMSReport `channel` "RCS")."""
+    CHANNEL_APPLE_MESSAGES: _Channel.ValueType  # 7
+    """Apple Messages for Business (SentSMSReport `channel` "APPLE_MB")."""
+    CHANNEL_INSTAGRAM: _Channel.ValueType  # 8
+    """Instagram direct messages (SentSMSReport `channel` "INSTAGRAM_DM")."""
+    CHANNEL_LINE: _Channel.ValueType  # 9
+    """LINE (SentSMSReport `channel` "LINE_ON")."""
+    CHANNEL_MESSENGER: _Channel.ValueType  # 10
+    """Facebook Messenger (SentSMSReport `channel` "MESSENGER")."""
+    CHANNEL_KAKAO: _Channel.ValueType  # 11
+    """KakaoTalk (SentSMSReport `channel` "KAKAO")."""
+    CHANNEL_ZALO: _Channel.ValueType  # 12
+    """Zalo (SentSMSReport `channel` "ZALO" or "ZALO_NOTIFICATION_SERVICE")."""
+    CHANNEL_VOICE: _Channel.ValueType  # 13
+    """Voice call (SentSMSReport `channel` "VOICE")."""
+    CHANNEL_TELEGRAM: _Channel.ValueType  # 14
+    """Telegram (SentSMSReport `channel` "TELEGRAM")."""
 
 class Channel(_Channel, metaclass=_ChannelEnumTypeWrapper):
-    """The channel that carried (or last tried to carry) the message."""
+    """The channel that carried (or last tried to carry) the message. A provider's
+    channel name with no value here gives CHANNEL_UNSPECIFIED and is kept in the
+    raw codes (GMS `sent_via`, SentSMSReport `channel_name`); values are added as
+    providers list new channels.
+    """
 
 CHANNEL_UNSPECIFIED: Channel.ValueType  # 0
 """Unknown, not given, or the GMS platform itself (`sent_via` = "hyber")."""
@@ -75,6 +103,26 @@ CHANNEL_WHATSAPP: Channel.ValueType  # 3
 """WhatsApp."""
 CHANNEL_PUSH: Channel.ValueType  # 4
 """Mobile push notification."""
+CHANNEL_MMS: Channel.ValueType  # 5
+"""MMS (SentSMSReport `channel` "MMS", or an MMS report's `mmsCount`)."""
+CHANNEL_RCS: Channel.ValueType  # 6
+"""RCS business messaging (SentSMSReport `channel` "RCS")."""
+CHANNEL_APPLE_MESSAGES: Channel.ValueType  # 7
+"""Apple Messages for Business (SentSMSReport `channel` "APPLE_MB")."""
+CHANNEL_INSTAGRAM: Channel.ValueType  # 8
+"""Instagram direct messages (SentSMSReport `channel` "INSTAGRAM_DM")."""
+CHANNEL_LINE: Channel.ValueType  # 9
+"""LINE (SentSMSReport `channel` "LINE_ON")."""
+CHANNEL_MESSENGER: Channel.ValueType  # 10
+"""Facebook Messenger (SentSMSReport `channel` "MESSENGER")."""
+CHANNEL_KAKAO: Channel.ValueType  # 11
+"""KakaoTalk (SentSMSReport `channel` "KAKAO")."""
+CHANNEL_ZALO: Channel.ValueType  # 12
+"""Zalo (SentSMSReport `channel` "ZALO" or "ZALO_NOTIFICATION_SERVICE")."""
+CHANNEL_VOICE: Channel.ValueType  # 13
+"""Voice call (SentSMSReport `channel` "VOICE")."""
+CHANNEL_TELEGRAM: Channel.ValueType  # 14
+"""Telegram (SentSMSReport `channel` "TELEGRAM")."""
 Global___Channel: _TypeAlias = Channel  # noqa: Y015
 
 class _DeliveryStatus:
@@ -229,7 +277,8 @@ class GmsStatusCodes(_message.Message):
     STATUS_TEXT_FIELD_NUMBER: _builtins.int
     status: _builtins.int
     """Simplified status: -1 no final status yet, 1 in progress, 2 delivered,
-    3 error.
+    3 error. 0 when not given (a campaign-status item with only an
+    `error_code`).
     """
     substatus: _builtins.int
     """Extended status (e.g. 23 delivered, 35 not delivered, 36 sending error)."""
@@ -285,14 +334,18 @@ class SentSmsReportStatusCodes(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     ACTION_FIELD_NUMBER: _builtins.int
     SEEN_FIELD_NUMBER: _builtins.int
+    CHANNEL_NAME_FIELD_NUMBER: _builtins.int
     group_id: _builtins.int
     """Status group id: 1 PENDING, 2 UNDELIVERABLE, 3 DELIVERED, 4 EXPIRED,
-    5 REJECTED. Ids repeat across groups, so the key is (group_id, id).
+    5 REJECTED. Ids repeat across groups, so the key is (group_id, id). 0
+    when not given.
     """
     group_name: _builtins.str
-    """Status group name (e.g. "DELIVERED")."""
+    """Status group name (e.g. "DELIVERED"), as given. A status known only by
+    its group name is mapped by it.
+    """
     id: _builtins.int
-    """Status id within its group (e.g. 5)."""
+    """Status id within its group (e.g. 5); 0 when not given."""
     name: _builtins.str
     """Status name (e.g. "DELIVERED_TO_HANDSET")."""
     description: _builtins.str
@@ -300,8 +353,12 @@ class SentSmsReportStatusCodes(_message.Message):
     action: _builtins.str
     """The action the provider suggests, when given."""
     seen: _builtins.bool
-    """True for a seen report: it has `seenAt` and no status object, and all the
-    other fields here are empty.
+    """True for a seen report: it has `seenAt` and no status object, and the
+    status fields here are empty.
+    """
+    channel_name: _builtins.str
+    """The report's `channel` as given, when dlrhub has no Channel value for it
+    (the report's channel is then CHANNEL_UNSPECIFIED); empty otherwise.
     """
     def __init__(
         self,
@@ -313,10 +370,11 @@ class SentSmsReportStatusCodes(_message.Message):
         description: _builtins.str = ...,
         action: _builtins.str = ...,
         seen: _builtins.bool = ...,
+        channel_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "description", b"description", "group_id", b"group_id", "group_name", b"group_name", "id", b"id", "name", b"name", "seen", b"seen"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "channel_name", b"channel_name", "description", b"description", "group_id", b"group_id", "group_name", b"group_name", "id", b"id", "name", b"name", "seen", b"seen"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -400,10 +458,13 @@ class DeliveryReport(_message.Message):
     """
     recipient: _builtins.str
     """The recipient: E.164 with "+" (e.g. "+380961111111") when the provider
-    gave digits; any other address is kept exactly as given.
+    gave digits; any other address is kept exactly as given. SentSMSReport
+    `destination` or `to`; in a per-channel seen report, `from`.
     """
     sender: _builtins.str
-    """The sender id (SentSMSReport `from` or `sender`); empty when not given."""
+    """The sender id (SentSMSReport `sender` or `from`; in a per-channel seen
+    report, `to`); empty when not given.
+    """
     channel: Global___Channel.ValueType
     """The channel that carried the message."""
     status: Global___DeliveryStatus.ValueType
@@ -412,7 +473,8 @@ class DeliveryReport(_message.Message):
     """True when the provider expects no further report for this status."""
     parts_total: _builtins.int
     """Number of parts the message was split into (GMS `total_sms_parts`,
-    SentSMSReport `smsCount` or `messageCount`). Unset when not given.
+    SentSMSReport `smsCount`, `messageCount` or `mmsCount`). Unset when not
+    given.
     """
     parts_delivered: _builtins.int
     """Number of parts delivered (GMS `delivered_sms_parts`). Unset when not
@@ -423,8 +485,8 @@ class DeliveryReport(_message.Message):
     message matched no template. Unset when not given.
     """
     mcc_mnc: _builtins.str
-    """Mobile country and network code as given (e.g. "22801"); empty when not
-    given.
+    """Mobile country and network code as given (e.g. "22801"; a number is
+    kept as its digits); empty when not given.
     """
     entity_id: _builtins.str
     """SentSMSReport `entityId` (top level or in `platform`); empty when not
@@ -446,7 +508,7 @@ class DeliveryReport(_message.Message):
 
     @_builtins.property
     def sent_time(self) -> _timestamp_pb2.Timestamp:
-        """When the message was sent, in UTC (SentSMSReport `sentAt`)."""
+        """When the message was sent, in UTC (SentSMSReport `sentAt`, or `sendAt`)."""
 
     @_builtins.property
     def received_time(self) -> _timestamp_pb2.Timestamp:

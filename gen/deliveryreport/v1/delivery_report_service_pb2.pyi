@@ -32,10 +32,13 @@ class _FormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Format.ValueTy
     DESCRIPTOR: _descriptor.EnumDescriptor
     FORMAT_UNSPECIFIED: _Format.ValueType  # 0
     """Detect from the shape: a JSON object with `results` is SentSMSReport; a
-    JSON array, or an object with `message_id`, is GMS.
+    JSON array, an object with `message_id`, a GET answer (`{"reports": [...]}`
+    or `{"messages": [...]}`) or an XML `<DeliveryReport>` is GMS.
     """
     FORMAT_GMS: _Format.ValueType  # 1
-    """GMS ("Hyber"): one report object or a JSON array of them."""
+    """GMS ("Hyber"): one report object or a JSON array of them, a GET-report or
+    campaign-status answer, or an XML `<DeliveryReport>`.
+    """
     FORMAT_SENT_SMS_REPORT: _Format.ValueType  # 2
     """SentSMSReport: `{"results": [...]}`, as pulled or pushed."""
 
@@ -44,10 +47,13 @@ class Format(_Format, metaclass=_FormatEnumTypeWrapper):
 
 FORMAT_UNSPECIFIED: Format.ValueType  # 0
 """Detect from the shape: a JSON object with `results` is SentSMSReport; a
-JSON array, or an object with `message_id`, is GMS.
+JSON array, an object with `message_id`, a GET answer (`{"reports": [...]}`
+or `{"messages": [...]}`) or an XML `<DeliveryReport>` is GMS.
 """
 FORMAT_GMS: Format.ValueType  # 1
-"""GMS ("Hyber"): one report object or a JSON array of them."""
+"""GMS ("Hyber"): one report object or a JSON array of them, a GET-report or
+campaign-status answer, or an XML `<DeliveryReport>`.
+"""
 FORMAT_SENT_SMS_REPORT: Format.ValueType  # 2
 """SentSMSReport: `{"results": [...]}`, as pulled or pushed."""
 Global___Format: _TypeAlias = Format  # noqa: Y015

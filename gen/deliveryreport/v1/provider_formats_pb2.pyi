@@ -353,6 +353,10 @@ class SentSmsReport(_message.Message):
     APPLICATION_ID_FIELD_NUMBER: _builtins.int
     PLATFORM_FIELD_NUMBER: _builtins.int
     CHANNEL_FIELD_NUMBER: _builtins.int
+    DESTINATION_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    MMS_COUNT_FIELD_NUMBER: _builtins.int
+    SEND_AT_FIELD_NUMBER: _builtins.int
     bulk_id: _builtins.str
     """Bulk id."""
     message_id: _builtins.str
@@ -383,6 +387,14 @@ class SentSmsReport(_message.Message):
     """Application id (older, top-level spelling)."""
     channel: _builtins.str
     """Channel name, in newer payloads (e.g. "SMS", "VIBER", "WHATSAPP")."""
+    destination: _builtins.str
+    """Destination address (Messages API spelling of `to`)."""
+    event: _builtins.str
+    """Event type (Messages API reports: "DELIVERY" or "SEEN")."""
+    mms_count: _builtins.int
+    """Number of parts (MMS spelling of `smsCount`)."""
+    send_at: _builtins.str
+    """When the message was sent (a spelling of `sent_at`)."""
     @_builtins.property
     def price(self) -> Global___SentSmsReportPrice:
         """Price per message."""
@@ -420,17 +432,25 @@ class SentSmsReport(_message.Message):
         application_id: _builtins.str = ...,
         platform: Global___SentSmsReportPlatform | None = ...,
         channel: _builtins.str = ...,
+        destination: _builtins.str = ...,
+        event: _builtins.str = ...,
+        mms_count: _builtins.int | None = ...,
+        send_at: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_message_count", b"_message_count", "_sms_count", b"_sms_count", "error", b"error", "message_count", b"message_count", "platform", b"platform", "price", b"price", "sms_count", b"sms_count", "status", b"status"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_message_count", b"_message_count", "_mms_count", b"_mms_count", "_sms_count", b"_sms_count", "error", b"error", "message_count", b"message_count", "mms_count", b"mms_count", "platform", b"platform", "price", b"price", "sms_count", b"sms_count", "status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_message_count", b"_message_count", "_sms_count", b"_sms_count", "application_id", b"application_id", "bulk_id", b"bulk_id", "callback_data", b"callback_data", "channel", b"channel", "done_at", b"done_at", "entity_id", b"entity_id", "error", b"error", "from", b"from", "mcc_mnc", b"mcc_mnc", "message_count", b"message_count", "message_id", b"message_id", "platform", b"platform", "price", b"price", "seen_at", b"seen_at", "sender", b"sender", "sent_at", b"sent_at", "sms_count", b"sms_count", "status", b"status", "to", b"to"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_message_count", b"_message_count", "_mms_count", b"_mms_count", "_sms_count", b"_sms_count", "application_id", b"application_id", "bulk_id", b"bulk_id", "callback_data", b"callback_data", "channel", b"channel", "destination", b"destination", "done_at", b"done_at", "entity_id", b"entity_id", "error", b"error", "event", b"event", "from", b"from", "mcc_mnc", b"mcc_mnc", "message_count", b"message_count", "message_id", b"message_id", "mms_count", b"mms_count", "platform", b"platform", "price", b"price", "seen_at", b"seen_at", "send_at", b"send_at", "sender", b"sender", "sent_at", b"sent_at", "sms_count", b"sms_count", "status", b"status", "to", b"to"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__message_count: _TypeAlias = _typing.Literal["message_count"]  # noqa: Y015
     _WhichOneofArgType__message_count: _TypeAlias = _typing.Literal["_message_count", b"_message_count"]  # noqa: Y015
+    _WhichOneofReturnType__mms_count: _TypeAlias = _typing.Literal["mms_count"]  # noqa: Y015
+    _WhichOneofArgType__mms_count: _TypeAlias = _typing.Literal["_mms_count", b"_mms_count"]  # noqa: Y015
     _WhichOneofReturnType__sms_count: _TypeAlias = _typing.Literal["sms_count"]  # noqa: Y015
     _WhichOneofArgType__sms_count: _TypeAlias = _typing.Literal["_sms_count", b"_sms_count"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__message_count) -> _WhichOneofReturnType__message_count | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__mms_count) -> _WhichOneofReturnType__mms_count | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__sms_count) -> _WhichOneofReturnType__sms_count | None: ...
 

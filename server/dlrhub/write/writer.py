@@ -13,12 +13,11 @@ from dataclasses import dataclass
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from deliveryreport.v1.delivery_report_service_pb2 import Format, IngestResponse
-from dlrhub.normalise import Normaliser, PayloadError, Rejection
+from dlrhub.normalise import Normaliser, PayloadError, Rejection, single_item_payload
 from dlrhub.observability.metrics import Metrics
 from dlrhub.store.base import QuarantinedItem
 from dlrhub.write.committer import Committer
 from dlrhub.write.submission import Submission
-from dlrhub_client.payloads import batch
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,12 +80,10 @@ class Writer:
         """
         received = item.received_time()
         resolved_seconds = self._clock() // 1_000_000_000  # now: when it is resolved, if it is
-        format = Format.ValueType(item.format)
-        payload = item.raw
-        if not item.whole_payload and format != Format.FORMAT_UNSPECIFIED:  # (rows of the first release)
-            payload = batch(format, [item.raw])  # one item of a batch: in a batch of its own, as it came
+        # One item of a batch runs in a batch of its own, as it came.
+        payload = item.raw if item.whole_payload else single_item_payload(item.raw, item.format)
         try:
-            items = self._normaliser.normalise(payload, format, received)
+            items = self._normaliser.normalise(payload, Format.ValueType(item.format), received)
         except PayloadError as error:
             submission = Submission(
                 [],
