@@ -22,7 +22,7 @@ $(INSTALLED): pyproject.toml
 	touch $@
 
 $(NODE_INSTALLED): package.json package-lock.json
-	npm install --no-audit --no-fund --loglevel=error
+	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
 run: $(INSTALLED)
