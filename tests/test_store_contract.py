@@ -266,7 +266,7 @@ def test_load_state_sees_writes_earlier_in_the_same_transaction(engine: Handle) 
         # Another source's message with the same id is another message.
         assert tx.load_state(GMS, "m-1") is None
         # A duplicate of a report appended in this transaction is recognised.
-        assert merge(seen, report("m-1", S.DELIVERY_STATUS_SENT, seconds=1)).duplicate
+        assert merge(seen, report("m-1", S.DELIVERY_STATUS_SENT, seconds=1, price="0.0075")).duplicate
     with store.transaction() as tx:
         assert tx.load_state(SSR, "m-1") == second
 

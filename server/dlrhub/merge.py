@@ -1,21 +1,25 @@
 """The state machine of one message: stored state + incoming report -> new state.
 
 Reports of a message (keyed by source and message id) arrive duplicated and
-out of order. Every distinct report has a merge key (rank of its status,
-event time, digest). The current state is a maximum, so any order of the
-same reports, with any duplicates, ends in the same state:
+out of order. A report's identity is its digest: a hash of the normalised
+report without what depends on its arrival (received time, original text).
+Two reports are duplicates exactly when their digests are equal, so a
+provider's retry (other white space, other key order) is a duplicate, and two
+reports with the same codes and time but another price are two reports.
+
+Every distinct report has a merge key (rank of its status, event time,
+digest); a report without event time sorts before every timed report of its
+rank. The key depends on the report alone, never on when or in which order it
+arrived, and the current state is a maximum, so any order of the same
+reports, with any duplicates, ends in the same state:
 
 - status, final flag, raw codes, error, event time, channel (and the
-  winner's received time and raw text) come from the report with the
-  greatest key;
+  winner's received time and raw text: those of the first copy of it to
+  arrive) come from the report with the greatest key;
 - each descriptive field (price, parts, bulk id, reference, recipient,
   sender, MCC/MNC, template id, sent time, entity and application ids) comes
   from the greatest-keyed report that has it;
-- a report whose digest (source, message id, raw codes, event time, channel)
-  is already known is a duplicate and changes nothing.
-
-The digest is also the tie-break between different reports of equal rank and
-time: a total order that does not depend on arrival.
+- a duplicate changes nothing.
 """
 
 from __future__ import annotations
@@ -51,10 +55,13 @@ class MergeKey:
     """Orders the reports of one message: rank, then event time, then digest."""
 
     rank: int
-    # Event time in nanoseconds since the epoch; the received time when the
-    # report has no event time.
+    # Event time in nanoseconds since the epoch; NO_EVENT_TIME when the report has none.
     time_ns: int
     digest: bytes
+
+
+# Before every time a Timestamp can hold (the earliest, in year 1, is -62,135,596,800 s).
+NO_EVENT_TIME = -(2**63)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,20 +87,19 @@ class MergeResult:
 
 
 def digest(report: DeliveryReport) -> bytes:
-    """Identity of a report for duplicate detection: source, message id, channel, event time and raw codes."""
-    event = report.event_time
-    identity = (
-        f"{report.source}\x00{report.message_id}\x00{report.channel}\x00"
-        f"{event.seconds if report.HasField('event_time') else '-'}.{event.nanos}\x00"
-    ).encode()
-    return hashlib.blake2b(
-        identity + report.raw.SerializeToString(deterministic=True), digest_size=16
-    ).digest()
+    """A report's identity: 128 bits of blake2b over its deterministic serialisation without its
+    received time and raw text (its source and message id are inside it)."""
+    content = DeliveryReport()
+    content.CopyFrom(report)
+    content.ClearField("received_time")
+    content.ClearField("raw_payload")
+    return hashlib.blake2b(content.SerializeToString(deterministic=True), digest_size=16).digest()
 
 
 def merge_key(report: DeliveryReport) -> MergeKey:
-    moment = report.event_time if report.HasField("event_time") else report.received_time
-    return MergeKey(RANK[report.status], moment.seconds * 1_000_000_000 + moment.nanos, digest(report))
+    event = report.event_time
+    time_ns = event.seconds * 1_000_000_000 + event.nanos if report.HasField("event_time") else NO_EVENT_TIME
+    return MergeKey(RANK[report.status], time_ns, digest(report))
 
 
 def has_field(report: DeliveryReport, name: str) -> bool:

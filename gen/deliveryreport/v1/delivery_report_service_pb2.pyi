@@ -69,8 +69,9 @@ class _IngestOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_IngestO
     INGEST_OUTCOME_ACCEPTED: _IngestOutcome.ValueType  # 1
     """New: stored in the message's history and merged into its state."""
     INGEST_OUTCOME_DUPLICATE: _IngestOutcome.ValueType  # 2
-    """Already stored (same source, message id, raw codes, event time and
-    channel): nothing changed.
+    """Already stored: the same report (every field equal, apart from its
+    received time and original text, as in a provider's retry) is in the
+    message's history. Nothing changed.
     """
     INGEST_OUTCOME_REJECTED: _IngestOutcome.ValueType  # 3
     """Not a valid report: quarantined with its reason, nothing else changed."""
@@ -83,8 +84,9 @@ INGEST_OUTCOME_UNSPECIFIED: IngestOutcome.ValueType  # 0
 INGEST_OUTCOME_ACCEPTED: IngestOutcome.ValueType  # 1
 """New: stored in the message's history and merged into its state."""
 INGEST_OUTCOME_DUPLICATE: IngestOutcome.ValueType  # 2
-"""Already stored (same source, message id, raw codes, event time and
-channel): nothing changed.
+"""Already stored: the same report (every field equal, apart from its
+received time and original text, as in a provider's retry) is in the
+message's history. Nothing changed.
 """
 INGEST_OUTCOME_REJECTED: IngestOutcome.ValueType  # 3
 """Not a valid report: quarantined with its reason, nothing else changed."""
