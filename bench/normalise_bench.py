@@ -8,7 +8,7 @@ It measures, in microseconds per report:
   (a) Normaliser.normalise of one GMS report text,
   (b) Normaliser.normalise of a GMS batch (a JSON array) of 100 reports,
   (c) Normaliser.normalise of a SentSMSReport {"results": [...]} of 100 reports,
-  (d) merge() of a report into an existing state (a new winner, and a duplicate),
+  (d) merge() of a report into an existing state (a new winner),
 and, as baselines in the same run,
   (e) json.loads of the same single GMS text,
   (f) google.protobuf.json_format.ParseDict of the equivalent DeliveryReport dict,
@@ -134,13 +134,12 @@ def main() -> None:
     state: MessageState | None = None
     for item in gms_history:
         (earlier,) = reports_of(normaliser, json.dumps(item), received)
-        state = merge(state, earlier).state
+        state = merge(state, earlier)
     assert state is not None
     existing = state
     later_item = {**gms_item(0), "time": 1477417299000, "sent_via": "viber", "hyber_status": 23033}
     (later,) = reports_of(normaliser, json.dumps(later_item), received)
-    assert merge(existing, later).state.report.raw_payload == later.raw_payload
-    assert merge(existing, report).duplicate
+    assert merge(existing, later).report.raw_payload == later.raw_payload
 
     report_dict = json_format.MessageToDict(report)
     gms, sms_reports = Format.FORMAT_GMS, Format.FORMAT_SENT_SMS_REPORT
@@ -160,7 +159,6 @@ def main() -> None:
             / BATCH,
         ),
         ("(d) merge, a new winner into a state of 3", best_ns_per_call(lambda: merge(existing, later))),
-        ("(d) merge, a duplicate into a state of 3", best_ns_per_call(lambda: merge(existing, report))),
         ("(e) json.loads, one GMS report", best_ns_per_call(lambda: json.loads(single))),
         (
             "(f) json_format.ParseDict, one DeliveryReport",

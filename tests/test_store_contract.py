@@ -27,7 +27,7 @@ from deliveryreport.v1.delivery_report_pb2 import (
     SentSmsReportStatusCodes,
     Source,
 )
-from dlrhub.merge import MessageState, merge
+from dlrhub.merge import MessageState, digest, merge
 from dlrhub.store import SqliteStore, StoreError
 from dlrhub.store.base import Change, QuarantinedItem, Selector, Store, Transaction
 from dlrhub.store.sqlite import SCHEMA_VERSION
@@ -134,10 +134,10 @@ def report(
 
 
 def put(tx: Transaction, incoming: DeliveryReport) -> tuple[int, MessageState]:
-    """What Ingest does with one report: load, merge, append."""
-    merged = merge(tx.load_state(incoming.source, incoming.message_id), incoming)
-    assert not merged.duplicate
-    return tx.append(incoming, merged.state), merged.state
+    """What Ingest does with one new report: load, merge, append."""
+    assert not tx.is_stored(digest(incoming))
+    state = merge(tx.load_state(incoming.source, incoming.message_id), incoming)
+    return tx.append(incoming, digest(incoming), state), state
 
 
 def commit(store: Store, *reports: DeliveryReport) -> list[int]:
@@ -240,10 +240,13 @@ def test_a_transaction_that_raises_is_rolled_back_whole(engine: Handle) -> None:
     with store.transaction() as tx:
         assert tx.find_response("lost") is None
         assert tx.find_response("kept") == b"kept"
-        # The merge bookkeeping was rolled back too: the message has one report, not two.
+        # The merge bookkeeping and the digests were rolled back too.
         state = tx.load_state(SSR, "m-1")
         assert state is not None
-        assert len(state.keys) == 1
+        assert state.winner == merge(None, before).winner
+        rolled_back = report("m-1", S.DELIVERY_STATUS_DELIVERED, seconds=2, bulk_id="B", reference="R")
+        assert not tx.is_stored(digest(rolled_back))
+        assert tx.is_stored(digest(before))
 
     # The store goes on working after a rollback.
     [after] = commit(store, report("m-2", S.DELIVERY_STATUS_DELIVERED, seconds=5))
@@ -262,13 +265,60 @@ def test_load_state_sees_writes_earlier_in_the_same_transaction(engine: Handle) 
         assert seen == second
         assert seen.report.status == S.DELIVERY_STATUS_DELIVERED
         assert seen.report.price.amount == "0.0075"  # from the earlier report of this transaction
-        assert len(seen.keys) == 2
+        assert seen.suppliers["price"] == first.winner
         # Another source's message with the same id is another message.
         assert tx.load_state(GMS, "m-1") is None
         # A duplicate of a report appended in this transaction is recognised.
-        assert merge(seen, report("m-1", S.DELIVERY_STATUS_SENT, seconds=1, price="0.0075")).duplicate
+        assert tx.is_stored(digest(report("m-1", S.DELIVERY_STATUS_SENT, seconds=1, price="0.0075")))
+        assert not tx.is_stored(digest(report("m-1", S.DELIVERY_STATUS_SENT, seconds=1)))
     with store.transaction() as tx:
         assert tx.load_state(SSR, "m-1") == second
+
+
+def test_prefetch_is_a_hint_that_changes_no_answer(engine: Handle) -> None:
+    store = engine.store
+    stored = report("m-1", S.DELIVERY_STATUS_SENT, seconds=1)
+    commit(store, stored)
+    later = report("m-1", S.DELIVERY_STATUS_DELIVERED, seconds=2)
+    new = report("m-2", S.DELIVERY_STATUS_DELIVERED, seconds=2)
+    with store.transaction() as tx:
+        tx.prefetch({(SSR, "m-1"), (SSR, "m-2"), (GMS, "m-1")}, {digest(stored), digest(later), digest(new)})
+        assert tx.is_stored(digest(stored))
+        assert not tx.is_stored(digest(later))
+        assert tx.load_state(GMS, "m-1") is None
+        _, state = put(tx, later)
+        # Writes after the prefetch are seen.
+        assert tx.is_stored(digest(later))
+        assert tx.load_state(SSR, "m-1") == state
+        _, created = put(tx, new)
+        assert tx.load_state(SSR, "m-2") == created
+        # So are messages and digests it did not name.
+        other = report("m-3", S.DELIVERY_STATUS_SENT, seconds=1)
+        assert tx.load_state(SSR, "m-3") is None
+        assert not tx.is_stored(digest(other))
+        put(tx, other)
+        assert tx.is_stored(digest(other))
+    assert [state.status for state in store.messages("m-1")] == [S.DELIVERY_STATUS_DELIVERED]
+
+
+def test_a_digest_is_stored_once(engine: Handle) -> None:
+    """The unique key under is_stored: appending a stored digest fails, and nothing of the
+    transaction is kept."""
+    store = engine.store
+    first = report("m-1", S.DELIVERY_STATUS_SENT, seconds=1)
+    [cursor] = commit(store, first)
+
+    def again() -> None:
+        with store.transaction() as tx:
+            put(tx, report("m-2", S.DELIVERY_STATUS_SENT, seconds=1))
+            retried = report("m-1", S.DELIVERY_STATUS_SENT, seconds=1)
+            tx.append(retried, digest(retried), merge(tx.load_state(SSR, "m-1"), retried))
+
+    with pytest.raises(StoreError):
+        again()
+    assert store.latest_cursor() == cursor
+    assert store.history("m-1") == [first]
+    assert store.messages("m-2") == []
 
 
 def test_reads_from_another_thread_see_a_commit_from_the_writer_thread(engine: Handle) -> None:
@@ -559,8 +609,10 @@ def test_reopening_keeps_everything(engine: Handle) -> None:
     # The merge bookkeeping survived too: a stored report is still a duplicate, and a new one merges.
     with store.transaction() as tx:
         state = tx.load_state(SSR, "m-1")
-        assert merge(state, reports[0]).duplicate
-        assert not merge(state, report("m-1", S.DELIVERY_STATUS_SEEN, seconds=3)).duplicate
+        assert tx.is_stored(digest(reports[0]))
+        seen = report("m-1", S.DELIVERY_STATUS_SEEN, seconds=3)
+        assert not tx.is_stored(digest(seen))
+        assert merge(state, seen).report.price.amount == "0.0075"
 
 
 # --- SQLite: the schema version ------------------------------------------------------------------

@@ -18,8 +18,12 @@ reports, with any duplicates, ends in the same state:
   arrive) come from the report with the greatest key;
 - each descriptive field (price, parts, bulk id, reference, recipient,
   sender, MCC/MNC, template id, sent time, entity and application ids) comes
-  from the greatest-keyed report that has it;
-- a duplicate changes nothing.
+  from the greatest-keyed report that has it.
+
+Merging is idempotent (a duplicate changes nothing), and the state keeps only
+the winner's key and each descriptive field's supplier key: its size does not
+grow with the history. Whether a report is a duplicate is asked of the store,
+which keeps every digest (store/base.py, Transaction.is_stored).
 """
 
 from __future__ import annotations
@@ -69,21 +73,10 @@ class MessageState:
     """The merged report of one message and what the merge needs to go on."""
 
     report: DeliveryReport
-    # The keys of every distinct report merged so far.
-    keys: frozenset[MergeKey]
+    # The key of the report the status (and the fields that follow it) came from.
+    winner: MergeKey
     # For each descriptive field present in `report`: the key of the report it came from.
     suppliers: Mapping[str, MergeKey]
-
-    @property
-    def winner(self) -> MergeKey:
-        return max(self.keys)
-
-
-@dataclass(frozen=True, slots=True)
-class MergeResult:
-    state: MessageState
-    # The incoming report was already merged: the state is unchanged.
-    duplicate: bool
 
 
 def digest(report: DeliveryReport) -> bytes:
@@ -108,15 +101,17 @@ def has_field(report: DeliveryReport, name: str) -> bool:
     return report.HasField(name)  # type: ignore[arg-type]  # a DESCRIPTIVE_FIELDS name
 
 
-def merge(state: MessageState | None, incoming: DeliveryReport) -> MergeResult:
-    """Merge `incoming` into `state` (None for a message not seen before)."""
-    key = merge_key(incoming)
+def merge(state: MessageState | None, incoming: DeliveryReport, key: MergeKey | None = None) -> MessageState:
+    """Merge `incoming` into `state` (None for a message not seen before).
+
+    `key` is merge_key(incoming), for a caller that has it already. Merging a report that is
+    already merged returns an equal state.
+    """
+    if key is None:
+        key = merge_key(incoming)
     if state is None:
         suppliers = {name: key for name in DESCRIPTIVE_FIELDS if has_field(incoming, name)}
-        return MergeResult(MessageState(_copy(incoming), frozenset((key,)), suppliers), duplicate=False)
-    if any(known.digest == key.digest for known in state.keys):
-        return MergeResult(state, duplicate=True)
-
+        return MessageState(_copy(incoming), key, suppliers)
     if key > state.winner:
         report = _copy(incoming)
         suppliers = {name: key for name in DESCRIPTIVE_FIELDS if has_field(incoming, name)}
@@ -134,7 +129,7 @@ def merge(state: MessageState | None, incoming: DeliveryReport) -> MergeResult:
     for name, source, supplier in sources:
         _copy_field(report, source, name)
         suppliers[name] = supplier
-    return MergeResult(MessageState(report, state.keys | {key}, suppliers), duplicate=False)
+    return MessageState(report, max(key, state.winner), suppliers)
 
 
 def _copy(report: DeliveryReport) -> DeliveryReport:

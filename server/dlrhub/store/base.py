@@ -16,7 +16,7 @@ The contract tests in tests/test_store_contract.py run against every engine.
 from __future__ import annotations
 
 import enum
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -116,13 +116,30 @@ class QuarantinedItem:
 
 
 class Transaction(Protocol):
-    """One atomic, durable unit of writes (and the reads it depends on)."""
+    """One atomic, durable unit of writes (and the reads it depends on).
+
+    The committer writes a whole group of Ingest calls in one transaction: it first says which
+    messages and reports the group is about (`prefetch`), then asks and writes report by report.
+    Every read sees the writes made earlier in the same transaction, so an engine may answer the
+    per-report calls from what `prefetch` loaded and send its writes at the commit, in bulk.
+    """
+
+    def prefetch(self, messages: Collection[tuple[int, str]], digests: Collection[bytes]) -> None:
+        """A hint: the messages (source, message id) and the report digests this transaction is
+        about to ask about, for an engine to read (and lock, in a fixed order) in one go. Calls about
+        others still work; an engine may ignore it."""
 
     def load_state(self, source: int, message_id: str) -> MessageState | None:
         """The merged state of a message, including writes earlier in this transaction."""
 
-    def append(self, report: DeliveryReport, state: MessageState) -> int:
-        """Adds `report` to the history and saves the message's new state; returns the cursor."""
+    def is_stored(self, digest: bytes) -> bool:
+        """Whether a report with this digest (dlrhub.merge.digest) is in the history, including
+        writes earlier in this transaction."""
+
+    def append(self, report: DeliveryReport, digest: bytes, state: MessageState) -> int:
+        """Adds `report` (whose digest is `digest`) to the history and saves its message's new
+        state; returns the cursor. A digest is stored once: appending one that is stored already
+        raises StoreError (a unique key, the safety net under `is_stored`)."""
 
     def quarantine(self, item: QuarantinedItem) -> None:
         """Keeps a rejected item."""

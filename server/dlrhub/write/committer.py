@@ -105,7 +105,7 @@ class Committer:
     def _write(self, submissions: list[Submission]) -> list[Applied]:
         started = time.perf_counter()
         with self._store.transaction() as tx:
-            applied = [apply(tx, submission) for submission in submissions]
+            applied = apply(tx, submissions)
         if self._on_commit is not None:
             try:  # committed already: a failing observer must not turn it into an error
                 self._on_commit(time.perf_counter() - started, sum(len(s.items) or 1 for s in submissions))

@@ -1,12 +1,13 @@
 """Ingest as a unit of work: normalised items -> merge -> store, inside one transaction.
 
-The committer runs `apply` for every submission of a group inside a single
-store transaction; the changes it returns are published only after that
-transaction has committed.
+The committer runs `apply` on each group of submissions inside a single store
+transaction; the changes it returns are published only after that transaction
+has committed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -16,7 +17,7 @@ from deliveryreport.v1.delivery_report_service_pb2 import (
     IngestResponse,
     ItemError,
 )
-from dlrhub.merge import merge
+from dlrhub.merge import MergeKey, merge, merge_key
 from dlrhub.normalise import NormalisedItem, Rejection
 from dlrhub.store.base import Change, QuarantinedItem, Transaction
 
@@ -51,8 +52,23 @@ class Applied:
     replayed: bool = False
 
 
-def apply(tx: Transaction, submission: Submission) -> Applied:
-    """Applies one submission inside an open transaction."""
+def apply(tx: Transaction, submissions: Sequence[Submission]) -> list[Applied]:
+    """Applies a group of submissions, in order, inside an open transaction."""
+    keys = [[merge_key(item.report) if item.report else None for item in s.items] for s in submissions]
+    tx.prefetch(
+        {
+            (item.report.source, item.report.message_id)
+            for s in submissions
+            for item in s.items
+            if item.report
+        },
+        {key.digest for group in keys for key in group if key},
+    )
+    return [_apply(tx, submission, group) for submission, group in zip(submissions, keys, strict=True)]
+
+
+def _apply(tx: Transaction, submission: Submission, keys: list[MergeKey | None]) -> Applied:
+    """Applies one submission; `keys` are the merge keys of its items (None for a rejected one)."""
     # A re-normalisation carries its item's request id only to remember it: it is no retry of that
     # Ingest, so it neither replays the Ingest's saved answer nor saves one in its place.
     if submission.request_id and not submission.quarantine_id:
@@ -70,7 +86,7 @@ def apply(tx: Transaction, submission: Submission) -> Applied:
 
     response = IngestResponse()
     changes: list[Change] = []
-    for item in submission.items:
+    for item, key in zip(submission.items, keys, strict=True):
         result = response.results.add(index=item.index)
         if item.report is None:
             assert item.rejection is not None
@@ -81,15 +97,16 @@ def apply(tx: Transaction, submission: Submission) -> Applied:
             response.rejected_count += 1
             continue
         report = item.report
+        assert key is not None
         result.report.CopyFrom(report)
         result.report.ClearField("raw_payload")  # the caller sent it; Fetch and Stream carry it
-        merged = merge(tx.load_state(report.source, report.message_id), report)
-        if merged.duplicate:
+        if tx.is_stored(key.digest):
             result.outcome = IngestOutcome.INGEST_OUTCOME_DUPLICATE
             response.duplicate_count += 1
             continue
-        cursor = tx.append(report, merged.state)
-        changes.append(Change(cursor, report, merged.state.report))
+        state = merge(tx.load_state(report.source, report.message_id), report, key)
+        cursor = tx.append(report, key.digest, state)
+        changes.append(Change(cursor, report, state.report))
         result.outcome = IngestOutcome.INGEST_OUTCOME_ACCEPTED
         result.cursor = str(cursor)
         response.accepted_count += 1
