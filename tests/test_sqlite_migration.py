@@ -25,7 +25,7 @@ from deliveryreport.v1.delivery_report_pb2 import (
     Source,
 )
 from dlrhub.merge import MessageState, digest, merge
-from dlrhub.store import SqliteStore
+from dlrhub.store import SavedResponse, SqliteStore
 from dlrhub.store import sqlite as sqlite_store
 from dlrhub.store.sqlite import HISTORY_QUERY, MIGRATIONS
 
@@ -264,3 +264,28 @@ def test_both_history_queries_use_the_message_id_index(tmp_path: Path, source: i
         plan = connection.execute(f"EXPLAIN QUERY PLAN {HISTORY_QUERY}", ("m-1", source, source)).fetchall()
     details = [row[3] for row in plan]
     assert details == ["SEARCH reports USING INDEX idx_reports_message_id_cursor (message_id=?)"]
+
+
+def test_answers_saved_without_a_request_digest_are_dropped(tmp_path: Path) -> None:
+    """Schema 5: an answer saved by release 4 cannot tell a retry from a reused id."""
+    path = tmp_path / "release4.db"
+    connection = sqlite3.connect(path, isolation_level=None)
+    try:
+        for migration in MIGRATIONS[:4]:
+            migration(sqlite_utils.Database(connection))
+        connection.execute("PRAGMA user_version = 4")
+        connection.execute(
+            "INSERT INTO requests (request_id, response, created_seconds) VALUES ('old', x'00', 1700000000)"
+        )
+    finally:
+        connection.close()
+
+    store = SqliteStore(path)
+    try:
+        with store.transaction() as tx:
+            assert tx.find_response("old", 0) is None
+            tx.save_response("old", SavedResponse(b"digest", b"answer"), 1_700_000_100)
+        with store.transaction() as tx:
+            assert tx.find_response("old", 0) == SavedResponse(b"digest", b"answer")
+    finally:
+        store.close()

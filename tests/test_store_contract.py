@@ -29,13 +29,14 @@ from deliveryreport.v1.delivery_report_pb2 import (
 )
 from dlrhub.merge import MessageState, digest, merge
 from dlrhub.store import SqliteStore, StoreError
-from dlrhub.store.base import Change, QuarantinedItem, Selector, Store, Transaction
+from dlrhub.store.base import Change, QuarantinedItem, SavedResponse, Selector, Store, Transaction
 from dlrhub.store.sqlite import SCHEMA_VERSION
 
 S = DeliveryStatus
 GMS = Source.SOURCE_GMS
 SSR = Source.SOURCE_SENT_SMS_REPORT
 BASE_SECONDS = 1_700_000_000
+NOW = BASE_SECONDS + 50_000
 
 Opener = Callable[[Path], Store]
 
@@ -165,6 +166,11 @@ def page_ids(states: list[DeliveryReport]) -> list[str]:
     return [state.message_id for state in states]
 
 
+def saved(response: bytes) -> SavedResponse:
+    """An answer saved for a request (its digest made up from the answer)."""
+    return SavedResponse(b"request:" + response, response)
+
+
 class Boom(Exception):
     pass
 
@@ -180,7 +186,7 @@ def test_a_committed_transaction_is_visible_whole_and_only_after_commit(engine: 
     with ThreadPoolExecutor(max_workers=1) as reader, store.transaction() as tx:
         cursors = [put(tx, incoming)[0] for incoming in (first, second, third)]
         tx.quarantine(item(1))
-        tx.save_response("r-1", b"answer")
+        tx.save_response("r-1", saved(b"answer"), NOW)
 
         # Readers (on other threads, as in the service) see none of it before the commit.
         def snapshot() -> tuple[object, ...]:
@@ -202,7 +208,7 @@ def test_a_committed_transaction_is_visible_whole_and_only_after_commit(engine: 
     assert store.latest_cursor() == cursors[-1]
     assert [quarantined for _, quarantined in store.quarantined(0, 10)] == [item(1)]
     with store.transaction() as tx:
-        assert tx.find_response("r-1") == b"answer"
+        assert tx.find_response("r-1", NOW) == saved(b"answer")
 
 
 def test_a_transaction_that_raises_is_rolled_back_whole(engine: Handle) -> None:
@@ -211,7 +217,7 @@ def test_a_transaction_that_raises_is_rolled_back_whole(engine: Handle) -> None:
     [cursor] = commit(store, before)
     with store.transaction() as tx:
         tx.quarantine(item(1))
-        tx.save_response("kept", b"kept")
+        tx.save_response("kept", saved(b"kept"), NOW)
     changes_before = all_changes(store)
     quarantined_before = store.quarantined(0, 10)
 
@@ -220,7 +226,7 @@ def test_a_transaction_that_raises_is_rolled_back_whole(engine: Handle) -> None:
             put(tx, report("m-1", S.DELIVERY_STATUS_DELIVERED, seconds=2, bulk_id="B", reference="R"))
             put(tx, report("m-2", S.DELIVERY_STATUS_DELIVERED, seconds=2, bulk_id="B", reference="R"))
             tx.quarantine(item(2))
-            tx.save_response("lost", b"lost")
+            tx.save_response("lost", saved(b"lost"), NOW)
             raise Boom
 
     with pytest.raises(Boom):
@@ -238,8 +244,8 @@ def test_a_transaction_that_raises_is_rolled_back_whole(engine: Handle) -> None:
     assert store.latest_cursor() == cursor
     assert store.quarantined(0, 10) == quarantined_before
     with store.transaction() as tx:
-        assert tx.find_response("lost") is None
-        assert tx.find_response("kept") == b"kept"
+        assert tx.find_response("lost", NOW) is None
+        assert tx.find_response("kept", NOW) == saved(b"kept")
         # The merge bookkeeping and the digests were rolled back too.
         state = tx.load_state(SSR, "m-1")
         assert state is not None
@@ -555,16 +561,38 @@ def test_quarantine_round_trip(engine: Handle) -> None:
 
 def test_find_response_and_save_response(engine: Handle) -> None:
     store = engine.store
-    answer = bytes(range(256))
+    answer = SavedResponse(bytes(range(16)), bytes(range(256)))
     with store.transaction() as tx:
-        assert tx.find_response("r-1") is None
-        tx.save_response("r-1", answer)
-        assert tx.find_response("r-1") == answer  # in the same transaction
-        tx.save_response("r-2", b"")
+        assert tx.find_response("r-1", NOW) is None
+        tx.save_response("r-1", answer, NOW)
+        assert tx.find_response("r-1", NOW) == answer  # in the same transaction
+        tx.save_response("r-2", SavedResponse(b"", b""), NOW)
     with store.transaction() as tx:
-        assert tx.find_response("r-1") == answer
-        assert tx.find_response("r-2") == b""
-        assert tx.find_response("R-1") is None
+        assert tx.find_response("r-1", NOW) == answer
+        assert tx.find_response("r-2", NOW) == SavedResponse(b"", b"")
+        assert tx.find_response("R-1", NOW) is None
+
+
+def test_saved_responses_expire(engine: Handle) -> None:
+    store = engine.store
+    with store.transaction() as tx:
+        for number in range(5):
+            tx.save_response(f"old-{number}", saved(b"old"), NOW - 100 - number)
+        tx.save_response("new", saved(b"new"), NOW)
+    with store.transaction() as tx:
+        # Saved before `since_seconds`: expired, as if never saved.
+        assert tx.find_response("old-0", NOW - 100) == saved(b"old")
+        assert tx.find_response("old-0", NOW - 99) is None
+        # An expired id is saved again in place of the old answer.
+        tx.save_response("old-0", saved(b"again"), NOW)
+        assert tx.find_response("old-0", NOW) == saved(b"again")
+    with store.transaction() as tx:
+        assert tx.expire_responses(NOW, 3) == 3
+        assert tx.expire_responses(NOW, 3) == 1
+        assert tx.expire_responses(NOW, 3) == 0
+        assert tx.find_response("old-0", 0) == saved(b"again")
+        assert tx.find_response("new", 0) == saved(b"new")
+        assert [tx.find_response(f"old-{number}", 0) for number in range(1, 5)] == [None] * 4
 
 
 # --- durability ----------------------------------------------------------------------------------
@@ -583,12 +611,12 @@ def test_reopening_keeps_everything(engine: Handle) -> None:
         for incoming in reports[2:]:
             put(tx, incoming)
         tx.quarantine(item(7))
-        tx.save_response("r-1", b"\x00saved\xff")
+        tx.save_response("r-1", saved(b"\x00saved\xff"), NOW)
 
     def everything(store: Store) -> tuple[object, ...]:
         with store.transaction() as tx:
             states = [tx.load_state(source, name) for source in (SSR, GMS) for name in ("m-1", "m-2")]
-            response = tx.find_response("r-1")
+            response = tx.find_response("r-1", NOW)
         return (
             [store.messages(message_id) for message_id in ("m-1", "m-2")],
             [store.history(message_id) for message_id in ("m-1", "m-2")],
@@ -669,7 +697,7 @@ def test_sqlite_migrates_an_empty_file_from_version_zero(tmp_path: Path) -> None
         assert store.latest_cursor() == cursor
         with store.transaction() as tx:
             tx.quarantine(item(1))
-            tx.save_response("r", b"x")
+            tx.save_response("r", saved(b"x"), NOW)
         assert len(store.quarantined(0, 10)) == 1
     finally:
         store.close()

@@ -10,8 +10,8 @@
 Connection: --target (env DLRHUB_TARGET, default 127.0.0.1:50051), --token (env DLRHUB_TOKEN),
 --tls-ca / --tls-cert / --tls-key for TLS and mutual TLS.
 
-Exit codes: 0 done; 1 other error; 2 bad usage; 3 invalid input (some or all items rejected);
-4 not found; 5 dlrhub unavailable (safe to retry).
+Exit codes: 0 done; 1 other error; 2 bad usage; 3 invalid input (some or all items rejected, or a
+request id already used by another request); 4 not found; 5 dlrhub unavailable (safe to retry).
 """
 
 from __future__ import annotations
@@ -171,10 +171,19 @@ async def _ingest(client: AsyncClient, options: argparse.Namespace) -> int:
             try:
                 response = await client.ingest(payload, format=FORMATS[options.format], request_id=request_id)
             except InvalidArgumentError as error:
+                if error.reason == "REQUEST_ID_REUSED":  # nothing of it was stored: stop here
+                    print(f"dlrhub: request id {request_id!r}: {error.message}", file=sys.stderr)
+                    return EXIT_INVALID
                 # On stderr even with --json: a wholly rejected payload has no response to print.
                 _print_violations(error, sys.stderr)
                 rejected += max(1, len(error.violations))
                 continue
+            if response.replayed:
+                print(
+                    f"dlrhub: request id {request_id!r} was answered before: its first answer again"
+                    " (nothing applied twice)",
+                    file=sys.stderr,
+                )
             accepted += response.accepted_count
             duplicate += response.duplicate_count
             rejected += response.rejected_count

@@ -33,6 +33,7 @@ from dlrhub.transport.poller import HEALTH_SERVICE as POLLER_HEALTH_SERVICE
 from dlrhub.transport.poller import Poller, PollerSettings
 from dlrhub.transport.service import DeliveryReportService
 from dlrhub.write.committer import Committer
+from dlrhub.write.expiry import RequestIdExpiry
 from dlrhub.write.writer import Writer
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class App:
     http_port: int
     call_log: CallLog
     http_log: CallLog
+    expiry: RequestIdExpiry
     poller: Poller | None = None
 
     def flush_logs(self) -> None:
@@ -82,6 +84,7 @@ class App:
         self.http_log.close()
         await self.server.stop(self.settings.shutdown_grace)
         self.call_log.close()  # and lines of streams that end later are logged at once
+        await self.expiry.stop()
         await self.committer.stop()
         await _runner(self.reads)(self.store.close)
         self.reads.shutdown(wait=True)
@@ -130,7 +133,17 @@ async def start(
         committer = Committer(store, hub, on_commit=_commit_recorder(metrics))
         committer.start()
         started.push_async_callback(committer.stop)
-        writer = Writer(normaliser, committer, clock, max_items=settings.max_batch_items, metrics=metrics)
+        expiry = RequestIdExpiry(committer, clock, settings.request_id_ttl)
+        expiry.start()
+        started.push_async_callback(expiry.stop)
+        writer = Writer(
+            normaliser,
+            committer,
+            clock,
+            max_items=settings.max_batch_items,
+            request_id_ttl=settings.request_id_ttl,
+            metrics=metrics,
+        )
 
         service = DeliveryReportService(
             writer=writer, store=store, hub=hub, read=read, max_streams=settings.max_streams
@@ -185,6 +198,7 @@ async def start(
         http.addresses[0][1],
         call_log,
         http_log,
+        expiry,
         poller,
     )
     log.info(

@@ -82,8 +82,14 @@ class Settings:
     max_request_bytes: int = _env("DLRHUB_MAX_REQUEST_BYTES", 16 * 1024 * 1024)
     max_batch_items: int = _env("DLRHUB_MAX_BATCH_ITEMS", 10_000)
     max_streams: int = _env("DLRHUB_MAX_STREAMS", 1000)
+    # Seconds an Ingest request id is remembered (its answer replayed to a retry); then it is new.
+    request_id_ttl: int = _env("DLRHUB_REQUEST_ID_TTL", 86_400)
     # OpenTelemetry tracing: off, console or otlp (OTEL_EXPORTER_OTLP_* configure the exporter).
     tracing: str = _env("DLRHUB_TRACING", "off")
+
+    def __post_init__(self) -> None:
+        if self.request_id_ttl < 1:
+            raise ValueError(f"DLRHUB_REQUEST_ID_TTL: at least 1 second, not {self.request_id_ttl}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -110,8 +110,14 @@ class IngestRequest(_message.Message):
     format: Global___Format.ValueType
     """The format of `payload`; ignored for typed reports."""
     request_id: _builtins.str
-    """Optional idempotency key (e.g. a UUID). A retried Ingest with the same
-    request id answers the first answer again and applies nothing twice.
+    """Optional idempotency key (e.g. a UUID): at most 128 characters, no
+    control characters (INVALID_ARGUMENT otherwise). A retry with the same
+    request id and the same request (the same format and payload text, or
+    the same typed reports) answers the first answer again, with `replayed`
+    set, and applies nothing twice. The same request id with another request
+    is INVALID_ARGUMENT, reason REQUEST_ID_REUSED, and nothing of it is
+    stored. An id is remembered for the server's DLRHUB_REQUEST_ID_TTL (24
+    hours by default); after that it counts as new.
     """
     @_builtins.property
     def gms(self) -> _provider_formats_pb2.GmsReports:
@@ -231,12 +237,17 @@ class IngestResponse(_message.Message):
     ACCEPTED_COUNT_FIELD_NUMBER: _builtins.int
     DUPLICATE_COUNT_FIELD_NUMBER: _builtins.int
     REJECTED_COUNT_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
     accepted_count: _builtins.int
     """Number of ACCEPTED items."""
     duplicate_count: _builtins.int
     """Number of DUPLICATE items."""
     rejected_count: _builtins.int
     """Number of REJECTED items."""
+    replayed: _builtins.bool
+    """True when this is the saved answer of an earlier call with the same
+    `request_id` and the same request: nothing was applied again.
+    """
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___IngestResult]:
         """One result per item, in input order."""
@@ -248,10 +259,11 @@ class IngestResponse(_message.Message):
         accepted_count: _builtins.int = ...,
         duplicate_count: _builtins.int = ...,
         rejected_count: _builtins.int = ...,
+        replayed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_count", b"accepted_count", "duplicate_count", b"duplicate_count", "rejected_count", b"rejected_count", "results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_count", b"accepted_count", "duplicate_count", b"duplicate_count", "rejected_count", b"rejected_count", "replayed", b"replayed", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

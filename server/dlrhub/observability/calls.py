@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     Handler = grpc.RpcMethodHandler[Any, Any]
 
 log = logging.getLogger(__name__)
+# Characters of a caller's x-request-id kept in a log line (the rest is cut off).
+MAX_LOGGED_REQUEST_ID = 128
 
 _call: contextvars.ContextVar[dict[str, object] | None] = contextvars.ContextVar("dlrhub_call", default=None)
 
@@ -239,7 +241,7 @@ def _fields(method: str, context: grpc.aio.ServicerContext[Any, Any]) -> dict[st
     fields: dict[str, object] = {"rpc": method}
     for key, value in context.invocation_metadata() or ():
         if key == "x-request-id":
-            fields["request_id"] = value
+            fields["request_id"] = value[:MAX_LOGGED_REQUEST_ID]
     return fields
 
 

@@ -115,6 +115,16 @@ class QuarantinedItem:
         return Timestamp(seconds=self.received_seconds, nanos=self.received_nanos)
 
 
+@dataclass(frozen=True, slots=True)
+class SavedResponse:
+    """The answer to an Ingest call that carried a request id, kept for its retries."""
+
+    # What the request was (a digest of its format and payload): a retry has the same.
+    request_digest: bytes
+    # The IngestResponse, serialised.
+    response: bytes
+
+
 class Transaction(Protocol):
     """One atomic, durable unit of writes (and the reads it depends on).
 
@@ -144,11 +154,15 @@ class Transaction(Protocol):
     def quarantine(self, item: QuarantinedItem) -> None:
         """Keeps a rejected item."""
 
-    def find_response(self, request_id: str) -> bytes | None:
-        """The saved response of an earlier request with this id."""
+    def find_response(self, request_id: str, since_seconds: int) -> SavedResponse | None:
+        """The saved answer to a request with this id, if it was saved at `since_seconds` (Unix
+        time) or later: older ones have expired."""
 
-    def save_response(self, request_id: str, response: bytes) -> None:
-        """Saves a request's response for replays."""
+    def save_response(self, request_id: str, saved: SavedResponse, seconds: int) -> None:
+        """Saves a request's answer, at `seconds` (Unix time), in place of an expired one."""
+
+    def expire_responses(self, before_seconds: int, limit: int) -> int:
+        """Deletes up to `limit` saved answers saved before `before_seconds`; returns how many."""
 
     def resolve_quarantined(self, quarantine_id: int, seconds: int) -> None:
         """Marks a quarantined item as stored by a re-normalisation."""
@@ -194,6 +208,7 @@ __all__: Sequence[str] = [
     "MessagePage",
     "QuarantinedItem",
     "ReadRunner",
+    "SavedResponse",
     "Selector",
     "Store",
     "StoreError",

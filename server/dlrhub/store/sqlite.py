@@ -7,7 +7,8 @@ PRAGMA user_version, so a newer release opens an older file):
   KEY AUTOINCREMENT `cursor` is the Stream position (never reused), and its
   `digest` (the report's identity, dlrhub.merge.digest) is unique;
 - quarantine: rejected items with their reason;
-- requests: responses of Ingest calls that carried a request_id.
+- requests: answers of Ingest calls that carried a request_id, with a digest
+  of the request, until they expire.
 
 One connection writes (the committer's thread); each reader thread has its
 own connection. WAL lets readers run beside the writer and see only committed
@@ -19,7 +20,6 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,7 +28,7 @@ import sqlite_utils
 
 from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
 from dlrhub.merge import MessageState, merge, merge_key
-from dlrhub.store.base import Change, MessagePage, QuarantinedItem, Selector, StoreError
+from dlrhub.store.base import Change, MessagePage, QuarantinedItem, SavedResponse, Selector, StoreError
 from dlrhub.store.codec import decode_state, encode_merge
 
 log = logging.getLogger(__name__)
@@ -199,12 +199,24 @@ class _Rebuild:
         self._message_rows.clear()
 
 
+def _migration_5(db: sqlite_utils.Database) -> None:
+    """Saved answers keep a digest of their request, so that a reused request id is told from a retry.
+
+    Answers saved before cannot tell: they are dropped. A retry of such a request is applied again,
+    and its reports are answered as duplicates: nothing is lost or stored twice.
+    """
+    db.execute("DELETE FROM requests")
+    db.table("requests").add_column("request_digest", bytes, not_null_default=b"")
+    db.table("requests").create_index(["created_seconds"])
+
+
 # Append only: a release never edits a migration that has shipped.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
     _migration_2,
     _migration_3,
     _migration_4,
+    _migration_5,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -465,17 +477,27 @@ class _SqliteTransaction:
             "UPDATE quarantine SET resolved_seconds = ? WHERE id = ?", (seconds, quarantine_id)
         )
 
-    def find_response(self, request_id: str) -> bytes | None:
+    def find_response(self, request_id: str, since_seconds: int) -> SavedResponse | None:
         row = self._connection.execute(
-            "SELECT response FROM requests WHERE request_id = ?", (request_id,)
+            "SELECT request_digest, response FROM requests WHERE request_id = ? AND created_seconds >= ?",
+            (request_id, since_seconds),
         ).fetchone()
-        return None if row is None else bytes(row[0])
+        return None if row is None else SavedResponse(bytes(row[0]), bytes(row[1]))
 
-    def save_response(self, request_id: str, response: bytes) -> None:
+    def save_response(self, request_id: str, saved: SavedResponse, seconds: int) -> None:
         self._connection.execute(
-            "INSERT INTO requests (request_id, response, created_seconds) VALUES (?, ?, ?)",
-            (request_id, response, int(time.time())),
+            "INSERT OR REPLACE INTO requests (request_id, request_digest, response, created_seconds)"
+            " VALUES (?, ?, ?, ?)",
+            (request_id, saved.request_digest, saved.response, seconds),
         )
+
+    def expire_responses(self, before_seconds: int, limit: int) -> int:
+        cursor = self._connection.execute(
+            "DELETE FROM requests WHERE request_id IN"
+            " (SELECT request_id FROM requests WHERE created_seconds < ? LIMIT ?)",
+            (before_seconds, limit),
+        )
+        return cursor.rowcount
 
 
 def _with_raw(report: bytes, raw: str) -> DeliveryReport:

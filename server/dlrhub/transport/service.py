@@ -3,6 +3,7 @@ results into a response (or the status of a domain error)."""
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -48,12 +49,13 @@ from dlrhub.store.base import Change, ChangeFilter, QuarantinedItem, ReadRunner,
 from dlrhub.transport.pages import decode_page_token, encode_page_token, page_size
 from dlrhub.write import quarantine
 from dlrhub.write.submission import is_wholly_rejected
-from dlrhub.write.writer import TooManyItems, Writer
+from dlrhub.write.writer import RequestIdReused, TooManyItems, Writer
 
 T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
 DEFAULT_HEARTBEAT_SECONDS = 15
 MAX_RENORMALISE_IDS = 10_000
+MAX_REQUEST_ID_LENGTH = 128
 
 
 class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
@@ -121,6 +123,7 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
     # Ingest.
 
     async def _ingest(self, request: IngestRequest) -> IngestResponse:
+        _check_request_id(request.request_id)  # before it is logged or stored anywhere
         body = request.WhichOneof("body")
         if body is None:
             raise invalid_argument(
@@ -138,6 +141,15 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
             note(request_id=request.request_id)
         try:
             ingested = await self._writer.ingest(payload, format, request.request_id)
+        except RequestIdReused as error:
+            raise invalid_argument(
+                "request_id",
+                str(error),
+                "REQUEST_ID_REUSED",
+                message=str(error),
+                violation_reason="REQUEST_ID_REUSED",
+                metadata={"request_id": error.request_id},
+            ) from None
         except TooManyItems as error:
             raise invalid_argument(
                 body,
@@ -325,6 +337,19 @@ def _quarantined_item(quarantine_id: int, item: QuarantinedItem) -> QuarantinedI
     if item.resolved_seconds is not None:
         message.resolved_time.seconds = item.resolved_seconds
     return message
+
+
+def _check_request_id(request_id: str) -> None:
+    """A request id is at most MAX_REQUEST_ID_LENGTH characters, none of them a control character."""
+    if len(request_id) > MAX_REQUEST_ID_LENGTH:
+        raise invalid_argument(
+            "request_id",
+            f"is {len(request_id)} characters long; at most {MAX_REQUEST_ID_LENGTH} are allowed",
+            "INVALID_REQUEST_ID",
+            metadata={"max_length": str(MAX_REQUEST_ID_LENGTH)},
+        )
+    if any(unicodedata.category(character) == "Cc" for character in request_id):
+        raise invalid_argument("request_id", "must not contain control characters", "INVALID_REQUEST_ID")
 
 
 def _parse_cursor(cursor: str) -> int:

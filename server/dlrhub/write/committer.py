@@ -14,12 +14,14 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 from dlrhub.feed.hub import Hub
-from dlrhub.store.base import Store, StoreError
+from dlrhub.store.base import Store, StoreError, Transaction
 from dlrhub.write.submission import Applied, Submission, apply
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -69,6 +71,18 @@ class Committer:
         # A caller cancelled (or past its deadline) while still queued cancels the future, and the
         # writer skips it; once its group is being written, it commits whether or not anyone waits.
         return await future
+
+    async def run(self, work: Callable[[Transaction], T]) -> T:
+        """Runs `work` in a transaction of its own on the writer thread, between two groups (for
+        upkeep, such as deleting expired rows: keep it short, every Ingest waits for it)."""
+        if self._task is None or self._task.done():
+            raise StoreError("the store is not accepting writes")
+
+        def transaction() -> T:
+            with self._store.transaction() as tx:
+                return work(tx)
+
+        return await asyncio.get_running_loop().run_in_executor(self._writer, transaction)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

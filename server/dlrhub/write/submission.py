@@ -19,7 +19,7 @@ from deliveryreport.v1.delivery_report_service_pb2 import (
 )
 from dlrhub.merge import MergeKey, merge, merge_key
 from dlrhub.normalise import NormalisedItem, Rejection
-from dlrhub.store.base import Change, QuarantinedItem, Transaction
+from dlrhub.store.base import Change, QuarantinedItem, SavedResponse, Transaction
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +40,10 @@ class Submission:
     # For a re-normalisation: when it ran (Unix seconds), the item's resolved time. `received` is
     # the item's original received time, kept for the reports.
     resolved_seconds: int = 0
+    # For an Ingest with a request id: what the request was (saved with its answer), and the Unix
+    # time before which a saved answer has expired.
+    request_digest: bytes = b""
+    replay_since_seconds: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +54,8 @@ class Applied:
     changes: list[Change] = field(default_factory=list)
     # The response is the saved answer of an earlier call with the same request id.
     replayed: bool = False
+    # The request id was used before by another request: nothing was applied.
+    reused: bool = False
 
 
 def apply(tx: Transaction, submissions: Sequence[Submission]) -> list[Applied]:
@@ -70,11 +76,15 @@ def apply(tx: Transaction, submissions: Sequence[Submission]) -> list[Applied]:
 def _apply(tx: Transaction, submission: Submission, keys: list[MergeKey | None]) -> Applied:
     """Applies one submission; `keys` are the merge keys of its items (None for a rejected one)."""
     # A re-normalisation carries its item's request id only to remember it: it is no retry of that
-    # Ingest, so it neither replays the Ingest's saved answer nor saves one in its place.
-    if submission.request_id and not submission.quarantine_id:
-        saved = tx.find_response(submission.request_id)
+    # Ingest (it has no request digest), so it neither replays the saved answer nor saves one.
+    if submission.request_digest:
+        saved = tx.find_response(submission.request_id, submission.replay_since_seconds)
+        if saved is not None and saved.request_digest != submission.request_digest:
+            return Applied(IngestResponse(), reused=True)
         if saved is not None:
-            return Applied(IngestResponse.FromString(saved), replayed=True)
+            replay = IngestResponse.FromString(saved.response)
+            replay.replayed = True
+            return Applied(replay, replayed=True)
     if submission.payload_rejection is not None:
         if not submission.quarantine_id:
             tx.quarantine(
@@ -111,8 +121,9 @@ def _apply(tx: Transaction, submission: Submission, keys: list[MergeKey | None])
         result.cursor = str(cursor)
         response.accepted_count += 1
 
-    if submission.request_id and not submission.quarantine_id and not is_wholly_rejected(response):
-        tx.save_response(submission.request_id, response.SerializeToString())
+    if submission.request_digest and not is_wholly_rejected(response):
+        saved = SavedResponse(submission.request_digest, response.SerializeToString())
+        tx.save_response(submission.request_id, saved, submission.received.seconds)
     if submission.quarantine_id and not response.rejected_count:
         tx.resolve_quarantined(
             submission.quarantine_id, submission.resolved_seconds or submission.received.seconds

@@ -7,6 +7,7 @@ run again through `Writer.renormalise`.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ from dlrhub.normalise import Normaliser, PayloadError, Rejection, single_item_pa
 from dlrhub.observability.metrics import Metrics
 from dlrhub.store.base import QuarantinedItem
 from dlrhub.write.committer import Committer
-from dlrhub.write.submission import Submission
+from dlrhub.write.submission import Applied, Submission
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +39,17 @@ class TooManyItems(Exception):
         self.limit = limit
 
 
+class RequestIdReused(Exception):
+    """The request id names an earlier, different request; nothing of this one was stored."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(
+            "this request_id was used by another request (another format or payload): nothing was"
+            " stored; give each request an id of its own"
+        )
+        self.request_id = request_id
+
+
 class Writer:
     """Normalises payloads and hands them to the committer; answers once they are committed."""
 
@@ -48,30 +60,45 @@ class Writer:
         clock: Callable[[], int],
         *,
         max_items: int = 10_000,
+        request_id_ttl: int = 86_400,
         metrics: Metrics | None = None,
     ) -> None:
         self._normaliser = normaliser
         self._committer = committer
         self._clock = clock
         self._max_items = max_items
+        self._request_id_ttl = request_id_ttl
         self._metrics = metrics
 
     async def ingest(self, payload: str, format: Format.ValueType, request_id: str = "") -> Ingested:
         """Normalises and commits a payload.
 
-        Raises TooManyItems (nothing stored) over the item limit, StoreError if the store cannot commit.
+        Raises TooManyItems (nothing stored) over the item limit, RequestIdReused (nothing stored)
+        when the request id names another request, StoreError if the store cannot commit.
         """
         received = Timestamp()
         received.FromNanoseconds(self._clock())
+        rejection = None
         try:
             items = self._normaliser.normalise(payload, format, received)
         except PayloadError as error:
-            submission = Submission([], received, request_id, error.rejection, payload, format)
-        else:
-            if len(items) > self._max_items:
-                raise TooManyItems(len(items), self._max_items)
-            submission = Submission(items, received, request_id)
-        return await self._commit(submission)
+            items, rejection = [], error.rejection
+        if len(items) > self._max_items:
+            raise TooManyItems(len(items), self._max_items)
+        submission = Submission(
+            items,
+            received,
+            request_id,
+            rejection,
+            payload,
+            format,
+            request_digest=request_digest(payload, format) if request_id else b"",
+            replay_since_seconds=received.seconds - self._request_id_ttl,
+        )
+        applied = await self._committer.submit(submission)
+        if applied.reused:
+            raise RequestIdReused(request_id)
+        return self._answer(submission, applied)
 
     async def renormalise(self, quarantine_id: int, item: QuarantinedItem) -> Ingested:
         """Runs a quarantined item through the current normaliser again, and commits what now passes.
@@ -103,13 +130,18 @@ class Writer:
                 quarantine_id=quarantine_id,
                 resolved_seconds=resolved_seconds,
             )
-        return await self._commit(submission)
+        return self._answer(submission, await self._committer.submit(submission))
 
-    async def _commit(self, submission: Submission) -> Ingested:
-        applied = await self._committer.submit(submission)
+    def _answer(self, submission: Submission, applied: Applied) -> Ingested:
         if self._metrics is not None and not applied.replayed:
             if submission.payload_rejection is not None:
                 self._metrics.record_rejected_payload(submission.format)
             else:
                 self._metrics.record_ingest(submission.items, applied.response)
         return Ingested(applied.response, submission.payload_rejection)
+
+
+def request_digest(payload: str, format: Format.ValueType) -> bytes:
+    """What a request with a request id was: its format and exact payload text (for typed reports,
+    the canonical JSON built from them), hashed."""
+    return hashlib.blake2b(f"{int(format)}\n{payload}".encode(), digest_size=16).digest()
