@@ -8,6 +8,7 @@ import logging
 import sqlite3
 import struct
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -287,5 +288,50 @@ def test_answers_saved_without_a_request_digest_are_dropped(tmp_path: Path) -> N
             tx.save_response("old", SavedResponse(b"digest", b"answer"), 1_700_000_100)
         with store.transaction() as tx:
             assert tx.find_response("old", 0) == SavedResponse(b"digest", b"answer")
+    finally:
+        store.close()
+
+
+def test_open_quarantined_items_kept_more_than_once_become_one_counted_row(tmp_path: Path) -> None:
+    """Schema 6: the rows of a provider's retries of one bad item merge into the first."""
+    path = tmp_path / "release5.db"
+    raw = '{"results": [{"to": "41793026727"}]}'
+    rows = [  # (received seconds, nanos, request id, raw, resolved)
+        (1_700_000_000, 1, "try-1", raw, None),
+        (1_700_000_010, 2, "try-2", raw, 1_700_000_011),  # resolved already: stays as it is
+        (1_700_000_020, 3, "try-3", raw, None),
+        (1_700_000_030, 4, "other", raw + " ", None),  # another text: another item
+        (1_700_000_040, 5, "try-4", raw, None),
+    ]
+    connection = sqlite3.connect(path, isolation_level=None)
+    try:
+        for migration in MIGRATIONS[:5]:
+            migration(sqlite_utils.Database(connection))
+        connection.execute("PRAGMA user_version = 5")
+        for seconds, nanos, request_id, text, resolved in rows:
+            connection.execute(
+                "INSERT INTO quarantine (received_seconds, received_nanos, request_id, field, reason,"
+                " description, raw, format, whole_payload, resolved_seconds)"
+                " VALUES (?, ?, ?, 'results[0].messageId', 'MISSING_FIELD', 'required', ?, 2, 0, ?)",
+                (seconds, nanos, request_id, text, resolved),
+            )
+    finally:
+        connection.close()
+
+    store = SqliteStore(path)
+    try:
+        kept = [
+            (item.request_id, item.received_count, item.last_received_seconds)
+            for _, item in store.quarantined(0, 10)
+        ]
+        assert kept == [("try-1", 3, 1_700_000_040), ("try-2", 1, None), ("other", 1, None)]
+        [(first_id, first)] = store.quarantined(0, 1)
+        assert first.last_received_nanos == 5
+        assert store.open_quarantine_count() == 2
+        # The row counts the next copy too.
+        with store.transaction() as tx:
+            tx.quarantine(replace(first, received_seconds=1_700_000_050, request_id="try-5"))
+        [(again_id, again)] = store.quarantined(0, 1)
+        assert (again_id, again.received_count, again.last_received_seconds) == (first_id, 4, 1_700_000_050)
     finally:
         store.close()

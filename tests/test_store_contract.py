@@ -11,7 +11,7 @@ import sqlite3
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -557,6 +557,47 @@ def test_quarantine_round_trip(engine: Handle) -> None:
     assert store.quarantined(ids[-1], 10) == []
     # Quarantine is not history.
     assert all_changes(store) == []
+
+
+def test_the_same_open_item_is_counted_not_kept_again(engine: Handle) -> None:
+    """#19.11: a provider retrying a partly bad batch 20 times made 20 open rows."""
+    store = engine.store
+    first = item(1)
+    # Received again later, under another request id (and worded otherwise): the same item.
+    again = replace(first, received_seconds=first.received_seconds + 60, received_nanos=5, request_id="retry")
+    distinct = [
+        replace(first, reason="INVALID_VALUE"),
+        replace(first, field="results[2].messageId"),
+        replace(first, whole_payload=True),
+        replace(first, format=1),
+        replace(first, raw=first.raw + " "),
+    ]
+    with store.transaction() as tx:
+        tx.quarantine(first)
+        tx.quarantine(again)
+    with store.transaction() as tx:
+        tx.quarantine(replace(again, received_seconds=again.received_seconds + 60, description="reworded"))
+        for other in distinct:
+            tx.quarantine(other)
+
+    kept = store.quarantined(0, 10)
+    counted = replace(
+        first, received_count=3, last_received_seconds=first.received_seconds + 120, last_received_nanos=5
+    )
+    assert [quarantined for _, quarantined in kept] == [counted, *distinct]
+    assert counted.last_received_time() == Timestamp(seconds=first.received_seconds + 120, nanos=5)
+    assert first.last_received_time() == first.received_time()
+    assert store.open_quarantine_count() == 6
+
+    # Once resolved, the same item received again is open again, as a new row.
+    with store.transaction() as tx:
+        tx.resolve_quarantined(kept[0][0], NOW)
+        tx.quarantine(first)
+    resolved, *_, reopened = store.quarantined(0, 10)
+    assert resolved == (kept[0][0], replace(counted, resolved_seconds=NOW))
+    assert reopened[1] == first
+    assert reopened[0] > kept[-1][0]
+    assert store.open_quarantine_count() == 6
 
 
 def test_find_response_and_save_response(engine: Handle) -> None:

@@ -561,7 +561,9 @@ Global___StreamBatchesResponse: _TypeAlias = StreamBatchesResponse  # noqa: Y015
 
 @_typing.final
 class QuarantinedItem(_message.Message):
-    """A rejected item (or a whole payload that was unusable), kept verbatim."""
+    """A rejected item (or a whole payload that was unusable), kept verbatim,
+    once while it is open however often it is received.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -573,6 +575,8 @@ class QuarantinedItem(_message.Message):
     RAW_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     RESOLVED_TIME_FIELD_NUMBER: _builtins.int
+    RECEIVED_COUNT_FIELD_NUMBER: _builtins.int
+    LAST_RECEIVED_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Identifier in the quarantine, increasing with time."""
     request_id: _builtins.str
@@ -585,6 +589,11 @@ class QuarantinedItem(_message.Message):
     """True when it is a whole payload rather than one item of a batch."""
     raw: _builtins.str
     """Its original text, byte for byte."""
+    received_count: _builtins.int
+    """How many times it was received while open: an item received again (the
+    same format, whole payload or item, text, field and reason, as when a
+    provider retries a partly bad batch) is counted here, not kept again.
+    """
     @_builtins.property
     def received_time(self) -> _timestamp_pb2.Timestamp:
         """When dlrhub received it."""
@@ -597,6 +606,10 @@ class QuarantinedItem(_message.Message):
     def resolved_time(self) -> _timestamp_pb2.Timestamp:
         """Set once a re-normalisation stored it."""
 
+    @_builtins.property
+    def last_received_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was last received (`received_time` when it was received once)."""
+
     def __init__(
         self,
         *,
@@ -608,10 +621,12 @@ class QuarantinedItem(_message.Message):
         raw: _builtins.str = ...,
         error: Global___ItemError | None = ...,
         resolved_time: _timestamp_pb2.Timestamp | None = ...,
+        received_count: _builtins.int = ...,
+        last_received_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "received_time", b"received_time", "resolved_time", b"resolved_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "last_received_time", b"last_received_time", "received_time", b"received_time", "resolved_time", b"resolved_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "format", b"format", "id", b"id", "raw", b"raw", "received_time", b"received_time", "request_id", b"request_id", "resolved_time", b"resolved_time", "whole_payload", b"whole_payload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "format", b"format", "id", b"id", "last_received_time", b"last_received_time", "raw", b"raw", "received_count", b"received_count", "received_time", b"received_time", "request_id", b"request_id", "resolved_time", b"resolved_time", "whole_payload", b"whole_payload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

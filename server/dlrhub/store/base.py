@@ -16,6 +16,7 @@ The contract tests in tests/test_store_contract.py run against every engine.
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -109,10 +110,30 @@ class QuarantinedItem:
     resolved_seconds: int | None = None
     # The fraction of `received_seconds`, in nanoseconds (0 to 999,999,999).
     received_nanos: int = 0
+    # How many times it was received while open, and when last (None: received once).
+    received_count: int = 1
+    last_received_seconds: int | None = None
+    last_received_nanos: int = 0
 
     def received_time(self) -> Timestamp:
         """When it was received, as the reports made from it carry it."""
         return Timestamp(seconds=self.received_seconds, nanos=self.received_nanos)
+
+    def last_received_time(self) -> Timestamp:
+        """When it was last received."""
+        if self.last_received_seconds is None:
+            return self.received_time()
+        return Timestamp(seconds=self.last_received_seconds, nanos=self.last_received_nanos)
+
+    def digest(self) -> bytes:
+        """What makes two items the same: format, whole payload or item, field, reason and text.
+        An open item is kept once; the same item received again is counted (Transaction.quarantine)."""
+        identity = hashlib.blake2b(digest_size=16)
+        for part in (str(self.format), str(int(self.whole_payload)), self.field, self.reason, self.raw):
+            encoded = part.encode()
+            identity.update(len(encoded).to_bytes(8, "big"))
+            identity.update(encoded)
+        return identity.digest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +173,8 @@ class Transaction(Protocol):
         raises StoreError (a unique key, the safety net under `is_stored`)."""
 
     def quarantine(self, item: QuarantinedItem) -> None:
-        """Keeps a rejected item."""
+        """Keeps a rejected item; if the same item (QuarantinedItem.digest) is open already, counts
+        it there instead (received_count, and its received time as the last)."""
 
     def find_response(self, request_id: str, since_seconds: int) -> SavedResponse | None:
         """The saved answer to a request with this id, if it was saved at `since_seconds` (Unix

@@ -23,6 +23,7 @@ import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import sqlite_utils
 
@@ -210,6 +211,44 @@ def _migration_5(db: sqlite_utils.Database) -> None:
     db.table("requests").create_index(["created_seconds"])
 
 
+def _migration_6(db: sqlite_utils.Database) -> None:
+    """An open quarantined item is kept once: the same item received again is counted on its row.
+
+    Each item gets its digest (QuarantinedItem.digest), unique among open items. Open items already
+    kept more than once become one row: the oldest, with the count and the last received time of
+    all of them.
+    """
+    quarantine = db.table("quarantine")
+    quarantine.add_column("digest", bytes)
+    quarantine.add_column("received_count", int, not_null_default=1)
+    quarantine.add_column("last_received_seconds", int)
+    quarantine.add_column("last_received_nanos", int, not_null_default=0)
+    connection = db.conn
+    first_of: dict[bytes, int] = {}  # open items: the id of the first row of each digest
+    rows = connection.execute(
+        "SELECT id, format, whole_payload, field, reason, raw, resolved_seconds, received_seconds,"
+        " received_nanos FROM quarantine ORDER BY id"
+    ).fetchall()
+    for quarantine_id, format, whole, field, reason, raw, resolved, seconds, nanos in rows:
+        item = QuarantinedItem(raw, field, reason, "", seconds, format=format, whole_payload=bool(whole))
+        digest = item.digest()
+        first = first_of.get(digest) if resolved is None else None
+        if first is None:
+            connection.execute("UPDATE quarantine SET digest = ? WHERE id = ?", (digest, quarantine_id))
+            if resolved is None:
+                first_of[digest] = quarantine_id
+            continue
+        connection.execute(
+            "UPDATE quarantine SET received_count = received_count + 1, last_received_seconds = ?,"
+            " last_received_nanos = ? WHERE id = ?",
+            (seconds, nanos, first),
+        )
+        connection.execute("DELETE FROM quarantine WHERE id = ?", (quarantine_id,))
+    connection.execute(
+        "CREATE UNIQUE INDEX idx_quarantine_open_digest ON quarantine (digest) WHERE resolved_seconds IS NULL"
+    )
+
+
 # Append only: a release never edits a migration that has shipped.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
@@ -217,6 +256,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_3,
     _migration_4,
     _migration_5,
+    _migration_6,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -345,29 +385,8 @@ class SqliteStore:
         where = "id > ?" + ("" if include_resolved else " AND resolved_seconds IS NULL")
         if ids:
             where += f" AND id IN ({','.join('?' * len(ids))})"
-        columns = (
-            "id, raw, field, reason, description, received_seconds, request_id, format, whole_payload,"
-            " resolved_seconds, received_nanos"
-        )
-        query = f"SELECT {columns} FROM quarantine WHERE {where} ORDER BY id LIMIT ?"  # noqa: S608
-        return [
-            (
-                row[0],
-                QuarantinedItem(
-                    raw=row[1],
-                    field=row[2],
-                    reason=row[3],
-                    description=row[4],
-                    received_seconds=row[5],
-                    request_id=row[6],
-                    format=row[7],
-                    whole_payload=bool(row[8]),
-                    resolved_seconds=row[9],
-                    received_nanos=row[10],
-                ),
-            )
-            for row in self._reader().execute(query, (after, *ids, limit))
-        ]
+        query = f"SELECT {_QUARANTINE_COLUMNS} FROM quarantine WHERE {where} ORDER BY id LIMIT ?"  # noqa: S608
+        return [_quarantined_item(row) for row in self._reader().execute(query, (after, *ids, limit))]
 
     def open_quarantine_count(self) -> int:
         row = (
@@ -458,7 +477,10 @@ class _SqliteTransaction:
     def quarantine(self, item: QuarantinedItem) -> None:
         self._connection.execute(
             "INSERT INTO quarantine (received_seconds, received_nanos, request_id, field, reason,"
-            " description, raw, format, whole_payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " description, raw, format, whole_payload, digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (digest) WHERE resolved_seconds IS NULL DO UPDATE SET"
+            " received_count = received_count + 1, last_received_seconds = excluded.received_seconds,"
+            " last_received_nanos = excluded.received_nanos",
             (
                 item.received_seconds,
                 item.received_nanos,
@@ -469,6 +491,7 @@ class _SqliteTransaction:
                 item.raw,
                 item.format,
                 item.whole_payload,
+                item.digest(),
             ),
         )
 
@@ -498,6 +521,32 @@ class _SqliteTransaction:
             (before_seconds, limit),
         )
         return cursor.rowcount
+
+
+_QUARANTINE_COLUMNS = (
+    "id, raw, field, reason, description, received_seconds, request_id, format, whole_payload,"
+    " resolved_seconds, received_nanos, received_count, last_received_seconds, last_received_nanos"
+)
+
+
+def _quarantined_item(row: Sequence[Any]) -> tuple[int, QuarantinedItem]:
+    """A quarantine row's id and item, from _QUARANTINE_COLUMNS."""
+    item = QuarantinedItem(
+        raw=row[1],
+        field=row[2],
+        reason=row[3],
+        description=row[4],
+        received_seconds=row[5],
+        request_id=row[6],
+        format=row[7],
+        whole_payload=bool(row[8]),
+        resolved_seconds=row[9],
+        received_nanos=row[10],
+        received_count=row[11],
+        last_received_seconds=row[12],
+        last_received_nanos=row[13],
+    )
+    return row[0], item
 
 
 def _with_raw(report: bytes, raw: str) -> DeliveryReport:

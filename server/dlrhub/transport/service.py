@@ -333,6 +333,8 @@ def _quarantined_item(quarantine_id: int, item: QuarantinedItem) -> QuarantinedI
         whole_payload=item.whole_payload,
         raw=item.raw,
         error=ItemError(field=item.field, reason=item.reason, description=item.description),
+        received_count=item.received_count,
+        last_received_time=item.last_received_time(),
     )
     if item.resolved_seconds is not None:
         message.resolved_time.seconds = item.resolved_seconds
