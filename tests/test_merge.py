@@ -158,6 +158,14 @@ def spec_state(reports: Sequence[DeliveryReport]) -> tuple[DeliveryReport, dict[
     return expected, suppliers
 
 
+def changed(report: DeliveryReport, **fields: Any) -> DeliveryReport:
+    """A copy of `report` with the fields given set anew (None clears one)."""
+    copy = copy_of(report)
+    for name, value in fields.items():
+        take(copy, DeliveryReport() if value is None else DeliveryReport(**{name: value}), name)
+    return copy
+
+
 def take(target: DeliveryReport, source: DeliveryReport, name: str) -> None:
     """Sets `target`'s field `name` as `source` has it (or clears it)."""
     target.ClearField(name)  # type: ignore[arg-type]  # a DESCRIPTIVE name
@@ -755,42 +763,11 @@ def test_a_copy_received_later_is_a_duplicate(event_time: str | None) -> None:
         pytest.param(
             copy_of(DELIVERED, received_time=at("2019-11-09T16:00:01Z")), id="control-same-identity"
         ),
+        pytest.param(changed(DELIVERED, event_time=at("2019-11-09T16:00:00.001Z")), id="other-event-time"),
+        pytest.param(changed(DELIVERED, event_time=None), id="no-event-time"),
+        pytest.param(changed(DELIVERED, channel=Channel.CHANNEL_VIBER), id="other-channel"),
         pytest.param(
-            ssr_report(
-                S.DELIVERY_STATUS_DELIVERED,
-                ssr_raw(3, "DELIVERED", 5, "DELIVERED_TO_HANDSET"),
-                "2019-11-09T16:00:00.001Z",
-                "2019-11-09T16:00:01Z",
-            ),
-            id="other-event-time",
-        ),
-        pytest.param(
-            ssr_report(
-                S.DELIVERY_STATUS_DELIVERED,
-                ssr_raw(3, "DELIVERED", 5, "DELIVERED_TO_HANDSET"),
-                None,
-                "2019-11-09T16:00:00Z",
-            ),
-            id="no-event-time",
-        ),
-        pytest.param(
-            ssr_report(
-                S.DELIVERY_STATUS_DELIVERED,
-                ssr_raw(3, "DELIVERED", 5, "DELIVERED_TO_HANDSET"),
-                "2019-11-09T16:00:00Z",
-                "2019-11-09T16:00:01Z",
-                channel=Channel.CHANNEL_VIBER,
-            ),
-            id="other-channel",
-        ),
-        pytest.param(
-            ssr_report(
-                S.DELIVERY_STATUS_DELIVERED,
-                ssr_raw(3, "DELIVERED", 5, "DELIVERED"),
-                "2019-11-09T16:00:00Z",
-                "2019-11-09T16:00:01Z",
-            ),
-            id="other-raw-status-name",
+            changed(DELIVERED, raw=ssr_raw(3, "DELIVERED", 5, "DELIVERED")), id="other-raw-status-name"
         ),
         pytest.param(
             copy_of(
@@ -798,27 +775,8 @@ def test_a_copy_received_later_is_a_duplicate(event_time: str | None) -> None:
             ),
             id="control-other-arrival",
         ),
-        pytest.param(
-            ssr_report(
-                S.DELIVERY_STATUS_DELIVERED,
-                ssr_raw(3, "DELIVERED", 5, "DELIVERED_TO_HANDSET"),
-                "2019-11-09T16:00:00Z",
-                "2019-11-09T16:00:01Z",
-                bulk_id="BULK-ID-123-xyz",
-                price=Price(amount="0.02", currency="EUR"),
-            ),
-            id="other-price",
-        ),
-        pytest.param(
-            ssr_report(
-                S.DELIVERY_STATUS_DELIVERED,
-                ssr_raw(3, "DELIVERED", 5, "DELIVERED_TO_HANDSET"),
-                "2019-11-09T16:00:00Z",
-                "2019-11-09T16:00:01Z",
-                price=Price(amount="0.01", currency="EUR"),
-            ),
-            id="no-bulk-id",
-        ),
+        pytest.param(changed(DELIVERED, price=Price(amount="0.02", currency="EUR")), id="other-price"),
+        pytest.param(changed(DELIVERED, bulk_id=None), id="no-bulk-id"),
     ],
 )
 def test_a_duplicate_is_the_same_report_apart_from_its_arrival(other: DeliveryReport) -> None:

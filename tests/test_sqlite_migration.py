@@ -3,11 +3,12 @@ the history, bounded bookkeeping, and one index for both history queries."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -83,17 +84,25 @@ def packed_bookkeeping(reports: Sequence[DeliveryReport]) -> bytes:
     return b"".join(parts)
 
 
+@contextlib.contextmanager
+def schema(path: Path, version: int) -> Iterator[sqlite3.Connection]:
+    """A new file at schema `version`, as the release that stopped there left it, to fill with rows."""
+    connection = sqlite3.connect(path, isolation_level=None)
+    try:
+        for migration in MIGRATIONS[:version]:
+            migration(sqlite_utils.Database(connection))
+        connection.execute(f"PRAGMA user_version = {version}")
+        yield connection
+    finally:
+        connection.close()
+
+
 def release_3_database(
     path: Path, messages: Sequence[tuple[Sequence[DeliveryReport], DeliveryReport, bytes]]
 ) -> None:
     """A schema-3 file holding, per message, its history (in cursor order) and the state and
     bookkeeping release 3 stored for it."""
-    connection = sqlite3.connect(path, isolation_level=None)
-    try:
-        db = sqlite_utils.Database(connection)
-        for migration in MIGRATIONS[:3]:
-            migration(db)
-        connection.execute("PRAGMA user_version = 3")
+    with schema(path, 3) as connection:
         for history, state, bookkeeping in messages:
             cursor = 0
             for report in history:
@@ -119,8 +128,6 @@ def release_3_database(
                     cursor,
                 ),
             )
-    finally:
-        connection.close()
 
 
 def folded(history: Sequence[DeliveryReport]) -> MessageState:
@@ -270,16 +277,10 @@ def test_both_history_queries_use_the_message_id_index(tmp_path: Path, source: i
 def test_answers_saved_without_a_request_digest_are_dropped(tmp_path: Path) -> None:
     """Schema 5: an answer saved by release 4 cannot tell a retry from a reused id."""
     path = tmp_path / "release4.db"
-    connection = sqlite3.connect(path, isolation_level=None)
-    try:
-        for migration in MIGRATIONS[:4]:
-            migration(sqlite_utils.Database(connection))
-        connection.execute("PRAGMA user_version = 4")
+    with schema(path, 4) as connection:
         connection.execute(
             "INSERT INTO requests (request_id, response, created_seconds) VALUES ('old', x'00', 1700000000)"
         )
-    finally:
-        connection.close()
 
     store = SqliteStore(path)
     try:
@@ -303,11 +304,7 @@ def test_open_quarantined_items_kept_more_than_once_become_one_counted_row(tmp_p
         (1_700_000_030, 4, "other", raw + " ", None),  # another text: another item
         (1_700_000_040, 5, "try-4", raw, None),
     ]
-    connection = sqlite3.connect(path, isolation_level=None)
-    try:
-        for migration in MIGRATIONS[:5]:
-            migration(sqlite_utils.Database(connection))
-        connection.execute("PRAGMA user_version = 5")
+    with schema(path, 5) as connection:
         for seconds, nanos, request_id, text, resolved in rows:
             connection.execute(
                 "INSERT INTO quarantine (received_seconds, received_nanos, request_id, field, reason,"
@@ -315,8 +312,6 @@ def test_open_quarantined_items_kept_more_than_once_become_one_counted_row(tmp_p
                 " VALUES (?, ?, ?, 'results[0].messageId', 'MISSING_FIELD', 'required', ?, 2, 0, ?)",
                 (seconds, nanos, request_id, text, resolved),
             )
-    finally:
-        connection.close()
 
     store = SqliteStore(path)
     try:
