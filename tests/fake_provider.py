@@ -1,6 +1,6 @@
 """A fake SentSMSReport provider: a real HTTP server on 127.0.0.1 serving `GET /sms/1/reports`.
 
-It follows the reference semantics (normalisation.md §2): reports wait in a queue
+It follows the reference semantics (docs/normalisation.md §2): reports wait in a queue
 and each is handed out ONCE; `Authorization: App <key>` is required (401 with an
 UNAUTHORIZED body otherwise); `limit` defaults to 50 and must be 1 to
 `max_limit` (400 with a BAD_REQUEST body and a text otherwise). Optional

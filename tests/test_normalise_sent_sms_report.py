@@ -195,7 +195,7 @@ def test_seen_report() -> None:
     assert items[0].raw.endswith('"entityId": "my-entity-id"\n    }')
 
 
-# --- normalisation.md §3: every SentSMSReport mapping row --------------------------------------------------
+# --- docs/normalisation.md §3: every SentSMSReport mapping row --------------------------------------------
 
 
 @pytest.mark.parametrize(
