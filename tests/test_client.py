@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 import threading
 import time
@@ -39,7 +40,8 @@ from dlrhub_client import (
     TlsConfig,
     UnavailableError,
 )
-from tests.conftest import Running, ServerProcess, start_server_process
+from tests.conftest import Running
+from tools import launcher
 
 T = TypeVar("T")
 ACCEPTED = IngestOutcome.INGEST_OUTCOME_ACCEPTED
@@ -468,20 +470,14 @@ async def test_closing_a_stream_ends_it_on_the_server(server: Running, client: A
 # Reconnection, against the real `dlrhub serve` process restarted on the same port and database.
 
 
-def serve(db: Path, port: int = 0) -> ServerProcess:
-    return start_server_process(db, "--listen", f"127.0.0.1:{port}", "--http-listen", "127.0.0.1:0")
+def serve(db: Path, port: int = 0) -> launcher.Server:
+    return launcher.start(db, listen=f"127.0.0.1:{port}")
 
 
-def stop(server: ServerProcess, how: str) -> None:
-    getattr(server.process, how)()
-    try:
-        server.process.wait(timeout=WAIT)
-    finally:
-        if server.process.poll() is None:
-            server.process.kill()
-            server.process.wait(timeout=WAIT)
-        if server.process.stderr is not None:
-            server.process.stderr.close()
+def stop(server: launcher.Server, how: str) -> None:
+    """Stops it with SIGTERM ("terminate": a graceful exit) or SIGKILL ("kill"), within WAIT seconds."""
+    signum, exit_code = {"terminate": (signal.SIGTERM, 0), "kill": (signal.SIGKILL, -signal.SIGKILL)}[how]
+    assert server.stop(signum, WAIT) == exit_code
 
 
 async def ingest_into(address: str, message_ids: list[str]) -> IngestResponse:
@@ -549,8 +545,7 @@ async def test_stream_reconnects_after_a_restart_and_sees_every_change_once_in_o
         await asyncio.gather(consumer, return_exceptions=True)
         await consumer_client.close()
         for server in servers:
-            if server.process.poll() is None:
-                await asyncio.to_thread(stop, server, "terminate")
+            await asyncio.to_thread(server.stop)
 
     assert [change.report.message_id for change in seen] == expected
     assert [change.cursor for change in seen] == [r.cursor for response in ingested for r in response.results]

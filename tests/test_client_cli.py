@@ -27,7 +27,8 @@ from typing import Any
 import pytest
 
 from dlrhub_client import Client, DeliveryStatus
-from tests.conftest import FIXTURES, ServerProcess, start_server_process
+from tests.conftest import FIXTURES
+from tools import launcher
 
 TIMEOUT = 30.0  # seconds: the bound on every subprocess call and wait in this module
 _SCRIPT = shutil.which("dlrhub", path=str(Path(sys.executable).parent))
@@ -39,20 +40,10 @@ ENV = {
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """`dlrhub serve` (see conftest.start_server_process), shared by this module, stopped with SIGTERM."""
-    running = start_server_process(
-        tmp_path_factory.mktemp("cli") / "dlrhub.db", "--http-listen", "127.0.0.1:0"
-    )
-    try:
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[launcher.Server]:
+    """`dlrhub serve` (tools/launcher.py), shared by this module, stopped with SIGTERM."""
+    with launcher.start(tmp_path_factory.mktemp("cli") / "dlrhub.db") as running:
         yield running
-    finally:
-        running.process.terminate()
-        try:
-            running.process.wait(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            running.process.kill()
-            running.process.wait(timeout=TIMEOUT)
 
 
 def dlrhub(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -95,7 +86,7 @@ def json_lines(text: str) -> list[dict[str, Any]]:
 # ingest
 
 
-def test_ingest_a_file_then_again_reports_duplicates(hub: ServerProcess, tmp_path: Path) -> None:
+def test_ingest_a_file_then_again_reports_duplicates(hub: launcher.Server, tmp_path: Path) -> None:
     batch = write_json(tmp_path / "batch.json", [gms(f"file-{n}", extra_id="REF-FILE") for n in range(3)])
     first = dlrhub("ingest", batch, "--target", hub.address)
     assert (first.returncode, first.stdout) == (0, "accepted 3, duplicate 0, rejected 0\n"), first.stderr
@@ -109,7 +100,7 @@ def test_ingest_a_file_then_again_reports_duplicates(hub: ServerProcess, tmp_pat
         ]
 
 
-def test_ingest_from_stdin(hub: ServerProcess) -> None:
+def test_ingest_from_stdin(hub: launcher.Server) -> None:
     payload = json.dumps([gms("stdin-1"), gms("stdin-2", status=3, substatus=35)])
     result = dlrhub("ingest", "-", "--target", hub.address, stdin=payload)
     assert (result.returncode, result.stdout) == (0, "accepted 2, duplicate 0, rejected 0\n"), result.stderr
@@ -119,7 +110,7 @@ def test_ingest_from_stdin(hub: ServerProcess) -> None:
     assert report.raw_payload == json.dumps(gms("stdin-2", status=3, substatus=35))
 
 
-def test_ingest_with_an_explicit_format(hub: ServerProcess) -> None:
+def test_ingest_with_an_explicit_format(hub: launcher.Server) -> None:
     body = str(FIXTURES / "sent_sms_report_pull.json")
     as_gms, as_sent_sms_report = dlrhub_all(
         ["ingest", body, "--format", "gms", "--target", hub.address],
@@ -136,7 +127,7 @@ def test_ingest_with_an_explicit_format(hub: ServerProcess) -> None:
         ]
 
 
-def test_ingest_with_a_bad_item_stores_the_rest_and_exits_3(hub: ServerProcess, tmp_path: Path) -> None:
+def test_ingest_with_a_bad_item_stores_the_rest_and_exits_3(hub: launcher.Server, tmp_path: Path) -> None:
     batch = write_json(tmp_path / "bad.json", [gms("bad-ok-1"), {"status": 2}, gms("bad-ok-2")])
     result = dlrhub("ingest", batch, "--target", hub.address)
     assert result.returncode == 3
@@ -146,7 +137,7 @@ def test_ingest_with_a_bad_item_stores_the_rest_and_exits_3(hub: ServerProcess, 
         assert client.fetch(message_id="bad-ok-2").reports[0].message_id == "bad-ok-2"
 
 
-def test_ingest_invalid_json_exits_3_with_line_and_column(hub: ServerProcess, tmp_path: Path) -> None:
+def test_ingest_invalid_json_exits_3_with_line_and_column(hub: launcher.Server, tmp_path: Path) -> None:
     malformed = str(FIXTURES / "gms_single_malformed.json")
     result, as_json, missing = dlrhub_all(
         ["ingest", malformed, "--target", hub.address],
@@ -165,7 +156,7 @@ def test_ingest_invalid_json_exits_3_with_line_and_column(hub: ServerProcess, tm
     assert "Traceback" not in missing.stderr
 
 
-def test_ingest_json_lines_one_payload_per_line(hub: ServerProcess, tmp_path: Path) -> None:
+def test_ingest_json_lines_one_payload_per_line(hub: launcher.Server, tmp_path: Path) -> None:
     lines = [
         json.dumps(gms("lines-1")),
         json.dumps([gms("lines-2"), gms("lines-3")]),
@@ -191,7 +182,7 @@ def test_ingest_json_lines_one_payload_per_line(hub: ServerProcess, tmp_path: Pa
 
 
 def test_a_large_batch_is_split_into_calls_and_all_of_it_is_stored(
-    hub: ServerProcess, tmp_path: Path
+    hub: launcher.Server, tmp_path: Path
 ) -> None:
     ids = [f"big-{n:04d}" for n in range(2500)]
     batch = write_json(tmp_path / "big.json", [gms(message_id, extra_id="REF-BIG") for message_id in ids])
@@ -206,7 +197,7 @@ def test_a_large_batch_is_split_into_calls_and_all_of_it_is_stored(
     assert sorted(report["message_id"] for report in json_lines(fetched.stdout)) == ids
 
 
-def test_request_id_makes_a_rerun_of_a_split_batch_a_replay(hub: ServerProcess, tmp_path: Path) -> None:
+def test_request_id_makes_a_rerun_of_a_split_batch_a_replay(hub: launcher.Server, tmp_path: Path) -> None:
     batch = write_json(tmp_path / "rid.json", [gms(f"rid-{n}") for n in range(3)])
     options = ["--batch-size", "2", "--request-id", "cli-rid", "--target", hub.address]
     first = dlrhub("ingest", batch, *options)
@@ -219,7 +210,7 @@ def test_request_id_makes_a_rerun_of_a_split_batch_a_replay(hub: ServerProcess, 
 # fetch
 
 
-def test_fetch_prints_a_table_json_history_bulks_and_references(hub: ServerProcess) -> None:
+def test_fetch_prints_a_table_json_history_bulks_and_references(hub: launcher.Server) -> None:
     with Client(hub.address, timeout=10) as client:
         client.ingest_gms([gms("fetch-1", status=1, time_ms=1_000, extra_id="REF-FETCH", sent_via="sms")])
         client.ingest_gms([gms("fetch-1", status=2, time_ms=2_000, extra_id="REF-FETCH", sent_via="sms")])
@@ -363,7 +354,9 @@ def tails() -> Iterator[list[Tail]]:
             tail.stop()
 
 
-def test_tail_prints_changes_resumes_from_a_cursor_and_filters(hub: ServerProcess, tails: list[Tail]) -> None:
+def test_tail_prints_changes_resumes_from_a_cursor_and_filters(
+    hub: launcher.Server, tails: list[Tail]
+) -> None:
     ids = ["tail-a", "tail-b", "tail-c", "tail-d"]
     only_ours = [option for message_id in ids for option in ("--message-id", message_id)]
     with Client(hub.address, timeout=10) as client:
@@ -400,7 +393,7 @@ def test_tail_prints_changes_resumes_from_a_cursor_and_filters(hub: ServerProces
     assert everything.nothing_more(0.3)
 
 
-def test_tail_stops_cleanly_on_ctrl_c(hub: ServerProcess, tails: list[Tail]) -> None:
+def test_tail_stops_cleanly_on_ctrl_c(hub: launcher.Server, tails: list[Tail]) -> None:
     with Client(hub.address, timeout=10) as client:
         stored = client.ingest_gms([gms("ctrl-c-1")])
     tail = Tail("--from-beginning", "--message-id", "ctrl-c-1", "--target", hub.address)
@@ -425,7 +418,7 @@ def test_bad_tail_options_are_usage_errors() -> None:
     assert "not allowed with argument" in both_starts.stderr
 
 
-def test_a_large_file_shows_a_progress_bar_on_a_terminal_only(hub: ServerProcess, tmp_path: Path) -> None:
+def test_a_large_file_shows_a_progress_bar_on_a_terminal_only(hub: launcher.Server, tmp_path: Path) -> None:
     """On a terminal (a pseudo-terminal here) stderr shows tqdm's bar; piped, it shows nothing."""
     ids = [f"bar-{n:04d}" for n in range(40)]
     batch = write_json(tmp_path / "bar.json", [gms(message_id) for message_id in ids])

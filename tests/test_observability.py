@@ -42,6 +42,7 @@ from dlrhub.observability.logs import JsonFormatter
 from dlrhub.transport.poller import PollerSettings
 from tests.conftest import FakeClock, Running, serving
 from tests.fake_provider import FakeProvider, report, wait_until
+from tools import launcher
 
 if TYPE_CHECKING:
     from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceAsyncStub
@@ -641,57 +642,24 @@ async def test_every_webhook_answer_is_logged_and_counted_even_refusals(
 HEX32 = re.compile(r"[0-9a-f]{32}")
 
 
-def serve(db: Path, **env: str) -> tuple[subprocess.Popen[str], str]:
-    """`dlrhub serve` with extra environment, stdout captured (the console span exporter writes there);
-    returns once it logs "serving", with its gRPC address."""
+def serve(db: Path, **env: str) -> launcher.Server:
+    """`dlrhub serve` with extra environment (and none of ours); its stdout is where the console span
+    exporter writes."""
     environment = {key: val for key, val in os.environ.items() if not key.startswith(("DLRHUB_", "OTEL_"))}
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "dlrhub.cli",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--db",
-            str(db),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**environment, "PYTHONUNBUFFERED": "1", **env},
-    )
-    assert process.stderr is not None
-    deadline = time.monotonic() + 30
-    seen: list[str] = []
-    while time.monotonic() < deadline:
-        line = process.stderr.readline()
-        if not line:
-            break
-        seen.append(line)
-        if line.startswith("{") and json.loads(line).get("message") == "serving":
-            return process, f"127.0.0.1:{json.loads(line)['port']}"
-    process.kill()
-    out, err = process.communicate()
-    raise AssertionError(f"dlrhub did not start: {''.join(seen)}{err}{out}")
+    return launcher.start(db, env={**environment, **env})
 
 
-def ingest_and_stop(process: subprocess.Popen[str], address: str, request_id: str) -> tuple[list[Any], str]:
+def ingest_and_stop(server: launcher.Server, request_id: str) -> tuple[list[Any], str]:
     """One Ingest, then SIGTERM; the JSON log lines written after start-up, and stdout."""
-    try:
-        with grpc.insecure_channel(address) as channel:
+    with server:
+        with grpc.insecure_channel(server.address) as channel:
             response = DeliveryReportServiceStub(channel).Ingest(
                 gms_request(gms_item(SECRET_MESSAGE_ID, number=SECRET_NUMBER), request_id), timeout=TIMEOUT
             )
             assert response.accepted_count == 1
-    finally:
-        process.terminate()
-        out, err = process.communicate(timeout=20)
-    assert process.returncode == 0
-    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
-    return lines, out
+        assert server.stop(timeout=20) == 0
+    entries = [json.loads(line) for line in server.output.stderr if line.startswith("{")]
+    return entries[entries.index(server.ready) + 1 :], "".join(server.output.stdout)
 
 
 def rpc_line(lines: list[Any]) -> dict[str, Any]:
@@ -701,8 +669,7 @@ def rpc_line(lines: list[Any]) -> dict[str, Any]:
 
 
 def test_console_tracing_puts_the_trace_id_on_the_rpc_line_and_exports_the_span(tmp_path: Path) -> None:
-    process, address = serve(tmp_path / "traced.db", DLRHUB_TRACING="console")
-    lines, stdout = ingest_and_stop(process, address, "req-traced")
+    lines, stdout = ingest_and_stop(serve(tmp_path / "traced.db", DLRHUB_TRACING="console"), "req-traced")
 
     line = rpc_line(lines)
     assert (line["rpc"], line["code"], line["request_id"]) == (INGEST, "OK", "req-traced")
@@ -718,8 +685,7 @@ def test_console_tracing_puts_the_trace_id_on_the_rpc_line_and_exports_the_span(
 
 
 def test_without_tracing_no_trace_id_and_no_span_output(tmp_path: Path) -> None:
-    process, address = serve(tmp_path / "untraced.db")
-    lines, stdout = ingest_and_stop(process, address, "req-untraced")
+    lines, stdout = ingest_and_stop(serve(tmp_path / "untraced.db"), "req-untraced")
 
     line = rpc_line(lines)
     assert (line["rpc"], line["code"], line["request_id"]) == (INGEST, "OK", "req-untraced")

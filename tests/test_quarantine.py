@@ -54,7 +54,8 @@ from dlrhub.store import SqliteStore
 from dlrhub.store.base import QuarantinedItem as StoredItem
 from dlrhub.store.sqlite import MIGRATIONS, SCHEMA_VERSION, migrate
 from dlrhub_client.payloads import batch
-from tests.conftest import FakeClock, Running, ServerProcess
+from tests.conftest import FakeClock, Running
+from tools import launcher
 
 if TYPE_CHECKING:
     from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceAsyncStub as Stub
@@ -646,7 +647,7 @@ def dlrhub(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*DLRHUB, *args], capture_output=True, text=True, timeout=30, env=ENV, check=False)
 
 
-def test_cli_lists_and_renormalises(server_process: ServerProcess) -> None:
+def test_cli_lists_and_renormalises(server_process: launcher.Server) -> None:
     with grpc.insecure_channel(server_process.address) as channel:
         stub = DeliveryReportServiceStub(channel)
         response = stub.Ingest(IngestRequest(payload=GMS_BATCH), timeout=TIMEOUT)
