@@ -216,6 +216,7 @@ def forged_token(*parts: object) -> str:
         pytest.param(forged_token("bulk_id", "B", 0, -3), id="negative"),
         pytest.param(forged_token("bulk_id", "B", 0, "7"), id="string-position"),
         pytest.param(forged_token("bulk_id", "B", 0, 2**70), id="huge-position"),
+        pytest.param(base64.urlsafe_b64encode(b"[" * 200_000).decode().rstrip("="), id="deeply-nested"),
     ],
 )
 async def test_fetch_with_a_bad_page_token(server: Running, token: str) -> None:

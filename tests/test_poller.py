@@ -279,6 +279,21 @@ async def test_bad_request_logs_the_providers_text_and_retries(
         await small.stop()
 
 
+async def test_a_poll_limit_over_the_batch_limit_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    settings = Settings(
+        listen="127.0.0.1:0",
+        http_listen="127.0.0.1:0",
+        db=tmp_path / "x.db",
+        poll_base_url="http://127.0.0.1:1",
+        poll_api_key="key",
+        poll_limit=1000,
+        max_batch_items=500,
+    )
+    with pytest.raises(ValueError, match="DLRHUB_POLL_LIMIT"):
+        await app_module.start(settings)
+    assert not (tmp_path / "x.db").exists()
+
+
 # --- failures, directly against the Poller ---------------------------------------------------------------
 
 
