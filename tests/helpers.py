@@ -114,7 +114,7 @@ def gms(
     """One GMS report."""
     gms_status, substatus, hyber_status = GMS_STATUS[name]
     report: dict[str, object] = {
-        "number": 380961111111,
+        "number": "380961111111",
         "time": int((EPOCH + timedelta(seconds=seconds)).timestamp() * 1000),
         "status": gms_status,
         "substatus": substatus,

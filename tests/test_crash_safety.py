@@ -33,6 +33,7 @@ from deliveryreport.v1.delivery_report_service_pb2 import (
     StreamRequest,
 )
 from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
+from tests.helpers import TIMEOUT
 from tools import launcher
 
 if TYPE_CHECKING:
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
 SEED = 20_240_611
 ROUNDS = 4
 WRITERS = 8
-RPC_TIMEOUT = 10.0
 FETCH_SAMPLE = 25
 
 
@@ -108,7 +108,7 @@ async def write(
         request_id = f"{prefix}-{sequence}" if rng.random() < 0.5 else ""
         request = IngestRequest(payload=payload, format=Format.FORMAT_GMS, request_id=request_id)
         try:
-            response = await stub.Ingest(request, timeout=RPC_TIMEOUT)
+            response = await stub.Ingest(request, timeout=TIMEOUT)
         except grpc.aio.AioRpcError as error:
             if not life.killed.is_set():
                 ledger.unexpected.append(f"Ingest {prefix}-{sequence}: {error.code()} {error.details()}")
@@ -202,7 +202,7 @@ async def check_fetch(stub: DeliveryReportServiceAsyncStub, ledger: Ledger, rng:
     """A sample of the acknowledged reports, fetched from the restarted server."""
     sample = rng.sample(sorted(ledger.acked), min(FETCH_SAMPLE, len(ledger.acked)))
     for message_id in sample:
-        fetched = await stub.Fetch(FetchRequest(message_id=message_id), timeout=RPC_TIMEOUT)
+        fetched = await stub.Fetch(FetchRequest(message_id=message_id), timeout=TIMEOUT)
         [state] = fetched.reports
         assert state.message_id == message_id
         assert json.loads(state.raw_payload) == ledger.sent[message_id]

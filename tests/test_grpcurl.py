@@ -27,9 +27,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import SEEDS
+from tests.helpers import PROCESS_TIMEOUT
 from tools import launcher
 
-TIMEOUT = 30.0
 SERVICE = "deliveryreport.v1.DeliveryReportService"
 INGEST = f"{SERVICE}/Ingest"
 FETCH = f"{SERVICE}/Fetch"
@@ -82,7 +82,7 @@ def run(
         input=json.dumps(data) if data is not None else None,
         capture_output=True,
         text=True,
-        timeout=TIMEOUT,
+        timeout=PROCESS_TIMEOUT,
         check=False,
     )
 
@@ -238,11 +238,11 @@ class StreamWatcher:
         if self.process.poll() is None:
             self.process.terminate()
         try:
-            self.process.wait(timeout=TIMEOUT)
+            self.process.wait(timeout=PROCESS_TIMEOUT)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        self._reader.join(timeout=TIMEOUT)
+        self._reader.join(timeout=PROCESS_TIMEOUT)
         for pipe in (self.process.stdout, self.process.stderr):
             if pipe is not None:
                 pipe.close()

@@ -41,7 +41,8 @@ from dlrhub.observability.calls import CallLog
 from dlrhub.observability.logs import JsonFormatter
 from dlrhub.transport.poller import PollerSettings
 from tests.conftest import FakeClock, Running, serving
-from tests.fake_provider import FakeProvider, report, wait_until
+from tests.fake_provider import FakeProvider, report
+from tests.helpers import TIMEOUT, eventually
 from tools import launcher
 
 if TYPE_CHECKING:
@@ -52,7 +53,6 @@ if TYPE_CHECKING:
 INGEST = "deliveryreport.v1.DeliveryReportService/Ingest"
 FETCH = "deliveryreport.v1.DeliveryReportService/Fetch"
 STREAM = "deliveryreport.v1.DeliveryReportService/Stream"
-TIMEOUT = 10.0
 KEY = "observability-api-key"
 # Distinctive payload contents that must never reach a log line.
 SECRET_NUMBER = 380_977_123_456
@@ -256,7 +256,7 @@ async def test_poller_failures_are_counted_by_kind_and_fetched_reports_after_rec
         async def succeeded() -> bool:
             return value(await scrape(running.http_port), "dlrhub_poller_last_success_timestamp_seconds") > 0
 
-        await wait_until(succeeded, message="the poller never succeeded against an empty provider")
+        await eventually(succeeded, "the poller never succeeded against an empty provider")
         before = await scrape(running.http_port)
         mark = len(provider.requests)
         # From here on: three 500s, then a 401, then five reports.
@@ -267,7 +267,7 @@ async def test_poller_failures_are_counted_by_kind_and_fetched_reports_after_rec
         async def fetched_all() -> bool:
             return delta(before, await scrape(running.http_port), "dlrhub_poller_reports_fetched_total") >= 5
 
-        await wait_until(fetched_all, message="the poller did not fetch the reports after the failures")
+        await eventually(fetched_all, "the poller did not fetch the reports after the failures")
         after = await scrape(running.http_port)
         answered = [request.status for request in provider.requests[mark:]]
 
@@ -351,16 +351,14 @@ async def test_a_slow_stream_shows_its_lag_until_it_reads_and_disappears_when_it
                 lag = series(await scrape(port), "dlrhub_stream_lag")
                 return lag == {labels_of(subscriber=subscriber): 0}
 
-            await wait_until(
-                caught_up, message="the lag did not return to 0 after the stream read everything"
-            )
+            await eventually(caught_up, "the lag did not return to 0 after the stream read everything")
         finally:
             call.cancel()
 
         async def closed() -> bool:
             return value(await scrape(port), "dlrhub_stream_subscribers") == 0
 
-        await wait_until(closed, message="the closed stream is still counted as a subscriber")
+        await eventually(closed, "the closed stream is still counted as a subscriber")
         after = await scrape(port)
         assert series(after, "dlrhub_stream_lag") == {}
         assert value(after, "dlrhub_stream_latest_cursor") == cursors[-1]
@@ -395,7 +393,7 @@ async def test_a_subscriber_that_falls_a_buffer_behind_is_counted_and_still_gets
             async def closed() -> bool:
                 return value(await scrape(port), "dlrhub_stream_subscribers") == 0
 
-            await wait_until(closed, message="the closed stream is still counted as a subscriber")
+            await eventually(closed, "the closed stream is still counted as a subscriber")
             after = await scrape(port)  # a counter: the closed subscriber's overflows stay counted
             assert value(after, "dlrhub_stream_overflows_total") >= overflows
         finally:
@@ -436,12 +434,12 @@ async def test_a_stream_closed_while_its_send_is_held_up_is_logged_cancelled_wit
                     samples, "dlrhub_stream_lag"
                 )
 
-            await wait_until(closed, message="the cancelled stream is still counted")
+            await eventually(closed, "the cancelled stream is still counted")
 
             def logged() -> bool:
                 return any(getattr(record, "rpc", None) == STREAM for record in caplog.records)
 
-            await wait_until(logged, message="no rpc line for the cancelled stream")
+            await eventually(logged, "no rpc line for the cancelled stream")
         gc.collect()
         await asyncio.sleep(0.05)
         after = await scrape(port)
@@ -515,7 +513,7 @@ async def test_a_failed_call_logs_its_code_and_the_request_id_from_metadata(
     def logged() -> list[logging.LogRecord]:
         return [r for r in caplog.records if r.getMessage() == "rpc"]
 
-    await wait_until(lambda: bool(logged()), message="no rpc line within CallLog.interval")
+    await eventually(lambda: bool(logged()), "no rpc line within CallLog.interval")
     (record,) = logged()
     assert before <= record.created <= after  # when the call ended, not when the line was written
     (line,) = formatted([record])
