@@ -41,7 +41,7 @@ from dlrhub_client import (
     UnavailableError,
 )
 from tests.conftest import Running
-from tests.helpers import PROCESS_TIMEOUT, eventually, gms_bare
+from tests.helpers import PROCESS_TIMEOUT, TIMEOUT, eventually, gms_bare
 from tools import launcher
 
 T = TypeVar("T")
@@ -341,11 +341,10 @@ async def test_a_cursor_ahead_of_the_store_is_out_of_range(client: AsyncClient) 
 
 
 async def test_nothing_listening_is_unavailable() -> None:
-    async with AsyncClient(f"127.0.0.1:{closed_port()}", timeout=2) as client:
-        started = time.monotonic()
+    async with AsyncClient(f"127.0.0.1:{closed_port()}", timeout=TIMEOUT) as client:
+        # At once: a call that waited for the server would end DEADLINE_EXCEEDED at its deadline.
         with pytest.raises(UnavailableError) as caught:
             await client.fetch(message_id="x")
-        assert time.monotonic() - started < 5
         assert_client_error(caught.value)
         assert caught.value.code == grpc.StatusCode.UNAVAILABLE
 

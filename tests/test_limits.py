@@ -178,7 +178,11 @@ async def test_max_streams_holds_for_concurrent_calls_resuming_from_a_cursor(tmp
         streams = [cast(AsyncGenerator[StreamResponse, None], client.stream(cursor="0")) for _ in range(12)]
         try:
             pending = asyncio.gather(*(first(stream) for stream in streams), return_exceptions=True)
-            await asyncio.sleep(0.3)  # the calls arrive and wait for a read thread
+            # Every call has arrived and waits for a read thread: queued behind the blockers the
+            # threads do not hold.
+            reads = running.reads
+            waiting = len(busy) - reads._max_workers + len(streams)
+            await eventually(lambda: reads._work_queue.qsize() == waiting, "every call waits for a read")
             gate.set()
             results = await pending
             opened = [result for result in results if isinstance(result, StreamResponse)]

@@ -216,8 +216,10 @@ async def test_a_full_batch_fetches_again_at_once(
     async with polling_app(db_path, clock, provider, poll_limit=2, poll_interval=30.0) as running:
         # Batches of 2, 2, 1 without waiting the 30 s interval in between.
         await eventually(lambda: all(running.app.store.messages(f"f-{i}") for i in range(5)), within=2)
-        await asyncio.sleep(0.1)
         # The last batch was not full: the poller now waits the interval.
+        poller = running.app.poller
+        assert poller is not None
+        await eventually(lambda: poller._resting, "the poller rests after a batch that was not full")
         assert [r.handed_out for r in provider.requests] == [("f-0", "f-1"), ("f-2", "f-3"), ("f-4",)]
         assert all(r.query == {"limit": "2"} for r in provider.requests)
 
@@ -409,7 +411,7 @@ async def test_stop_during_a_commit_finishes_the_commit(provider: FakeProvider, 
     try:
         await eventually(store.entered.is_set, within=3)  # fetched, and committing
         stopping = asyncio.create_task(poller.stop())
-        await asyncio.sleep(0.05)
+        await eventually(lambda: poller._stopping, "the stop begins")
         assert not stopping.done()  # the stop waits for the commit
         store.gate.set()
         await asyncio.wait_for(stopping, 3)
