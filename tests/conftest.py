@@ -15,6 +15,7 @@ import pytest
 from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
 from dlrhub import app
 from dlrhub.config import Settings
+from dlrhub.store.base import Store
 from tools import launcher
 
 pytest_plugins = ["tests.postgres"]  # postgres_url, postgres_db
@@ -64,9 +65,10 @@ def db_path(tmp_path: Path) -> Path:
 
 @contextlib.asynccontextmanager
 async def serving(
-    tmp_path: Path, *, clock: FakeClock | None = None, **overrides: Any
+    tmp_path: Path, *, clock: FakeClock | None = None, store: Store | None = None, **overrides: Any
 ) -> AsyncIterator[app.App]:
-    """A real app on free ports over `tmp_path/dlrhub.db`, with any Settings overridden; stopped after."""
+    """A real app on free ports over `tmp_path/dlrhub.db` (or `store`), with any Settings overridden;
+    stopped after."""
     running = await app.start(
         Settings(
             listen="127.0.0.1:0",
@@ -76,6 +78,7 @@ async def serving(
             **overrides,
         ),
         clock=clock or FakeClock(),
+        store=store,
     )
     try:
         yield running

@@ -15,11 +15,12 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 import httpx
@@ -39,6 +40,8 @@ from dlrhub import app as app_module
 from dlrhub.config import Settings
 from dlrhub.observability.calls import CallLog
 from dlrhub.observability.logs import JsonFormatter
+from dlrhub.store import SqliteStore
+from dlrhub.store.base import Transaction
 from dlrhub.transport.poller import PollerSettings
 from tests.conftest import FakeClock, Running, serving
 from tests.fake_provider import FakeProvider, report
@@ -728,20 +731,65 @@ async def test_an_unknown_tracing_mode_is_refused_before_the_store_is_opened(tmp
     assert not (tmp_path / "x.db").exists()  # refused before anything started
 
 
-async def test_concurrent_ingests_share_commits(server: Running) -> None:
-    """Group commit: 200 concurrent single-report Ingests are committed in far fewer transactions."""
-    before = await scrape(server.app.http_port)
-    calls = [
-        server.stub.Ingest(
-            IngestRequest(
-                payload=json.dumps({"message_id": f"group-{n}", "status": 2, "time": 1477417294667 + n})
-            )
-        )
-        for n in range(200)
-    ]
-    responses = await asyncio.gather(*calls)
-    assert sum(response.accepted_count for response in responses) == 200
-    after = await scrape(server.app.http_port)
+class HeldStore(SqliteStore):
+    """SQLite whose first transaction holds its commit until released, counting the reports in it."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.holding = threading.Event()
+        self.release = threading.Event()
+        self.held_reports = 0
+
+    @contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        with super().transaction() as tx:
+            counting = _CountingTransaction(tx)
+            yield cast(Transaction, counting)
+            if not self.release.is_set():
+                self.held_reports = counting.appended
+                self.holding.set()
+                self.release.wait()
+
+
+class _CountingTransaction:
+    """A transaction that counts the reports appended in it."""
+
+    def __init__(self, tx: Transaction) -> None:
+        self._tx = tx
+        self.appended = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tx, name)
+
+    def append(self, *args: Any, **kwargs: Any) -> Any:
+        self.appended += 1
+        return self._tx.append(*args, **kwargs)
+
+
+async def test_concurrent_ingests_share_commits(tmp_path: Path, clock: FakeClock) -> None:
+    """Group commit: Ingests that arrive while a commit is being written share the next one.
+
+    The first commit is held until every other call waits for the writer, so the rest must go
+    in one more commit (not one each), however slow the machine is.
+    """
+    store = HeldStore(tmp_path / "held.db")
+    async with serving(tmp_path, clock=clock, store=store) as running:
+        committer = running.committer
+        before = await scrape(running.http_port)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+        stub = DeliveryReportServiceStub(channel)
+        payloads = [
+            json.dumps({"message_id": f"group-{n}", "status": 2, "time": 1477417294667 + n})
+            for n in range(200)
+        ]
+        calls = [asyncio.ensure_future(stub.Ingest(IngestRequest(payload=p))) for p in payloads]
+        await eventually(lambda: store.holding.is_set() and store.held_reports + committer.waiting == 200)
+        store.release.set()
+        responses = await asyncio.gather(*calls)
+        await channel.close(None)
+        assert sum(response.accepted_count for response in responses) == 200
+        after = await scrape(running.http_port)
     commits = moved(before, after, "dlrhub_store_commit_reports_count")[labels_of()]
     assert moved(before, after, "dlrhub_store_commit_reports_sum")[labels_of()] == 200
-    assert 1 <= commits <= 100, f"{commits} commits for 200 concurrent reports: they are not grouped"
+    expected = 1 if store.held_reports == 200 else 2
+    assert commits == expected, f"{commits} commits: the calls waiting for the writer were not grouped"

@@ -60,6 +60,11 @@ class Committer:
             self._task = None
         self._writer.shutdown(wait=True)
 
+    @property
+    def waiting(self) -> int:
+        """Submissions queued for the next group (not yet being written)."""
+        return self._queue.qsize()
+
     async def submit(self, submission: Submission) -> Applied:
         """Applies a submission; returns once it is durably committed. Raises StoreError."""
         if self._task is None or self._task.done():
