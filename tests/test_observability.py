@@ -41,7 +41,7 @@ from dlrhub.config import Settings
 from dlrhub.observability.calls import CallLog
 from dlrhub.observability.logs import JsonFormatter
 from dlrhub.store import SqliteStore
-from dlrhub.store.base import Transaction
+from dlrhub.store.base import Store, Transaction
 from dlrhub.transport.poller import PollerSettings
 from tests.conftest import FakeClock, Running, serving
 from tests.fake_provider import FakeProvider, report
@@ -731,18 +731,21 @@ async def test_an_unknown_tracing_mode_is_refused_before_the_store_is_opened(tmp
     assert not (tmp_path / "x.db").exists()  # refused before anything started
 
 
-class HeldStore(SqliteStore):
+class HeldStore:
     """SQLite whose first transaction holds its commit until released, counting the reports in it."""
 
     def __init__(self, path: Path) -> None:
-        super().__init__(path)
+        self._store = SqliteStore(path)
         self.holding = threading.Event()
         self.release = threading.Event()
         self.held_reports = 0
 
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
-        with super().transaction() as tx:
+        with self._store.transaction() as tx:
             counting = _CountingTransaction(tx)
             yield cast(Transaction, counting)
             if not self.release.is_set():
@@ -773,7 +776,7 @@ async def test_concurrent_ingests_share_commits(tmp_path: Path, clock: FakeClock
     in one more commit (not one each), however slow the machine is.
     """
     store = HeldStore(tmp_path / "held.db")
-    async with serving(tmp_path, clock=clock, store=store) as running:
+    async with serving(tmp_path, clock=clock, store=cast(Store, store)) as running:
         committer = running.committer
         before = await scrape(running.http_port)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
