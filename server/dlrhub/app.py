@@ -150,7 +150,12 @@ async def start(
         metrics = Metrics()
         # Read when /metrics is scraped (admin.py), on a reader thread.
         metrics.watch(hub, store.open_quarantine_count)
-        committer = Committer(store, hub, on_commit=_commit_recorder(metrics))
+        committer = Committer(
+            store,
+            hub,
+            on_commit=_commit_recorder(metrics),
+            on_failure=metrics.store_failures.labels("commit").inc,
+        )
         committer.start()
         started.push_async_callback(committer.stop)
         writer = Writer(normaliser, committer, clock, max_items=settings.max_batch_items, metrics=metrics)

@@ -103,7 +103,7 @@ def _run_serve(options: argparse.Namespace) -> int:
         return 2
     overrides = {name: value for name in _SERVE_FLAGS if (value := getattr(options, name, None)) is not None}
     settings = dataclasses.replace(settings, **overrides)
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, settings.log_repeat_interval)
     _raise_file_limit()
     try:
         asyncio.run(_serve(settings, app.start))

@@ -99,6 +99,8 @@ class Settings:
     max_streams: int = _env("DLRHUB_MAX_STREAMS", 1000)
     # OpenTelemetry tracing: off, console or otlp (OTEL_EXPORTER_OTLP_* configure the exporter).
     tracing: str = _env("DLRHUB_TRACING", "off")
+    # A WARNING or ERROR line that repeats is logged once, then counted: one summary per interval.
+    log_repeat_interval: float = _env("DLRHUB_LOG_REPEAT_INTERVAL", 10.0)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -7,6 +7,7 @@ dlrhub_reports_total{source,status,outcome}       items by source, unified statu
 dlrhub_unmapped_codes_total{source,codes}         raw provider codes that mapped to UNSPECIFIED
 dlrhub_store_commit_seconds                       duration of each group commit
 dlrhub_store_commit_reports                       items per group commit (group-commit batch size)
+dlrhub_store_failures_total{operation}            store operations that failed (commit: a group commit)
 dlrhub_http_connections                           open connections to the webhook port
 dlrhub_http_max_connections                       the most it holds (more wait to be accepted)
 dlrhub_poller_last_success_timestamp_seconds      when a poll last succeeded
@@ -87,6 +88,9 @@ class Metrics:
             "Items per group commit",
             buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000),
             registry=r,
+        )
+        self.store_failures = Counter(
+            "dlrhub_store_failures", "Store operations that failed", ["operation"], registry=r
         )
         self.http_requests = Counter(
             "dlrhub_http_requests", "HTTP requests by route and status", ["route", "status"], registry=r
