@@ -117,6 +117,23 @@ async def test_with_tokens_it_starts_once_each_webhook_is_protected_or_declared_
         assert running.http_port > 0
 
 
+@pytest.mark.parametrize(
+    ("setting", "bad"),
+    [
+        ("http_max_connections", 0),
+        ("http_idle_timeout", 0.0),
+        ("http_body_timeout", -1.0),
+        ("log_repeat_interval", 0.0),
+    ],
+)
+async def test_limits_that_would_stop_the_port_are_refused(tmp_path: Path, setting: str, bad: float) -> None:
+    settings: dict[str, Any] = {setting: bad}
+    with pytest.raises(ValueError, match=f"^DLRHUB_{setting.upper()} must be"):
+        async with serving(tmp_path, **settings):
+            pass
+    assert not (tmp_path / "dlrhub.db").exists()
+
+
 # --- the admin port -----------------------------------------------------------------------------
 
 

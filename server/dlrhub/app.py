@@ -139,6 +139,7 @@ async def start(
         poller_settings = _poller_settings(settings, poller_settings)
         tokens = _tokens(settings)
         webhook_access = _webhook_access(settings, tokens is not None)
+        _check_http_limits(settings)
         http_max_connections = connection_budget(settings.http_max_connections)
         tls_files = tls.files(settings)
         tracing = tracing_interceptor(settings.tracing)
@@ -331,6 +332,15 @@ def _webhook_access(settings: Settings, tokens: bool) -> dict[str, Access]:
             f" or {env_name('webhooks_open')}=1 to leave them open"
         )
     return access
+
+
+def _check_http_limits(settings: Settings) -> None:
+    """Refuses limits that would stop the HTTP ports (no connection at all, no time at all)."""
+    if settings.http_max_connections < 1:
+        raise ValueError(f"{env_name('http_max_connections')} must be at least 1")
+    for name in ("http_idle_timeout", "http_body_timeout", "log_repeat_interval"):
+        if not getattr(settings, name) > 0:
+            raise ValueError(f"{env_name(name)} must be a number of seconds above 0")
 
 
 def _poller_settings(settings: Settings, given: PollerSettings | None) -> PollerSettings | None:
