@@ -13,11 +13,11 @@ Every status carries a google.rpc.Status with an ErrorInfo (a reason from
 the contract's ErrorReason enum, so no other can be written; domain
 "deliveryreport.dlrhub.io"; request details as metadata) and, for invalid
 arguments, a BadRequest listing each field violation (AIP-193);
-`invalid_argument` builds the usual one, naming a single field. The details
-are kept under MAX_DETAILS_BYTES, so that every client can read them (gRPC
-clients refuse trailers over 8 KiB): the violations that do not fit are left
-out, and the ErrorInfo metadata `violations_omitted` counts them; a long
-message or metadata value is cut short.
+`invalid_argument` builds the usual one, naming a single field. The status
+and its details are kept under MAX_DETAILS_BYTES, so that every client can
+read them (gRPC clients refuse trailers over 8 KiB): the violations that do
+not fit are left out, and the ErrorInfo metadata `violations_omitted` counts
+them; a long message or metadata value is cut short.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from deliveryreport.v1.error_reason_pb2 import ErrorReason
 
 # The ErrorInfo domain (AIP-193): a DNS-style name of the service, documented in the contract.
 DOMAIN = "deliveryreport.dlrhub.io"
-# The encoded details (ErrorInfo and BadRequest) stay within this, and the message and each
-# metadata value within MAX_TEXT characters (they may quote a request's fields).
+# The encoded google.rpc.Status (the message and the details) stays within this, and the message
+# and each metadata value within MAX_TEXT characters (they may quote a request's fields).
 MAX_DETAILS_BYTES = 4096
 MAX_TEXT = 500
 
@@ -121,8 +121,10 @@ def to_status(error: DlrhubError) -> grpc.Status:
         domain=DOMAIN,
         metadata={key: _clipped(value) for key, value in error.metadata.items()},
     )
+    message = _clipped(error.message)
     bad_request = error_details_pb2.BadRequest()
-    budget = MAX_DETAILS_BYTES - info.ByteSize() - 64  # 64: the packing, and `violations_omitted`
+    # 160: the framing and type URLs of the details (~100), and `violations_omitted` (~30).
+    budget = MAX_DETAILS_BYTES - len(message.encode()) - info.ByteSize() - 160
     for number, violation in enumerate(error.violations):
         added = bad_request.field_violations.add(
             field=violation.field,
@@ -138,7 +140,7 @@ def to_status(error: DlrhubError) -> grpc.Status:
     if bad_request.field_violations:
         details.append(_pack(bad_request))
     status: grpc.Status = rpc_status.to_status(
-        status_pb2.Status(code=error.code, message=_clipped(error.message), details=details)
+        status_pb2.Status(code=error.code, message=message, details=details)
     )
     return status
 
