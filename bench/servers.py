@@ -33,6 +33,7 @@ def start_dlrhub(db: Path, event_loop: str) -> Server:
         env=_environment(),
         listen=f"127.0.0.1:{launcher.free_port()}",
         http_listen=f"127.0.0.1:{launcher.free_port()}",
+        admin_listen=f"127.0.0.1:{launcher.free_port()}",
         module="bench.serve_uvloop" if event_loop == "uvloop" else "dlrhub.cli",
         keep=_KEEP_LINES,
     )

@@ -449,7 +449,7 @@ def _loaders_and_subscribers(results: list[Result]) -> tuple[list[Result], list[
 
 def _stream_overflows(server: Server) -> float:
     """dlrhub_stream_overflows_total of the running dlrhub, from its /metrics."""
-    response = httpx.get(f"http://127.0.0.1:{server.http_port}/metrics", timeout=10)
+    response = httpx.get(f"http://127.0.0.1:{server.admin_port}/metrics", timeout=10)
     response.raise_for_status()
     for line in response.text.splitlines():
         if line.startswith("dlrhub_stream_overflows_total "):

@@ -69,17 +69,14 @@ async def serving(
 ) -> AsyncIterator[app.App]:
     """A real app on free ports over `tmp_path/dlrhub.db` (or `store`), with any Settings overridden;
     stopped after."""
-    running = await app.start(
-        Settings(
-            listen="127.0.0.1:0",
-            http_listen="127.0.0.1:0",
-            db=tmp_path / "dlrhub.db",
-            shutdown_grace=1.0,
-            **overrides,
-        ),
-        clock=clock or FakeClock(),
-        store=store,
-    )
+    defaults: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "http_listen": "127.0.0.1:0",
+        "admin_listen": "127.0.0.1:0",
+        "db": tmp_path / "dlrhub.db",
+        "shutdown_grace": 1.0,
+    }
+    running = await app.start(Settings(**(defaults | overrides)), clock=clock or FakeClock(), store=store)
     try:
         yield running
     finally:

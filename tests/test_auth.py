@@ -67,7 +67,7 @@ async def secured(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
             {"name": "both", "token": BOTH_TOKEN, "roles": ["ingest", "read"]},
         ]
         settings = {"tokens_file": write_tokens_file(tmp_path / "tokens.json", entries)}
-    async with serving(tmp_path, **settings) as running:
+    async with serving(tmp_path, webhooks_open=True, **settings) as running:
         yield running
 
 
@@ -214,7 +214,9 @@ async def test_the_lowercase_bearer_scheme_is_accepted(secured: app.App) -> None
 async def test_tokens_from_the_spec_and_the_file_are_both_accepted(tmp_path: Path) -> None:
     tokens_file = write_tokens_file(tmp_path / "tokens.json", [{"token": READ_TOKEN, "roles": ["read"]}])
     async with (
-        serving(tmp_path, tokens=f"ingest:{INGEST_TOKEN}", tokens_file=tokens_file) as running,
+        serving(
+            tmp_path, tokens=f"ingest:{INGEST_TOKEN}", tokens_file=tokens_file, webhooks_open=True
+        ) as running,
         connect(running, token=INGEST_TOKEN) as ingester,
         connect(running, token=READ_TOKEN) as reader,
     ):
@@ -258,7 +260,7 @@ async def test_reflection_needs_no_token(secured: app.App) -> None:
 
 
 async def test_reflection_turned_off_is_not_served(tmp_path: Path) -> None:
-    async with serving(tmp_path, tokens=SPEC, reflection=False) as running:
+    async with serving(tmp_path, tokens=SPEC, reflection=False, webhooks_open=True) as running:
         code, out, err = await run(GRPCURL, "-plaintext", f"127.0.0.1:{running.port}", "list")
         assert code != 0
         assert "server does not support the reflection API" in err

@@ -1,7 +1,7 @@
 """Observability: /metrics scraped around known operations, the per-call log lines, tracing.
 
 Every metric check is a delta between two scrapes of the real HTTP endpoint
-(`GET http://127.0.0.1:{http_port}/metrics`), parsed with prometheus_client's
+(`GET http://127.0.0.1:{admin_port}/metrics`, the admin port), parsed with prometheus_client's
 own parser, so what is asserted is what Prometheus would see.
 """
 
@@ -76,10 +76,11 @@ Labels = frozenset[tuple[str, str]]
 Samples = dict[tuple[str, Labels], float]
 
 
-async def scrape(http_port: int) -> Samples:
+async def scrape(admin_port: int | None) -> Samples:
     """Every dlrhub_* sample on /metrics, keyed by sample name and labels."""
+    assert admin_port is not None, "the admin port is off: set admin_listen"
     async with httpx.AsyncClient() as http:
-        response = await http.get(f"http://127.0.0.1:{http_port}/metrics", timeout=TIMEOUT)
+        response = await http.get(f"http://127.0.0.1:{admin_port}/metrics", timeout=TIMEOUT)
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("text/plain")
     samples: Samples = {}
@@ -147,7 +148,7 @@ async def test_a_batch_with_a_duplicate_and_a_bad_item_moves_each_series_by_its_
 ) -> None:
     first = await server.stub.Ingest(gms_request(gms_item("obs-1")), timeout=TIMEOUT)
     assert first.accepted_count == 1
-    before = await scrape(server.app.http_port)
+    before = await scrape(server.app.admin_port)
 
     batch = [gms_item("obs-1"), gms_item("obs-2"), {"status": 2, "number": 380_961_111_111}]  # no message_id
     response = await server.stub.Ingest(gms_request(batch), timeout=TIMEOUT)
@@ -156,7 +157,7 @@ async def test_a_batch_with_a_duplicate_and_a_bad_item_moves_each_series_by_its_
         IngestOutcome.INGEST_OUTCOME_ACCEPTED,
         IngestOutcome.INGEST_OUTCOME_REJECTED,
     ]
-    after = await scrape(server.app.http_port)
+    after = await scrape(server.app.admin_port)
 
     # One item per outcome, each with its source and unified status (none for the rejected item).
     assert moved(before, after, "dlrhub_reports_total") == {
@@ -185,7 +186,7 @@ async def test_a_batch_with_a_duplicate_and_a_bad_item_moves_each_series_by_its_
 
 
 async def test_failed_calls_are_counted_by_their_status_code(server: Running) -> None:
-    before = await scrape(server.app.http_port)
+    before = await scrape(server.app.admin_port)
 
     with pytest.raises(grpc.aio.AioRpcError) as invalid:
         await server.stub.Ingest(IngestRequest(payload="not json", format=Format.FORMAT_GMS), timeout=TIMEOUT)
@@ -194,7 +195,7 @@ async def test_failed_calls_are_counted_by_their_status_code(server: Running) ->
         await server.stub.GetMessage(GetMessageRequest(message_id="obs-no-such-id"), timeout=TIMEOUT)
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
 
-    after = await scrape(server.app.http_port)
+    after = await scrape(server.app.admin_port)
     assert moved(before, after, "dlrhub_rpc_requests_total") == {
         labels_of(method=INGEST, code="INVALID_ARGUMENT"): 1,
         labels_of(method=GET_MESSAGE, code="NOT_FOUND"): 1,
@@ -211,12 +212,12 @@ async def test_failed_calls_are_counted_by_their_status_code(server: Running) ->
 
 
 async def test_a_code_missing_from_the_table_is_counted_as_unmapped_once(server: Running) -> None:
-    before = await scrape(server.app.http_port)
+    before = await scrape(server.app.admin_port)
     unknown = {"message_id": "obs-unmapped", "status": 7, "time": 1_700_000_000_000}
 
     accepted = await server.stub.Ingest(gms_request(unknown), timeout=TIMEOUT)
     assert accepted.accepted_count == 1
-    middle = await scrape(server.app.http_port)
+    middle = await scrape(server.app.admin_port)
     assert moved(before, middle, "dlrhub_unmapped_codes_total") == {
         labels_of(source="gms", codes="status=7"): 1
     }
@@ -227,7 +228,7 @@ async def test_a_code_missing_from_the_table_is_counted_as_unmapped_once(server:
     # Its duplicate is not a new unmapped report; a mapped report is not counted at all.
     duplicate = await server.stub.Ingest(gms_request([unknown, gms_item("obs-mapped")]), timeout=TIMEOUT)
     assert (duplicate.duplicate_count, duplicate.accepted_count) == (1, 1)
-    after = await scrape(server.app.http_port)
+    after = await scrape(server.app.admin_port)
     assert moved(middle, after, "dlrhub_unmapped_codes_total") == {}
     assert moved(middle, after, "dlrhub_reports_total") == {
         labels_of(source="gms", status="unspecified", outcome="duplicate"): 1,
@@ -242,7 +243,13 @@ async def test_a_code_missing_from_the_table_is_counted_as_unmapped_once(server:
 async def polling_app(db: Path, clock: FakeClock, provider: FakeProvider) -> AsyncIterator[app_module.App]:
     """The whole app, polling the fake provider every 50 ms, backing off for milliseconds."""
     running = await app_module.start(
-        Settings(listen="127.0.0.1:0", http_listen="127.0.0.1:0", db=db, shutdown_grace=1.0),
+        Settings(
+            listen="127.0.0.1:0",
+            http_listen="127.0.0.1:0",
+            admin_listen="127.0.0.1:0",
+            db=db,
+            shutdown_grace=1.0,
+        ),
         poller_settings=PollerSettings(
             provider.url, KEY, interval=0.05, backoff_initial=0.01, backoff_max=0.05
         ),
@@ -260,10 +267,10 @@ async def test_poller_failures_are_counted_by_kind_and_fetched_reports_after_rec
     async with FakeProvider(KEY) as provider, polling_app(db_path, clock, provider) as running:
 
         async def succeeded() -> bool:
-            return value(await scrape(running.http_port), "dlrhub_poller_last_success_timestamp_seconds") > 0
+            return value(await scrape(running.admin_port), "dlrhub_poller_last_success_timestamp_seconds") > 0
 
         await eventually(succeeded, "the poller never succeeded against an empty provider")
-        before = await scrape(running.http_port)
+        before = await scrape(running.admin_port)
         mark = len(provider.requests)
         # From here on: three 500s, then a 401, then five reports.
         provider.fail_next(3, 500)
@@ -271,10 +278,10 @@ async def test_poller_failures_are_counted_by_kind_and_fetched_reports_after_rec
         provider.add(*(report(f"obs-poll-{index}") for index in range(5)))
 
         async def fetched_all() -> bool:
-            return delta(before, await scrape(running.http_port), "dlrhub_poller_reports_fetched_total") >= 5
+            return delta(before, await scrape(running.admin_port), "dlrhub_poller_reports_fetched_total") >= 5
 
         await eventually(fetched_all, "the poller did not fetch the reports after the failures")
-        after = await scrape(running.http_port)
+        after = await scrape(running.admin_port)
         answered = [request.status for request in provider.requests[mark:]]
 
     assert answered[:4] == [500, 500, 500, 401]
@@ -324,7 +331,7 @@ async def ingest_fat_reports(server: Running, prefix: str, count: int) -> list[i
 async def test_a_slow_stream_shows_its_lag_until_it_reads_and_disappears_when_it_closes(
     server: Running,
 ) -> None:
-    port = server.app.http_port
+    port = server.app.admin_port
     ahead = await ingest_fat_reports(server, "obs-old", 1)
     assert value(await scrape(port), "dlrhub_stream_subscribers") == 0
     async with stalling_stub(server) as stub:
@@ -377,7 +384,7 @@ async def test_a_subscriber_that_falls_a_buffer_behind_is_counted_and_still_gets
         address = f"127.0.0.1:{running.port}"
         channel = grpc.aio.insecure_channel(address)
         server = Running(running, DeliveryReportServiceStub(channel), channel, clock, address)
-        port = running.http_port
+        port = running.admin_port
         try:
             async with stalling_stub(server) as stub:
                 call = stub.Stream(StreamRequest(heartbeat_interval=Duration(seconds=30)), timeout=60)
@@ -425,7 +432,7 @@ async def test_a_stream_closed_while_its_send_is_held_up_is_logged_cancelled_wit
     """The client goes away while the server's send waits on the HTTP/2 window, so the call's
     generator is closed by the event loop's async-generator finaliser, in another context."""
     caplog.set_level(logging.INFO, logger="dlrhub")
-    port = server.app.http_port
+    port = server.app.admin_port
     with loop_errors() as errors:
         async with stalling_stub(server) as stub:
             call = stub.Stream(
@@ -575,7 +582,7 @@ async def test_a_webhook_logs_one_line_with_route_counts_and_duration(
     server: Running, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    before = await scrape(server.app.http_port)
+    before = await scrape(server.app.admin_port)
     body = [gms_item(SECRET_MESSAGE_ID, number=SECRET_NUMBER), gms_item("obs-hook-2", status=1, substatus=11)]
     async with httpx.AsyncClient() as http:
         answer = await http.post(
@@ -585,7 +592,7 @@ async def test_a_webhook_logs_one_line_with_route_counts_and_duration(
             timeout=TIMEOUT,
         )
     assert answer.status_code == 200
-    after = await scrape(server.app.http_port)
+    after = await scrape(server.app.admin_port)
     server.app.flush_logs()  # as at shutdown; otherwise within CallLog.interval
 
     webhook_records = [
@@ -619,7 +626,7 @@ async def test_every_webhook_answer_is_logged_and_counted_even_refusals(
     server: Running, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    before = await scrape(server.app.http_port)
+    before = await scrape(server.app.admin_port)
     async with httpx.AsyncClient() as http:
         invalid = await http.post(
             f"http://127.0.0.1:{server.app.http_port}/webhooks/gms", content=b"{not json", timeout=TIMEOUT
@@ -628,7 +635,7 @@ async def test_every_webhook_answer_is_logged_and_counted_even_refusals(
             f"http://127.0.0.1:{server.app.http_port}/webhooks/gms", content=b"\xff\xfe", timeout=TIMEOUT
         )
     assert (invalid.status_code, not_utf8.status_code) == (400, 400)
-    after = await scrape(server.app.http_port)
+    after = await scrape(server.app.admin_port)
     server.app.flush_logs()
     lines = [
         r.__dict__
@@ -784,7 +791,7 @@ async def test_concurrent_ingests_share_commits(tmp_path: Path, clock: FakeClock
     store = HeldStore(tmp_path / "held.db")
     async with serving(tmp_path, clock=clock, store=cast(Store, store)) as running:
         committer = running.committer
-        before = await scrape(running.http_port)
+        before = await scrape(running.admin_port)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
         stub = DeliveryReportServiceStub(channel)
         payloads = [
@@ -797,7 +804,7 @@ async def test_concurrent_ingests_share_commits(tmp_path: Path, clock: FakeClock
         responses = await asyncio.gather(*calls)
         await channel.close(None)
         assert sum(response.accepted_count for response in responses) == 200
-        after = await scrape(running.http_port)
+        after = await scrape(running.admin_port)
     commits = moved(before, after, "dlrhub_store_commit_reports_count")[labels_of()]
     assert moved(before, after, "dlrhub_store_commit_reports_sum")[labels_of()] == 200
     expected = 1 if store.held_reports == 200 else 2

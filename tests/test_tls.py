@@ -127,6 +127,7 @@ async def test_the_cli_speaks_mutual_tls_with_tokens(tmp_path: Path, certs: Cert
         tls_key=certs.server_key,
         tls_client_ca=certs.ca,
         tokens="ingest+read:cli-tls-token",
+        webhooks_open=True,
     ) as running:
         tls = TlsConfig(certs.ca, certificate_chain=certs.client_cert, private_key=certs.client_key)
         async with AsyncClient(f"localhost:{running.port}", tls=tls, token="cli-tls-token") as client:

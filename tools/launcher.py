@@ -2,7 +2,7 @@
 serves, stopped with SIGTERM (SIGKILL when that does not end it).
 
     with launcher.start(db, ["--log-level", "DEBUG"], env={**os.environ, "DLRHUB_TRACING": "console"}) as hub:
-        ... hub.address, hub.http_address, hub.process, hub.output.stderr ...
+        ... hub.address, hub.http_address, hub.admin_address, hub.process, hub.output.stderr ...
 
 Its stdout and stderr are read all along by two threads (dlrhub logs a line per call: a pipe left
 unread would block it) and kept, so that a test can read its log after it stops and an error can show
@@ -112,7 +112,8 @@ class Server:
     process: subprocess.Popen[str]
     output: Output
     port: int
-    http_port: int = 0  # dlrhub's webhooks and /metrics
+    http_port: int = 0  # dlrhub's webhooks
+    admin_port: int = 0  # dlrhub's /metrics
     ready: dict[str, Any] = field(default_factory=dict)  # its ready line ({} where health said so)
 
     @property
@@ -122,6 +123,10 @@ class Server:
     @property
     def http_address(self) -> str:
         return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def admin_address(self) -> str:
+        return f"127.0.0.1:{self.admin_port}"
 
     @property
     def pid(self) -> int:
@@ -156,6 +161,7 @@ def start(
     *,
     listen: str | None = "127.0.0.1:0",
     http_listen: str | None = "127.0.0.1:0",
+    admin_listen: str | None = "127.0.0.1:0",
     module: str = "dlrhub.cli",
     timeout: float = START_TIMEOUT,
     keep: int | None = None,
@@ -165,10 +171,11 @@ def start(
     "serving" (with the ports it bound) or, where the gRPC port is given and a log level above INFO
     hides that line, once its health service answers SERVING."""
     command = [sys.executable, "-m", module, "serve"]
-    for flag, value in (("--db", db), ("--listen", listen), ("--http-listen", http_listen)):
+    addresses = (("--listen", listen), ("--http-listen", http_listen), ("--admin-listen", admin_listen))
+    for flag, value in (("--db", db), *addresses):
         if value is not None:
             command += [flag, str(value)]
-    known = (_port_of(listen), _port_of(http_listen))
+    known = (_port_of(listen), _port_of(http_listen), _port_of(admin_listen))
     return launch("dlrhub", [*command, *args], serving, env, known_ports=known, timeout=timeout, keep=keep)
 
 
@@ -178,12 +185,13 @@ def launch(
     ready: Ready,
     env: Mapping[str, str] | None = None,
     *,
-    known_ports: tuple[int, int] = (0, 0),
+    known_ports: tuple[int, int, int] = (0, 0, 0),
     timeout: float = START_TIMEOUT,
     keep: int | None = None,
 ) -> Server:
     """Runs `command` from the repository root; returned once it writes a JSON line `ready` accepts,
-    whose "port" and "http_port" are its ports (or, for a known gRPC port, once health says SERVING)."""
+    whose "port", "http_port" and "admin_port" are its ports (or, for a known gRPC port, once health
+    says SERVING)."""
     environment = dict(os.environ if env is None else env)
     environment["PYTHONUNBUFFERED"] = "1"
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environment.get("PYTHONPATH")]))
@@ -191,7 +199,7 @@ def launch(
         command, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     output = Output(process, ready, keep)
-    port, http_port = known_ports
+    port, http_port, admin_port = known_ports
     probe = (lambda: process.poll() is None and health_serving(port)) if port else None
     entry = output.wait(timeout, probe)
     if entry is None:
@@ -200,7 +208,13 @@ def launch(
         output.join()
         raise RuntimeError(f"{name} did not start within {timeout:.0f} s:\n{output.text()}")
     return Server(
-        name, process, output, int(entry.get("port", port)), int(entry.get("http_port", http_port)), entry
+        name,
+        process,
+        output,
+        port=int(entry.get("port", port)),
+        http_port=int(entry.get("http_port", http_port)),
+        admin_port=int(entry.get("admin_port") or admin_port),
+        ready=entry,
     )
 
 

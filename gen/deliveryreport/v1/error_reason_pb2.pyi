@@ -142,6 +142,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The token's roles do not allow the method. Metadata: `method`, `role`."""
     UNAUTHENTICATED: _ErrorReason.ValueType  # 83
     """A webhook request without the configured credentials (HTTP 401)."""
+    ADDRESS_NOT_ALLOWED: _ErrorReason.ValueType  # 84
+    """A webhook request from an address outside the webhook's allow list
+    (DLRHUB_WEBHOOK_ALLOW_FROM and the per-webhook lists): HTTP 403.
+    """
     UNDECODABLE_REQUEST: _ErrorReason.ValueType  # 90
     """Any call.
 
@@ -164,6 +168,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     INVALID_UTF8: _ErrorReason.ValueType  # 101
     """The body is not UTF-8 text: HTTP 400."""
+    BODY_TIMEOUT: _ErrorReason.ValueType  # 102
+    """The body did not arrive in time (DLRHUB_HTTP_BODY_TIMEOUT): HTTP 408."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Why a call, an item or a webhook request failed. The server sends no reason
@@ -304,6 +310,10 @@ MISSING_ROLE: ErrorReason.ValueType  # 82
 """The token's roles do not allow the method. Metadata: `method`, `role`."""
 UNAUTHENTICATED: ErrorReason.ValueType  # 83
 """A webhook request without the configured credentials (HTTP 401)."""
+ADDRESS_NOT_ALLOWED: ErrorReason.ValueType  # 84
+"""A webhook request from an address outside the webhook's allow list
+(DLRHUB_WEBHOOK_ALLOW_FROM and the per-webhook lists): HTTP 403.
+"""
 UNDECODABLE_REQUEST: ErrorReason.ValueType  # 90
 """Any call.
 
@@ -326,4 +336,6 @@ The body is over the size limit (DLRHUB_HTTP_MAX_BODY_BYTES): HTTP 413.
 """
 INVALID_UTF8: ErrorReason.ValueType  # 101
 """The body is not UTF-8 text: HTTP 400."""
+BODY_TIMEOUT: ErrorReason.ValueType  # 102
+"""The body did not arrive in time (DLRHUB_HTTP_BODY_TIMEOUT): HTTP 408."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

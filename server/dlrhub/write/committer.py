@@ -39,11 +39,14 @@ class Committer:
         max_group: int = 512,
         max_waiting: int = 10_000,
         on_commit: Callable[[float, int], None] | None = None,
+        on_failure: Callable[[], None] | None = None,
     ) -> None:
         self._store = store
         self._hub = hub
         # Called after each commit with its duration in seconds and how many items it held.
         self._on_commit = on_commit
+        # Called after each group commit that failed.
+        self._on_failure = on_failure
         self._max_group = max_group
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue(max_waiting)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlrhub-writer")
@@ -97,7 +100,11 @@ class Committer:
             try:
                 results = await loop.run_in_executor(self._writer, self._write, [p.submission for p in group])
             except Exception as error:
+                # One line per failed group: a storm of them (a full disk) is rate-limited by
+                # observability.logs.RepeatFilter and counted in dlrhub_store_failures_total.
                 log.exception("commit failed for %d submissions", len(group))
+                if self._on_failure is not None:
+                    self._on_failure()
                 for pending in group:
                     if not pending.future.done():
                         pending.future.set_exception(StoreError(f"the store could not commit: {error}"))
