@@ -389,9 +389,10 @@ def _heartbeat_seconds(request: StreamRequest) -> float:
     # A Duration's seconds and nanos share their sign, and nanos are under a second.
     valid = abs(interval.nanos) < 1_000_000_000 and interval.seconds * interval.nanos >= 0
     if not valid or not MIN_HEARTBEAT_SECONDS <= seconds <= MAX_HEARTBEAT_SECONDS:
+        low, high, default = MIN_HEARTBEAT_SECONDS, MAX_HEARTBEAT_SECONDS, DEFAULT_HEARTBEAT_SECONDS
         raise invalid_argument(
             "heartbeat_interval",
-            f"must be from {MIN_HEARTBEAT_SECONDS:g}s to {MAX_HEARTBEAT_SECONDS:g}s (unset: 15s)",
+            f"must be from {low:g}s to {high:g}s (unset: {default:g}s)",
             ErrorReason.INVALID_HEARTBEAT_INTERVAL,
         )
     return seconds
