@@ -79,6 +79,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """A request id that was used before for a different payload. Metadata:
     `request_id`.
     """
+    INVALID_REQUEST_ID: _ErrorReason.ValueType  # 25
+    """A `request_id` too long, or holding control characters."""
     MISSING_SELECTOR: _ErrorReason.ValueType  # 40
     """GetMessage and ListMessages.
 
@@ -247,6 +249,8 @@ REQUEST_ID_REUSED: ErrorReason.ValueType  # 24
 """A request id that was used before for a different payload. Metadata:
 `request_id`.
 """
+INVALID_REQUEST_ID: ErrorReason.ValueType  # 25
+"""A `request_id` too long, or holding control characters."""
 MISSING_SELECTOR: ErrorReason.ValueType  # 40
 """GetMessage and ListMessages.
 
