@@ -130,7 +130,14 @@ async def start(
         committer = Committer(store, hub, on_commit=_commit_recorder(metrics))
         committer.start()
         started.push_async_callback(committer.stop)
-        writer = Writer(normaliser, committer, clock, max_items=settings.max_batch_items, metrics=metrics)
+        writer = Writer(
+            normaliser,
+            committer,
+            clock,
+            max_items=settings.max_batch_items,
+            max_item_bytes=settings.max_item_bytes,
+            metrics=metrics,
+        )
 
         service = DeliveryReportService(
             writer=writer, store=store, hub=hub, read=read, max_streams=settings.max_streams

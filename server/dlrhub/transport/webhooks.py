@@ -25,7 +25,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from deliveryreport.v1.delivery_report_service_pb2 import Format, IngestOutcome, IngestResponse
-from dlrhub.normalise import Rejection
+from deliveryreport.v1.error_reason_pb2 import ErrorReason
 from dlrhub.observability.calls import CallLog
 from dlrhub.observability.metrics import Metrics
 from dlrhub.store.base import StoreError
@@ -149,25 +149,26 @@ def _handler(writer: Writer, format: Format.ValueType, auth: WebhookAuth | None)
     async def handle(request: web.Request) -> web.Response:
         if auth is not None and not auth.allows(request):
             challenge = {"WWW-Authenticate": 'Basic realm="dlrhub"'} if auth.scheme == "basic" else {}
-            return _error(401, Rejection("", "UNAUTHENTICATED", "missing or wrong credentials"), challenge)
+            return _error(401, ErrorReason.UNAUTHENTICATED, "missing or wrong credentials", challenge)
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge as error:
-            return _error(413, Rejection("", "BODY_TOO_LARGE", f"the body is over the limit: {error.text}"))
+            return _error(413, ErrorReason.BODY_TOO_LARGE, f"the body is over the limit: {error.text}")
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError as error:
-            return _error(400, Rejection("", "INVALID_UTF8", f"the body is not UTF-8 (byte {error.start})"))
+            return _error(400, ErrorReason.INVALID_UTF8, f"the body is not UTF-8 (byte {error.start})")
         try:
             ingested = await writer.ingest(text, format)
         except TooManyItems as error:
-            return _error(413, Rejection("", "TOO_MANY_ITEMS", str(error)))
+            return _error(413, ErrorReason.TOO_MANY_ITEMS, str(error))
         except StoreError:
             log.exception("webhook could not commit", extra={"route": request.path})
-            return _error(503, Rejection("", "STORE_UNAVAILABLE", "could not store the reports; retry"))
+            return _error(503, ErrorReason.STORE_UNAVAILABLE, "could not store the reports; retry")
         if ingested.rejection is not None:
-            request[_DETAILS]["reason"] = ingested.rejection.reason
-            return _error(400, ingested.rejection)
+            rejection = ingested.rejection
+            request[_DETAILS]["reason"] = ErrorReason.Name(rejection.reason)
+            return _error(400, rejection.reason, rejection.description, field=rejection.field)
         response = ingested.response
         request[_DETAILS].update(
             accepted=response.accepted_count,
@@ -197,8 +198,13 @@ def _summary(response: IngestResponse) -> dict[str, Any]:
     }
 
 
-def _error(status: int, rejection: Rejection, headers: dict[str, str] | None = None) -> web.Response:
-    body = {
-        "error": {"field": rejection.field, "reason": rejection.reason, "description": rejection.description}
-    }
+def _error(
+    status: int,
+    reason: ErrorReason.ValueType,
+    description: str,
+    headers: dict[str, str] | None = None,
+    *,
+    field: str = "",
+) -> web.Response:
+    body = {"error": {"field": field, "reason": ErrorReason.Name(reason), "description": description}}
     return web.json_response(body, status=status, headers=headers)

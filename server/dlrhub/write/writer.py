@@ -8,16 +8,21 @@ run again through `Writer.renormalise`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from deliveryreport.v1.delivery_report_service_pb2 import Format, IngestResponse
-from dlrhub.normalise import Normaliser, PayloadError, Rejection, single_item_payload
+from deliveryreport.v1.error_reason_pb2 import ErrorReason
+from dlrhub.normalise import NormalisedItem, Normaliser, PayloadError, Rejection, single_item_payload
 from dlrhub.observability.metrics import Metrics
 from dlrhub.store.base import QuarantinedItem
 from dlrhub.write.committer import Committer
-from dlrhub.write.submission import Submission
+from dlrhub.write.submission import Submission, full_answer_bytes
+
+# The largest item (its text, in UTF-8 bytes) by default: real reports are under 2 KB. It bounds
+# every stored report, and so each Stream change and every page.
+DEFAULT_MAX_ITEM_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +43,17 @@ class TooManyItems(Exception):
         self.limit = limit
 
 
+class AnswerTooLarge(Exception):
+    """The answer with every normalised report would be over the caller's limit; nothing was stored."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"the answer with every report would be about {size} bytes, over the {limit}-byte limit"
+        )
+        self.size = size
+        self.limit = limit
+
+
 class Writer:
     """Normalises payloads and hands them to the committer; answers once they are committed."""
 
@@ -48,18 +64,29 @@ class Writer:
         clock: Callable[[], int],
         *,
         max_items: int = 10_000,
+        max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES,
         metrics: Metrics | None = None,
     ) -> None:
         self._normaliser = normaliser
         self._committer = committer
         self._clock = clock
         self._max_items = max_items
+        self._max_item_bytes = max_item_bytes
         self._metrics = metrics
 
-    async def ingest(self, payload: str, format: Format.ValueType, request_id: str = "") -> Ingested:
+    async def ingest(
+        self,
+        payload: str,
+        format: Format.ValueType,
+        request_id: str = "",
+        *,
+        max_full_answer_bytes: int | None = None,
+    ) -> Ingested:
         """Normalises and commits a payload.
 
-        Raises TooManyItems (nothing stored) over the item limit, StoreError if the store cannot commit.
+        Raises, with nothing stored: TooManyItems over the item limit; AnswerTooLarge when
+        `max_full_answer_bytes` is given and the answer with every report could be larger. Raises
+        StoreError if the store cannot commit.
         """
         received = Timestamp()
         received.FromNanoseconds(self._clock())
@@ -70,6 +97,11 @@ class Writer:
         else:
             if len(items) > self._max_items:
                 raise TooManyItems(len(items), self._max_items)
+            items = self._bounded(items)
+            if max_full_answer_bytes is not None:
+                size = full_answer_bytes(items)
+                if size > max_full_answer_bytes:
+                    raise AnswerTooLarge(size, max_full_answer_bytes)
             submission = Submission(items, received, request_id)
         return await self._commit(submission)
 
@@ -97,13 +129,21 @@ class Writer:
             )
         else:
             submission = Submission(
-                items,
+                self._bounded(items),
                 received,
                 item.request_id,
                 quarantine_id=quarantine_id,
                 resolved_seconds=resolved_seconds,
             )
         return await self._commit(submission)
+
+    def _bounded(self, items: list[NormalisedItem]) -> list[NormalisedItem]:
+        """The items, each one over the item size limit rejected (ITEM_TOO_LARGE) instead."""
+        limit = self._max_item_bytes
+        # len() counts characters, at most 4 bytes each: most items need no encoding to be measured.
+        if all(len(item.raw) * 4 <= limit or len(item.raw.encode()) <= limit for item in items):
+            return items
+        return [item if len(item.raw.encode()) <= limit else _too_large(item, limit) for item in items]
 
     async def _commit(self, submission: Submission) -> Ingested:
         applied = await self._committer.submit(submission)
@@ -113,3 +153,12 @@ class Writer:
             else:
                 self._metrics.record_ingest(submission.items, applied.response)
         return Ingested(applied.response, submission.payload_rejection)
+
+
+def _too_large(item: NormalisedItem, limit: int) -> NormalisedItem:
+    size = len(item.raw.encode())
+    description = (
+        f"{item.path or 'the report'} is {size} bytes; an item may have at most {limit}"
+        " (DLRHUB_MAX_ITEM_BYTES)"
+    )
+    return replace(item, report=None, rejection=Rejection(item.path, ErrorReason.ITEM_TOO_LARGE, description))
