@@ -69,9 +69,9 @@ class _IngestResponseViewEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_In
     INGEST_RESPONSE_VIEW_UNSPECIFIED: _IngestResponseView.ValueType  # 0
     """Not set: BASIC."""
     INGEST_RESPONSE_VIEW_BASIC: _IngestResponseView.ValueType  # 1
-    """Each result's index, outcome, message id, cursor and error: about 60
-    bytes an item, so the answer of the largest batch (10,000 items) fits a
-    client's default 4 MiB receive limit many times over.
+    """Each result's index, outcome, message id, cursor and error: about 50
+    bytes an item with UUID message ids (10,000 items: about 0.5 MB), so the
+    answer of the largest batch fits a client's default 4 MiB receive limit.
     """
     INGEST_RESPONSE_VIEW_FULL: _IngestResponseView.ValueType  # 2
     """BASIC and each normalised report. If that answer would be over 4 MiB less
@@ -86,9 +86,9 @@ class IngestResponseView(_IngestResponseView, metaclass=_IngestResponseViewEnumT
 INGEST_RESPONSE_VIEW_UNSPECIFIED: IngestResponseView.ValueType  # 0
 """Not set: BASIC."""
 INGEST_RESPONSE_VIEW_BASIC: IngestResponseView.ValueType  # 1
-"""Each result's index, outcome, message id, cursor and error: about 60
-bytes an item, so the answer of the largest batch (10,000 items) fits a
-client's default 4 MiB receive limit many times over.
+"""Each result's index, outcome, message id, cursor and error: about 50
+bytes an item with UUID message ids (10,000 items: about 0.5 MB), so the
+answer of the largest batch fits a client's default 4 MiB receive limit.
 """
 INGEST_RESPONSE_VIEW_FULL: IngestResponseView.ValueType  # 2
 """BASIC and each normalised report. If that answer would be over 4 MiB less

@@ -52,8 +52,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ITEM_TOO_LARGE: _ErrorReason.ValueType  # 7
     """One item's text is over the item limit (DLRHUB_MAX_ITEM_BYTES, 64 KiB by
-    default; real reports are under 2 KB). The item is rejected and
-    quarantined like any other. Metadata: `max_item_bytes`.
+    default; real reports are under 2 KB), which the description names. The
+    item is rejected and quarantined like any other.
     """
     MISSING_PAYLOAD: _ErrorReason.ValueType  # 20
     """Ingest.
@@ -67,8 +67,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ALL_ITEMS_REJECTED: _ErrorReason.ValueType  # 22
     """Every item of the request was rejected: nothing valid to store. The
-    field violations list each item's error (the first ones, when there are
-    many: metadata `rejected` counts them all).
+    field violations list each item's error (the first ones, a few KiB, when
+    there are many: metadata `violations_omitted` counts the rest).
     """
     RESPONSE_TOO_LARGE: _ErrorReason.ValueType  # 23
     """With `view` FULL, the answer would be larger than a client accepts by
@@ -214,8 +214,8 @@ out of range, not a time, not UTF-8 text.
 """
 ITEM_TOO_LARGE: ErrorReason.ValueType  # 7
 """One item's text is over the item limit (DLRHUB_MAX_ITEM_BYTES, 64 KiB by
-default; real reports are under 2 KB). The item is rejected and
-quarantined like any other. Metadata: `max_item_bytes`.
+default; real reports are under 2 KB), which the description names. The
+item is rejected and quarantined like any other.
 """
 MISSING_PAYLOAD: ErrorReason.ValueType  # 20
 """Ingest.
@@ -229,8 +229,8 @@ TOO_MANY_ITEMS: ErrorReason.ValueType  # 21
 """
 ALL_ITEMS_REJECTED: ErrorReason.ValueType  # 22
 """Every item of the request was rejected: nothing valid to store. The
-field violations list each item's error (the first ones, when there are
-many: metadata `rejected` counts them all).
+field violations list each item's error (the first ones, a few KiB, when
+there are many: metadata `violations_omitted` counts the rest).
 """
 RESPONSE_TOO_LARGE: ErrorReason.ValueType  # 23
 """With `view` FULL, the answer would be larger than a client accepts by
