@@ -17,8 +17,8 @@ import grpc
 import pytest
 
 from deliveryreport.v1.delivery_report_service_pb2 import (
-    FetchRequest,
     Format,
+    GetMessageRequest,
     IngestOutcome,
     IngestRequest,
     IngestResponse,
@@ -147,7 +147,7 @@ async def test_in_one_group_commit_the_first_request_wins_the_id(server: Running
     assert len(accepted) == 1
     assert not accepted[0].replayed
     assert [error.reason for error in refusals] == ["REQUEST_ID_REUSED"] * 5
-    [winner] = [result.report.message_id for result in accepted[0].results]
+    [winner] = [result.message_id for result in accepted[0].results]
     assert stored_ids(server, *(f"race-{number}" for number in range(6))) == [winner]
 
 
@@ -246,8 +246,8 @@ async def test_the_x_request_id_metadata_is_cut_in_log_lines(
     caplog.set_level(logging.INFO, logger="dlrhub.observability.calls")
     header = "h" * 128 + "TAIL" * 1000
     with pytest.raises(grpc.aio.AioRpcError):
-        await server.stub.Fetch(
-            FetchRequest(message_id="no-such"), metadata=[("x-request-id", header)], timeout=TIMEOUT
+        await server.stub.GetMessage(
+            GetMessageRequest(message_id="no-such"), metadata=[("x-request-id", header)], timeout=TIMEOUT
         )
     server.app.flush_logs()
     [line] = [record for record in caplog.records if record.getMessage() == "rpc"]

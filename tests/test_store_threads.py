@@ -16,8 +16,9 @@ from typing import Any
 import grpc
 
 from deliveryreport.v1.delivery_report_service_pb2 import (
-    FetchRequest,
+    GetMessageRequest,
     IngestRequest,
+    ListMessagesRequest,
     ListQuarantineRequest,
     RenormaliseQuarantineRequest,
     StreamRequest,
@@ -79,16 +80,18 @@ async def test_no_store_call_runs_on_the_event_loop(tmp_path: Path) -> None:
                 '[{"message_id": "t-1", "status": 2, "time": 1477417294667, "extra_id": "R"}, {"status": 2}]'
             )
             await stub.Ingest(IngestRequest(payload=batch, request_id="threads"), timeout=TIMEOUT)
-            fetched = await stub.Fetch(FetchRequest(message_id="t-1", include_history=True), timeout=TIMEOUT)
+            fetched = await stub.GetMessage(
+                GetMessageRequest(message_id="t-1", include_history=True), timeout=TIMEOUT
+            )
             assert len(fetched.history) == 1
-            await stub.Fetch(FetchRequest(reference="R"), timeout=TIMEOUT)
+            await stub.ListMessages(ListMessagesRequest(reference="R"), timeout=TIMEOUT)
             await stub.ListQuarantine(ListQuarantineRequest(), timeout=TIMEOUT)
             await stub.RenormaliseQuarantine(RenormaliseQuarantineRequest(), timeout=TIMEOUT)
-            stream = stub.Stream(StreamRequest(from_beginning=True, heartbeat_seconds=1))
+            stream = stub.Stream(StreamRequest(from_beginning=True))
             while True:  # the opening heartbeat, then the stored change (read from the store)
                 message = await asyncio.wait_for(stream.read(), TIMEOUT)
                 assert isinstance(message, StreamResponse)
-                if not message.heartbeat:
+                if message.HasField("change"):
                     break
             stream.cancel()
     finally:

@@ -266,6 +266,7 @@ def _write_path(
         committer,
         clock,
         max_items=settings.max_batch_items,
+        max_item_bytes=settings.max_item_bytes,
         request_id_ttl=settings.request_id_ttl,
         metrics=metrics,
     )

@@ -3,6 +3,7 @@ its errors as the normalisers' PayloadError."""
 
 from __future__ import annotations
 
+from deliveryreport.v1.error_reason_pb2 import ErrorReason
 from dlrhub.normalise.results import PayloadError, Rejection
 from dlrhub_client import payloads
 from dlrhub_client.payloads import Document
@@ -15,4 +16,4 @@ def decode(text: str) -> Document:
     try:
         return payloads.decode(text)
     except payloads.InvalidJson as error:
-        raise PayloadError(Rejection("", "INVALID_JSON", f"invalid JSON: {error}")) from None
+        raise PayloadError(Rejection("", ErrorReason.INVALID_JSON, f"invalid JSON: {error}")) from None

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from deliveryreport.v1.error_reason_pb2 import ErrorReason
 from dlrhub.errors import invalid_argument, to_status
 from dlrhub.observability.metrics import Metrics
 from dlrhub.observability.tracing import current_trace_id
@@ -230,7 +231,7 @@ async def _refuse_undecodable(request: Any, context: grpc.aio.ServicerContext[An
         error = invalid_argument(
             "",
             "not a valid protobuf message (or a string is not UTF-8)",
-            "UNDECODABLE_REQUEST",
+            ErrorReason.UNDECODABLE_REQUEST,
             message=f"the request is not a valid protobuf message: {request.error}",
         )
         status = to_status(error)

@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from deliveryreport.v1.delivery_report_service_pb2 import Format, IngestResponse
-from dlrhub.normalise import Normaliser, PayloadError, Rejection, single_item_payload
+from deliveryreport.v1.error_reason_pb2 import ErrorReason
+from dlrhub.normalise import NormalisedItem, Normaliser, PayloadError, Rejection, single_item_payload
 from dlrhub.observability.metrics import Metrics
 from dlrhub.store.base import QuarantinedItem
 from dlrhub.write.committer import Committer
-from dlrhub.write.submission import Applied, Submission
+from dlrhub.write.submission import Applied, Submission, full_answer_bytes
+
+# The largest item (its text, in UTF-8 bytes) by default: real reports are under 2 KB. It bounds
+# every stored report, and so each Stream change and every page.
+DEFAULT_MAX_ITEM_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +55,17 @@ class RequestIdReused(Exception):
         self.request_id = request_id
 
 
+class AnswerTooLarge(Exception):
+    """The answer with every normalised report would be over the caller's limit; nothing was stored."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"the answer with every report would be about {size} bytes, over the {limit}-byte limit"
+        )
+        self.size = size
+        self.limit = limit
+
+
 class Writer:
     """Normalises payloads and hands them to the committer; answers once they are committed."""
 
@@ -60,6 +76,7 @@ class Writer:
         clock: Callable[[], int],
         *,
         max_items: int = 10_000,
+        max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES,
         request_id_ttl: int = 86_400,
         metrics: Metrics | None = None,
     ) -> None:
@@ -67,14 +84,24 @@ class Writer:
         self._committer = committer
         self._clock = clock
         self._max_items = max_items
+        self._max_item_bytes = max_item_bytes
         self._request_id_ttl = request_id_ttl
         self._metrics = metrics
 
-    async def ingest(self, payload: str, format: Format.ValueType, request_id: str = "") -> Ingested:
+    async def ingest(
+        self,
+        payload: str,
+        format: Format.ValueType,
+        request_id: str = "",
+        *,
+        max_full_answer_bytes: int | None = None,
+    ) -> Ingested:
         """Normalises and commits a payload.
 
-        Raises TooManyItems (nothing stored) over the item limit, RequestIdReused (nothing stored)
-        when the request id names another request, StoreError if the store cannot commit.
+        Raises, with nothing stored: TooManyItems over the item limit; AnswerTooLarge when
+        `max_full_answer_bytes` is given and the answer with every report could be larger;
+        RequestIdReused when the request id names another request. Raises StoreError if the store
+        cannot commit.
         """
         received = Timestamp()
         received.FromNanoseconds(self._clock())
@@ -85,6 +112,11 @@ class Writer:
             items, rejection = [], error.rejection
         if len(items) > self._max_items:
             raise TooManyItems(len(items), self._max_items)
+        items = self._bounded(items)
+        if max_full_answer_bytes is not None:
+            size = full_answer_bytes(items)
+            if size > max_full_answer_bytes:
+                raise AnswerTooLarge(size, max_full_answer_bytes)
         submission = Submission(
             items,
             received,
@@ -124,13 +156,21 @@ class Writer:
             )
         else:
             submission = Submission(
-                items,
+                self._bounded(items),
                 received,
                 item.request_id,
                 quarantine_id=quarantine_id,
                 resolved_seconds=resolved_seconds,
             )
         return self._answer(submission, await self._committer.submit(submission))
+
+    def _bounded(self, items: list[NormalisedItem]) -> list[NormalisedItem]:
+        """The items, each one over the item size limit rejected (ITEM_TOO_LARGE) instead."""
+        limit = self._max_item_bytes
+        # len() counts characters, at most 4 bytes each: most items need no encoding to be measured.
+        if all(len(item.raw) * 4 <= limit or len(item.raw.encode()) <= limit for item in items):
+            return items
+        return [item if len(item.raw.encode()) <= limit else _too_large(item, limit) for item in items]
 
     def _answer(self, submission: Submission, applied: Applied) -> Ingested:
         if self._metrics is not None and not applied.replayed:
@@ -145,3 +185,12 @@ def request_digest(payload: str, format: Format.ValueType) -> bytes:
     """What a request with a request id was: its format and exact payload text (for typed reports,
     the canonical JSON built from them), hashed."""
     return hashlib.blake2b(f"{int(format)}\n{payload}".encode(), digest_size=16).digest()
+
+
+def _too_large(item: NormalisedItem, limit: int) -> NormalisedItem:
+    size = len(item.raw.encode())
+    description = (
+        f"{item.path or 'the report'} is {size} bytes; an item may have at most {limit}"
+        " (DLRHUB_MAX_ITEM_BYTES)"
+    )
+    return replace(item, report=None, rejection=Rejection(item.path, ErrorReason.ITEM_TOO_LARGE, description))
