@@ -65,6 +65,7 @@ class App:
     http_port: int
     call_log: CallLog
     http_log: CallLog
+    metrics: Metrics
     poller: Poller | None = None
 
     def flush_logs(self) -> None:
@@ -185,6 +186,7 @@ async def start(
         http.addresses[0][1],
         call_log,
         http_log,
+        metrics,
         poller,
     )
     log.info(

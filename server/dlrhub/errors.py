@@ -7,12 +7,18 @@
     ├── Unauthenticated   UNAUTHENTICATED (no token, or an unknown one)
     ├── PermissionDenied  PERMISSION_DENIED (the token's roles do not allow the call)
     ├── ResourceExhausted RESOURCE_EXHAUSTED (over a limit, named in the message)
-    └── Unavailable       UNAVAILABLE (the store cannot commit; safe to retry)
+    ├── Unavailable       UNAVAILABLE (the store cannot read or commit, or the server is stopping;
+    │                     safe to retry)
+    └── Internal          INTERNAL (a fault of the server's; the message names the request id it
+                          was logged with, and nothing else)
 
 Every status carries a google.rpc.Status with an ErrorInfo (an UPPER_SNAKE
 reason, domain "dlrhub", request details as metadata) and, for invalid
 arguments, a BadRequest listing each field violation (AIP-193);
 `invalid_argument` builds the usual one, naming a single field.
+
+The per-call interceptor (observability/calls.py) gives every call that raises its status here:
+a DlrhubError its own, a store failure `store_unavailable()`, anything else `internal_error()`.
 """
 
 from __future__ import annotations
@@ -100,6 +106,28 @@ class ResourceExhausted(DlrhubError):
 
 class Unavailable(DlrhubError):
     code = code_pb2.UNAVAILABLE
+
+
+class Internal(DlrhubError):
+    code = code_pb2.INTERNAL
+
+
+def store_unavailable() -> Unavailable:
+    """A store that cannot read or commit: the same words whatever the engine said (that is logged)."""
+    return Unavailable(
+        "the store cannot read or commit right now; retry later (an Ingest retried with the same"
+        " request_id is stored once)",
+        "STORE_UNAVAILABLE",
+    )
+
+
+def internal_error(request_id: str) -> Internal:
+    """An unexpected fault: the caller learns only the request id the server logged it with."""
+    return Internal(
+        f"internal error; the server logged it with request id {request_id}",
+        "INTERNAL",
+        metadata={"request_id": request_id},
+    )
 
 
 def to_status(error: DlrhubError) -> grpc.Status:

@@ -1,11 +1,12 @@
 """The gRPC servicer: each request into calls on the write path, the store and the feed, and their
-results into a response (or the status of a domain error)."""
+results into a response. It raises domain errors (errors.py); the per-call interceptor
+(observability/calls.py) turns whatever a call raises into its status."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 
@@ -37,20 +38,18 @@ from dlrhub.errors import (
     ResourceExhausted,
     Unavailable,
     invalid_argument,
-    to_status,
 )
 from dlrhub.feed.encoding import StreamEncoder
 from dlrhub.feed.follow import Heartbeat, follow_batches
 from dlrhub.feed.hub import Hub
 from dlrhub.normalise import typed_payload
 from dlrhub.observability.calls import note
-from dlrhub.store.base import Change, ChangeFilter, QuarantinedItem, ReadRunner, Selector, Store, StoreError
+from dlrhub.store.base import Change, ChangeFilter, QuarantinedItem, ReadRunner, Selector, Store
 from dlrhub.transport.pages import decode_page_token, encode_page_token, page_size
 from dlrhub.write import quarantine
 from dlrhub.write.submission import is_wholly_rejected
 from dlrhub.write.writer import TooManyItems, Writer
 
-T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
 DEFAULT_HEARTBEAT_SECONDS = 15
 MAX_RENORMALISE_IDS = 10_000
@@ -70,34 +69,31 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
         self._encode = StreamEncoder(size=hub.capacity)
 
     async def Ingest(self, request: IngestRequest, context: Context) -> IngestResponse:
-        return await _answer(context, self._ingest(request))
+        return await self._ingest(request)
 
     async def Fetch(self, request: FetchRequest, context: Context) -> FetchResponse:
-        return await _answer(context, self._fetch(request))
+        return await self._fetch(request)
 
     async def ListQuarantine(
         self, request: ListQuarantineRequest, context: Context
     ) -> ListQuarantineResponse:
-        return await _answer(context, self._list_quarantine(request))
+        return await self._list_quarantine(request)
 
     async def RenormaliseQuarantine(
         self, request: RenormaliseQuarantineRequest, context: Context
     ) -> RenormaliseQuarantineResponse:
-        return await _answer(context, self._renormalise_quarantine(request))
+        return await self._renormalise_quarantine(request)
 
     async def Stream(  # type: ignore[override]  # bytes as well: see transport/handlers.py
         self, request: StreamRequest, context: Context
     ) -> AsyncIterator[StreamResponse | bytes]:
         """Yields heartbeats as messages and changes already encoded (see transport/handlers.py)."""
-        try:
-            async for item in await self._follow(request):
-                if isinstance(item, Heartbeat):
-                    yield StreamResponse(cursor=str(item.cursor), heartbeat=True)
-                else:
-                    for change in item:
-                        yield self._encode.response(change)
-        except DlrhubError as error:
-            await _abort(context, error)
+        async for item in await self._follow(request):
+            if isinstance(item, Heartbeat):
+                yield StreamResponse(cursor=str(item.cursor), heartbeat=True)
+            else:
+                for change in item:
+                    yield self._encode.response(change)
 
     async def StreamBatches(  # type: ignore[override]  # bytes as well: see transport/handlers.py
         self, request: StreamBatchesRequest, context: Context
@@ -116,7 +112,7 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
             error.violations = [
                 replace(violation, field=f"stream.{violation.field}") for violation in error.violations
             ]
-            await _abort(context, error)
+            raise
 
     # Ingest.
 
@@ -147,10 +143,6 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
                 violation_reason="TOO_MANY_ITEMS",
                 metadata={"items": str(error.count), "max_items": str(error.limit)},
             ) from None
-        except StoreError as error:
-            raise Unavailable(
-                "the store could not commit the reports; retry with the same request_id", "STORE_UNAVAILABLE"
-            ) from error
         rejection = ingested.rejection
         if rejection is not None:
             raise invalid_argument(
@@ -296,20 +288,6 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
                 metadata={"max_streams": str(self._max_streams)},
             )
         return follow_batches(self._store, self._hub, self._read, change_filter, after, heartbeat)
-
-
-async def _answer(context: Context, work: Awaitable[T]) -> T:
-    """The result of a unary call, or the call aborted with the status of its domain error."""
-    try:
-        return await work
-    except DlrhubError as error:
-        await _abort(context, error)
-        raise  # unreachable: abort raises
-
-
-async def _abort(context: Context, error: DlrhubError) -> None:
-    status = to_status(error)
-    await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 def _quarantined_item(quarantine_id: int, item: QuarantinedItem) -> QuarantinedItemMessage:
