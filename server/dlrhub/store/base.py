@@ -6,9 +6,10 @@ threads), and writes run on the committer's writer thread. Writes happen only
 inside `Store.transaction()`, from one writer thread at a time; reads may run
 concurrently from other threads and see only committed data.
 
-Errors: an engine raises StoreError (or lets its own error escape) when it
-cannot read or commit; a transaction that raises is rolled back whole, and
-nothing in it was acknowledged.
+Errors: an engine raises StoreError for every failure to read or commit,
+wrapping its own exceptions, so nothing above the store sees an engine's error
+(the gRPC interceptor answers it UNAVAILABLE); a transaction that raises is
+rolled back whole, and nothing in it was acknowledged.
 
 The contract tests in tests/test_store_contract.py run against every engine.
 """

@@ -15,12 +15,14 @@ data. synchronous=FULL makes every commit durable before it returns.
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import sqlite_utils
 
@@ -30,6 +32,9 @@ from dlrhub.store.base import Change, MessagePage, QuarantinedItem, Selector, St
 from dlrhub.store.codec import decode_state, encode_merge
 
 _BUSY_TIMEOUT_MS = 10_000
+P = ParamSpec("P")
+R = TypeVar("R")
+C = TypeVar("C", bound=type)
 # The messages table's column for each selector of messages_by.
 _COLUMNS = {Selector.BULK_ID: "bulk_id", Selector.REFERENCE: "reference"}
 
@@ -127,6 +132,37 @@ def migrate(connection: sqlite3.Connection) -> int:
     return found
 
 
+def _store_error(method: Callable[P, R]) -> Callable[P, R]:
+    """`method`, raising StoreError (base.py's contract) where SQLite raises its own error."""
+
+    @functools.wraps(method)
+    def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except sqlite3.Error as error:
+            raise StoreError(f"{method.__name__}: {error}") from error
+
+    return guarded
+
+
+def _store_errors(cls: C) -> C:
+    """The class, each of its public methods raising StoreError for SQLite's errors: nothing above
+    the store sees an engine's exception."""
+    for name, member in list(vars(cls).items()):
+        if callable(member) and not name.startswith("_"):
+            setattr(cls, name, _store_error(member))
+    return cls
+
+
+def _execute(connection: sqlite3.Connection, statement: str) -> None:
+    """One statement of a transaction's frame (BEGIN, COMMIT, ROLLBACK); raises StoreError."""
+    try:
+        connection.execute(statement)
+    except sqlite3.Error as error:
+        raise StoreError(f"{statement}: {error}") from error
+
+
+@_store_errors
 class SqliteStore:
     """The Store interface over one SQLite file."""
 
@@ -150,13 +186,13 @@ class SqliteStore:
     @contextmanager
     def transaction(self) -> Iterator[_SqliteTransaction]:
         connection = self._writer
-        connection.execute("BEGIN IMMEDIATE")
+        _execute(connection, "BEGIN IMMEDIATE")
         try:
             yield _SqliteTransaction(connection)
-            connection.execute("COMMIT")
+            _execute(connection, "COMMIT")
         except BaseException:
             if connection.in_transaction:  # also when COMMIT itself failed
-                connection.execute("ROLLBACK")
+                _execute(connection, "ROLLBACK")
             raise
 
     # Reads.
@@ -270,6 +306,7 @@ class SqliteStore:
         return connection
 
 
+@_store_errors
 class _SqliteTransaction:
     def __init__(self, connection: sqlite3.Connection) -> None:
         self._connection = connection
