@@ -149,6 +149,7 @@ async def test_a_batch_with_a_duplicate_and_a_bad_item_moves_each_series_by_its_
         IngestOutcome.INGEST_OUTCOME_ACCEPTED,
         IngestOutcome.INGEST_OUTCOME_REJECTED,
     ]
+    await server.app.store_health.probe()  # the quarantine gauge is read ahead of scrapes: now
     after = await scrape(server.app.http_port)
 
     # One item per outcome, each with its source and unified status (none for the rejected item).
@@ -187,6 +188,7 @@ async def test_failed_calls_are_counted_by_their_status_code(server: Running) ->
         await server.stub.Fetch(FetchRequest(message_id="obs-no-such-id"), timeout=TIMEOUT)
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
 
+    await server.app.store_health.probe()  # the quarantine gauge is read ahead of scrapes: now
     after = await scrape(server.app.http_port)
     assert moved(before, after, "dlrhub_rpc_requests_total") == {
         labels_of(method=INGEST, code="INVALID_ARGUMENT"): 1,

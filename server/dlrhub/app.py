@@ -22,6 +22,7 @@ from dlrhub.config import Settings
 from dlrhub.feed.hub import Hub
 from dlrhub.normalise import Normaliser
 from dlrhub.observability.calls import CallInterceptor, CallLog
+from dlrhub.observability.health import StoreHealth
 from dlrhub.observability.metrics import Metrics
 from dlrhub.observability.tracing import tracing_interceptor
 from dlrhub.store import SqliteStore
@@ -66,6 +67,7 @@ class App:
     call_log: CallLog
     http_log: CallLog
     metrics: Metrics
+    store_health: StoreHealth
     poller: Poller | None = None
 
     def flush_logs(self) -> None:
@@ -76,6 +78,7 @@ class App:
     async def stop(self) -> None:
         """Graceful: NOT_SERVING, streams end, in-flight calls finish, writes commit, store closes."""
         await self.health.enter_graceful_shutdown()
+        await self.store_health.stop()
         if self.poller is not None:
             await self.poller.stop()
         self.hub.close()
@@ -125,18 +128,23 @@ async def start(
             store = await read(functools.partial(SqliteStore, settings.db))  # it migrates: blocking
             started.push_async_callback(read, store.close)
         hub = Hub(capacity=settings.stream_buffer, latest_cursor=await read(store.latest_cursor))
+        health_servicer = health_aio.HealthServicer()
+        store_health = StoreHealth(store, _serving_setter(health_servicer))
         metrics = Metrics()
-        # Read when /metrics is scraped, on a reader thread (see render_metrics).
-        metrics.watch(hub, store.open_quarantine_count)
-        committer = Committer(store, hub, on_commit=_commit_recorder(metrics))
+        # Read when /metrics is scraped: from memory (the open quarantine as of the last probe).
+        metrics.watch(hub, lambda: store_health.open_quarantine)
+        committer = Committer(
+            store, hub, on_commit=_commit_recorder(metrics), on_outcome=store_health.committed
+        )
         committer.start()
         started.push_async_callback(committer.stop)
+        await store_health.start(committer.check)
+        started.push_async_callback(store_health.stop)
         writer = Writer(normaliser, committer, clock, max_items=settings.max_batch_items, metrics=metrics)
 
         service = DeliveryReportService(
             writer=writer, store=store, hub=hub, read=read, max_streams=settings.max_streams
         )
-        health_servicer = health_aio.HealthServicer()
         call_log = CallLog(traced=tracing is not None)
         http_log = CallLog(logging.getLogger(webhooks.__name__), "http")
         server, port = _grpc_server(
@@ -151,7 +159,7 @@ async def start(
                 webhook_auth,
                 settings.http_max_body_bytes,
                 metrics,
-                render_metrics=lambda: read(metrics.render),
+                render_metrics=_renderer(metrics),
                 call_log=http_log,
             ),
             access_log=None,
@@ -162,8 +170,7 @@ async def start(
         ssl_context = tls.http_context(*tls_files) if tls_files is not None else None
         await web.TCPSite(http, host, int(http_port), ssl_context=ssl_context).start()
 
-        for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await _serving_setter(health_servicer)(store_health.serving)
         poller = None
         if poller_settings is not None:
             poller = Poller(
@@ -187,6 +194,7 @@ async def start(
         call_log,
         http_log,
         metrics,
+        store_health,
         poller,
     )
     log.info(
@@ -285,6 +293,28 @@ def _runner(reads: Executor) -> ReadRunner:
         return asyncio.get_running_loop().run_in_executor(reads, call)
 
     return read
+
+
+def _serving_setter(health_servicer: health_aio.HealthServicer) -> Callable[[bool], Awaitable[None]]:
+    """Reports the store's state as the health of the server ("") and of the DeliveryReportService."""
+
+    async def set_serving(serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, status)
+
+    return set_serving
+
+
+def _renderer(metrics: Metrics) -> Callable[[], Awaitable[bytes]]:
+    """/metrics, rendered on the event loop from memory: a scrape never waits on the store."""
+
+    async def render() -> bytes:
+        return metrics.render()
+
+    return render
 
 
 def _health_setter(health_servicer: health_aio.HealthServicer) -> Callable[[bool], Awaitable[None]]:

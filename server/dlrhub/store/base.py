@@ -168,6 +168,11 @@ class Store(Protocol):
     def open_quarantine_count(self) -> int:
         """How many quarantined items are not resolved."""
 
+    def check(self, *, write: bool = False) -> None:
+        """Returns if the store can serve now, else raises StoreError saying why: it can read, and
+        with `write` (from the writer thread only) it can commit a small durable write that changes
+        nothing. Cheap: the health probe calls it every few seconds."""
+
     def close(self) -> None:
         """Releases every connection."""
 

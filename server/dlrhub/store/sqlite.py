@@ -289,6 +289,15 @@ class SqliteStore:
         )
         return int(row[0])
 
+    def check(self, *, write: bool = False) -> None:
+        if write:
+            with self.transaction():
+                # The schema version set to itself: a page written and synced, nothing changed.
+                version = self._writer.execute("PRAGMA user_version").fetchone()[0]
+                self._writer.execute(f"PRAGMA user_version = {int(version)}")
+        else:
+            self.latest_cursor()
+
     def close(self) -> None:
         with self._lock:
             for connection in [*self._readers, self._writer]:
