@@ -20,7 +20,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from dlrhub.store.base import Store, StoreError
+from dlrhub.store.base import Store
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class StoreHealth:
             self.open_quarantine = await asyncio.get_running_loop().run_in_executor(self._thread, self._read)
             if self._commit_failure is not None and self._check_write is not None:
                 await self._check_write()
-        except StoreError as error:
+        except Exception as error:  # StoreError, by the Store contract
             self._probe_failure = f"the store cannot serve: {error}"
         else:
             self._probe_failure = self._commit_failure = None

@@ -174,6 +174,8 @@ class SqliteStore:
             if self._writer.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
                 raise StoreError(f"{self.path}: cannot switch to WAL mode")
             migrate(self._writer)
+            # The file opened: a commit is acknowledged only while the path still names it.
+            self._identity = _file_identity(self.path)
         except BaseException:
             self._writer.close()
             raise
@@ -190,6 +192,7 @@ class SqliteStore:
         try:
             yield _SqliteTransaction(connection)
             _execute(connection, "COMMIT")
+            self._check_identity()  # committed to a file deleted or replaced: not durable, not acknowledged
         except BaseException:
             if connection.in_transaction:  # also when COMMIT itself failed
                 _execute(connection, "ROLLBACK")
@@ -290,6 +293,7 @@ class SqliteStore:
         return int(row[0])
 
     def check(self, *, write: bool = False) -> None:
+        self._check_identity()
         if write:
             with self.transaction():
                 # The schema version set to itself: a page written and synced, nothing changed.
@@ -304,6 +308,24 @@ class SqliteStore:
                 connection.close()
             self._readers.clear()
 
+    def _check_identity(self) -> None:
+        """Raises StoreError unless the path still names the file opened: deleted (with its directory,
+        say) or replaced under the running server, what is committed to it would be lost."""
+        try:
+            identity = _file_identity(self.path)
+        except FileNotFoundError:
+            raise StoreError(
+                f"{self.path} was deleted under the running server: nothing more is acknowledged;"
+                " restart to open the database again"
+            ) from None
+        except OSError as error:
+            raise StoreError(f"cannot check {self.path}: {error.strerror}") from error
+        if identity != self._identity:
+            raise StoreError(
+                f"{self.path} was replaced by another file under the running server: nothing more is"
+                " acknowledged; restart to open it"
+            )
+
     def _reader(self) -> sqlite3.Connection:
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
         if connection is None:
@@ -313,6 +335,12 @@ class SqliteStore:
             with self._lock:
                 self._readers.append(connection)
         return connection
+
+
+def _file_identity(path: Path) -> tuple[int, int]:
+    """What tells one file from another at the same path: its device and inode."""
+    status = path.stat()
+    return status.st_dev, status.st_ino
 
 
 @_store_errors
