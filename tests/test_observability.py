@@ -740,15 +740,14 @@ def test_an_unknown_tracing_mode_stops_start_up_with_a_clear_message(tmp_path: P
         timeout=30,
         check=False,
     )
-    assert finished.returncode != 0
-    lines = [json.loads(line) for line in finished.stderr.splitlines() if line.startswith("{")]
-    errors = [entry["message"] for entry in lines if entry["level"] == "ERROR"]
-    assert len(errors) == 1
-    assert "DLRHUB_TRACING" in errors[0]
-    assert "'bogus'" in errors[0]
-    assert "console" in errors[0]
-    assert "otlp" in errors[0]
-    assert not any(entry["message"] == "serving" for entry in lines)
+    assert finished.returncode == 2
+    # One line, and nothing else: no "serving" (tests/test_start_failures.py covers every start failure).
+    [error] = finished.stderr.splitlines()
+    assert error.startswith("dlrhub: cannot start: ")
+    assert "DLRHUB_TRACING" in error
+    assert "'bogus'" in error
+    assert "console" in error
+    assert "otlp" in error
 
 
 async def test_an_unknown_tracing_mode_stops_an_in_process_start(tmp_path: Path) -> None:

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -166,9 +168,7 @@ async def start(
         )
         await http.setup()
         started.push_async_callback(http.cleanup)
-        host, _, http_port = settings.http_listen.rpartition(":")
-        ssl_context = tls.http_context(*tls_files) if tls_files is not None else None
-        await web.TCPSite(http, host, int(http_port), ssl_context=ssl_context).start()
+        await _listen_http(http, settings)
 
         await _serving_setter(health_servicer)(store_health.serving)
         poller = None
@@ -227,12 +227,45 @@ def _grpc_server(
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection.enable_server_reflection([SERVICE_NAME, health_name, reflection.SERVICE_NAME], server)
     tls_files = tls.files(settings)
+    _check_listen(settings.listen)
     try:
         if tls_files is not None:
             return server, server.add_secure_port(settings.listen, tls.grpc_credentials(*tls_files))
         return server, server.add_insecure_port(settings.listen)
     except RuntimeError as error:  # grpcio raises when it cannot bind
         raise OSError(f"cannot listen on {settings.listen}: {error}") from None
+
+
+async def _listen_http(http: web.AppRunner, settings: Settings) -> None:
+    listen = settings.http_listen
+    host, _, port = listen.rpartition(":")
+    tls_files = tls.files(settings)
+    ssl_context = tls.http_context(*tls_files) if tls_files is not None else None
+    try:
+        await web.TCPSite(http, host, int(port), ssl_context=ssl_context).start()
+    except OSError as error:  # aiohttp's words repeat the address: the system's are enough
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        raise OSError(f"cannot listen on {listen} (HTTP): {reason}") from None
+
+
+def _check_listen(listen: str) -> None:
+    """Raises OSError naming `listen` when it cannot be bound (in use, not an address of this host):
+    grpc would write its own error line first, and the command says what failed in one line."""
+    host, _, port = listen.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return  # grpc says what is wrong with it; a free port is always found
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else None
+        raise OSError(f"cannot listen on {listen}: {reason or error}") from None
+    for family, kind, protocol, _, address in addresses:
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc binds
+            try:
+                probe.bind(address)
+            except OSError as error:
+                raise OSError(f"cannot listen on {listen}: {error.strerror}") from None
 
 
 def _interceptors(tracing: Any, metrics: Metrics, call_log: CallLog, tokens: Tokens | None) -> list[Any]:

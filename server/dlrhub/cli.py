@@ -92,17 +92,26 @@ def _run_serve(options: argparse.Namespace) -> int:
     try:
         settings = Settings.from_env()
     except ValueError as error:
-        print(f"dlrhub: {error}", file=sys.stderr)
-        return 2
+        return _cannot_start(error)
     overrides = {name: value for name in _SERVE_FLAGS if (value := getattr(options, name, None)) is not None}
     settings = dataclasses.replace(settings, **overrides)
     logs.configure(settings.log_level)
     try:
         asyncio.run(_serve(settings, app.start))
-    except (OSError, ValueError) as error:
-        log.error("cannot start: %s", error)
-        return 1
+    except CannotStart as error:
+        return _cannot_start(error)
     return 0
+
+
+class CannotStart(Exception):
+    """The server could not start: a setting, the database or a listen address; the message says
+    which, in words for the operator."""
+
+
+def _cannot_start(error: Exception) -> int:
+    """One line on stderr naming the problem (no traceback), and exit status 2."""
+    print(f"dlrhub: cannot start: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
+    return 2
 
 
 def _tune_gc() -> None:
@@ -122,7 +131,12 @@ async def _serve(settings: Settings, start: Callable[[Settings], Awaitable[App]]
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    running = await start(settings)
+    from dlrhub.store import StoreError  # noqa: PLC0415  # the server loads only for serve
+
+    try:
+        running = await start(settings)
+    except (StoreError, OSError, ValueError) as error:  # what start raises for what it was given
+        raise CannotStart(str(error)) from error
     _tune_gc()
     await stop.wait()
     running.flush_logs()  # the lines of calls that ended before, then this one

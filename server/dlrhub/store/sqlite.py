@@ -167,15 +167,24 @@ class SqliteStore:
     """The Store interface over one SQLite file."""
 
     def __init__(self, path: Path | str) -> None:
+        """Opens (creating and migrating) the database; raises StoreError saying why it cannot."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = _connect(self.path)
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            raise StoreError(f"cannot open {self.path}: {self.path.parent} is not a directory")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = _connect(self.path)
+        except (OSError, sqlite3.Error) as error:
+            raise StoreError(f"cannot open {self.path}: {_reason(error)}") from error
         try:
             if self._writer.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
                 raise StoreError(f"{self.path}: cannot switch to WAL mode")
             migrate(self._writer)
             # The file opened: a commit is acknowledged only while the path still names it.
             self._identity = _file_identity(self.path)
+        except (OSError, sqlite3.Error, StoreError) as error:
+            self._writer.close()
+            raise StoreError(f"cannot open {self.path}: {_reason(error)}") from error
         except BaseException:
             self._writer.close()
             raise
@@ -335,6 +344,13 @@ class SqliteStore:
             with self._lock:
                 self._readers.append(connection)
         return connection
+
+
+def _reason(error: BaseException) -> str:
+    """Why opening failed, without Python's decoration."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
+    return str(error)
 
 
 def _file_identity(path: Path) -> tuple[int, int]:
