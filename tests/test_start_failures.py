@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from dlrhub.store import SqliteStore, StoreError
 from dlrhub.store.sqlite import SCHEMA_VERSION
+from tests.conftest import start_server_process
 
 PREFIX = "dlrhub: cannot start: "
 
@@ -122,3 +124,27 @@ def test_a_code_table_that_is_not_one(tmp_path: Path) -> None:
     table.write_text('{"rules": 5}')
     line = the_line(serve("--db", str(tmp_path / "x.db"), "--gms-codes", str(table)))
     assert line == f"{table}: expected an object with a `rules` array"
+
+
+def test_a_second_server_on_the_same_file_is_refused_until_the_first_has_gone(db_path: Path) -> None:
+    first = start_server_process(db_path)
+    try:
+        line = the_line(serve("--db", str(db_path)))
+        pid = first.process.pid
+        assert line == f"{db_path} is in use by another dlrhub (pid {pid}): one server per database file"
+    finally:
+        first.process.kill()  # however it ends, the kernel releases its lock
+        first.process.wait()
+    second = start_server_process(db_path)
+    second.process.terminate()
+    assert second.process.wait(timeout=30) == 0
+
+
+def test_one_store_per_file_in_a_process_too(db_path: Path) -> None:
+    store = SqliteStore(db_path)
+    try:
+        with pytest.raises(StoreError, match=f"pid {os.getpid()}"):
+            SqliteStore(db_path)
+    finally:
+        store.close()
+    SqliteStore(db_path).close()  # closed, the file is free again

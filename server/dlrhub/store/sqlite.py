@@ -11,11 +11,18 @@ PRAGMA user_version, so a newer release opens an older file):
 One connection writes (the committer's thread); each reader thread has its
 own connection. WAL lets readers run beside the writer and see only committed
 data. synchronous=FULL makes every commit durable before it returns.
+
+One server per file: the store holds an exclusive lock on `<db>.lock` while it
+is open (a second server on the file would miss the first one's changes on its
+live feed), and acknowledges a commit only if the path still names the file it
+opened (not deleted or replaced under it).
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
+import os
 import sqlite3
 import threading
 import time
@@ -173,8 +180,13 @@ class SqliteStore:
             raise StoreError(f"cannot open {self.path}: {self.path.parent} is not a directory")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StoreError(f"cannot open {self.path}: {_reason(error)}") from error
+        self._lock_file = _hold_lock(self.path)
+        try:
             self._writer = _connect(self.path)
-        except (OSError, sqlite3.Error) as error:
+        except sqlite3.Error as error:
+            os.close(self._lock_file)
             raise StoreError(f"cannot open {self.path}: {_reason(error)}") from error
         try:
             if self._writer.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
@@ -182,11 +194,11 @@ class SqliteStore:
             migrate(self._writer)
             # The file opened: a commit is acknowledged only while the path still names it.
             self._identity = _file_identity(self.path)
-        except (OSError, sqlite3.Error, StoreError) as error:
+        except BaseException as error:
             self._writer.close()
-            raise StoreError(f"cannot open {self.path}: {_reason(error)}") from error
-        except BaseException:
-            self._writer.close()
+            os.close(self._lock_file)
+            if isinstance(error, OSError | sqlite3.Error | StoreError):
+                raise StoreError(f"cannot open {self.path}: {_reason(error)}") from error
             raise
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
@@ -316,6 +328,9 @@ class SqliteStore:
             for connection in [*self._readers, self._writer]:
                 connection.close()
             self._readers.clear()
+            if self._lock_file >= 0:
+                os.close(self._lock_file)  # another server may open the file now
+                self._lock_file = -1
 
     def _check_identity(self) -> None:
         """Raises StoreError unless the path still names the file opened: deleted (with its directory,
@@ -344,6 +359,31 @@ class SqliteStore:
             with self._lock:
                 self._readers.append(connection)
         return connection
+
+
+def _hold_lock(db: Path) -> int:
+    """An exclusive lock on `<db>.lock` (holding this process's id), kept until its descriptor closes.
+
+    One server per database file: the live feed comes from the server's own commits (feed/hub.py),
+    so a second server on the file would miss the first one's changes. Raises StoreError naming the
+    process that holds the lock. The kernel releases the lock when the process ends, however it ends.
+    """
+    path = db.with_name(db.name + ".lock")
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as error:
+        raise StoreError(f"cannot open {db}: cannot create {path}: {error.strerror}") from error
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(descriptor, 20, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(descriptor)
+        raise StoreError(
+            f"{db} is in use by another dlrhub (pid {holder}): one server per database file"
+        ) from None
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+    return descriptor
 
 
 def _reason(error: BaseException) -> str:
