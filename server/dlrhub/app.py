@@ -221,7 +221,7 @@ def _grpc_server(
         options=[*SERVER_OPTIONS, ("grpc.max_receive_message_length", settings.max_request_bytes)],
         interceptors=interceptors,
     )
-    add_to_server(service, server)
+    add_to_server(service, server, max_items=settings.max_batch_items)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name

@@ -263,7 +263,8 @@ class _Undecodable:
 
 
 def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    """Lets an undecodable request reach the call, to be refused as INVALID_ARGUMENT.
+    """Lets an undecodable request reach the call, to be refused as INVALID_ARGUMENT (or with the
+    domain error the deserialiser raised: transport/handlers.py refuses too many typed reports).
 
     grpc.aio would otherwise answer UNKNOWN by itself when deserialising fails.
     """
@@ -297,6 +298,8 @@ async def _checked_stream(requests: AsyncIterator[Any], context: Context) -> Asy
 
 
 async def _refuse_undecodable(request: _Undecodable, context: Context) -> None:
+    if isinstance(request.error, DlrhubError):  # refused while decoding, for a reason of its own
+        raise request.error
     error = invalid_argument(
         "",
         "not a valid protobuf message (or a string is not UTF-8)",

@@ -42,7 +42,6 @@ from dlrhub.errors import (
 from dlrhub.feed.encoding import StreamEncoder
 from dlrhub.feed.follow import Heartbeat, follow_batches
 from dlrhub.feed.hub import Hub
-from dlrhub.normalise import typed_payload
 from dlrhub.observability.calls import note
 from dlrhub.store.base import Change, ChangeFilter, QuarantinedItem, ReadRunner, Selector, Store
 from dlrhub.transport.pages import decode_page_token, encode_page_token, page_size
@@ -126,23 +125,12 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
                 message="nothing to ingest: set payload, gms or sent_sms_report",
                 violation_reason="MISSING_FIELD",
             )
-        if body == "payload":
-            payload, format = request.payload, request.format
-        else:
-            payload, format = typed_payload(request.gms if body == "gms" else request.sent_sms_report)
         if request.request_id:
             note(request_id=request.request_id)
         try:
-            ingested = await self._writer.ingest(payload, format, request.request_id)
+            ingested = await self._writer.ingest(getattr(request, body), request.format, request.request_id)
         except TooManyItems as error:
-            raise invalid_argument(
-                body,
-                str(error),
-                "TOO_MANY_ITEMS",
-                message=str(error),
-                violation_reason="TOO_MANY_ITEMS",
-                metadata={"items": str(error.count), "max_items": str(error.limit)},
-            ) from None
+            raise too_many_items(body, error) from None
         rejection = ingested.rejection
         if rejection is not None:
             raise invalid_argument(
@@ -288,6 +276,18 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
                 metadata={"max_streams": str(self._max_streams)},
             )
         return follow_batches(self._store, self._hub, self._read, change_filter, after, heartbeat)
+
+
+def too_many_items(field: str, error: TooManyItems) -> InvalidArgument:
+    """INVALID_ARGUMENT TOO_MANY_ITEMS for the body in `field`."""
+    return invalid_argument(
+        field,
+        str(error),
+        "TOO_MANY_ITEMS",
+        message=str(error),
+        violation_reason="TOO_MANY_ITEMS",
+        metadata={"items": str(error.limit + 1), "max_items": str(error.limit)},
+    )
 
 
 def _quarantined_item(quarantine_id: int, item: QuarantinedItem) -> QuarantinedItemMessage:
