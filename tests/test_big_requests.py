@@ -1,23 +1,36 @@
 """One request never stalls everything: a 16 MiB body of tiny items is refused quickly, naming the
-limit, in bounded memory, while health and other calls go on answering.
+limit, in bounded memory, while health and other calls go on answering; a big valid payload is
+normalised off the event loop; payloads being written hold a budget of bytes, and wait their turn.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import httpx
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from deliveryreport.v1.delivery_report_service_pb2 import FetchRequest, IngestRequest
+from deliveryreport.v1.delivery_report_pb2 import Channel
+from deliveryreport.v1.delivery_report_service_pb2 import FetchRequest, Format, IngestRequest, IngestResponse
 from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
-from tests.conftest import start_server_process
+from dlrhub import app
+from dlrhub.config import Settings
+from dlrhub.normalise import NormalisedItem, Normaliser
+from dlrhub.write.budget import ByteBudget
+from dlrhub.write.writer import INLINE_BYTES
+from tests.conftest import FakeClock, start_server_process
+
+if TYPE_CHECKING:
+    from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceAsyncStub
 
 TIMEOUT = 10.0
 MAX_REQUEST = 16 * 1024 * 1024
@@ -130,3 +143,129 @@ def test_a_16_mib_body_of_tiny_items_is_refused_quickly_in_bounded_memory_while_
     finally:
         server.process.terminate()
         server.process.wait(timeout=30)
+
+
+class GatedNormaliser(Normaliser):
+    """The shipped normaliser, recording the thread each payload is normalised on, and holding a big
+    payload (over INLINE_BYTES) until `gate` opens, as a slow one would."""
+
+    def __init__(self) -> None:
+        shipped = Normaliser.load()
+        super().__init__(shipped.gms_table, shipped.sent_sms_report_table)
+        self.gate = threading.Event()
+        self.threads: list[tuple[int, str]] = []  # (payload size, thread name)
+
+    def normalise(
+        self,
+        payload: str,
+        format: Format.ValueType,
+        received: Timestamp,
+        *,
+        default_channel: Channel.ValueType = Channel.CHANNEL_SMS,
+        max_items: int | None = None,
+    ) -> list[NormalisedItem]:
+        self.threads.append((len(payload), threading.current_thread().name))
+        if len(payload) > INLINE_BYTES:
+            assert self.gate.wait(TIMEOUT)
+        return super().normalise(
+            payload, format, received, default_channel=default_channel, max_items=max_items
+        )
+
+
+def batch(prefix: str, count: int) -> str:
+    """A GMS batch of `count` reports of ~280 bytes each."""
+    report = {"status": 2, "time": 1477417294667, "extra_id": "x" * 200}
+    return json.dumps([{"message_id": f"{prefix}-{number}", **report} for number in range(count)])
+
+
+async def ingest(stub: DeliveryReportServiceAsyncStub, payload: str) -> IngestResponse:
+    return await stub.Ingest(IngestRequest(payload=payload), timeout=TIMEOUT)
+
+
+async def started(tmp_path: Path, normaliser: Normaliser, **settings: Any) -> app.App:
+    return await app.start(
+        Settings(listen="127.0.0.1:0", http_listen="127.0.0.1:0", db=tmp_path / "dlrhub.db", **settings),
+        normaliser=normaliser,
+        clock=FakeClock(),
+    )
+
+
+async def until(condition: Any, what: str) -> None:
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+
+
+async def test_a_big_payload_is_normalised_off_the_event_loop_and_a_small_one_on_it(tmp_path: Path) -> None:
+    normaliser = GatedNormaliser()
+    running = await started(tmp_path, normaliser)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = DeliveryReportServiceStub(channel)
+            small = await stub.Ingest(IngestRequest(payload=batch("small", 2)), timeout=TIMEOUT)
+            assert small.accepted_count == 2
+            big = asyncio.ensure_future(ingest(stub, batch("big", 500)))
+            await until(lambda: len(normaliser.threads) == 2, "the big payload is being normalised")
+            # Held on its worker thread, the big payload stalls nothing: health and Fetch answer.
+            health = health_pb2_grpc.HealthStub(channel)
+            checked = await health.Check(health_pb2.HealthCheckRequest(), timeout=2.0)
+            assert checked.status == health_pb2.HealthCheckResponse.SERVING
+            fetched = await stub.Fetch(FetchRequest(message_id="small-1"), timeout=2.0)
+            assert [state.message_id for state in fetched.reports] == ["small-1"]
+            assert not big.done()
+            normaliser.gate.set()
+            assert (await big).accepted_count == 500
+    finally:
+        normaliser.gate.set()
+        await running.stop()
+    [(small_size, small_thread), (big_size, big_thread)] = normaliser.threads
+    assert small_size <= INLINE_BYTES < big_size
+    assert small_thread == "MainThread"
+    assert big_thread.startswith("dlrhub-normaliser")
+
+
+async def test_payloads_over_the_write_budget_wait_their_turn(tmp_path: Path) -> None:
+    """With room for one big payload at a time, a second waits until the first is committed; a
+    small one waits behind it too (first come, first served)."""
+    normaliser = GatedNormaliser()
+    one = batch("one", 500)
+    running = await started(tmp_path, normaliser, write_budget_bytes=len(one) + 100)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = DeliveryReportServiceStub(channel)
+            first = asyncio.ensure_future(ingest(stub, one))
+            await until(lambda: len(normaliser.threads) == 1, "the first is being normalised")
+            second = asyncio.ensure_future(ingest(stub, batch("two", 500)))
+            third = asyncio.ensure_future(ingest(stub, batch("three", 1)))
+            await until(lambda: running.writer.budget.waiting == 2, "both arrive, and wait")
+            assert len(normaliser.threads) == 1
+            assert not second.done()
+            assert not third.done()
+            normaliser.gate.set()
+            answers = [await call for call in (first, second, third)]
+            assert [answer.accepted_count for answer in answers] == [500, 500, 1]
+    finally:
+        normaliser.gate.set()
+        await running.stop()
+    sizes = [len(one), len(batch("two", 500)), len(batch("three", 1))]
+    assert [size for size, _ in normaliser.threads] == sizes
+
+
+async def test_a_caller_that_gives_up_waiting_leaves_the_budget_queue() -> None:
+    budget = ByteBudget(100)
+    held = await budget.take(80)
+    waiting = asyncio.ensure_future(budget.take(50))
+    behind = asyncio.ensure_future(budget.take(20))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    assert not behind.done()  # first come, first served: 20 would fit, but waits its turn
+    assert budget.waiting == 2
+    waiting.cancel()
+    assert await behind == 20  # the one that gave up no longer holds up those behind it
+    assert budget.used == 100
+    budget.give(held)
+    budget.give(20)
+    assert await budget.take(500) == 100  # a payload bigger than the budget takes all of it
+    assert budget.used == 100

@@ -70,6 +70,8 @@ class App:
     http_log: CallLog
     metrics: Metrics
     store_health: StoreHealth
+    normalisers: ThreadPoolExecutor
+    writer: Writer
     poller: Poller | None = None
 
     def flush_logs(self) -> None:
@@ -88,6 +90,7 @@ class App:
         self.http_log.close()
         await self.server.stop(self.settings.shutdown_grace)
         self.call_log.close()  # and lines of streams that end later are logged at once
+        self.normalisers.shutdown(wait=True)
         await self.committer.stop()
         await _runner(self.reads)(self.store.close)
         self.reads.shutdown(wait=True)
@@ -116,6 +119,9 @@ async def start(
         reads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dlrhub-reader")
         started.callback(reads.shutdown)
         read = _runner(reads)
+        # Normalising big payloads: Python code, so two threads are plenty (the GIL runs one at a time).
+        normalisers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dlrhub-normaliser")
+        started.callback(normalisers.shutdown)
         if store is not None:
             started.push_async_callback(read, store.close)
         if normaliser is None:
@@ -142,7 +148,15 @@ async def start(
         started.push_async_callback(committer.stop)
         await store_health.start(committer.check)
         started.push_async_callback(store_health.stop)
-        writer = Writer(normaliser, committer, clock, max_items=settings.max_batch_items, metrics=metrics)
+        writer = Writer(
+            normaliser,
+            committer,
+            clock,
+            max_items=settings.max_batch_items,
+            metrics=metrics,
+            offload=_runner(normalisers),
+            budget_bytes=settings.write_budget_bytes,
+        )
 
         service = DeliveryReportService(
             writer=writer, store=store, hub=hub, read=read, max_streams=settings.max_streams
@@ -195,6 +209,8 @@ async def start(
         http_log,
         metrics,
         store_health,
+        normalisers,
+        writer,
         poller,
     )
     log.info(
@@ -319,13 +335,13 @@ def _poller_settings(settings: Settings, given: PollerSettings | None) -> Poller
     )
 
 
-def _runner(reads: Executor) -> ReadRunner:
-    """Runs blocking store calls on the reader threads (store/base.py: never on the event loop)."""
+def _runner(threads: Executor) -> ReadRunner:
+    """Runs blocking calls on `threads` (store calls on the reader threads: never on the event loop)."""
 
-    def read(call: Callable[[], T]) -> Awaitable[T]:
-        return asyncio.get_running_loop().run_in_executor(reads, call)
+    def run(call: Callable[[], T]) -> Awaitable[T]:
+        return asyncio.get_running_loop().run_in_executor(threads, call)
 
-    return read
+    return run
 
 
 def _serving_setter(health_servicer: health_aio.HealthServicer) -> Callable[[bool], Awaitable[None]]:

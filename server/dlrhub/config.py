@@ -82,6 +82,9 @@ class Settings:
     max_request_bytes: int = _env("DLRHUB_MAX_REQUEST_BYTES", 16 * 1024 * 1024)
     max_batch_items: int = _env("DLRHUB_MAX_BATCH_ITEMS", 10_000)
     max_streams: int = _env("DLRHUB_MAX_STREAMS", 1000)
+    # Payload bytes being normalised and committed at once; more waits its turn. It bounds memory:
+    # a payload takes many times its size until its commit is answered.
+    write_budget_bytes: int = _env("DLRHUB_WRITE_BUDGET_BYTES", 16 * 1024 * 1024)
     # OpenTelemetry tracing: off, console or otlp (OTEL_EXPORTER_OTLP_* configure the exporter).
     tracing: str = _env("DLRHUB_TRACING", "off")
 

@@ -31,7 +31,8 @@ T = TypeVar("T")
 
 
 class ReadRunner(Protocol):
-    """Runs a blocking store call on a reader thread; the event loop awaits its result."""
+    """Runs a blocking call on a worker thread (a store call on a reader thread); the event loop
+    awaits its result."""
 
     def __call__(self, call: Callable[[], T], /) -> Awaitable[T]: ...
 

@@ -4,11 +4,16 @@ The gRPC Ingest, the webhooks and the poller all call `Writer.ingest`, so a
 report takes the same path whichever way it arrives; a quarantined item is
 run again through `Writer.renormalise`.
 
-A payload's items are counted while it is decoded: one over `max_items` ends the decoding.
+A payload is normalised on the event loop while it is small (a thread hop would cost more than
+the work); a bigger one on a worker thread (`offload`), so that one big request does not stall every
+other call. Every payload holds its size in a budget of bytes being written at once (budget.py) from
+before it is normalised until its commit is answered, so that big requests do not take memory
+without bound. Its items are counted while it is decoded: one over `max_items` ends the decoding.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,14 +30,22 @@ from dlrhub.normalise import (
     typed_payload,
 )
 from dlrhub.observability.metrics import Metrics
-from dlrhub.store.base import QuarantinedItem
+from dlrhub.store.base import QuarantinedItem, ReadRunner
+from dlrhub.write.budget import ByteBudget
 from dlrhub.write.committer import Committer
 from dlrhub.write.submission import Submission
 
-__all__ = ["Ingested", "TooManyItems", "TypedReports", "Writer"]
+__all__ = ["INLINE_BYTES", "Ingested", "TooManyItems", "TypedReports", "Writer"]
 
 # Reports as typed messages (Ingest's `gms` and `sent_sms_report`).
 TypedReports = GmsReports | SentSmsReports
+# Payloads up to this size are normalised on the event loop: ~130 GMS reports, 1.5-3 ms, no longer
+# than a worker thread holds the GIL (and so the loop) at a time, the 5 ms switch interval; a hop to
+# a worker thread and back would cost 2-5% more (bench/normalise_bench.py measures both).
+INLINE_BYTES = 32 * 1024
+# Payload bytes being written at once, by default: one of the largest requests (16 MiB), or several
+# smaller ones (the GIL normalises one at a time anyway).
+BUDGET_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +68,8 @@ class Writer:
         *,
         max_items: int = 10_000,
         metrics: Metrics | None = None,
+        offload: ReadRunner | None = None,
+        budget_bytes: int = BUDGET_BYTES,
     ) -> None:
         self._normaliser = normaliser
         self._committer = committer
@@ -62,6 +77,10 @@ class Writer:
         # Items one payload may hold.
         self.max_items = max_items
         self._metrics = metrics
+        # Runs a big payload's normalising on a worker thread; without it, everything runs inline.
+        self._offload = offload
+        # Payload bytes being written (normalised and committed) at once.
+        self.budget = ByteBudget(budget_bytes)
 
     async def ingest(
         self, payload: str | TypedReports, format: Format.ValueType, request_id: str = ""
@@ -72,7 +91,9 @@ class Writer:
         """
         received = Timestamp()
         received.FromNanoseconds(self._clock())
-        return await self._commit(self._prepare(payload, format, received, request_id, self.max_items))
+        size = len(payload) if isinstance(payload, str) else payload.ByteSize()
+        prepare = functools.partial(self._prepare, payload, format, received, request_id, self.max_items)
+        return await self._write(size, prepare)
 
     async def renormalise(self, quarantine_id: int, item: QuarantinedItem) -> Ingested:
         """Runs a quarantined item through the current normaliser again, and commits what now passes.
@@ -83,7 +104,8 @@ class Writer:
         resolved_seconds = self._clock() // 1_000_000_000  # now: when it is resolved, if it is
         # One item of a batch runs in a batch of its own, as it came.
         payload = item.raw if item.whole_payload else single_item_payload(item.raw, item.format)
-        submission = self._prepare(
+        prepare = functools.partial(
+            self._prepare,
             payload,
             Format.ValueType(item.format),
             received,
@@ -92,7 +114,20 @@ class Writer:
             quarantine_id=quarantine_id,
             resolved_seconds=resolved_seconds,
         )
-        return await self._commit(submission)
+        return await self._write(len(payload), prepare)
+
+    async def _write(self, size: int, prepare: Callable[[], Submission]) -> Ingested:
+        """Commits what `prepare()` makes of a payload of `size` (normalised inline when it is small,
+        else on a worker thread), holding `size` of the byte budget meanwhile."""
+        taken = await self.budget.take(size)
+        try:
+            if self._offload is None or size <= INLINE_BYTES:
+                submission = prepare()
+            else:
+                submission = await self._offload(prepare)
+            return await self._commit(submission)
+        finally:
+            self.budget.give(taken)
 
     def _prepare(
         self,
@@ -105,7 +140,7 @@ class Writer:
         quarantine_id: int = 0,
         resolved_seconds: int = 0,
     ) -> Submission:
-        """The submission of a normalised payload."""
+        """The submission of a normalised payload (on a worker thread for a big one)."""
         if not isinstance(payload, str):
             typed = payload.reports if isinstance(payload, GmsReports) else payload.results
             if max_items is not None and len(typed) > max_items:
