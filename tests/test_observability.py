@@ -453,8 +453,8 @@ async def test_a_stream_closed_while_its_send_is_held_up_is_logged_cancelled_wit
     assert getattr(line, "request_id", None) == "obs-held"
     assert value(after, "dlrhub_rpc_requests_total", method=STREAM, code="CANCELLED") == 1
     assert errors == []
-    # (grpc logs the failed send itself, at ERROR, under grpc._cython; dlrhub logs no error.)
-    assert not [r for r in caplog.records if r.name.startswith("dlrhub") and r.levelno >= logging.ERROR]
+    # No error is logged, by dlrhub or by grpc (the interceptor ends the failed send as CANCELLED).
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 # --- log lines -----------------------------------------------------------------------------------
