@@ -28,6 +28,7 @@ from dlrhub.normalise import NormalisedItem, Normaliser
 from dlrhub.write.budget import ByteBudget
 from dlrhub.write.writer import INLINE_BYTES
 from tests.conftest import FakeClock, start_server_process
+from tests.fake_provider import wait_until
 
 if TYPE_CHECKING:
     from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceAsyncStub
@@ -190,14 +191,6 @@ async def started(tmp_path: Path, normaliser: Normaliser, **settings: Any) -> ap
     )
 
 
-async def until(condition: Any, what: str) -> None:
-    async with asyncio.timeout(TIMEOUT):
-        while True:
-            if condition():
-                return
-            await asyncio.sleep(0.01)
-
-
 async def test_a_big_payload_is_normalised_off_the_event_loop_and_a_small_one_on_it(tmp_path: Path) -> None:
     normaliser = GatedNormaliser()
     running = await started(tmp_path, normaliser)
@@ -207,7 +200,9 @@ async def test_a_big_payload_is_normalised_off_the_event_loop_and_a_small_one_on
             small = await stub.Ingest(IngestRequest(payload=batch("small", 2)), timeout=TIMEOUT)
             assert small.accepted_count == 2
             big = asyncio.ensure_future(ingest(stub, batch("big", 500)))
-            await until(lambda: len(normaliser.threads) == 2, "the big payload is being normalised")
+            await wait_until(
+                lambda: len(normaliser.threads) == 2, TIMEOUT, message="the big payload is being normalised"
+            )
             # Held on its worker thread, the big payload stalls nothing: health and Fetch answer.
             health = health_pb2_grpc.HealthStub(channel)
             checked = await health.Check(health_pb2.HealthCheckRequest(), timeout=2.0)
@@ -236,10 +231,14 @@ async def test_payloads_over_the_write_budget_wait_their_turn(tmp_path: Path) ->
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = DeliveryReportServiceStub(channel)
             first = asyncio.ensure_future(ingest(stub, one))
-            await until(lambda: len(normaliser.threads) == 1, "the first is being normalised")
+            await wait_until(
+                lambda: len(normaliser.threads) == 1, TIMEOUT, message="the first is being normalised"
+            )
             second = asyncio.ensure_future(ingest(stub, batch("two", 500)))
             third = asyncio.ensure_future(ingest(stub, batch("three", 1)))
-            await until(lambda: running.writer.budget.waiting == 2, "both arrive, and wait")
+            await wait_until(
+                lambda: running.writer.budget.waiting == 2, TIMEOUT, message="both arrive, and wait"
+            )
             assert len(normaliser.threads) == 1
             assert not second.done()
             assert not third.done()

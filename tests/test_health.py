@@ -15,8 +15,7 @@ import resource
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,6 +33,7 @@ from dlrhub.observability.health import INTERVAL
 from dlrhub.store import SqliteStore
 from dlrhub.transport.handlers import SERVICE_NAME
 from tests.conftest import serving, start_server_process
+from tests.test_internal_errors import tables_away
 
 if TYPE_CHECKING:
     from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceAsyncStub
@@ -149,22 +149,6 @@ async def test_shutdown_tells_watchers_not_serving(tmp_path: Path) -> None:
 
 
 # The store's health: NOT_SERVING while the store cannot read or commit, SERVING once it can.
-
-
-@contextmanager
-def tables_away(db: Path, *tables: str) -> Iterator[None]:
-    """The tables renamed by another connection (the server's reads find no such table), then back."""
-    other = sqlite3.connect(db, isolation_level=None)
-    try:
-        for table in tables:
-            other.execute(f"ALTER TABLE {table} RENAME TO {table}_away")
-        try:
-            yield
-        finally:
-            for table in tables:
-                other.execute(f"ALTER TABLE {table}_away RENAME TO {table}")
-    finally:
-        other.close()
 
 
 async def test_a_store_that_cannot_be_read_is_not_serving_until_it_can(

@@ -9,19 +9,21 @@ import logging
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import cast
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import error_details_pb2
 from grpc_reflection.v1alpha import reflection_pb2
+from grpc_status import rpc_status
 
 from deliveryreport.v1.delivery_report_service_pb2 import IngestRequest
 from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
 from dlrhub import app
 from tests.conftest import serving
+from tests.fake_provider import wait_until
 
 TIMEOUT = 10.0
 SERVICE = "deliveryreport.v1.DeliveryReportService"
@@ -52,17 +54,6 @@ sys.stdin.read()
 async def running(tmp_path: Path) -> AsyncIterator[app.App]:
     async with serving(tmp_path) as started:
         yield started
-
-
-async def eventually(condition: Callable[[], bool], what: str) -> None:
-    try:
-        async with asyncio.timeout(TIMEOUT):
-            while True:
-                if condition():
-                    return
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting: {what}") from None
 
 
 async def store_fat_reports(running: app.App, count: int) -> None:
@@ -97,12 +88,12 @@ async def test_a_consumer_killed_mid_stream_is_logged_cancelled_and_counted_with
         assert consumer.stdout is not None
         async with asyncio.timeout(TIMEOUT):
             assert await consumer.stdout.readline() == b"reading no more\n"
-        await eventually(lambda: running.hub.subscriber_count == 1, "the stream is open")
+        await wait_until(lambda: running.hub.subscriber_count == 1, TIMEOUT, message="the stream is open")
         await asyncio.sleep(0.2)  # the server's sends back up meanwhile
     finally:
         consumer.send_signal(signal.SIGKILL)
         await consumer.wait()
-    await eventually(lambda: running.hub.subscriber_count == 0, "the killed consumer's stream ends")
+    await wait_until(lambda: running.hub.subscriber_count == 0, TIMEOUT, message="the stream ends")
     running.flush_logs()
 
     method = f"{SERVICE}/{rpc}"
@@ -137,10 +128,8 @@ async def test_a_streaming_request_is_served_and_an_undecodable_one_refused(runn
     error = raised.value
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (error.details() or "").startswith("the request is not a valid protobuf message")
-    metadata = cast("grpc.aio.Metadata", error.trailing_metadata())
-    [encoded] = [value for key, value in metadata if key == "grpc-status-details-bin"]
-    assert isinstance(encoded, bytes)
-    status = status_pb2.Status.FromString(encoded)
+    status = rpc_status.from_call(cast("grpc.Call", error))  # an AioRpcError is one
     info = error_details_pb2.ErrorInfo()
+    assert status is not None
     assert status.details[0].Unpack(info)
     assert info.reason == "UNDECODABLE_REQUEST"

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, cast
 import grpc
 import httpx
 import pytest
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
 from deliveryreport.v1.delivery_report_service_pb2 import (
@@ -54,10 +55,8 @@ class Failure:
 
 
 def failure_of(error: grpc.aio.AioRpcError) -> Failure:
-    metadata = cast("grpc.aio.Metadata", error.trailing_metadata())
-    [encoded] = [value for key, value in metadata if key == "grpc-status-details-bin"]
-    assert isinstance(encoded, bytes)
-    status = status_pb2.Status.FromString(encoded)
+    status = rpc_status.from_call(cast("grpc.Call", error))  # an AioRpcError is one
+    assert status is not None
     info = error_details_pb2.ErrorInfo()
     assert status.details[0].Unpack(info)
     assert status.message == error.details()
