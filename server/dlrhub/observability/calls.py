@@ -169,7 +169,11 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             token = _call.set(fields)
             started = time.perf_counter()
             try:
-                return await behaviour(await _checked(request, context, streaming_requests), context)
+                if streaming_requests:
+                    request = _checked(request, context)
+                elif isinstance(request, _Undecodable):
+                    await _refuse_undecodable(request, context)
+                return await behaviour(request, context)
             except BaseException as error:
                 await _fail(error, context, fields)
             finally:
@@ -188,7 +192,10 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             token = _call.set(fields)
             started = time.perf_counter()
             try:
-                request = await _checked(request, context, streaming_requests)
+                if streaming_requests:
+                    request = _checked(request, context)
+                elif isinstance(request, _Undecodable):
+                    await _refuse_undecodable(request, context)
                 if not generator:  # a coroutine that writes its responses itself
                     await behaviour(request, context)
                     return
@@ -281,16 +288,8 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return deserialize
 
 
-async def _checked(request: Any, context: Context, streaming: bool) -> Any:
-    """The request (or the stream of them), refusing one that could not be decoded."""
-    if streaming:
-        return _checked_stream(request, context)
-    if isinstance(request, _Undecodable):
-        await _refuse_undecodable(request, context)
-    return request
-
-
-async def _checked_stream(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+async def _checked(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+    """A stream of requests, refusing one that could not be decoded."""
     async for request in requests:
         if isinstance(request, _Undecodable):
             await _refuse_undecodable(request, context)

@@ -4,10 +4,10 @@ store, read ahead so that a scrape never waits on it.
 The overall health ("") and the DeliveryReportService's go NOT_SERVING after a commit fails or a probe
 fails (or takes longer than `timeout`), and SERVING again once the store answers: a probe runs every
 `interval` seconds on a thread of its own (never the reader threads, which may all be waiting on a
-stalled store). It reads the store (Store.check) and the count of open quarantine items, which
-/metrics shows; after a failed commit it also commits a small durable write through the committer, so
-a store that cannot commit (a full disk) stays NOT_SERVING until it can, rather than until the next
-read succeeds. Each change is logged once, with the reason.
+stalled store). It reads the store (Store.check), and every 15 seconds counts the open quarantine
+items, which /metrics shows; after a failed commit it also commits a small durable write through the
+committer, so a store that cannot commit (a full disk) stays NOT_SERVING until it can, rather than
+until the next read succeeds. Each change is logged once, with the reason.
 
 Health Check and Watch are answered by grpc_health's servicer from memory: they never wait on the
 store either.
@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 # Seconds between probes, and how long one may take before the store counts as not answering.
 INTERVAL = 2.0
 TIMEOUT = 5.0
+# Seconds between counts of the open quarantine (a count walks every open item), as often as
+# Prometheus is commonly set to scrape.
+COUNT_INTERVAL = 15.0
 
 
 class StoreHealth:
@@ -44,8 +47,9 @@ class StoreHealth:
         self._set_serving = set_serving
         self.interval = interval
         self.timeout = timeout
-        # Quarantined items not resolved, as of the last probe (the dlrhub_quarantine_open gauge).
+        # Quarantined items not resolved, as of the last count (the dlrhub_quarantine_open gauge).
         self.open_quarantine = 0
+        self._counted = -COUNT_INTERVAL  # when, on the loop's clock
         # Why the store cannot serve: the last commit failed, or the last probe did; None when fine.
         self._commit_failure: str | None = None
         self._probe_failure: str | None = None
@@ -82,25 +86,33 @@ class StoreHealth:
             self._commit_failure = f"a commit failed: {error}"
             self._update()
 
-    async def probe(self) -> None:
-        """Probes the store now (waiting at most `timeout`), and updates health and the cached values.
+    async def probe(self, *, count: bool = True) -> None:
+        """Probes the store now (waiting at most `timeout`), and updates health and, with `count`, the
+        open quarantine count.
 
         A probe still running from before (a stalled store) is waited for, not started again."""
         if self._probing is None or self._probing.done():
-            self._probing = asyncio.get_running_loop().create_task(self._probe())
+            self._probing = asyncio.get_running_loop().create_task(self._probe(count))
         done, _ = await asyncio.wait({self._probing}, timeout=self.timeout)
         if not done:
             self._probe_failure = f"the store did not answer within {self.timeout:g} s"
             self._update()
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.interval)
-            await self.probe()
+            await self.probe(count=loop.time() - self._counted >= COUNT_INTERVAL)
 
-    async def _probe(self) -> None:
+    async def _probe(self, count: bool) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            self.open_quarantine = await asyncio.get_running_loop().run_in_executor(self._thread, self._read)
+            await loop.run_in_executor(self._thread, self._store.check)
+            if count:
+                self.open_quarantine = await loop.run_in_executor(
+                    self._thread, self._store.open_quarantine_count
+                )
+                self._counted = loop.time()
             if self._commit_failure is not None and self._check_write is not None:
                 await self._check_write()
         except Exception as error:  # StoreError, by the Store contract
@@ -108,10 +120,6 @@ class StoreHealth:
         else:
             self._probe_failure = self._commit_failure = None
         self._update()
-
-    def _read(self) -> int:
-        self._store.check()
-        return self._store.open_quarantine_count()
 
     def _update(self) -> None:
         """Tells the health service and the log when the store's health changes."""
