@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         echo = start_echo("asyncio") if "echo" in kinds else None
         if echo is not None:
             servers.callback(echo.stop)
-        with grpc.insecure_channel(server.target) as channel:
+        with grpc.insecure_channel(server.address) as channel:
             ingest = channel.unary_unary(INGEST, None, None)
             for first in range(0, STORED, 100):
                 ids = [f"stored-{number}" for number in range(first, first + 100)]
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check_running(server: Server) -> None:
     if server.process.poll() is not None:
-        raise RuntimeError(f"{server.name} exited:\n" + "".join(server.output.lines[-20:]))
+        raise RuntimeError(f"{server.name} exited:\n" + "".join(server.output.lines()[-20:]))
 
 
 if __name__ == "__main__":

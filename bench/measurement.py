@@ -102,7 +102,7 @@ def measure(
     busy_before = wait_quiet(patience=options.patience)
     start_at = time.time() + lead + mode.warmup
     common = {
-        "target": server.target,
+        "target": server.address,
         "start_at": start_at,
         "warmup": mode.warmup,
         "duration": mode.duration,

@@ -6,9 +6,9 @@ stall lowers ingest throughput by less than 10%.
 
 Run from the repository root:
 
-    .venv/bin/python bench/stalled_consumer_bench.py                      # about 25 s
-    .venv/bin/python bench/stalled_consumer_bench.py --stall-seconds 30   # the 30 s stall of the issue
-    .venv/bin/python bench/stalled_consumer_bench.py --repeat 3           # the median of three runs
+    .venv/bin/python -m bench.stalled_consumer_bench                      # about 25 s
+    .venv/bin/python -m bench.stalled_consumer_bench --stall-seconds 30   # the 30 s stall of the issue
+    .venv/bin/python -m bench.stalled_consumer_bench --repeat 3           # the median of three runs
 
 It starts the real `dlrhub serve` as a subprocess on a fresh SQLite file (WAL, synchronous=FULL)
 and drives it from this process with `--writers` concurrent clients, each sending Ingest calls of
@@ -40,24 +40,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import TYPE_CHECKING
 
 import grpc
 
 from deliveryreport.v1.delivery_report_service_pb2 import Format, IngestRequest, StreamRequest
 from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
+from tools import launcher
 
 if TYPE_CHECKING:  # the async stub type exists only in the generated .pyi
     from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceAsyncStub
@@ -94,47 +91,6 @@ def cpu_seconds(pid: int) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def start_server(db: Path) -> tuple[subprocess.Popen[str], str]:
-    """`dlrhub serve` on free ports; returns the process and its gRPC address."""
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "dlrhub.cli",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--db",
-            str(db),
-        ],
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert process.stderr is not None
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = process.stderr.readline()
-        if not line:
-            break
-        with contextlib.suppress(json.JSONDecodeError):
-            entry = json.loads(line)
-            if entry.get("message") == "serving":
-                # Keep reading its log, so that a full pipe never blocks it.
-                threading.Thread(target=drain, args=(process.stderr,), daemon=True).start()
-                return process, f"127.0.0.1:{entry['port']}"
-    process.kill()
-    raise RuntimeError("dlrhub did not start")
-
-
-def drain(lines: IO[str]) -> None:
-    for _ in lines:
-        pass
 
 
 def gms_batch(prefix: str, size: int) -> str:
@@ -185,21 +141,16 @@ async def run_phase(
 
 
 async def bench(options: argparse.Namespace) -> None:
-    with tempfile.TemporaryDirectory(prefix="dlrhub-bench-") as directory:
-        process, address = start_server(Path(directory) / "bench.db")
-        try:
-            ratios = [
-                await measure(address, process.pid, options, run) for run in range(1, options.repeat + 1)
-            ]
-            if len(ratios) > 1:
-                print(f"stalled / baseline ratios: {', '.join(f'{r:.3f}' for r in ratios)}")
-                print(f"median ratio: {statistics.median(ratios):.3f}  (target: at least 0.90)")
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+    with (
+        tempfile.TemporaryDirectory(prefix="dlrhub-bench-") as directory,
+        launcher.start(Path(directory) / "bench.db", keep=200) as server,
+    ):
+        ratios = [
+            await measure(server.address, server.pid, options, run) for run in range(1, options.repeat + 1)
+        ]
+        if len(ratios) > 1:
+            print(f"stalled / baseline ratios: {', '.join(f'{r:.3f}' for r in ratios)}")
+            print(f"median ratio: {statistics.median(ratios):.3f}  (target: at least 0.90)")
 
 
 async def measure(address: str, server_pid: int, options: argparse.Namespace, run: int) -> float:

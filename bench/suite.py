@@ -56,7 +56,7 @@ from bench.records import (
     latency_point,
     per_second,
 )
-from bench.servers import Server, start_dlrhub, start_echo
+from bench.servers import Server, runs_uvloop, start_dlrhub, start_echo
 from deliveryreport.v1.delivery_report_service_pb2 import Format, StreamResponse
 from dlrhub.merge import merge
 from dlrhub.normalise import Normaliser
@@ -118,11 +118,11 @@ class Suite:
 def _run_loop(suite: Suite) -> SuiteResult:
     options = suite.options
     echo = start_echo(suite.event_loop)
-    print(f"echo server: {echo.target} ({echo.loop})", flush=True)
+    print(f"echo server: {echo.address} ({echo.ready.get('loop', '')})", flush=True)
     try:
         db = suite.workdir / f"ingest-{suite.event_loop}.db"
         hub = start_dlrhub(db, suite.event_loop)
-        print(f"dlrhub: {hub.target} (uvloop loaded: {hub.uvloop}), db {db}", flush=True)
+        print(f"dlrhub: {hub.address} (uvloop loaded: {runs_uvloop(hub)}), db {db}", flush=True)
         try:
             _ingest_and_stream(suite, echo, hub)
             stored = {"stored": _stored_count(hub)}
@@ -449,7 +449,7 @@ def _loaders_and_subscribers(results: list[Result]) -> tuple[list[Result], list[
 
 def _stream_overflows(server: Server) -> float:
     """dlrhub_stream_overflows_total of the running dlrhub, from its /metrics."""
-    response = httpx.get(f"http://127.0.0.1:{server.http_port}/metrics", timeout=10)
+    response = httpx.get(f"http://127.0.0.1:{server.admin_port}/metrics", timeout=10)
     response.raise_for_status()
     for line in response.text.splitlines():
         if line.startswith("dlrhub_stream_overflows_total "):
@@ -459,7 +459,7 @@ def _stream_overflows(server: Server) -> float:
 
 def _stored_count(server: Server) -> int:
     """Reports in the server's store: the latest cursor, from the opening heartbeat of a Stream."""
-    with grpc.insecure_channel(server.target) as channel:
+    with grpc.insecure_channel(server.address) as channel:
         call = channel.unary_stream(STREAM, None, None)(b"", timeout=10)
         for message in call:
             response = StreamResponse.FromString(message)

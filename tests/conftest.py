@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import shutil
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +15,8 @@ import pytest
 from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
 from dlrhub import app
 from dlrhub.config import Settings
+from dlrhub.store.base import Store
+from tools import launcher
 
 pytest_plugins = ["tests.postgres"]  # postgres_url, postgres_db
 
@@ -68,19 +65,18 @@ def db_path(tmp_path: Path) -> Path:
 
 @contextlib.asynccontextmanager
 async def serving(
-    tmp_path: Path, *, clock: FakeClock | None = None, **overrides: Any
+    tmp_path: Path, *, clock: FakeClock | None = None, store: Store | None = None, **overrides: Any
 ) -> AsyncIterator[app.App]:
-    """A real app on free ports over `tmp_path/dlrhub.db`, with any Settings overridden; stopped after."""
-    running = await app.start(
-        Settings(
-            listen="127.0.0.1:0",
-            http_listen="127.0.0.1:0",
-            db=tmp_path / "dlrhub.db",
-            shutdown_grace=1.0,
-            **overrides,
-        ),
-        clock=clock or FakeClock(),
-    )
+    """A real app on free ports over `tmp_path/dlrhub.db` (or `store`), with any Settings overridden;
+    stopped after."""
+    defaults: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "http_listen": "127.0.0.1:0",
+        "admin_listen": "127.0.0.1:0",
+        "db": tmp_path / "dlrhub.db",
+        "shutdown_grace": 1.0,
+    }
+    running = await app.start(Settings(**(defaults | overrides)), clock=clock or FakeClock(), store=store)
     try:
         yield running
     finally:
@@ -99,67 +95,11 @@ async def server(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Running]:
             await channel.close(None)
 
 
-@dataclass
-class ServerProcess:
-    process: subprocess.Popen[str]
-    address: str
-    db: Path
-    http_address: str = ""
-
-
-def start_server_process(db: Path, *extra: str) -> ServerProcess:
-    """`dlrhub serve` as a subprocess on a free port; waits for its "serving" log line."""
-    command = [
-        sys.executable,
-        "-m",
-        "dlrhub.cli",
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--http-listen",
-        "127.0.0.1:0",
-        "--db",
-        str(db),
-        *extra,
-    ]
-    process = subprocess.Popen(
-        command,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert process.stderr is not None
-    deadline = time.monotonic() + 30
-    seen: list[str] = []
-    while time.monotonic() < deadline:
-        line = process.stderr.readline()
-        if not line:
-            break
-        seen.append(line)
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # gRPC core or the interpreter may write plain lines too
-        if entry.get("message") == "serving":
-            return ServerProcess(process, f"127.0.0.1:{entry['port']}", db, f"127.0.0.1:{entry['http_port']}")
-    process.kill()
-    raise RuntimeError(f"dlrhub did not start: {''.join(seen)}{process.stderr.read()}")
-
-
 @pytest.fixture
-def server_process(db_path: Path) -> Iterator[ServerProcess]:
-    """The real `dlrhub serve` process, stopped with SIGTERM afterwards."""
-    running = start_server_process(db_path)
-    try:
+def server_process(db_path: Path) -> Iterator[launcher.Server]:
+    """The real `dlrhub serve` process (tools/launcher.py), stopped with SIGTERM afterwards."""
+    with launcher.start(db_path) as running:
         yield running
-    finally:
-        running.process.terminate()
-        try:
-            running.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            running.process.kill()
-            running.process.wait()
 
 
 NODE_PACKAGES = ("@grpc/grpc-js", "@grpc/proto-loader")

@@ -1,6 +1,6 @@
 """A fake SentSMSReport provider: a real HTTP server on 127.0.0.1 serving `GET /sms/1/reports`.
 
-It follows the reference semantics (normalisation.md §2): reports wait in a queue
+It follows the reference semantics (docs/normalisation.md §2): reports wait in a queue
 and each is handed out ONCE; `Authorization: App <key>` is required (401 with an
 UNAUTHORIZED body otherwise); `limit` defaults to 50 and must be 1 to
 `max_limit` (400 with a BAD_REQUEST body and a text otherwise). Optional
@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections import deque
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -241,21 +239,3 @@ def _headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 
 def _answered(recorded: ProviderRequest, status: int, handed: tuple[str, ...]) -> ProviderRequest:
     return ProviderRequest(recorded.method, recorded.path, recorded.query, recorded.headers, status, handed)
-
-
-async def wait_until(
-    condition: Callable[[], bool] | Callable[[], Awaitable[bool]],
-    within: float = 5.0,
-    interval: float = 0.01,
-    message: str = "",
-) -> None:
-    """Polls `condition` (sync or async) until it holds; fails the test after `within` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        result = condition()
-        held = await result if isinstance(result, Awaitable) else result
-        if held:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(message or f"condition not met within {within} s")
-        await asyncio.sleep(interval)

@@ -38,8 +38,8 @@ from dlrhub_client import (
 )
 from dlrhub_client.errors import from_rpc_error
 from tests.conftest import FakeClock, serving
+from tests.helpers import TIMEOUT, connect, gms_batch
 
-TIMEOUT = 10.0  # seconds: the bound on every call, stream read and subprocess here
 INGEST_TOKEN = "ingest-token-5f0c9a1d"
 READ_TOKEN = "read-token-7b2e4c88"
 BOTH_TOKEN = "both-token-c3d91e07"
@@ -48,25 +48,6 @@ SERVICE = delivery_report_service_pb2.DESCRIPTOR.services_by_name["DeliveryRepor
 BIN = Path(sys.executable).parent
 GRPCURL = shutil.which("grpcurl", path=str(BIN)) or "grpcurl"
 DLRHUB = shutil.which("dlrhub", path=str(BIN)) or "dlrhub"
-
-
-def gms(*message_ids: str) -> str:
-    """A GMS push body: one delivered SMS report per message id."""
-    return json.dumps(
-        [
-            {
-                "number": "380961111111",
-                "time": 1477417294667,
-                "status": 2,
-                "substatus": 23,
-                "hyber_status": 23011,
-                "message_id": message_id,
-                "extra_id": f"ref-{message_id}",
-                "sent_via": "sms",
-            }
-            for message_id in message_ids
-        ]
-    )
 
 
 def write_tokens_file(path: Path, entries: list[dict[str, Any]]) -> Path:
@@ -86,12 +67,8 @@ async def secured(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
             {"name": "both", "token": BOTH_TOKEN, "roles": ["ingest", "read"]},
         ]
         settings = {"tokens_file": write_tokens_file(tmp_path / "tokens.json", entries)}
-    async with serving(tmp_path, **settings) as running:
+    async with serving(tmp_path, webhooks_open=True, **settings) as running:
         yield running
-
-
-def connect(running: app.App, token: str | None) -> AsyncClient:
-    return AsyncClient(f"127.0.0.1:{running.port}", token=token, timeout=TIMEOUT, reconnect_attempts=0)
 
 
 async def first_change(client: AsyncClient) -> StreamResponse:
@@ -108,7 +85,7 @@ async def first_change(client: AsyncClient) -> StreamResponse:
 
 async def assert_nothing_stored(running: app.App, message_id: str) -> None:
     assert running.store.latest_cursor() == 0
-    async with connect(running, BOTH_TOKEN) as client:
+    async with connect(running, token=BOTH_TOKEN) as client:
         with pytest.raises(NotFoundError):
             await client.fetch(message_id=message_id)
 
@@ -133,9 +110,9 @@ async def run(*command: str, env: dict[str, str] | None = None) -> tuple[int, st
 
 
 async def test_no_token_is_unauthenticated_for_every_method(secured: app.App) -> None:
-    async with connect(secured, None) as client:
+    async with connect(secured, token=None) as client:
         with pytest.raises(UnauthenticatedError) as ingest:
-            await client.ingest(gms("anon-1"))
+            await client.ingest(gms_batch("anon-1"))
         with pytest.raises(UnauthenticatedError) as fetch:
             await client.fetch(message_id="anon-1")
         with pytest.raises(UnauthenticatedError) as stream:
@@ -155,7 +132,9 @@ async def test_an_authorization_header_without_a_bearer_token_is_missing_token(
         stub = DeliveryReportServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await stub.Ingest(
-                IngestRequest(payload=gms("header-1")), metadata=(("authorization", header),), timeout=TIMEOUT
+                IngestRequest(payload=gms_batch("header-1")),
+                metadata=(("authorization", header),),
+                timeout=TIMEOUT,
             )
     error = from_rpc_error(raised.value)
     assert error.code == grpc.StatusCode.UNAUTHENTICATED
@@ -167,9 +146,9 @@ async def test_an_authorization_header_without_a_bearer_token_is_missing_token(
     "token", ["not-a-configured-token", INGEST_TOKEN[:-1], BOTH_TOKEN + "x", READ_TOKEN.upper()]
 )
 async def test_an_unknown_token_is_unauthenticated_for_every_method(secured: app.App, token: str) -> None:
-    async with connect(secured, token) as client:
+    async with connect(secured, token=token) as client:
         with pytest.raises(UnauthenticatedError) as ingest:
-            await client.ingest(gms("stranger-1"))
+            await client.ingest(gms_batch("stranger-1"))
         with pytest.raises(UnauthenticatedError) as fetch:
             await client.fetch(message_id="stranger-1")
         with pytest.raises(UnauthenticatedError) as stream:
@@ -181,9 +160,9 @@ async def test_an_unknown_token_is_unauthenticated_for_every_method(secured: app
 
 
 async def test_a_read_token_may_not_ingest_and_nothing_is_stored(secured: app.App) -> None:
-    async with connect(secured, READ_TOKEN) as client:
+    async with connect(secured, token=READ_TOKEN) as client:
         with pytest.raises(PermissionDeniedError) as raised:
-            await client.ingest(gms("denied-1"))
+            await client.ingest(gms_batch("denied-1"))
     error = raised.value
     assert error.code == grpc.StatusCode.PERMISSION_DENIED
     assert error.reason == "MISSING_ROLE"
@@ -193,8 +172,8 @@ async def test_a_read_token_may_not_ingest_and_nothing_is_stored(secured: app.Ap
 
 
 async def test_an_ingest_token_may_not_fetch_or_stream(secured: app.App) -> None:
-    async with connect(secured, INGEST_TOKEN) as client:
-        response = await client.ingest(gms("written-1"))
+    async with connect(secured, token=INGEST_TOKEN) as client:
+        response = await client.ingest(gms_batch("written-1"))
         assert response.accepted_count == 1
         with pytest.raises(PermissionDeniedError) as fetch:
             await client.fetch(message_id="written-1")
@@ -206,13 +185,13 @@ async def test_an_ingest_token_may_not_fetch_or_stream(secured: app.App) -> None
 
 
 async def test_each_role_does_its_part_and_both_roles_do_both(secured: app.App) -> None:
-    async with connect(secured, INGEST_TOKEN) as ingester, connect(secured, READ_TOKEN) as reader:
-        assert (await ingester.ingest(gms("split-1"))).accepted_count == 1
+    async with connect(secured, token=INGEST_TOKEN) as ingester, connect(secured, token=READ_TOKEN) as reader:
+        assert (await ingester.ingest(gms_batch("split-1"))).accepted_count == 1
         [state] = (await reader.fetch(message_id="split-1")).reports
         assert state.message_id == "split-1"
         assert (await first_change(reader)).report.message_id == "split-1"
-    async with connect(secured, BOTH_TOKEN) as client:
-        assert (await client.ingest(gms("both-1"))).accepted_count == 1
+    async with connect(secured, token=BOTH_TOKEN) as client:
+        assert (await client.ingest(gms_batch("both-1"))).accepted_count == 1
         [state] = (await client.fetch(message_id="both-1")).reports
         assert state.message_id == "both-1"
         assert (await first_change(client)).report.message_id == "split-1"
@@ -222,7 +201,7 @@ async def test_the_lowercase_bearer_scheme_is_accepted(secured: app.App) -> None
     async with grpc.aio.insecure_channel(f"127.0.0.1:{secured.port}") as channel:
         stub = DeliveryReportServiceStub(channel)
         metadata = (("authorization", f"bearer {BOTH_TOKEN}"),)
-        await stub.Ingest(IngestRequest(payload=gms("lower-1")), metadata=metadata, timeout=TIMEOUT)
+        await stub.Ingest(IngestRequest(payload=gms_batch("lower-1")), metadata=metadata, timeout=TIMEOUT)
         response = await stub.Fetch(FetchRequest(message_id="lower-1"), metadata=metadata, timeout=TIMEOUT)
     assert [r.message_id for r in response.reports] == ["lower-1"]
 
@@ -230,22 +209,24 @@ async def test_the_lowercase_bearer_scheme_is_accepted(secured: app.App) -> None
 async def test_tokens_from_the_spec_and_the_file_are_both_accepted(tmp_path: Path) -> None:
     tokens_file = write_tokens_file(tmp_path / "tokens.json", [{"token": READ_TOKEN, "roles": ["read"]}])
     async with (
-        serving(tmp_path, tokens=f"ingest:{INGEST_TOKEN}", tokens_file=tokens_file) as running,
-        connect(running, INGEST_TOKEN) as ingester,
-        connect(running, READ_TOKEN) as reader,
+        serving(
+            tmp_path, tokens=f"ingest:{INGEST_TOKEN}", tokens_file=tokens_file, webhooks_open=True
+        ) as running,
+        connect(running, token=INGEST_TOKEN) as ingester,
+        connect(running, token=READ_TOKEN) as reader,
     ):
-        assert (await ingester.ingest(gms("mixed-1"))).accepted_count == 1
+        assert (await ingester.ingest(gms_batch("mixed-1"))).accepted_count == 1
         assert [r.message_id for r in (await reader.fetch(message_id="mixed-1")).reports] == ["mixed-1"]
         with pytest.raises(PermissionDeniedError):
-            await reader.ingest(gms("mixed-2"))
+            await reader.ingest(gms_batch("mixed-2"))
 
 
 async def test_without_tokens_everything_is_open(tmp_path: Path) -> None:
     async with serving(tmp_path) as running:
         for token in (None, "any-token-at-all"):
-            async with connect(running, token) as client:
+            async with connect(running, token=token) as client:
                 message_id = f"open-{token}"
-                assert (await client.ingest(gms(message_id))).accepted_count == 1
+                assert (await client.ingest(gms_batch(message_id))).accepted_count == 1
                 assert [r.message_id for r in (await client.fetch(message_id=message_id)).reports] == [
                     message_id
                 ]
@@ -276,13 +257,13 @@ async def test_reflection_needs_no_token(secured: app.App) -> None:
 
 
 async def test_reflection_turned_off_is_not_served(tmp_path: Path) -> None:
-    async with serving(tmp_path, tokens=SPEC, reflection=False) as running:
+    async with serving(tmp_path, tokens=SPEC, reflection=False, webhooks_open=True) as running:
         code, out, err = await run(GRPCURL, "-plaintext", f"127.0.0.1:{running.port}", "list")
         assert code != 0
         assert "server does not support the reflection API" in err
         assert SERVICE.full_name not in out
-        async with connect(running, BOTH_TOKEN) as client:  # the service itself is still served
-            assert (await client.ingest(gms("no-reflection-1"))).accepted_count == 1
+        async with connect(running, token=BOTH_TOKEN) as client:  # the service itself is still served
+            assert (await client.ingest(gms_batch("no-reflection-1"))).accepted_count == 1
 
 
 def test_every_method_of_the_service_has_a_role() -> None:
@@ -405,8 +386,8 @@ async def test_start_refuses_a_bad_tokens_file(tmp_path: Path) -> None:
 
 
 async def test_the_cli_sends_the_token_from_the_environment(secured: app.App) -> None:
-    async with connect(secured, INGEST_TOKEN) as client:
-        assert (await client.ingest(gms("cli-1"))).accepted_count == 1
+    async with connect(secured, token=INGEST_TOKEN) as client:
+        assert (await client.ingest(gms_batch("cli-1"))).accepted_count == 1
     env = {k: v for k, v in os.environ.items() if not k.startswith("DLRHUB_")}
     command = (DLRHUB, "fetch", "--message-id", "cli-1", "--target", f"127.0.0.1:{secured.port}", "--json")
 
@@ -427,6 +408,6 @@ async def test_the_cli_sends_the_token_from_the_environment(secured: app.App) ->
 
 
 async def test_a_client_error_is_a_dlrhub_client_error(secured: app.App) -> None:
-    async with connect(secured, None) as client:
+    async with connect(secured, token=None) as client:
         with pytest.raises(DlrhubClientError, match=r"UNAUTHENTICATED: .*\[MISSING_TOKEN\]"):
             await client.fetch(message_id="x")

@@ -27,13 +27,13 @@ from dlrhub.config import Settings
 from dlrhub.normalise import NormalisedItem, Normaliser
 from dlrhub.write.budget import ByteBudget
 from dlrhub.write.writer import INLINE_BYTES
-from tests.conftest import FakeClock, start_server_process
-from tests.fake_provider import wait_until
+from tests.conftest import FakeClock
+from tests.helpers import TIMEOUT, eventually
+from tools import launcher
 
 if TYPE_CHECKING:
     from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceAsyncStub
 
-TIMEOUT = 10.0
 MAX_REQUEST = 16 * 1024 * 1024
 # The most memory a server may take for one refused 16 MiB request (it took 3-6 GB).
 PEAK_BOUND_KB = 512 * 1024
@@ -129,8 +129,7 @@ def send(shape: str, address: str, http_address: str) -> tuple[int | str, str]:
 def test_a_16_mib_body_of_tiny_items_is_refused_quickly_in_bounded_memory_while_health_answers(
     db_path: Path, shape: str, expected: tuple[int | str, str]
 ) -> None:
-    server = start_server_process(db_path)
-    try:
+    with launcher.start(db_path) as server:
         with grpc.insecure_channel(server.address) as channel:
             stub = DeliveryReportServiceStub(channel)
             small = json.dumps({"message_id": "small-1", "status": 2})
@@ -140,10 +139,7 @@ def test_a_16_mib_body_of_tiny_items_is_refused_quickly_in_bounded_memory_while_
                 [state] = stub.Fetch(FetchRequest(message_id="small-1"), timeout=2.0).reports
                 assert state.message_id == "small-1"
             assert failures == []
-        assert peak_kb(server.process.pid) < PEAK_BOUND_KB
-    finally:
-        server.process.terminate()
-        server.process.wait(timeout=30)
+        assert peak_kb(server.pid) < PEAK_BOUND_KB
 
 
 class GatedNormaliser(Normaliser):
@@ -200,9 +196,7 @@ async def test_a_big_payload_is_normalised_off_the_event_loop_and_a_small_one_on
             small = await stub.Ingest(IngestRequest(payload=batch("small", 2)), timeout=TIMEOUT)
             assert small.accepted_count == 2
             big = asyncio.ensure_future(ingest(stub, batch("big", 500)))
-            await wait_until(
-                lambda: len(normaliser.threads) == 2, TIMEOUT, message="the big payload is being normalised"
-            )
+            await eventually(lambda: len(normaliser.threads) == 2, "the big payload is being normalised")
             # Held on its worker thread, the big payload stalls nothing: health and Fetch answer.
             health = health_pb2_grpc.HealthStub(channel)
             checked = await health.Check(health_pb2.HealthCheckRequest(), timeout=2.0)
@@ -231,14 +225,10 @@ async def test_payloads_over_the_write_budget_wait_their_turn(tmp_path: Path) ->
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = DeliveryReportServiceStub(channel)
             first = asyncio.ensure_future(ingest(stub, one))
-            await wait_until(
-                lambda: len(normaliser.threads) == 1, TIMEOUT, message="the first is being normalised"
-            )
+            await eventually(lambda: len(normaliser.threads) == 1, "the first is being normalised")
             second = asyncio.ensure_future(ingest(stub, batch("two", 500)))
             third = asyncio.ensure_future(ingest(stub, batch("three", 1)))
-            await wait_until(
-                lambda: running.writer.budget.waiting == 2, TIMEOUT, message="both arrive, and wait"
-            )
+            await eventually(lambda: running.writer.budget.waiting == 2, "both arrive, and wait")
             assert len(normaliser.threads) == 1
             assert not second.done()
             assert not third.done()

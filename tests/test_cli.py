@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from deliveryreport.v1.delivery_report_service_pb2 import IngestRequest
 from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
 from dlrhub.config import DEFAULT_DB, DEFAULT_LISTEN, Settings
-from tests.conftest import start_server_process
+from tools import launcher
 
 REPORT = '{"message_id": "cli-1", "status": 2, "time": 1477417294667}'
 
@@ -25,17 +25,15 @@ REPORT = '{"message_id": "cli-1", "status": 2, "time": 1477417294667}'
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_gracefully_and_keeps_acknowledged_reports(tmp_path: Path, signum: int) -> None:
     db = tmp_path / "cli.db"
-    server = start_server_process(db)
-    with grpc.insecure_channel(server.address) as channel:
-        response = DeliveryReportServiceStub(channel).Ingest(IngestRequest(payload=REPORT), timeout=10)
-        assert response.accepted_count == 1
-        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
-        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    with launcher.start(db) as server:
+        with grpc.insecure_channel(server.address) as channel:
+            response = DeliveryReportServiceStub(channel).Ingest(IngestRequest(payload=REPORT), timeout=10)
+            assert response.accepted_count == 1
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
 
-    server.process.send_signal(signum)
-    assert server.process.wait(timeout=20) == 0
-    assert server.process.stderr is not None
-    logs = [json.loads(line) for line in server.process.stderr.read().splitlines()]
+        assert server.stop(signum, timeout=20) == 0
+    logs = [json.loads(line) for line in server.output.stderr]
     assert [entry["message"] for entry in logs][-2:] == ["shutting down", "stopped"]
     assert all({"time", "level", "logger", "message"} <= entry.keys() for entry in logs)
 
@@ -47,22 +45,14 @@ def test_signal_stops_gracefully_and_keeps_acknowledged_reports(tmp_path: Path, 
 def test_environment_configures_and_flags_win(tmp_path: Path) -> None:
     env_db = tmp_path / "from-env.db"
     flag_db = tmp_path / "from-flag.db"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "dlrhub.cli", "serve", "--db", str(flag_db), "--http-listen", "127.0.0.1:0"],
-        env={
-            **os.environ,
-            "DLRHUB_DB": str(env_db),
-            "DLRHUB_LISTEN": "127.0.0.1:0",
-            "DLRHUB_LOG_LEVEL": "debug",
-        },
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stderr is not None
-    entries = (json.loads(line) for line in process.stderr)
-    serving = next(entry for entry in entries if entry["message"] == "serving")
-    process.terminate()
-    process.wait(timeout=20)
+    environment = {
+        **os.environ,
+        "DLRHUB_DB": str(env_db),
+        "DLRHUB_LISTEN": "127.0.0.1:0",
+        "DLRHUB_LOG_LEVEL": "debug",
+    }
+    with launcher.start(flag_db, env=environment, listen=None) as server:
+        serving = server.ready
     assert serving["message"] == "serving"
     assert serving["listen"] == "127.0.0.1:0"
     assert serving["port"] > 0

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,19 +40,13 @@ from dlrhub_client import (
     TlsConfig,
     UnavailableError,
 )
-from tests.conftest import Running, ServerProcess, start_server_process
+from tests.conftest import Running
+from tests.helpers import PROCESS_TIMEOUT, TIMEOUT, eventually, gms_bare
+from tools import launcher
 
 T = TypeVar("T")
 ACCEPTED = IngestOutcome.INGEST_OUTCOME_ACCEPTED
 DUPLICATE = IngestOutcome.INGEST_OUTCOME_DUPLICATE
-WAIT = 20.0  # seconds: the bound on every wait in this module
-
-
-def gms(
-    message_id: str, *, status: int = 2, time_ms: int = 1_477_417_294_667, **extra: Any
-) -> dict[str, Any]:
-    """A GMS report as the provider spells it."""
-    return {"message_id": message_id, "status": status, "time": time_ms, **extra}
 
 
 def sent_sms(message_id: str, bulk_id: str, *, group_id: int = 3, status_id: int = 5) -> dict[str, Any]:
@@ -88,7 +83,7 @@ def generator(stream: AsyncIterator[T]) -> AsyncGenerator[T, None]:
 
 
 async def take(stream: AsyncIterator[T], count: int) -> list[T]:
-    """The first `count` items of a stream (bounded by WAIT), then the stream closed."""
+    """The first `count` items of a stream (bounded by PROCESS_TIMEOUT), then the stream closed."""
     items: list[T] = []
     closable = generator(stream)
 
@@ -99,17 +94,10 @@ async def take(stream: AsyncIterator[T], count: int) -> list[T]:
                 return
 
     try:
-        await asyncio.wait_for(collect(), WAIT)
+        await asyncio.wait_for(collect(), PROCESS_TIMEOUT)
     finally:
         await closable.aclose()
     return items
-
-
-async def eventually(check: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + WAIT
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture
@@ -122,7 +110,7 @@ async def client(server: Running) -> AsyncIterator[AsyncClient]:
 
 
 async def test_ingest_payload_text_and_bytes_with_detected_and_explicit_format(client: AsyncClient) -> None:
-    text = json.dumps([gms("text-1", extra_id="REF-T"), gms("text-2", status=3, substatus=35)])
+    text = json.dumps([gms_bare("text-1", extra_id="REF-T"), gms_bare("text-2", status=3, substatus=35)])
     response = await client.ingest(text)
     assert [r.outcome for r in response.results] == [ACCEPTED, ACCEPTED]
     assert (response.accepted_count, response.duplicate_count, response.rejected_count) == (2, 0, 0)
@@ -133,7 +121,7 @@ async def test_ingest_payload_text_and_bytes_with_detected_and_explicit_format(c
     ]
     assert response.results[0].report.raw_payload == ""  # the answer does not echo the text back
     stored = (await client.fetch(message_id="text-1")).reports[0]
-    assert stored.raw_payload == json.dumps(gms("text-1", extra_id="REF-T"))
+    assert stored.raw_payload == json.dumps(gms_bare("text-1", extra_id="REF-T"))
 
     again = await client.ingest(text.encode("utf-8"))
     assert [r.outcome for r in again.results] == [DUPLICATE, DUPLICATE]
@@ -146,12 +134,12 @@ async def test_ingest_payload_text_and_bytes_with_detected_and_explicit_format(c
 
     # The explicit format is sent: a GMS body read as SentSMSReport is not a SentSMSReport body.
     with pytest.raises(InvalidArgumentError):
-        await client.ingest(json.dumps(gms("wrong-format")), format=Format.FORMAT_SENT_SMS_REPORT)
+        await client.ingest(json.dumps(gms_bare("wrong-format")), format=Format.FORMAT_SENT_SMS_REPORT)
 
 
 async def test_ingest_request_id_answers_the_first_answer_again(client: AsyncClient) -> None:
-    first = await client.ingest(json.dumps(gms("rid-1")), request_id="req-1")
-    retried = await client.ingest(json.dumps(gms("rid-1")), request_id="req-1")
+    first = await client.ingest(json.dumps(gms_bare("rid-1")), request_id="req-1")
+    retried = await client.ingest(json.dumps(gms_bare("rid-1")), request_id="req-1")
     assert retried == first
     assert retried.results[0].outcome == ACCEPTED
 
@@ -159,7 +147,7 @@ async def test_ingest_request_id_answers_the_first_answer_again(client: AsyncCli
 async def test_ingest_gms_from_dicts_with_the_providers_names_and_typed_messages(client: AsyncClient) -> None:
     from_dicts = await client.ingest_gms(
         [
-            gms(
+            gms_bare(
                 "gms-dict-1",
                 number="380961111111",
                 substatus=23,
@@ -167,7 +155,7 @@ async def test_ingest_gms_from_dicts_with_the_providers_names_and_typed_messages
                 extra_id="AD-1",
                 sent_via="viber",
             ),
-            gms("gms-dict-2", status=3, substatus=35, sent_via="sms"),
+            gms_bare("gms-dict-2", status=3, substatus=35, sent_via="sms"),
         ]
     )
     assert [r.outcome for r in from_dicts.results] == [ACCEPTED, ACCEPTED]
@@ -238,9 +226,9 @@ async def test_dicts_go_as_the_providers_json_so_numbers_and_extra_fields_pass(c
 
 async def test_fetch_by_message_id_reference_and_bulk_id(client: AsyncClient) -> None:
     await client.ingest_gms(
-        [gms("f-1", status=1, time_ms=1_000, extra_id="REF-F"), gms("f-2", extra_id="REF-F")]
+        [gms_bare("f-1", status=1, time_ms=1_000, extra_id="REF-F"), gms_bare("f-2", extra_id="REF-F")]
     )
-    await client.ingest_gms([gms("f-1", status=2, time_ms=2_000, extra_id="REF-F")])
+    await client.ingest_gms([gms_bare("f-1", status=2, time_ms=2_000, extra_id="REF-F")])
     await client.ingest_sent_sms_report([sent_sms("f-3", "B-F"), sent_sms("f-4", "B-F")])
 
     one = await client.fetch(message_id="f-1", include_history=True)
@@ -339,7 +327,7 @@ async def test_unknown_message_is_not_found(client: AsyncClient) -> None:
 
 
 async def test_a_cursor_ahead_of_the_store_is_out_of_range(client: AsyncClient) -> None:
-    await client.ingest(json.dumps(gms("ahead-1")))
+    await client.ingest(json.dumps(gms_bare("ahead-1")))
     with pytest.raises(OutOfRangeError) as caught:
         await take(client.stream(cursor="1000"), 1)
     assert_client_error(caught.value)
@@ -353,16 +341,15 @@ async def test_a_cursor_ahead_of_the_store_is_out_of_range(client: AsyncClient) 
 
 
 async def test_nothing_listening_is_unavailable() -> None:
-    async with AsyncClient(f"127.0.0.1:{closed_port()}", timeout=2) as client:
-        started = time.monotonic()
+    async with AsyncClient(f"127.0.0.1:{closed_port()}", timeout=TIMEOUT) as client:
+        # At once: a call that waited for the server would end DEADLINE_EXCEEDED at its deadline.
         with pytest.raises(UnavailableError) as caught:
             await client.fetch(message_id="x")
-        assert time.monotonic() - started < 5
         assert_client_error(caught.value)
         assert caught.value.code == grpc.StatusCode.UNAVAILABLE
 
         with pytest.raises(UnavailableError) as ingest_caught:
-            await client.ingest(json.dumps(gms("x")))
+            await client.ingest(json.dumps(gms_bare("x")))
         assert_client_error(ingest_caught.value)
 
 
@@ -425,15 +412,15 @@ async def test_stream_falls_back_to_stream_on_a_server_without_stream_batches() 
 async def test_stream_receives_changes_in_order_and_resumes_from_a_cursor(client: AsyncClient) -> None:
     live = generator(client.stream(include_heartbeats=True))
     try:
-        start = await asyncio.wait_for(anext(live), WAIT)
+        start = await asyncio.wait_for(anext(live), PROCESS_TIMEOUT)
         assert start.heartbeat
         assert not start.HasField("report")
 
-        first = await client.ingest_gms([gms("s-1"), gms("s-2", status=1)])
+        first = await client.ingest_gms([gms_bare("s-1"), gms_bare("s-2", status=1)])
         second = await client.ingest_gms(
-            [gms("s-3", status=3), gms("s-2", status=2, time_ms=1_477_417_300_000)]
+            [gms_bare("s-3", status=3), gms_bare("s-2", status=2, time_ms=1_477_417_300_000)]
         )
-        changes = [await asyncio.wait_for(anext(live), WAIT) for _ in range(4)]
+        changes = [await asyncio.wait_for(anext(live), PROCESS_TIMEOUT) for _ in range(4)]
     finally:
         await live.aclose()
 
@@ -460,7 +447,7 @@ async def test_stream_receives_changes_in_order_and_resumes_from_a_cursor(client
 
 
 async def test_closing_a_stream_ends_it_on_the_server(server: Running, client: AsyncClient) -> None:
-    await client.ingest(json.dumps(gms("close-1")))
+    await client.ingest(json.dumps(gms_bare("close-1")))
     assert [c.report.message_id for c in await take(client.stream(from_beginning=True), 1)] == ["close-1"]
     await eventually(lambda: server.app.hub.subscriber_count == 0)
 
@@ -468,29 +455,23 @@ async def test_closing_a_stream_ends_it_on_the_server(server: Running, client: A
 # Reconnection, against the real `dlrhub serve` process restarted on the same port and database.
 
 
-def serve(db: Path, port: int = 0) -> ServerProcess:
-    return start_server_process(db, "--listen", f"127.0.0.1:{port}", "--http-listen", "127.0.0.1:0")
+def serve(db: Path, port: int = 0) -> launcher.Server:
+    return launcher.start(db, listen=f"127.0.0.1:{port}")
 
 
-def stop(server: ServerProcess, how: str) -> None:
-    getattr(server.process, how)()
-    try:
-        server.process.wait(timeout=WAIT)
-    finally:
-        if server.process.poll() is None:
-            server.process.kill()
-            server.process.wait(timeout=WAIT)
-        if server.process.stderr is not None:
-            server.process.stderr.close()
+def stop(server: launcher.Server, how: str) -> None:
+    """Stops it with SIGTERM ("terminate": a graceful exit) or SIGKILL ("kill"), within PROCESS_TIMEOUT s."""
+    signum, exit_code = {"terminate": (signal.SIGTERM, 0), "kill": (signal.SIGKILL, -signal.SIGKILL)}[how]
+    assert server.stop(signum, PROCESS_TIMEOUT) == exit_code
 
 
 async def ingest_into(address: str, message_ids: list[str]) -> IngestResponse:
     """Ingests on a fresh connection to `address` (retrying while it comes up)."""
-    deadline = time.monotonic() + WAIT
+    deadline = time.monotonic() + PROCESS_TIMEOUT
     async with AsyncClient(address, timeout=5) as client:
         while True:
             try:
-                return await client.ingest_gms([gms(message_id) for message_id in message_ids])
+                return await client.ingest_gms([gms_bare(message_id) for message_id in message_ids])
             except UnavailableError:
                 if time.monotonic() > deadline:
                     raise
@@ -543,14 +524,13 @@ async def test_stream_reconnects_after_a_restart_and_sees_every_change_once_in_o
         servers.append(restarted)
         assert restarted.address == first.address
         ingested.append(await ingest_into(restarted.address, batches[2]))
-        await asyncio.wait_for(asyncio.shield(consumer), WAIT)
+        await asyncio.wait_for(asyncio.shield(consumer), PROCESS_TIMEOUT)
     finally:
         consumer.cancel()
         await asyncio.gather(consumer, return_exceptions=True)
         await consumer_client.close()
         for server in servers:
-            if server.process.poll() is None:
-                await asyncio.to_thread(stop, server, "terminate")
+            await asyncio.to_thread(server.stop)
 
     assert [change.report.message_id for change in seen] == expected
     assert [change.cursor for change in seen] == [r.cursor for response in ingested for r in response.results]
@@ -569,9 +549,11 @@ def use_blocking_client(address: str) -> None:
     threads_before = client_threads()
     with Client(address, timeout=10) as client:
         assert client_threads() == threads_before + 1
-        response = client.ingest(json.dumps([gms("sync-1", extra_id="REF-SYNC"), gms("sync-2")]))
+        response = client.ingest(json.dumps([gms_bare("sync-1", extra_id="REF-SYNC"), gms_bare("sync-2")]))
         assert response.accepted_count == 2
-        assert client.ingest(json.dumps(gms("sync-1", extra_id="REF-SYNC")).encode()).duplicate_count == 1
+        assert (
+            client.ingest(json.dumps(gms_bare("sync-1", extra_id="REF-SYNC")).encode()).duplicate_count == 1
+        )
         typed = client.ingest_gms([GmsReport(message_id="sync-3", status=2, time=1)])
         assert typed.results[0].outcome == ACCEPTED
         ssr = client.ingest_sent_sms_report([sent_sms(f"sync-bulk-{n}", "B-SYNC") for n in range(5)])
@@ -602,7 +584,7 @@ def use_blocking_client(address: str) -> None:
 
 
 async def test_blocking_client_makes_the_same_calls(server: Running) -> None:
-    await asyncio.wait_for(asyncio.to_thread(use_blocking_client, server.address), WAIT)
+    await asyncio.wait_for(asyncio.to_thread(use_blocking_client, server.address), PROCESS_TIMEOUT)
     await eventually(lambda: server.app.hub.subscriber_count == 0)
 
 
@@ -612,7 +594,7 @@ async def test_blocking_client_to_nothing_listening_raises_unavailable() -> None
             client.fetch(message_id="x")
 
     with pytest.raises(UnavailableError) as caught:
-        await asyncio.wait_for(asyncio.to_thread(fetch), WAIT)
+        await asyncio.wait_for(asyncio.to_thread(fetch), PROCESS_TIMEOUT)
     assert_client_error(caught.value)
 
 

@@ -27,9 +27,10 @@ from typing import Any
 import pytest
 
 from dlrhub_client import Client, DeliveryStatus
-from tests.conftest import FIXTURES, ServerProcess, start_server_process
+from tests.conftest import FIXTURES
+from tests.helpers import PROCESS_TIMEOUT, gms_bare
+from tools import launcher
 
-TIMEOUT = 30.0  # seconds: the bound on every subprocess call and wait in this module
 _SCRIPT = shutil.which("dlrhub", path=str(Path(sys.executable).parent))
 DLRHUB = [_SCRIPT] if _SCRIPT else [sys.executable, "-m", "dlrhub.cli"]
 ENV = {
@@ -39,25 +40,21 @@ ENV = {
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """`dlrhub serve` (see conftest.start_server_process), shared by this module, stopped with SIGTERM."""
-    running = start_server_process(
-        tmp_path_factory.mktemp("cli") / "dlrhub.db", "--http-listen", "127.0.0.1:0"
-    )
-    try:
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[launcher.Server]:
+    """`dlrhub serve` (tools/launcher.py), shared by this module, stopped with SIGTERM."""
+    with launcher.start(tmp_path_factory.mktemp("cli") / "dlrhub.db") as running:
         yield running
-    finally:
-        running.process.terminate()
-        try:
-            running.process.wait(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            running.process.kill()
-            running.process.wait(timeout=TIMEOUT)
 
 
 def dlrhub(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*DLRHUB, *args], input=stdin, capture_output=True, text=True, timeout=TIMEOUT, env=ENV, check=False
+        [*DLRHUB, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=PROCESS_TIMEOUT,
+        env=ENV,
+        check=False,
     )
 
 
@@ -65,12 +62,6 @@ def dlrhub_all(*commands: Sequence[str]) -> list[subprocess.CompletedProcess[str
     """Independent commands run at the same time (each is a Python start-up)."""
     with ThreadPoolExecutor(max_workers=len(commands)) as pool:
         return list(pool.map(lambda command: dlrhub(*command), commands))
-
-
-def gms(
-    message_id: str, *, status: int = 2, time_ms: int = 1_477_417_294_667, **extra: Any
-) -> dict[str, Any]:
-    return {"message_id": message_id, "status": status, "time": time_ms, **extra}
 
 
 def sent_sms(message_id: str, bulk_id: str) -> dict[str, Any]:
@@ -95,8 +86,10 @@ def json_lines(text: str) -> list[dict[str, Any]]:
 # ingest
 
 
-def test_ingest_a_file_then_again_reports_duplicates(hub: ServerProcess, tmp_path: Path) -> None:
-    batch = write_json(tmp_path / "batch.json", [gms(f"file-{n}", extra_id="REF-FILE") for n in range(3)])
+def test_ingest_a_file_then_again_reports_duplicates(hub: launcher.Server, tmp_path: Path) -> None:
+    batch = write_json(
+        tmp_path / "batch.json", [gms_bare(f"file-{n}", extra_id="REF-FILE") for n in range(3)]
+    )
     first = dlrhub("ingest", batch, "--target", hub.address)
     assert (first.returncode, first.stdout) == (0, "accepted 3, duplicate 0, rejected 0\n"), first.stderr
     again = dlrhub("ingest", batch, "--target", hub.address)
@@ -109,17 +102,17 @@ def test_ingest_a_file_then_again_reports_duplicates(hub: ServerProcess, tmp_pat
         ]
 
 
-def test_ingest_from_stdin(hub: ServerProcess) -> None:
-    payload = json.dumps([gms("stdin-1"), gms("stdin-2", status=3, substatus=35)])
+def test_ingest_from_stdin(hub: launcher.Server) -> None:
+    payload = json.dumps([gms_bare("stdin-1"), gms_bare("stdin-2", status=3, substatus=35)])
     result = dlrhub("ingest", "-", "--target", hub.address, stdin=payload)
     assert (result.returncode, result.stdout) == (0, "accepted 2, duplicate 0, rejected 0\n"), result.stderr
     with Client(hub.address, timeout=10) as client:
         report = client.fetch(message_id="stdin-2").reports[0]
     assert report.status == DeliveryStatus.DELIVERY_STATUS_UNDELIVERED
-    assert report.raw_payload == json.dumps(gms("stdin-2", status=3, substatus=35))
+    assert report.raw_payload == json.dumps(gms_bare("stdin-2", status=3, substatus=35))
 
 
-def test_ingest_with_an_explicit_format(hub: ServerProcess) -> None:
+def test_ingest_with_an_explicit_format(hub: launcher.Server) -> None:
     body = str(FIXTURES / "sent_sms_report_pull.json")
     as_gms, as_sent_sms_report = dlrhub_all(
         ["ingest", body, "--format", "gms", "--target", hub.address],
@@ -136,8 +129,8 @@ def test_ingest_with_an_explicit_format(hub: ServerProcess) -> None:
         ]
 
 
-def test_ingest_with_a_bad_item_stores_the_rest_and_exits_3(hub: ServerProcess, tmp_path: Path) -> None:
-    batch = write_json(tmp_path / "bad.json", [gms("bad-ok-1"), {"status": 2}, gms("bad-ok-2")])
+def test_ingest_with_a_bad_item_stores_the_rest_and_exits_3(hub: launcher.Server, tmp_path: Path) -> None:
+    batch = write_json(tmp_path / "bad.json", [gms_bare("bad-ok-1"), {"status": 2}, gms_bare("bad-ok-2")])
     result = dlrhub("ingest", batch, "--target", hub.address)
     assert result.returncode == 3
     assert result.stdout == "accepted 2, duplicate 0, rejected 1\n"
@@ -146,7 +139,7 @@ def test_ingest_with_a_bad_item_stores_the_rest_and_exits_3(hub: ServerProcess, 
         assert client.fetch(message_id="bad-ok-2").reports[0].message_id == "bad-ok-2"
 
 
-def test_ingest_invalid_json_exits_3_with_line_and_column(hub: ServerProcess, tmp_path: Path) -> None:
+def test_ingest_invalid_json_exits_3_with_line_and_column(hub: launcher.Server, tmp_path: Path) -> None:
     malformed = str(FIXTURES / "gms_single_malformed.json")
     result, as_json, missing = dlrhub_all(
         ["ingest", malformed, "--target", hub.address],
@@ -165,10 +158,10 @@ def test_ingest_invalid_json_exits_3_with_line_and_column(hub: ServerProcess, tm
     assert "Traceback" not in missing.stderr
 
 
-def test_ingest_json_lines_one_payload_per_line(hub: ServerProcess, tmp_path: Path) -> None:
+def test_ingest_json_lines_one_payload_per_line(hub: launcher.Server, tmp_path: Path) -> None:
     lines = [
-        json.dumps(gms("lines-1")),
-        json.dumps([gms("lines-2"), gms("lines-3")]),
+        json.dumps(gms_bare("lines-1")),
+        json.dumps([gms_bare("lines-2"), gms_bare("lines-3")]),
         json.dumps({"results": [sent_sms("lines-4", "B-LINES")]}),
     ]
     path = tmp_path / "reports.jsonl"
@@ -191,10 +184,12 @@ def test_ingest_json_lines_one_payload_per_line(hub: ServerProcess, tmp_path: Pa
 
 
 def test_a_large_batch_is_split_into_calls_and_all_of_it_is_stored(
-    hub: ServerProcess, tmp_path: Path
+    hub: launcher.Server, tmp_path: Path
 ) -> None:
     ids = [f"big-{n:04d}" for n in range(2500)]
-    batch = write_json(tmp_path / "big.json", [gms(message_id, extra_id="REF-BIG") for message_id in ids])
+    batch = write_json(
+        tmp_path / "big.json", [gms_bare(message_id, extra_id="REF-BIG") for message_id in ids]
+    )
     result = dlrhub("ingest", batch, "--batch-size", "1000", "--json", "--target", hub.address)
     assert result.returncode == 0, result.stderr
     responses = json_lines(result.stdout)
@@ -206,8 +201,8 @@ def test_a_large_batch_is_split_into_calls_and_all_of_it_is_stored(
     assert sorted(report["message_id"] for report in json_lines(fetched.stdout)) == ids
 
 
-def test_request_id_makes_a_rerun_of_a_split_batch_a_replay(hub: ServerProcess, tmp_path: Path) -> None:
-    batch = write_json(tmp_path / "rid.json", [gms(f"rid-{n}") for n in range(3)])
+def test_request_id_makes_a_rerun_of_a_split_batch_a_replay(hub: launcher.Server, tmp_path: Path) -> None:
+    batch = write_json(tmp_path / "rid.json", [gms_bare(f"rid-{n}") for n in range(3)])
     options = ["--batch-size", "2", "--request-id", "cli-rid", "--target", hub.address]
     first = dlrhub("ingest", batch, *options)
     assert (first.returncode, first.stdout) == (0, "accepted 3, duplicate 0, rejected 0\n"), first.stderr
@@ -219,10 +214,14 @@ def test_request_id_makes_a_rerun_of_a_split_batch_a_replay(hub: ServerProcess, 
 # fetch
 
 
-def test_fetch_prints_a_table_json_history_bulks_and_references(hub: ServerProcess) -> None:
+def test_fetch_prints_a_table_json_history_bulks_and_references(hub: launcher.Server) -> None:
     with Client(hub.address, timeout=10) as client:
-        client.ingest_gms([gms("fetch-1", status=1, time_ms=1_000, extra_id="REF-FETCH", sent_via="sms")])
-        client.ingest_gms([gms("fetch-1", status=2, time_ms=2_000, extra_id="REF-FETCH", sent_via="sms")])
+        client.ingest_gms(
+            [gms_bare("fetch-1", status=1, time_ms=1_000, extra_id="REF-FETCH", sent_via="sms")]
+        )
+        client.ingest_gms(
+            [gms_bare("fetch-1", status=2, time_ms=2_000, extra_id="REF-FETCH", sent_via="sms")]
+        )
         client.ingest_sent_sms_report(
             [sent_sms("fetch-bulk-1", "B-FETCH"), sent_sms("fetch-bulk-2", "B-FETCH")]
         )
@@ -329,11 +328,11 @@ class Tail:
         got: list[dict[str, Any]] = []
         while len(got) < count:
             try:
-                line = self._lines.get(timeout=TIMEOUT)
+                line = self._lines.get(timeout=PROCESS_TIMEOUT)
             except queue.Empty:
-                pytest.fail(f"tail printed {len(got)} of {count} lines in {TIMEOUT} s")
+                pytest.fail(f"tail printed {len(got)} of {count} lines in {PROCESS_TIMEOUT} s")
             if line is None:
-                pytest.fail(f"tail ended ({self.process.wait(TIMEOUT)}) after {len(got)} lines")
+                pytest.fail(f"tail ended ({self.process.wait(PROCESS_TIMEOUT)}) after {len(got)} lines")
             got.append(json.loads(line))
         return got
 
@@ -347,7 +346,7 @@ class Tail:
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
-        self.process.wait(timeout=TIMEOUT)
+        self.process.wait(timeout=PROCESS_TIMEOUT)
         for stream in (self.process.stdout, self.process.stderr):
             if stream is not None:
                 stream.close()
@@ -363,11 +362,13 @@ def tails() -> Iterator[list[Tail]]:
             tail.stop()
 
 
-def test_tail_prints_changes_resumes_from_a_cursor_and_filters(hub: ServerProcess, tails: list[Tail]) -> None:
+def test_tail_prints_changes_resumes_from_a_cursor_and_filters(
+    hub: launcher.Server, tails: list[Tail]
+) -> None:
     ids = ["tail-a", "tail-b", "tail-c", "tail-d"]
     only_ours = [option for message_id in ids for option in ("--message-id", message_id)]
     with Client(hub.address, timeout=10) as client:
-        stored = client.ingest_gms([gms("tail-a"), gms("tail-b", status=3), gms("tail-c")])
+        stored = client.ingest_gms([gms_bare("tail-a"), gms_bare("tail-b", status=3), gms_bare("tail-c")])
         cursors = [result.cursor for result in stored.results]
 
         everything = Tail("--from-beginning", *only_ours, "--target", hub.address)
@@ -387,7 +388,7 @@ def test_tail_prints_changes_resumes_from_a_cursor_and_filters(hub: ServerProces
         assert not any(line.get("heartbeat") for line in first)  # heartbeats only with --heartbeats
 
         # Live: a change stored now arrives too.
-        live = client.ingest_gms([gms("tail-d")])
+        live = client.ingest_gms([gms_bare("tail-d")])
         [fourth] = everything.lines(1)
         assert (fourth["cursor"], fourth["report"]["message_id"]) == (live.results[0].cursor, "tail-d")
 
@@ -400,14 +401,14 @@ def test_tail_prints_changes_resumes_from_a_cursor_and_filters(hub: ServerProces
     assert everything.nothing_more(0.3)
 
 
-def test_tail_stops_cleanly_on_ctrl_c(hub: ServerProcess, tails: list[Tail]) -> None:
+def test_tail_stops_cleanly_on_ctrl_c(hub: launcher.Server, tails: list[Tail]) -> None:
     with Client(hub.address, timeout=10) as client:
-        stored = client.ingest_gms([gms("ctrl-c-1")])
+        stored = client.ingest_gms([gms_bare("ctrl-c-1")])
     tail = Tail("--from-beginning", "--message-id", "ctrl-c-1", "--target", hub.address)
     tails.append(tail)
     assert [line["cursor"] for line in tail.lines(1)] == [stored.results[0].cursor]
     tail.process.send_signal(signal.SIGINT)
-    assert tail.process.wait(timeout=TIMEOUT) == 0
+    assert tail.process.wait(timeout=PROCESS_TIMEOUT) == 0
     assert tail.process.stderr is not None
     assert "Traceback" not in tail.process.stderr.read()
 
@@ -425,10 +426,10 @@ def test_bad_tail_options_are_usage_errors() -> None:
     assert "not allowed with argument" in both_starts.stderr
 
 
-def test_a_large_file_shows_a_progress_bar_on_a_terminal_only(hub: ServerProcess, tmp_path: Path) -> None:
+def test_a_large_file_shows_a_progress_bar_on_a_terminal_only(hub: launcher.Server, tmp_path: Path) -> None:
     """On a terminal (a pseudo-terminal here) stderr shows tqdm's bar; piped, it shows nothing."""
     ids = [f"bar-{n:04d}" for n in range(40)]
-    batch = write_json(tmp_path / "bar.json", [gms(message_id) for message_id in ids])
+    batch = write_json(tmp_path / "bar.json", [gms_bare(message_id) for message_id in ids])
     command = [*DLRHUB, "ingest", batch, "--batch-size", "10", "--target", hub.address]
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
@@ -437,7 +438,7 @@ def test_a_large_file_shows_a_progress_bar_on_a_terminal_only(hub: ServerProcess
             command, stdout=subprocess.PIPE, stderr=follower, env=ENV, text=True
         ) as process:
             os.close(follower)
-            out, _ = process.communicate(timeout=TIMEOUT)
+            out, _ = process.communicate(timeout=PROCESS_TIMEOUT)
             terminal = b""
             while True:
                 try:

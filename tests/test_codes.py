@@ -79,7 +79,7 @@ def test_shipped_gms_rules_in_order() -> None:
         ((False, 4, 29, None), S.DELIVERY_STATUS_EXPIRED),
         ((False, 5, 6, None), S.DELIVERY_STATUS_REJECTED),
         ((False, 6, 1, None), S.DELIVERY_STATUS_UNSPECIFIED),
-        # By group name, where the ids are missing or unknown (normalisation.md §5).
+        # By group name, where the ids are missing or unknown (docs/normalisation.md §5).
         ((False, None, None, "DELIVERED"), S.DELIVERY_STATUS_DELIVERED),
         ((False, 6, 1, "REJECTED"), S.DELIVERY_STATUS_REJECTED),
         ((False, None, None, "FUTURE"), S.DELIVERY_STATUS_UNSPECIFIED),

@@ -17,9 +17,8 @@ import contextlib
 import json
 import random
 import shutil
+import signal
 import sqlite3
-import subprocess
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +33,8 @@ from deliveryreport.v1.delivery_report_service_pb2 import (
     StreamRequest,
 )
 from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
-from tests.conftest import ServerProcess, start_server_process
+from tests.helpers import TIMEOUT
+from tools import launcher
 
 if TYPE_CHECKING:
     from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceAsyncStub
@@ -42,7 +42,6 @@ if TYPE_CHECKING:
 SEED = 20_240_611
 ROUNDS = 4
 WRITERS = 8
-RPC_TIMEOUT = 10.0
 FETCH_SAMPLE = 25
 
 
@@ -109,7 +108,7 @@ async def write(
         request_id = f"{prefix}-{sequence}" if rng.random() < 0.5 else ""
         request = IngestRequest(payload=payload, format=Format.FORMAT_GMS, request_id=request_id)
         try:
-            response = await stub.Ingest(request, timeout=RPC_TIMEOUT)
+            response = await stub.Ingest(request, timeout=TIMEOUT)
         except grpc.aio.AioRpcError as error:
             if not life.killed.is_set():
                 ledger.unexpected.append(f"Ingest {prefix}-{sequence}: {error.code()} {error.details()}")
@@ -150,26 +149,6 @@ async def consume(
     except grpc.aio.AioRpcError as error:
         if not life.killed.is_set():
             ledger.unexpected.append(f"Stream: {error.code()} {error.details()}")
-
-
-def drain_stderr(server: ServerProcess) -> list[str]:
-    """Reads the server's log lines in the background, so a full pipe never blocks it."""
-    lines: list[str] = []
-    stderr = server.process.stderr
-    assert stderr is not None
-
-    def read() -> None:
-        for line in stderr:
-            lines.append(line)
-
-    threading.Thread(target=read, daemon=True).start()
-    return lines
-
-
-def stop(server: ServerProcess) -> None:
-    if server.process.poll() is None:
-        server.process.kill()
-    server.process.wait(timeout=10)
 
 
 def read_copy(db: Path, directory: Path) -> Stored:
@@ -223,7 +202,7 @@ async def check_fetch(stub: DeliveryReportServiceAsyncStub, ledger: Ledger, rng:
     """A sample of the acknowledged reports, fetched from the restarted server."""
     sample = rng.sample(sorted(ledger.acked), min(FETCH_SAMPLE, len(ledger.acked)))
     for message_id in sample:
-        fetched = await stub.Fetch(FetchRequest(message_id=message_id), timeout=RPC_TIMEOUT)
+        fetched = await stub.Fetch(FetchRequest(message_id=message_id), timeout=TIMEOUT)
         [state] = fetched.reports
         assert state.message_id == message_id
         assert json.loads(state.raw_payload) == ledger.sent[message_id]
@@ -236,12 +215,11 @@ async def test_acknowledged_reports_survive_sigkill_and_the_stream_resumes_witho
     db = tmp_path / "crash.db"
     ledger = Ledger()
     previous_max = 0
-    servers: list[ServerProcess] = []
+    servers: list[launcher.Server] = []
     try:
         for round_number in range(ROUNDS):
-            server = await asyncio.to_thread(start_server_process, db)
+            server = await asyncio.to_thread(launcher.start, db)
             servers.append(server)
-            drain_stderr(server)
             life = Round()
             channel = grpc.aio.insecure_channel(server.address)
             try:
@@ -260,8 +238,7 @@ async def test_acknowledged_reports_survive_sigkill_and_the_stream_resumes_witho
                 await asyncio.wait_for(asyncio.gather(life.acknowledged.wait(), life.streaming.wait()), 20)
                 await asyncio.sleep(rng.uniform(0.2, 1.0))
                 life.killed.set()
-                server.process.kill()
-                await asyncio.to_thread(server.process.wait, 10)
+                await asyncio.to_thread(server.stop, signal.SIGKILL, 10)
                 await asyncio.wait_for(asyncio.gather(consumer, *writers), 20)
             finally:
                 await channel.close(None)
@@ -273,9 +250,8 @@ async def test_acknowledged_reports_survive_sigkill_and_the_stream_resumes_witho
             previous_max = stored.changes[-1][0]
 
         # A last start: the consumer catches up on everything, then the server stops gracefully.
-        server = await asyncio.to_thread(start_server_process, db)
+        server = await asyncio.to_thread(launcher.start, db)
         servers.append(server)
-        drain_stderr(server)
         channel = grpc.aio.insecure_channel(server.address)
         try:
             stub = DeliveryReportServiceStub(channel)
@@ -284,12 +260,10 @@ async def test_acknowledged_reports_survive_sigkill_and_the_stream_resumes_witho
         finally:
             await channel.close(None)
         assert not ledger.unexpected, ledger.unexpected
-        server.process.terminate()
-        assert await asyncio.to_thread(server.process.wait, 15) == 0
+        assert await asyncio.to_thread(server.stop, signal.SIGTERM, 15) == 0
     finally:
         for running in servers:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                stop(running)
+            running.stop(signal.SIGKILL, 10)
 
     final = read_db(db)
     check_stored(final, ledger, 0, set())

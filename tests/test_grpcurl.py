@@ -26,9 +26,10 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import SEEDS, ServerProcess, start_server_process
+from tests.conftest import SEEDS
+from tests.helpers import PROCESS_TIMEOUT
+from tools import launcher
 
-TIMEOUT = 30.0
 SERVICE = "deliveryreport.v1.DeliveryReportService"
 INGEST = f"{SERVICE}/Ingest"
 FETCH = f"{SERVICE}/Fetch"
@@ -69,7 +70,7 @@ class GrpcError:
 
 
 def run(
-    server: ServerProcess, *args: str, data: object = None, flags: tuple[str, ...] = ()
+    server: launcher.Server, *args: str, data: object = None, flags: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess[str]:
     """`grpcurl -plaintext [flags] [-d @] ADDRESS ARGS...`, the request body as JSON on stdin."""
     command = [GRPCURL, "-plaintext", *flags]
@@ -81,12 +82,12 @@ def run(
         input=json.dumps(data) if data is not None else None,
         capture_output=True,
         text=True,
-        timeout=TIMEOUT,
+        timeout=PROCESS_TIMEOUT,
         check=False,
     )
 
 
-def call(server: ServerProcess, method: str, data: object) -> Json:
+def call(server: launcher.Server, method: str, data: object) -> Json:
     """A unary call that must succeed; its JSON answer."""
     done = run(server, method, data=data)
     assert done.returncode == 0, f"{method} failed ({done.returncode}): {done.stderr}"
@@ -95,7 +96,7 @@ def call(server: ServerProcess, method: str, data: object) -> Json:
     return answer
 
 
-def call_error(server: ServerProcess, method: str, data: object) -> GrpcError:
+def call_error(server: launcher.Server, method: str, data: object) -> GrpcError:
     """A unary call that must fail; grpcurl's error printout, parsed."""
     done = run(server, method, data=data)
     assert done.returncode != 0, f"{method} unexpectedly succeeded: {done.stdout}"
@@ -194,7 +195,7 @@ def sent_sms_report_examples() -> SentSmsReportExamples:
 class StreamWatcher:
     """A `grpcurl ... Stream` subprocess whose output is read as it arrives."""
 
-    def __init__(self, server: ServerProcess, request: Json) -> None:
+    def __init__(self, server: launcher.Server, request: Json) -> None:
         self.process = subprocess.Popen(
             [GRPCURL, "-plaintext", "-d", "@", server.address, STREAM],
             stdin=subprocess.PIPE,
@@ -237,18 +238,18 @@ class StreamWatcher:
         if self.process.poll() is None:
             self.process.terminate()
         try:
-            self.process.wait(timeout=TIMEOUT)
+            self.process.wait(timeout=PROCESS_TIMEOUT)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        self._reader.join(timeout=TIMEOUT)
+        self._reader.join(timeout=PROCESS_TIMEOUT)
         for pipe in (self.process.stdout, self.process.stderr):
             if pipe is not None:
                 pipe.close()
 
 
 @pytest.fixture
-def watch(server_process: ServerProcess) -> Iterator[Callable[[Json], StreamWatcher]]:
+def watch(server_process: launcher.Server) -> Iterator[Callable[[Json], StreamWatcher]]:
     """Starts stream watchers on `server_process`, and stops every one before the server stops."""
     started: list[StreamWatcher] = []
 
@@ -265,7 +266,7 @@ def watch(server_process: ServerProcess) -> Iterator[Callable[[Json], StreamWatc
 # Reflection and health.
 
 
-def test_list_describe_and_health_through_reflection(server_process: ServerProcess) -> None:
+def test_list_describe_and_health_through_reflection(server_process: launcher.Server) -> None:
     listed = run(server_process, "list")
     assert listed.returncode == 0, listed.stderr
     services = set(listed.stdout.split())
@@ -302,7 +303,7 @@ def test_list_describe_and_health_through_reflection(server_process: ServerProce
 # Ingest of every example in the provider documents.
 
 
-def test_ingest_gms_batch_example(server_process: ServerProcess) -> None:
+def test_ingest_gms_batch_example(server_process: launcher.Server) -> None:
     batch = gms_examples().batch
     items = json.loads(batch)
 
@@ -340,7 +341,7 @@ def test_ingest_gms_batch_example(server_process: ServerProcess) -> None:
     assert all("cursor" not in result for result in again["results"])
 
 
-def test_ingest_viber_template_examples(server_process: ServerProcess, tmp_path: Path) -> None:
+def test_ingest_viber_template_examples(server_process: launcher.Server, tmp_path: Path) -> None:
     examples = gms_examples()
     message_id = "9f60ac8f-e721-5027-b838-e6fcb95fcd7a"
 
@@ -360,19 +361,15 @@ def test_ingest_viber_template_examples(server_process: ServerProcess, tmp_path:
     assert [s["template_id"] for s in state] == ["6349599"]
 
     # On its own, the unmatched example stores template id 0: set, not left out.
-    other = start_server_process(tmp_path / "other.db")
-    try:
+    with launcher.start(tmp_path / "other.db") as other:
         alone = call(other, INGEST, {"payload": examples.template_unmatched})
         assert outcomes(alone) == ["ACCEPTED"]
         assert alone["results"][0]["report"]["template_id"] == "0"
         stored = call(other, FETCH, {"message_id": message_id})["reports"]
         assert [s["template_id"] for s in stored] == ["0"]
-    finally:
-        other.process.terminate()
-        other.process.wait(timeout=TIMEOUT)
 
 
-def test_ingest_sent_sms_report_pull_examples(server_process: ServerProcess) -> None:
+def test_ingest_sent_sms_report_pull_examples(server_process: launcher.Server) -> None:
     examples = sent_sms_report_examples()
     first, *copies = examples.ok
 
@@ -412,7 +409,7 @@ def test_ingest_sent_sms_report_pull_examples(server_process: ServerProcess) -> 
         assert error.detail("google.rpc.ErrorInfo")["reason"] == "UNKNOWN_FORMAT"
 
 
-def test_ingest_malformed_gms_single_example_is_invalid_argument(server_process: ServerProcess) -> None:
+def test_ingest_malformed_gms_single_example_is_invalid_argument(server_process: launcher.Server) -> None:
     single = gms_examples().single
     with pytest.raises(json.JSONDecodeError) as invalid:
         json.loads(single)
@@ -440,7 +437,7 @@ def test_ingest_malformed_gms_single_example_is_invalid_argument(server_process:
 # Ingest of typed messages.
 
 
-def test_ingest_typed_messages(server_process: ServerProcess) -> None:
+def test_ingest_typed_messages(server_process: launcher.Server) -> None:
     first_item = json.loads(gms_examples().batch)[0]
     gms = call(
         server_process,
@@ -533,7 +530,7 @@ def test_ingest_typed_messages(server_process: ServerProcess) -> None:
 # Fetch.
 
 
-def test_fetch_by_message_id_bulk_and_reference(server_process: ServerProcess) -> None:
+def test_fetch_by_message_id_bulk_and_reference(server_process: launcher.Server) -> None:
     call(server_process, INGEST, {"payload": sent_sms_report_examples().ok[0]})
     call(server_process, INGEST, {"payload": gms_examples().batch})
     # An earlier, lower report of a message already DELIVERED, and a third message of the bulk.
@@ -624,7 +621,7 @@ def test_fetch_by_message_id_bulk_and_reference(server_process: ServerProcess) -
 
 
 def test_stream_live_resume_and_replay(
-    server_process: ServerProcess, watch: Callable[[Json], StreamWatcher]
+    server_process: launcher.Server, watch: Callable[[Json], StreamWatcher]
 ) -> None:
     items = json.loads(gms_examples().batch)
     first = call(server_process, INGEST, {"gms": {"reports": [items[0]]}})
@@ -688,7 +685,7 @@ def test_stream_live_resume_and_replay(
         assert seen[-1]["state"]["status"] == "DELIVERY_STATUS_DELIVERED"
 
 
-def test_stream_with_max_time_ends_with_deadline_exceeded(server_process: ServerProcess) -> None:
+def test_stream_with_max_time_ends_with_deadline_exceeded(server_process: launcher.Server) -> None:
     """What a user of `-max-time` sees: the replay and heartbeats, then grpcurl's DeadlineExceeded."""
     answer = call(server_process, INGEST, {"payload": sent_sms_report_examples().ok[0]})
     cursors = [result["cursor"] for result in answer["results"]]
@@ -707,7 +704,7 @@ def test_stream_with_max_time_ends_with_deadline_exceeded(server_process: Server
     assert any(m.get("heartbeat") for m in messages)
 
 
-def test_stream_rejects_bad_cursors(server_process: ServerProcess) -> None:
+def test_stream_rejects_bad_cursors(server_process: launcher.Server) -> None:
     malformed = call_error(server_process, STREAM, {"cursor": "not-a-cursor"})
     assert malformed.code == "InvalidArgument"
     assert malformed.detail("google.rpc.ErrorInfo")["reason"] == "INVALID_CURSOR"

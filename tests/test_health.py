@@ -32,15 +32,16 @@ from dlrhub.config import Settings
 from dlrhub.observability.health import INTERVAL
 from dlrhub.store import SqliteStore
 from dlrhub.transport.handlers import SERVICE_NAME
-from tests.conftest import serving, start_server_process
+from tests.conftest import serving
+from tests.helpers import TIMEOUT
 from tests.test_internal_errors import tables_away
+from tools import launcher
 
 if TYPE_CHECKING:
     from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceAsyncStub
 
     WatchCall = grpc.aio.UnaryStreamCall[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse]
 
-TIMEOUT = 10.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -210,7 +211,9 @@ class StallingStore(SqliteStore):
 
 async def test_health_and_metrics_answer_at_once_while_the_store_stalls(tmp_path: Path) -> None:
     store = StallingStore(tmp_path / "dlrhub.db")
-    settings = Settings(listen="127.0.0.1:0", http_listen="127.0.0.1:0", db=tmp_path / "dlrhub.db")
+    settings = Settings(
+        listen="127.0.0.1:0", http_listen="127.0.0.1:0", admin_listen="127.0.0.1:0", db=tmp_path / "dlrhub.db"
+    )
     running = await app.start(settings, store=store)
     try:
         async with (
@@ -226,7 +229,7 @@ async def test_health_and_metrics_answer_at_once_while_the_store_stalls(tmp_path
             for _ in range(3):
                 checked = await health.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
                 assert checked.status == SERVING
-                scraped = await http.get(f"http://127.0.0.1:{running.http_port}/metrics", timeout=0.5)
+                scraped = await http.get(f"http://127.0.0.1:{running.admin_port}/metrics", timeout=0.5)
                 assert scraped.status_code == 200
                 assert "dlrhub_quarantine_open 0.0" in scraped.text
             assert not fetch.done()
@@ -266,7 +269,7 @@ def test_a_store_that_cannot_commit_is_not_serving_until_it_can_and_loses_nothin
     """The server's files may not grow at all (RLIMIT_FSIZE at the WAL's size: a full disk): commits
     fail, health goes NOT_SERVING and stays so while the store cannot commit (its probe writes), then
     SERVING once the limit is lifted; every Ingest acknowledged is in the file after a restart."""
-    server = start_server_process(db_path)
+    server = launcher.start(db_path)
     acknowledged: set[str] = set()
     try:
         with grpc.insecure_channel(server.address) as channel:
@@ -280,7 +283,7 @@ def test_a_store_that_cannot_commit_is_not_serving_until_it_can_and_loses_nothin
 
             wal = db_path.with_name(db_path.name + "-wal")
             full = (wal.stat().st_size, resource.RLIM_INFINITY)
-            resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE, full)
+            resource.prlimit(server.pid, resource.RLIMIT_FSIZE, full)
             with pytest.raises(grpc.RpcError) as raised:
                 stub.Ingest(IngestRequest(payload=fat_gms("refused-1"), request_id="r-1"), timeout=TIMEOUT)
             refused = raised.value
@@ -294,14 +297,13 @@ def test_a_store_that_cannot_commit_is_not_serving_until_it_can_and_loses_nothin
             assert health.Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT).status == NOT_SERVING
 
             lifted = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
-            resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE, lifted)
+            resource.prlimit(server.pid, resource.RLIMIT_FSIZE, lifted)
             assert next(watch).status == SERVING  # at the next probe
             stub.Ingest(IngestRequest(payload=fat_gms("refused-1"), request_id="r-1"), timeout=TIMEOUT)
             acknowledged.add("refused-1")  # retried, and stored now
             watch.cancel()
     finally:
-        server.process.terminate()
-        server.process.wait(timeout=30)
-    assert server.process.returncode == 0
+        stopped = server.stop()
+    assert stopped == 0
     stored = acknowledged_ids(db_path)
     assert acknowledged == stored

@@ -20,13 +20,12 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeAlias, cast
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 import httpx
 import pytest
-from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, assume, currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
@@ -52,11 +51,11 @@ from deliveryreport.v1.provider_formats_pb2 import (
     SentSmsReportStatus,
 )
 from tests.conftest import FIXTURES, Running
+from tests.helpers import TIMEOUT, ErrorDetails, details_of
 
 if TYPE_CHECKING:  # the async stub type exists only in the generated .pyi
     from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceAsyncStub
 
-RPC_TIMEOUT = 10.0
 HTTP_TIMEOUT = 30.0
 GMS_ROUTE = "/webhooks/gms"
 SMS_ROUTE = "/webhooks/sent-sms-report"
@@ -422,35 +421,6 @@ def note(outcome: str) -> None:
 
 
 @dataclass
-class ErrorDetails:
-    reason: str
-    fields: list[str] = field(default_factory=list)
-
-
-def details_of(error: grpc.aio.AioRpcError) -> ErrorDetails:
-    """The google.rpc.Status of a failed call: its ErrorInfo reason and BadRequest field paths."""
-    metadata = cast("grpc.aio.Metadata", error.trailing_metadata())
-    [encoded] = [value for key, value in metadata if key == "grpc-status-details-bin"]
-    assert isinstance(encoded, bytes)
-    status = status_pb2.Status.FromString(encoded)
-    assert status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
-    reasons: list[str] = []
-    fields: list[str] = []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            reasons.append(info.reason)
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad_request = error_details_pb2.BadRequest()
-            detail.Unpack(bad_request)
-            fields.extend(violation.field for violation in bad_request.field_violations)
-    assert len(reasons) == 1
-    assert fields, "INVALID_ARGUMENT without field violations"
-    return ErrorDetails(reasons[0], fields)
-
-
-@dataclass
 class Target:
     server: Running
     http: httpx.AsyncClient
@@ -466,11 +436,12 @@ class Target:
     ) -> IngestResponse | ErrorDetails:
         """Ingest: OK (every acknowledged report fetchable) or INVALID_ARGUMENT, nothing else."""
         try:
-            response = await (stub or self.stub).Ingest(request, timeout=RPC_TIMEOUT)
+            response = await (stub or self.stub).Ingest(request, timeout=TIMEOUT)
         except grpc.aio.AioRpcError as error:
             if error.code() != grpc.StatusCode.INVALID_ARGUMENT:
                 pytest.fail(f"Ingest answered {error.code()}: {error.details()}")
             details = details_of(error)
+            assert details.fields, "INVALID_ARGUMENT without field violations"
             note(f"Ingest: INVALID_ARGUMENT {details.reason}")
             return details
         note(f"Ingest: OK, {'some' if response.accepted_count else 'none'} accepted")
@@ -493,7 +464,7 @@ class Target:
     ) -> None:
         fetched = await (stub or self.stub).Fetch(
             FetchRequest(message_id=message_id, source=source),  # type: ignore[arg-type]
-            timeout=RPC_TIMEOUT,
+            timeout=TIMEOUT,
         )
         assert [state.message_id for state in fetched.reports] == [message_id]
 
@@ -516,15 +487,15 @@ class Target:
         """Pre-ingested messages as they were; health SERVING; a valid Ingest acknowledged."""
         for message_id, before in self.snapshot.items():
             after = await self.stub.Fetch(
-                FetchRequest(message_id=message_id, include_history=True), timeout=RPC_TIMEOUT
+                FetchRequest(message_id=message_id, include_history=True), timeout=TIMEOUT
             )
             assert after == before, message_id
         health = health_pb2_grpc.HealthStub(self.server.channel)
-        check = await health.Check(health_pb2.HealthCheckRequest(), timeout=RPC_TIMEOUT)
+        check = await health.Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT)
         assert check.status == health_pb2.HealthCheckResponse.SERVING
         self.alive_count += 1
         payload = json.dumps(gms_item(f"alive:{self.alive_count}"))
-        response = await self.stub.Ingest(IngestRequest(payload=payload), timeout=RPC_TIMEOUT)
+        response = await self.stub.Ingest(IngestRequest(payload=payload), timeout=TIMEOUT)
         assert response.accepted_count == 1
 
     async def both_ways(self, route: str, text: str, format: int = Format.FORMAT_UNSPECIFIED) -> None:
@@ -538,14 +509,14 @@ class Target:
 @pytest.fixture
 async def target(server: Running) -> AsyncIterator[Target]:
     """The server with some messages stored before the attack, and their snapshot."""
-    response = await server.stub.Ingest(IngestRequest(payload=json.dumps(PRE_GMS)), timeout=RPC_TIMEOUT)
+    response = await server.stub.Ingest(IngestRequest(payload=json.dumps(PRE_GMS)), timeout=TIMEOUT)
     assert response.accepted_count == 2
     for body in ({"results": [PRE_SMS]}, {"results": [PRE_SEEN]}):
-        response = await server.stub.Ingest(IngestRequest(payload=dump(body)), timeout=RPC_TIMEOUT)
+        response = await server.stub.Ingest(IngestRequest(payload=dump(body)), timeout=TIMEOUT)
         assert response.accepted_count == 1
     snapshot = {
         message_id: await server.stub.Fetch(
-            FetchRequest(message_id=message_id, include_history=True), timeout=RPC_TIMEOUT
+            FetchRequest(message_id=message_id, include_history=True), timeout=TIMEOUT
         )
         for message_id in PRE_IDS
     }
@@ -928,12 +899,12 @@ async def test_invalid_utf8_in_protobuf_strings_is_refused_before_the_servicer(t
     before = target.server.app.store.latest_cursor()
     for raw in requests:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await call(raw, timeout=RPC_TIMEOUT)
+            await call(raw, timeout=TIMEOUT)
         code, details = raised.value.code(), raised.value.details() or ""
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
         assert "not a valid protobuf message" in details, details
     assert target.server.app.store.latest_cursor() == before
     # The same bytes with valid UTF-8 go through the same hand-made path.
-    answer = IngestResponse.FromString(await call(field_bytes(1, valid_report), timeout=RPC_TIMEOUT))
+    answer = IngestResponse.FromString(await call(field_bytes(1, valid_report), timeout=TIMEOUT))
     assert answer.accepted_count == 1
     await target.unchanged_and_alive()

@@ -23,9 +23,8 @@ from deliveryreport.v1.delivery_report_service_pb2 import IngestRequest
 from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
 from dlrhub import app
 from tests.conftest import serving
-from tests.fake_provider import wait_until
+from tests.helpers import TIMEOUT, eventually
 
-TIMEOUT = 10.0
 SERVICE = "deliveryreport.v1.DeliveryReportService"
 REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
 
@@ -88,12 +87,12 @@ async def test_a_consumer_killed_mid_stream_is_logged_cancelled_and_counted_with
         assert consumer.stdout is not None
         async with asyncio.timeout(TIMEOUT):
             assert await consumer.stdout.readline() == b"reading no more\n"
-        await wait_until(lambda: running.hub.subscriber_count == 1, TIMEOUT, message="the stream is open")
+        await eventually(lambda: running.hub.subscriber_count == 1, "the stream is open")
         await asyncio.sleep(0.2)  # the server's sends back up meanwhile
     finally:
         consumer.send_signal(signal.SIGKILL)
         await consumer.wait()
-    await wait_until(lambda: running.hub.subscriber_count == 0, TIMEOUT, message="the stream ends")
+    await eventually(lambda: running.hub.subscriber_count == 0, "the stream ends")
     running.flush_logs()
 
     method = f"{SERVICE}/{rpc}"

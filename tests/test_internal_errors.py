@@ -32,11 +32,11 @@ from dlrhub import app
 from dlrhub.config import Settings
 from dlrhub.store import SqliteStore
 from tests.conftest import FakeClock
+from tests.helpers import TIMEOUT
 
 if TYPE_CHECKING:
     from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceAsyncStub
 
-TIMEOUT = 10.0
 # Words of the engine, or of Python, that must never reach a caller.
 ENGINE_WORDS = ("sqlite", "table", "SELECT", "INSERT", "Error", "Traceback", "no such", "secret")
 

@@ -11,9 +11,9 @@ import contextlib
 import json
 import sqlite3
 import threading
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import grpc
 import httpx
@@ -33,43 +33,7 @@ from dlrhub_client import (
     ResourceExhaustedError,
 )
 from tests.conftest import serving
-
-TIMEOUT = 10.0  # seconds: the bound on every call and wait here
-
-
-def report(message_id: str, extra: str = "") -> dict[str, Any]:
-    """One delivered GMS SMS report."""
-    return {
-        "number": "380961111111",
-        "time": 1477417294667,
-        "status": 2,
-        "substatus": 23,
-        "hyber_status": 23011,
-        "message_id": message_id,
-        "extra_id": f"ref-{message_id}{extra}",
-        "sent_via": "sms",
-    }
-
-
-def gms(*message_ids: str) -> str:
-    """A GMS push body: one report per message id."""
-    return json.dumps([report(message_id) for message_id in message_ids])
-
-
-def connect(running: app.App, timeout: float = TIMEOUT) -> AsyncClient:
-    return AsyncClient(f"127.0.0.1:{running.port}", timeout=timeout, reconnect_attempts=0)
-
-
-async def eventually(condition: Callable[[], bool], what: str) -> None:
-    """Waits (polling, bounded by TIMEOUT) until `condition()` holds."""
-    try:
-        async with asyncio.timeout(TIMEOUT):
-            while True:
-                if condition():
-                    return
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting: {what}") from None
+from tests.helpers import TIMEOUT, connect, eventually, gms, gms_batch
 
 
 async def assert_not_stored(running: app.App, *message_ids: str) -> None:
@@ -95,14 +59,14 @@ async def first(stream: AsyncGenerator[StreamResponse, None]) -> StreamResponse:
 
 async def test_a_request_over_max_request_bytes_is_resource_exhausted(tmp_path: Path) -> None:
     async with serving(tmp_path, max_request_bytes=2048) as running, connect(running) as client:
-        big = json.dumps([report("big-1", extra="x" * 2100)])
+        big = json.dumps([gms("big-1", reference="x" * 2100)])
         with pytest.raises(ResourceExhaustedError) as raised:
             await client.ingest(big)
         assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "2048" in raised.value.message
         await assert_not_stored(running, "big-1")
 
-        small = gms("small-1", "small-2", "small-3")
+        small = gms_batch("small-1", "small-2", "small-3")
         assert len(small) < 2048
         assert (await client.ingest(small)).accepted_count == 3
 
@@ -111,11 +75,11 @@ async def test_a_webhook_body_over_http_max_body_bytes_is_413(tmp_path: Path) ->
     async with serving(tmp_path, http_max_body_bytes=1024) as running:
         url = f"http://127.0.0.1:{running.http_port}/webhooks/gms"
         async with httpx.AsyncClient(timeout=TIMEOUT) as http:
-            response = await http.post(url, content=json.dumps([report("huge-1", extra="x" * 1100)]))
+            response = await http.post(url, content=json.dumps([gms("huge-1", reference="x" * 1100)]))
             assert response.status_code == 413
             assert response.json()["error"]["reason"] == "BODY_TOO_LARGE"
             await assert_not_stored(running, "huge-1")
-            assert (await http.post(url, content=gms("fits-1"))).status_code == 200
+            assert (await http.post(url, content=gms_batch("fits-1"))).status_code == 200
 
 
 # Items per Ingest.
@@ -125,7 +89,7 @@ async def test_a_batch_over_max_batch_items_is_refused_whole(tmp_path: Path) -> 
     async with serving(tmp_path, max_batch_items=3) as running, connect(running) as client:
         four = ["four-1", "four-2", "four-3", "four-4"]
         with pytest.raises(InvalidArgumentError) as raised:
-            await client.ingest(gms(*four))
+            await client.ingest(gms_batch(*four))
         error = raised.value
         assert error.reason == "TOO_MANY_ITEMS"
         assert error.metadata == {"items": "4", "max_items": "3"}
@@ -134,12 +98,12 @@ async def test_a_batch_over_max_batch_items_is_refused_whole(tmp_path: Path) -> 
         await assert_not_stored(running, *four)
 
         with pytest.raises(InvalidArgumentError) as typed:
-            await client.ingest_gms([json_format.ParseDict(report(m), GmsReport()) for m in four])
+            await client.ingest_gms([json_format.ParseDict(gms(m), GmsReport()) for m in four])
         assert typed.value.reason == "TOO_MANY_ITEMS"
         assert [v.field for v in typed.value.violations] == ["gms"]
         await assert_not_stored(running, *four)
 
-        response = await client.ingest(gms("three-1", "three-2", "three-3"))
+        response = await client.ingest(gms_batch("three-1", "three-2", "three-3"))
         assert response.accepted_count == 3
         assert [r.message_id for r in (await client.fetch(message_id="three-3")).reports] == ["three-3"]
 
@@ -148,14 +112,14 @@ async def test_a_webhook_batch_over_max_batch_items_is_413(tmp_path: Path) -> No
     async with serving(tmp_path, max_batch_items=3) as running:
         url = f"http://127.0.0.1:{running.http_port}/webhooks/gms"
         async with httpx.AsyncClient(timeout=TIMEOUT) as http:
-            response = await http.post(url, content=gms("hook-1", "hook-2", "hook-3", "hook-4"))
+            response = await http.post(url, content=gms_batch("hook-1", "hook-2", "hook-3", "hook-4"))
             assert response.status_code == 413
             error = response.json()["error"]
             assert error["reason"] == "TOO_MANY_ITEMS"
             assert "at most 3" in error["description"]
             await assert_not_stored(running, "hook-1", "hook-4")
 
-            response = await http.post(url, content=gms("hook-1", "hook-2", "hook-3"))
+            response = await http.post(url, content=gms_batch("hook-1", "hook-2", "hook-3"))
             assert response.status_code == 200
             assert response.json()["accepted"] == 3
         assert running.store.latest_cursor() == 3
@@ -189,7 +153,7 @@ async def test_streams_over_max_streams_are_refused_until_one_closes(tmp_path: P
                 assert (await first(again)).heartbeat
                 assert running.hub.subscriber_count == 2
                 # The streams still carry changes.
-                await client.ingest(gms("streamed-1"))
+                await client.ingest(gms_batch("streamed-1"))
                 for stream in (two, again):
                     response = await first(stream)
                     assert response.report.message_id == "streamed-1"
@@ -208,13 +172,17 @@ async def test_max_streams_holds_for_concurrent_calls_resuming_from_a_cursor(tmp
     at the same time: the way a burst of reconnecting consumers meets a busy store.
     """
     async with serving(tmp_path, max_streams=2) as running, connect(running) as client:
-        await client.ingest(gms("resume-1"))
+        await client.ingest(gms_batch("resume-1"))
         gate = threading.Event()
         busy = [running.reads.submit(gate.wait, TIMEOUT) for _ in range(16)]
         streams = [cast(AsyncGenerator[StreamResponse, None], client.stream(cursor="0")) for _ in range(12)]
         try:
             pending = asyncio.gather(*(first(stream) for stream in streams), return_exceptions=True)
-            await asyncio.sleep(0.3)  # the calls arrive and wait for a read thread
+            # Every call has arrived and waits for a read thread: queued behind the blockers the
+            # threads do not hold.
+            reads = running.reads
+            waiting = len(busy) - reads._max_workers + len(streams)
+            await eventually(lambda: reads._work_queue.qsize() == waiting, "every call waits for a read")
             gate.set()
             results = await pending
             opened = [result for result in results if isinstance(result, StreamResponse)]
@@ -283,14 +251,14 @@ async def test_an_expired_deadline_fails_and_the_server_stays_healthy(tmp_path: 
         try:
             async with connect(running, timeout=0.3) as hurried:
                 with pytest.raises(DeadlineExceededError) as raised:
-                    await hurried.ingest(gms("hurried-1"))
+                    await hurried.ingest(gms_batch("hurried-1"))
         finally:
             blocker.execute("ROLLBACK")
             blocker.close()
         assert raised.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
 
         async with connect(running) as client:
-            assert (await client.ingest(gms("calm-1"))).accepted_count == 1
+            assert (await client.ingest(gms_batch("calm-1"))).accepted_count == 1
             [state] = (await client.fetch(message_id="calm-1")).reports
             assert state.message_id == "calm-1"
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:

@@ -1,4 +1,4 @@
-"""The merge rule of normalisation.md §4 and §5: properties first, then one example per rule."""
+"""The merge rule of docs/normalisation.md §4 and §5: properties first, then one example per rule."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ GMS = Source.SOURCE_GMS
 SSR = Source.SOURCE_SENT_SMS_REPORT
 MESSAGE_ID = "9f60ac8f-e721-5027-b838-e6fcb95fcd7a"
 
-# normalisation.md §3, written out again so the test also checks dlrhub.statuses.RANK.
+# docs/normalisation.md §3, written out again so the test also checks dlrhub.statuses.RANK.
 SPEC_RANK: dict[int, int] = {
     S.DELIVERY_STATUS_UNSPECIFIED: 0,
     S.DELIVERY_STATUS_ACCEPTED: 10,

@@ -13,7 +13,8 @@ import grpc
 from deliveryreport.v1.delivery_report_pb2 import DeliveryStatus, Source
 from deliveryreport.v1.delivery_report_service_pb2 import FetchRequest
 from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
-from tests.conftest import ROOT, ServerProcess, node_executable
+from tests.conftest import ROOT, node_executable
+from tools import launcher
 
 SCRIPT = ROOT / "client" / "node" / "dlrhub-client.js"
 SERVICE = "/deliveryreport.v1.DeliveryReportService"
@@ -32,7 +33,7 @@ def _run_client(address: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in completed.stdout.splitlines() if line.strip()]
 
 
-def test_node_client_ingests_fetches_and_streams(server_process: ServerProcess) -> None:
+def test_node_client_ingests_fetches_and_streams(server_process: launcher.Server) -> None:
     lines = _run_client(server_process.address)
     steps = [line["step"] for line in lines]
     assert steps == ["stream_open", "ingest", "fetch", "stream", "stream", "done"]
@@ -143,7 +144,7 @@ class _OlderServer(grpc.GenericRpcHandler):  # type: ignore[type-arg]
 
 
 async def test_node_client_falls_back_to_stream_on_a_server_without_stream_batches(
-    server_process: ServerProcess,
+    server_process: launcher.Server,
 ) -> None:
     async with grpc.aio.insecure_channel(server_process.address) as channel:
         older = _OlderServer(channel)

@@ -188,7 +188,7 @@ def test_get_report_with_aliases_and_error() -> None:
     )
 
 
-# --- normalisation.md §3: every GMS mapping row, first match wins --------------------------------------
+# --- docs/normalisation.md §3: every GMS mapping row, first match wins --------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -158,7 +158,7 @@ def test_viber_delivery_report_on_an_endpoint_that_serves_viber() -> None:
 
 
 def test_a_body_without_channel_is_sms_unless_the_endpoint_says_otherwise() -> None:
-    # normalisation.md §5: the `channel` field, else the endpoint's channel, else SMS.
+    # docs/normalisation.md §5: the `channel` field, else the endpoint's channel, else SMS.
     assert [got.channel for got in reports_of("viber_delivery.json")] == [C.CHANNEL_SMS]
     assert [got.channel for got in reports_of("zalo_delivery.json", C.CHANNEL_VIBER)] == [C.CHANNEL_ZALO] * 2
 

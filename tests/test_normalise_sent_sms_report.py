@@ -195,7 +195,7 @@ def test_seen_report() -> None:
     assert items[0].raw.endswith('"entityId": "my-entity-id"\n    }')
 
 
-# --- normalisation.md §3: every SentSMSReport mapping row --------------------------------------------------
+# --- docs/normalisation.md §3: every SentSMSReport mapping row --------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -385,6 +385,31 @@ def test_price_without_amount_is_unset() -> None:
 def test_price_is_per_message_not_multiplied_by_parts() -> None:
     report = report_of(delivered(smsCount=3, price={"pricePerMessage": "0.0075", "currency": "EUR"}))
     assert report.price.amount == "0.0075"
+
+
+def priced(price: str) -> NormalisedItem:
+    """The one item of a body (its format detected) whose report's pricePerMessage is `price`."""
+    body = {
+        "results": [
+            {"messageId": "p", "status": {"groupId": 3, "id": 5}, "price": {"pricePerMessage": price}}
+        ]
+    }
+    [item] = normalise(json.dumps(body), Format.FORMAT_UNSPECIFIED)
+    return item
+
+
+@pytest.mark.parametrize("price", ["1_000", "١٢", "0x10", " ", "1e", "."])
+def test_a_price_that_is_not_a_plain_decimal_is_rejected(price: str) -> None:
+    item = priced(price)
+    assert item.rejection is not None
+    assert (item.rejection.field, item.rejection.reason) == ("results[0].price.pricePerMessage", "WRONG_TYPE")
+
+
+@pytest.mark.parametrize("price", ["0.0075", "-1", "1.5E-3", "10", ".5"])
+def test_a_plain_decimal_price_string_is_kept_as_given(price: str) -> None:
+    item = priced(price)
+    assert item.report is not None
+    assert item.report.price.amount == price
 
 
 # --- error -------------------------------------------------------------------------------------------------

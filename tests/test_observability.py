@@ -1,7 +1,7 @@
 """Observability: /metrics scraped around known operations, the per-call log lines, tracing.
 
 Every metric check is a delta between two scrapes of the real HTTP endpoint
-(`GET http://127.0.0.1:{http_port}/metrics`), parsed with prometheus_client's
+(`GET http://127.0.0.1:{admin_port}/metrics`, the admin port), parsed with prometheus_client's
 own parser, so what is asserted is what Prometheus would see.
 """
 
@@ -15,11 +15,12 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 import httpx
@@ -39,9 +40,13 @@ from dlrhub import app as app_module
 from dlrhub.config import Settings
 from dlrhub.observability.calls import CallLog
 from dlrhub.observability.logs import JsonFormatter
+from dlrhub.store import SqliteStore
+from dlrhub.store.base import Store, Transaction
 from dlrhub.transport.poller import PollerSettings
 from tests.conftest import FakeClock, Running, serving
-from tests.fake_provider import FakeProvider, report, wait_until
+from tests.fake_provider import FakeProvider, report
+from tests.helpers import TIMEOUT, eventually
+from tools import launcher
 
 if TYPE_CHECKING:
     from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceAsyncStub
@@ -51,7 +56,6 @@ if TYPE_CHECKING:
 INGEST = "deliveryreport.v1.DeliveryReportService/Ingest"
 FETCH = "deliveryreport.v1.DeliveryReportService/Fetch"
 STREAM = "deliveryreport.v1.DeliveryReportService/Stream"
-TIMEOUT = 10.0
 KEY = "observability-api-key"
 # Distinctive payload contents that must never reach a log line.
 SECRET_NUMBER = 380_977_123_456
@@ -69,10 +73,11 @@ Labels = frozenset[tuple[str, str]]
 Samples = dict[tuple[str, Labels], float]
 
 
-async def scrape(http_port: int) -> Samples:
+async def scrape(admin_port: int | None) -> Samples:
     """Every dlrhub_* sample on /metrics, keyed by sample name and labels."""
+    assert admin_port is not None, "the admin port is off: set admin_listen"
     async with httpx.AsyncClient() as http:
-        response = await http.get(f"http://127.0.0.1:{http_port}/metrics", timeout=TIMEOUT)
+        response = await http.get(f"http://127.0.0.1:{admin_port}/metrics", timeout=TIMEOUT)
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("text/plain")
     samples: Samples = {}
@@ -140,7 +145,7 @@ async def test_a_batch_with_a_duplicate_and_a_bad_item_moves_each_series_by_its_
 ) -> None:
     first = await server.stub.Ingest(gms_request(gms_item("obs-1")), timeout=TIMEOUT)
     assert first.accepted_count == 1
-    before = await scrape(server.app.http_port)
+    before = await scrape(server.app.admin_port)
 
     batch = [gms_item("obs-1"), gms_item("obs-2"), {"status": 2, "number": 380_961_111_111}]  # no message_id
     response = await server.stub.Ingest(gms_request(batch), timeout=TIMEOUT)
@@ -150,7 +155,7 @@ async def test_a_batch_with_a_duplicate_and_a_bad_item_moves_each_series_by_its_
         IngestOutcome.INGEST_OUTCOME_REJECTED,
     ]
     await server.app.store_health.probe()  # the quarantine gauge is read ahead of scrapes: now
-    after = await scrape(server.app.http_port)
+    after = await scrape(server.app.admin_port)
 
     # One item per outcome, each with its source and unified status (none for the rejected item).
     assert moved(before, after, "dlrhub_reports_total") == {
@@ -179,7 +184,7 @@ async def test_a_batch_with_a_duplicate_and_a_bad_item_moves_each_series_by_its_
 
 
 async def test_failed_calls_are_counted_by_their_status_code(server: Running) -> None:
-    before = await scrape(server.app.http_port)
+    before = await scrape(server.app.admin_port)
 
     with pytest.raises(grpc.aio.AioRpcError) as invalid:
         await server.stub.Ingest(IngestRequest(payload="not json", format=Format.FORMAT_GMS), timeout=TIMEOUT)
@@ -189,7 +194,7 @@ async def test_failed_calls_are_counted_by_their_status_code(server: Running) ->
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
 
     await server.app.store_health.probe()  # the quarantine gauge is read ahead of scrapes: now
-    after = await scrape(server.app.http_port)
+    after = await scrape(server.app.admin_port)
     assert moved(before, after, "dlrhub_rpc_requests_total") == {
         labels_of(method=INGEST, code="INVALID_ARGUMENT"): 1,
         labels_of(method=FETCH, code="NOT_FOUND"): 1,
@@ -206,12 +211,12 @@ async def test_failed_calls_are_counted_by_their_status_code(server: Running) ->
 
 
 async def test_a_code_missing_from_the_table_is_counted_as_unmapped_once(server: Running) -> None:
-    before = await scrape(server.app.http_port)
+    before = await scrape(server.app.admin_port)
     unknown = {"message_id": "obs-unmapped", "status": 7, "time": 1_700_000_000_000}
 
     accepted = await server.stub.Ingest(gms_request(unknown), timeout=TIMEOUT)
     assert accepted.accepted_count == 1
-    middle = await scrape(server.app.http_port)
+    middle = await scrape(server.app.admin_port)
     assert moved(before, middle, "dlrhub_unmapped_codes_total") == {
         labels_of(source="gms", codes="status=7"): 1
     }
@@ -222,7 +227,7 @@ async def test_a_code_missing_from_the_table_is_counted_as_unmapped_once(server:
     # Its duplicate is not a new unmapped report; a mapped report is not counted at all.
     duplicate = await server.stub.Ingest(gms_request([unknown, gms_item("obs-mapped")]), timeout=TIMEOUT)
     assert (duplicate.duplicate_count, duplicate.accepted_count) == (1, 1)
-    after = await scrape(server.app.http_port)
+    after = await scrape(server.app.admin_port)
     assert moved(middle, after, "dlrhub_unmapped_codes_total") == {}
     assert moved(middle, after, "dlrhub_reports_total") == {
         labels_of(source="gms", status="unspecified", outcome="duplicate"): 1,
@@ -237,7 +242,13 @@ async def test_a_code_missing_from_the_table_is_counted_as_unmapped_once(server:
 async def polling_app(db: Path, clock: FakeClock, provider: FakeProvider) -> AsyncIterator[app_module.App]:
     """The whole app, polling the fake provider every 50 ms, backing off for milliseconds."""
     running = await app_module.start(
-        Settings(listen="127.0.0.1:0", http_listen="127.0.0.1:0", db=db, shutdown_grace=1.0),
+        Settings(
+            listen="127.0.0.1:0",
+            http_listen="127.0.0.1:0",
+            admin_listen="127.0.0.1:0",
+            db=db,
+            shutdown_grace=1.0,
+        ),
         poller_settings=PollerSettings(
             provider.url, KEY, interval=0.05, backoff_initial=0.01, backoff_max=0.05
         ),
@@ -255,10 +266,10 @@ async def test_poller_failures_are_counted_by_kind_and_fetched_reports_after_rec
     async with FakeProvider(KEY) as provider, polling_app(db_path, clock, provider) as running:
 
         async def succeeded() -> bool:
-            return value(await scrape(running.http_port), "dlrhub_poller_last_success_timestamp_seconds") > 0
+            return value(await scrape(running.admin_port), "dlrhub_poller_last_success_timestamp_seconds") > 0
 
-        await wait_until(succeeded, message="the poller never succeeded against an empty provider")
-        before = await scrape(running.http_port)
+        await eventually(succeeded, "the poller never succeeded against an empty provider")
+        before = await scrape(running.admin_port)
         mark = len(provider.requests)
         # From here on: three 500s, then a 401, then five reports.
         provider.fail_next(3, 500)
@@ -266,10 +277,10 @@ async def test_poller_failures_are_counted_by_kind_and_fetched_reports_after_rec
         provider.add(*(report(f"obs-poll-{index}") for index in range(5)))
 
         async def fetched_all() -> bool:
-            return delta(before, await scrape(running.http_port), "dlrhub_poller_reports_fetched_total") >= 5
+            return delta(before, await scrape(running.admin_port), "dlrhub_poller_reports_fetched_total") >= 5
 
-        await wait_until(fetched_all, message="the poller did not fetch the reports after the failures")
-        after = await scrape(running.http_port)
+        await eventually(fetched_all, "the poller did not fetch the reports after the failures")
+        after = await scrape(running.admin_port)
         answered = [request.status for request in provider.requests[mark:]]
 
     assert answered[:4] == [500, 500, 500, 401]
@@ -319,7 +330,7 @@ async def ingest_fat_reports(server: Running, prefix: str, count: int) -> list[i
 async def test_a_slow_stream_shows_its_lag_until_it_reads_and_disappears_when_it_closes(
     server: Running,
 ) -> None:
-    port = server.app.http_port
+    port = server.app.admin_port
     ahead = await ingest_fat_reports(server, "obs-old", 1)
     assert value(await scrape(port), "dlrhub_stream_subscribers") == 0
     async with stalling_stub(server) as stub:
@@ -352,16 +363,14 @@ async def test_a_slow_stream_shows_its_lag_until_it_reads_and_disappears_when_it
                 lag = series(await scrape(port), "dlrhub_stream_lag")
                 return lag == {labels_of(subscriber=subscriber): 0}
 
-            await wait_until(
-                caught_up, message="the lag did not return to 0 after the stream read everything"
-            )
+            await eventually(caught_up, "the lag did not return to 0 after the stream read everything")
         finally:
             call.cancel()
 
         async def closed() -> bool:
             return value(await scrape(port), "dlrhub_stream_subscribers") == 0
 
-        await wait_until(closed, message="the closed stream is still counted as a subscriber")
+        await eventually(closed, "the closed stream is still counted as a subscriber")
         after = await scrape(port)
         assert series(after, "dlrhub_stream_lag") == {}
         assert value(after, "dlrhub_stream_latest_cursor") == cursors[-1]
@@ -374,7 +383,7 @@ async def test_a_subscriber_that_falls_a_buffer_behind_is_counted_and_still_gets
         address = f"127.0.0.1:{running.port}"
         channel = grpc.aio.insecure_channel(address)
         server = Running(running, DeliveryReportServiceStub(channel), channel, clock, address)
-        port = running.http_port
+        port = running.admin_port
         try:
             async with stalling_stub(server) as stub:
                 call = stub.Stream(StreamRequest(heartbeat_seconds=30), timeout=60)
@@ -396,7 +405,7 @@ async def test_a_subscriber_that_falls_a_buffer_behind_is_counted_and_still_gets
             async def closed() -> bool:
                 return value(await scrape(port), "dlrhub_stream_subscribers") == 0
 
-            await wait_until(closed, message="the closed stream is still counted as a subscriber")
+            await eventually(closed, "the closed stream is still counted as a subscriber")
             after = await scrape(port)  # a counter: the closed subscriber's overflows stay counted
             assert value(after, "dlrhub_stream_overflows_total") >= overflows
         finally:
@@ -422,7 +431,7 @@ async def test_a_stream_closed_while_its_send_is_held_up_is_logged_cancelled_wit
     """The client goes away while the server's send waits on the HTTP/2 window, so the call's
     generator is closed by the event loop's async-generator finaliser, in another context."""
     caplog.set_level(logging.INFO, logger="dlrhub")
-    port = server.app.http_port
+    port = server.app.admin_port
     with loop_errors() as errors:
         async with stalling_stub(server) as stub:
             call = stub.Stream(StreamRequest(heartbeat_seconds=30), metadata=[("x-request-id", "obs-held")])
@@ -437,12 +446,12 @@ async def test_a_stream_closed_while_its_send_is_held_up_is_logged_cancelled_wit
                     samples, "dlrhub_stream_lag"
                 )
 
-            await wait_until(closed, message="the cancelled stream is still counted")
+            await eventually(closed, "the cancelled stream is still counted")
 
             def logged() -> bool:
                 return any(getattr(record, "rpc", None) == STREAM for record in caplog.records)
 
-            await wait_until(logged, message="no rpc line for the cancelled stream")
+            await eventually(logged, "no rpc line for the cancelled stream")
         gc.collect()
         await asyncio.sleep(0.05)
         after = await scrape(port)
@@ -516,7 +525,7 @@ async def test_a_failed_call_logs_its_code_and_the_request_id_from_metadata(
     def logged() -> list[logging.LogRecord]:
         return [r for r in caplog.records if r.getMessage() == "rpc"]
 
-    await wait_until(lambda: bool(logged()), message="no rpc line within CallLog.interval")
+    await eventually(lambda: bool(logged()), "no rpc line within CallLog.interval")
     (record,) = logged()
     assert before <= record.created <= after  # when the call ended, not when the line was written
     (line,) = formatted([record])
@@ -569,7 +578,7 @@ async def test_a_webhook_logs_one_line_with_route_counts_and_duration(
     server: Running, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    before = await scrape(server.app.http_port)
+    before = await scrape(server.app.admin_port)
     body = [gms_item(SECRET_MESSAGE_ID, number=SECRET_NUMBER), gms_item("obs-hook-2", status=1, substatus=11)]
     async with httpx.AsyncClient() as http:
         answer = await http.post(
@@ -579,7 +588,7 @@ async def test_a_webhook_logs_one_line_with_route_counts_and_duration(
             timeout=TIMEOUT,
         )
     assert answer.status_code == 200
-    after = await scrape(server.app.http_port)
+    after = await scrape(server.app.admin_port)
     server.app.flush_logs()  # as at shutdown; otherwise within CallLog.interval
 
     webhook_records = [
@@ -613,7 +622,7 @@ async def test_every_webhook_answer_is_logged_and_counted_even_refusals(
     server: Running, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    before = await scrape(server.app.http_port)
+    before = await scrape(server.app.admin_port)
     async with httpx.AsyncClient() as http:
         invalid = await http.post(
             f"http://127.0.0.1:{server.app.http_port}/webhooks/gms", content=b"{not json", timeout=TIMEOUT
@@ -622,7 +631,7 @@ async def test_every_webhook_answer_is_logged_and_counted_even_refusals(
             f"http://127.0.0.1:{server.app.http_port}/webhooks/gms", content=b"\xff\xfe", timeout=TIMEOUT
         )
     assert (invalid.status_code, not_utf8.status_code) == (400, 400)
-    after = await scrape(server.app.http_port)
+    after = await scrape(server.app.admin_port)
     server.app.flush_logs()
     lines = [
         r.__dict__
@@ -643,57 +652,24 @@ async def test_every_webhook_answer_is_logged_and_counted_even_refusals(
 HEX32 = re.compile(r"[0-9a-f]{32}")
 
 
-def serve(db: Path, **env: str) -> tuple[subprocess.Popen[str], str]:
-    """`dlrhub serve` with extra environment, stdout captured (the console span exporter writes there);
-    returns once it logs "serving", with its gRPC address."""
+def serve(db: Path, **env: str) -> launcher.Server:
+    """`dlrhub serve` with extra environment (and none of ours); its stdout is where the console span
+    exporter writes."""
     environment = {key: val for key, val in os.environ.items() if not key.startswith(("DLRHUB_", "OTEL_"))}
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "dlrhub.cli",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--db",
-            str(db),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**environment, "PYTHONUNBUFFERED": "1", **env},
-    )
-    assert process.stderr is not None
-    deadline = time.monotonic() + 30
-    seen: list[str] = []
-    while time.monotonic() < deadline:
-        line = process.stderr.readline()
-        if not line:
-            break
-        seen.append(line)
-        if line.startswith("{") and json.loads(line).get("message") == "serving":
-            return process, f"127.0.0.1:{json.loads(line)['port']}"
-    process.kill()
-    out, err = process.communicate()
-    raise AssertionError(f"dlrhub did not start: {''.join(seen)}{err}{out}")
+    return launcher.start(db, env={**environment, **env})
 
 
-def ingest_and_stop(process: subprocess.Popen[str], address: str, request_id: str) -> tuple[list[Any], str]:
+def ingest_and_stop(server: launcher.Server, request_id: str) -> tuple[list[Any], str]:
     """One Ingest, then SIGTERM; the JSON log lines written after start-up, and stdout."""
-    try:
-        with grpc.insecure_channel(address) as channel:
+    with server:
+        with grpc.insecure_channel(server.address) as channel:
             response = DeliveryReportServiceStub(channel).Ingest(
                 gms_request(gms_item(SECRET_MESSAGE_ID, number=SECRET_NUMBER), request_id), timeout=TIMEOUT
             )
             assert response.accepted_count == 1
-    finally:
-        process.terminate()
-        out, err = process.communicate(timeout=20)
-    assert process.returncode == 0
-    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
-    return lines, out
+        assert server.stop(timeout=20) == 0
+    entries = [json.loads(line) for line in server.output.stderr if line.startswith("{")]
+    return entries[entries.index(server.ready) + 1 :], "".join(server.output.stdout)
 
 
 def rpc_line(lines: list[Any]) -> dict[str, Any]:
@@ -703,8 +679,7 @@ def rpc_line(lines: list[Any]) -> dict[str, Any]:
 
 
 def test_console_tracing_puts_the_trace_id_on_the_rpc_line_and_exports_the_span(tmp_path: Path) -> None:
-    process, address = serve(tmp_path / "traced.db", DLRHUB_TRACING="console")
-    lines, stdout = ingest_and_stop(process, address, "req-traced")
+    lines, stdout = ingest_and_stop(serve(tmp_path / "traced.db", DLRHUB_TRACING="console"), "req-traced")
 
     line = rpc_line(lines)
     assert (line["rpc"], line["code"], line["request_id"]) == (INGEST, "OK", "req-traced")
@@ -720,8 +695,7 @@ def test_console_tracing_puts_the_trace_id_on_the_rpc_line_and_exports_the_span(
 
 
 def test_without_tracing_no_trace_id_and_no_span_output(tmp_path: Path) -> None:
-    process, address = serve(tmp_path / "untraced.db")
-    lines, stdout = ingest_and_stop(process, address, "req-untraced")
+    lines, stdout = ingest_and_stop(serve(tmp_path / "untraced.db"), "req-untraced")
 
     line = rpc_line(lines)
     assert (line["rpc"], line["code"], line["request_id"]) == (INGEST, "OK", "req-untraced")
@@ -765,20 +739,68 @@ async def test_an_unknown_tracing_mode_is_refused_before_the_store_is_opened(tmp
     assert not (tmp_path / "x.db").exists()  # refused before anything started
 
 
-async def test_concurrent_ingests_share_commits(server: Running) -> None:
-    """Group commit: 200 concurrent single-report Ingests are committed in far fewer transactions."""
-    before = await scrape(server.app.http_port)
-    calls = [
-        server.stub.Ingest(
-            IngestRequest(
-                payload=json.dumps({"message_id": f"group-{n}", "status": 2, "time": 1477417294667 + n})
-            )
-        )
-        for n in range(200)
-    ]
-    responses = await asyncio.gather(*calls)
-    assert sum(response.accepted_count for response in responses) == 200
-    after = await scrape(server.app.http_port)
+class HeldStore:
+    """SQLite whose first transaction holds its commit until released, counting the reports in it."""
+
+    def __init__(self, path: Path) -> None:
+        self._store = SqliteStore(path)
+        self.holding = threading.Event()
+        self.release = threading.Event()
+        self.held_reports = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        with self._store.transaction() as tx:
+            counting = _CountingTransaction(tx)
+            yield cast(Transaction, counting)
+            if not self.release.is_set():
+                self.held_reports = counting.appended
+                self.holding.set()
+                self.release.wait()
+
+
+class _CountingTransaction:
+    """A transaction that counts the reports appended in it."""
+
+    def __init__(self, tx: Transaction) -> None:
+        self._tx = tx
+        self.appended = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tx, name)
+
+    def append(self, *args: Any, **kwargs: Any) -> Any:
+        self.appended += 1
+        return self._tx.append(*args, **kwargs)
+
+
+async def test_concurrent_ingests_share_commits(tmp_path: Path, clock: FakeClock) -> None:
+    """Group commit: Ingests that arrive while a commit is being written share the next one.
+
+    The first commit is held until every other call waits for the writer, so the rest must go
+    in one more commit (not one each), however slow the machine is.
+    """
+    store = HeldStore(tmp_path / "held.db")
+    async with serving(tmp_path, clock=clock, store=cast(Store, store)) as running:
+        committer = running.committer
+        before = await scrape(running.admin_port)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+        stub = DeliveryReportServiceStub(channel)
+        payloads = [
+            json.dumps({"message_id": f"group-{n}", "status": 2, "time": 1477417294667 + n})
+            for n in range(200)
+        ]
+        calls = [asyncio.ensure_future(stub.Ingest(IngestRequest(payload=p))) for p in payloads]
+        await eventually(lambda: store.holding.is_set() and store.held_reports + committer.waiting == 200)
+        store.release.set()
+        responses = await asyncio.gather(*calls)
+        await channel.close(None)
+        assert sum(response.accepted_count for response in responses) == 200
+        after = await scrape(running.admin_port)
     commits = moved(before, after, "dlrhub_store_commit_reports_count")[labels_of()]
     assert moved(before, after, "dlrhub_store_commit_reports_sum")[labels_of()] == 200
-    assert 1 <= commits <= 100, f"{commits} commits for 200 concurrent reports: they are not grouped"
+    expected = 1 if store.held_reports == 200 else 2
+    assert commits == expected, f"{commits} commits: the calls waiting for the writer were not grouped"

@@ -29,7 +29,8 @@ from dlrhub.transport.poller import HEALTH_SERVICE, Poller, PollerSettings
 from dlrhub.write.committer import Committer
 from dlrhub.write.writer import Writer
 from tests.conftest import FakeClock, Running
-from tests.fake_provider import FakeProvider, report, wait_until
+from tests.fake_provider import FakeProvider, report
+from tests.helpers import eventually
 
 if TYPE_CHECKING:  # the async stub type exists only in the generated .pyi
     from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceAsyncStub
@@ -189,7 +190,7 @@ async def test_polled_reports_are_stored_and_fetchable(
         async def all_stored() -> bool:
             return all(running.app.store.messages(f"m-{i}") for i in range(3))
 
-        await wait_until(all_stored, within=5)
+        await eventually(all_stored, within=5)
         for i in range(3):
             fetched = await running.stub.Fetch(FetchRequest(message_id=f"m-{i}", include_history=True))
             [state] = fetched.reports
@@ -214,9 +215,11 @@ async def test_a_full_batch_fetches_again_at_once(
     provider.add(*reports("f", 5))
     async with polling_app(db_path, clock, provider, poll_limit=2, poll_interval=30.0) as running:
         # Batches of 2, 2, 1 without waiting the 30 s interval in between.
-        await wait_until(lambda: all(running.app.store.messages(f"f-{i}") for i in range(5)), within=2)
-        await asyncio.sleep(0.1)
+        await eventually(lambda: all(running.app.store.messages(f"f-{i}") for i in range(5)), within=2)
         # The last batch was not full: the poller now waits the interval.
+        poller = running.app.poller
+        assert poller is not None
+        await eventually(lambda: poller._resting, "the poller rests after a batch that was not full")
         assert [r.handed_out for r in provider.requests] == [("f-0", "f-1"), ("f-2", "f-3"), ("f-4",)]
         assert all(r.query == {"limit": "2"} for r in provider.requests)
 
@@ -237,8 +240,8 @@ async def test_rejected_key_goes_not_serving_logs_and_recovers(
         async def not_serving() -> bool:
             return await health(running.channel, HEALTH_SERVICE) == NOT_SERVING
 
-        await wait_until(not_serving, within=3)
-        await wait_until(lambda: len(provider.requests) >= 3, within=3)  # it keeps retrying
+        await eventually(not_serving, within=3)
+        await eventually(lambda: len(provider.requests) >= 3, within=3)  # it keeps retrying
         assert {r.status for r in provider.requests} == {401}
         assert provider.handed_out == []
         refused = [r for r in caplog.records if "refused the API key (HTTP 401)" in r.getMessage()]
@@ -253,8 +256,8 @@ async def test_rejected_key_goes_not_serving_logs_and_recovers(
         async def serving() -> bool:
             return await health(running.channel, HEALTH_SERVICE) == SERVING
 
-        await wait_until(serving, within=3)
-        await wait_until(lambda: bool(running.app.store.messages("k-1")), within=3)
+        await eventually(serving, within=3)
+        await eventually(lambda: bool(running.app.store.messages("k-1")), within=3)
 
 
 async def test_bad_request_logs_the_providers_text_and_retries(
@@ -266,7 +269,7 @@ async def test_bad_request_logs_the_providers_text_and_retries(
     poller = direct_poller(server, small, limit=1000)
     poller.start()
     try:
-        await wait_until(lambda: len(small.requests) >= 2, within=3)
+        await eventually(lambda: len(small.requests) >= 2, within=3)
         text = "limit must be a whole number from 1 to 100, not '1000'"
         logged = [r for r in caplog.records if text in r.getMessage()]
         assert logged
@@ -277,6 +280,21 @@ async def test_bad_request_logs_the_providers_text_and_retries(
     finally:
         await poller.stop()
         await small.stop()
+
+
+async def test_a_poll_limit_over_the_batch_limit_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    settings = Settings(
+        listen="127.0.0.1:0",
+        http_listen="127.0.0.1:0",
+        db=tmp_path / "x.db",
+        poll_base_url="http://127.0.0.1:1",
+        poll_api_key="key",
+        poll_limit=1000,
+        max_batch_items=500,
+    )
+    with pytest.raises(ValueError, match="DLRHUB_POLL_LIMIT"):
+        await app_module.start(settings)
+    assert not (tmp_path / "x.db").exists()
 
 
 # --- failures, directly against the Poller ---------------------------------------------------------------
@@ -298,8 +316,8 @@ async def test_outage_then_recovery_loses_nothing_and_stores_nothing_twice(
     poller.start()
     try:
         store = server.app.store
-        await wait_until(lambda: all(store.messages(m) for m in ids(queued)), within=8)
-        await wait_until(lambda: poller.failures == 0 and not provider.pending, within=2)
+        await eventually(lambda: all(store.messages(m) for m in ids(queued)), within=8)
+        await eventually(lambda: poller.failures == 0 and not provider.pending, within=2)
     finally:
         await poller.stop()
 
@@ -351,7 +369,7 @@ async def test_a_batch_that_cannot_be_committed_is_kept_and_retried(
     )
     poller.start()
     try:
-        await wait_until(lambda: all(store.messages(m) for m in ids(queued)), within=3)
+        await eventually(lambda: all(store.messages(m) for m in ids(queued)), within=3)
         # Committed on the third attempt, from the batch fetched once: no second request was made
         # (the 30 s interval follows the commit).
         assert store.attempts == 3
@@ -391,9 +409,9 @@ async def test_stop_during_a_commit_finishes_the_commit(provider: FakeProvider, 
     poller = Poller(PollerSettings(provider.url, KEY, limit=10, interval=30.0), writer)
     poller.start()
     try:
-        await wait_until(store.entered.is_set, within=3)  # fetched, and committing
+        await eventually(store.entered.is_set, within=3)  # fetched, and committing
         stopping = asyncio.create_task(poller.stop())
-        await asyncio.sleep(0.05)
+        await eventually(lambda: poller._stopping, "the stop begins")
         assert not stopping.done()  # the stop waits for the commit
         store.gate.set()
         await asyncio.wait_for(stopping, 3)
@@ -435,7 +453,7 @@ async def test_the_loop_backs_off_exponentially_and_resets_after_a_success(
     )
     poller.start()
     try:
-        await wait_until(lambda: len(slept) >= 9, within=3)
+        await eventually(lambda: len(slept) >= 9, within=3)
     finally:
         await poller.stop()
 

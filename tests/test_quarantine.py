@@ -27,8 +27,6 @@ import httpx
 import pytest
 import sqlite_utils
 from google.protobuf.timestamp_pb2 import Timestamp
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from deliveryreport.v1.delivery_report_pb2 import Channel, DeliveryReport, Source
 from deliveryreport.v1.delivery_report_service_pb2 import (
@@ -54,14 +52,15 @@ from dlrhub.store import SqliteStore
 from dlrhub.store.base import QuarantinedItem as StoredItem
 from dlrhub.store.sqlite import MIGRATIONS, SCHEMA_VERSION, migrate
 from dlrhub_client.payloads import batch
-from tests.conftest import FakeClock, Running, ServerProcess
+from tests.conftest import FakeClock, Running
+from tests.helpers import TIMEOUT, details_of, failure
+from tools import launcher
 
 if TYPE_CHECKING:
     from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceAsyncStub as Stub
 
     StreamCall = grpc.aio.UnaryStreamCall[StreamRequest, StreamResponse]
 
-TIMEOUT = 10.0
 T0 = FakeClock().now_ns // 1_000_000_000  # the FakeClock's start, in whole seconds
 # The samples arrive this far into their seconds: received times are kept to the nanosecond.
 FRACTION_NS = 250_000_001
@@ -409,12 +408,9 @@ async def test_renormalise_with_an_unknown_id_is_not_found_and_runs_nothing(
             await renormalise(stub, [gms_id, unknown, unknown])
         assert raised.value.code() == grpc.StatusCode.NOT_FOUND
         assert f"no quarantined item with id {unknown};" in (raised.value.details() or "")
-        status = rpc_status.from_call(raised.value)  # type: ignore[arg-type]
-        assert status is not None
-        info = error_details_pb2.ErrorInfo()
-        assert status.details[0].Unpack(info)
-        assert info.reason == "QUARANTINED_ITEM_NOT_FOUND"
-        assert dict(info.metadata) == {"ids": str(unknown), "count": "1"}
+        details = details_of(raised.value)
+        assert details.reason == "QUARANTINED_ITEM_NOT_FOUND"
+        assert details.metadata == {"ids": str(unknown), "count": "1"}
         # Nothing was run: the known item is still open and nothing was stored.
         assert await all_quarantined(stub) == items
         assert store.latest_cursor() == latest
@@ -525,6 +521,24 @@ async def test_renormalise_after_a_fix_stores_what_now_passes(db_path: Path, clo
                 await asyncio.wait_for(call.read(), 0.3)  # no further change
         finally:
             call.cancel()
+
+
+async def test_too_many_renormalise_ids_is_invalid_argument(server: Running) -> None:
+    request = RenormaliseQuarantineRequest(ids=range(1, 10_002))
+    details = await failure(server.stub.RenormaliseQuarantine(request))
+    assert (details.code, details.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "TOO_MANY_IDS")
+
+
+async def test_a_rejected_gms_batch_item_stays_rejected_when_re_run_unchanged(server: Running) -> None:
+    payload = '[{"message_id": "ok", "status": 2}, [{"message_id": "nested", "status": 2}]]'
+    answer = await server.stub.Ingest(IngestRequest(payload=payload))
+    assert [r.outcome for r in answer.results] == [ACCEPTED, REJECTED]
+    rerun = await server.stub.RenormaliseQuarantine(RenormaliseQuarantineRequest())
+    assert (rerun.resolved_count, rerun.still_rejected_count) == (0, 1)
+    assert rerun.results[0].results[0].error.reason == "WRONG_TYPE"
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await server.stub.Fetch(FetchRequest(message_id="nested"))
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 # --- schema migration ----------------------------------------------------------------------------
@@ -649,7 +663,7 @@ def dlrhub(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*DLRHUB, *args], capture_output=True, text=True, timeout=30, env=ENV, check=False)
 
 
-def test_cli_lists_and_renormalises(server_process: ServerProcess) -> None:
+def test_cli_lists_and_renormalises(server_process: launcher.Server) -> None:
     with grpc.insecure_channel(server_process.address) as channel:
         stub = DeliveryReportServiceStub(channel)
         response = stub.Ingest(IngestRequest(payload=GMS_BATCH), timeout=TIMEOUT)

@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import ROOT, ServerProcess
+from tests.conftest import ROOT
+from tests.helpers import PROCESS_TIMEOUT
+from tools import launcher
 
 README = ROOT / "README.md"
 README_ADDRESS = "127.0.0.1:50051"
 SERVICE = "deliveryreport.v1.DeliveryReportService"
-TIMEOUT = 30.0
 # grpcurl exits with 64 + the gRPC status code of a failed call.
 EXIT_INVALID_ARGUMENT = 64 + 3
 EXIT_DEADLINE_EXCEEDED = 64 + 4
@@ -122,7 +123,7 @@ def test_readme_has_grpcurl_examples_of_every_rpc() -> None:
     assert all(e.args[0] == "grpcurl" and "-plaintext" in e.args for e in examples)
 
 
-def test_readme_grpcurl_examples_run_verbatim(server_process: ServerProcess) -> None:
+def test_readme_grpcurl_examples_run_verbatim(server_process: launcher.Server) -> None:
     examples = readme_examples()
     assert len(examples) >= 9
     assert [e.is_error_example for e in examples].count(True) == 1, "the README's error example is gone"
@@ -134,7 +135,7 @@ def test_readme_grpcurl_examples_run_verbatim(server_process: ServerProcess) -> 
             ["bash", "-c", as_run(example, server_process.address)],
             capture_output=True,
             text=True,
-            timeout=TIMEOUT,
+            timeout=PROCESS_TIMEOUT,
             check=False,
         )
         output = done.stdout + done.stderr

@@ -35,12 +35,12 @@ from dlrhub.config import Settings
 from dlrhub.feed.follow import Heartbeat, follow_batches
 from dlrhub.store.base import Change, ChangeFilter
 from tests.conftest import FakeClock, Running
+from tests.helpers import TIMEOUT
 
 if TYPE_CHECKING:
     from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceAsyncStub
 
 T = TypeVar("T")
-RPC_TIMEOUT = 10.0
 WRITERS = 4
 CALLS_PER_WRITER = 50
 DELIVERED = DeliveryStatus.DELIVERY_STATUS_DELIVERED
@@ -80,7 +80,7 @@ async def ingest_load(stub: DeliveryReportServiceAsyncStub, acked: Acked, writer
             for index in range(1 + (call + writer) % 5)
         ]
         response = await stub.Ingest(
-            IngestRequest(payload=json.dumps(items), format=Format.FORMAT_GMS), timeout=RPC_TIMEOUT
+            IngestRequest(payload=json.dumps(items), format=Format.FORMAT_GMS), timeout=TIMEOUT
         )
         assert response.accepted_count == len(items)
         for result in response.results:
@@ -104,7 +104,7 @@ async def read_until_heartbeat_at(
 
 
 async def first(responses: AsyncIterator[T]) -> T:
-    return await asyncio.wait_for(anext(responses), RPC_TIMEOUT)
+    return await asyncio.wait_for(anext(responses), TIMEOUT)
 
 
 async def test_stalled_consumer_misses_nothing_and_does_not_hold_up_ingest(
@@ -200,7 +200,7 @@ async def test_a_change_published_as_the_heartbeat_wait_times_out_is_not_skipped
     async def produce() -> None:
         for index in range(300):
             response = await server.stub.Ingest(
-                IngestRequest(payload=json.dumps(gms_item(f"hb-{index}", 2, index))), timeout=RPC_TIMEOUT
+                IngestRequest(payload=json.dumps(gms_item(f"hb-{index}", 2, index))), timeout=TIMEOUT
             )
             acked.append(int(response.results[0].cursor))
         done.set()

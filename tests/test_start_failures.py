@@ -5,6 +5,7 @@ real command as a process."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -16,7 +17,7 @@ import pytest
 
 from dlrhub.store import SqliteStore, StoreError
 from dlrhub.store.sqlite import SCHEMA_VERSION
-from tests.conftest import start_server_process
+from tools import launcher
 
 PREFIX = "dlrhub: cannot start: "
 
@@ -109,7 +110,10 @@ def test_an_address_this_host_does_not_have(tmp_path: Path) -> None:
         ),
         ({"DLRHUB_REFLECTION": "perhaps"}, "DLRHUB_REFLECTION: expected on or off, not 'perhaps'"),
         ({"DLRHUB_TRACING": "bogus"}, "DLRHUB_TRACING must be off, console or otlp, not 'bogus'"),
-        ({"DLRHUB_GMS_WEBHOOK_AUTH": "open"}, "webhook auth must be basic:USER:PASSWORD or token:SECRET"),
+        (
+            {"DLRHUB_GMS_WEBHOOK_AUTH": "open"},
+            "DLRHUB_GMS_WEBHOOK_AUTH: webhook auth must be basic:USER:PASSWORD or token:SECRET",
+        ),
         ({"DLRHUB_TLS_CERT": "cert.pem"}, "TLS needs both DLRHUB_TLS_CERT and DLRHUB_TLS_KEY"),
     ],
 )
@@ -127,17 +131,15 @@ def test_a_code_table_that_is_not_one(tmp_path: Path) -> None:
 
 
 def test_a_second_server_on_the_same_file_is_refused_until_the_first_has_gone(db_path: Path) -> None:
-    first = start_server_process(db_path)
+    first = launcher.start(db_path)
     try:
         line = the_line(serve("--db", str(db_path)))
-        pid = first.process.pid
+        pid = first.pid
         assert line == f"{db_path} is in use by another dlrhub (pid {pid}): one server per database file"
     finally:
-        first.process.kill()  # however it ends, the kernel releases its lock
-        first.process.wait()
-    second = start_server_process(db_path)
-    second.process.terminate()
-    assert second.process.wait(timeout=30) == 0
+        first.stop(signal.SIGKILL)  # however it ends, the kernel releases its lock
+    with launcher.start(db_path) as second:
+        assert second.stop() == 0
 
 
 def test_one_store_per_file_in_a_process_too(db_path: Path) -> None:

@@ -19,8 +19,8 @@ from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportSer
 from dlrhub import app
 from dlrhub.config import Settings
 from tests.conftest import FakeClock
+from tests.helpers import TIMEOUT
 
-TIMEOUT = 10.0
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 

@@ -24,28 +24,9 @@ from dlrhub.config import Settings
 from dlrhub_client import AsyncClient, TlsConfig, UnavailableError
 from tests.certs import Certs, make_certs
 from tests.conftest import FakeClock, serving
+from tests.helpers import TIMEOUT, connect, gms_batch
 
-TIMEOUT = 10.0  # seconds: the bound on every call and subprocess here
 DLRHUB = shutil.which("dlrhub", path=str(Path(sys.executable).parent)) or "dlrhub"
-
-
-def gms(*message_ids: str) -> str:
-    """A GMS push body: one delivered SMS report per message id."""
-    return json.dumps(
-        [
-            {
-                "number": "380961111111",
-                "time": 1477417294667,
-                "status": 2,
-                "substatus": 23,
-                "hyber_status": 23011,
-                "message_id": message_id,
-                "extra_id": f"ref-{message_id}",
-                "sent_via": "sms",
-            }
-            for message_id in message_ids
-        ]
-    )
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +48,6 @@ async def mtls_server(tmp_path: Path, certs: Certs) -> AsyncIterator[app.App]:
         yield running
 
 
-def connect(running: app.App, tls: TlsConfig | None, host: str = "127.0.0.1") -> AsyncClient:
-    return AsyncClient(f"{host}:{running.port}", tls=tls, timeout=TIMEOUT, reconnect_attempts=0)
-
-
 def https_context(ca: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
     """What httpx's verify=CA (and cert=(cert, key)) builds, without its deprecated str forms."""
     context = ssl.create_default_context(cafile=str(ca))
@@ -81,7 +58,7 @@ def https_context(ca: Path, cert: Path | None = None, key: Path | None = None) -
 
 async def round_trip(client: AsyncClient, message_id: str) -> None:
     """Ingest a report and fetch it back."""
-    response = await client.ingest(gms(message_id))
+    response = await client.ingest(gms_batch(message_id))
     assert response.accepted_count == 1
     [state] = (await client.fetch(message_id=message_id)).reports
     assert state.message_id == message_id
@@ -94,36 +71,36 @@ async def round_trip(client: AsyncClient, message_id: str) -> None:
 async def test_a_client_trusting_the_ca_can_ingest_and_fetch(
     tls_server: app.App, certs: Certs, host: str
 ) -> None:
-    async with connect(tls_server, TlsConfig(root_certificates=certs.ca), host) as client:
+    async with connect(tls_server, tls=TlsConfig(root_certificates=certs.ca), host=host) as client:
         await round_trip(client, f"tls-{host}")
 
 
 async def test_an_insecure_client_cannot_call_a_tls_server(tls_server: app.App, certs: Certs) -> None:
-    async with connect(tls_server, None) as client:
+    async with connect(tls_server, tls=None) as client:
         with pytest.raises(UnavailableError):
-            await client.ingest(gms("plain-1"))
+            await client.ingest(gms_batch("plain-1"))
         with pytest.raises(UnavailableError):
             await client.fetch(message_id="plain-1")
     assert tls_server.store.latest_cursor() == 0
 
 
 async def test_a_client_not_trusting_the_servers_ca_cannot_call(tls_server: app.App, certs: Certs) -> None:
-    async with connect(tls_server, TlsConfig(root_certificates=certs.stranger_ca)) as client:
+    async with connect(tls_server, tls=TlsConfig(root_certificates=certs.stranger_ca)) as client:
         with pytest.raises(UnavailableError):
-            await client.ingest(gms("untrusted-1"))
+            await client.ingest(gms_batch("untrusted-1"))
     assert tls_server.store.latest_cursor() == 0
 
 
 async def test_a_tls_client_cannot_call_a_plaintext_server(tmp_path: Path, certs: Certs) -> None:
-    async with serving(tmp_path) as running, connect(running, TlsConfig(certs.ca)) as client:
+    async with serving(tmp_path) as running, connect(running, tls=TlsConfig(certs.ca)) as client:
         with pytest.raises(UnavailableError):
-            await client.ingest(gms("mismatch-1"))
+            await client.ingest(gms_batch("mismatch-1"))
 
 
 async def test_mutual_tls_refuses_a_client_without_a_certificate(mtls_server: app.App, certs: Certs) -> None:
-    async with connect(mtls_server, TlsConfig(root_certificates=certs.ca)) as client:
+    async with connect(mtls_server, tls=TlsConfig(root_certificates=certs.ca)) as client:
         with pytest.raises(UnavailableError):
-            await client.ingest(gms("anonymous-1"))
+            await client.ingest(gms_batch("anonymous-1"))
         with pytest.raises(UnavailableError):
             await client.fetch(message_id="anonymous-1")
     assert mtls_server.store.latest_cursor() == 0
@@ -131,15 +108,15 @@ async def test_mutual_tls_refuses_a_client_without_a_certificate(mtls_server: ap
 
 async def test_mutual_tls_refuses_a_certificate_from_another_ca(mtls_server: app.App, certs: Certs) -> None:
     tls = TlsConfig(certs.ca, certificate_chain=certs.stranger_cert, private_key=certs.stranger_key)
-    async with connect(mtls_server, tls) as client:
+    async with connect(mtls_server, tls=tls) as client:
         with pytest.raises(UnavailableError):
-            await client.ingest(gms("stranger-1"))
+            await client.ingest(gms_batch("stranger-1"))
     assert mtls_server.store.latest_cursor() == 0
 
 
 async def test_mutual_tls_accepts_a_client_certificate(mtls_server: app.App, certs: Certs) -> None:
     tls = TlsConfig(certs.ca, certificate_chain=certs.client_cert, private_key=certs.client_key)
-    async with connect(mtls_server, tls) as client:
+    async with connect(mtls_server, tls=tls) as client:
         await round_trip(client, "mtls-1")
 
 
@@ -150,10 +127,11 @@ async def test_the_cli_speaks_mutual_tls_with_tokens(tmp_path: Path, certs: Cert
         tls_key=certs.server_key,
         tls_client_ca=certs.ca,
         tokens="ingest+read:cli-tls-token",
+        webhooks_open=True,
     ) as running:
         tls = TlsConfig(certs.ca, certificate_chain=certs.client_cert, private_key=certs.client_key)
         async with AsyncClient(f"localhost:{running.port}", tls=tls, token="cli-tls-token") as client:
-            assert (await client.ingest(gms("cli-tls-1"))).accepted_count == 1
+            assert (await client.ingest(gms_batch("cli-tls-1"))).accepted_count == 1
         env = {k: v for k, v in os.environ.items() if not k.startswith("DLRHUB_")}
         env["DLRHUB_TOKEN"] = "cli-tls-token"
         base = [DLRHUB, "fetch", "--message-id", "cli-tls-1", "--json", "--timeout", str(TIMEOUT)]
@@ -192,18 +170,20 @@ async def run(*command: str, env: dict[str, str]) -> tuple[int, str, str]:
 async def test_the_webhook_port_speaks_https(tls_server: app.App, certs: Certs, host: str) -> None:
     async with httpx.AsyncClient(verify=https_context(certs.ca), timeout=TIMEOUT) as http:
         response = await http.post(
-            f"https://{host}:{tls_server.http_port}/webhooks/gms", content=gms("hook-1")
+            f"https://{host}:{tls_server.http_port}/webhooks/gms", content=gms_batch("hook-1")
         )
     assert response.status_code == 200, response.text
     assert response.json()["accepted"] == 1
-    async with connect(tls_server, TlsConfig(certs.ca)) as client:
+    async with connect(tls_server, tls=TlsConfig(certs.ca)) as client:
         assert [r.message_id for r in (await client.fetch(message_id="hook-1")).reports] == ["hook-1"]
 
 
 async def test_the_webhook_port_refuses_plain_http(tls_server: app.App) -> None:
     async with httpx.AsyncClient(timeout=TIMEOUT) as http:
         with pytest.raises(httpx.HTTPError):
-            await http.post(f"http://127.0.0.1:{tls_server.http_port}/webhooks/gms", content=gms("hook-2"))
+            await http.post(
+                f"http://127.0.0.1:{tls_server.http_port}/webhooks/gms", content=gms_batch("hook-2")
+            )
     assert tls_server.store.latest_cursor() == 0
 
 
@@ -212,14 +192,16 @@ async def test_the_webhook_port_refuses_an_untrusted_server_certificate(
 ) -> None:
     async with httpx.AsyncClient(verify=https_context(certs.stranger_ca), timeout=TIMEOUT) as http:
         with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
-            await http.post(f"https://127.0.0.1:{tls_server.http_port}/webhooks/gms", content=gms("hook-3"))
+            await http.post(
+                f"https://127.0.0.1:{tls_server.http_port}/webhooks/gms", content=gms_batch("hook-3")
+            )
 
 
 async def test_the_webhook_port_with_mutual_tls(mtls_server: app.App, certs: Certs) -> None:
     url = f"https://127.0.0.1:{mtls_server.http_port}/webhooks/gms"
     with_cert = https_context(certs.ca, certs.client_cert, certs.client_key)
     async with httpx.AsyncClient(verify=with_cert, timeout=TIMEOUT) as http:
-        response = await http.post(url, content=gms("hook-mtls-1"))
+        response = await http.post(url, content=gms_batch("hook-mtls-1"))
     assert response.status_code == 200, response.text
     assert response.json()["accepted"] == 1
     cursor = mtls_server.store.latest_cursor()
@@ -231,10 +213,10 @@ async def test_the_webhook_port_with_mutual_tls(mtls_server: app.App, certs: Cer
     ):
         async with httpx.AsyncClient(verify=context, timeout=TIMEOUT) as http:
             with pytest.raises(httpx.HTTPError):
-                await http.post(url, content=gms("hook-mtls-2"))
+                await http.post(url, content=gms_batch("hook-mtls-2"))
     async with httpx.AsyncClient(timeout=TIMEOUT) as http:
         with pytest.raises(httpx.HTTPError):
-            await http.post(url.replace("https:", "http:"), content=gms("hook-mtls-2"))
+            await http.post(url.replace("https:", "http:"), content=gms_batch("hook-mtls-2"))
     assert mtls_server.store.latest_cursor() == cursor
 
 

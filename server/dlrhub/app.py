@@ -7,7 +7,9 @@ import contextlib
 import functools
 import logging
 import os
+import resource
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -15,12 +17,11 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
-from aiohttp import web
 from grpc_health.v1 import _async as health_aio  # public as grpc_health.v1.health.aio; not in grpc-stubs
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from dlrhub.config import Settings
+from dlrhub.config import Settings, env_name
 from dlrhub.feed.hub import Hub
 from dlrhub.normalise import Normaliser
 from dlrhub.observability.calls import CallInterceptor, CallLog
@@ -29,12 +30,14 @@ from dlrhub.observability.metrics import Metrics
 from dlrhub.observability.tracing import tracing_interceptor
 from dlrhub.store import SqliteStore
 from dlrhub.store.base import ReadRunner, Store
-from dlrhub.transport import tls, webhooks
+from dlrhub.transport import admin, tls, webhooks
 from dlrhub.transport.auth import AuthInterceptor, Tokens
 from dlrhub.transport.handlers import SERVICE_NAME, add_to_server
+from dlrhub.transport.listener import HttpListener, connection_budget
 from dlrhub.transport.poller import HEALTH_SERVICE as POLLER_HEALTH_SERVICE
 from dlrhub.transport.poller import Poller, PollerSettings
 from dlrhub.transport.service import DeliveryReportService
+from dlrhub.transport.webhook_access import Access, AllowList, WebhookAuth
 from dlrhub.write.committer import Committer
 from dlrhub.write.writer import Writer
 
@@ -52,6 +55,13 @@ SERVER_OPTIONS = [
 ]
 
 
+# The settings of each webhook route: its credentials, and its own allow list.
+_ROUTE_SETTINGS = {
+    "/webhooks/gms": ("gms_webhook_auth", "gms_webhook_allow_from"),
+    "/webhooks/sent-sms-report": ("sent_sms_report_webhook_auth", "sent_sms_report_webhook_allow_from"),
+}
+
+
 @dataclass
 class App:
     """A running dlrhub: its server, bound port and parts."""
@@ -64,8 +74,7 @@ class App:
     health: health_aio.HealthServicer
     reads: ThreadPoolExecutor
     settings: Settings
-    http: web.AppRunner
-    http_port: int
+    http: HttpListener
     call_log: CallLog
     http_log: CallLog
     metrics: Metrics
@@ -73,6 +82,16 @@ class App:
     normalisers: ThreadPoolExecutor
     writer: Writer
     poller: Poller | None = None
+    admin: HttpListener | None = None
+
+    @property
+    def http_port(self) -> int:
+        return self.http.port
+
+    @property
+    def admin_port(self) -> int | None:
+        """The admin port (/metrics), or None when DLRHUB_ADMIN_LISTEN is not set."""
+        return self.admin.port if self.admin is not None else None
 
     def flush_logs(self) -> None:
         """Logs the queued per-call lines now (see observability.calls.CallLog)."""
@@ -86,7 +105,9 @@ class App:
         if self.poller is not None:
             await self.poller.stop()
         self.hub.close()
-        await self.http.cleanup()
+        await self.http.stop()
+        if self.admin is not None:
+            await self.admin.stop()
         self.http_log.close()
         await self.server.stop(self.settings.shutdown_grace)
         self.call_log.close()  # and lines of streams that end later are logged at once
@@ -105,7 +126,8 @@ async def start(
     poller_settings: PollerSettings | None = None,
     clock: Callable[[], int] = time.time_ns,
 ) -> App:
-    """Opens the store and starts serving; the bound ports are in `App.port` and `App.http_port`.
+    """Opens the store and starts serving; the bound ports are in `App.port`, `App.http_port` and
+    `App.admin_port`.
 
     The parts not given are built from `settings`: the SQLite store at `settings.db`, the
     normaliser with the configured code tables, the poller from the DLRHUB_POLL_* settings (off
@@ -126,9 +148,11 @@ async def start(
             started.push_async_callback(read, store.close)
         if normaliser is None:
             normaliser = Normaliser.load(settings.gms_codes, settings.sent_sms_report_codes)
-        webhook_auth = _webhook_auth(settings)
         poller_settings = _poller_settings(settings, poller_settings)
         tokens = _tokens(settings)
+        webhook_access = _webhook_access(settings, tokens is not None)
+        _check_http_limits(settings)
+        http_max_connections = connection_budget(settings.http_max_connections)
         tls_files = tls.files(settings)
         tracing = tracing_interceptor(settings.tracing)
 
@@ -137,17 +161,8 @@ async def start(
             started.push_async_callback(read, store.close)
         hub = Hub(capacity=settings.stream_buffer, latest_cursor=await read(store.latest_cursor))
         health_servicer = health_aio.HealthServicer()
-        store_health = StoreHealth(store, _serving_setter(health_servicer))
         metrics = Metrics()
-        # Read when /metrics is scraped: from memory (the open quarantine as of the last probe).
-        metrics.watch(hub, lambda: store_health.open_quarantine)
-        committer = Committer(
-            store, hub, on_commit=_commit_recorder(metrics), on_outcome=store_health.committed
-        )
-        committer.start()
-        started.push_async_callback(committer.stop)
-        await store_health.start(committer.check)
-        started.push_async_callback(store_health.stop)
+        committer, store_health = await _committing(store, hub, metrics, health_servicer, started)
         writer = Writer(
             normaliser,
             committer,
@@ -169,20 +184,27 @@ async def start(
         await server.start()
         started.push_async_callback(server.stop, None)
 
-        http = web.AppRunner(
+        ssl_context = tls.http_context(*tls_files) if tls_files is not None else None
+        http = HttpListener(
             webhooks.create_app(
                 writer,
-                webhook_auth,
+                webhook_access,
                 settings.http_max_body_bytes,
+                settings.http_body_timeout,
                 metrics,
-                render_metrics=_renderer(metrics),
                 call_log=http_log,
             ),
-            access_log=None,
+            max_connections=http_max_connections,
+            idle_timeout=settings.http_idle_timeout,
+            ssl_context=ssl_context,
+            on_count=metrics.http_connections.set,
         )
-        await http.setup()
-        started.push_async_callback(http.cleanup)
-        await _listen_http(http, settings)
+        metrics.http_max_connections.set(http_max_connections)
+        admin_listener = _admin_listener(settings, _renderer(metrics), ssl_context)
+        for listener, address in ((http, settings.http_listen), (admin_listener, settings.admin_listen)):
+            if listener is not None:
+                await _listen(listener, address)
+                started.push_async_callback(listener.stop)
 
         await _serving_setter(health_servicer)(store_health.serving)
         poller = None
@@ -204,7 +226,6 @@ async def start(
         reads,
         settings,
         http,
-        http.addresses[0][1],
         call_log,
         http_log,
         metrics,
@@ -212,7 +233,9 @@ async def start(
         normalisers,
         writer,
         poller,
+        admin_listener,
     )
+    open_files, open_files_hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     log.info(
         "serving",
         extra={
@@ -220,6 +243,11 @@ async def start(
             "port": app.port,
             "http_listen": settings.http_listen,
             "http_port": app.http_port,
+            "http_max_connections": http_max_connections,
+            "admin_listen": settings.admin_listen,
+            "admin_port": app.admin_port,
+            "open_files_limit": open_files,
+            "open_files_hard_limit": open_files_hard,
             "db": str(settings.db),
             "poller": poller is not None,
             "tls": tls_files is not None,
@@ -227,6 +255,28 @@ async def start(
         },
     )
     return app
+
+
+async def _committing(
+    store: Store,
+    hub: Hub,
+    metrics: Metrics,
+    health_servicer: health_aio.HealthServicer,
+    started: contextlib.AsyncExitStack,
+) -> tuple[Committer, StoreHealth]:
+    """The committer, started, and the store's health, probing (both stopped by `started` if starting
+    fails later)."""
+    store_health = StoreHealth(store, _serving_setter(health_servicer))
+    # Read when /metrics is scraped: from memory (the open quarantine as of the last count).
+    metrics.watch(hub, lambda: store_health.open_quarantine)
+    committer = Committer(
+        store, hub, on_commit=_commit_recorder(metrics), on_outcome=_commit_outcome(metrics, store_health)
+    )
+    committer.start()
+    started.push_async_callback(committer.stop)
+    await store_health.start(committer.check)
+    started.push_async_callback(store_health.stop)
+    return committer, store_health
 
 
 def _grpc_server(
@@ -252,16 +302,26 @@ def _grpc_server(
         raise OSError(f"cannot listen on {settings.listen}: {error}") from None
 
 
-async def _listen_http(http: web.AppRunner, settings: Settings) -> None:
-    listen = settings.http_listen
-    host, _, port = listen.rpartition(":")
-    tls_files = tls.files(settings)
-    ssl_context = tls.http_context(*tls_files) if tls_files is not None else None
+def _admin_listener(
+    settings: Settings, render_metrics: Callable[[], Awaitable[bytes]], ssl_context: ssl.SSLContext | None
+) -> HttpListener | None:
+    """The admin port's listener (not yet started), or None when DLRHUB_ADMIN_LISTEN is not set."""
+    if not settings.admin_listen:
+        return None
+    return HttpListener(
+        admin.create_app(render_metrics),
+        max_connections=admin.MAX_CONNECTIONS,
+        idle_timeout=settings.http_idle_timeout,
+        ssl_context=ssl_context,
+    )
+
+
+async def _listen(listener: HttpListener, address: str) -> None:
     try:
-        await web.TCPSite(http, host, int(port), ssl_context=ssl_context).start()
-    except OSError as error:  # aiohttp's words repeat the address: the system's are enough
+        await listener.start(address)
+    except OSError as error:  # its words repeat the address: the system's are enough
         reason = os.strerror(error.errno) if error.errno else str(error)
-        raise OSError(f"cannot listen on {listen} (HTTP): {reason}") from None
+        raise OSError(f"cannot listen on {address} (HTTP): {reason}") from None
 
 
 def _check_listen(listen: str) -> None:
@@ -292,6 +352,18 @@ def _interceptors(tracing: Any, metrics: Metrics, call_log: CallLog, tokens: Tok
     return [interceptor for interceptor in chain if interceptor is not None]
 
 
+def _commit_outcome(metrics: Metrics, store_health: StoreHealth) -> Callable[[Exception | None], None]:
+    """Counts a group commit that failed, and tells the store's health how each went."""
+    failures = metrics.store_failures.labels("commit")
+
+    def told(error: Exception | None) -> None:
+        if error is not None:
+            failures.inc()
+        store_health.committed(error)
+
+    return told
+
+
 def _commit_recorder(metrics: Metrics) -> Callable[[float, int], None]:
     def record(seconds: float, items: int) -> None:
         metrics.commit_seconds.observe(seconds)
@@ -308,12 +380,44 @@ def _tokens(settings: Settings) -> Tokens | None:
     return Tokens(tokens) if tokens else None
 
 
-def _webhook_auth(settings: Settings) -> dict[str, webhooks.WebhookAuth]:
-    specs = {
-        "/webhooks/gms": settings.gms_webhook_auth,
-        "/webhooks/sent-sms-report": settings.sent_sms_report_webhook_auth,
-    }
-    return {path: webhooks.WebhookAuth.parse(spec) for path, spec in specs.items() if spec}
+def _webhook_access(settings: Settings, tokens: bool) -> dict[str, Access]:
+    """What each webhook route requires. With gRPC tokens configured (`tokens`), a route that takes
+    anyone's POSTs is refused unless DLRHUB_WEBHOOKS_OPEN says so: the webhooks store reports as
+    Ingest does, and the provider-facing port is the one most exposed."""
+    try:
+        common = AllowList.parse(settings.webhook_allow_from) if settings.webhook_allow_from else None
+    except ValueError as error:
+        raise ValueError(f"{env_name('webhook_allow_from')}: {error}") from None
+    access = {}
+    for path, (auth_setting, allow_setting) in _ROUTE_SETTINGS.items():
+        auth_spec, allow_spec = getattr(settings, auth_setting), getattr(settings, allow_setting)
+        try:
+            auth = WebhookAuth.parse(auth_spec) if auth_spec else None
+        except ValueError as error:
+            raise ValueError(f"{env_name(auth_setting)}: {error}") from None
+        try:
+            allow_from = AllowList.parse(allow_spec) if allow_spec else common
+        except ValueError as error:
+            raise ValueError(f"{env_name(allow_setting)}: {error}") from None
+        access[path] = Access(auth, allow_from)
+    open_routes = [path for path, route in access.items() if route.open]
+    if tokens and open_routes and not settings.webhooks_open:
+        auth_names = " and ".join(env_name(_ROUTE_SETTINGS[path][0]) for path in open_routes)
+        raise ValueError(
+            f"gRPC tokens are configured, but {' and '.join(open_routes)} would take anyone's POSTs:"
+            f" set {auth_names} (or an allow list, {env_name('webhook_allow_from')}),"
+            f" or {env_name('webhooks_open')}=1 to leave them open"
+        )
+    return access
+
+
+def _check_http_limits(settings: Settings) -> None:
+    """Refuses limits that would stop the HTTP ports (no connection at all, no time at all)."""
+    if settings.http_max_connections < 1:
+        raise ValueError(f"{env_name('http_max_connections')} must be at least 1")
+    for name in ("http_idle_timeout", "http_body_timeout", "log_repeat_interval"):
+        if not getattr(settings, name) > 0:
+            raise ValueError(f"{env_name(name)} must be a number of seconds above 0")
 
 
 def _poller_settings(settings: Settings, given: PollerSettings | None) -> PollerSettings | None:

@@ -1,10 +1,12 @@
 """The `dlrhub` command.
 
-    dlrhub serve [--listen HOST:PORT] [--http-listen HOST:PORT] [--db PATH] [--log-level LEVEL]
+    dlrhub serve [--listen HOST:PORT] [--http-listen HOST:PORT] [--admin-listen HOST:PORT] [--db PATH] ...
     dlrhub ingest | fetch | tail ...     (the client commands: dlrhub_client.cli)
 
 Every flag has a DLRHUB_* environment variable; a flag wins over it. Only `serve` imports the
-server: the client commands, --help and --version start without loading it.
+server: the client commands, --help and --version start without loading it. When the server cannot
+start (a setting, the database, a listen address), it exits with status 2 and one line on stderr,
+`dlrhub: cannot start: ...`, saying why.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import dataclasses
 import gc
 import logging
+import resource
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -41,6 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument(
         "--http-listen",
         help="webhook HTTP address, host:port (env DLRHUB_HTTP_LISTEN; default 127.0.0.1:8080)",
+    )
+    serve.add_argument(
+        "--admin-listen",
+        help="admin HTTP address for /metrics, host:port (env DLRHUB_ADMIN_LISTEN; default off)",
     )
     serve.add_argument("--db", type=Path, help="SQLite file (env DLRHUB_DB; default data/dlrhub.db)")
     serve.add_argument(
@@ -72,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 _SERVE_FLAGS = (
     "listen",
     "http_listen",
+    "admin_listen",
     "db",
     "log_level",
     "gms_codes",
@@ -95,7 +103,8 @@ def _run_serve(options: argparse.Namespace) -> int:
         return _cannot_start(error)
     overrides = {name: value for name in _SERVE_FLAGS if (value := getattr(options, name, None)) is not None}
     settings = dataclasses.replace(settings, **overrides)
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, settings.log_repeat_interval)
+    _raise_file_limit()
     try:
         asyncio.run(_serve(settings, app.start))
     except CannotStart as error:
@@ -112,6 +121,19 @@ def _cannot_start(error: Exception) -> int:
     """One line on stderr naming the problem (no traceback), and exit status 2."""
     print(f"dlrhub: cannot start: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
     return 2
+
+
+def _raise_file_limit() -> None:
+    """Raises the soft limit on open files to the hard one: each connection takes a file descriptor,
+    and the HTTP port's connection limit follows what is left (transport/listener.py). The limits
+    are in the "serving" line."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as error:  # e.g. macOS, where the hard limit is "unlimited"
+        log.warning("cannot raise the open-file limit to %s (it stays %s): %s", hard, soft, error)
 
 
 def _tune_gc() -> None:

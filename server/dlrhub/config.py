@@ -60,9 +60,24 @@ class Settings:
     http_listen: str = _env("DLRHUB_HTTP_LISTEN", DEFAULT_HTTP_LISTEN)
     # Largest webhook body accepted; larger ones get 413.
     http_max_body_bytes: int = _env("DLRHUB_HTTP_MAX_BODY_BYTES", 16 * 1024 * 1024)
-    # Webhook credentials: "basic:USER:PASSWORD" or "token:SECRET"; empty means open.
+    # Open webhook connections at most (fewer if the open-file limit leaves less room); more wait.
+    http_max_connections: int = _env("DLRHUB_HTTP_MAX_CONNECTIONS", 1000)
+    # Seconds a connection may go without a complete request head (slow headers, idle keep-alive),
+    # and seconds a request body may take to arrive.
+    http_idle_timeout: float = _env("DLRHUB_HTTP_IDLE_TIMEOUT", 15.0)
+    http_body_timeout: float = _env("DLRHUB_HTTP_BODY_TIMEOUT", 60.0)
+    # Webhook credentials: "basic:USER:PASSWORD" or "token:SECRET"; empty means none.
     gms_webhook_auth: str = _env("DLRHUB_GMS_WEBHOOK_AUTH", "")
     sent_sms_report_webhook_auth: str = _env("DLRHUB_SENT_SMS_REPORT_WEBHOOK_AUTH", "")
+    # Source networks the webhooks accept ("10.0.0.0/8,2001:db8::/32"), for all of them or one
+    # (a route's own list replaces the common one); empty means any address.
+    webhook_allow_from: str = _env("DLRHUB_WEBHOOK_ALLOW_FROM", "")
+    gms_webhook_allow_from: str = _env("DLRHUB_GMS_WEBHOOK_ALLOW_FROM", "")
+    sent_sms_report_webhook_allow_from: str = _env("DLRHUB_SENT_SMS_REPORT_WEBHOOK_ALLOW_FROM", "")
+    # With gRPC tokens configured, start although a webhook takes anyone's POSTs.
+    webhooks_open: bool = _env("DLRHUB_WEBHOOKS_OPEN", False)
+    # The admin HTTP address (/metrics), host:port; empty: off.
+    admin_listen: str = _env("DLRHUB_ADMIN_LISTEN", "")
     # The SentSMSReport poller; off unless both base URL and API key are set.
     poll_base_url: str = _env("DLRHUB_POLL_BASE_URL", "")
     poll_api_key: str = _env("DLRHUB_POLL_API_KEY", "")
@@ -87,6 +102,8 @@ class Settings:
     write_budget_bytes: int = _env("DLRHUB_WRITE_BUDGET_BYTES", 16 * 1024 * 1024)
     # OpenTelemetry tracing: off, console or otlp (OTEL_EXPORTER_OTLP_* configure the exporter).
     tracing: str = _env("DLRHUB_TRACING", "off")
+    # A WARNING or ERROR line that repeats is logged once, then counted: one summary per interval.
+    log_repeat_interval: float = _env("DLRHUB_LOG_REPEAT_INTERVAL", 10.0)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -103,3 +120,8 @@ class Settings:
         if "log_level" in values:
             values["log_level"] = values["log_level"].upper()
         return cls(**values)
+
+
+def env_name(setting: str) -> str:
+    """The environment variable of a Settings field, e.g. "DLRHUB_GMS_WEBHOOK_AUTH"."""
+    return str(next(f for f in dataclasses.fields(Settings) if f.name == setting).metadata["env"])

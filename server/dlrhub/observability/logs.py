@@ -3,14 +3,21 @@
 A line per call is on the hot path, so lines are written in batches: when
 `capacity` lines are waiting, at once for a WARNING or worse, and otherwise at
 most `interval` seconds after they were logged (and at exit).
+
+A failure that repeats (a store that cannot commit, a port out of file
+descriptors) would write a line per occurrence; RepeatFilter turns such a storm
+into its first line and one count per interval.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import sys
 import threading
+import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -99,7 +106,84 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self.stream.flush()
 
 
-def configure(level: str) -> None:
+@dataclass(slots=True)
+class _Repeats:
+    """The repeats of one line held back in the current interval."""
+
+    count: int = 0
+    last: logging.LogRecord | None = None
+
+
+class RepeatFilter(logging.Filter):
+    """Rate-limits repeated lines, process-wide when set on the handler (as `configure` does).
+
+    A line at `level` or above (WARNING by default) is keyed by its logger and its message template
+    (the format string before its arguments, up to its first line break: asyncio's event-loop errors
+    add per-event details after one). The first line of a key is logged as it is, with its
+    traceback. Lines of that key in the next `interval` seconds are counted, not logged; when the
+    interval ends, if there were any, one summary is logged: the last of them, at its level and
+    with its fields but no traceback, plus `repeated` (how many were held back) and
+    `interval_seconds`. A key repeating for an hour so logs its first line and one summary per
+    interval; after an interval without a repeat, its next line is logged in full again.
+
+    Lines below `level` pass untouched: the per-call INFO lines are one per call by design.
+    """
+
+    def __init__(self, interval: float = 10.0, level: int = logging.WARNING) -> None:
+        super().__init__()
+        self.interval = interval
+        self.level = level
+        self._lock = threading.Lock()
+        # Keys seen in the current interval: those with a timer running.
+        self._repeats: dict[tuple[str, str], _Repeats] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < self.level or hasattr(record, "repeated"):  # a summary passes
+            return True
+        key = (record.name, str(record.msg).partition("\n")[0])
+        with self._lock:
+            repeats = self._repeats.get(key)
+            if repeats is None:
+                self._repeats[key] = _Repeats()
+                self._start_timer(key)
+                return True
+            repeats.count += 1
+            repeats.last = record
+            return False
+
+    def flush(self) -> None:
+        """Logs the summaries of every interval still running now (at exit)."""
+        with self._lock:
+            pending, self._repeats = self._repeats, {}
+        for repeats in pending.values():
+            self._log_summary(repeats)
+
+    def _start_timer(self, key: tuple[str, str]) -> None:
+        timer = threading.Timer(self.interval, self._interval_ended, (key,))
+        timer.daemon = True
+        timer.start()
+
+    def _interval_ended(self, key: tuple[str, str]) -> None:
+        with self._lock:
+            repeats = self._repeats.pop(key, None)
+            if repeats is None or repeats.count == 0:
+                return  # quiet for a whole interval (or flushed): the next line is a first line again
+            self._repeats[key] = _Repeats()  # still repeating: count the next interval too
+            self._start_timer(key)
+        self._log_summary(repeats)
+
+    def _log_summary(self, repeats: _Repeats) -> None:
+        last = repeats.last
+        if last is None:
+            return
+        fields = {**vars(last), "exc_info": None, "exc_text": None, "stack_info": None}
+        summary = logging.makeLogRecord(fields | {"created": time.time()})
+        summary.repeated = repeats.count
+        summary.interval_seconds = self.interval
+        logging.getLogger(last.name).handle(summary)
+
+
+def configure(level: str, repeat_interval: float = 10.0) -> None:
     # A line per call is on the hot path: skip what these lines never show (the caller's file and
     # line, thread and process names), as the logging documentation's optimisation notes advise.
     logging._srcfile = None
@@ -108,6 +192,9 @@ def configure(level: str) -> None:
     logging.logMultiprocessing = False
     handler = BatchingStreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    repeats = RepeatFilter(repeat_interval)
+    handler.addFilter(repeats)
+    atexit.register(repeats.flush)  # before logging's own exit hook writes the last lines
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

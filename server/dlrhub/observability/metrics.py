@@ -1,4 +1,5 @@
-"""Prometheus metrics (prometheus-client), one registry per running app, served at /metrics.
+"""Prometheus metrics (prometheus-client), one registry per running app, served at /metrics on the
+admin listener (DLRHUB_ADMIN_LISTEN).
 
 dlrhub_rpc_requests_total{method,code}            RPCs by method and status code
 dlrhub_rpc_duration_seconds{method}               RPC latency
@@ -6,6 +7,9 @@ dlrhub_reports_total{source,status,outcome}       items by source, unified statu
 dlrhub_unmapped_codes_total{source,codes}         raw provider codes that mapped to UNSPECIFIED
 dlrhub_store_commit_seconds                       duration of each group commit
 dlrhub_store_commit_reports                       items per group commit (group-commit batch size)
+dlrhub_store_failures_total{operation}            store operations that failed (commit: a group commit)
+dlrhub_http_connections                           open connections to the webhook port
+dlrhub_http_max_connections                       the most it holds (more wait to be accepted)
 dlrhub_poller_last_success_timestamp_seconds      when a poll last succeeded
 dlrhub_poller_reports_fetched_total               reports fetched by the poller
 dlrhub_poller_failures_total{kind}                poll failures: auth, client_error, throttled,
@@ -85,8 +89,19 @@ class Metrics:
             buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000),
             registry=r,
         )
+        self.store_failures = Counter(
+            "dlrhub_store_failures", "Store operations that failed", ["operation"], registry=r
+        )
         self.http_requests = Counter(
             "dlrhub_http_requests", "HTTP requests by route and status", ["route", "status"], registry=r
+        )
+        self.http_connections = Gauge(
+            "dlrhub_http_connections", "Open connections to the webhook port", registry=r
+        )
+        self.http_max_connections = Gauge(
+            "dlrhub_http_max_connections",
+            "The most connections the webhook port holds; more wait to be accepted",
+            registry=r,
         )
         self.poller_last_success = Gauge(
             "dlrhub_poller_last_success_timestamp_seconds", "When a poll last succeeded", registry=r

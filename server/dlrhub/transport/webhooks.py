@@ -6,29 +6,28 @@
 Both take the same path as Ingest (normalise -> store -> stream) and answer:
 200 once every item is committed; 400 with a JSON body naming what was wrong
 per item (the valid items are stored all the same); 401 without the
-configured credentials; 413 over the body size limit; 503 when the store
-cannot commit, so the provider retries.
+configured credentials, 403 from an address outside the allow list
+(webhook_access.py); 408 when the body does not arrive in time; 413 over the
+body size limit; 503 when the store cannot commit, so the provider retries.
+Nothing else is served on this port (metrics are on the admin port: admin.py).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hmac
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST
 
 from deliveryreport.v1.delivery_report_service_pb2 import Format, IngestOutcome, IngestResponse
 from dlrhub.normalise import Rejection
 from dlrhub.observability.calls import CallLog
 from dlrhub.observability.metrics import Metrics
 from dlrhub.store.base import StoreError
+from dlrhub.transport.webhook_access import Access
 from dlrhub.write.writer import TooManyItems, Writer
 
 log = logging.getLogger(__name__)
@@ -45,65 +44,24 @@ _OUTCOMES = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class WebhookAuth:
-    """Credentials a webhook requires: HTTP Basic, or a shared token.
-
-    Spelled `basic:USER:PASSWORD` or `token:SECRET` in configuration. A token is
-    accepted as `Authorization: Bearer SECRET` or as the `token` query parameter
-    (for providers that cannot set headers). Compared in constant time.
-    """
-
-    scheme: str
-    secret: bytes
-
-    @classmethod
-    def parse(cls, spec: str) -> WebhookAuth:
-        scheme, _, rest = spec.partition(":")
-        if scheme == "basic" and ":" in rest:
-            return cls("basic", rest.encode())
-        if scheme == "token" and rest:
-            return cls("token", rest.encode())
-        raise ValueError("webhook auth must be basic:USER:PASSWORD or token:SECRET")
-
-    def allows(self, request: web.Request) -> bool:
-        header = request.headers.get("Authorization", "")
-        kind, _, value = header.partition(" ")
-        if self.scheme == "basic":
-            try:
-                given = base64.b64decode(value, validate=True) if kind.lower() == "basic" else b""
-            except binascii.Error:
-                given = b""
-            return hmac.compare_digest(given, self.secret)
-        given_text = value if kind.lower() == "bearer" else request.query.get("token", "")
-        return hmac.compare_digest(given_text.encode(), self.secret)
-
-
 def create_app(
     writer: Writer,
-    auth: dict[str, WebhookAuth],
+    access: dict[str, Access],
     max_body_bytes: int,
+    body_timeout: float = 60.0,
     metrics: Metrics | None = None,
-    render_metrics: Callable[[], Awaitable[bytes]] | None = None,
     call_log: CallLog | None = None,
 ) -> web.Application:
-    """The webhook application; `auth` maps a route path to the credentials it requires.
+    """The webhook application; `access` maps a route path to what it requires (open if absent).
 
-    Every request is logged in one line (by `call_log`, in runs) and counted by route and status; with
-    `render_metrics` (the Prometheus exposition text), GET /metrics serves it.
+    A body must arrive within `body_timeout` seconds of the request head. Every request is logged in
+    one line (by `call_log`, in runs) and counted by route and status.
     """
     app = web.Application(
         client_max_size=max_body_bytes, middlewares=[_observe(metrics, call_log or CallLog(log, "http"))]
     )
     for path, format in ROUTES.items():
-        app.router.add_post(path, _handler(writer, format, auth.get(path)))
-    if render_metrics is not None:
-        render = render_metrics
-
-        async def serve_metrics(_: web.Request) -> web.Response:
-            return web.Response(body=await render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-        app.router.add_get("/metrics", serve_metrics)
+        app.router.add_post(path, _handler(writer, format, access.get(path, Access()), body_timeout))
     return app
 
 
@@ -130,30 +88,36 @@ def _observe(metrics: Metrics | None, call_log: CallLog) -> Any:
             route = resource.canonical if resource is not None else "unmatched"
             if metrics is not None:
                 metrics.http_requests.labels(route, str(status)).inc()
-            fields = {
-                "route": route,
-                "status": status,
-                "request_id": request.headers.get("X-Request-Id", ""),
-                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-                **details,
-            }
-            if route == "/metrics":  # scrapes: only at DEBUG
-                log.debug("http", extra=fields)
-            else:
-                call_log.add(fields)
+            call_log.add(
+                {
+                    "route": route,
+                    "status": status,
+                    "request_id": request.headers.get("X-Request-Id", ""),
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                    **details,
+                }
+            )
 
     return observe
 
 
-def _handler(writer: Writer, format: Format.ValueType, auth: WebhookAuth | None) -> Any:
+def _handler(writer: Writer, format: Format.ValueType, access: Access, body_timeout: float) -> Any:
     async def handle(request: web.Request) -> web.Response:
-        if auth is not None and not auth.allows(request):
-            challenge = {"WWW-Authenticate": 'Basic realm="dlrhub"'} if auth.scheme == "basic" else {}
-            return _error(401, Rejection("", "UNAUTHENTICATED", "missing or wrong credentials"), challenge)
+        refusal = access.refusal(request)
+        if refusal is not None:
+            status, rejection, headers = refusal
+            request[_DETAILS]["reason"] = rejection.reason
+            return _error(status, rejection, headers)
         try:
-            body = await request.read()
+            async with asyncio.timeout(body_timeout):
+                body = await request.read()
         except web.HTTPRequestEntityTooLarge as error:
             return _error(413, Rejection("", "BODY_TOO_LARGE", f"the body is over the limit: {error.text}"))
+        except TimeoutError:
+            description = f"the body did not arrive within {body_timeout:g} s"
+            timed_out = _error(408, Rejection("", "BODY_TIMEOUT", description), {"Connection": "close"})
+            timed_out.force_close()
+            return timed_out
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError as error:
@@ -163,6 +127,7 @@ def _handler(writer: Writer, format: Format.ValueType, auth: WebhookAuth | None)
         except TooManyItems as error:
             return _error(413, Rejection("", "TOO_MANY_ITEMS", str(error)))
         except StoreError:
+            # Rate-limited when it repeats (observability.logs.RepeatFilter): the first with its traceback.
             log.exception("webhook could not commit", extra={"route": request.path})
             return _error(503, Rejection("", "STORE_UNAVAILABLE", "could not store the reports; retry"))
         if ingested.rejection is not None:

@@ -65,6 +65,11 @@ class Committer:
             self._task = None
         self._writer.shutdown(wait=True)
 
+    @property
+    def waiting(self) -> int:
+        """Submissions queued for the next group (not yet being written)."""
+        return self._queue.qsize()
+
     async def submit(self, submission: Submission) -> Applied:
         """Applies a submission; returns once it is durably committed. Raises StoreError."""
         if self._task is None or self._task.done():
@@ -103,6 +108,9 @@ class Committer:
             try:
                 results = await loop.run_in_executor(self._writer, self._write, [p.submission for p in group])
             except Exception as error:
+                # One line per failed group: a storm of them (a full disk) is rate-limited by
+                # observability.logs.RepeatFilter, and counted in dlrhub_store_failures_total by
+                # on_outcome.
                 log.exception("commit failed for %d submissions", len(group))
                 self._tell(error)
                 for pending in group:

@@ -1,0 +1,177 @@
+"""StreamBatches over gRPC (Stream's feed, the changes ready together in one message), and the
+encoding both streams share."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+from hypothesis import given
+from hypothesis import strategies as st
+
+from deliveryreport.v1.delivery_report_pb2 import DeliveryReport, DeliveryStatus
+from deliveryreport.v1.delivery_report_service_pb2 import (
+    StreamBatchesRequest,
+    StreamBatchesResponse,
+    StreamRequest,
+    StreamResponse,
+)
+from dlrhub.feed.encoding import StreamEncoder
+from dlrhub.store.base import Change
+from tests.conftest import FakeClock, Running
+from tests.helpers import (
+    TIMEOUT,
+    cursors_of,
+    failure,
+    gms,
+    gms_payload,
+    ingest,
+    ingest_each,
+    own_server,
+    read_changes,
+    read_start,
+    ssr,
+    ssr_payload,
+)
+
+if TYPE_CHECKING:
+    BatchCall = grpc.aio.UnaryStreamCall[StreamBatchesRequest, StreamBatchesResponse]
+
+
+# StreamBatches: Stream's feed, with the changes ready together in one message.
+
+
+async def read_batch(call: BatchCall) -> list[StreamResponse]:
+    message = await asyncio.wait_for(call.read(), TIMEOUT)
+    assert isinstance(message, StreamBatchesResponse), "the stream ended"
+    assert message.responses, "a batch is never empty"
+    return list(message.responses)
+
+
+async def test_stream_batches_carries_stream_s_feed_in_order(server: Running) -> None:
+    stored = await ingest_each(server.stub, *(gms(f"batched-{n}") for n in range(3)))
+    batches = server.stub.StreamBatches(StreamBatchesRequest(stream=StreamRequest(from_beginning=True)))
+    singles = server.stub.Stream(StreamRequest(from_beginning=True))
+    try:
+        [start] = await read_batch(batches)  # the start heartbeat travels alone
+        assert start.heartbeat
+        assert start.cursor == "0"
+        assert await read_start(singles) == 0
+        live = await ingest_each(server.stub, *(gms(f"batched-{n}", "SENT") for n in range(3, 5)))
+        got: list[StreamResponse] = []
+        while len(got) < 5:
+            got += await read_batch(batches)
+        assert cursors_of(got) == stored + live
+        assert got == await read_changes(singles, 5)  # the same messages, byte for byte
+    finally:
+        batches.cancel()
+        singles.cancel()
+
+
+async def test_changes_committed_together_arrive_in_one_message(server: Running) -> None:
+    call = server.stub.StreamBatches(StreamBatchesRequest())
+    try:
+        [start] = await read_batch(call)
+        assert start.heartbeat
+        response = await ingest(server.stub, gms_payload(*(gms(f"together-{n}") for n in range(50))))
+        assert response.accepted_count == 50
+        # One Ingest is one commit, published at once: the waiting subscriber sends it whole.
+        batch = await read_batch(call)
+        assert [change.report.message_id for change in batch] == [f"together-{n}" for n in range(50)]
+        assert cursors_of(batch) == [int(result.cursor) for result in response.results]
+    finally:
+        call.cancel()
+
+
+async def test_stream_batches_catches_up_in_bounded_batches(server: Running) -> None:
+    for first in range(0, 1200, 400):
+        await ingest(server.stub, gms_payload(*(gms(f"backlog-{n}") for n in range(first, first + 400))))
+    call = server.stub.StreamBatches(StreamBatchesRequest(stream=StreamRequest(from_beginning=True)))
+    try:
+        await read_batch(call)
+        sizes: list[int] = []
+        got: list[StreamResponse] = []
+        while len(got) < 1200:
+            batch = await read_batch(call)
+            sizes.append(len(batch))
+            got += batch
+        assert [change.report.message_id for change in got] == [f"backlog-{n}" for n in range(1200)]
+        assert max(sizes) <= 500  # read from the store 500 at a time
+        assert len(sizes) >= 3
+    finally:
+        call.cancel()
+
+
+async def test_a_stream_batches_consumer_that_falls_behind_catches_up_with_nothing_lost(
+    db_path: Path, clock: FakeClock
+) -> None:
+    async with own_server(db_path, clock, stream_buffer=8) as own:
+        call = own.stub.StreamBatches(StreamBatchesRequest())
+        try:
+            [start] = await read_batch(call)
+            assert start.heartbeat
+            cursors: list[int] = []
+            for batch in range(10):
+                # Each commit publishes 30 changes at once: more than the buffer of 8, so the
+                # subscriber overflows and reads them from the store instead.
+                response = await ingest(own.stub, ssr_payload(*(ssr(f"f-{batch}-{n}") for n in range(30))))
+                cursors += [int(result.cursor) for result in response.results]
+            assert own.app.hub.overflows >= 1
+            got: list[StreamResponse] = []
+            while len(got) < len(cursors):
+                got += await read_batch(call)
+            assert cursors_of(got) == cursors  # every change once, in order
+            [last] = await ingest_each(own.stub, gms("after"))  # and live again afterwards
+            assert cursors_of(await read_batch(call)) == [last]
+        finally:
+            call.cancel()
+
+
+async def test_stream_batches_names_the_field_inside_the_stream_request(server: Running) -> None:
+    request = StreamBatchesRequest(stream=StreamRequest(heartbeat_seconds=-1))
+    details = await failure(server.stub.StreamBatches(request).read())
+    assert details.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.fields == ["stream.heartbeat_seconds"]
+
+
+# Stream encoding: one change, encoded once for every subscriber.
+
+
+def test_a_change_is_encoded_once_and_decodes_to_its_stream_response() -> None:
+    report = DeliveryReport(message_id="m-1", status=DeliveryStatus.DELIVERY_STATUS_DELIVERED)
+    state = DeliveryReport(message_id="m-1", bulk_id="b-1", status=DeliveryStatus.DELIVERY_STATUS_DELIVERED)
+    encode = StreamEncoder(size=2)
+    [first] = encode.batches([Change(7, report, state)])
+    [second] = encode.batches([Change(7, report, state)])
+    assert second is first  # a second subscriber gets the same bytes
+    expected = StreamResponse(cursor="7", report=report, state=state)
+    assert StreamBatchesResponse.FromString(first) == StreamBatchesResponse(responses=[expected])
+    single = encode.response(Change(7, report, state))
+    assert StreamResponse.FromString(single) == expected
+    assert encode.response(Change(7, report, state)) is single  # Stream subscribers share bytes too
+
+    list(encode.batches([Change(8, report, state), Change(9, report, state)]))
+    # Over the size: the oldest (7) was dropped, and is encoded again on demand.
+    [again] = encode.batches([Change(7, report, state)])
+    assert again is not first
+    assert again == first
+
+
+@given(
+    texts=st.lists(st.text(max_size=300), min_size=1, max_size=40),
+    limit=st.integers(min_value=1, max_value=4000),
+)
+def test_a_batch_is_its_changes_in_order_split_at_the_byte_limit(texts: list[str], limit: int) -> None:
+    changes = [
+        Change(cursor, DeliveryReport(message_id=f"m-{cursor}", reference=text), DeliveryReport())
+        for cursor, text in enumerate(texts, start=1)
+    ]
+    batches = list(StreamEncoder(size=100).batches(changes, max_bytes=limit))
+    decoded = [StreamBatchesResponse.FromString(batch).responses for batch in batches]
+    assert [response.cursor for batch in decoded for response in batch] == [str(c.cursor) for c in changes]
+    assert [response.report for batch in decoded for response in batch] == [c.report for c in changes]
+    for batch, responses in zip(batches, decoded, strict=True):
+        # Over the limit only when one change alone is bigger than it.
+        assert len(batch) <= limit or len(responses) == 1

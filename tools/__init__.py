@@ -1,0 +1,1 @@
+"""Development tooling: protobuf generation, a throwaway PostgreSQL, and the `dlrhub serve` launcher."""
