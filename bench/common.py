@@ -17,7 +17,7 @@ RESULTS = BENCH / "results"
 
 SERVICE = "/deliveryreport.v1.DeliveryReportService/"
 INGEST = SERVICE + "Ingest"
-FETCH = SERVICE + "Fetch"
+FETCH = SERVICE + "GetMessage"  # the "Fetch by id" measures: GetMessage since the v1 cleanup
 STREAM = SERVICE + "Stream"
 STREAM_BATCHES = SERVICE + "StreamBatches"
 ECHO_UNARY = "/bench.Echo/Unary"

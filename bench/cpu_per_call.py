@@ -30,7 +30,7 @@ import grpc
 
 from bench.common import ECHO_UNARY, FETCH, INGEST, gms_batch, gms_report, proc_cpu_seconds
 from bench.servers import Server, start_dlrhub, start_echo
-from deliveryreport.v1.delivery_report_service_pb2 import FetchRequest, IngestRequest
+from deliveryreport.v1.delivery_report_service_pb2 import GetMessageRequest, IngestRequest
 
 STORED = 5000
 IN_FLIGHT = 16
@@ -49,7 +49,7 @@ def _load(port: int, kind: str, calls: int, seed: int) -> None:
                 for number in numbers:
                     if kind in ("echo", "fetch"):
                         stored = f"stored-{(number * 7919 + seed) % STORED}"
-                        body = FetchRequest(message_id=stored).SerializeToString()
+                        body = GetMessageRequest(message_id=stored).SerializeToString()
                     else:
                         fresh = f"new-{seed}-{number}-{time.time_ns()}"
                         body = IngestRequest(payload=gms_report(fresh, number)).SerializeToString()

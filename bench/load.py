@@ -10,7 +10,7 @@ Job kinds:
   unary          closed loop with `concurrency` calls in flight (or, with `rate`, an open loop paced
                  at `rate` calls/s with at most `concurrency` in flight), identity serializers;
                  payload "ingest" (one fresh report per IngestRequest), "batch" (`batch` reports
-                 per IngestRequest) or "fetch" (a FetchRequest for a random stored message id).
+                 per IngestRequest) or "fetch" (a GetMessageRequest for a random stored message id).
                  The same bytes go to dlrhub or to the echo server, so the client does the same work.
   client_stream  `concurrency` client-streaming calls at a time, `messages` single-report
                  IngestRequests each (echo ceiling of batched ingest).
@@ -38,6 +38,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
 
 from bench.common import (
     BENCH,
@@ -51,7 +52,7 @@ from bench.common import (
 )
 from bench.echo_server import SERVER_STREAM_REQUEST
 from deliveryreport.v1.delivery_report_service_pb2 import (
-    FetchRequest,
+    GetMessageRequest,
     IngestRequest,
     IngestResponse,
     StreamBatchesRequest,
@@ -171,7 +172,7 @@ def _factory(job: Job) -> Factory:
         chooser = random.Random(f"{tag}-{worker}")  # load, not security
         stored = job["stored"]
         pool = [
-            FetchRequest(message_id=stored_id(chooser.randrange(stored))).SerializeToString()
+            GetMessageRequest(message_id=stored_id(chooser.randrange(stored))).SerializeToString()
             for _ in range(FETCH_POOL)
         ]
         cycle = itertools.cycle(pool)
@@ -359,7 +360,7 @@ def _items(batch: bytes) -> int:
 
 def _subscribe_request(method: str) -> bytes:
     """A live subscription's request, for Stream or StreamBatches."""
-    request = StreamRequest(heartbeat_seconds=60)
+    request = StreamRequest(heartbeat_interval=Duration(seconds=60))
     if method == STREAM_BATCHES:
         return StreamBatchesRequest(stream=request).SerializeToString()
     return request.SerializeToString()
@@ -393,7 +394,9 @@ async def _subscribe(channel: grpc.aio.Channel, job: Job, window: _Window) -> Re
                     if batched
                     else [StreamResponse.FromString(message)]
                 )
-                records += [(r.report.message_id, now) for r in responses if not r.heartbeat]
+                records += [
+                    (r.change.report.message_id, now) for r in responses if not r.HasField("heartbeat")
+                ]
             if window.inside(now):
                 messages += count
                 grpc_messages += 1

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
 
 from deliveryreport.v1.delivery_report_service_pb2 import Format, IngestRequest, StreamRequest
 from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
@@ -168,10 +169,12 @@ async def measure(address: str, server_pid: int, options: argparse.Namespace, ru
         await run_phase(stub, before, options.writers, options.batch, server_pid)
 
         stall = Phase(f"stalled-{run}", options.stall_seconds)
-        stream = consumer.Stream(StreamRequest(heartbeat_seconds=1), timeout=options.stall_seconds + 600)
+        stream = consumer.Stream(
+            StreamRequest(heartbeat_interval=Duration(seconds=1)), timeout=options.stall_seconds + 600
+        )
         responses = stream.__aiter__()
         start = await asyncio.wait_for(anext(responses), RPC_TIMEOUT)
-        assert start.heartbeat
+        assert start.HasField("heartbeat")
         await run_phase(stub, stall, options.writers, options.batch, server_pid)
 
         # The consumer reads again: every change of the stalled phase, in order, once.
@@ -179,7 +182,7 @@ async def measure(address: str, server_pid: int, options: argparse.Namespace, ru
         cursors: list[int] = []
         while not cursors or cursors[-1] < stall.last_cursor:
             response = await asyncio.wait_for(anext(responses), RPC_TIMEOUT)
-            if not response.heartbeat:
+            if not response.HasField("heartbeat"):
                 cursors.append(int(response.cursor))
         drained = time.monotonic() - drain_started
         stream.cancel()

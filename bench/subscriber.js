@@ -7,7 +7,7 @@
 //
 // Job: target, kind ("server_stream" | "subscribe"), method, request (hex), start_at (Unix s),
 // warmup and duration (s); subscribe also mode ("count" | "record") and grace (s).
-// Messages are never decoded, except that "record" reads report.message_id off the wire and a
+// Messages are never decoded, except that "record" reads change.report.message_id off the wire and a
 // StreamBatches message is split into its changes.
 'use strict';
 
@@ -75,11 +75,13 @@ function responsesOf(batch) {
   return responses;
 }
 
-// StreamResponse.report = 2, DeliveryReport.message_id = 2; a heartbeat has no report.
+// StreamResponse.change = 5, StreamChange.report = 1, DeliveryReport.message_id = 2; a heartbeat
+// has no change.
 function messageId(response) {
-  const report = lengthDelimited(response, 2);
-  if (report === null) return null;
-  const id = lengthDelimited(report, 2);
+  const change = lengthDelimited(response, 5);
+  if (change === null) return null;
+  const report = lengthDelimited(change, 1);
+  const id = report === null ? null : lengthDelimited(report, 2);
   return id === null ? '' : id.toString('utf8');
 }
 

@@ -57,7 +57,7 @@ from bench.records import (
     per_second,
 )
 from bench.servers import Server, runs_uvloop, start_dlrhub, start_echo
-from deliveryreport.v1.delivery_report_service_pb2 import Format, StreamResponse
+from deliveryreport.v1.delivery_report_service_pb2 import Format, StreamChange, StreamResponse
 from dlrhub.merge import merge
 from dlrhub.normalise import Normaliser
 
@@ -477,7 +477,7 @@ def _stream_message_bytes() -> int:
     (item,) = normaliser.normalise(text, Format.FORMAT_UNSPECIFIED, received)
     assert item.report is not None
     state = merge(None, item.report).state.report
-    return StreamResponse(cursor="1000000", report=item.report, state=state).ByteSize()
+    return StreamResponse(cursor="1000000", change=StreamChange(report=item.report, state=state)).ByteSize()
 
 
 @contextlib.contextmanager

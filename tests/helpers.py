@@ -22,15 +22,17 @@ from google.rpc import error_details_pb2, status_pb2
 
 from deliveryreport.v1.delivery_report_pb2 import DeliveryReport, DeliveryStatus, Source
 from deliveryreport.v1.delivery_report_service_pb2 import (
-    FetchRequest,
-    FetchResponse,
+    GetMessageRequest,
+    GetMessageResponse,
     IngestOutcome,
     IngestRequest,
     IngestResponse,
+    IngestResponseView,
     StreamRequest,
     StreamResponse,
 )
 from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
+from deliveryreport.v1.error_reason_pb2 import ErrorReason
 from dlrhub import app as dlrhub_app
 from dlrhub.config import Settings
 from dlrhub_client import AsyncClient, TlsConfig
@@ -50,6 +52,7 @@ DUPLICATE = IngestOutcome.INGEST_OUTCOME_DUPLICATE
 REJECTED = IngestOutcome.INGEST_OUTCOME_REJECTED
 GMS = Source.SOURCE_GMS
 SSR = Source.SOURCE_SENT_SMS_REPORT
+FULL = IngestResponseView.INGEST_RESPONSE_VIEW_FULL
 
 EPOCH = datetime(2024, 3, 1, tzinfo=UTC)
 
@@ -153,9 +156,14 @@ def payload_of(report: dict[str, object]) -> str:
     return ssr_payload(report) if "messageId" in report else gms_payload(report)
 
 
-async def ingest(stub: Stub, payload: str, request_id: str = "") -> IngestResponse:
+async def ingest(
+    stub: Stub,
+    payload: str,
+    request_id: str = "",
+    view: IngestResponseView.ValueType = IngestResponseView.INGEST_RESPONSE_VIEW_UNSPECIFIED,
+) -> IngestResponse:
     response: IngestResponse = await asyncio.wait_for(
-        stub.Ingest(IngestRequest(payload=payload, request_id=request_id)), TIMEOUT
+        stub.Ingest(IngestRequest(payload=payload, request_id=request_id, view=view)), TIMEOUT
     )
     return response
 
@@ -170,21 +178,22 @@ async def ingest_each(stub: Stub, *reports: dict[str, object]) -> list[int]:
     return cursors
 
 
-async def fetch(stub: Stub, request: FetchRequest) -> FetchResponse:
-    response: FetchResponse = await asyncio.wait_for(stub.Fetch(request), TIMEOUT)
+async def get_message(stub: Stub, request: GetMessageRequest) -> GetMessageResponse:
+    response: GetMessageResponse = await asyncio.wait_for(stub.GetMessage(request), TIMEOUT)
     return response
 
 
 async def state_of(
     stub: Stub, message_id: str, source: Source.ValueType = Source.SOURCE_UNSPECIFIED
 ) -> DeliveryReport:
-    response = await fetch(stub, FetchRequest(message_id=message_id, source=source))
-    assert len(response.reports) == 1
-    return response.reports[0]
+    response = await get_message(stub, GetMessageRequest(message_id=message_id, source=source))
+    assert len(response.messages) == 1
+    return response.messages[0]
 
 
 async def history_of(stub: Stub, message_id: str) -> list[DeliveryReport]:
-    response = await fetch(stub, FetchRequest(message_id=message_id, include_history=True))
+    response = await get_message(stub, GetMessageRequest(message_id=message_id, include_history=True))
+    assert not response.history_truncated
     return list(response.history)
 
 
@@ -268,7 +277,9 @@ async def failure(call: Awaitable[Any]) -> ErrorDetails:
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await asyncio.wait_for(call, TIMEOUT)
     details = details_of(raised.value)
-    assert details.domain == "dlrhub"
+    assert details.domain == "deliveryreport.dlrhub.io"
+    assert ErrorReason.Value(details.reason)  # a reason the contract lists (Value raises otherwise)
+    assert all(ErrorReason.Value(reason) for reason in details.field_reasons)
     return details
 
 
@@ -294,7 +305,7 @@ async def read_changes(call: StreamCall, count: int, within: float = TIMEOUT) ->
     async with asyncio.timeout(within):
         while len(changes) < count:
             message = await read_message(call)
-            if not message.heartbeat:
+            if message.HasField("change"):
                 changes.append(message)
     return changes
 
@@ -306,9 +317,7 @@ def cursors_of(messages: Sequence[StreamResponse]) -> list[int]:
 async def read_start(call: StreamCall) -> int:
     """The first message: a heartbeat with the start position, sent as soon as the stream is live."""
     message = await read_message(call)
-    assert message.heartbeat
-    assert not message.HasField("report")
-    assert not message.HasField("state")
+    assert message.WhichOneof("event") == "heartbeat"
     return int(message.cursor)
 
 

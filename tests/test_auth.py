@@ -23,7 +23,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from deliveryreport.v1 import delivery_report_service_pb2
-from deliveryreport.v1.delivery_report_service_pb2 import FetchRequest, IngestRequest, StreamResponse
+from deliveryreport.v1.delivery_report_service_pb2 import GetMessageRequest, IngestRequest, StreamResponse
 from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
 from dlrhub import app
 from dlrhub.config import Settings
@@ -87,7 +87,7 @@ async def assert_nothing_stored(running: app.App, message_id: str) -> None:
     assert running.store.latest_cursor() == 0
     async with connect(running, token=BOTH_TOKEN) as client:
         with pytest.raises(NotFoundError):
-            await client.fetch(message_id=message_id)
+            await client.get_message(message_id)
 
 
 async def run(*command: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -114,7 +114,7 @@ async def test_no_token_is_unauthenticated_for_every_method(secured: app.App) ->
         with pytest.raises(UnauthenticatedError) as ingest:
             await client.ingest(gms_batch("anon-1"))
         with pytest.raises(UnauthenticatedError) as fetch:
-            await client.fetch(message_id="anon-1")
+            await client.get_message("anon-1")
         with pytest.raises(UnauthenticatedError) as stream:
             await first_change(client)
     for error in (ingest.value, fetch.value, stream.value):
@@ -150,7 +150,7 @@ async def test_an_unknown_token_is_unauthenticated_for_every_method(secured: app
         with pytest.raises(UnauthenticatedError) as ingest:
             await client.ingest(gms_batch("stranger-1"))
         with pytest.raises(UnauthenticatedError) as fetch:
-            await client.fetch(message_id="stranger-1")
+            await client.get_message("stranger-1")
         with pytest.raises(UnauthenticatedError) as stream:
             await first_change(client)
     for error in (ingest.value, fetch.value, stream.value):
@@ -171,30 +171,33 @@ async def test_a_read_token_may_not_ingest_and_nothing_is_stored(secured: app.Ap
     await assert_nothing_stored(secured, "denied-1")
 
 
-async def test_an_ingest_token_may_not_fetch_or_stream(secured: app.App) -> None:
+async def test_an_ingest_token_may_not_get_list_or_stream(secured: app.App) -> None:
     async with connect(secured, token=INGEST_TOKEN) as client:
         response = await client.ingest(gms_batch("written-1"))
         assert response.accepted_count == 1
-        with pytest.raises(PermissionDeniedError) as fetch:
-            await client.fetch(message_id="written-1")
+        with pytest.raises(PermissionDeniedError) as get:
+            await client.get_message("written-1")
+        with pytest.raises(PermissionDeniedError) as listed:
+            await client.list_messages(reference="ref-written-1")
         with pytest.raises(PermissionDeniedError) as stream:
             await first_change(client)
-    assert fetch.value.reason == stream.value.reason == "MISSING_ROLE"
-    assert fetch.value.metadata == {"method": "Fetch", "role": "read"}
+    assert get.value.reason == listed.value.reason == stream.value.reason == "MISSING_ROLE"
+    assert get.value.metadata == {"method": "GetMessage", "role": "read"}
+    assert listed.value.metadata == {"method": "ListMessages", "role": "read"}
     assert stream.value.metadata == {"method": "StreamBatches", "role": "read"}  # what the client follows
 
 
 async def test_each_role_does_its_part_and_both_roles_do_both(secured: app.App) -> None:
     async with connect(secured, token=INGEST_TOKEN) as ingester, connect(secured, token=READ_TOKEN) as reader:
         assert (await ingester.ingest(gms_batch("split-1"))).accepted_count == 1
-        [state] = (await reader.fetch(message_id="split-1")).reports
+        [state] = (await reader.get_message("split-1")).messages
         assert state.message_id == "split-1"
-        assert (await first_change(reader)).report.message_id == "split-1"
+        assert (await first_change(reader)).change.report.message_id == "split-1"
     async with connect(secured, token=BOTH_TOKEN) as client:
         assert (await client.ingest(gms_batch("both-1"))).accepted_count == 1
-        [state] = (await client.fetch(message_id="both-1")).reports
+        [state] = (await client.get_message("both-1")).messages
         assert state.message_id == "both-1"
-        assert (await first_change(client)).report.message_id == "split-1"
+        assert (await first_change(client)).change.report.message_id == "split-1"
 
 
 async def test_the_lowercase_bearer_scheme_is_accepted(secured: app.App) -> None:
@@ -202,8 +205,10 @@ async def test_the_lowercase_bearer_scheme_is_accepted(secured: app.App) -> None
         stub = DeliveryReportServiceStub(channel)
         metadata = (("authorization", f"bearer {BOTH_TOKEN}"),)
         await stub.Ingest(IngestRequest(payload=gms_batch("lower-1")), metadata=metadata, timeout=TIMEOUT)
-        response = await stub.Fetch(FetchRequest(message_id="lower-1"), metadata=metadata, timeout=TIMEOUT)
-    assert [r.message_id for r in response.reports] == ["lower-1"]
+        response = await stub.GetMessage(
+            GetMessageRequest(message_id="lower-1"), metadata=metadata, timeout=TIMEOUT
+        )
+    assert [r.message_id for r in response.messages] == ["lower-1"]
 
 
 async def test_tokens_from_the_spec_and_the_file_are_both_accepted(tmp_path: Path) -> None:
@@ -216,7 +221,7 @@ async def test_tokens_from_the_spec_and_the_file_are_both_accepted(tmp_path: Pat
         connect(running, token=READ_TOKEN) as reader,
     ):
         assert (await ingester.ingest(gms_batch("mixed-1"))).accepted_count == 1
-        assert [r.message_id for r in (await reader.fetch(message_id="mixed-1")).reports] == ["mixed-1"]
+        assert [r.message_id for r in (await reader.get_message("mixed-1")).messages] == ["mixed-1"]
         with pytest.raises(PermissionDeniedError):
             await reader.ingest(gms_batch("mixed-2"))
 
@@ -227,10 +232,8 @@ async def test_without_tokens_everything_is_open(tmp_path: Path) -> None:
             async with connect(running, token=token) as client:
                 message_id = f"open-{token}"
                 assert (await client.ingest(gms_batch(message_id))).accepted_count == 1
-                assert [r.message_id for r in (await client.fetch(message_id=message_id)).reports] == [
-                    message_id
-                ]
-                assert (await first_change(client)).report.message_id == "open-None"
+                assert [r.message_id for r in (await client.get_message(message_id)).messages] == [message_id]
+                assert (await first_change(client)).change.report.message_id == "open-None"
 
 
 # Open services: health and reflection.
@@ -410,4 +413,4 @@ async def test_the_cli_sends_the_token_from_the_environment(secured: app.App) ->
 async def test_a_client_error_is_a_dlrhub_client_error(secured: app.App) -> None:
     async with connect(secured, token=None) as client:
         with pytest.raises(DlrhubClientError, match=r"UNAUTHENTICATED: .*\[MISSING_TOKEN\]"):
-            await client.fetch(message_id="x")
+            await client.get_message("x")

@@ -8,6 +8,7 @@ import json
 import time
 
 import pytest
+from google.protobuf.duration_pb2 import Duration
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -17,6 +18,7 @@ from deliveryreport.v1.delivery_report_service_pb2 import (
     IngestRequest,
     StreamBatchesRequest,
     StreamBatchesResponse,
+    StreamChange,
     StreamRequest,
     StreamResponse,
 )
@@ -34,7 +36,7 @@ def _gms(message_id: str) -> str:
 async def test_the_node_subscriber_records_every_change_with_its_message_id(
     server: Running, rpc: str
 ) -> None:
-    request = StreamRequest(heartbeat_seconds=60)
+    request = StreamRequest(heartbeat_interval=Duration(seconds=60))
     start_at = time.time() + 3.0  # Node starts in well under a second, even on a busy machine
     job = {
         "target": server.address,
@@ -93,7 +95,9 @@ async def test_the_node_subscriber_records_every_change_with_its_message_id(
 def test_the_python_subscriber_counts_the_changes_of_a_batch_without_parsing_it(sizes: list[int]) -> None:
     batch = StreamBatchesResponse(
         responses=[
-            StreamResponse(cursor=str(cursor), report=DeliveryReport(message_id="x" * size))
+            StreamResponse(
+                cursor=str(cursor), change=StreamChange(report=DeliveryReport(message_id="x" * size))
+            )
             for cursor, size in enumerate(sizes, start=1)
         ]
     )

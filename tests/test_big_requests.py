@@ -20,7 +20,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from deliveryreport.v1.delivery_report_pb2 import Channel
-from deliveryreport.v1.delivery_report_service_pb2 import FetchRequest, Format, IngestRequest, IngestResponse
+from deliveryreport.v1.delivery_report_service_pb2 import (
+    Format,
+    GetMessageRequest,
+    IngestRequest,
+    IngestResponse,
+)
 from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
 from dlrhub import app
 from dlrhub.config import Settings
@@ -136,7 +141,7 @@ def test_a_16_mib_body_of_tiny_items_is_refused_quickly_in_bounded_memory_while_
             stub.Ingest(IngestRequest(payload=small), timeout=TIMEOUT)
             with health_checked_throughout(server.address) as failures:
                 assert send(shape, server.address, server.http_address) == expected
-                [state] = stub.Fetch(FetchRequest(message_id="small-1"), timeout=2.0).reports
+                [state] = stub.GetMessage(GetMessageRequest(message_id="small-1"), timeout=2.0).messages
                 assert state.message_id == "small-1"
             assert failures == []
         assert peak_kb(server.pid) < PEAK_BOUND_KB
@@ -197,12 +202,12 @@ async def test_a_big_payload_is_normalised_off_the_event_loop_and_a_small_one_on
             assert small.accepted_count == 2
             big = asyncio.ensure_future(ingest(stub, batch("big", 500)))
             await eventually(lambda: len(normaliser.threads) == 2, "the big payload is being normalised")
-            # Held on its worker thread, the big payload stalls nothing: health and Fetch answer.
+            # Held on its worker thread, the big payload stalls nothing: health and GetMessage answer.
             health = health_pb2_grpc.HealthStub(channel)
             checked = await health.Check(health_pb2.HealthCheckRequest(), timeout=2.0)
             assert checked.status == health_pb2.HealthCheckResponse.SERVING
-            fetched = await stub.Fetch(FetchRequest(message_id="small-1"), timeout=2.0)
-            assert [state.message_id for state in fetched.reports] == ["small-1"]
+            fetched = await stub.GetMessage(GetMessageRequest(message_id="small-1"), timeout=2.0)
+            assert [state.message_id for state in fetched.messages] == ["small-1"]
             assert not big.done()
             normaliser.gate.set()
             assert (await big).accepted_count == 500

@@ -17,7 +17,13 @@ import pytest
 
 import dlrhub_client
 from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
-from deliveryreport.v1.delivery_report_service_pb2 import IngestResponse, StreamRequest, StreamResponse
+from deliveryreport.v1.delivery_report_service_pb2 import (
+    IngestResponse,
+    StreamChange,
+    StreamHeartbeat,
+    StreamRequest,
+    StreamResponse,
+)
 from deliveryreport.v1.provider_formats_pb2 import (
     GmsReport,
     SentSmsReport,
@@ -33,6 +39,7 @@ from dlrhub_client import (
     FieldViolation,
     Format,
     IngestOutcome,
+    IngestResponseView,
     InvalidArgumentError,
     NotFoundError,
     OutOfRangeError,
@@ -106,12 +113,15 @@ async def client(server: Running) -> AsyncIterator[AsyncClient]:
         yield async_client
 
 
+FULL = IngestResponseView.INGEST_RESPONSE_VIEW_FULL
+
+
 # Ingest.
 
 
 async def test_ingest_payload_text_and_bytes_with_detected_and_explicit_format(client: AsyncClient) -> None:
     text = json.dumps([gms_bare("text-1", extra_id="REF-T"), gms_bare("text-2", status=3, substatus=35)])
-    response = await client.ingest(text)
+    response = await client.ingest(text, view=FULL)
     assert [r.outcome for r in response.results] == [ACCEPTED, ACCEPTED]
     assert (response.accepted_count, response.duplicate_count, response.rejected_count) == (2, 0, 0)
     assert [r.report.source for r in response.results] == [Source.SOURCE_GMS] * 2
@@ -120,14 +130,18 @@ async def test_ingest_payload_text_and_bytes_with_detected_and_explicit_format(c
         DeliveryStatus.DELIVERY_STATUS_UNDELIVERED,
     ]
     assert response.results[0].report.raw_payload == ""  # the answer does not echo the text back
-    stored = (await client.fetch(message_id="text-1")).reports[0]
+    stored = (await client.get_message("text-1")).messages[0]
     assert stored.raw_payload == json.dumps(gms_bare("text-1", extra_id="REF-T"))
 
-    again = await client.ingest(text.encode("utf-8"))
-    assert [r.outcome for r in again.results] == [DUPLICATE, DUPLICATE]
+    again = await client.ingest(text.encode("utf-8"))  # the BASIC view: outcomes and ids, no reports
+    assert [(r.outcome, r.message_id) for r in again.results] == [
+        (DUPLICATE, "text-1"),
+        (DUPLICATE, "text-2"),
+    ]
+    assert not any(r.HasField("report") for r in again.results)
 
     body = json.dumps({"results": [sent_sms("bytes-1", "B-bytes")]}).encode("utf-8")
-    explicit = await client.ingest(body, format=Format.FORMAT_SENT_SMS_REPORT)
+    explicit = await client.ingest(body, format=Format.FORMAT_SENT_SMS_REPORT, view=FULL)
     assert explicit.results[0].outcome == ACCEPTED
     assert explicit.results[0].report.source == Source.SOURCE_SENT_SMS_REPORT
     assert explicit.results[0].report.bulk_id == "B-bytes"
@@ -156,7 +170,8 @@ async def test_ingest_gms_from_dicts_with_the_providers_names_and_typed_messages
                 sent_via="viber",
             ),
             gms_bare("gms-dict-2", status=3, substatus=35, sent_via="sms"),
-        ]
+        ],
+        view=FULL,
     )
     assert [r.outcome for r in from_dicts.results] == [ACCEPTED, ACCEPTED]
     first = from_dicts.results[0].report
@@ -168,6 +183,7 @@ async def test_ingest_gms_from_dicts_with_the_providers_names_and_typed_messages
     typed = await client.ingest_gms(
         [GmsReport(message_id="gms-typed-1", status=1, substatus=12, time=1_477_417_294_667, sent_via="sms")],
         request_id="typed-gms",
+        view=FULL,
     )
     assert typed.results[0].outcome == ACCEPTED
     assert typed.results[0].report.status == DeliveryStatus.DELIVERY_STATUS_ACCEPTED
@@ -181,7 +197,7 @@ async def test_ingest_gms_from_dicts_with_the_providers_names_and_typed_messages
 
 
 async def test_ingest_sent_sms_report_from_dicts_and_typed_messages(client: AsyncClient) -> None:
-    from_dicts = await client.ingest_sent_sms_report([sent_sms("ssr-dict-1", "B-ssr")])
+    from_dicts = await client.ingest_sent_sms_report([sent_sms("ssr-dict-1", "B-ssr")], view=FULL)
     report = from_dicts.results[0].report
     assert from_dicts.results[0].outcome == ACCEPTED
     assert (report.source, report.message_id, report.bulk_id) == (
@@ -203,7 +219,8 @@ async def test_ingest_sent_sms_report_from_dicts_and_typed_messages(client: Asyn
                 price=SentSmsReportPrice(price_per_message="0.02", currency="EUR"),
                 status=SentSmsReportStatus(group_id=2, group_name="UNDELIVERABLE", id=9, name="X"),
             )
-        ]
+        ],
+        view=FULL,
     )
     assert typed.results[0].outcome == ACCEPTED
     assert typed.results[0].report.status == DeliveryStatus.DELIVERY_STATUS_UNDELIVERED
@@ -212,16 +229,16 @@ async def test_ingest_sent_sms_report_from_dicts_and_typed_messages(client: Asyn
 
 async def test_dicts_go_as_the_providers_json_so_numbers_and_extra_fields_pass(client: AsyncClient) -> None:
     pulled = json.loads((Path(__file__).parent / "fixtures" / "sent_sms_report_pull.json").read_text())
-    response = await client.ingest_sent_sms_report(pulled["results"])
+    response = await client.ingest_sent_sms_report(pulled["results"], view=FULL)
     assert [r.outcome for r in response.results] == [ACCEPTED, ACCEPTED]
     assert response.results[0].report.price.amount == "0.01"  # a JSON number, kept exact
     gms: dict[str, Any] = {"number": 380961111111, "message_id": "gms-number", "status": 2, "clicks": 3}
-    assert (await client.ingest_gms([gms])).results[0].report.recipient == "+380961111111"
+    assert (await client.ingest_gms([gms], view=FULL)).results[0].report.recipient == "+380961111111"
     with pytest.raises(TypeError, match="not a mix"):
         await client.ingest_gms([gms, GmsReport(message_id="x", status=2)])  # type: ignore[arg-type]
 
 
-# Fetch.
+# GetMessage and ListMessages.
 
 
 async def test_fetch_by_message_id_reference_and_bulk_id(client: AsyncClient) -> None:
@@ -231,36 +248,36 @@ async def test_fetch_by_message_id_reference_and_bulk_id(client: AsyncClient) ->
     await client.ingest_gms([gms_bare("f-1", status=2, time_ms=2_000, extra_id="REF-F")])
     await client.ingest_sent_sms_report([sent_sms("f-3", "B-F"), sent_sms("f-4", "B-F")])
 
-    one = await client.fetch(message_id="f-1", include_history=True)
-    assert [r.message_id for r in one.reports] == ["f-1"]
-    assert one.reports[0].status == DeliveryStatus.DELIVERY_STATUS_DELIVERED
+    one = await client.get_message("f-1", include_history=True)
+    assert [r.message_id for r in one.messages] == ["f-1"]
+    assert one.messages[0].status == DeliveryStatus.DELIVERY_STATUS_DELIVERED
     assert [r.status for r in one.history] == [
         DeliveryStatus.DELIVERY_STATUS_SENT,
         DeliveryStatus.DELIVERY_STATUS_DELIVERED,
     ]
-    assert not (await client.fetch(message_id="f-1")).history
+    assert not (await client.get_message("f-1")).history
 
-    by_reference = await client.fetch(reference="REF-F")
-    assert sorted(r.message_id for r in by_reference.reports) == ["f-1", "f-2"]
+    by_reference = await client.list_messages(reference="REF-F")
+    assert sorted(r.message_id for r in by_reference.messages) == ["f-1", "f-2"]
     assert by_reference.total_size == 2
 
-    by_bulk = await client.fetch(bulk_id="B-F")
-    assert sorted(r.message_id for r in by_bulk.reports) == ["f-3", "f-4"]
+    by_bulk = await client.list_messages(bulk_id="B-F")
+    assert sorted(r.message_id for r in by_bulk.messages) == ["f-3", "f-4"]
     assert [(c.status, c.count) for c in by_bulk.status_counts] == [
         (DeliveryStatus.DELIVERY_STATUS_DELIVERED, 2)
     ]
 
     assert sorted([r.message_id async for r in client.iter_reference("REF-F", page_size=1)]) == ["f-1", "f-2"]
-    other_source = await client.fetch(reference="REF-F", source=Source.SOURCE_SENT_SMS_REPORT)
-    assert not other_source.reports
+    other_source = await client.list_messages(reference="REF-F", source=Source.SOURCE_SENT_SMS_REPORT)
+    assert not other_source.messages
 
 
 async def test_iter_bulk_follows_page_tokens_over_several_pages(client: AsyncClient) -> None:
     ids = [f"page-{n}" for n in range(7)]
     await client.ingest_sent_sms_report([sent_sms(message_id, "B-PAGES") for message_id in ids])
 
-    first_page = await client.fetch(bulk_id="B-PAGES", page_size=3)
-    assert len(first_page.reports) == 3
+    first_page = await client.list_messages(bulk_id="B-PAGES", page_size=3)
+    assert len(first_page.messages) == 3
     assert first_page.next_page_token
     assert first_page.total_size == 7
 
@@ -271,13 +288,13 @@ async def test_iter_bulk_follows_page_tokens_over_several_pages(client: AsyncCli
 
 
 @pytest.mark.parametrize(
-    "selectors",
-    [{}, {"message_id": "a", "bulk_id": "b"}, {"reference": "r", "bulk_id": "b"}],
-    ids=["none", "message-and-bulk", "reference-and-bulk"],
+    "selectors", [{}, {"reference": "r", "bulk_id": "b"}], ids=["none", "reference-and-bulk"]
 )
-async def test_fetch_wants_exactly_one_selector(client: AsyncClient, selectors: dict[str, Any]) -> None:
+async def test_list_messages_wants_exactly_one_selector(
+    client: AsyncClient, selectors: dict[str, Any]
+) -> None:
     with pytest.raises(ValueError, match="exactly one"):
-        await client.fetch(**selectors)
+        await client.list_messages(**selectors)
 
 
 # Errors: the client's own classes, never grpc errors.
@@ -319,7 +336,7 @@ async def test_invalid_json_is_invalid_argument_with_line_and_column(client: Asy
 
 async def test_unknown_message_is_not_found(client: AsyncClient) -> None:
     with pytest.raises(NotFoundError) as caught:
-        await client.fetch(message_id="no-such-message")
+        await client.get_message("no-such-message")
     assert_client_error(caught.value)
     assert caught.value.code == grpc.StatusCode.NOT_FOUND
     assert caught.value.reason == "MESSAGE_NOT_FOUND"
@@ -344,7 +361,7 @@ async def test_nothing_listening_is_unavailable() -> None:
     async with AsyncClient(f"127.0.0.1:{closed_port()}", timeout=TIMEOUT) as client:
         # At once: a call that waited for the server would end DEADLINE_EXCEEDED at its deadline.
         with pytest.raises(UnavailableError) as caught:
-            await client.fetch(message_id="x")
+            await client.get_message("x")
         assert_client_error(caught.value)
         assert caught.value.code == grpc.StatusCode.UNAVAILABLE
 
@@ -380,9 +397,10 @@ async def test_stream_falls_back_to_stream_on_a_server_without_stream_batches() 
 
     async def older_stream(request: StreamRequest, context: object) -> AsyncIterator[StreamResponse]:
         requests.append(request)
-        yield StreamResponse(cursor="0", heartbeat=True)
+        yield StreamResponse(cursor="0", heartbeat=StreamHeartbeat())
         for cursor in (1, 2):
-            yield StreamResponse(cursor=str(cursor), report=DeliveryReport(message_id=f"old-{cursor}"))
+            change = StreamChange(report=DeliveryReport(message_id=f"old-{cursor}"))
+            yield StreamResponse(cursor=str(cursor), change=change)
         await asyncio.Event().wait()  # live, with nothing more to send
 
     older = grpc.aio.server()
@@ -405,7 +423,7 @@ async def test_stream_falls_back_to_stream_on_a_server_without_stream_batches() 
             changes = await take(client.stream(from_beginning=True), 2)
     finally:
         await older.stop(None)
-    assert [change.report.message_id for change in changes] == ["old-1", "old-2"]
+    assert [message.change.report.message_id for message in changes] == ["old-1", "old-2"]
     assert [request.from_beginning for request in requests] == [True]  # one Stream call, no retries
 
 
@@ -413,8 +431,8 @@ async def test_stream_receives_changes_in_order_and_resumes_from_a_cursor(client
     live = generator(client.stream(include_heartbeats=True))
     try:
         start = await asyncio.wait_for(anext(live), PROCESS_TIMEOUT)
-        assert start.heartbeat
-        assert not start.HasField("report")
+        assert start.HasField("heartbeat")
+        assert not start.HasField("change")
 
         first = await client.ingest_gms([gms_bare("s-1"), gms_bare("s-2", status=1)])
         second = await client.ingest_gms(
@@ -427,15 +445,15 @@ async def test_stream_receives_changes_in_order_and_resumes_from_a_cursor(client
     cursors = [r.cursor for r in [*first.results, *second.results]]
     assert [c.cursor for c in changes] == cursors
     assert [int(c) for c in cursors] == sorted(int(c) for c in cursors)
-    assert [c.report.message_id for c in changes] == ["s-1", "s-2", "s-3", "s-2"]
-    assert not any(c.heartbeat for c in changes)
+    assert [c.change.report.message_id for c in changes] == ["s-1", "s-2", "s-3", "s-2"]
+    assert not any(c.HasField("heartbeat") for c in changes)
     # The state is the message after the merge: s-2 went from SENT to DELIVERED.
-    assert changes[1].state.status == DeliveryStatus.DELIVERY_STATUS_SENT
-    assert changes[3].state.status == DeliveryStatus.DELIVERY_STATUS_DELIVERED
+    assert changes[1].change.state.status == DeliveryStatus.DELIVERY_STATUS_SENT
+    assert changes[3].change.state.status == DeliveryStatus.DELIVERY_STATUS_DELIVERED
 
     resumed = await take(client.stream(cursor=cursors[1]), 2)
     assert [c.cursor for c in resumed] == cursors[2:]
-    assert [c.report.message_id for c in resumed] == ["s-3", "s-2"]
+    assert [c.change.report.message_id for c in resumed] == ["s-3", "s-2"]
 
     replayed = await take(client.stream(from_beginning=True), 4)
     assert [c.cursor for c in replayed] == cursors
@@ -443,12 +461,14 @@ async def test_stream_receives_changes_in_order_and_resumes_from_a_cursor(client
     filtered = await take(
         client.stream(from_beginning=True, statuses=[DeliveryStatus.DELIVERY_STATUS_FAILED]), 1
     )
-    assert [c.report.message_id for c in filtered] == ["s-3"]
+    assert [c.change.report.message_id for c in filtered] == ["s-3"]
 
 
 async def test_closing_a_stream_ends_it_on_the_server(server: Running, client: AsyncClient) -> None:
     await client.ingest(json.dumps(gms_bare("close-1")))
-    assert [c.report.message_id for c in await take(client.stream(from_beginning=True), 1)] == ["close-1"]
+    assert [c.change.report.message_id for c in await take(client.stream(from_beginning=True), 1)] == [
+        "close-1"
+    ]
     await eventually(lambda: server.app.hub.subscriber_count == 0)
 
 
@@ -532,10 +552,10 @@ async def test_stream_reconnects_after_a_restart_and_sees_every_change_once_in_o
         for server in servers:
             await asyncio.to_thread(server.stop)
 
-    assert [change.report.message_id for change in seen] == expected
+    assert [message.change.report.message_id for message in seen] == expected
     assert [change.cursor for change in seen] == [r.cursor for response in ingested for r in response.results]
     assert [int(change.cursor) for change in seen] == list(range(1, len(expected) + 1))
-    assert not any(change.heartbeat for change in seen)
+    assert not any(change.HasField("heartbeat") for change in seen)
 
 
 # The blocking client.
@@ -559,26 +579,26 @@ def use_blocking_client(address: str) -> None:
         ssr = client.ingest_sent_sms_report([sent_sms(f"sync-bulk-{n}", "B-SYNC") for n in range(5)])
         assert ssr.accepted_count == 5
 
-        assert [r.message_id for r in client.fetch(message_id="sync-1").reports] == ["sync-1"]
-        assert [r.message_id for r in client.fetch(reference="REF-SYNC").reports] == ["sync-1"]
+        assert [r.message_id for r in client.get_message("sync-1").messages] == ["sync-1"]
+        assert [r.message_id for r in client.list_messages(reference="REF-SYNC").messages] == ["sync-1"]
         assert sorted(r.message_id for r in client.iter_bulk("B-SYNC", page_size=2)) == [
             f"sync-bulk-{n}" for n in range(5)
         ]
         assert [r.message_id for r in client.iter_reference("REF-SYNC", page_size=1)] == ["sync-1"]
         with pytest.raises(NotFoundError) as caught:
-            client.fetch(message_id="sync-missing")
+            client.get_message("sync-missing")
         assert_client_error(caught.value)
         with pytest.raises(ValueError, match="exactly one"):
-            client.fetch()
+            client.list_messages()
 
         received: list[str] = []
-        for change in client.stream(from_beginning=True):
-            received.append(change.report.message_id)
+        for message in client.stream(from_beginning=True):
+            received.append(message.change.report.message_id)
             if len(received) == 3:
                 break
         assert received == ["sync-1", "sync-2", "sync-3"]
         # The client still works after a stream was abandoned.
-        assert client.fetch(message_id="sync-3").reports[0].status == DeliveryStatus.DELIVERY_STATUS_DELIVERED
+        assert client.get_message("sync-3").messages[0].status == DeliveryStatus.DELIVERY_STATUS_DELIVERED
     assert client_threads() == threads_before  # closed: its loop thread is gone
     client.close()  # closing twice is harmless
 
@@ -591,7 +611,7 @@ async def test_blocking_client_makes_the_same_calls(server: Running) -> None:
 async def test_blocking_client_to_nothing_listening_raises_unavailable() -> None:
     def fetch() -> None:
         with Client(f"127.0.0.1:{closed_port()}", timeout=2) as client:
-            client.fetch(message_id="x")
+            client.get_message("x")
 
     with pytest.raises(UnavailableError) as caught:
         await asyncio.wait_for(asyncio.to_thread(fetch), PROCESS_TIMEOUT)
@@ -625,9 +645,11 @@ def test_public_names() -> None:
         "DeliveryReport",
         "DeliveryStatus",
         "DlrhubClientError",
+        "ErrorReason",
         "FieldViolation",
         "Format",
         "IngestOutcome",
+        "IngestResponseView",
         "InvalidArgumentError",
         "NotFoundError",
         "OutOfRangeError",

@@ -107,7 +107,7 @@ def test_ingest_from_stdin(hub: launcher.Server) -> None:
     result = dlrhub("ingest", "-", "--target", hub.address, stdin=payload)
     assert (result.returncode, result.stdout) == (0, "accepted 2, duplicate 0, rejected 0\n"), result.stderr
     with Client(hub.address, timeout=10) as client:
-        report = client.fetch(message_id="stdin-2").reports[0]
+        report = client.get_message("stdin-2").messages[0]
     assert report.status == DeliveryStatus.DELIVERY_STATUS_UNDELIVERED
     assert report.raw_payload == json.dumps(gms_bare("stdin-2", status=3, substatus=35))
 
@@ -136,7 +136,7 @@ def test_ingest_with_a_bad_item_stores_the_rest_and_exits_3(hub: launcher.Server
     assert result.stdout == "accepted 2, duplicate 0, rejected 1\n"
     assert "rejected item 1: [1].message_id" in result.stderr
     with Client(hub.address, timeout=10) as client:
-        assert client.fetch(message_id="bad-ok-2").reports[0].message_id == "bad-ok-2"
+        assert client.get_message("bad-ok-2").messages[0].message_id == "bad-ok-2"
 
 
 def test_ingest_invalid_json_exits_3_with_line_and_column(hub: launcher.Server, tmp_path: Path) -> None:
@@ -172,7 +172,7 @@ def test_ingest_json_lines_one_payload_per_line(hub: launcher.Server, tmp_path: 
     responses = json_lines(as_json.stdout)  # one Ingest response per line
     assert [len(response["results"]) for response in responses] == [1, 2, 1]
     assert [response["accepted_count"] for response in responses] == [1, 2, 1]
-    assert [r["report"]["message_id"] for response in responses for r in response["results"]] == [
+    assert [r["message_id"] for response in responses for r in response["results"]] == [
         "lines-1",
         "lines-2",
         "lines-3",
@@ -379,25 +379,36 @@ def test_tail_prints_changes_resumes_from_a_cursor_and_filters(
 
         first = everything.lines(3)
         assert [line["cursor"] for line in first] == cursors
-        assert [line["report"]["message_id"] for line in first] == ["tail-a", "tail-b", "tail-c"]
-        assert [line["state"]["status"] for line in first] == [
+        assert [line["change"]["report"]["message_id"] for line in first] == ["tail-a", "tail-b", "tail-c"]
+        assert [line["change"]["state"]["status"] for line in first] == [
             "DELIVERY_STATUS_DELIVERED",
             "DELIVERY_STATUS_FAILED",
             "DELIVERY_STATUS_DELIVERED",
         ]
-        assert not any(line.get("heartbeat") for line in first)  # heartbeats only with --heartbeats
+        assert not any("heartbeat" in line for line in first)  # heartbeats only with --heartbeats
 
         # Live: a change stored now arrives too.
         live = client.ingest_gms([gms_bare("tail-d")])
         [fourth] = everything.lines(1)
-        assert (fourth["cursor"], fourth["report"]["message_id"]) == (live.results[0].cursor, "tail-d")
+        assert (fourth["cursor"], fourth["change"]["report"]["message_id"]) == (
+            live.results[0].cursor,
+            "tail-d",
+        )
 
-    assert [line["report"]["message_id"] for line in resumed.lines(3)] == ["tail-b", "tail-c", "tail-d"]
-    assert [line["report"]["message_id"] for line in delivered.lines(3)] == ["tail-a", "tail-c", "tail-d"]
+    assert [line["change"]["report"]["message_id"] for line in resumed.lines(3)] == [
+        "tail-b",
+        "tail-c",
+        "tail-d",
+    ]
+    assert [line["change"]["report"]["message_id"] for line in delivered.lines(3)] == [
+        "tail-a",
+        "tail-c",
+        "tail-d",
+    ]
     [start] = heartbeats.lines(1)
-    assert start["heartbeat"] is True
+    assert start["heartbeat"] == {}
     assert int(start["cursor"]) >= int(cursors[-1])  # the latest position when it started
-    assert "report" not in start
+    assert "change" not in start
     assert everything.nothing_more(0.3)
 
 

@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
 
 from deliveryreport.v1.delivery_report_service_pb2 import (
-    FetchRequest,
     Format,
+    GetMessageRequest,
     IngestOutcome,
     IngestRequest,
     StreamRequest,
@@ -116,7 +117,7 @@ async def write(
         assert response.accepted_count == count, response
         for item, result in zip(items, response.results, strict=True):
             assert result.outcome == IngestOutcome.INGEST_OUTCOME_ACCEPTED
-            assert result.report.message_id == item["message_id"]
+            assert result.message_id == item["message_id"]
             ledger.acked[item["message_id"]] = int(result.cursor)
             ledger.sent[item["message_id"]] = item
         life.acknowledged.set()
@@ -130,17 +131,17 @@ async def consume(
     With `until`, stops once it has seen that cursor.
     """
     if ledger.last_cursor is None:
-        request = StreamRequest(from_beginning=True, heartbeat_seconds=1)
+        request = StreamRequest(from_beginning=True, heartbeat_interval=Duration(seconds=1))
     else:
-        request = StreamRequest(cursor=str(ledger.last_cursor), heartbeat_seconds=1)
+        request = StreamRequest(cursor=str(ledger.last_cursor), heartbeat_interval=Duration(seconds=1))
     call = stub.Stream(request, timeout=60)
     try:
         async for response in call:
             cursor = int(response.cursor)
             assert ledger.last_cursor is None or cursor >= ledger.last_cursor
-            if not response.heartbeat:
+            if not response.HasField("heartbeat"):
                 assert ledger.last_cursor is None or cursor > ledger.last_cursor
-                ledger.seen.append((cursor, response.report.message_id))
+                ledger.seen.append((cursor, response.change.report.message_id))
             ledger.last_cursor = cursor
             life.streaming.set()
             if until is not None and cursor >= until:
@@ -202,8 +203,8 @@ async def check_fetch(stub: DeliveryReportServiceAsyncStub, ledger: Ledger, rng:
     """A sample of the acknowledged reports, fetched from the restarted server."""
     sample = rng.sample(sorted(ledger.acked), min(FETCH_SAMPLE, len(ledger.acked)))
     for message_id in sample:
-        fetched = await stub.Fetch(FetchRequest(message_id=message_id), timeout=TIMEOUT)
-        [state] = fetched.reports
+        fetched = await stub.GetMessage(GetMessageRequest(message_id=message_id), timeout=TIMEOUT)
+        [state] = fetched.messages
         assert state.message_id == message_id
         assert json.loads(state.raw_payload) == ledger.sent[message_id]
 

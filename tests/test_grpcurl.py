@@ -2,7 +2,8 @@
 
 No .proto file is given to grpcurl: everything goes through server reflection, exactly as a user would
 poke at the service. Requests are sent as JSON on stdin (`-d @`), answers are parsed from grpcurl's
-JSON output (int64 fields print as strings), errors from its "ERROR:" block on stderr.
+JSON output (int64 fields print as strings; counts and codes are int32, numbers), errors from its
+"ERROR:" block on stderr.
 
 Every example in the provider documents (tests/fixtures/seeds, copies of shared/seeds) is
 extracted from the documents themselves and ingested verbatim, including the GMS single-report
@@ -32,7 +33,8 @@ from tools import launcher
 
 SERVICE = "deliveryreport.v1.DeliveryReportService"
 INGEST = f"{SERVICE}/Ingest"
-FETCH = f"{SERVICE}/Fetch"
+GET_MESSAGE = f"{SERVICE}/GetMessage"
+LIST_MESSAGES = f"{SERVICE}/ListMessages"
 STREAM = f"{SERVICE}/Stream"
 
 GMS_SEED = SEEDS / "000_6d9b926377c44dd5.txt"
@@ -142,7 +144,13 @@ def statuses(reports: list[Json]) -> list[str]:
 
 
 def changes(messages: list[Json]) -> list[Json]:
-    return [m for m in messages if not m.get("heartbeat")]
+    """The changes among stream messages, each with its cursor (heartbeats left out)."""
+    return [{"cursor": m["cursor"], **m["change"]} for m in messages if "change" in m]
+
+
+def full(request: Json) -> Json:
+    """An Ingest request that asks for the FULL view: each result with its normalised report."""
+    return {**request, "view": "INGEST_RESPONSE_VIEW_FULL"}
 
 
 # The provider documents' examples.
@@ -278,7 +286,10 @@ def test_list_describe_and_health_through_reflection(server_process: launcher.Se
     assert f"{SERVICE} is a service:" in service.stdout
     v1 = ".deliveryreport.v1."
     assert f"rpc Ingest ( {v1}IngestRequest ) returns ( {v1}IngestResponse );" in service.stdout
-    assert f"rpc Fetch ( {v1}FetchRequest ) returns ( {v1}FetchResponse );" in service.stdout
+    assert f"rpc GetMessage ( {v1}GetMessageRequest ) returns ( {v1}GetMessageResponse );" in service.stdout
+    assert f"rpc ListMessages ( {v1}ListMessagesRequest ) returns ( {v1}ListMessagesResponse );" in (
+        service.stdout
+    )
     assert f"rpc Stream ( {v1}StreamRequest ) returns ( stream {v1}StreamResponse );" in service.stdout
 
     message = run(server_process, "describe", "deliveryreport.v1.DeliveryReport")
@@ -307,7 +318,7 @@ def test_ingest_gms_batch_example(server_process: launcher.Server) -> None:
     batch = gms_examples().batch
     items = json.loads(batch)
 
-    answer = call(server_process, INGEST, {"payload": batch})
+    answer = call(server_process, INGEST, full({"payload": batch}))
 
     assert outcomes(answer) == ["ACCEPTED", "ACCEPTED", "ACCEPTED"]
     assert answer["accepted_count"] == 3
@@ -320,32 +331,33 @@ def test_ingest_gms_batch_example(server_process: launcher.Server) -> None:
     assert all(r["source"] == "SOURCE_GMS" and r["final"] for r in reports)
     assert reports[0]["event_time"] == "2016-10-25T17:41:34.667Z"
     assert reports[1]["raw"]["gms"] == {
-        "status": "3",
-        "substatus": "35",
-        "hyber_status": "35015",
+        "status": 3,
+        "substatus": 35,
+        "hyber_status": 35015,
         "sent_via": "sms",
     }
     # The answer does not echo the text back; the store keeps each item's own text, byte for byte.
     assert all("raw_payload" not in report for report in reports)
     for item in items:
-        stored = call(server_process, FETCH, {"message_id": item["message_id"]})["reports"][0]
+        stored = call(server_process, GET_MESSAGE, {"message_id": item["message_id"]})["messages"][0]
         assert stored["raw_payload"] in batch
         assert json.loads(stored["raw_payload"]) == item
     cursors = [int(result["cursor"]) for result in answer["results"]]
     assert cursors == sorted(set(cursors))
     assert [result.get("index", 0) for result in answer["results"]] == [0, 1, 2]
 
-    again = call(server_process, INGEST, {"payload": batch})
+    again = call(server_process, INGEST, {"payload": batch})  # the BASIC view: outcomes and ids
     assert outcomes(again) == ["DUPLICATE", "DUPLICATE", "DUPLICATE"]
     assert again["duplicate_count"] == 3
-    assert all("cursor" not in result for result in again["results"])
+    assert all("cursor" not in result and "report" not in result for result in again["results"])
+    assert [result["message_id"] for result in again["results"]] == [item["message_id"] for item in items]
 
 
 def test_ingest_viber_template_examples(server_process: launcher.Server, tmp_path: Path) -> None:
     examples = gms_examples()
     message_id = "9f60ac8f-e721-5027-b838-e6fcb95fcd7a"
 
-    matched = call(server_process, INGEST, {"payload": examples.template_matched})
+    matched = call(server_process, INGEST, full({"payload": examples.template_matched}))
     assert outcomes(matched) == ["ACCEPTED"]
     report = matched["results"][0]["report"]
     assert report["template_id"] == "6349599"
@@ -354,18 +366,18 @@ def test_ingest_viber_template_examples(server_process: launcher.Server, tmp_pat
 
     # Same message, codes, time and channel: a duplicate of the matched one; its own normalised report
     # still says "no template" (0), and the stored state keeps the template that matched.
-    unmatched = call(server_process, INGEST, {"payload": examples.template_unmatched})
+    unmatched = call(server_process, INGEST, full({"payload": examples.template_unmatched}))
     assert outcomes(unmatched) == ["DUPLICATE"]
     assert unmatched["results"][0]["report"]["template_id"] == "0"
-    state = call(server_process, FETCH, {"message_id": message_id})["reports"]
+    state = call(server_process, GET_MESSAGE, {"message_id": message_id})["messages"]
     assert [s["template_id"] for s in state] == ["6349599"]
 
     # On its own, the unmatched example stores template id 0: set, not left out.
     with launcher.start(tmp_path / "other.db") as other:
-        alone = call(other, INGEST, {"payload": examples.template_unmatched})
+        alone = call(other, INGEST, full({"payload": examples.template_unmatched}))
         assert outcomes(alone) == ["ACCEPTED"]
         assert alone["results"][0]["report"]["template_id"] == "0"
-        stored = call(other, FETCH, {"message_id": message_id})["reports"]
+        stored = call(other, GET_MESSAGE, {"message_id": message_id})["messages"]
         assert [s["template_id"] for s in stored] == ["0"]
 
 
@@ -373,7 +385,7 @@ def test_ingest_sent_sms_report_pull_examples(server_process: launcher.Server) -
     examples = sent_sms_report_examples()
     first, *copies = examples.ok
 
-    answer = call(server_process, INGEST, {"payload": first})
+    answer = call(server_process, INGEST, full({"payload": first}))
 
     assert outcomes(answer) == ["ACCEPTED", "ACCEPTED"]
     reports = [result["report"] for result in answer["results"]]
@@ -387,7 +399,7 @@ def test_ingest_sent_sms_report_pull_examples(server_process: launcher.Server) -
         assert report["bulk_id"] == "BULK-ID-123-xyz"
         # The document's price is the JSON number 0.01: kept as the exact decimal, never a float.
         assert report["price"] == {"amount": "0.01", "currency": "EUR"}
-        assert report["parts_total"] == "1"
+        assert report["parts_total"] == 1  # int32: a number
         assert report["final"] is True
         assert report["entity_id"] == "my-entity-id"
         assert report["application_id"] == "my-application-id"
@@ -423,14 +435,14 @@ def test_ingest_malformed_gms_single_example_is_invalid_argument(server_process:
     assert where in error.message
     info = error.detail("google.rpc.ErrorInfo")
     assert info["reason"] == "INVALID_JSON"
-    assert info["domain"] == "dlrhub"
+    assert info["domain"] == "deliveryreport.dlrhub.io"
     violations = error.detail("google.rpc.BadRequest")["field_violations"]
     assert len(violations) == 1
     assert violations[0]["field"] == "payload"
     assert violations[0]["reason"] == "INVALID_JSON"
     assert where in violations[0]["description"]
     # Nothing was stored.
-    missing = call_error(server_process, FETCH, {"message_id": "9f60ac8f-e721-5027-b838-e6fcb95fcd7a"})
+    missing = call_error(server_process, GET_MESSAGE, {"message_id": "9f60ac8f-e721-5027-b838-e6fcb95fcd7a"})
     assert missing.code == "NotFound"
 
 
@@ -443,6 +455,7 @@ def test_ingest_typed_messages(server_process: launcher.Server) -> None:
         server_process,
         INGEST,
         {
+            "view": "INGEST_RESPONSE_VIEW_FULL",
             "gms": {
                 "reports": [
                     first_item,
@@ -457,7 +470,7 @@ def test_ingest_typed_messages(server_process: launcher.Server) -> None:
                     },
                     {"number": "380965555555", "status": 3, "message_id": "typed-gms-2", "sent_via": "hyber"},
                 ]
-            }
+            },
         },
     )
     assert outcomes(gms) == ["ACCEPTED", "ACCEPTED", "ACCEPTED"]
@@ -475,6 +488,7 @@ def test_ingest_typed_messages(server_process: launcher.Server) -> None:
         server_process,
         INGEST,
         {
+            "view": "INGEST_RESPONSE_VIEW_FULL",
             "sent_sms_report": {
                 "results": [
                     {
@@ -499,7 +513,7 @@ def test_ingest_typed_messages(server_process: launcher.Server) -> None:
                         "status": {"groupId": 3, "groupName": "DELIVERED", "id": 5},
                     },
                 ]
-            }
+            },
         },
     )
     assert outcomes(sent) == ["ACCEPTED", "ACCEPTED"]
@@ -507,7 +521,7 @@ def test_ingest_typed_messages(server_process: launcher.Server) -> None:
     assert statuses([first, second]) == ["UNDELIVERED", "DELIVERED"]
     assert first["source"] == "SOURCE_SENT_SMS_REPORT"
     assert first["price"] == {"amount": "0.0075", "currency": "BRL"}
-    assert first["parts_total"] == "2"
+    assert first["parts_total"] == 2
     assert first["reference"] == "order-42"
     assert first["sender"] == "InfoSMS"
     assert first["recipient"] == "+5511987654321"
@@ -527,10 +541,10 @@ def test_ingest_typed_messages(server_process: launcher.Server) -> None:
     assert "messageId" in violations[0]["field"]
 
 
-# Fetch.
+# GetMessage and ListMessages.
 
 
-def test_fetch_by_message_id_bulk_and_reference(server_process: launcher.Server) -> None:
+def test_get_message_and_list_by_bulk_and_reference(server_process: launcher.Server) -> None:
     call(server_process, INGEST, {"payload": sent_sms_report_examples().ok[0]})
     call(server_process, INGEST, {"payload": gms_examples().batch})
     # An earlier, lower report of a message already DELIVERED, and a third message of the bulk.
@@ -538,6 +552,7 @@ def test_fetch_by_message_id_bulk_and_reference(server_process: launcher.Server)
         server_process,
         INGEST,
         {
+            "view": "INGEST_RESPONSE_VIEW_FULL",
             "sent_sms_report": {
                 "results": [
                     {
@@ -555,64 +570,67 @@ def test_fetch_by_message_id_bulk_and_reference(server_process: launcher.Server)
                         "status": {"groupId": 2, "groupName": "UNDELIVERABLE", "id": 9},
                     },
                 ]
-            }
+            },
         },
     )
     assert statuses([r["report"] for r in late["results"]]) == ["SENT", "UNDELIVERED"]
 
     # By message id, with history: the state stays DELIVERED; history holds both reports, in store order.
-    one = call(server_process, FETCH, {"message_id": "MESSAGE-ID-123-xyz", "include_history": True})
-    assert statuses(one["reports"]) == ["DELIVERED"]
-    assert one["reports"][0]["price"] == {"amount": "0.01", "currency": "EUR"}
+    one = call(server_process, GET_MESSAGE, {"message_id": "MESSAGE-ID-123-xyz", "include_history": True})
+    assert statuses(one["messages"]) == ["DELIVERED"]
+    assert one["messages"][0]["price"] == {"amount": "0.01", "currency": "EUR"}
     assert statuses(one["history"]) == ["DELIVERED", "SENT"]
-    without_history = call(server_process, FETCH, {"message_id": "MESSAGE-ID-123-xyz"})
+    assert "history_truncated" not in one
+    without_history = call(server_process, GET_MESSAGE, {"message_id": "MESSAGE-ID-123-xyz"})
     assert "history" not in without_history
-    assert without_history["reports"] == one["reports"]
+    assert without_history["messages"] == one["messages"]
 
     # By bulk id, one message per page, following next_page_token.
     seen: list[str] = []
     pages: list[Json] = []
     request: Json = {"bulk_id": "BULK-ID-123-xyz", "page_size": 1}
     while True:
-        page = call(server_process, FETCH, request)
+        page = call(server_process, LIST_MESSAGES, request)
         pages.append(page)
-        seen += [report["message_id"] for report in page.get("reports", [])]
-        assert page["total_size"] == "3"
+        seen += [report["message_id"] for report in page.get("messages", [])]
+        assert page["total_size"] == 3
         assert page["status_counts"] == [
-            {"status": "DELIVERY_STATUS_DELIVERED", "count": "2"},
-            {"status": "DELIVERY_STATUS_UNDELIVERED", "count": "1"},
+            {"status": "DELIVERY_STATUS_DELIVERED", "count": 2},
+            {"status": "DELIVERY_STATUS_UNDELIVERED", "count": 1},
         ]
         token = page.get("next_page_token", "")
         if not token:
             break
         assert len(pages) < 5, "paging does not end"
         request = {**request, "page_token": token}
-    assert all(len(page.get("reports", [])) <= 1 for page in pages)
+    assert all(len(page.get("messages", [])) <= 1 for page in pages)
     assert sorted(seen) == sorted(
         ["MESSAGE-ID-123-xyz", "12db39c3-7822-4e72-a3ec-c87442c0ffc5", "MESSAGE-ID-456-xyz"]
     )
     assert len(pages) in (3, 4)  # the last page may or may not already know it is the last
-    whole = call(server_process, FETCH, {"bulk_id": "BULK-ID-123-xyz"})
-    assert [r["message_id"] for r in whole["reports"]] == seen
+    whole = call(server_process, LIST_MESSAGES, {"bulk_id": "BULK-ID-123-xyz"})
+    assert [r["message_id"] for r in whole["messages"]] == seen
     assert "next_page_token" not in whole
 
     # By reference.
-    expired = call(server_process, FETCH, {"reference": "AD-6640-7007"})
-    assert [r["message_id"] for r in expired["reports"]] == ["e5ea7286-6849-52d7-9e1b-8719b736283e"]
-    assert statuses(expired["reports"]) == ["EXPIRED"]
-    assert expired["total_size"] == "1"
-    assert call(server_process, FETCH, {"reference": "no-such-reference"}) == {}
-    assert call(server_process, FETCH, {"bulk_id": "no-such-bulk"}) == {}
+    expired = call(server_process, LIST_MESSAGES, {"reference": "AD-6640-7007"})
+    assert [r["message_id"] for r in expired["messages"]] == ["e5ea7286-6849-52d7-9e1b-8719b736283e"]
+    assert statuses(expired["messages"]) == ["EXPIRED"]
+    assert expired["total_size"] == 1
+    assert call(server_process, LIST_MESSAGES, {"reference": "no-such-reference"}) == {}
+    assert call(server_process, LIST_MESSAGES, {"bulk_id": "no-such-bulk"}) == {}
 
     # Unknown message id.
-    missing = call_error(server_process, FETCH, {"message_id": "no-such-message"})
+    missing = call_error(server_process, GET_MESSAGE, {"message_id": "no-such-message"})
     assert missing.code == "NotFound"
     assert missing.exit_code == 64 + 5
     info = missing.detail("google.rpc.ErrorInfo")
     assert info["reason"] == "MESSAGE_NOT_FOUND"
     assert info["metadata"] == {"message_id": "no-such-message"}
 
-    bad_page = call_error(server_process, FETCH, {"bulk_id": "BULK-ID-123-xyz", "page_token": "garbage"})
+    bad_page = call_error(
+        server_process, LIST_MESSAGES, {"bulk_id": "BULK-ID-123-xyz", "page_token": "garbage"}
+    )
     assert bad_page.code == "InvalidArgument"
     assert bad_page.detail("google.rpc.BadRequest")["field_violations"][0]["field"] == "page_token"
 
@@ -629,9 +647,9 @@ def test_stream_live_resume_and_replay(
 
     # Live only. The first message is a heartbeat with the start position (here the latest cursor), sent
     # once the subscription is live: from then on no change can be missed.
-    live = watch({"heartbeat_seconds": 1})
+    live = watch({"heartbeat_interval": "1s"})
     started = live.wait_for("the first heartbeat", lambda ms: len(ms) >= 1)
-    assert started[0] == {"cursor": first_cursor, "heartbeat": True}
+    assert started[0] == {"cursor": first_cursor, "heartbeat": {}}
 
     later = call(server_process, INGEST, {"payload": json.dumps(items[1:])})
     later_cursors = [result["cursor"] for result in later["results"]]
@@ -645,18 +663,18 @@ def test_stream_live_resume_and_replay(
 
     # Resume after the first cursor, and replay from the beginning, both then going live. Each is caught
     # up once an idle heartbeat carries the latest cursor.
-    resumed = watch({"cursor": first_cursor, "heartbeat_seconds": 1})
-    replayed = watch({"from_beginning": True, "heartbeat_seconds": 1})
+    resumed = watch({"cursor": first_cursor, "heartbeat_interval": "1s"})
+    replayed = watch({"from_beginning": True, "heartbeat_interval": "1s"})
     latest = later_cursors[-1]
 
     def caught_up(messages: list[Json]) -> bool:
-        return any(m.get("heartbeat") and m["cursor"] == latest for m in messages[1:])
+        return any("heartbeat" in m and m["cursor"] == latest for m in messages[1:])
 
     resumed_messages = resumed.wait_for("a heartbeat after the replay", caught_up)
     replayed_messages = replayed.wait_for("a heartbeat after the replay", caught_up)
 
-    assert resumed_messages[0] == {"cursor": first_cursor, "heartbeat": True}
-    assert replayed_messages[0] == {"cursor": "0", "heartbeat": True}
+    assert resumed_messages[0] == {"cursor": first_cursor, "heartbeat": {}}
+    assert replayed_messages[0] == {"cursor": "0", "heartbeat": {}}
     assert [m["cursor"] for m in changes(resumed_messages)] == later_cursors
     assert [m["cursor"] for m in changes(replayed_messages)] == [first_cursor, *later_cursors]
     assert [m["report"]["message_id"] for m in changes(replayed_messages)] == [
@@ -693,7 +711,7 @@ def test_stream_with_max_time_ends_with_deadline_exceeded(server_process: launch
     done = run(
         server_process,
         STREAM,
-        data={"from_beginning": True, "heartbeat_seconds": 1},
+        data={"from_beginning": True, "heartbeat_interval": "1s"},
         flags=("-max-time", "1"),
     )
 
@@ -701,7 +719,7 @@ def test_stream_with_max_time_ends_with_deadline_exceeded(server_process: launch
     assert "Code: DeadlineExceeded" in done.stderr
     messages = parse_messages(done.stdout)
     assert [m["cursor"] for m in changes(messages)] == cursors
-    assert any(m.get("heartbeat") for m in messages)
+    assert any(m.get("heartbeat") == {} for m in messages)
 
 
 def test_stream_rejects_bad_cursors(server_process: launcher.Server) -> None:

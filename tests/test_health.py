@@ -25,7 +25,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
-from deliveryreport.v1.delivery_report_service_pb2 import FetchRequest, IngestRequest
+from deliveryreport.v1.delivery_report_service_pb2 import GetMessageRequest, IngestRequest
 from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
 from dlrhub import app
 from dlrhub.config import Settings
@@ -60,15 +60,15 @@ async def running(tmp_path: Path) -> AsyncIterator[app.App]:
 
 
 async def fetch_code(stub: DeliveryReportServiceAsyncStub) -> tuple[grpc.StatusCode, str]:
-    """The code and message a Fetch of an unknown message ends with (NOT_FOUND once it reached the
+    """The code and message a GetMessage of an unknown message ends with (NOT_FOUND once it reached the
     server)."""
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await stub.Fetch(FetchRequest(message_id="health-unknown"), timeout=TIMEOUT)
+        await stub.GetMessage(GetMessageRequest(message_id="health-unknown"), timeout=TIMEOUT)
     return raised.value.code(), raised.value.details() or ""
 
 
 async def until_code(stub: DeliveryReportServiceAsyncStub, code: grpc.StatusCode) -> str:
-    """Waits (bounded) until a Fetch ends with `code`; returns its message. The channel learns a change
+    """Waits (bounded) until a GetMessage ends with `code`; returns its message. The channel learns a change
     of health from its Watch a moment after the server makes it."""
     async with asyncio.timeout(TIMEOUT):
         while True:
@@ -223,9 +223,11 @@ async def test_health_and_metrics_answer_at_once_while_the_store_stalls(tmp_path
             health = health_pb2_grpc.HealthStub(channel)
             store.stalled.set()
             fetch = asyncio.ensure_future(
-                DeliveryReportServiceStub(channel).Fetch(FetchRequest(message_id="m-1"), timeout=TIMEOUT)
+                DeliveryReportServiceStub(channel).GetMessage(
+                    GetMessageRequest(message_id="m-1"), timeout=TIMEOUT
+                )
             )
-            await asyncio.sleep(0.1)  # the Fetch waits on the store
+            await asyncio.sleep(0.1)  # the GetMessage waits on the store
             for _ in range(3):
                 checked = await health.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
                 assert checked.status == SERVING

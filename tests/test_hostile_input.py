@@ -20,7 +20,9 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
@@ -32,9 +34,9 @@ from hypothesis import strategies as st
 
 from deliveryreport.v1.delivery_report_pb2 import Source
 from deliveryreport.v1.delivery_report_service_pb2 import (
-    FetchRequest,
-    FetchResponse,
     Format,
+    GetMessageRequest,
+    GetMessageResponse,
     IngestOutcome,
     IngestRequest,
     IngestResponse,
@@ -50,7 +52,8 @@ from deliveryreport.v1.provider_formats_pb2 import (
     SentSmsReports,
     SentSmsReportStatus,
 )
-from tests.conftest import FIXTURES, Running
+from dlrhub.config import Settings
+from tests.conftest import FIXTURES, FakeClock, Running, serving
 from tests.helpers import TIMEOUT, ErrorDetails, details_of
 
 if TYPE_CHECKING:  # the async stub type exists only in the generated .pyi
@@ -60,7 +63,7 @@ HTTP_TIMEOUT = 30.0
 GMS_ROUTE = "/webhooks/gms"
 SMS_ROUTE = "/webhooks/sent-sms-report"
 INGEST_METHOD = "/deliveryreport.v1.DeliveryReportService/Ingest"
-ITEM_REASONS = {"MISSING_FIELD", "WRONG_TYPE", "INVALID_VALUE"}
+ITEM_REASONS = {"MISSING_FIELD", "WRONG_TYPE", "INVALID_VALUE", "ITEM_TOO_LARGE"}
 # The valid provider examples (and the seed's malformed one), the starting points of mutations.
 SEED_TEXTS = [path.read_text() for path in sorted(FIXTURES.glob("*.json"))]
 HYPOTHESIS = settings(
@@ -424,7 +427,7 @@ def note(outcome: str) -> None:
 class Target:
     server: Running
     http: httpx.AsyncClient
-    snapshot: dict[str, FetchResponse]
+    snapshot: dict[str, GetMessageResponse]
     alive_count: int = 0
 
     @property
@@ -445,7 +448,7 @@ class Target:
             note(f"Ingest: INVALID_ARGUMENT {details.reason}")
             return details
         note(f"Ingest: OK, {'some' if response.accepted_count else 'none'} accepted")
-        fetched: set[tuple[str, int]] = set()
+        fetched: set[str] = set()
         for result in response.results:
             assert result.outcome in (
                 IngestOutcome.INGEST_OUTCOME_ACCEPTED,
@@ -454,19 +457,20 @@ class Target:
             )
             if result.outcome == IngestOutcome.INGEST_OUTCOME_REJECTED:
                 assert result.error.reason in ITEM_REASONS, result.error
-            elif (result.report.message_id, result.report.source) not in fetched:
-                fetched.add((result.report.message_id, result.report.source))
-                await self.fetchable(result.report.message_id, result.report.source, stub)
+            elif result.message_id not in fetched:
+                fetched.add(result.message_id)
+                await self.fetchable(result.message_id, Source.SOURCE_UNSPECIFIED, stub)
         return response
 
     async def fetchable(
         self, message_id: str, source: int, stub: DeliveryReportServiceAsyncStub | None = None
     ) -> None:
-        fetched = await (stub or self.stub).Fetch(
-            FetchRequest(message_id=message_id, source=source),  # type: ignore[arg-type]
+        fetched = await (stub or self.stub).GetMessage(
+            GetMessageRequest(message_id=message_id, source=source),  # type: ignore[arg-type]
             timeout=TIMEOUT,
         )
-        assert [state.message_id for state in fetched.reports] == [message_id]
+        assert fetched.messages
+        assert {state.message_id for state in fetched.messages} == {message_id}
 
     async def post(self, route: str, body: bytes) -> tuple[int, dict[str, Any]]:
         """A webhook: 200 or 400 (413 over the limit), with a JSON body; never 500."""
@@ -486,8 +490,8 @@ class Target:
     async def unchanged_and_alive(self) -> None:
         """Pre-ingested messages as they were; health SERVING; a valid Ingest acknowledged."""
         for message_id, before in self.snapshot.items():
-            after = await self.stub.Fetch(
-                FetchRequest(message_id=message_id, include_history=True), timeout=TIMEOUT
+            after = await self.stub.GetMessage(
+                GetMessageRequest(message_id=message_id, include_history=True), timeout=TIMEOUT
             )
             assert after == before, message_id
         health = health_pb2_grpc.HealthStub(self.server.channel)
@@ -508,6 +512,12 @@ class Target:
 
 @pytest.fixture
 async def target(server: Running) -> AsyncIterator[Target]:
+    async with attacked(server) as target:
+        yield target
+
+
+@asynccontextmanager
+async def attacked(server: Running) -> AsyncIterator[Target]:
     """The server with some messages stored before the attack, and their snapshot."""
     response = await server.stub.Ingest(IngestRequest(payload=json.dumps(PRE_GMS)), timeout=TIMEOUT)
     assert response.accepted_count == 2
@@ -515,8 +525,8 @@ async def target(server: Running) -> AsyncIterator[Target]:
         response = await server.stub.Ingest(IngestRequest(payload=dump(body)), timeout=TIMEOUT)
         assert response.accepted_count == 1
     snapshot = {
-        message_id: await server.stub.Fetch(
-            FetchRequest(message_id=message_id, include_history=True), timeout=TIMEOUT
+        message_id: await server.stub.GetMessage(
+            GetMessageRequest(message_id=message_id, include_history=True), timeout=TIMEOUT
         )
         for message_id in PRE_IDS
     }
@@ -590,7 +600,7 @@ async def test_unicode_message_ids_are_stored_exactly_or_rejected(
     status, webhook = await target.post(GMS_ROUTE if kind == "gms" else SMS_ROUTE, text.encode())
     if storable:
         assert isinstance(answer, IngestResponse)
-        assert [result.report.message_id for result in answer.results] == [message_id]
+        assert [result.message_id for result in answer.results] == [message_id]
         assert status == 200
         assert webhook["results"][0]["outcome"] == "DUPLICATE"
         await target.fetchable(message_id, source)
@@ -604,12 +614,14 @@ async def test_unicode_message_ids_are_stored_exactly_or_rejected(
 
 
 int64s = st.none() | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+int32s = st.none() | st.integers(min_value=-(2**31), max_value=2**31 - 1)
 proto_texts = st.text(characters, max_size=30)
 
 
 @st.composite
 def typed_reports(draw: st.DrawFn) -> IngestRequest:
-    """Typed reports (GmsReports / SentSmsReports) with arbitrary strings and int64s in every field."""
+    """Typed reports (GmsReports / SentSmsReports) with arbitrary strings and integers (of each field's
+    width) in every field."""
 
     def fill(message: Any) -> Any:
         for descriptor in message.DESCRIPTOR.fields:
@@ -619,6 +631,8 @@ def typed_reports(draw: st.DrawFn) -> IngestRequest:
                 value: Any = draw(st.none() | proto_texts)
             elif descriptor.type == descriptor.TYPE_BOOL:
                 value = draw(st.none() | st.booleans())
+            elif descriptor.type == descriptor.TYPE_INT32:
+                value = draw(int32s)
             else:
                 value = draw(int64s)
             if value is not None:
@@ -824,41 +838,66 @@ async def test_every_wrong_type_in_every_field(target: Target, kind: str) -> Non
 MB = 1024 * 1024
 
 
-async def test_multi_megabyte_strings(target: Target) -> None:
-    """A few MB in ids, in ignored fields, as escapes, as white space and as digits."""
-    channel = grpc.aio.insecure_channel(
-        target.server.address, options=[("grpc.max_receive_message_length", 64 * MB)]
-    )
-    # The answer echoes each report with its raw text, so it is about twice the payload: a client
-    # taking large payloads needs a larger receive limit than gRPC's default 4 MiB.
-    big_stub = DeliveryReportServiceStub(channel)
-    try:
-        cases: list[tuple[str, str, str | None]] = [
-            # (route, payload, the message id it stores or None)
-            (GMS_ROUTE, dump(gms_item("mb:" + "x" * (2 * MB))), "mb:" + "x" * (2 * MB)),
-            (GMS_ROUTE, dump({**gms_item("mb:extra"), "junk": "\U0001f600" * (MB // 2)}), "mb:extra"),
-            (
-                SMS_ROUTE,
-                dump({"results": [{**sms_item("mb:escapes"), "callbackData": "\x00\ud800" * (MB // 4)}]}),
-                None,
-            ),
-            (GMS_ROUTE, dump(gms_item("mb:space")) + " " * (3 * MB), "mb:space"),
-            (GMS_ROUTE, dump({**gms_item("mb:digits"), "status": Raw("1" * (3 * MB))}), None),
-            (SMS_ROUTE, '{"results": [' + ",".join([dump(sms_item("mb:many"))] * 3000) + "]}", "mb:many"),
-        ]
-        for route, payload, stored_id in cases:
-            assert len(payload) > MB
-            answer = await target.ingest(IngestRequest(payload=payload), stub=big_stub)
-            if stored_id is None:
-                assert isinstance(answer, ErrorDetails)
-            else:
-                assert isinstance(answer, IngestResponse)
-                assert answer.results[0].report.message_id == stored_id
-            status, _ = await target.post(route, payload.encode())
-            assert status == (400 if stored_id is None else 200)
-        await target.unchanged_and_alive()
-    finally:
-        await channel.close(None)
+@pytest.mark.parametrize("raised", [False, True], ids=["item-limit", "item-limit-raised"])
+async def test_multi_megabyte_strings(tmp_path: Path, clock: FakeClock, raised: bool) -> None:
+    """A few MB in ids, in ignored fields, as escapes, as white space and as digits: with the default
+    item limit (64 KiB) each such item is rejected ITEM_TOO_LARGE; with the limit raised past them,
+    what is a valid report is stored."""
+    limit = 64 * MB if raised else Settings().max_item_bytes
+    # With items of megabytes, a message's state (its id and text) is larger than gRPC's default 4 MiB
+    # receive limit: a client of such a server needs a larger one. With the default item limit, the
+    # default receive limit takes every answer.
+    options = [("grpc.max_receive_message_length", 64 * MB)] if raised else []
+    async with (
+        serving(tmp_path, clock=clock, max_item_bytes=limit) as running,
+        grpc.aio.insecure_channel(f"127.0.0.1:{running.port}", options=options) as channel,
+    ):
+        server = Running(running, DeliveryReportServiceStub(channel), channel, clock, "")
+        async with attacked(server) as target:
+            too_large = None if raised else "ITEM_TOO_LARGE"
+            cases: list[tuple[str, str, str | None, str | None]] = [
+                # (route, payload, the message id it stores or None, the reason of each violation)
+                (GMS_ROUTE, dump(gms_item("mb:" + "x" * (2 * MB))), "mb:" + "x" * (2 * MB), too_large),
+                (
+                    GMS_ROUTE,
+                    dump({**gms_item("mb:extra"), "junk": "\U0001f600" * (MB // 2)}),
+                    "mb:extra",
+                    too_large,
+                ),
+                (
+                    SMS_ROUTE,
+                    dump({"results": [{**sms_item("mb:escapes"), "callbackData": "\x00\ud800" * (MB // 4)}]}),
+                    None,
+                    too_large or "INVALID_VALUE",  # an unpaired surrogate
+                ),
+                # White space outside the report is not part of the item.
+                (GMS_ROUTE, dump(gms_item("mb:space")) + " " * (3 * MB), "mb:space", None),
+                # Too long an integer for JSON: the whole payload is invalid, whatever the limits.
+                (
+                    GMS_ROUTE,
+                    dump({**gms_item("mb:digits"), "status": Raw("1" * (3 * MB))}),
+                    None,
+                    "INVALID_JSON",
+                ),
+                (
+                    SMS_ROUTE,
+                    '{"results": [' + ",".join([dump(sms_item("mb:many"))] * 3000) + "]}",
+                    "mb:many",
+                    None,
+                ),
+            ]
+            for route, payload, stored_id, reason in cases:
+                assert len(payload) > MB
+                answer = await target.ingest(IngestRequest(payload=payload))
+                if reason is not None:
+                    assert isinstance(answer, ErrorDetails)
+                    assert answer.field_reasons == [reason]
+                else:
+                    assert isinstance(answer, IngestResponse)
+                    assert answer.results[0].message_id == stored_id
+                status, _ = await target.post(route, payload.encode())
+                assert status == (400 if reason is not None else 200)
+            await target.unchanged_and_alive()
 
 
 def field_bytes(number: int, value: bytes) -> bytes:

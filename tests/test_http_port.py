@@ -25,7 +25,7 @@ import grpc
 import httpx
 import pytest
 
-from deliveryreport.v1.delivery_report_service_pb2 import FetchRequest, IngestRequest
+from deliveryreport.v1.delivery_report_service_pb2 import GetMessageRequest, IngestRequest
 from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
 from dlrhub import app
 from dlrhub.config import Settings
@@ -470,8 +470,8 @@ async def test_a_flood_of_connections_leaves_grpc_and_the_webhooks_working(
             stub = DeliveryReportServiceStub(channel)
             ingested = await stub.Ingest(IngestRequest(payload=gms_batch("flood-grpc-1")), timeout=TIMEOUT)
             assert ingested.accepted_count == 1
-            fetched = await stub.Fetch(FetchRequest(message_id="flood-grpc-1"), timeout=TIMEOUT)
-            assert [r.message_id for r in fetched.reports] == ["flood-grpc-1"]
+            fetched = await stub.GetMessage(GetMessageRequest(message_id="flood-grpc-1"), timeout=TIMEOUT)
+            assert [r.message_id for r in fetched.messages] == ["flood-grpc-1"]
 
             # The provider's POST waits its turn behind the flood, whose connections the idle
             # timeout closes LIMIT at a time.
@@ -480,8 +480,8 @@ async def test_a_flood_of_connections_leaves_grpc_and_the_webhooks_working(
                 answer = await http.post(url, content=gms_batch("flood-hook-1"))
             assert answer.status_code == 200
             assert answer.json()["accepted"] == 1
-            fetched = await stub.Fetch(FetchRequest(message_id="flood-hook-1"), timeout=TIMEOUT)
-            assert [r.message_id for r in fetched.reports] == ["flood-hook-1"]
+            fetched = await stub.GetMessage(GetMessageRequest(message_id="flood-hook-1"), timeout=TIMEOUT)
+            assert [r.message_id for r in fetched.messages] == ["flood-hook-1"]
     finally:
         for task in dribbling:
             task.cancel()

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from deliveryreport.v1.delivery_report_service_pb2 import (
-    FetchRequest,
+    GetMessageRequest,
     IngestRequest,
 )
 from deliveryreport.v1.provider_formats_pb2 import GmsReport, GmsReports
@@ -18,6 +18,7 @@ from tests.conftest import Running
 from tests.helpers import (
     ACCEPTED,
     DUPLICATE,
+    FULL,
     REJECTED,
     S,
     failure,
@@ -48,7 +49,8 @@ async def test_the_same_report_twice_is_a_duplicate(server: Running) -> None:
     second = await ingest(server.stub, payload)
     assert [result.outcome for result in second.results] == [DUPLICATE]
     assert second.results[0].cursor == ""
-    assert second.results[0].report.message_id == "m-1"
+    assert second.results[0].message_id == "m-1"
+    assert not second.results[0].HasField("report")  # the BASIC view, unless FULL is asked for
     assert (second.accepted_count, second.duplicate_count, second.rejected_count) == (0, 1, 0)
 
     history = await history_of(server.stub, "m-1")
@@ -77,7 +79,7 @@ async def test_a_typed_report_is_the_same_report_as_its_json(server: Running) ->
         substatus=23,
         sent_via="sms",
     )
-    first = await server.stub.Ingest(IngestRequest(gms=GmsReports(reports=[typed])))
+    first = await server.stub.Ingest(IngestRequest(gms=GmsReports(reports=[typed]), view=FULL))
     assert [result.outcome for result in first.results] == [ACCEPTED]
     assert first.results[0].report.status == S.DELIVERY_STATUS_DELIVERED
     as_json = {
@@ -151,7 +153,7 @@ async def test_one_bad_item_is_rejected_and_the_others_stored(
     assert bad.error.description
     assert not bad.HasField("report")
     assert not bad.cursor
-    prefix = response.results[0].report.message_id[0]
+    prefix = response.results[0].message_id[0]
     for index in (0, 2):
         assert (await state_of(server.stub, f"{prefix}-{index}")).message_id == f"{prefix}-{index}"
     # The bad item is quarantined with its own text and its reason.
@@ -232,8 +234,16 @@ async def test_a_retried_request_id_gets_the_first_answer_and_nothing_twice(serv
     assert server.app.store.latest_cursor() == latest
     assert [len(await history_of(server.stub, message_id)) for message_id in ("m-1", "m-2")] == [1, 1]
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await server.stub.Fetch(FetchRequest(message_id="m-3"))
+        await server.stub.GetMessage(GetMessageRequest(message_id="m-3"))
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    # Retried in the FULL view, the first answer comes with its reports.
+    full = await ingest(server.stub, payload, request_id="req-1", view=FULL)
+    assert [(r.outcome, r.cursor, r.message_id) for r in full.results] == [
+        (r.outcome, r.cursor, r.message_id) for r in first.results
+    ]
+    assert [r.report.status for r in full.results] == [S.DELIVERY_STATUS_SENT, S.DELIVERY_STATUS_DELIVERED]
+    assert not any(r.HasField("report") for r in first.results)
+    assert server.app.store.latest_cursor() == latest
 
     # Without the request id the same body is a new request: its items are duplicates.
     fresh = await ingest(server.stub, payload)

@@ -22,8 +22,9 @@ from grpc_status import rpc_status
 
 from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
 from deliveryreport.v1.delivery_report_service_pb2 import (
-    FetchRequest,
+    GetMessageRequest,
     IngestRequest,
+    ListMessagesRequest,
     ListQuarantineRequest,
     StreamRequest,
 )
@@ -113,8 +114,8 @@ async def test_a_store_that_cannot_read_or_commit_answers_unavailable_then_serve
 
     with tables_away(db, "messages", "reports", "quarantine"):
         calls: dict[str, Awaitable[object]] = {
-            "Fetch": stub.Fetch(FetchRequest(message_id="before-1"), timeout=TIMEOUT),
-            "Fetch by bulk": stub.Fetch(FetchRequest(bulk_id="bulk-1"), timeout=TIMEOUT),
+            "GetMessage": stub.GetMessage(GetMessageRequest(message_id="before-1"), timeout=TIMEOUT),
+            "ListMessages": stub.ListMessages(ListMessagesRequest(bulk_id="bulk-1"), timeout=TIMEOUT),
             "Ingest": stub.Ingest(IngestRequest(payload=gms("during-1"), request_id="r-1"), timeout=TIMEOUT),
             "ListQuarantine": stub.ListQuarantine(ListQuarantineRequest(), timeout=TIMEOUT),
         }
@@ -143,7 +144,7 @@ async def test_a_store_that_cannot_read_or_commit_answers_unavailable_then_serve
         assert "table" not in posted.text
 
     # The store is back: the same calls succeed, and the Ingest refused meanwhile is stored when retried.
-    [state] = (await stub.Fetch(FetchRequest(message_id="before-1"), timeout=TIMEOUT)).reports
+    [state] = (await stub.GetMessage(GetMessageRequest(message_id="before-1"), timeout=TIMEOUT)).messages
     assert state.message_id == "before-1"
     retried = await stub.Ingest(IngestRequest(payload=gms("during-1"), request_id="r-1"), timeout=TIMEOUT)
     assert retried.accepted_count == 1
@@ -184,7 +185,7 @@ async def test_an_unexpected_fault_answers_internal_naming_only_the_request_id_i
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = DeliveryReportServiceStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as raised:
-                await stub.Fetch(FetchRequest(message_id="m-1"), metadata=metadata, timeout=TIMEOUT)
+                await stub.GetMessage(GetMessageRequest(message_id="m-1"), metadata=metadata, timeout=TIMEOUT)
             unary = failure_of(raised.value)
 
             store.broken = True
@@ -204,7 +205,7 @@ async def test_an_unexpected_fault_answers_internal_naming_only_the_request_id_i
     errors = [record for record in caplog.records if record.levelno >= logging.ERROR]
     assert len(errors) == 2
     for failure, error, rpc, raised_type in [
-        (unary, errors[0], "Fetch", KeyError),
+        (unary, errors[0], "GetMessage", KeyError),
         (streaming, errors[1], "Stream", ZeroDivisionError),
     ]:
         request_id = failure.metadata["request_id"]

@@ -1,4 +1,5 @@
-"""Limits: request size, items per Ingest (gRPC and webhooks), open streams, deadlines, cancellation.
+"""Limits: request size, items per Ingest (gRPC and webhooks), answers that fit a default client, item
+size, open streams, deadlines, cancellation.
 
 Against the real server in-process (grpc.aio) and the real client; each test starts its own server
 with the limit it checks set small.
@@ -21,7 +22,7 @@ import pytest
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from deliveryreport.v1.delivery_report_service_pb2 import StreamRequest, StreamResponse
+from deliveryreport.v1.delivery_report_service_pb2 import IngestRequest, StreamRequest, StreamResponse
 from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
 from deliveryreport.v1.provider_formats_pb2 import GmsReport
 from dlrhub import app
@@ -33,7 +34,19 @@ from dlrhub_client import (
     ResourceExhaustedError,
 )
 from tests.conftest import serving
-from tests.helpers import TIMEOUT, connect, eventually, gms, gms_batch
+from tests.helpers import (
+    ACCEPTED,
+    FULL,
+    REJECTED,
+    TIMEOUT,
+    connect,
+    details_of,
+    eventually,
+    gms,
+    gms_batch,
+    ssr,
+    ssr_payload,
+)
 
 
 async def assert_not_stored(running: app.App, *message_ids: str) -> None:
@@ -42,7 +55,7 @@ async def assert_not_stored(running: app.App, *message_ids: str) -> None:
     async with connect(running) as client:
         for message_id in message_ids:
             with pytest.raises(NotFoundError):
-                await client.fetch(message_id=message_id)
+                await client.get_message(message_id)
 
 
 def open_stream(client: AsyncClient) -> AsyncGenerator[StreamResponse, None]:
@@ -105,7 +118,7 @@ async def test_a_batch_over_max_batch_items_is_refused_whole(tmp_path: Path) -> 
 
         response = await client.ingest(gms_batch("three-1", "three-2", "three-3"))
         assert response.accepted_count == 3
-        assert [r.message_id for r in (await client.fetch(message_id="three-3")).reports] == ["three-3"]
+        assert [r.message_id for r in (await client.get_message("three-3")).messages] == ["three-3"]
 
 
 async def test_a_webhook_batch_over_max_batch_items_is_413(tmp_path: Path) -> None:
@@ -125,6 +138,116 @@ async def test_a_webhook_batch_over_max_batch_items_is_413(tmp_path: Path) -> No
         assert running.store.latest_cursor() == 3
 
 
+# Answers that fit a default client (gRPC clients accept 4 MiB by default).
+
+DEFAULT_RECEIVE_LIMIT = 4 * 1024 * 1024
+
+
+def wordy_batch(count: int, prefix: str) -> str:
+    """`count` SentSMSReport reports whose normalised reports are about 450 bytes each."""
+    return ssr_payload(
+        *(ssr(f"{prefix}-{n:05}", bulk_id="WORDY", reference=f"{n:05}-" + "r" * 300) for n in range(count))
+    )
+
+
+async def test_a_10000_item_ingest_answers_a_default_client(tmp_path: Path) -> None:
+    async with (
+        serving(tmp_path) as running,
+        grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel,  # gRPC's default options
+    ):
+        stub = DeliveryReportServiceStub(channel)
+        payload = wordy_batch(10_000, "big")
+
+        # Every report echoed back would be over 4 MiB: FULL is refused before anything is stored.
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.Ingest(IngestRequest(payload=payload, view=FULL), timeout=60)
+        details = details_of(raised.value)
+        assert (raised.value.code(), details.reason) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "RESPONSE_TOO_LARGE",
+        )
+        assert (details.fields, details.field_reasons) == (["view"], ["RESPONSE_TOO_LARGE"])
+        assert int(details.metadata["response_bytes"]) > int(details.metadata["max_response_bytes"])
+        assert int(details.metadata["max_response_bytes"]) < DEFAULT_RECEIVE_LIMIT
+        assert details.metadata["max_response_bytes"] in (raised.value.details() or "")
+        assert running.store.latest_cursor() == 0
+        assert running.store.quarantined(0, 10) == []
+
+        # The BASIC view (the default) answers every item.
+        answer = await stub.Ingest(IngestRequest(payload=payload, request_id="big"), timeout=60)
+        assert answer.accepted_count == 10_000
+        assert [r.message_id for r in answer.results] == [f"big-{n:05}" for n in range(10_000)]
+        assert all(r.cursor and not r.HasField("report") for r in answer.results)
+        assert answer.ByteSize() < DEFAULT_RECEIVE_LIMIT // 4
+        assert running.store.latest_cursor() == 10_000
+        # Retried, it answers the same again, in the view asked for.
+        assert await stub.Ingest(IngestRequest(payload=payload, request_id="big"), timeout=60) == answer
+
+        # A FULL answer that fits is given whole.
+        few = await stub.Ingest(IngestRequest(payload=wordy_batch(100, "few"), view=FULL), timeout=60)
+        assert [r.report.reference[:6] for r in few.results] == [f"{n:05}-" for n in range(100)]
+
+
+async def test_a_large_batch_of_rejected_items_answers_a_default_client(tmp_path: Path) -> None:
+    async with (
+        serving(tmp_path) as running,
+        grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel,
+    ):
+        stub = DeliveryReportServiceStub(channel)
+        item: dict[str, object] = {"to": "41793026727", "doneAt": "2019-11-09T16:00:00.000+0000"}
+        nameless = ssr_payload(*[item] * 10_000)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.Ingest(IngestRequest(payload=nameless), timeout=60)
+        # Before, its 10,000 field violations were over the client's metadata limit: RESOURCE_EXHAUSTED.
+        details = details_of(raised.value)
+        assert (raised.value.code(), details.reason) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "ALL_ITEMS_REJECTED",
+        )
+        shown = len(details.fields)
+        assert 10 <= shown < 100
+        assert details.fields == [f"results[{n}].messageId" for n in range(shown)]
+        assert set(details.field_reasons) == {"MISSING_FIELD"}
+        assert int(details.metadata["violations_omitted"]) == 10_000 - shown
+        assert "10000" in (raised.value.details() or "")
+        assert len(running.store.quarantined(0, 20_000)) == 10_000  # every item kept
+
+
+# Item size.
+
+
+async def test_an_item_over_max_item_bytes_is_rejected_and_quarantined(tmp_path: Path) -> None:
+    async with serving(tmp_path, max_item_bytes=1024) as running, connect(running) as client:
+        big = {**ssr("big-item"), "callbackData": "x" * 1000}
+        payload = ssr_payload(ssr("small-1"), big, ssr("small-2"))
+        answer = await client.ingest(payload)
+        assert [(r.outcome, r.message_id) for r in answer.results] == [
+            (ACCEPTED, "small-1"),
+            (REJECTED, ""),
+            (ACCEPTED, "small-2"),
+        ]
+        error = answer.results[1].error
+        assert (error.field, error.reason) == ("results[1]", "ITEM_TOO_LARGE")
+        assert "1024" in error.description
+        [(_, quarantined)] = running.store.quarantined(0, 10)
+        assert (quarantined.field, quarantined.reason) == ("results[1]", "ITEM_TOO_LARGE")
+        assert json.loads(quarantined.raw) == big
+        with pytest.raises(NotFoundError):
+            await client.get_message("big-item")
+
+        # Alone, it is a request with nothing valid; through a webhook, a 400 naming the item.
+        with pytest.raises(InvalidArgumentError) as raised:
+            await client.ingest(ssr_payload(big))
+        assert raised.value.reason == "ALL_ITEMS_REJECTED"
+        assert [(v.field, v.reason) for v in raised.value.violations] == [("results[0]", "ITEM_TOO_LARGE")]
+        url = f"http://127.0.0.1:{running.http_port}/webhooks/sent-sms-report"
+        async with httpx.AsyncClient(timeout=TIMEOUT) as http:
+            response = await http.post(url, content=payload)
+        assert response.status_code == 400
+        assert [r["outcome"] for r in response.json()["results"]] == ["DUPLICATE", "REJECTED", "DUPLICATE"]
+        assert response.json()["results"][1]["error"]["reason"] == "ITEM_TOO_LARGE"
+
+
 # Open streams.
 
 
@@ -132,8 +255,8 @@ async def test_streams_over_max_streams_are_refused_until_one_closes(tmp_path: P
     async with serving(tmp_path, max_streams=2) as running, connect(running) as client:
         one, two = open_stream(client), open_stream(client)
         try:
-            assert (await first(one)).heartbeat
-            assert (await first(two)).heartbeat
+            assert (await first(one)).HasField("heartbeat")
+            assert (await first(two)).HasField("heartbeat")
             assert running.hub.subscriber_count == 2
 
             third = open_stream(client)
@@ -150,13 +273,13 @@ async def test_streams_over_max_streams_are_refused_until_one_closes(tmp_path: P
             )
             again = open_stream(client)
             try:
-                assert (await first(again)).heartbeat
+                assert (await first(again)).HasField("heartbeat")
                 assert running.hub.subscriber_count == 2
                 # The streams still carry changes.
                 await client.ingest(gms_batch("streamed-1"))
                 for stream in (two, again):
                     response = await first(stream)
-                    assert response.report.message_id == "streamed-1"
+                    assert response.change.report.message_id == "streamed-1"
             finally:
                 await again.aclose()
         finally:
@@ -210,7 +333,7 @@ async def test_a_cancelled_stream_call_ends_its_subscription(tmp_path: Path) -> 
             async with asyncio.timeout(TIMEOUT):
                 response = await call.read()
             assert isinstance(response, StreamResponse)
-            assert response.heartbeat
+            assert response.HasField("heartbeat")
         assert running.hub.subscriber_count == 3
 
         calls[0].cancel()
@@ -259,7 +382,7 @@ async def test_an_expired_deadline_fails_and_the_server_stays_healthy(tmp_path: 
 
         async with connect(running) as client:
             assert (await client.ingest(gms_batch("calm-1"))).accepted_count == 1
-            [state] = (await client.fetch(message_id="calm-1")).reports
+            [state] = (await client.get_message("calm-1")).messages
             assert state.message_id == "calm-1"
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             health = await health_pb2_grpc.HealthStub(channel).Check(

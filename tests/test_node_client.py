@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 
 from deliveryreport.v1.delivery_report_pb2 import DeliveryStatus, Source
-from deliveryreport.v1.delivery_report_service_pb2 import FetchRequest
+from deliveryreport.v1.delivery_report_service_pb2 import GetMessageRequest
 from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
 from tests.conftest import ROOT, node_executable
 from tools import launcher
@@ -33,18 +33,20 @@ def _run_client(address: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in completed.stdout.splitlines() if line.strip()]
 
 
-def test_node_client_ingests_fetches_and_streams(server_process: launcher.Server) -> None:
+def test_node_client_ingests_gets_and_streams(server_process: launcher.Server) -> None:
     lines = _run_client(server_process.address)
     steps = [line["step"] for line in lines]
-    assert steps == ["stream_open", "ingest", "fetch", "stream", "stream", "done"]
+    assert steps == ["stream_open", "ingest", "get_message", "stream", "stream", "done"]
     by_step: dict[str, list[dict[str, Any]]] = {}
     for line in lines:
         by_step.setdefault(line["step"], []).append(line.get("response", {}))
 
-    assert by_step["stream_open"][0]["heartbeat"] is True
+    opening = by_step["stream_open"][0]
+    assert (opening["event"], opening["heartbeat"]) == ("heartbeat", {})
+    assert "change" not in opening
 
-    # Ingest: both items accepted, normalised, with cursors. Default values are
-    # left out of the JSON (proto-loader `defaults: false`), e.g. index 0.
+    # Ingest (the FULL view): both items accepted, normalised, with cursors. Default
+    # values are left out of the JSON (proto-loader `defaults: false`), e.g. index 0.
     ingest = by_step["ingest"][0]
     assert ingest["accepted_count"] == 2
     assert "duplicate_count" not in ingest
@@ -60,27 +62,28 @@ def test_node_client_ingests_fetches_and_streams(server_process: launcher.Server
     assert all(report["source"] == "SOURCE_GMS" for report in reports)
     assert all(report["channel"] == "CHANNEL_SMS" for report in reports)
     assert all(report["final"] is True for report in reports)
-    assert reports[1]["raw"]["gms"]["hyber_status"] == "35015"  # int64 as a string (longs: String)
+    assert reports[1]["raw"]["gms"]["hyber_status"] == 35015  # int32: a number, not a string
     delivered_id, expired_id = (report["message_id"] for report in reports)
+    assert [result["message_id"] for result in results] == [delivered_id, expired_id]
     assert delivered_id != expired_id
     cursors = [result["cursor"] for result in results]
     assert all(cursor.isdigit() for cursor in cursors)
     assert all("raw_payload" not in report for report in reports)  # Ingest does not echo the text
     # The text each report was stored with, as the stream carries it.
-    texts = [message["report"]["raw_payload"] for message in by_step["stream"]]
+    texts = [message["change"]["report"]["raw_payload"] for message in by_step["stream"]]
 
-    # Fetch: the EXPIRED message's current state and its history of one report.
-    fetch = by_step["fetch"][0]
-    assert len(fetch["reports"]) == 1
-    state = fetch["reports"][0]
+    # GetMessage: the EXPIRED message's current state and its history of one report.
+    fetch = by_step["get_message"][0]
+    assert len(fetch["messages"]) == 1
+    state = fetch["messages"][0]
     assert state["message_id"] == expired_id
     assert state["status"] == "DELIVERY_STATUS_EXPIRED"
     assert state["recipient"] == "+380962222222"
     assert state["raw"]["gms"] == {
-        "status": "3",
-        "substatus": "35",
+        "status": 3,
+        "substatus": 35,
         "_substatus": "substatus",
-        "hyber_status": "35015",
+        "hyber_status": 35015,
         "_hyber_status": "hyber_status",
         "sent_via": "sms",
     }
@@ -91,8 +94,9 @@ def test_node_client_ingests_fetches_and_streams(server_process: launcher.Server
     # Stream: exactly the two ingested reports, with the cursors Ingest gave.
     streamed = by_step["stream"]
     assert [message["cursor"] for message in streamed] == cursors
-    assert [message["report"]["message_id"] for message in streamed] == [delivered_id, expired_id]
-    assert [message["state"]["status"] for message in streamed] == [
+    assert [message["event"] for message in streamed] == ["change", "change"]
+    assert [message["change"]["report"]["message_id"] for message in streamed] == [delivered_id, expired_id]
+    assert [message["change"]["state"]["status"] for message in streamed] == [
         "DELIVERY_STATUS_DELIVERED",
         "DELIVERY_STATUS_EXPIRED",
     ]
@@ -105,9 +109,11 @@ def test_node_client_ingests_fetches_and_streams(server_process: launcher.Server
             (delivered_id, DeliveryStatus.DELIVERY_STATUS_DELIVERED, reports[0], texts[0]),
             (expired_id, DeliveryStatus.DELIVERY_STATUS_EXPIRED, reports[1], texts[1]),
         ]:
-            fetched = stub.Fetch(FetchRequest(message_id=message_id, include_history=True), timeout=10)
-            assert len(fetched.reports) == 1
-            stored = fetched.reports[0]
+            fetched = stub.GetMessage(
+                GetMessageRequest(message_id=message_id, include_history=True), timeout=10
+            )
+            assert len(fetched.messages) == 1
+            stored = fetched.messages[0]
             assert stored.source == Source.SOURCE_GMS
             assert stored.status == status
             assert stored.reference == report["reference"]
@@ -156,7 +162,14 @@ async def test_node_client_falls_back_to_stream_on_a_server_without_stream_batch
             lines = await asyncio.to_thread(_run_client, f"127.0.0.1:{port}")
         finally:
             await proxy.stop(None)
-    assert [line["step"] for line in lines] == ["stream_open", "ingest", "fetch", "stream", "stream", "done"]
+    assert [line["step"] for line in lines] == [
+        "stream_open",
+        "ingest",
+        "get_message",
+        "stream",
+        "stream",
+        "done",
+    ]
     ingested = [result["report"]["message_id"] for result in lines[1]["response"]["results"]]
-    assert [line["response"]["report"]["message_id"] for line in lines[3:5]] == ingested
+    assert [line["response"]["change"]["report"]["message_id"] for line in lines[3:5]] == ingested
     assert f"{SERVICE}/Stream" in older.methods

@@ -9,6 +9,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from deliveryreport.v1.delivery_report_service_pb2 import Format
+from deliveryreport.v1.error_reason_pb2 import ErrorReason
 from dlrhub.normalise import Normaliser, PayloadError
 from dlrhub.normalise.document import Document, decode
 
@@ -21,7 +22,7 @@ def decode_error(text: str) -> str:
     with pytest.raises(PayloadError) as raised:
         decode(text)
     rejection = raised.value.rejection
-    assert rejection.reason == "INVALID_JSON"
+    assert rejection.reason == ErrorReason.INVALID_JSON
     assert rejection.field == ""
     assert rejection.description.startswith("invalid JSON: ")
     return rejection.description
@@ -103,7 +104,7 @@ def test_long_but_decodable_integer_is_rejected_per_item() -> None:
         RECEIVED,
     )
     assert items[0].rejection is not None
-    assert (items[0].rejection.field, items[0].rejection.reason) == ("[0].status", "INVALID_VALUE")
+    assert (items[0].rejection.field, items[0].rejection.reason) == ("[0].status", ErrorReason.INVALID_VALUE)
     assert items[1].report is not None
 
 

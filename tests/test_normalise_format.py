@@ -10,6 +10,7 @@ from google.protobuf.json_format import ParseDict
 import dlrhub.normalise
 from deliveryreport.v1.delivery_report_pb2 import Channel, DeliveryReport, DeliveryStatus, Source
 from deliveryreport.v1.delivery_report_service_pb2 import Format
+from deliveryreport.v1.error_reason_pb2 import ErrorReason
 from deliveryreport.v1.provider_formats_pb2 import (
     GmsReport,
     GmsReports,
@@ -88,7 +89,7 @@ def test_undetectable_format(text: str) -> None:
     with pytest.raises(PayloadError) as raised:
         detect_format(decode(text))
     assert raised.value.rejection.field == ""
-    assert raised.value.rejection.reason == "UNKNOWN_FORMAT"
+    assert raised.value.rejection.reason == ErrorReason.UNKNOWN_FORMAT
 
 
 @pytest.mark.parametrize(
@@ -114,14 +115,14 @@ def test_fixtures_are_detected(name: str, source: Source.ValueType, count: int) 
 def test_explicit_format_is_not_second_guessed() -> None:
     with pytest.raises(PayloadError) as raised:
         normalise('[{"message_id": "a", "status": 2}]', Format.FORMAT_SENT_SMS_REPORT)
-    assert raised.value.rejection.reason == "WRONG_TYPE"
+    assert raised.value.rejection.reason == ErrorReason.WRONG_TYPE
 
     items = normalise('{"results": []}', Format.FORMAT_GMS)
     assert items == [
         NormalisedItem(
             0,
             '{"results": []}',
-            rejection=Rejection("message_id", "MISSING_FIELD", "message_id is required"),
+            rejection=Rejection("message_id", ErrorReason.MISSING_FIELD, "message_id is required"),
             format=Format.FORMAT_GMS,
         )
     ]
@@ -130,7 +131,7 @@ def test_explicit_format_is_not_second_guessed() -> None:
 def test_unknown_format_value() -> None:
     with pytest.raises(PayloadError) as raised:
         normalise('{"message_id": "a", "status": 2}', Format.ValueType(99))
-    assert raised.value.rejection == Rejection("format", "INVALID_VALUE", "unknown format 99")
+    assert raised.value.rejection == Rejection("format", ErrorReason.INVALID_VALUE, "unknown format 99")
 
 
 # --- typed payloads ----------------------------------------------------------------------------------------
@@ -381,13 +382,13 @@ def test_typed_mms_count_and_send_at_normalise_like_their_json() -> None:
     [
         (
             GmsReports(reports=[GmsReport(message_id="a", status=2), GmsReport(status=2)]),
-            Rejection("[1].message_id", "MISSING_FIELD", "[1].message_id is required"),
+            Rejection("[1].message_id", ErrorReason.MISSING_FIELD, "[1].message_id is required"),
         ),
         (
             GmsReports(reports=[GmsReport(message_id="a", status=2), GmsReport(message_id="b")]),
             Rejection(
                 "[1].status",
-                "MISSING_FIELD",
+                ErrorReason.MISSING_FIELD,
                 "[1].status is required (or, in campaign status, an error_code the code table maps)",
             ),
         ),
@@ -398,7 +399,7 @@ def test_typed_mms_count_and_send_at_normalise_like_their_json() -> None:
                     SentSmsReport(status=SentSmsReportStatus(group_id=3, id=5)),
                 ]
             ),
-            Rejection("results[1].messageId", "MISSING_FIELD", "results[1].messageId is required"),
+            Rejection("results[1].messageId", ErrorReason.MISSING_FIELD, "results[1].messageId is required"),
         ),
         (
             SentSmsReports(
@@ -409,7 +410,7 @@ def test_typed_mms_count_and_send_at_normalise_like_their_json() -> None:
             ),
             Rejection(
                 "results[1].status",
-                "MISSING_FIELD",
+                ErrorReason.MISSING_FIELD,
                 "results[1].status is required (or seenAt, for a seen report)",
             ),
         ),

@@ -19,6 +19,7 @@ from deliveryreport.v1.delivery_report_pb2 import (
     Source,
 )
 from deliveryreport.v1.delivery_report_service_pb2 import Format
+from deliveryreport.v1.error_reason_pb2 import ErrorReason
 from dlrhub.normalise import NormalisedItem, PayloadError, Rejection
 from tests.normalising import NORMALISER, RECEIVED, fixture, ts
 
@@ -58,7 +59,7 @@ def test_seed_single_report_is_invalid_json_with_line_and_column(format: Format.
     with pytest.raises(PayloadError) as raised:
         normalise(fixture("gms_single_malformed.json"), format)
     rejection = raised.value.rejection
-    assert rejection.reason == "INVALID_JSON"
+    assert rejection.reason == ErrorReason.INVALID_JSON
     assert rejection.field == ""
     # `"extra_id": AD-6640-7006",`: the value starts at line 8, column 16.
     assert "line 8 column 16" in rejection.description
@@ -447,6 +448,12 @@ def test_status_given_as_digits_is_accepted() -> None:
         ({"message_id": "m-1", "status": 2.5}, "status", "WRONG_TYPE"),
         ({"message_id": "m-1", "status": True}, "status", "WRONG_TYPE"),
         ({"message_id": "m-1", "status": 2**63}, "status", "INVALID_VALUE"),
+        ({"message_id": "m-1", "status": 2**31}, "status", "INVALID_VALUE"),  # codes are int32
+        (
+            {"message_id": "m-1", "status": 2, "total_sms_parts": -(2**31) - 1},
+            "total_sms_parts",
+            "INVALID_VALUE",
+        ),
         ({"message_id": "m-1", "status": 2, "substatus": [23]}, "substatus", "WRONG_TYPE"),
         ({"message_id": "m-1", "status": 2, "number": -380}, "number", "WRONG_TYPE"),
         ({"message_id": "m-1", "status": 2, "number": 3.8e11}, "number", "WRONG_TYPE"),
@@ -459,13 +466,15 @@ def test_status_given_as_digits_is_accepted() -> None:
 def test_single_object_rejection_names_the_field(fields: dict[str, Any], path: str, reason: str) -> None:
     rejection = rejection_of(json.dumps(fields))
     assert rejection.field == path
-    assert rejection.reason == reason
+    assert ErrorReason.Name(rejection.reason) == reason
     assert path in rejection.description
 
 
 def test_unpaired_surrogate_is_rejected_not_a_crash() -> None:
     rejection = rejection_of('{"message_id": "\\ud800", "status": 2}')
-    assert rejection == Rejection("message_id", "INVALID_VALUE", "message_id contains an unpaired surrogate")
+    assert rejection == Rejection(
+        "message_id", ErrorReason.INVALID_VALUE, "message_id contains an unpaired surrogate"
+    )
 
 
 def test_batch_keeps_valid_items_beside_rejections_in_order() -> None:
@@ -498,10 +507,10 @@ def test_batch_keeps_valid_items_beside_rejections_in_order() -> None:
     assert [item.rejection for item in items] == [
         None,
         None,
-        Rejection("[2].message_id", "MISSING_FIELD", "[2].message_id is required"),
+        Rejection("[2].message_id", ErrorReason.MISSING_FIELD, "[2].message_id is required"),
         None,
-        Rejection("[4]", "WRONG_TYPE", "[4] must be a JSON object"),
-        Rejection("[5].status", "WRONG_TYPE", "[5].status must be an integer, not a str"),
+        Rejection("[4]", ErrorReason.WRONG_TYPE, "[4] must be a JSON object"),
+        Rejection("[5].status", ErrorReason.WRONG_TYPE, "[5].status must be an integer, not a str"),
     ]
     assert [item.report.status for item in items if item.report] == [
         S.DELIVERY_STATUS_DELIVERED,

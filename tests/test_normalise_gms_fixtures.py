@@ -22,6 +22,7 @@ from deliveryreport.v1.delivery_report_pb2 import (
     Source,
 )
 from deliveryreport.v1.delivery_report_service_pb2 import Format
+from deliveryreport.v1.error_reason_pb2 import ErrorReason
 from dlrhub.merge import merge
 from dlrhub.normalise import NormalisedItem, PayloadError, Rejection, detect_format, single_item_payload
 from dlrhub.normalise.document import decode
@@ -155,7 +156,7 @@ def test_delivered_via_must_be_text() -> None:
     with pytest.raises(PayloadError) as raised:
         normalise('{"reports": [], "delivered_via": 1}')
     assert raised.value.rejection == Rejection(
-        "delivered_via", "WRONG_TYPE", "delivered_via must be a string"
+        "delivered_via", ErrorReason.WRONG_TYPE, "delivered_via must be a string"
     )
 
 
@@ -201,7 +202,7 @@ def test_campaign_item_whose_error_code_maps_to_nothing_is_rejected_naming_statu
     [item] = normalise(payload)
     assert item.rejection == Rejection(
         "messages[0].status",
-        "MISSING_FIELD",
+        ErrorReason.MISSING_FIELD,
         "messages[0].status is required (or, in campaign status, an error_code the code table maps)",
     )
 
@@ -233,19 +234,19 @@ def test_xml_callback_is_run_again_on_its_own() -> None:
     [
         (
             "<DeliveryReport><status>2</status></DeliveryReport>",
-            Rejection("message_id", "MISSING_FIELD", "message_id is required"),
+            Rejection("message_id", ErrorReason.MISSING_FIELD, "message_id is required"),
         ),
         (
             "<DeliveryReport><message_id>m</message_id><status>two</status></DeliveryReport>",
-            Rejection("status", "WRONG_TYPE", "status must be an integer, not a str"),
+            Rejection("status", ErrorReason.WRONG_TYPE, "status must be an integer, not a str"),
         ),
         (
             "<DeliveryReport><message_id>m</message_id><status><code>2</code></status></DeliveryReport>",
-            Rejection("status", "WRONG_TYPE", "status must be an integer, not an object"),
+            Rejection("status", ErrorReason.WRONG_TYPE, "status must be an integer, not an object"),
         ),
         (
             "<DeliveryReport><message_id>a</message_id><message_id>b</message_id><status>2</status></DeliveryReport>",
-            Rejection("message_id", "WRONG_TYPE", "message_id must be a string, not an array"),
+            Rejection("message_id", ErrorReason.WRONG_TYPE, "message_id must be a string, not an array"),
         ),
     ],
 )
@@ -276,7 +277,7 @@ def test_unusable_xml_is_a_payload_error(xml: str, reason: str, words: str) -> N
     with pytest.raises(PayloadError) as raised:
         normalise(xml)
     assert raised.value.rejection.field == ""
-    assert raised.value.rejection.reason == reason
+    assert ErrorReason.Name(raised.value.rejection.reason) == reason
     assert words in raised.value.rejection.description
 
 
@@ -284,7 +285,7 @@ def test_xml_is_not_read_as_a_sent_sms_report() -> None:
     with pytest.raises(PayloadError) as raised:
         normalise((GMS / "callback.xml").read_text(), Format.FORMAT_SENT_SMS_REPORT)
     assert raised.value.rejection == Rejection(
-        "", "WRONG_TYPE", "a SentSMSReport payload must be JSON, not XML"
+        "", ErrorReason.WRONG_TYPE, "a SentSMSReport payload must be JSON, not XML"
     )
 
 
@@ -305,4 +306,4 @@ def test_every_json_shape_is_detected_as_gms(name: str) -> None:
 def test_an_envelope_needs_its_array(text: str) -> None:
     with pytest.raises(PayloadError) as raised:
         detect_format(decode(text))
-    assert raised.value.rejection.reason == "UNKNOWN_FORMAT"
+    assert raised.value.rejection.reason == ErrorReason.UNKNOWN_FORMAT

@@ -18,6 +18,7 @@ from deliveryreport.v1.delivery_report_pb2 import (
     Source,
 )
 from deliveryreport.v1.delivery_report_service_pb2 import Format
+from deliveryreport.v1.error_reason_pb2 import ErrorReason
 from dlrhub.normalise import NormalisedItem, PayloadError, Rejection
 from tests.normalising import NORMALISER, RECEIVED, fixture, ts
 
@@ -402,7 +403,10 @@ def priced(price: str) -> NormalisedItem:
 def test_a_price_that_is_not_a_plain_decimal_is_rejected(price: str) -> None:
     item = priced(price)
     assert item.rejection is not None
-    assert (item.rejection.field, item.rejection.reason) == ("results[0].price.pricePerMessage", "WRONG_TYPE")
+    assert (item.rejection.field, item.rejection.reason) == (
+        "results[0].price.pricePerMessage",
+        ErrorReason.WRONG_TYPE,
+    )
 
 
 @pytest.mark.parametrize("price", ["0.0075", "-1", "1.5E-3", "10", ".5"])
@@ -566,7 +570,7 @@ def test_recipient(to: str | int, recipient: str) -> None:
 def test_rejection_names_the_field(fields: Any, path: str, reason: str) -> None:
     rejection = rejection_of(fields)
     assert rejection.field == path
-    assert rejection.reason == reason
+    assert ErrorReason.Name(rejection.reason) == reason
     assert path in rejection.description
 
 
@@ -608,11 +612,11 @@ def test_batch_keeps_valid_items_beside_rejections_in_order() -> None:
         None,
         None,
         None,
-        Rejection("results[3].messageId", "MISSING_FIELD", "results[3].messageId is required"),
+        Rejection("results[3].messageId", ErrorReason.MISSING_FIELD, "results[3].messageId is required"),
         None,
         Rejection(
             "results[5].status.groupId",
-            "WRONG_TYPE",
+            ErrorReason.WRONG_TYPE,
             "results[5].status.groupId must be an integer, not a str",
         ),
     ]
@@ -625,15 +629,23 @@ def test_empty_results_gives_no_items() -> None:
 @pytest.mark.parametrize(
     ("payload", "rejection"),
     [
-        ('{"result": []}', Rejection("results", "MISSING_FIELD", "results must be an array of reports")),
-        ('{"results": null}', Rejection("results", "MISSING_FIELD", "results must be an array of reports")),
+        (
+            '{"result": []}',
+            Rejection("results", ErrorReason.MISSING_FIELD, "results must be an array of reports"),
+        ),
+        (
+            '{"results": null}',
+            Rejection("results", ErrorReason.MISSING_FIELD, "results must be an array of reports"),
+        ),
         (
             '{"results": {"messageId": "A"}}',
-            Rejection("results", "WRONG_TYPE", "results must be an array of reports"),
+            Rejection("results", ErrorReason.WRONG_TYPE, "results must be an array of reports"),
         ),
         (
             '[{"messageId": "A"}]',
-            Rejection("", "WRONG_TYPE", 'a SentSMSReport payload must be an object {"results": [...]}'),
+            Rejection(
+                "", ErrorReason.WRONG_TYPE, 'a SentSMSReport payload must be an object {"results": [...]}'
+            ),
         ),
     ],
 )
@@ -647,4 +659,4 @@ def test_service_error_body_is_not_reports() -> None:
     body = '{"requestError": {"serviceException": {"messageId": "BAD_REQUEST", "text": "Bad request"}}}'
     with pytest.raises(PayloadError) as raised:
         normalise(body, Format.FORMAT_UNSPECIFIED)
-    assert raised.value.rejection.reason == "UNKNOWN_FORMAT"
+    assert raised.value.rejection.reason == ErrorReason.UNKNOWN_FORMAT

@@ -25,11 +25,12 @@ from typing import TYPE_CHECKING, Any, cast
 import grpc
 import httpx
 import pytest
+from google.protobuf.duration_pb2 import Duration
 from prometheus_client.parser import text_string_to_metric_families
 
 from deliveryreport.v1.delivery_report_service_pb2 import (
-    FetchRequest,
     Format,
+    GetMessageRequest,
     IngestOutcome,
     IngestRequest,
     StreamRequest,
@@ -54,15 +55,17 @@ if TYPE_CHECKING:
     StreamCall = grpc.aio.UnaryStreamCall[StreamRequest, StreamResponse]
 
 INGEST = "deliveryreport.v1.DeliveryReportService/Ingest"
-FETCH = "deliveryreport.v1.DeliveryReportService/Fetch"
+GET_MESSAGE = "deliveryreport.v1.DeliveryReportService/GetMessage"
 STREAM = "deliveryreport.v1.DeliveryReportService/Stream"
 KEY = "observability-api-key"
 # Distinctive payload contents that must never reach a log line.
 SECRET_NUMBER = 380_977_123_456
 SECRET_MESSAGE_ID = "obs-secret-mid-8472"
-# A report this big (its raw payload travels in the StreamResponse twice, as report and state) does not
-# fit in a 64 KiB HTTP/2 window: a consumer that reads nothing holds up the server's very first send.
-FAT_PADDING = 100_000
+# A report with a reference this long travels in a StreamResponse four times over (its raw payload and
+# its reference, in the report and in the state): about 240 KB, more than the client's 64 KiB HTTP/2
+# window and the server's write buffer, so a consumer that reads nothing holds up the server's very
+# first send. The item itself stays under the 64 KiB item limit (DLRHUB_MAX_ITEM_BYTES).
+FAT_PADDING = 60_000
 # No BDP probing: the client's window stays at its initial 64 KiB while it reads nothing.
 STALLING_CHANNEL_OPTIONS = [("grpc.http2.bdp_probe", 0)]
 
@@ -190,18 +193,18 @@ async def test_failed_calls_are_counted_by_their_status_code(server: Running) ->
         await server.stub.Ingest(IngestRequest(payload="not json", format=Format.FORMAT_GMS), timeout=TIMEOUT)
     assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     with pytest.raises(grpc.aio.AioRpcError) as missing:
-        await server.stub.Fetch(FetchRequest(message_id="obs-no-such-id"), timeout=TIMEOUT)
+        await server.stub.GetMessage(GetMessageRequest(message_id="obs-no-such-id"), timeout=TIMEOUT)
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
 
     await server.app.store_health.probe()  # the quarantine gauge is read ahead of scrapes: now
     after = await scrape(server.app.admin_port)
     assert moved(before, after, "dlrhub_rpc_requests_total") == {
         labels_of(method=INGEST, code="INVALID_ARGUMENT"): 1,
-        labels_of(method=FETCH, code="NOT_FOUND"): 1,
+        labels_of(method=GET_MESSAGE, code="NOT_FOUND"): 1,
     }
     assert delta(before, after, "dlrhub_rpc_duration_seconds_count", method=INGEST) == 1
-    assert delta(before, after, "dlrhub_rpc_duration_seconds_count", method=FETCH) == 1
-    # The unusable payload is one rejected (and quarantined) GMS item; the Fetch wrote nothing.
+    assert delta(before, after, "dlrhub_rpc_duration_seconds_count", method=GET_MESSAGE) == 1
+    # The unusable payload is one rejected (and quarantined) GMS item; the GetMessage wrote nothing.
     assert moved(before, after, "dlrhub_reports_total") == {
         labels_of(source="gms", status="", outcome="rejected"): 1
     }
@@ -320,7 +323,7 @@ async def ingest_fat_reports(server: Running, prefix: str, count: int) -> list[i
     cursors = []
     for index in range(count):
         response = await server.stub.Ingest(
-            gms_request(gms_item(f"{prefix}-{index}", note="x" * FAT_PADDING)), timeout=TIMEOUT
+            gms_request(gms_item(f"{prefix}-{index}", extra_id="x" * FAT_PADDING)), timeout=TIMEOUT
         )
         assert response.accepted_count == 1
         cursors.append(int(response.results[0].cursor))
@@ -334,10 +337,10 @@ async def test_a_slow_stream_shows_its_lag_until_it_reads_and_disappears_when_it
     ahead = await ingest_fat_reports(server, "obs-old", 1)
     assert value(await scrape(port), "dlrhub_stream_subscribers") == 0
     async with stalling_stub(server) as stub:
-        call = stub.Stream(StreamRequest(heartbeat_seconds=30), timeout=60)
+        call = stub.Stream(StreamRequest(heartbeat_interval=Duration(seconds=30)), timeout=60)
         try:
             start = await read_message(call)
-            assert (start.heartbeat, int(start.cursor)) == (True, ahead[-1])
+            assert (start.HasField("heartbeat"), int(start.cursor)) == (True, ahead[-1])
             (subscription,) = server.app.hub.subscriptions
             subscriber = str(subscription.id)
             # Live at the newest cursor: nothing to catch up.
@@ -357,7 +360,7 @@ async def test_a_slow_stream_shows_its_lag_until_it_reads_and_disappears_when_it
             # Once it has read everything, it is behind by nothing.
             got = [await read_message(call) for _ in range(count)]
             assert [int(message.cursor) for message in got] == cursors
-            assert not any(message.heartbeat for message in got)
+            assert not any(message.HasField("heartbeat") for message in got)
 
             async def caught_up() -> bool:
                 lag = series(await scrape(port), "dlrhub_stream_lag")
@@ -386,7 +389,7 @@ async def test_a_subscriber_that_falls_a_buffer_behind_is_counted_and_still_gets
         port = running.admin_port
         try:
             async with stalling_stub(server) as stub:
-                call = stub.Stream(StreamRequest(heartbeat_seconds=30), timeout=60)
+                call = stub.Stream(StreamRequest(heartbeat_interval=Duration(seconds=30)), timeout=60)
                 try:
                     await read_message(call)  # live
                     before = await scrape(port)
@@ -434,8 +437,11 @@ async def test_a_stream_closed_while_its_send_is_held_up_is_logged_cancelled_wit
     port = server.app.admin_port
     with loop_errors() as errors:
         async with stalling_stub(server) as stub:
-            call = stub.Stream(StreamRequest(heartbeat_seconds=30), metadata=[("x-request-id", "obs-held")])
-            assert (await read_message(call)).heartbeat
+            call = stub.Stream(
+                StreamRequest(heartbeat_interval=Duration(seconds=30)),
+                metadata=[("x-request-id", "obs-held")],
+            )
+            assert (await read_message(call)).HasField("heartbeat")
             await ingest_fat_reports(server, "obs-held", 2)
             assert series(await scrape(port), "dlrhub_stream_lag") != {}
             call.cancel()
@@ -517,8 +523,8 @@ async def test_a_failed_call_logs_its_code_and_the_request_id_from_metadata(
     caplog.set_level(logging.INFO, logger="dlrhub.observability.calls")
     before = time.time()
     with pytest.raises(grpc.aio.AioRpcError):
-        await server.stub.Fetch(
-            FetchRequest(message_id="obs-missing"), metadata=[("x-request-id", "req-2")], timeout=TIMEOUT
+        await server.stub.GetMessage(
+            GetMessageRequest(message_id="obs-missing"), metadata=[("x-request-id", "req-2")], timeout=TIMEOUT
         )
     after = time.time()
 
@@ -529,7 +535,7 @@ async def test_a_failed_call_logs_its_code_and_the_request_id_from_metadata(
     (record,) = logged()
     assert before <= record.created <= after  # when the call ended, not when the line was written
     (line,) = formatted([record])
-    assert (line["rpc"], line["code"], line["request_id"]) == (FETCH, "NOT_FOUND", "req-2")
+    assert (line["rpc"], line["code"], line["request_id"]) == (GET_MESSAGE, "NOT_FOUND", "req-2")
     assert line["duration_ms"] >= 0
 
 

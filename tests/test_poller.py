@@ -17,7 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from deliveryreport.v1.delivery_report_pb2 import Source
-from deliveryreport.v1.delivery_report_service_pb2 import FetchRequest
+from deliveryreport.v1.delivery_report_service_pb2 import GetMessageRequest
 from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
 from dlrhub import app as app_module
 from dlrhub.config import Settings
@@ -192,8 +192,10 @@ async def test_polled_reports_are_stored_and_fetchable(
 
         await eventually(all_stored, within=5)
         for i in range(3):
-            fetched = await running.stub.Fetch(FetchRequest(message_id=f"m-{i}", include_history=True))
-            [state] = fetched.reports
+            fetched = await running.stub.GetMessage(
+                GetMessageRequest(message_id=f"m-{i}", include_history=True)
+            )
+            [state] = fetched.messages
             assert state.source == Source.SOURCE_SENT_SMS_REPORT
             assert state.bulk_id == "BULK-FAKE"
             assert len(fetched.history) == 1
@@ -322,8 +324,8 @@ async def test_outage_then_recovery_loses_nothing_and_stores_nothing_twice(
         await poller.stop()
 
     for message_id in ids(queued):
-        fetched = await server.stub.Fetch(FetchRequest(message_id=message_id, include_history=True))
-        assert len(fetched.reports) == 1
+        fetched = await server.stub.GetMessage(GetMessageRequest(message_id=message_id, include_history=True))
+        assert len(fetched.messages) == 1
         assert len(fetched.history) == 1, message_id
     assert sorted(provider.handed_out_ids()) == sorted(ids(queued))
     assert store.latest_cursor() == 10

@@ -30,8 +30,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from deliveryreport.v1.delivery_report_pb2 import Channel, DeliveryReport, Source
 from deliveryreport.v1.delivery_report_service_pb2 import (
-    FetchRequest,
     Format,
+    GetMessageRequest,
     IngestOutcome,
     IngestRequest,
     IngestResponse,
@@ -44,6 +44,7 @@ from deliveryreport.v1.delivery_report_service_pb2 import (
     StreamResponse,
 )
 from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
+from deliveryreport.v1.error_reason_pb2 import ErrorReason
 from deliveryreport.v1.provider_formats_pb2 import GmsReport, GmsReports
 from dlrhub import app as dlrhub_app
 from dlrhub.config import Settings
@@ -166,10 +167,10 @@ async def renormalise(stub: Stub, ids: Sequence[int] = ()) -> RenormaliseQuarant
 
 async def fetch_one(stub: Stub, message_id: str) -> tuple[DeliveryReport, list[DeliveryReport]]:
     """The state of a message and its history."""
-    request = FetchRequest(message_id=message_id, include_history=True)
-    response = await asyncio.wait_for(stub.Fetch(request), TIMEOUT)
-    assert len(response.reports) == 1
-    return response.reports[0], list(response.history)
+    request = GetMessageRequest(message_id=message_id, include_history=True)
+    response = await asyncio.wait_for(stub.GetMessage(request), TIMEOUT)
+    assert len(response.messages) == 1
+    return response.messages[0], list(response.history)
 
 
 def assert_listed(item: QuarantinedItem, expected: Expected) -> None:
@@ -219,7 +220,7 @@ class KeyedByReference(Normaliser):
         """The item read again with its reference as its message id, if that is all it lacked."""
         rejection = item.rejection
         key = rejection.field.rpartition(".")[2] if rejection is not None else ""
-        if rejection is None or rejection.reason != "MISSING_FIELD" or key not in _REFERENCE_OF:
+        if rejection is None or rejection.reason != ErrorReason.MISSING_FIELD or key not in _REFERENCE_OF:
             return item
         fields = json.loads(item.raw)
         if not fields.get(_REFERENCE_OF[key]):
@@ -260,7 +261,7 @@ async def read_change(call: StreamCall) -> StreamResponse:
     """The next change (the 15 s default heartbeat never fires within these tests)."""
     message = await asyncio.wait_for(call.read(), TIMEOUT)
     assert isinstance(message, StreamResponse), "the stream ended"
-    assert not message.heartbeat
+    assert not message.HasField("heartbeat")
     return message
 
 
@@ -440,7 +441,7 @@ async def test_renormalise_after_a_fix_stores_what_now_passes(db_path: Path, clo
         try:
             first = await asyncio.wait_for(call.read(), TIMEOUT)
             assert isinstance(first, StreamResponse)
-            assert first.heartbeat
+            assert first.HasField("heartbeat")
             assert int(first.cursor) == start
 
             # By explicit ids: only those are run, in id order.
@@ -450,17 +451,18 @@ async def test_renormalise_after_a_fix_stores_what_now_passes(db_path: Path, clo
             resolved, rejected = response.results
             assert resolved.resolved
             assert [r.outcome for r in resolved.results] == [ACCEPTED]
-            assert resolved.results[0].report.message_id == "q-gms-ref"
+            assert resolved.results[0].message_id == "q-gms-ref"
+            assert not resolved.results[0].HasField("report")  # the BASIC view
             assert not rejected.resolved
             assert [(r.outcome, r.error.reason) for r in rejected.results] == [(REJECTED, "UNKNOWN_FORMAT")]
 
-            change = await read_change(call)
-            assert change.cursor == resolved.results[0].cursor
-            assert int(change.cursor) > start
-            assert change.report.message_id == "q-gms-ref"
-            assert change.report.raw_payload == GMS_NO_ID
-            assert change.report.received_time == Timestamp(seconds=T0, nanos=FRACTION_NS)
-            assert change.state.message_id == "q-gms-ref"
+            message = await read_change(call)
+            assert message.cursor == resolved.results[0].cursor
+            assert int(message.cursor) > start
+            assert message.change.report.message_id == "q-gms-ref"
+            assert message.change.report.raw_payload == GMS_NO_ID
+            assert message.change.report.received_time == Timestamp(seconds=T0, nanos=FRACTION_NS)
+            assert message.change.state.message_id == "q-gms-ref"
 
             # Every open item: the resolved one is not run again.
             response = await renormalise(stub)
@@ -471,11 +473,11 @@ async def test_renormalise_after_a_fix_stores_what_now_passes(db_path: Path, clo
             assert [r.outcome for r in by_id[ssr_id].results] == [ACCEPTED]
             assert [result.id for result in response.results if not result.resolved] == still_open
 
-            change = await read_change(call)
-            assert change.report.message_id == "q-ssr-ref"
-            assert change.report.raw_payload == SSR_NO_ID
-            assert change.report.received_time == Timestamp(seconds=T0 + 10, nanos=FRACTION_NS)
-            assert int(change.cursor) == start + 2
+            message = await read_change(call)
+            assert message.change.report.message_id == "q-ssr-ref"
+            assert message.change.report.raw_payload == SSR_NO_ID
+            assert message.change.report.received_time == Timestamp(seconds=T0 + 10, nanos=FRACTION_NS)
+            assert int(message.cursor) == start + 2
 
             # Stored like any Ingest, with the original received time and the item's own text.
             for message_id, raw, received, source in (
@@ -537,7 +539,7 @@ async def test_a_rejected_gms_batch_item_stays_rejected_when_re_run_unchanged(se
     assert (rerun.resolved_count, rerun.still_rejected_count) == (0, 1)
     assert rerun.results[0].results[0].error.reason == "WRONG_TYPE"
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await server.stub.Fetch(FetchRequest(message_id="nested"))
+        await server.stub.GetMessage(GetMessageRequest(message_id="nested"))
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND
 
 

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from deliveryreport.v1.delivery_report_service_pb2 import FetchRequest, IngestOutcome, IngestRequest
+from deliveryreport.v1.delivery_report_service_pb2 import GetMessageRequest, IngestOutcome, IngestRequest
 from tests.conftest import Running
 
 
@@ -10,6 +10,6 @@ async def test_ingest_then_fetch(server: Running) -> None:
     )
     response = await server.stub.Ingest(IngestRequest(payload=payload))
     assert [r.outcome for r in response.results] == [IngestOutcome.INGEST_OUTCOME_ACCEPTED]
-    fetched = await server.stub.Fetch(FetchRequest(message_id="m-1"))
-    assert fetched.reports[0].raw_payload == payload
-    assert fetched.reports[0].received_time.ToNanoseconds() == server.clock.now_ns
+    fetched = await server.stub.GetMessage(GetMessageRequest(message_id="m-1"))
+    assert fetched.messages[0].raw_payload == payload
+    assert fetched.messages[0].received_time.ToNanoseconds() == server.clock.now_ns

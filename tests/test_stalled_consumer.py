@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
 
 from deliveryreport.v1.delivery_report_pb2 import DeliveryStatus, Source
 from deliveryreport.v1.delivery_report_service_pb2 import (
@@ -35,7 +36,7 @@ from dlrhub.config import Settings
 from dlrhub.feed.follow import Heartbeat, follow_batches
 from dlrhub.store.base import Change, ChangeFilter
 from tests.conftest import FakeClock, Running
-from tests.helpers import TIMEOUT
+from tests.helpers import FULL, TIMEOUT
 
 if TYPE_CHECKING:
     from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceAsyncStub
@@ -80,7 +81,7 @@ async def ingest_load(stub: DeliveryReportServiceAsyncStub, acked: Acked, writer
             for index in range(1 + (call + writer) % 5)
         ]
         response = await stub.Ingest(
-            IngestRequest(payload=json.dumps(items), format=Format.FORMAT_GMS), timeout=TIMEOUT
+            IngestRequest(payload=json.dumps(items), format=Format.FORMAT_GMS, view=FULL), timeout=TIMEOUT
         )
         assert response.accepted_count == len(items)
         for result in response.results:
@@ -96,11 +97,13 @@ async def read_until_heartbeat_at(
     was still to come.
     """
     async for response in responses:
-        if response.heartbeat:
+        if response.HasField("heartbeat"):
             if int(response.cursor) >= cursor:
                 return
         else:
-            got.append((int(response.cursor), response.report.message_id, response.report.status))
+            got.append(
+                (int(response.cursor), response.change.report.message_id, response.change.report.status)
+            )
 
 
 async def first(responses: AsyncIterator[T]) -> T:
@@ -122,18 +125,21 @@ async def test_stalled_consumer_misses_nothing_and_does_not_hold_up_ingest(
     try:
         stub: DeliveryReportServiceAsyncStub = DeliveryReportServiceStub(channel)
         stalled_stub: DeliveryReportServiceAsyncStub = DeliveryReportServiceStub(stalled_channel)
-        everything = stalled_stub.Stream(StreamRequest(from_beginning=True, heartbeat_seconds=1), timeout=60)
+        everything = stalled_stub.Stream(
+            StreamRequest(from_beginning=True, heartbeat_interval=Duration(seconds=1)), timeout=60
+        )
         delivered = stalled_stub.Stream(
-            StreamRequest(from_beginning=True, statuses=[DELIVERED], heartbeat_seconds=1), timeout=60
+            StreamRequest(from_beginning=True, statuses=[DELIVERED], heartbeat_interval=Duration(seconds=1)),
+            timeout=60,
         )
         stalled = [everything.__aiter__(), delivered.__aiter__()]
         for responses in stalled:  # both are live: from here on they read nothing until the load ends
             start = await first(responses)
-            assert (start.heartbeat, start.cursor) == (True, "0")
+            assert (start.HasField("heartbeat"), start.cursor) == (True, "0")
 
         # A consumer that keeps reading, beside them (its filter matches every report here).
         live = stub.Stream(
-            StreamRequest(source=Source.SOURCE_GMS, heartbeat_seconds=1), timeout=60
+            StreamRequest(source=Source.SOURCE_GMS, heartbeat_interval=Duration(seconds=1)), timeout=60
         ).__aiter__()
         await first(live)
         live_got: list[tuple[int, str, int]] = []

@@ -36,6 +36,8 @@ S = DeliveryStatus
 GMS = Source.SOURCE_GMS
 SSR = Source.SOURCE_SENT_SMS_REPORT
 BASE_SECONDS = 1_700_000_000
+# A page's byte limit that no page here comes near.
+ANY_SIZE = 1 << 30
 
 Opener = Callable[[Path], Store]
 
@@ -187,7 +189,7 @@ def test_a_committed_transaction_is_visible_whole_and_only_after_commit(engine: 
             return (
                 store.messages("m-1"),
                 store.history("m-1"),
-                store.messages_by(Selector.BULK_ID, "B", 0, 0, 10).total,
+                store.messages_by(Selector.BULK_ID, "B", 0, 0, 10, ANY_SIZE).total,
                 store.changes(0, 10),
                 store.latest_cursor(),
                 store.quarantined(0, 10),
@@ -230,10 +232,10 @@ def test_a_transaction_that_raises_is_rolled_back_whole(engine: Handle) -> None:
     assert store.history("m-1") == [before]
     assert store.messages("m-2") == []
     assert store.history("m-2") == []
-    page = store.messages_by(Selector.BULK_ID, "B", 0, 0, 10)
+    page = store.messages_by(Selector.BULK_ID, "B", 0, 0, 10, ANY_SIZE)
     assert page_ids(page.states) == ["m-1"]
     assert (page.total, page.status_counts) == (1, {S.DELIVERY_STATUS_SENT: 1})
-    assert page_ids(store.messages_by(Selector.REFERENCE, "R", 0, 0, 10).states) == ["m-1"]
+    assert page_ids(store.messages_by(Selector.REFERENCE, "R", 0, 0, 10, ANY_SIZE).states) == ["m-1"]
     assert all_changes(store) == changes_before
     assert store.latest_cursor() == cursor
     assert store.quarantined(0, 10) == quarantined_before
@@ -383,7 +385,7 @@ def test_messages_by_pages_with_totals_and_status_counts(engine: Handle, column:
     after = 0
     pages = 0
     while True:
-        page = store.messages_by(column, "wanted", 0, after, 3)
+        page = store.messages_by(column, "wanted", 0, after, 3, ANY_SIZE)
         pages += 1
         assert len(page.states) <= 3
         assert page.total == len(wanted)
@@ -397,19 +399,19 @@ def test_messages_by_pages_with_totals_and_status_counts(engine: Handle, column:
 
     # Keyset paging: a message new since the first page appears at the end, and a message whose
     # state changes keeps its place (and moves between status counts).
-    first = store.messages_by(column, "wanted", 0, 0, 3)
+    first = store.messages_by(column, "wanted", 0, 0, 3, ANY_SIZE)
     assert first.next_after is not None
     commit(store, in_set("m-new", S.DELIVERY_STATUS_SENT), in_set("m-0", S.DELIVERY_STATUS_SEEN, seconds=9))
     rest: list[str] = []
     after = first.next_after
     while True:
-        page = store.messages_by(column, "wanted", 0, after, 3)
+        page = store.messages_by(column, "wanted", 0, after, 3, ANY_SIZE)
         rest += page_ids(page.states)
         if page.next_after is None:
             break
         after = page.next_after
     assert page_ids(first.states) + rest == [*wanted, "m-new"]
-    counts = store.messages_by(column, "wanted", 0, 0, 1).status_counts
+    counts = store.messages_by(column, "wanted", 0, 0, 1, ANY_SIZE).status_counts
     assert counts == {
         **expected_counts,
         S.DELIVERY_STATUS_DELIVERED: 2,
@@ -418,12 +420,38 @@ def test_messages_by_pages_with_totals_and_status_counts(engine: Handle, column:
     }
 
     # A page holding exactly the rest has no next position.
-    whole = store.messages_by(column, "wanted", 0, 0, len(wanted) + 1)
+    whole = store.messages_by(column, "wanted", 0, 0, len(wanted) + 1, ANY_SIZE)
     assert (len(whole.states), whole.next_after) == (len(wanted) + 1, None)
 
     # Unknown value: an empty page.
-    empty = store.messages_by(column, "unknown", 0, 0, 3)
+    empty = store.messages_by(column, "unknown", 0, 0, 3, ANY_SIZE)
     assert (empty.states, empty.next_after, empty.total, empty.status_counts) == ([], None, 0, {})
+
+
+def test_messages_by_stops_a_page_at_max_bytes(engine: Handle) -> None:
+    store = engine.store
+    ids = [f"m-{number}" for number in range(6)]
+    commit(store, *(report(message_id, bulk_id="B") for message_id in ids))
+    size = store.messages_by(Selector.BULK_ID, "B", 0, 0, 1, ANY_SIZE).states[0].ByteSize()
+    assert all(
+        state.ByteSize() == size
+        for state in store.messages_by(Selector.BULK_ID, "B", 0, 0, 10, ANY_SIZE).states
+    )
+
+    seen: list[str] = []
+    after = 0
+    while True:  # room for two and a half states: two a page, though six are allowed by count
+        page = store.messages_by(Selector.BULK_ID, "B", 0, after, 6, size * 5 // 2)
+        assert len(page.states) == 2
+        assert page.total == len(ids)
+        seen += page_ids(page.states)
+        if page.next_after is None:
+            break
+        after = page.next_after
+    assert seen == ids
+    # A state larger than the limit still makes a page of its own.
+    tiny = store.messages_by(Selector.BULK_ID, "B", 0, 0, 6, 1)
+    assert (page_ids(tiny.states), tiny.next_after is not None) == (["m-0"], True)
 
 
 def test_messages_by_filters_by_source(engine: Handle) -> None:
@@ -434,12 +462,16 @@ def test_messages_by_filters_by_source(engine: Handle) -> None:
         report("s-1", S.DELIVERY_STATUS_SENT, source=SSR, reference="R"),
         report("g-2", S.DELIVERY_STATUS_SENT, source=GMS, reference="R"),
     )
-    gms_page = store.messages_by(Selector.REFERENCE, "R", GMS, 0, 10)
+    gms_page = store.messages_by(Selector.REFERENCE, "R", GMS, 0, 10, ANY_SIZE)
     assert (page_ids(gms_page.states), gms_page.total) == (["g-1", "g-2"], 2)
     assert gms_page.status_counts == {S.DELIVERY_STATUS_DELIVERED: 1, S.DELIVERY_STATUS_SENT: 1}
-    ssr_page = store.messages_by(Selector.REFERENCE, "R", SSR, 0, 10)
+    ssr_page = store.messages_by(Selector.REFERENCE, "R", SSR, 0, 10, ANY_SIZE)
     assert (page_ids(ssr_page.states), ssr_page.total) == (["s-1"], 1)
-    assert page_ids(store.messages_by(Selector.REFERENCE, "R", 0, 0, 10).states) == ["g-1", "s-1", "g-2"]
+    assert page_ids(store.messages_by(Selector.REFERENCE, "R", 0, 0, 10, ANY_SIZE).states) == [
+        "g-1",
+        "s-1",
+        "g-2",
+    ]
 
 
 def test_changes_in_cursor_order_with_the_state_after_each(engine: Handle) -> None:
@@ -542,8 +574,8 @@ def test_reopening_keeps_everything(engine: Handle) -> None:
         return (
             [store.messages(message_id) for message_id in ("m-1", "m-2")],
             [store.history(message_id) for message_id in ("m-1", "m-2")],
-            store.messages_by(Selector.BULK_ID, "B", 0, 0, 10),
-            store.messages_by(Selector.REFERENCE, "R", 0, 0, 10),
+            store.messages_by(Selector.BULK_ID, "B", 0, 0, 10, ANY_SIZE),
+            store.messages_by(Selector.REFERENCE, "R", 0, 0, 10, ANY_SIZE),
             all_changes(store),
             store.latest_cursor(),
             store.quarantined(0, 10),

@@ -20,7 +20,7 @@ import grpc
 import httpx
 import pytest
 
-from deliveryreport.v1.delivery_report_service_pb2 import FetchRequest, IngestRequest
+from deliveryreport.v1.delivery_report_service_pb2 import GetMessageRequest, IngestRequest
 from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
 from tests.helpers import TIMEOUT, gms_batch
 from tests.test_observability import scrape, value
@@ -72,11 +72,11 @@ async def test_a_full_disk_logs_each_failure_once_then_counts(
 
         after_recovery = await stub.Ingest(IngestRequest(payload=gms_batch("after")), timeout=TIMEOUT)
         assert after_recovery.accepted_count == 1
-        assert [r.message_id for r in (await stub.Fetch(FetchRequest(message_id="after"))).reports] == [
-            "after"
-        ]
+        assert [
+            r.message_id for r in (await stub.GetMessage(GetMessageRequest(message_id="after"))).messages
+        ] == ["after"]
         with pytest.raises(grpc.aio.AioRpcError) as unknown:  # what failed was not stored
-            await stub.Fetch(FetchRequest(message_id="lost-0"), timeout=TIMEOUT)
+            await stub.GetMessage(GetMessageRequest(message_id="lost-0"), timeout=TIMEOUT)
         assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
 
     failures = FAILING_INGESTS + FAILING_POSTS

@@ -14,7 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from deliveryreport.v1.delivery_report_service_pb2 import FetchRequest, IngestRequest
+from deliveryreport.v1.delivery_report_service_pb2 import GetMessageRequest, IngestRequest
 from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
 from dlrhub import app
 from dlrhub.config import Settings
@@ -91,7 +91,9 @@ async def test_a_database_file_deleted_or_replaced_is_never_acknowledged_into(
             assert (
                 await stub.Ingest(IngestRequest(payload=gms("restarted")), timeout=TIMEOUT)
             ).accepted_count == 1
-            [state] = (await stub.Fetch(FetchRequest(message_id="restarted"), timeout=TIMEOUT)).reports
+            [state] = (
+                await stub.GetMessage(GetMessageRequest(message_id="restarted"), timeout=TIMEOUT)
+            ).messages
             assert state.message_id == "restarted"
     finally:
         await running.stop()

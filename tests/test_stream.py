@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 import pytest
+from google.protobuf.duration_pb2 import Duration
 
 from deliveryreport.v1.delivery_report_pb2 import Channel, DeliveryReport
 from deliveryreport.v1.delivery_report_service_pb2 import (
-    FetchRequest,
+    GetMessageRequest,
     StreamBatchesRequest,
     StreamRequest,
     StreamResponse,
@@ -30,7 +31,7 @@ from tests.helpers import (
     S,
     cursors_of,
     failure,
-    fetch,
+    get_message,
     gms,
     gms_payload,
     history_of,
@@ -59,8 +60,8 @@ async def test_stream_by_default_starts_with_new_changes(server: Running) -> Non
         cursors = await ingest_each(server.stub, gms("new-1"), ssr("new-2"))
         changes = await read_changes(call, 2)
     assert cursors_of(changes) == cursors
-    assert [change.report.message_id for change in changes] == ["new-1", "new-2"]
-    assert [change.state.message_id for change in changes] == ["new-1", "new-2"]
+    assert [message.change.report.message_id for message in changes] == ["new-1", "new-2"]
+    assert [message.change.state.message_id for message in changes] == ["new-1", "new-2"]
 
 
 async def test_stream_from_the_beginning_replays_then_goes_live(server: Running) -> None:
@@ -71,15 +72,15 @@ async def test_stream_from_the_beginning_replays_then_goes_live(server: Running)
         replayed = await read_changes(call, 3)
         assert cursors_of(replayed) == stored
         # Each change carries the report and the state right after it.
-        assert [(change.report.status, change.state.status) for change in replayed[:2]] == [
+        assert [(message.change.report.status, message.change.state.status) for message in replayed[:2]] == [
             (S.DELIVERY_STATUS_SENT, S.DELIVERY_STATUS_SENT),
             (S.DELIVERY_STATUS_DELIVERED, S.DELIVERY_STATUS_DELIVERED),
         ]
-        assert replayed[0].report.raw_payload == json.dumps(ssr("m-1", "SENT", seconds=1))
+        assert replayed[0].change.report.raw_payload == json.dumps(ssr("m-1", "SENT", seconds=1))
         live = await ingest_each(server.stub, ssr("m-1", "SENT", seconds=0), gms("m-3"))
         changes = await read_changes(call, 2)
     assert cursors_of(changes) == live
-    assert (changes[0].report.status, changes[0].state.status) == (
+    assert (changes[0].change.report.status, changes[0].change.state.status) == (
         S.DELIVERY_STATUS_SENT,
         S.DELIVERY_STATUS_DELIVERED,
     )
@@ -139,10 +140,13 @@ async def test_whatever_the_stream_shows_fetch_finds(server: Running) -> None:
             seen: list[str] = []
             async with asyncio.timeout(TIMEOUT):
                 while len(seen) < 50:
-                    [change] = await read_changes(call, 1)
-                    # Fetched at once, while later reports are still being committed.
-                    found = await fetch(server.stub, FetchRequest(message_id=change.report.message_id))
-                    assert [report.message_id for report in found.reports] == [change.report.message_id]
+                    [message] = await read_changes(call, 1)
+                    change = message.change
+                    # Got at once, while later reports are still being committed.
+                    found = await get_message(
+                        server.stub, GetMessageRequest(message_id=change.report.message_id)
+                    )
+                    assert [report.message_id for report in found.messages] == [change.report.message_id]
                     history = await history_of(server.stub, change.report.message_id)
                     assert change.report in history
                     seen.append(change.report.message_id)
@@ -223,9 +227,9 @@ async def test_stream_filters(
         await ingest_each(server.stub, *FILTER_DATA[3:], sentinel)
         changes: list[StreamResponse] = []
         async with asyncio.timeout(TIMEOUT):
-            while not changes or changes[-1].report.message_id != "sentinel":
+            while not changes or changes[-1].change.report.message_id != "sentinel":
                 changes += await read_changes(call, 1)
-    assert [change.report.message_id for change in changes[:-1]] == expected
+    assert [message.change.report.message_id for message in changes[:-1]] == expected
     assert cursors_of(changes) == sorted(cursors_of(changes))
 
 
@@ -239,7 +243,7 @@ async def test_stream_starts_with_a_heartbeat_at_the_start_position(server: Runn
         "nothing-matches": (StreamRequest(bulk_id="no-such-bulk"), cursors[-1]),
     }[start]
     # At once: the periodic heartbeat would come an hour later.
-    request.heartbeat_seconds = 3600
+    request.heartbeat_interval.FromSeconds(3600)
     call = server.stub.Stream(request)
     try:
         assert await read_start(call) == position
@@ -248,7 +252,7 @@ async def test_stream_starts_with_a_heartbeat_at_the_start_position(server: Runn
 
 
 async def test_stream_heartbeats_carry_the_latest_cursor(server: Running) -> None:
-    request = StreamRequest(bulk_id="no-such-bulk", heartbeat_seconds=1)
+    request = StreamRequest(bulk_id="no-such-bulk", heartbeat_interval=Duration(seconds=1))
     async with streaming(server.stub, request, start=0) as call:
         [latest] = await ingest_each(server.stub, ssr("m-1", bulk_id="other"))
 
@@ -256,9 +260,8 @@ async def test_stream_heartbeats_carry_the_latest_cursor(server: Running) -> Non
             async with asyncio.timeout(TIMEOUT):
                 while True:
                     message = await read_message(call)
-                    assert message.heartbeat
-                    assert not message.HasField("report")
-                    assert not message.HasField("state")
+                    assert message.HasField("heartbeat")
+                    assert not message.HasField("change")
                     assert int(message.cursor) <= cursor
                     if int(message.cursor) == cursor:
                         return
@@ -293,10 +296,30 @@ async def test_stream_with_a_cursor_ahead_of_the_latest(server: Running) -> None
         assert cursors_of(await read_changes(call, 1)) == [following]
 
 
-async def test_stream_with_a_negative_heartbeat(server: Running) -> None:
-    details = await stream_failure(server.stub.Stream(StreamRequest(heartbeat_seconds=-1)))
+@pytest.mark.parametrize(
+    "interval",
+    [
+        pytest.param(Duration(seconds=-1), id="negative"),
+        pytest.param(Duration(), id="zero"),
+        pytest.param(Duration(nanos=99_999_999), id="under-100ms"),
+        pytest.param(Duration(seconds=3600, nanos=1), id="over-1h"),
+        pytest.param(Duration(seconds=1, nanos=-500_000_000), id="mixed-signs"),
+        pytest.param(Duration(seconds=1, nanos=1_000_000_000), id="nanos-overflow"),
+    ],
+)
+async def test_stream_with_a_heartbeat_interval_out_of_range(server: Running, interval: Duration) -> None:
+    details = await stream_failure(server.stub.Stream(StreamRequest(heartbeat_interval=interval)))
     assert details.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert details.fields == ["heartbeat_seconds"]
+    assert details.reason == "INVALID_HEARTBEAT_INTERVAL"
+    assert details.fields == ["heartbeat_interval"]
+
+
+async def test_stream_heartbeats_as_often_as_a_tenth_of_a_second(server: Running) -> None:
+    request = StreamRequest(heartbeat_interval=Duration(nanos=100_000_000))
+    async with streaming(server.stub, request, start=0) as call:
+        async with asyncio.timeout(TIMEOUT):  # three heartbeats, each after 0.1 s of nothing
+            for _ in range(3):
+                assert (await read_message(call)).WhichOneof("event") == "heartbeat"
 
 
 async def test_a_slow_consumer_misses_nothing_and_blocks_no_ingest(db_path: Path, clock: FakeClock) -> None:
@@ -358,7 +381,7 @@ async def test_graceful_shutdown_ends_streams_and_keeps_what_was_acknowledged(
         # The stream ended cleanly: OK, after at most the changes committed before it closed.
         async with asyncio.timeout(TIMEOUT):
             while isinstance(message := await call.read(), StreamResponse):
-                assert message.heartbeat or message.report.message_id.startswith("racing-")
+                assert message.HasField("heartbeat") or message.change.report.message_id.startswith("racing-")
         assert await call.code() == grpc.StatusCode.OK
         await asyncio.wait_for(asyncio.gather(*racing), TIMEOUT)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -15,6 +16,7 @@ from deliveryreport.v1.delivery_report_pb2 import DeliveryReport, DeliveryStatus
 from deliveryreport.v1.delivery_report_service_pb2 import (
     StreamBatchesRequest,
     StreamBatchesResponse,
+    StreamChange,
     StreamRequest,
     StreamResponse,
 )
@@ -56,7 +58,7 @@ async def test_stream_batches_carries_stream_s_feed_in_order(server: Running) ->
     singles = server.stub.Stream(StreamRequest(from_beginning=True))
     try:
         [start] = await read_batch(batches)  # the start heartbeat travels alone
-        assert start.heartbeat
+        assert start.HasField("heartbeat")
         assert start.cursor == "0"
         assert await read_start(singles) == 0
         live = await ingest_each(server.stub, *(gms(f"batched-{n}", "SENT") for n in range(3, 5)))
@@ -74,12 +76,12 @@ async def test_changes_committed_together_arrive_in_one_message(server: Running)
     call = server.stub.StreamBatches(StreamBatchesRequest())
     try:
         [start] = await read_batch(call)
-        assert start.heartbeat
+        assert start.HasField("heartbeat")
         response = await ingest(server.stub, gms_payload(*(gms(f"together-{n}") for n in range(50))))
         assert response.accepted_count == 50
         # One Ingest is one commit, published at once: the waiting subscriber sends it whole.
         batch = await read_batch(call)
-        assert [change.report.message_id for change in batch] == [f"together-{n}" for n in range(50)]
+        assert [message.change.report.message_id for message in batch] == [f"together-{n}" for n in range(50)]
         assert cursors_of(batch) == [int(result.cursor) for result in response.results]
     finally:
         call.cancel()
@@ -97,9 +99,33 @@ async def test_stream_batches_catches_up_in_bounded_batches(server: Running) -> 
             batch = await read_batch(call)
             sizes.append(len(batch))
             got += batch
-        assert [change.report.message_id for change in got] == [f"backlog-{n}" for n in range(1200)]
+        assert [message.change.report.message_id for message in got] == [f"backlog-{n}" for n in range(1200)]
         assert max(sizes) <= 500  # read from the store 500 at a time
         assert len(sizes) >= 3
+    finally:
+        call.cancel()
+
+
+async def test_stream_batches_of_large_changes_fit_a_default_client(server: Running) -> None:
+    # 40 changes of about 120 KB (a 60 KB item's text travels in the report and in the state): 4.8 MB
+    # in all. The fixture's channel has gRPC's default options: messages of up to 4 MiB.
+    padding = "x" * 60_000
+    cursors: list[int] = []
+    for first in range(0, 40, 10):
+        fat = ({**gms(f"fat-{n}"), "padding": padding} for n in range(first, first + 10))
+        cursors += [int(r.cursor) for r in (await ingest(server.stub, gms_payload(*fat))).results]
+    call = server.stub.StreamBatches(StreamBatchesRequest(stream=StreamRequest(from_beginning=True)))
+    try:
+        await read_batch(call)
+        got: list[StreamResponse] = []
+        batches = 0
+        while len(got) < len(cursors):
+            batch = await read_batch(call)
+            assert StreamBatchesResponse(responses=batch).ByteSize() <= 1 << 20
+            got += batch
+            batches += 1
+        assert cursors_of(got) == cursors
+        assert batches >= 5
     finally:
         call.cancel()
 
@@ -111,7 +137,7 @@ async def test_a_stream_batches_consumer_that_falls_behind_catches_up_with_nothi
         call = own.stub.StreamBatches(StreamBatchesRequest())
         try:
             [start] = await read_batch(call)
-            assert start.heartbeat
+            assert start.HasField("heartbeat")
             cursors: list[int] = []
             for batch in range(10):
                 # Each commit publishes 30 changes at once: more than the buffer of 8, so the
@@ -130,10 +156,10 @@ async def test_a_stream_batches_consumer_that_falls_behind_catches_up_with_nothi
 
 
 async def test_stream_batches_names_the_field_inside_the_stream_request(server: Running) -> None:
-    request = StreamBatchesRequest(stream=StreamRequest(heartbeat_seconds=-1))
+    request = StreamBatchesRequest(stream=StreamRequest(heartbeat_interval=Duration(seconds=-1)))
     details = await failure(server.stub.StreamBatches(request).read())
     assert details.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert details.fields == ["stream.heartbeat_seconds"]
+    assert details.fields == ["stream.heartbeat_interval"]
 
 
 # Stream encoding: one change, encoded once for every subscriber.
@@ -146,7 +172,7 @@ def test_a_change_is_encoded_once_and_decodes_to_its_stream_response() -> None:
     [first] = encode.batches([Change(7, report, state)])
     [second] = encode.batches([Change(7, report, state)])
     assert second is first  # a second subscriber gets the same bytes
-    expected = StreamResponse(cursor="7", report=report, state=state)
+    expected = StreamResponse(cursor="7", change=StreamChange(report=report, state=state))
     assert StreamBatchesResponse.FromString(first) == StreamBatchesResponse(responses=[expected])
     single = encode.response(Change(7, report, state))
     assert StreamResponse.FromString(single) == expected
@@ -171,7 +197,7 @@ def test_a_batch_is_its_changes_in_order_split_at_the_byte_limit(texts: list[str
     batches = list(StreamEncoder(size=100).batches(changes, max_bytes=limit))
     decoded = [StreamBatchesResponse.FromString(batch).responses for batch in batches]
     assert [response.cursor for batch in decoded for response in batch] == [str(c.cursor) for c in changes]
-    assert [response.report for batch in decoded for response in batch] == [c.report for c in changes]
+    assert [response.change.report for batch in decoded for response in batch] == [c.report for c in changes]
     for batch, responses in zip(batches, decoded, strict=True):
         # Over the limit only when one change alone is bigger than it.
         assert len(batch) <= limit or len(responses) == 1

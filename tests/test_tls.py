@@ -60,7 +60,7 @@ async def round_trip(client: AsyncClient, message_id: str) -> None:
     """Ingest a report and fetch it back."""
     response = await client.ingest(gms_batch(message_id))
     assert response.accepted_count == 1
-    [state] = (await client.fetch(message_id=message_id)).reports
+    [state] = (await client.get_message(message_id)).messages
     assert state.message_id == message_id
 
 
@@ -80,7 +80,7 @@ async def test_an_insecure_client_cannot_call_a_tls_server(tls_server: app.App, 
         with pytest.raises(UnavailableError):
             await client.ingest(gms_batch("plain-1"))
         with pytest.raises(UnavailableError):
-            await client.fetch(message_id="plain-1")
+            await client.get_message("plain-1")
     assert tls_server.store.latest_cursor() == 0
 
 
@@ -102,7 +102,7 @@ async def test_mutual_tls_refuses_a_client_without_a_certificate(mtls_server: ap
         with pytest.raises(UnavailableError):
             await client.ingest(gms_batch("anonymous-1"))
         with pytest.raises(UnavailableError):
-            await client.fetch(message_id="anonymous-1")
+            await client.get_message("anonymous-1")
     assert mtls_server.store.latest_cursor() == 0
 
 
@@ -175,7 +175,7 @@ async def test_the_webhook_port_speaks_https(tls_server: app.App, certs: Certs, 
     assert response.status_code == 200, response.text
     assert response.json()["accepted"] == 1
     async with connect(tls_server, tls=TlsConfig(certs.ca)) as client:
-        assert [r.message_id for r in (await client.fetch(message_id="hook-1")).reports] == ["hook-1"]
+        assert [r.message_id for r in (await client.get_message("hook-1")).messages] == ["hook-1"]
 
 
 async def test_the_webhook_port_refuses_plain_http(tls_server: app.App) -> None:

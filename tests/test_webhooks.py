@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from deliveryreport.v1.delivery_report_pb2 import Channel, DeliveryStatus, Source
-from deliveryreport.v1.delivery_report_service_pb2 import FetchRequest, IngestRequest
+from deliveryreport.v1.delivery_report_service_pb2 import GetMessageRequest, IngestRequest
 from dlrhub import app
 from dlrhub.config import Settings
 from tests.conftest import FIXTURES, SEEDS, FakeClock, Running
@@ -70,8 +70,10 @@ async def test_single_gms_report_is_stored_and_fetchable(server: Running, http: 
         "rejected": 0,
         "results": [{"index": 0, "outcome": "ACCEPTED", "cursor": "1"}],
     }
-    fetched = await server.stub.Fetch(FetchRequest(message_id="9f60ac8f-e721-5027-b838-e6fcb95fcd7a"))
-    [state] = fetched.reports
+    fetched = await server.stub.GetMessage(
+        GetMessageRequest(message_id="9f60ac8f-e721-5027-b838-e6fcb95fcd7a")
+    )
+    [state] = fetched.messages
     assert state.source == Source.SOURCE_GMS
     assert state.channel == Channel.CHANNEL_VIBER
     assert state.template_id == 6349599
@@ -93,8 +95,8 @@ async def test_gms_batch_with_a_bad_item_names_it_and_stores_the_rest(
     assert body["results"][1]["error"]["field"] == "[1].message_id"
     assert body["results"][1]["error"]["reason"] == "MISSING_FIELD"
     for message_id in ("g-1", "g-3"):
-        fetched = await server.stub.Fetch(FetchRequest(message_id=message_id))
-        assert fetched.reports[0].message_id == message_id
+        fetched = await server.stub.GetMessage(GetMessageRequest(message_id=message_id))
+        assert fetched.messages[0].message_id == message_id
     [(field, reason, _, raw)] = quarantine_rows(db_path)
     assert (field, reason) == ("[1].message_id", "MISSING_FIELD")
     assert json.loads(raw) == bad
@@ -134,13 +136,13 @@ async def test_sent_sms_report_pushes_in_both_spellings_and_a_seen_report(
         assert response.status_code == 200, response.text
         assert response.json()["accepted"] == accepted
 
-    old = (await server.stub.Fetch(FetchRequest(message_id="MESSAGE-ID-123-xyz"))).reports[0]
+    old = (await server.stub.GetMessage(GetMessageRequest(message_id="MESSAGE-ID-123-xyz"))).messages[0]
     assert old.source == Source.SOURCE_SENT_SMS_REPORT
     assert old.status == DeliveryStatus.DELIVERY_STATUS_DELIVERED
-    new = (await server.stub.Fetch(FetchRequest(message_id="MSG-NEW-1"))).reports[0]
+    new = (await server.stub.GetMessage(GetMessageRequest(message_id="MSG-NEW-1"))).messages[0]
     assert (new.sender, new.parts_total, new.entity_id) == ("InfoSMS", 2, "entity-new")
     assert new.status == DeliveryStatus.DELIVERY_STATUS_UNDELIVERED
-    seen = (await server.stub.Fetch(FetchRequest(message_id="MSG-SEEN-1"))).reports[0]
+    seen = (await server.stub.GetMessage(GetMessageRequest(message_id="MSG-SEEN-1"))).messages[0]
     assert seen.status == DeliveryStatus.DELIVERY_STATUS_SEEN
     assert seen.channel == Channel.CHANNEL_VIBER
 
@@ -165,10 +167,10 @@ async def test_gms_get_answers_and_xml_callback_are_accepted_and_detected(
     assert campaign.status_code == 200, campaign.text
     assert campaign.json()["accepted"] == 2
 
-    fetched = await server.stub.Fetch(
-        FetchRequest(message_id="9f60ac8f-e721-5027-b838-e6fcb95fcd7a", include_history=True)
+    fetched = await server.stub.GetMessage(
+        GetMessageRequest(message_id="9f60ac8f-e721-5027-b838-e6fcb95fcd7a", include_history=True)
     )
-    [state] = fetched.reports
+    [state] = fetched.messages
     # `delivered_via` "sms": the message's channel is that of its delivering attempt.
     assert (state.channel, state.status) == (Channel.CHANNEL_SMS, DeliveryStatus.DELIVERY_STATUS_DELIVERED)
     assert sorted((r.channel, r.status) for r in fetched.history) == [
@@ -177,8 +179,8 @@ async def test_gms_get_answers_and_xml_callback_are_accepted_and_detected(
         (Channel.CHANNEL_VIBER, DeliveryStatus.DELIVERY_STATUS_EXPIRED),
     ]
     expired = (
-        await server.stub.Fetch(FetchRequest(message_id="e5ea7286-6849-52d7-9e1b-8719b736283e"))
-    ).reports[0]
+        await server.stub.GetMessage(GetMessageRequest(message_id="e5ea7286-6849-52d7-9e1b-8719b736283e"))
+    ).messages[0]
     assert (expired.status, expired.error.code) == (DeliveryStatus.DELIVERY_STATUS_EXPIRED, 35015)
 
 
@@ -190,7 +192,9 @@ async def test_messages_api_delivery_and_seen_reports_are_accepted(
         response = await http.post(SMS, content=(infobip / name).read_bytes())
         assert response.status_code == 200, response.text
         assert response.json()["accepted"] == 1
-    [state] = (await server.stub.Fetch(FetchRequest(message_id="ABEGVUGWh3gEAgo-sLTvmQCS5kwjhsy"))).reports
+    [state] = (
+        await server.stub.GetMessage(GetMessageRequest(message_id="ABEGVUGWh3gEAgo-sLTvmQCS5kwjhsy"))
+    ).messages
     assert (state.status, state.channel) == (DeliveryStatus.DELIVERY_STATUS_SEEN, Channel.CHANNEL_WHATSAPP)
     assert (state.recipient, state.parts_total) == ("+41793026727", 1)
 
@@ -224,7 +228,7 @@ async def test_repeated_post_is_duplicate_and_stored_once(
         "results": [{"index": i, "outcome": "DUPLICATE"} for i in range(3)],
     }
     for message_id in BATCH_IDS:
-        fetched = await server.stub.Fetch(FetchRequest(message_id=message_id, include_history=True))
+        fetched = await server.stub.GetMessage(GetMessageRequest(message_id=message_id, include_history=True))
         assert len(fetched.history) == 1
     assert stored_count(db_path) == 3
 

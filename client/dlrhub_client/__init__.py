@@ -6,7 +6,8 @@ Errors are the classes in dlrhub_client.errors (catch DlrhubClientError).
 """
 
 from deliveryreport.v1.delivery_report_pb2 import Channel, DeliveryReport, DeliveryStatus, Source
-from deliveryreport.v1.delivery_report_service_pb2 import Format, IngestOutcome
+from deliveryreport.v1.delivery_report_service_pb2 import Format, IngestOutcome, IngestResponseView
+from deliveryreport.v1.error_reason_pb2 import ErrorReason
 from dlrhub_client.aio import DEFAULT_TARGET, AsyncClient, TlsConfig
 from dlrhub_client.errors import (
     DeadlineExceededError,
@@ -31,9 +32,11 @@ __all__ = [
     "DeliveryReport",
     "DeliveryStatus",
     "DlrhubClientError",
+    "ErrorReason",
     "FieldViolation",
     "Format",
     "IngestOutcome",
+    "IngestResponseView",
     "InvalidArgumentError",
     "NotFoundError",
     "OutOfRangeError",

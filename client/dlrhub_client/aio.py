@@ -7,6 +7,7 @@ import json
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -16,11 +17,14 @@ from google.protobuf.message import Message
 from deliveryreport.v1 import delivery_report_service_pb2_grpc as service_grpc
 from deliveryreport.v1.delivery_report_pb2 import Channel, DeliveryReport, DeliveryStatus, Source
 from deliveryreport.v1.delivery_report_service_pb2 import (
-    FetchRequest,
-    FetchResponse,
     Format,
+    GetMessageRequest,
+    GetMessageResponse,
     IngestRequest,
     IngestResponse,
+    IngestResponseView,
+    ListMessagesRequest,
+    ListMessagesResponse,
     ListQuarantineRequest,
     ListQuarantineResponse,
     QuarantinedItem,
@@ -40,6 +44,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 M = TypeVar("M", bound=Message)
 DEFAULT_TARGET = "127.0.0.1:50051"
+BASIC = IngestResponseView.INGEST_RESPONSE_VIEW_BASIC
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,66 +118,96 @@ class AsyncClient:
         *,
         format: Format.ValueType = Format.FORMAT_UNSPECIFIED,
         request_id: str = "",
+        view: IngestResponseView.ValueType = BASIC,
     ) -> IngestResponse:
-        """Ingests a provider body verbatim; the format is detected unless given."""
+        """Ingests a provider body verbatim; the format is detected unless given. The answer has each
+        item's outcome; `view=IngestResponseView.INGEST_RESPONSE_VIEW_FULL` adds the reports."""
         text = payload.decode("utf-8") if isinstance(payload, bytes) else payload
-        return await self._ingest(IngestRequest(payload=text, format=format, request_id=request_id))
+        return await self._ingest(
+            IngestRequest(payload=text, format=format, request_id=request_id, view=view)
+        )
 
     async def ingest_gms(
-        self, reports: Iterable[GmsReport] | Iterable[Mapping[str, Any]], *, request_id: str = ""
+        self,
+        reports: Iterable[GmsReport] | Iterable[Mapping[str, Any]],
+        *,
+        request_id: str = "",
+        view: IngestResponseView.ValueType = BASIC,
     ) -> IngestResponse:
         """Ingests GMS reports: typed messages, or dicts exactly as the provider sends them."""
         items = list(reports)
         if all(isinstance(report, GmsReport) for report in items):
             batch = GmsReports(reports=items)  # type: ignore[arg-type]  # all GmsReport, checked above
-            return await self._ingest(IngestRequest(gms=batch, request_id=request_id))
+            return await self._ingest(IngestRequest(gms=batch, request_id=request_id, view=view))
         payload = payloads.batch(Format.FORMAT_GMS, _provider_json(items))
-        return await self.ingest(payload, format=Format.FORMAT_GMS, request_id=request_id)
+        return await self.ingest(payload, format=Format.FORMAT_GMS, request_id=request_id, view=view)
 
     async def ingest_sent_sms_report(
-        self, results: Iterable[SentSmsReport] | Iterable[Mapping[str, Any]], *, request_id: str = ""
+        self,
+        results: Iterable[SentSmsReport] | Iterable[Mapping[str, Any]],
+        *,
+        request_id: str = "",
+        view: IngestResponseView.ValueType = BASIC,
     ) -> IngestResponse:
         """Ingests SentSMSReport reports: typed messages, or dicts exactly as the provider sends them."""
         items = list(results)
         if all(isinstance(report, SentSmsReport) for report in items):
             batch = SentSmsReports(results=items)  # type: ignore[arg-type]  # all SentSmsReport, checked above
-            return await self._ingest(IngestRequest(sent_sms_report=batch, request_id=request_id))
+            return await self._ingest(IngestRequest(sent_sms_report=batch, request_id=request_id, view=view))
         payload = payloads.batch(Format.FORMAT_SENT_SMS_REPORT, _provider_json(items))
-        return await self.ingest(payload, format=Format.FORMAT_SENT_SMS_REPORT, request_id=request_id)
+        return await self.ingest(
+            payload, format=Format.FORMAT_SENT_SMS_REPORT, request_id=request_id, view=view
+        )
 
-    # Fetch.
+    # Messages.
 
-    async def fetch(
+    async def get_message(
+        self,
+        message_id: str,
+        *,
+        source: Source.ValueType = Source.SOURCE_UNSPECIFIED,
+        include_history: bool = False,
+    ) -> GetMessageResponse:
+        """The current state of a message (one per source that knows the id), and its history if asked.
+        Raises NotFoundError when no message has the id."""
+        request = GetMessageRequest(message_id=message_id, source=source, include_history=include_history)
+        return await self._unary(
+            self._stub.GetMessage(request, timeout=self._timeout, metadata=self._metadata)
+        )
+
+    async def list_messages(
         self,
         *,
-        message_id: str | None = None,
         bulk_id: str | None = None,
         reference: str | None = None,
         source: Source.ValueType = Source.SOURCE_UNSPECIFIED,
-        include_history: bool = False,
         page_size: int = 0,
         page_token: str = "",
-    ) -> FetchResponse:
-        """One Fetch call; give exactly one of message_id, bulk_id, reference."""
-        request = FetchRequest(
-            source=source, include_history=include_history, page_size=page_size, page_token=page_token
+    ) -> ListMessagesResponse:
+        """One page of the messages of a bulk, or with a reference; give exactly one of the two."""
+        request = ListMessagesRequest(source=source, page_size=page_size, page_token=page_token)
+        if bulk_id is not None and reference is None:
+            request.bulk_id = bulk_id
+        elif reference is not None and bulk_id is None:
+            request.reference = reference
+        else:
+            raise ValueError("give exactly one of bulk_id or reference")
+        return await self._unary(
+            self._stub.ListMessages(request, timeout=self._timeout, metadata=self._metadata)
         )
-        selectors = {"message_id": message_id, "bulk_id": bulk_id, "reference": reference}
-        given = {name: value for name, value in selectors.items() if value is not None}
-        if len(given) != 1:
-            raise ValueError("give exactly one of message_id, bulk_id or reference")
-        [(name, value)] = given.items()
-        setattr(request, name, value)
-        return await self._unary(self._stub.Fetch(request, timeout=self._timeout, metadata=self._metadata))
 
-    async def iter_bulk(self, bulk_id: str, *, page_size: int = 500) -> AsyncIterator[DeliveryReport]:
+    async def iter_bulk(
+        self, bulk_id: str, *, source: Source.ValueType = Source.SOURCE_UNSPECIFIED, page_size: int = 500
+    ) -> AsyncIterator[DeliveryReport]:
         """Every message of a bulk, following page tokens."""
-        async for report in self._pages(bulk_id=bulk_id, page_size=page_size):
+        async for report in self._pages(bulk_id=bulk_id, source=source, page_size=page_size):
             yield report
 
-    async def iter_reference(self, reference: str, *, page_size: int = 500) -> AsyncIterator[DeliveryReport]:
+    async def iter_reference(
+        self, reference: str, *, source: Source.ValueType = Source.SOURCE_UNSPECIFIED, page_size: int = 500
+    ) -> AsyncIterator[DeliveryReport]:
         """Every message with this sender reference, following page tokens."""
-        async for report in self._pages(reference=reference, page_size=page_size):
+        async for report in self._pages(reference=reference, source=source, page_size=page_size):
             yield report
 
     # Quarantine.
@@ -220,10 +255,12 @@ class AsyncClient:
         source: Source.ValueType = Source.SOURCE_UNSPECIFIED,
         cursor: str | None = None,
         from_beginning: bool = False,
-        heartbeat_seconds: int = 0,
+        heartbeat_interval: timedelta | None = None,
         include_heartbeats: bool = False,
     ) -> AsyncIterator[StreamResponse]:
         """Changes as they are stored, resuming after `cursor` (or from the beginning, or from now).
+        Each is a StreamResponse with its `cursor` and its `change` (the report and the message's
+        state); with `include_heartbeats`, the heartbeats too (`response.HasField("heartbeat")`).
 
         On UNAVAILABLE, or when the server ends the stream (a restart), it reconnects with backoff
         and resumes after the last cursor it saw, so every change arrives once and in order.
@@ -235,8 +272,9 @@ class AsyncClient:
             statuses=list(statuses),
             channels=list(channels),
             source=source,
-            heartbeat_seconds=heartbeat_seconds,
         )
+        if heartbeat_interval is not None:
+            request.heartbeat_interval.FromTimedelta(heartbeat_interval)
         last = cursor
         failures = 0
         # StreamBatches: the same feed as Stream, several changes per message when they are ready;
@@ -259,7 +297,7 @@ class AsyncClient:
                     failures = 0
                     for response in message.responses if batched else (message,):
                         last = response.cursor
-                        if include_heartbeats or not response.heartbeat:
+                        if include_heartbeats or not response.HasField("heartbeat"):
                             yield response
             except grpc.aio.AioRpcError as error:
                 if batched and error.code() == grpc.StatusCode.UNIMPLEMENTED:
@@ -292,8 +330,8 @@ class AsyncClient:
     async def _pages(self, **selector: Any) -> AsyncIterator[DeliveryReport]:
         token = ""
         while True:
-            page = await self.fetch(page_token=token, **selector)
-            for report in page.reports:
+            page = await self.list_messages(page_token=token, **selector)
+            for report in page.messages:
                 yield report
             token = page.next_page_token
             if not token:

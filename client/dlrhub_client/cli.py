@@ -234,26 +234,32 @@ def _print_violations(error: DlrhubClientError, out: TextIO) -> None:
 async def _fetch(client: AsyncClient, options: argparse.Namespace) -> int:
     source = SOURCES[options.source] if options.source else Source.SOURCE_UNSPECIFIED
     history: list[DeliveryReport] = []
+    truncated = False
     if options.message_id:
-        response = await client.fetch(
-            message_id=options.message_id, source=source, include_history=options.history
+        response = await client.get_message(
+            options.message_id, source=source, include_history=options.history
         )
-        reports = list(response.reports)
+        reports = list(response.messages)
         history = list(response.history)
+        truncated = response.history_truncated
     elif options.bulk_id:
-        reports = [report async for report in client.iter_bulk(options.bulk_id)]
+        reports = [report async for report in client.iter_bulk(options.bulk_id, source=source)]
     else:
-        reports = [report async for report in client.iter_reference(options.reference)]
+        reports = [report async for report in client.iter_reference(options.reference, source=source)]
     if options.json:
         for report in reports:
             print(_json(report))
         for report in history:
             print(json.dumps({"history": json.loads(_json(report))}))
+        if truncated:
+            print(json.dumps({"history_truncated": True}))
         return EXIT_OK
     _print_table(reports)
     if history:
         print("\nhistory:")
         _print_table(history)
+    if truncated:
+        print("(the history goes on: `dlrhub tail --from-beginning --message-id ID` shows every report)")
     return EXIT_OK
 
 

@@ -9,8 +9,9 @@ from typing import Any, TypeVar
 
 from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
 from deliveryreport.v1.delivery_report_service_pb2 import (
-    FetchResponse,
+    GetMessageResponse,
     IngestResponse,
+    ListMessagesResponse,
     ListQuarantineResponse,
     QuarantinedItem,
     RenormaliseQuarantineResponse,
@@ -62,8 +63,11 @@ class Client:
     def ingest_sent_sms_report(self, results: Any, **options: Any) -> IngestResponse:
         return self._run(self._client.ingest_sent_sms_report(results, **options))
 
-    def fetch(self, **options: Any) -> FetchResponse:
-        return self._run(self._client.fetch(**options))
+    def get_message(self, message_id: str, **options: Any) -> GetMessageResponse:
+        return self._run(self._client.get_message(message_id, **options))
+
+    def list_messages(self, **options: Any) -> ListMessagesResponse:
+        return self._run(self._client.list_messages(**options))
 
     def iter_bulk(self, bulk_id: str, **options: Any) -> Iterator[DeliveryReport]:
         return self._iterate(self._client.iter_bulk(bulk_id, **options))

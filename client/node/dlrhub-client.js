@@ -6,14 +6,18 @@
 //   const { DlrhubClient } = require('./client/node/dlrhub-client');
 //   const client = new DlrhubClient('127.0.0.1:50051');
 //   const response = await client.ingest(jsonText, 'FORMAT_GMS');
-//   const state = await client.fetch({ message_id: 'm-1', include_history: true });
-//   const sub = client.stream({ heartbeat_seconds: 5 }, (message) => console.log(message));
+//   const message = await client.getMessage({ message_id: 'm-1', include_history: true });
+//   const page = await client.listMessages({ bulk_id: 'B-1', page_size: 100 });
+//   const sub = client.stream({ heartbeat_interval: { seconds: 5 } }, (message) => console.log(message));
 //   sub.cancel(); await sub.done;
 //   client.close();
 //
+// A stream message is `{ cursor, change: { report, state } }` or `{ cursor, heartbeat: {} }`
+// (`event` names which).
+//
 // As a script, `node client/node/dlrhub-client.js <host:port>` runs a demo:
-// Stream, Ingest a GMS batch of two reports, Fetch one of them, wait for both on
-// the Stream. It prints one JSON object per line on stdout and exits non-zero
+// Stream, Ingest a GMS batch of two reports, GetMessage one of them, wait for both
+// on the Stream. It prints one JSON object per line on stdout and exits non-zero
 // on any error. Set DLRHUB_TOKEN to send `authorization: Bearer <token>`.
 'use strict';
 
@@ -87,19 +91,29 @@ class DlrhubClient {
    * Ingest a provider's JSON body verbatim.
    * @param {string} payload the JSON text.
    * @param {string} [format] FORMAT_UNSPECIFIED (detect), FORMAT_GMS or FORMAT_SENT_SMS_REPORT.
-   * @param {object} [options] { requestId } idempotency key.
+   * @param {object} [options] { requestId } idempotency key; { view } INGEST_RESPONSE_VIEW_BASIC
+   *   (the default: each item's outcome) or INGEST_RESPONSE_VIEW_FULL (and its report).
    * @returns {Promise<object>} the IngestResponse.
    */
-  ingest(payload, format = 'FORMAT_UNSPECIFIED', { requestId = '' } = {}) {
-    return this.unary('Ingest', { payload, format, request_id: requestId });
+  ingest(payload, format = 'FORMAT_UNSPECIFIED', options = {}) {
+    const { requestId = '', view = 'INGEST_RESPONSE_VIEW_BASIC' } = options;
+    return this.unary('Ingest', { payload, format, request_id: requestId, view });
   }
 
   /**
-   * @param {object} request a FetchRequest, e.g. { message_id, include_history: true }.
-   * @returns {Promise<object>} the FetchResponse.
+   * @param {object} request a GetMessageRequest, e.g. { message_id, include_history: true }.
+   * @returns {Promise<object>} the GetMessageResponse; rejects with NOT_FOUND for an unknown id.
    */
-  fetch(request) {
-    return this.unary('Fetch', request);
+  getMessage(request) {
+    return this.unary('GetMessage', request);
+  }
+
+  /**
+   * @param {object} request a ListMessagesRequest, e.g. { bulk_id, page_size, page_token }.
+   * @returns {Promise<object>} the ListMessagesResponse (one page).
+   */
+  listMessages(request) {
+    return this.unary('ListMessages', request);
   }
 
   /**
@@ -228,14 +242,15 @@ async function demo(address) {
   });
   const streamed = [];
   // No start position: only changes stored after the call starts. The first
-  // message (a heartbeat after 1 s) shows the subscription is in place.
-  const subscription = client.stream({ message_ids: ids, heartbeat_seconds: 1 }, (message) => {
+  // message (a heartbeat) shows the subscription is in place.
+  const request = { message_ids: ids, heartbeat_interval: { seconds: 1 } };
+  const subscription = client.stream(request, (message) => {
     opened(message);
-    if (message.heartbeat) {
+    if (message.event !== 'change') {
       return;
     }
     streamed.push(message);
-    const seen = new Set(streamed.map((m) => m.report && m.report.message_id));
+    const seen = new Set(streamed.map((m) => m.change.report.message_id));
     if (ids.every((id) => seen.has(id))) {
       allStreamed();
     }
@@ -250,11 +265,12 @@ async function demo(address) {
 
     const ingested = await client.ingest(gmsBatch(deliveredId, expiredId, reference), 'FORMAT_GMS', {
       requestId: crypto.randomUUID(),
+      view: 'INGEST_RESPONSE_VIEW_FULL',
     });
     emit('ingest', ingested);
 
-    const fetched = await client.fetch({ message_id: expiredId, include_history: true });
-    emit('fetch', fetched);
+    const fetched = await client.getMessage({ message_id: expiredId, include_history: true });
+    emit('get_message', fetched);
 
     await waitFor(streamComplete, broken, DEMO_TIMEOUT_MS, 'both reports on the stream');
     for (const message of streamed) {

@@ -12,7 +12,7 @@ Data flows one way, through one package per layer:
         │
     feed/        after each commit: the hub fans changes out, follow reads the store then the hub
         │
-    transport/   Stream and StreamBatches subscribers (Fetch and the quarantine read the store)
+    transport/   Stream and StreamBatches subscribers (the other RPCs read the store)
 
 app.py builds and wires the parts (the composition root), cli.py is `dlrhub serve`, config.py the
 settings, errors.py the domain errors and the one map to gRPC statuses, observability/ the metrics,

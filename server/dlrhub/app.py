@@ -168,6 +168,7 @@ async def start(
             committer,
             clock,
             max_items=settings.max_batch_items,
+            max_item_bytes=settings.max_item_bytes,
             metrics=metrics,
             offload=_runner(normalisers),
             budget_bytes=settings.write_budget_bytes,

@@ -96,6 +96,8 @@ class Settings:
     # Limits: request size (RESOURCE_EXHAUSTED above), items per Ingest, open streams.
     max_request_bytes: int = _env("DLRHUB_MAX_REQUEST_BYTES", 16 * 1024 * 1024)
     max_batch_items: int = _env("DLRHUB_MAX_BATCH_ITEMS", 10_000)
+    # The largest item of a payload, in UTF-8 bytes (ITEM_TOO_LARGE above; it is quarantined).
+    max_item_bytes: int = _env("DLRHUB_MAX_ITEM_BYTES", 64 * 1024)
     max_streams: int = _env("DLRHUB_MAX_STREAMS", 1000)
     # Payload bytes being normalised and committed at once; more waits its turn. It bounds memory:
     # a payload takes many times its size until its commit is answered.

@@ -215,7 +215,9 @@ Global___Price: _TypeAlias = Price  # noqa: Y015
 
 @_typing.final
 class DeliveryError(_message.Message):
-    """Why a message failed, as the provider describes it."""
+    """Why a message failed, as the provider describes it. Codes are int32 (JSON
+    numbers): the providers' codes are small enumerations (e.g. 36024).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -265,7 +267,10 @@ Global___DeliveryError: _TypeAlias = DeliveryError  # noqa: Y015
 
 @_typing.final
 class GmsStatusCodes(_message.Message):
-    """The GMS status codes exactly as received."""
+    """The GMS status codes exactly as received. Codes are int32 (JSON numbers):
+    GMS documents small enumerations (at most five digits); a report with a
+    code outside int32 is rejected, naming the field.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -323,7 +328,9 @@ Global___GmsStatusCodes: _TypeAlias = GmsStatusCodes  # noqa: Y015
 
 @_typing.final
 class SentSmsReportStatusCodes(_message.Message):
-    """The SentSMSReport status object exactly as received."""
+    """The SentSMSReport status object exactly as received. Ids are int32 (JSON
+    numbers), as the provider's small enumerations.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -474,7 +481,7 @@ class DeliveryReport(_message.Message):
     parts_total: _builtins.int
     """Number of parts the message was split into (GMS `total_sms_parts`,
     SentSMSReport `smsCount`, `messageCount` or `mmsCount`). Unset when not
-    given.
+    given. A count, so int32 (a JSON number).
     """
     parts_delivered: _builtins.int
     """Number of parts delivered (GMS `delivered_sms_parts`). Unset when not
@@ -482,7 +489,9 @@ class DeliveryReport(_message.Message):
     """
     template_id: _builtins.int
     """The Viber template that matched (GMS `matching_template_id`); 0 means the
-    message matched no template. Unset when not given.
+    message matched no template. Unset when not given. An identifier GMS
+    allocates with no documented bound (seen: 6349599), so int64, which
+    ProtoJSON writes as a string.
     """
     mcc_mnc: _builtins.str
     """Mobile country and network code as given (e.g. "22801"; a number is

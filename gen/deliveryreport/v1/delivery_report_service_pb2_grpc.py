@@ -28,11 +28,22 @@ if _version_not_supported:
 class DeliveryReportServiceStub:
     """Delivery reports from every provider, normalised, stored and served.
 
-    Errors follow the canonical gRPC codes with `google.rpc.Status` details
-    (`google.rpc.BadRequest` field violations, `google.rpc.ErrorInfo` with an
-    UPPER_SNAKE reason): INVALID_ARGUMENT for bad requests, NOT_FOUND for an
-    unknown message id, UNAVAILABLE when the store cannot commit (safe to retry
-    with the same `request_id`).
+    Errors follow the canonical gRPC codes (AIP-193) with `google.rpc.Status`
+    details: a `google.rpc.ErrorInfo` whose `reason` is an ErrorReason value's
+    name (error_reason.proto lists and documents every one) and whose `domain`
+    is "deliveryreport.dlrhub.io", and for bad requests a
+    `google.rpc.BadRequest` with a field violation per offending field.
+    INVALID_ARGUMENT for bad requests, NOT_FOUND for an unknown message id,
+    UNAVAILABLE when the store cannot commit (safe to retry with the same
+    `request_id`). The details stay small (a few KiB: the first field
+    violations of a large batch), so every client can read them.
+
+    The answers of Ingest, GetMessage, ListMessages, Stream and StreamBatches
+    fit in a client's default 4 MiB receive limit: an Ingest answers the BASIC
+    view unless asked for FULL (refused before anything is stored if that would
+    not fit), pages, histories and stream messages stop at about 1 MiB, and an
+    item over DLRHUB_MAX_ITEM_BYTES (64 KiB by default) is rejected, so one
+    change is bounded too.
     """
 
     def __init__(self, channel):
@@ -46,10 +57,15 @@ class DeliveryReportServiceStub:
                 request_serializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.IngestRequest.SerializeToString,
                 response_deserializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.IngestResponse.FromString,
                 _registered_method=True)
-        self.Fetch = channel.unary_unary(
-                '/deliveryreport.v1.DeliveryReportService/Fetch',
-                request_serializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.FetchRequest.SerializeToString,
-                response_deserializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.FetchResponse.FromString,
+        self.GetMessage = channel.unary_unary(
+                '/deliveryreport.v1.DeliveryReportService/GetMessage',
+                request_serializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.GetMessageRequest.SerializeToString,
+                response_deserializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.GetMessageResponse.FromString,
+                _registered_method=True)
+        self.ListMessages = channel.unary_unary(
+                '/deliveryreport.v1.DeliveryReportService/ListMessages',
+                request_serializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.ListMessagesRequest.SerializeToString,
+                response_deserializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.ListMessagesResponse.FromString,
                 _registered_method=True)
         self.Stream = channel.unary_stream(
                 '/deliveryreport.v1.DeliveryReportService/Stream',
@@ -76,11 +92,22 @@ class DeliveryReportServiceStub:
 class DeliveryReportServiceServicer:
     """Delivery reports from every provider, normalised, stored and served.
 
-    Errors follow the canonical gRPC codes with `google.rpc.Status` details
-    (`google.rpc.BadRequest` field violations, `google.rpc.ErrorInfo` with an
-    UPPER_SNAKE reason): INVALID_ARGUMENT for bad requests, NOT_FOUND for an
-    unknown message id, UNAVAILABLE when the store cannot commit (safe to retry
-    with the same `request_id`).
+    Errors follow the canonical gRPC codes (AIP-193) with `google.rpc.Status`
+    details: a `google.rpc.ErrorInfo` whose `reason` is an ErrorReason value's
+    name (error_reason.proto lists and documents every one) and whose `domain`
+    is "deliveryreport.dlrhub.io", and for bad requests a
+    `google.rpc.BadRequest` with a field violation per offending field.
+    INVALID_ARGUMENT for bad requests, NOT_FOUND for an unknown message id,
+    UNAVAILABLE when the store cannot commit (safe to retry with the same
+    `request_id`). The details stay small (a few KiB: the first field
+    violations of a large batch), so every client can read them.
+
+    The answers of Ingest, GetMessage, ListMessages, Stream and StreamBatches
+    fit in a client's default 4 MiB receive limit: an Ingest answers the BASIC
+    view unless asked for FULL (refused before anything is stored if that would
+    not fit), pages, histories and stream messages stop at about 1 MiB, and an
+    item over DLRHUB_MAX_ITEM_BYTES (64 KiB by default) is rejected, so one
+    change is bounded too.
     """
 
     def Ingest(self, request, context):
@@ -94,8 +121,19 @@ class DeliveryReportServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Fetch(self, request, context):
-        """Looks up messages by message id, bulk id or reference.
+    def GetMessage(self, request, context):
+        """The current state of a message (AIP-131), and optionally its history.
+        NOT_FOUND when no message has the id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListMessages(self, request, context):
+        """The messages of a bulk, or with a sender reference, paged (AIP-132, 158),
+        with their number and, for a bulk, how many are in each status. A bulk id
+        or reference that matches nothing is an empty list, not an error: reports
+        for a bulk may simply not have arrived yet.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -152,10 +190,15 @@ def add_DeliveryReportServiceServicer_to_server(servicer, server):
                     request_deserializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.IngestRequest.FromString,
                     response_serializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.IngestResponse.SerializeToString,
             ),
-            'Fetch': grpc.unary_unary_rpc_method_handler(
-                    servicer.Fetch,
-                    request_deserializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.FetchRequest.FromString,
-                    response_serializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.FetchResponse.SerializeToString,
+            'GetMessage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMessage,
+                    request_deserializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.GetMessageRequest.FromString,
+                    response_serializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.GetMessageResponse.SerializeToString,
+            ),
+            'ListMessages': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMessages,
+                    request_deserializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.ListMessagesRequest.FromString,
+                    response_serializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.ListMessagesResponse.SerializeToString,
             ),
             'Stream': grpc.unary_stream_rpc_method_handler(
                     servicer.Stream,
@@ -188,11 +231,22 @@ def add_DeliveryReportServiceServicer_to_server(servicer, server):
 class DeliveryReportService:
     """Delivery reports from every provider, normalised, stored and served.
 
-    Errors follow the canonical gRPC codes with `google.rpc.Status` details
-    (`google.rpc.BadRequest` field violations, `google.rpc.ErrorInfo` with an
-    UPPER_SNAKE reason): INVALID_ARGUMENT for bad requests, NOT_FOUND for an
-    unknown message id, UNAVAILABLE when the store cannot commit (safe to retry
-    with the same `request_id`).
+    Errors follow the canonical gRPC codes (AIP-193) with `google.rpc.Status`
+    details: a `google.rpc.ErrorInfo` whose `reason` is an ErrorReason value's
+    name (error_reason.proto lists and documents every one) and whose `domain`
+    is "deliveryreport.dlrhub.io", and for bad requests a
+    `google.rpc.BadRequest` with a field violation per offending field.
+    INVALID_ARGUMENT for bad requests, NOT_FOUND for an unknown message id,
+    UNAVAILABLE when the store cannot commit (safe to retry with the same
+    `request_id`). The details stay small (a few KiB: the first field
+    violations of a large batch), so every client can read them.
+
+    The answers of Ingest, GetMessage, ListMessages, Stream and StreamBatches
+    fit in a client's default 4 MiB receive limit: an Ingest answers the BASIC
+    view unless asked for FULL (refused before anything is stored if that would
+    not fit), pages, histories and stream messages stop at about 1 MiB, and an
+    item over DLRHUB_MAX_ITEM_BYTES (64 KiB by default) is rejected, so one
+    change is bounded too.
     """
 
     @staticmethod
@@ -223,7 +277,7 @@ class DeliveryReportService:
             _registered_method=True)
 
     @staticmethod
-    def Fetch(request,
+    def GetMessage(request,
             target,
             options=(),
             channel_credentials=None,
@@ -236,9 +290,36 @@ class DeliveryReportService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/deliveryreport.v1.DeliveryReportService/Fetch',
-            deliveryreport_dot_v1_dot_delivery__report__service__pb2.FetchRequest.SerializeToString,
-            deliveryreport_dot_v1_dot_delivery__report__service__pb2.FetchResponse.FromString,
+            '/deliveryreport.v1.DeliveryReportService/GetMessage',
+            deliveryreport_dot_v1_dot_delivery__report__service__pb2.GetMessageRequest.SerializeToString,
+            deliveryreport_dot_v1_dot_delivery__report__service__pb2.GetMessageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMessages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deliveryreport.v1.DeliveryReportService/ListMessages',
+            deliveryreport_dot_v1_dot_delivery__report__service__pb2.ListMessagesRequest.SerializeToString,
+            deliveryreport_dot_v1_dot_delivery__report__service__pb2.ListMessagesResponse.FromString,
             options,
             channel_credentials,
             insecure,

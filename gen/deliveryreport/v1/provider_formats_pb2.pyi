@@ -25,7 +25,8 @@ DESCRIPTOR: _descriptor.FileDescriptor
 @_typing.final
 class GmsReport(_message.Message):
     """One GMS ("Hyber") delivery report, as pushed to a callback URL or returned
-    by the GMS GET report. Field names are the provider's.
+    by the GMS GET report. Field names are the provider's. Codes and counts are
+    int32 (JSON numbers); the time and the template id, int64.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -337,7 +338,7 @@ class SentSmsReport(_message.Message):
     BULK_ID_FIELD_NUMBER: _builtins.int
     MESSAGE_ID_FIELD_NUMBER: _builtins.int
     TO_FIELD_NUMBER: _builtins.int
-    FROM_FIELD_NUMBER: _builtins.int
+    FROM_ADDRESS_FIELD_NUMBER: _builtins.int
     SENDER_FIELD_NUMBER: _builtins.int
     SENT_AT_FIELD_NUMBER: _builtins.int
     DONE_AT_FIELD_NUMBER: _builtins.int
@@ -363,6 +364,10 @@ class SentSmsReport(_message.Message):
     """Message id. Required."""
     to: _builtins.str
     """Destination address."""
+    from_address: _builtins.str
+    """Sender id (older spelling of `sender`), JSON `from`: named so that every
+    language can use it (`from` is a keyword in Python and others).
+    """
     sender: _builtins.str
     """Sender id (newer spelling of `from`)."""
     sent_at: _builtins.str
@@ -417,6 +422,7 @@ class SentSmsReport(_message.Message):
         bulk_id: _builtins.str = ...,
         message_id: _builtins.str = ...,
         to: _builtins.str = ...,
+        from_address: _builtins.str = ...,
         sender: _builtins.str = ...,
         sent_at: _builtins.str = ...,
         done_at: _builtins.str = ...,
@@ -439,7 +445,7 @@ class SentSmsReport(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_message_count", b"_message_count", "_mms_count", b"_mms_count", "_sms_count", b"_sms_count", "error", b"error", "message_count", b"message_count", "mms_count", b"mms_count", "platform", b"platform", "price", b"price", "sms_count", b"sms_count", "status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_message_count", b"_message_count", "_mms_count", b"_mms_count", "_sms_count", b"_sms_count", "application_id", b"application_id", "bulk_id", b"bulk_id", "callback_data", b"callback_data", "channel", b"channel", "destination", b"destination", "done_at", b"done_at", "entity_id", b"entity_id", "error", b"error", "event", b"event", "from", b"from", "mcc_mnc", b"mcc_mnc", "message_count", b"message_count", "message_id", b"message_id", "mms_count", b"mms_count", "platform", b"platform", "price", b"price", "seen_at", b"seen_at", "send_at", b"send_at", "sender", b"sender", "sent_at", b"sent_at", "sms_count", b"sms_count", "status", b"status", "to", b"to"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_message_count", b"_message_count", "_mms_count", b"_mms_count", "_sms_count", b"_sms_count", "application_id", b"application_id", "bulk_id", b"bulk_id", "callback_data", b"callback_data", "channel", b"channel", "destination", b"destination", "done_at", b"done_at", "entity_id", b"entity_id", "error", b"error", "event", b"event", "from_address", b"from_address", "mcc_mnc", b"mcc_mnc", "message_count", b"message_count", "message_id", b"message_id", "mms_count", b"mms_count", "platform", b"platform", "price", b"price", "seen_at", b"seen_at", "send_at", b"send_at", "sender", b"sender", "sent_at", b"sent_at", "sms_count", b"sms_count", "status", b"status", "to", b"to"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__message_count: _TypeAlias = _typing.Literal["message_count"]  # noqa: Y015
     _WhichOneofArgType__message_count: _TypeAlias = _typing.Literal["_message_count", b"_message_count"]  # noqa: Y015

@@ -1,9 +1,15 @@
 """Each change's StreamResponse bytes, encoded once for every subscriber that sends it.
 
-A StreamBatchesResponse is its StreamResponses, each framed as field 1 (length-delimited): the
-concatenation of its changes' framed bytes, so batches cost no more encoding than single changes.
-The servicer yields these bytes as they are (transport/handlers.py registers serialisers that pass
-bytes through).
+The bytes are framed here from the report and state's own encodings, as protobuf frames a message
+field (a tag, the length, the bytes), so nothing is copied into a StreamResponse first:
+
+    StreamResponse         cursor | change: a StreamChange
+    StreamChange           report | state
+    StreamBatchesResponse  responses (repeated): each a StreamResponse
+
+A batch is the concatenation of its changes' framed bytes, so batches cost no more encoding than
+single changes. The servicer yields these bytes as they are (transport/handlers.py registers
+serialisers that pass bytes through). tests/test_stream.py parses them with the generated code.
 """
 
 from __future__ import annotations
@@ -11,11 +17,11 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterator
 
-from deliveryreport.v1.delivery_report_service_pb2 import StreamResponse
+from google.protobuf.descriptor import Descriptor
+
+from deliveryreport.v1.delivery_report_service_pb2 import StreamBatchesResponse, StreamChange, StreamResponse
 from dlrhub.store.base import Change
 
-# A StreamBatchesResponse is its StreamResponses, each framed as field 1 (length-delimited).
-_RESPONSES_TAG = b"\x0a"
 # A StreamBatchesResponse holds changes up to about this many bytes (clients accept 4 MiB by default).
 MAX_BATCH_BYTES = 1 << 20
 
@@ -27,6 +33,30 @@ def _varint(value: int) -> bytes:
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+def _tag(message: Descriptor, field: str) -> bytes:
+    """The tag of a length-delimited field (a string or a message)."""
+    return _varint(message.fields_by_name[field].number << 3 | 2)
+
+
+_CURSOR = _tag(StreamResponse.DESCRIPTOR, "cursor")
+_CHANGE = _tag(StreamResponse.DESCRIPTOR, "change")
+_REPORT = _tag(StreamChange.DESCRIPTOR, "report")
+_STATE = _tag(StreamChange.DESCRIPTOR, "state")
+_RESPONSES = _tag(StreamBatchesResponse.DESCRIPTOR, "responses")
+
+
+def _field(tag: bytes, data: bytes) -> bytes:
+    return tag + _varint(len(data)) + data
+
+
+def _response(change: Change) -> bytes:
+    """The StreamResponse of a change."""
+    body = _field(_REPORT, change.report.SerializeToString()) + _field(
+        _STATE, change.state.SerializeToString()
+    )
+    return _field(_CURSOR, str(change.cursor).encode()) + _field(_CHANGE, body)
 
 
 class _Encoded:
@@ -54,11 +84,7 @@ class StreamEncoder:
     def _entry(self, change: Change) -> _Encoded:
         entry = self._encoded.get(change.cursor)
         if entry is None:
-            entry = self._encoded[change.cursor] = _Encoded(
-                StreamResponse(
-                    cursor=str(change.cursor), report=change.report, state=change.state
-                ).SerializeToString()
-            )
+            entry = self._encoded[change.cursor] = _Encoded(_response(change))
             if len(self._encoded) > self._size:
                 self._encoded.popitem(last=False)
         return entry
@@ -70,7 +96,7 @@ class StreamEncoder:
     def _framed(self, change: Change) -> bytes:
         entry = self._entry(change)
         if entry.framed is None:
-            entry.framed = _RESPONSES_TAG + _varint(len(entry.plain)) + entry.plain
+            entry.framed = _field(_RESPONSES, entry.plain)
         return entry.framed
 
     def batches(self, changes: list[Change], max_bytes: int = MAX_BATCH_BYTES) -> Iterator[bytes]:

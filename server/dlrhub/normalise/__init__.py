@@ -22,6 +22,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from deliveryreport.v1.delivery_report_pb2 import Channel
 from deliveryreport.v1.delivery_report_service_pb2 import Format
+from deliveryreport.v1.error_reason_pb2 import ErrorReason
 from deliveryreport.v1.provider_formats_pb2 import GmsReports, SentSmsReports
 from dlrhub.normalise import gms, markup, sent_sms_report
 from dlrhub.normalise.codes import CodeTable
@@ -71,7 +72,7 @@ class Normaliser:
         if markup.is_markup(payload):  # only GMS sends XML
             if format not in (Format.FORMAT_UNSPECIFIED, Format.FORMAT_GMS):
                 raise PayloadError(
-                    Rejection("", "WRONG_TYPE", "a SentSMSReport payload must be JSON, not XML")
+                    Rejection("", ErrorReason.WRONG_TYPE, "a SentSMSReport payload must be JSON, not XML")
                 )
             return gms.normalise(markup.decode(payload), self.gms_table, received)
         document = decode(payload, max_items)
@@ -81,7 +82,7 @@ class Normaliser:
             return gms.normalise(document, self.gms_table, received)
         if format == Format.FORMAT_SENT_SMS_REPORT:
             return sent_sms_report.normalise(document, self.sent_sms_report_table, received, default_channel)
-        raise PayloadError(Rejection("format", "INVALID_VALUE", f"unknown format {format}"))
+        raise PayloadError(Rejection("format", ErrorReason.INVALID_VALUE, f"unknown format {format}"))
 
 
 def detect_format(document: Document) -> Format.ValueType:
@@ -98,7 +99,7 @@ def detect_format(document: Document) -> Format.ValueType:
     raise PayloadError(
         Rejection(
             "",
-            "UNKNOWN_FORMAT",
+            ErrorReason.UNKNOWN_FORMAT,
             'cannot tell the format: expected a GMS report (an object with "message_id", an array of them,'
             ' or a GET answer {"reports": [...]} or {"messages": [...]}) or a SentSMSReport body'
             ' ({"results": [...]}); set the format to say which',

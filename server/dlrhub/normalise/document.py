@@ -3,6 +3,7 @@ its errors as the normalisers' PayloadError."""
 
 from __future__ import annotations
 
+from deliveryreport.v1.error_reason_pb2 import ErrorReason
 from dlrhub.normalise.results import PayloadError, Rejection
 from dlrhub_client import payloads
 from dlrhub_client.payloads import Document, TooManyItems
@@ -16,4 +17,4 @@ def decode(text: str, max_items: int | None = None) -> Document:
     try:
         return payloads.decode(text, max_items=max_items)
     except payloads.InvalidJson as error:
-        raise PayloadError(Rejection("", "INVALID_JSON", f"invalid JSON: {error}")) from None
+        raise PayloadError(Rejection("", ErrorReason.INVALID_JSON, f"invalid JSON: {error}")) from None

@@ -15,6 +15,7 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
+from deliveryreport.v1.error_reason_pb2 import ErrorReason
 from dlrhub.normalise.results import NormalisedItem, Rejection
 
 _INTEGER_TEXT = re.compile(r"-?[0-9]{1,18}")
@@ -44,16 +45,18 @@ def read_item(
     try:
         report = build(require_object(value, path))
     except InvalidItem as invalid:
-        return NormalisedItem(index, text, rejection=invalid.rejection, format=format)
+        return NormalisedItem(index, text, rejection=invalid.rejection, format=format, path=path)
     report.received_time.CopyFrom(received)
     report.raw_payload = text
-    return NormalisedItem(index, text, report=report, format=format)
+    return NormalisedItem(index, text, report=report, format=format, path=path)
 
 
 def require_object(value: Any, path: str) -> Fields:
     """`value` as Fields, or InvalidItem if it is not a JSON object."""
     if not isinstance(value, dict):
-        raise InvalidItem(Rejection(path, "WRONG_TYPE", f"{path or 'the payload'} must be a JSON object"))
+        raise InvalidItem(
+            Rejection(path, ErrorReason.WRONG_TYPE, f"{path or 'the payload'} must be a JSON object")
+        )
     return Fields(value, path)
 
 
@@ -85,7 +88,7 @@ class Fields:
             raise self._missing(key)
         if not value:
             path = self.path_of(key)
-            raise InvalidItem(Rejection(path, "INVALID_VALUE", f"{path} must not be empty"))
+            raise InvalidItem(Rejection(path, ErrorReason.INVALID_VALUE, f"{path} must not be empty"))
         return value
 
     def address(self, key: str) -> str | None:
@@ -99,12 +102,14 @@ class Fields:
             return str(value)
         raise self._wrong(key, "a string or a non-negative integer")
 
-    def integer(self, key: str) -> int | None:
-        """A 64-bit integer, given as a JSON integer or as a string of digits."""
+    def integer(self, key: str, bits: int = 64) -> int | None:
+        """A signed integer of `bits` bits (64, or 32 for codes and counts), given as a JSON integer
+        or as a string of digits."""
         value = self.data.get(key)
         if value is None:
             return None
-        if type(value) is int and -(2**63) <= value < 2**63:  # the common case, first
+        low, high = -(2 ** (bits - 1)), 2 ** (bits - 1)
+        if type(value) is int and low <= value < high:  # the common case, first
             return value
         if (isinstance(value, str) and _INTEGER_TEXT.fullmatch(value)) or (
             isinstance(value, Decimal) and value.is_finite() and value.adjusted() < 19 and value == int(value)
@@ -112,9 +117,9 @@ class Fields:
             value = int(value)
         if not isinstance(value, int) or isinstance(value, bool):
             raise self._wrong(key, "an integer")
-        if not -(2**63) <= value < 2**63:
+        if not low <= value < high:
             path = self.path_of(key)
-            raise InvalidItem(Rejection(path, "INVALID_VALUE", f"{path} is out of range"))
+            raise InvalidItem(Rejection(path, ErrorReason.INVALID_VALUE, f"{path} is out of range"))
         return value
 
     def required_integer(self, key: str) -> int:
@@ -158,13 +163,13 @@ class Fields:
             except UnicodeEncodeError:
                 path = self.path_of(key)
                 raise InvalidItem(
-                    Rejection(path, "INVALID_VALUE", f"{path} contains an unpaired surrogate")
+                    Rejection(path, ErrorReason.INVALID_VALUE, f"{path} contains an unpaired surrogate")
                 ) from None
         return value
 
     def _missing(self, key: str) -> InvalidItem:
         path = self.path_of(key)
-        return InvalidItem(Rejection(path, "MISSING_FIELD", f"{path} is required"))
+        return InvalidItem(Rejection(path, ErrorReason.MISSING_FIELD, f"{path} is required"))
 
     def path_of(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
@@ -175,4 +180,4 @@ class Fields:
         kind = {"dict": "an object", "list": "an array", "Decimal": "a number", "int": "a number"}.get(
             got, f"a {got}"
         )
-        return InvalidItem(Rejection(path, "WRONG_TYPE", f"{path} must be {expected}, not {kind}"))
+        return InvalidItem(Rejection(path, ErrorReason.WRONG_TYPE, f"{path} must be {expected}, not {kind}"))

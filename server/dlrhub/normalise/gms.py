@@ -35,6 +35,7 @@ from deliveryreport.v1.delivery_report_pb2 import (
     Source,
 )
 from deliveryreport.v1.delivery_report_service_pb2 import Format
+from deliveryreport.v1.error_reason_pb2 import ErrorReason
 from dlrhub.normalise.codes import CodeTable
 from dlrhub.normalise.document import Document
 from dlrhub.normalise.fields import Fields, InvalidItem, read_item
@@ -80,7 +81,9 @@ def normalise(document: Document, table: CodeTable, received: Timestamp) -> list
         return [read_item(0, value, document.text, "", FORMAT, _builder(table, ""), received)]
     delivered_via = value.get("delivered_via") if key == "reports" else None
     if delivered_via is not None and not isinstance(delivered_via, str):
-        raise PayloadError(Rejection("delivered_via", "WRONG_TYPE", "delivered_via must be a string"))
+        raise PayloadError(
+            Rejection("delivered_via", ErrorReason.WRONG_TYPE, "delivered_via must be a string")
+        )
     return _items(
         value[key], document.member_elements[key], key, _builder(table, delivered_via or ""), received
     )
@@ -105,10 +108,10 @@ def _builder(table: CodeTable, channel: str) -> Callable[[Fields], DeliveryRepor
 
 def _report(item: Fields, table: CodeTable, envelope_channel: str) -> DeliveryReport:
     message_id = item.required_text("message_id")
-    status = item.integer("status")
-    substatus = item.integer("substatus")
-    hyber_status = item.integer("hyber_status")
-    error_code = item.integer("error_code")
+    status = item.integer("status", bits=32)
+    substatus = item.integer("substatus", bits=32)
+    hyber_status = item.integer("hyber_status", bits=32)
+    error_code = item.integer("error_code", bits=32)
     sent_via = (
         item.text("sent_via") or item.text("last_partner") or item.text("delivered_via") or envelope_channel
     )
@@ -119,7 +122,7 @@ def _report(item: Fields, table: CodeTable, envelope_channel: str) -> DeliveryRe
         raise InvalidItem(
             Rejection(
                 path,
-                "MISSING_FIELD",
+                ErrorReason.MISSING_FIELD,
                 f"{path} is required (or, in campaign status, an error_code the code table maps)",
             )
         )
@@ -142,8 +145,8 @@ def _report(item: Fields, table: CodeTable, envelope_channel: str) -> DeliveryRe
                 status_text=item.text("status_text") or "",
             )
         ),
-        parts_total=item.integer("total_sms_parts"),
-        parts_delivered=item.integer("delivered_sms_parts"),
+        parts_total=item.integer("total_sms_parts", bits=32),
+        parts_delivered=item.integer("delivered_sms_parts", bits=32),
         template_id=item.integer("matching_template_id"),
     )
     time_ms = item.integer("time")

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 from xml.parsers import expat
 
+from deliveryreport.v1.error_reason_pb2 import ErrorReason
 from dlrhub.normalise.document import Document
 from dlrhub.normalise.results import PayloadError, Rejection
 
@@ -52,7 +53,7 @@ def decode(text: str) -> Document:
         raise PayloadError(
             Rejection(
                 "",
-                "UNKNOWN_FORMAT",
+                ErrorReason.UNKNOWN_FORMAT,
                 f"an XML payload must be a GMS <{ROOT}> report, not <{builder.root}>",
             )
         )
@@ -60,7 +61,7 @@ def decode(text: str) -> Document:
 
 
 def _invalid(description: str) -> PayloadError:
-    return PayloadError(Rejection("", "INVALID_XML", f"invalid XML: {description}"))
+    return PayloadError(Rejection("", ErrorReason.INVALID_XML, f"invalid XML: {description}"))
 
 
 class _Refused(Exception):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
+from deliveryreport.v1.error_reason_pb2 import ErrorReason
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,9 +15,9 @@ class Rejection:
     # Path of the offending field from the top of the payload, e.g.
     # "results[3].messageId" or "[2].message_id"; "" for the whole payload.
     field: str
-    # UPPER_SNAKE reason: INVALID_JSON, MISSING_FIELD, WRONG_TYPE,
-    # INVALID_VALUE, UNKNOWN_FORMAT.
-    reason: str
+    # INVALID_JSON, INVALID_XML, UNKNOWN_FORMAT, WRONG_TYPE, MISSING_FIELD,
+    # INVALID_VALUE or ITEM_TOO_LARGE (ErrorReason documents each).
+    reason: ErrorReason.ValueType
     # Human-readable description.
     description: str
 
@@ -33,6 +34,8 @@ class NormalisedItem:
     rejection: Rejection | None = None
     # The format it was read as (a Format value), so a rejected item can be re-run.
     format: int = 0
+    # Its path from the top of the payload, e.g. "results[3]"; "" for a payload of one report.
+    path: str = ""
 
 
 class PayloadError(Exception):

@@ -43,6 +43,7 @@ from deliveryreport.v1.delivery_report_pb2 import (
     Source,
 )
 from deliveryreport.v1.delivery_report_service_pb2 import Format
+from deliveryreport.v1.error_reason_pb2 import ErrorReason
 from dlrhub.normalise.codes import CodeTable
 from dlrhub.normalise.document import Document
 from dlrhub.normalise.fields import Fields, InvalidItem, read_item
@@ -91,11 +92,13 @@ def normalise(
     body = document.value
     if not isinstance(body, dict):
         raise PayloadError(
-            Rejection("", "WRONG_TYPE", 'a SentSMSReport payload must be an object {"results": [...]}')
+            Rejection(
+                "", ErrorReason.WRONG_TYPE, 'a SentSMSReport payload must be an object {"results": [...]}'
+            )
         )
     results = body.get("results")
     if not isinstance(results, list):
-        reason = "MISSING_FIELD" if results is None else "WRONG_TYPE"
+        reason = ErrorReason.MISSING_FIELD if results is None else ErrorReason.WRONG_TYPE
         raise PayloadError(Rejection("results", reason, "results must be an array of reports"))
     build = functools.partial(_report, table=table, default_channel=default_channel)
     return [
@@ -111,7 +114,7 @@ def _report(item: Fields, table: CodeTable, default_channel: Channel.ValueType) 
     if status is None and seen_at is None:
         path = item.path_of("status")
         raise InvalidItem(
-            Rejection(path, "MISSING_FIELD", f"{path} is required (or seenAt, for a seen report)")
+            Rejection(path, ErrorReason.MISSING_FIELD, f"{path} is required (or seenAt, for a seen report)")
         )
     platform = item.object("platform")
     mcc_mnc = item.address("mccMnc")  # text, or a number in Messages API and MMS reports
@@ -122,7 +125,7 @@ def _report(item: Fields, table: CodeTable, default_channel: Channel.ValueType) 
         recipient, sender = item.address("from"), item.text("sender") or item.address("to")
     else:
         recipient, sender = destination or item.address("to"), item.text("sender") or item.text("from")
-    mms_count = item.integer("mmsCount")
+    mms_count = item.integer("mmsCount", bits=32)
     channel_name = item.text("channel")
     if channel_name is not None:
         channel = CHANNELS.get(channel_name.upper(), _NO_CHANNEL)
@@ -147,8 +150,8 @@ def _report(item: Fields, table: CodeTable, default_channel: Channel.ValueType) 
         raw = SentSmsReportStatusCodes(seen=True, channel_name=unknown_channel)
         key: tuple[bool, int | None, int | None, str | None] = (True, None, None, None)
     else:
-        group_id = status.integer("groupId")
-        status_id = status.integer("id")
+        group_id = status.integer("groupId", bits=32)
+        status_id = status.integer("id", bits=32)
         group_name = status.text("groupName")
         raw = SentSmsReportStatusCodes(
             group_id=group_id or 0,
@@ -179,8 +182,8 @@ def _report(item: Fields, table: CodeTable, default_channel: Channel.ValueType) 
 
     error = item.object("error")
     if error is not None:
-        group_id = error.integer("groupId") or 0
-        error_id = error.integer("id") or 0
+        group_id = error.integer("groupId", bits=32) or 0
+        error_id = error.integer("id", bits=32) or 0
         if group_id or error_id:  # group 0 / id 0 is NO_ERROR: no error at all
             report.error.CopyFrom(
                 DeliveryError(
@@ -201,7 +204,7 @@ def _text(fields: Fields | None, key: str) -> str:
 
 def _first_integer(item: Fields, *keys: str) -> int | None:
     for key in keys:
-        value = item.integer(key)
+        value = item.integer(key, bits=32)
         if value is not None:
             return value
     return None

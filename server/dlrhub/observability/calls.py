@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 
+from deliveryreport.v1.error_reason_pb2 import ErrorReason
 from dlrhub.errors import DlrhubError, internal_error, invalid_argument, store_unavailable, to_status
 from dlrhub.observability.metrics import Metrics
 from dlrhub.observability.tracing import current_trace_id
@@ -302,7 +303,7 @@ async def _refuse_undecodable(request: _Undecodable, context: Context) -> None:
     error = invalid_argument(
         "",
         "not a valid protobuf message (or a string is not UTF-8)",
-        "UNDECODABLE_REQUEST",
+        ErrorReason.UNDECODABLE_REQUEST,
         message=f"the request is not a valid protobuf message: {request.error}",
     )
     status = to_status(error)

@@ -151,9 +151,13 @@ class Store(Protocol):
     def history(self, message_id: str, source: int = 0) -> list[DeliveryReport]:
         """Every distinct report of those messages, in the order they were stored."""
 
-    def messages_by(self, selector: Selector, value: str, source: int, after: int, limit: int) -> MessagePage:
+    def messages_by(
+        self, selector: Selector, value: str, source: int, after: int, limit: int, max_bytes: int
+    ) -> MessagePage:
         """Messages whose `selector` field equals `value` (and from `source`, unless 0), after
-        position `after`: a page of up to `limit`, with the totals of all that match."""
+        position `after`: a page of up to `limit`, with the totals of all that match. The page
+        stops before the encoded states would pass `max_bytes` (it always holds one, if any
+        match)."""
 
     def changes(self, after: int, limit: int) -> list[Change]:
         """Up to `limit` changes with cursor > `after`, in cursor order."""

@@ -235,7 +235,9 @@ class SqliteStore:
         )
         return [_with_raw(report, raw) for report, raw in rows]
 
-    def messages_by(self, selector: Selector, value: str, source: int, after: int, limit: int) -> MessagePage:
+    def messages_by(
+        self, selector: Selector, value: str, source: int, after: int, limit: int, max_bytes: int
+    ) -> MessagePage:
         reader = self._reader()
         where = f"{_COLUMNS[selector]} = ? AND (? = 0 OR source = ?)"
         reader.execute("BEGIN")  # one snapshot for the page and the counts
@@ -252,8 +254,14 @@ class SqliteStore:
             )
         finally:
             reader.execute("COMMIT")
-        more = len(rows) > limit
-        rows = rows[:limit]
+        kept = size = 0
+        for _, report in rows[:limit]:
+            size += len(report)
+            if kept and size > max_bytes:
+                break
+            kept += 1
+        more = len(rows) > kept
+        rows = rows[:kept]
         return MessagePage(
             states=[DeliveryReport.FromString(report) for _, report in rows],
             next_after=rows[-1][0] if more else None,

@@ -6,7 +6,7 @@ Tokens are configured as `ROLES:TOKEN` pairs separated by commas
 DLRHUB_TOKENS_FILE). Callers send `authorization: Bearer TOKEN`.
 
 Roles: `ingest` may call Ingest and RenormaliseQuarantine; `read` may call
-Fetch, Stream, StreamBatches and ListQuarantine. No token
+GetMessage, ListMessages, Stream, StreamBatches and ListQuarantine. No token
 or an unknown one is UNAUTHENTICATED; a token without the role is
 PERMISSION_DENIED. Health checks (and reflection, unless turned off) stay
 open. Tokens are compared in constant time, against every configured token.
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from deliveryreport.v1.error_reason_pb2 import ErrorReason
 from dlrhub.errors import DlrhubError, PermissionDenied, Unauthenticated, to_status
 
 if TYPE_CHECKING:
@@ -32,7 +33,8 @@ _SERVICE = "/deliveryreport.v1.DeliveryReportService/"
 # The role each method of the service needs. tests/test_auth.py checks every method is listed.
 METHOD_ROLES = {
     _SERVICE + "Ingest": "ingest",
-    _SERVICE + "Fetch": "read",
+    _SERVICE + "GetMessage": "read",
+    _SERVICE + "ListMessages": "read",
     _SERVICE + "Stream": "read",
     _SERVICE + "StreamBatches": "read",
     _SERVICE + "ListQuarantine": "read",
@@ -118,16 +120,18 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         header = next((value for key, value in metadata or () if key == "authorization"), "")
         scheme, _, secret = str(header).partition(" ")
         if scheme.lower() != "bearer" or not secret:
-            return Unauthenticated("missing token: send 'authorization: Bearer TOKEN'", "MISSING_TOKEN")
+            return Unauthenticated(
+                "missing token: send 'authorization: Bearer TOKEN'", ErrorReason.MISSING_TOKEN
+            )
         roles = self._tokens.roles_of(secret.strip())
         if roles is None:
-            return Unauthenticated("unknown token", "UNKNOWN_TOKEN")
+            return Unauthenticated("unknown token", ErrorReason.UNKNOWN_TOKEN)
         needed = METHOD_ROLES.get(method)
         if needed is None or needed not in roles:
             rpc = method.rsplit("/", 1)[-1]
             return PermissionDenied(
                 f"this token may not call {rpc}: it needs the {needed or 'unknown'} role",
-                "MISSING_ROLE",
+                ErrorReason.MISSING_ROLE,
                 metadata={"method": rpc, "role": needed or ""},
             )
         return None

@@ -4,20 +4,24 @@ results into a response. It raises domain errors (errors.py); the per-call inter
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
 from deliveryreport.v1 import delivery_report_service_pb2_grpc as service_grpc
 from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
 from deliveryreport.v1.delivery_report_service_pb2 import (
-    FetchRequest,
-    FetchResponse,
+    GetMessageRequest,
+    GetMessageResponse,
     IngestRequest,
     IngestResponse,
+    IngestResponseView,
     ItemError,
+    ListMessagesRequest,
+    ListMessagesResponse,
     ListQuarantineRequest,
     ListQuarantineResponse,
     RenormaliseQuarantineRequest,
@@ -25,10 +29,12 @@ from deliveryreport.v1.delivery_report_service_pb2 import (
     StatusCount,
     StreamBatchesRequest,
     StreamBatchesResponse,
+    StreamHeartbeat,
     StreamRequest,
     StreamResponse,
 )
 from deliveryreport.v1.delivery_report_service_pb2 import QuarantinedItem as QuarantinedItemMessage
+from deliveryreport.v1.error_reason_pb2 import ErrorReason
 from dlrhub.errors import (
     DlrhubError,
     FieldViolation,
@@ -44,18 +50,24 @@ from dlrhub.feed.follow import Heartbeat, follow_batches
 from dlrhub.feed.hub import Hub
 from dlrhub.observability.calls import note
 from dlrhub.store.base import Change, ChangeFilter, QuarantinedItem, ReadRunner, Selector, Store
-from dlrhub.transport.pages import decode_page_token, encode_page_token, page_size
+from dlrhub.transport.pages import MAX_PAGE_BYTES, decode_page_token, encode_page_token, page_size
 from dlrhub.write import quarantine
-from dlrhub.write.submission import is_wholly_rejected
-from dlrhub.write.writer import TooManyItems, Writer
+from dlrhub.write.submission import in_view, is_wholly_rejected
+from dlrhub.write.writer import AnswerTooLarge, TooManyItems, Writer
 
 Context = grpc.aio.ServicerContext[Any, Any]
-DEFAULT_HEARTBEAT_SECONDS = 15
+# Heartbeat intervals: when none is given, and the range one may be (seconds).
+DEFAULT_HEARTBEAT_SECONDS = 15.0
+MIN_HEARTBEAT_SECONDS = 0.1
+MAX_HEARTBEAT_SECONDS = 3600.0
 MAX_RENORMALISE_IDS = 10_000
+# The largest FULL Ingest answer: a gRPC client's default receive limit (4 MiB), less a margin.
+MAX_FULL_ANSWER_BYTES = (4 << 20) - (64 << 10)
+_HEARTBEAT = StreamHeartbeat()
 
 
 class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
-    """Ingest, Fetch, Stream, and the quarantine."""
+    """Ingest, GetMessage, ListMessages, Stream, and the quarantine."""
 
     def __init__(
         self, *, writer: Writer, store: Store, hub: Hub, read: ReadRunner, max_streams: int = 1000
@@ -70,8 +82,11 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
     async def Ingest(self, request: IngestRequest, context: Context) -> IngestResponse:
         return await self._ingest(request)
 
-    async def Fetch(self, request: FetchRequest, context: Context) -> FetchResponse:
-        return await self._fetch(request)
+    async def GetMessage(self, request: GetMessageRequest, context: Context) -> GetMessageResponse:
+        return await self._get_message(request)
+
+    async def ListMessages(self, request: ListMessagesRequest, context: Context) -> ListMessagesResponse:
+        return await self._list_messages(request)
 
     async def ListQuarantine(
         self, request: ListQuarantineRequest, context: Context
@@ -89,7 +104,7 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
         """Yields heartbeats as messages and changes already encoded (see transport/handlers.py)."""
         async for item in await self._follow(request):
             if isinstance(item, Heartbeat):
-                yield StreamResponse(cursor=str(item.cursor), heartbeat=True)
+                yield StreamResponse(cursor=str(item.cursor), heartbeat=_HEARTBEAT)
             else:
                 for change in item:
                     yield self._encode.response(change)
@@ -101,7 +116,7 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
         try:
             async for item in await self._follow(request.stream):
                 if isinstance(item, Heartbeat):
-                    heartbeat = StreamResponse(cursor=str(item.cursor), heartbeat=True)
+                    heartbeat = StreamResponse(cursor=str(item.cursor), heartbeat=_HEARTBEAT)
                     yield StreamBatchesResponse(responses=[heartbeat])
                 else:
                     for batch in self._encode.batches(item):
@@ -121,16 +136,31 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
             raise invalid_argument(
                 "payload",
                 "set payload, gms or sent_sms_report",
-                "MISSING_PAYLOAD",
+                ErrorReason.MISSING_PAYLOAD,
                 message="nothing to ingest: set payload, gms or sent_sms_report",
-                violation_reason="MISSING_FIELD",
+                violation_reason=ErrorReason.MISSING_FIELD,
             )
         if request.request_id:
             note(request_id=request.request_id)
+        full = request.view == IngestResponseView.INGEST_RESPONSE_VIEW_FULL
         try:
-            ingested = await self._writer.ingest(getattr(request, body), request.format, request.request_id)
+            ingested = await self._writer.ingest(
+                getattr(request, body),  # the payload's text, or typed reports
+                request.format,
+                request.request_id,
+                max_full_answer_bytes=MAX_FULL_ANSWER_BYTES if full else None,
+            )
         except TooManyItems as error:
             raise too_many_items(body, error) from None
+        except AnswerTooLarge as error:
+            raise invalid_argument(
+                "view",
+                f"FULL would answer about {error.size} bytes, over the {error.limit}-byte limit",
+                ErrorReason.RESPONSE_TOO_LARGE,
+                message=f"{error}: nothing was stored; ask for the BASIC view, or send fewer items",
+                violation_reason=ErrorReason.RESPONSE_TOO_LARGE,
+                metadata={"response_bytes": str(error.size), "max_response_bytes": str(error.limit)},
+            ) from None
         rejection = ingested.rejection
         if rejection is not None:
             raise invalid_argument(
@@ -149,51 +179,66 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
         if is_wholly_rejected(response):
             raise InvalidArgument(
                 f"no valid report: all {response.rejected_count} items were rejected",
-                "ALL_ITEMS_REJECTED",
+                ErrorReason.ALL_ITEMS_REJECTED,
                 violations=[
-                    FieldViolation(result.error.field, result.error.description, result.error.reason)
+                    FieldViolation(
+                        result.error.field, result.error.description, ErrorReason.Value(result.error.reason)
+                    )
                     for result in response.results
                 ],
             )
-        return response
+        return in_view(response, full)
 
-    # Fetch.
+    # GetMessage and ListMessages.
 
-    async def _fetch(self, request: FetchRequest) -> FetchResponse:
+    async def _get_message(self, request: GetMessageRequest) -> GetMessageResponse:
+        message_id, source = request.message_id, request.source
+        if not message_id:
+            raise invalid_argument(
+                "message_id",
+                "is required",
+                ErrorReason.MISSING_FIELD,
+                violation_reason=ErrorReason.MISSING_FIELD,
+            )
+
+        def lookup() -> tuple[list[DeliveryReport], list[DeliveryReport]]:
+            states = self._store.messages(message_id, source)
+            history = self._store.history(message_id, source) if states and request.include_history else []
+            return states, history
+
+        states, history = await self._read(lookup)  # one trip to a reader thread
+        if not states:
+            raise NotFound(
+                f"no message with message_id {message_id!r}",
+                ErrorReason.MESSAGE_NOT_FOUND,
+                metadata={"message_id": message_id},
+            )
+        shown = _within(history, MAX_PAGE_BYTES)
+        return GetMessageResponse(
+            messages=states, history=history[:shown], history_truncated=shown < len(history)
+        )
+
+    async def _list_messages(self, request: ListMessagesRequest) -> ListMessagesResponse:
         selector = request.WhichOneof("selector")
         if selector is None:
             raise invalid_argument(
-                "message_id",
-                "set one of message_id, bulk_id or reference",
-                "MISSING_SELECTOR",
-                message="set one of message_id, bulk_id or reference",
-                violation_reason="MISSING_FIELD",
+                "bulk_id",
+                "set bulk_id or reference",
+                ErrorReason.MISSING_SELECTOR,
+                message="set bulk_id or reference",
+                violation_reason=ErrorReason.MISSING_FIELD,
             )
         value: str = getattr(request, selector)
         if not value:
-            raise invalid_argument(selector, "must not be empty", "EMPTY_SELECTOR")
+            raise invalid_argument(selector, "must not be empty", ErrorReason.EMPTY_SELECTOR)
         size = page_size(request.page_size)
         source = request.source
-        if selector == "message_id":
-
-            def lookup() -> tuple[list[DeliveryReport], list[DeliveryReport]]:
-                states = self._store.messages(value, source)
-                history = self._store.history(value, source) if states and request.include_history else []
-                return states, history
-
-            states, history = await self._read(lookup)  # one trip to a reader thread
-            if not states:
-                raise NotFound(
-                    f"no message with message_id {value!r}",
-                    "MESSAGE_NOT_FOUND",
-                    metadata={"message_id": value},
-                )
-            return FetchResponse(reports=states, history=history)
-
         after = decode_page_token(request.page_token, selector, value, source) if request.page_token else 0
         by = Selector(selector)
-        page = await self._read(lambda: self._store.messages_by(by, value, source, after, size))
-        response = FetchResponse(reports=page.states, total_size=page.total)
+        page = await self._read(
+            lambda: self._store.messages_by(by, value, source, after, size, MAX_PAGE_BYTES)
+        )
+        response = ListMessagesResponse(messages=page.states, total_size=page.total)
         if page.next_after is not None:
             response.next_page_token = encode_page_token(selector, value, source, page.next_after)
         if selector == "bulk_id":
@@ -213,12 +258,11 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
             lambda: self._store.quarantined(after, size + 1, include_resolved=request.include_resolved)
         )
         open_count = await self._read(self._store.open_quarantine_count)
-        response = ListQuarantineResponse(
-            items=[_quarantined_item(quarantine_id, item) for quarantine_id, item in rows[:size]],
-            open_count=open_count,
-        )
-        if len(rows) > size:
-            response.next_page_token = encode_page_token("quarantine", scope, 0, rows[size - 1][0])
+        items = [_quarantined_item(quarantine_id, item) for quarantine_id, item in rows[:size]]
+        shown = _within(items, MAX_PAGE_BYTES)
+        response = ListQuarantineResponse(items=items[:shown], open_count=open_count)
+        if shown < len(rows):
+            response.next_page_token = encode_page_token("quarantine", scope, 0, rows[shown - 1][0])
         return response
 
     async def _renormalise_quarantine(
@@ -228,7 +272,7 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
             raise invalid_argument(
                 "ids",
                 f"at most {MAX_RENORMALISE_IDS} ids",
-                "TOO_MANY_IDS",
+                ErrorReason.TOO_MANY_IDS,
                 message=f"at most {MAX_RENORMALISE_IDS} ids per call; give none to re-run every open item",
                 metadata={"max_ids": str(MAX_RENORMALISE_IDS)},
             )
@@ -238,8 +282,7 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
 
     async def _follow(self, request: StreamRequest) -> AsyncIterator[list[Change] | Heartbeat]:
         """The feed the request asks for, once the request is checked (raises DlrhubError)."""
-        if request.heartbeat_seconds < 0:
-            raise invalid_argument("heartbeat_seconds", "must not be negative", "INVALID_HEARTBEAT")
+        heartbeat = _heartbeat_seconds(request)
         after: int | None = None
         start = request.WhichOneof("start")
         if start == "cursor":
@@ -248,7 +291,7 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
             if after > latest:
                 raise OutOfRange(
                     f"cursor {after} is ahead of the latest stored change ({latest})",
-                    "CURSOR_AHEAD",
+                    ErrorReason.CURSOR_AHEAD,
                     metadata={"cursor": request.cursor, "latest_cursor": str(latest)},
                 )
         elif start == "from_beginning" and request.from_beginning:
@@ -260,32 +303,31 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
             channels=frozenset(request.channels),
             source=request.source,
         )
-        heartbeat = request.heartbeat_seconds or DEFAULT_HEARTBEAT_SECONDS
         # Checked after the last await before follow_batches() subscribes: no stream starts once the
         # hub has closed (it would stay open until the server's grace period ran out), and concurrent
         # calls cannot all pass the limit.
         if self._hub.closed:
             raise Unavailable(
                 "the server is shutting down: retry, resuming after the last cursor you received",
-                "SHUTTING_DOWN",
+                ErrorReason.SHUTTING_DOWN,
             )
         if self._hub.subscriber_count >= self._max_streams:
             raise ResourceExhausted(
                 f"too many open streams: at most {self._max_streams}; retry later",
-                "TOO_MANY_STREAMS",
+                ErrorReason.TOO_MANY_STREAMS,
                 metadata={"max_streams": str(self._max_streams)},
             )
         return follow_batches(self._store, self._hub, self._read, change_filter, after, heartbeat)
 
 
 def too_many_items(field: str, error: TooManyItems) -> InvalidArgument:
-    """INVALID_ARGUMENT TOO_MANY_ITEMS for the body in `field`."""
+    """INVALID_ARGUMENT TOO_MANY_ITEMS for the body in `field` (decoding stopped at one too many)."""
     return invalid_argument(
         field,
         str(error),
-        "TOO_MANY_ITEMS",
+        ErrorReason.TOO_MANY_ITEMS,
         message=str(error),
-        violation_reason="TOO_MANY_ITEMS",
+        violation_reason=ErrorReason.TOO_MANY_ITEMS,
         metadata={"items": str(error.limit + 1), "max_items": str(error.limit)},
     )
 
@@ -305,12 +347,40 @@ def _quarantined_item(quarantine_id: int, item: QuarantinedItem) -> QuarantinedI
     return message
 
 
+def _within(messages: Sequence[Message], max_bytes: int) -> int:
+    """How many of `messages`, from the first, fit in `max_bytes` encoded (at least one)."""
+    size = 0
+    for count, message in enumerate(messages):
+        size += message.ByteSize()
+        if count and size > max_bytes:
+            return count
+    return len(messages)
+
+
+def _heartbeat_seconds(request: StreamRequest) -> float:
+    """The heartbeat interval a request asks for, in seconds; raises InvalidArgument outside the range."""
+    if not request.HasField("heartbeat_interval"):
+        return DEFAULT_HEARTBEAT_SECONDS
+    interval = request.heartbeat_interval
+    seconds = interval.seconds + interval.nanos / 1e9
+    # A Duration's seconds and nanos share their sign, and nanos are under a second.
+    valid = abs(interval.nanos) < 1_000_000_000 and interval.seconds * interval.nanos >= 0
+    if not valid or not MIN_HEARTBEAT_SECONDS <= seconds <= MAX_HEARTBEAT_SECONDS:
+        low, high, default = MIN_HEARTBEAT_SECONDS, MAX_HEARTBEAT_SECONDS, DEFAULT_HEARTBEAT_SECONDS
+        raise invalid_argument(
+            "heartbeat_interval",
+            f"must be from {low:g}s to {high:g}s (unset: {default:g}s)",
+            ErrorReason.INVALID_HEARTBEAT_INTERVAL,
+        )
+    return seconds
+
+
 def _parse_cursor(cursor: str) -> int:
     if not cursor.isascii() or not cursor.isdigit() or len(cursor) > 19:
         raise invalid_argument(
             "cursor",
             "not a cursor dlrhub gave out",
-            "INVALID_CURSOR",
+            ErrorReason.INVALID_CURSOR,
             message=f"malformed cursor {cursor!r}: pass a cursor from a StreamResponse or an IngestResult",
         )
     return int(cursor)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from deliveryreport.v1.error_reason_pb2 import ErrorReason
 from dlrhub.normalise import Rejection
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -99,8 +100,8 @@ class Access:
         """Why `request` may not post here (HTTP status, error, headers), or None when it may."""
         if self.allow_from is not None and not self.allow_from.allows(request.remote):
             description = f"requests from {request.remote} are not accepted on this webhook"
-            return 403, Rejection("", "ADDRESS_NOT_ALLOWED", description), {}
+            return 403, Rejection("", ErrorReason.ADDRESS_NOT_ALLOWED, description), {}
         if self.auth is not None and not self.auth.allows(request):
             challenge = {"WWW-Authenticate": 'Basic realm="dlrhub"'} if self.auth.scheme == "basic" else {}
-            return 401, Rejection("", "UNAUTHENTICATED", "missing or wrong credentials"), challenge
+            return 401, Rejection("", ErrorReason.UNAUTHENTICATED, "missing or wrong credentials"), challenge
         return None

@@ -23,7 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from deliveryreport.v1.delivery_report_service_pb2 import Format, IngestOutcome, IngestResponse
-from dlrhub.normalise import Rejection
+from deliveryreport.v1.error_reason_pb2 import ErrorReason
 from dlrhub.observability.calls import CallLog
 from dlrhub.observability.metrics import Metrics
 from dlrhub.store.base import StoreError
@@ -106,33 +106,34 @@ def _handler(writer: Writer, format: Format.ValueType, access: Access, body_time
         refusal = access.refusal(request)
         if refusal is not None:
             status, rejection, headers = refusal
-            request[_DETAILS]["reason"] = rejection.reason
-            return _error(status, rejection, headers)
+            request[_DETAILS]["reason"] = ErrorReason.Name(rejection.reason)
+            return _error(status, rejection.reason, rejection.description, headers)
         try:
             async with asyncio.timeout(body_timeout):
                 body = await request.read()
         except web.HTTPRequestEntityTooLarge as error:
-            return _error(413, Rejection("", "BODY_TOO_LARGE", f"the body is over the limit: {error.text}"))
+            return _error(413, ErrorReason.BODY_TOO_LARGE, f"the body is over the limit: {error.text}")
         except TimeoutError:
             description = f"the body did not arrive within {body_timeout:g} s"
-            timed_out = _error(408, Rejection("", "BODY_TIMEOUT", description), {"Connection": "close"})
+            timed_out = _error(408, ErrorReason.BODY_TIMEOUT, description, {"Connection": "close"})
             timed_out.force_close()
             return timed_out
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError as error:
-            return _error(400, Rejection("", "INVALID_UTF8", f"the body is not UTF-8 (byte {error.start})"))
+            return _error(400, ErrorReason.INVALID_UTF8, f"the body is not UTF-8 (byte {error.start})")
         try:
             ingested = await writer.ingest(text, format)
         except TooManyItems as error:
-            return _error(413, Rejection("", "TOO_MANY_ITEMS", str(error)))
+            return _error(413, ErrorReason.TOO_MANY_ITEMS, str(error))
         except StoreError:
             # Rate-limited when it repeats (observability.logs.RepeatFilter): the first with its traceback.
             log.exception("webhook could not commit", extra={"route": request.path})
-            return _error(503, Rejection("", "STORE_UNAVAILABLE", "could not store the reports; retry"))
+            return _error(503, ErrorReason.STORE_UNAVAILABLE, "could not store the reports; retry")
         if ingested.rejection is not None:
-            request[_DETAILS]["reason"] = ingested.rejection.reason
-            return _error(400, ingested.rejection)
+            rejection = ingested.rejection
+            request[_DETAILS]["reason"] = ErrorReason.Name(rejection.reason)
+            return _error(400, rejection.reason, rejection.description, field=rejection.field)
         response = ingested.response
         request[_DETAILS].update(
             accepted=response.accepted_count,
@@ -162,8 +163,13 @@ def _summary(response: IngestResponse) -> dict[str, Any]:
     }
 
 
-def _error(status: int, rejection: Rejection, headers: dict[str, str] | None = None) -> web.Response:
-    body = {
-        "error": {"field": rejection.field, "reason": rejection.reason, "description": rejection.description}
-    }
+def _error(
+    status: int,
+    reason: ErrorReason.ValueType,
+    description: str,
+    headers: dict[str, str] | None = None,
+    *,
+    field: str = "",
+) -> web.Response:
+    body = {"error": {"field": field, "reason": ErrorReason.Name(reason), "description": description}}
     return web.json_response(body, status=status, headers=headers)

@@ -1,5 +1,8 @@
 """Quarantined items run through the current normaliser again (RenormaliseQuarantine).
 
+Each report's outcome is answered in Ingest's BASIC view, without the report: one answer may cover
+every open item.
+
 After a fix (a new release, or a changed code table), what now passes is stored like any Ingest,
 with its original received time, and its item is resolved; the rest stays open with its current
 reason. Given ids must all name quarantined items (otherwise NotFound, and nothing is run);
@@ -12,9 +15,10 @@ import functools
 from collections.abc import Sequence
 
 from deliveryreport.v1.delivery_report_service_pb2 import IngestOutcome, RenormaliseQuarantineResponse
+from deliveryreport.v1.error_reason_pb2 import ErrorReason
 from dlrhub.errors import NotFound
 from dlrhub.store.base import ReadRunner, Store
-from dlrhub.write.submission import item_error
+from dlrhub.write.submission import in_view, item_error
 from dlrhub.write.writer import Writer
 
 # Quarantined items read at a time.
@@ -39,8 +43,8 @@ async def renormalise(
             listed = ", ".join(map(str, unknown[:20])) + (", ..." if len(unknown) > 20 else "")
             raise NotFound(
                 f"no quarantined item with id {listed}; nothing was re-run",
-                "QUARANTINED_ITEM_NOT_FOUND",
-                metadata={"ids": ",".join(map(str, unknown[:100])), "count": str(len(unknown))},
+                ErrorReason.QUARANTINED_ITEM_NOT_FOUND,
+                metadata={"ids": ",".join(map(str, unknown[:20])), "count": str(len(unknown))},
             )
     response = RenormaliseQuarantineResponse()
     after = 0
@@ -54,7 +58,7 @@ async def renormalise(
                     outcome=IngestOutcome.INGEST_OUTCOME_REJECTED, error=item_error(ingested.rejection)
                 )
             else:
-                result.results.extend(ingested.response.results)
+                result.results.extend(in_view(ingested.response, full=False).results)
             result.resolved = ingested.rejection is None and ingested.response.rejected_count == 0
             if result.resolved:
                 response.resolved_count += 1

@@ -16,6 +16,7 @@ from deliveryreport.v1.delivery_report_service_pb2 import (
     IngestResponse,
     ItemError,
 )
+from deliveryreport.v1.error_reason_pb2 import ErrorReason
 from dlrhub.merge import merge
 from dlrhub.normalise import NormalisedItem, Rejection
 from dlrhub.store.base import Change, QuarantinedItem, Transaction
@@ -82,7 +83,7 @@ def apply(tx: Transaction, submission: Submission) -> Applied:
             continue
         report = item.report
         result.report.CopyFrom(report)
-        result.report.ClearField("raw_payload")  # the caller sent it; Fetch and Stream carry it
+        result.report.ClearField("raw_payload")  # the caller sent it; GetMessage and Stream carry it
         merged = merge(tx.load_state(report.source, report.message_id), report)
         if merged.duplicate:
             result.outcome = IngestOutcome.INGEST_OUTCOME_DUPLICATE
@@ -103,6 +104,36 @@ def apply(tx: Transaction, submission: Submission) -> Applied:
     return Applied(response, changes)
 
 
+def in_view(response: IngestResponse, full: bool) -> IngestResponse:
+    """The answer in the BASIC view (each result names its message, no report) or the FULL one (with
+    the reports too). Changes `response` in place."""
+    for result in response.results:
+        if result.HasField("report"):
+            result.message_id = result.report.message_id
+            if not full:
+                result.ClearField("report")
+    return response
+
+
+# What a result adds to its report and error, at most: its framing, index, outcome, cursor (19
+# digits) and the framing of its report and message id.
+_RESULT_BYTES = 64
+
+
+def full_answer_bytes(items: list[NormalisedItem]) -> int:
+    """An upper bound of the encoded IngestResponse of these items in the FULL view."""
+    total = 32  # the counts
+    for item in items:
+        report = item.report
+        if report is None:
+            assert item.rejection is not None
+            total += _RESULT_BYTES + item_error(item.rejection).ByteSize()
+        else:  # the answer's copy has no raw_payload (its framing stays counted), and a message_id
+            raw = len(report.raw_payload.encode())
+            total += _RESULT_BYTES + report.ByteSize() - raw + len(report.message_id.encode())
+    return total
+
+
 def is_wholly_rejected(response: IngestResponse) -> bool:
     """Nothing in the request was usable: every item (at least one) was rejected."""
     return response.rejected_count > 0 and response.accepted_count == response.duplicate_count == 0
@@ -110,7 +141,9 @@ def is_wholly_rejected(response: IngestResponse) -> bool:
 
 def item_error(rejection: Rejection) -> ItemError:
     """A rejection as the caller sees it."""
-    return ItemError(field=rejection.field, reason=rejection.reason, description=rejection.description)
+    return ItemError(
+        field=rejection.field, reason=ErrorReason.Name(rejection.reason), description=rejection.description
+    )
 
 
 def _quarantined(
@@ -119,7 +152,7 @@ def _quarantined(
     return QuarantinedItem(
         raw=raw,
         field=rejection.field,
-        reason=rejection.reason,
+        reason=ErrorReason.Name(rejection.reason),
         description=rejection.description,
         received_seconds=submission.received.seconds,
         received_nanos=submission.received.nanos,

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from deliveryreport.v1.delivery_report_service_pb2 import Format, IngestResponse
+from deliveryreport.v1.error_reason_pb2 import ErrorReason
 from deliveryreport.v1.provider_formats_pb2 import GmsReports, SentSmsReports
 from dlrhub.normalise import (
+    NormalisedItem,
     Normaliser,
     PayloadError,
     Rejection,
@@ -33,9 +35,9 @@ from dlrhub.observability.metrics import Metrics
 from dlrhub.store.base import QuarantinedItem, ReadRunner
 from dlrhub.write.budget import ByteBudget
 from dlrhub.write.committer import Committer
-from dlrhub.write.submission import Submission
+from dlrhub.write.submission import Submission, full_answer_bytes
 
-__all__ = ["INLINE_BYTES", "Ingested", "TooManyItems", "TypedReports", "Writer"]
+__all__ = ["INLINE_BYTES", "AnswerTooLarge", "Ingested", "TooManyItems", "TypedReports", "Writer"]
 
 # Reports as typed messages (Ingest's `gms` and `sent_sms_report`).
 TypedReports = GmsReports | SentSmsReports
@@ -46,6 +48,9 @@ INLINE_BYTES = 32 * 1024
 # Payload bytes being written at once, by default: one of the largest requests (16 MiB), or several
 # smaller ones (the GIL normalises one at a time anyway).
 BUDGET_BYTES = 16 * 1024 * 1024
+# The largest item (its text, in UTF-8 bytes) by default: real reports are under 2 KB. It bounds
+# every stored report, and so each Stream change and every page.
+DEFAULT_MAX_ITEM_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +60,17 @@ class Ingested:
     response: IngestResponse
     # Set when the payload as a whole was unusable (it was quarantined whole).
     rejection: Rejection | None = None
+
+
+class AnswerTooLarge(Exception):
+    """The answer with every normalised report would be over the caller's limit; nothing was stored."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"the answer with every report would be about {size} bytes, over the {limit}-byte limit"
+        )
+        self.size = size
+        self.limit = limit
 
 
 class Writer:
@@ -67,6 +83,7 @@ class Writer:
         clock: Callable[[], int],
         *,
         max_items: int = 10_000,
+        max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES,
         metrics: Metrics | None = None,
         offload: ReadRunner | None = None,
         budget_bytes: int = BUDGET_BYTES,
@@ -76,6 +93,7 @@ class Writer:
         self._clock = clock
         # Items one payload may hold.
         self.max_items = max_items
+        self._max_item_bytes = max_item_bytes
         self._metrics = metrics
         # Runs a big payload's normalising on a worker thread; without it, everything runs inline.
         self._offload = offload
@@ -83,16 +101,31 @@ class Writer:
         self.budget = ByteBudget(budget_bytes)
 
     async def ingest(
-        self, payload: str | TypedReports, format: Format.ValueType, request_id: str = ""
+        self,
+        payload: str | TypedReports,
+        format: Format.ValueType,
+        request_id: str = "",
+        *,
+        max_full_answer_bytes: int | None = None,
     ) -> Ingested:
         """Normalises and commits a payload (provider text, or typed reports: then `format` is theirs).
 
-        Raises TooManyItems (nothing stored) over the item limit, StoreError if the store cannot commit.
+        Raises, with nothing stored: TooManyItems over the item limit; AnswerTooLarge when
+        `max_full_answer_bytes` is given and the answer with every report could be larger. Raises
+        StoreError if the store cannot commit.
         """
         received = Timestamp()
         received.FromNanoseconds(self._clock())
         size = len(payload) if isinstance(payload, str) else payload.ByteSize()
-        prepare = functools.partial(self._prepare, payload, format, received, request_id, self.max_items)
+        prepare = functools.partial(
+            self._prepare,
+            payload,
+            format,
+            received,
+            request_id,
+            self.max_items,
+            max_full_answer_bytes=max_full_answer_bytes,
+        )
         return await self._write(size, prepare)
 
     async def renormalise(self, quarantine_id: int, item: QuarantinedItem) -> Ingested:
@@ -137,6 +170,7 @@ class Writer:
         request_id: str,
         max_items: int | None,
         *,
+        max_full_answer_bytes: int | None = None,
         quarantine_id: int = 0,
         resolved_seconds: int = 0,
     ) -> Submission:
@@ -159,9 +193,22 @@ class Writer:
                 quarantine_id=quarantine_id,
                 resolved_seconds=resolved_seconds,
             )
+        items = self._bounded(items)
+        if max_full_answer_bytes is not None:
+            size = full_answer_bytes(items)
+            if size > max_full_answer_bytes:
+                raise AnswerTooLarge(size, max_full_answer_bytes)
         return Submission(
             items, received, request_id, quarantine_id=quarantine_id, resolved_seconds=resolved_seconds
         )
+
+    def _bounded(self, items: list[NormalisedItem]) -> list[NormalisedItem]:
+        """The items, each one over the item size limit rejected (ITEM_TOO_LARGE) instead."""
+        limit = self._max_item_bytes
+        # len() counts characters, at most 4 bytes each: most items need no encoding to be measured.
+        if all(len(item.raw) * 4 <= limit or len(item.raw.encode()) <= limit for item in items):
+            return items
+        return [item if len(item.raw.encode()) <= limit else _too_large(item, limit) for item in items]
 
     async def _commit(self, submission: Submission) -> Ingested:
         applied = await self._committer.submit(submission)
@@ -171,3 +218,12 @@ class Writer:
             else:
                 self._metrics.record_ingest(submission.items, applied.response)
         return Ingested(applied.response, submission.payload_rejection)
+
+
+def _too_large(item: NormalisedItem, limit: int) -> NormalisedItem:
+    size = len(item.raw.encode())
+    description = (
+        f"{item.path or 'the report'} is {size} bytes; an item may have at most {limit}"
+        " (DLRHUB_MAX_ITEM_BYTES)"
+    )
+    return replace(item, report=None, rejection=Rejection(item.path, ErrorReason.ITEM_TOO_LARGE, description))
