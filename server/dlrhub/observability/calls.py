@@ -171,15 +171,16 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             started = time.perf_counter()
             try:
                 if streaming_requests:
-                    request = _checked(request, context)
+                    request = _checked(request)
                 elif isinstance(request, _Undecodable):
-                    await _refuse_undecodable(request, context)
+                    raise request.refusal()
                 return await behaviour(request, context)
             except BaseException as error:
-                await _fail(error, context, fields)
+                status = _status_of(error, context, fields)
             finally:
                 self._finish(method, started, fields)
                 _call.reset(token)
+            return await _abort(context, status)
 
         return call
 
@@ -192,28 +193,31 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             fields = _fields(method, context)
             token = _call.set(fields)
             started = time.perf_counter()
+            status = None
             try:
                 if streaming_requests:
-                    request = _checked(request, context)
+                    request = _checked(request)
                 elif isinstance(request, _Undecodable):
-                    await _refuse_undecodable(request, context)
-                if not generator:  # a coroutine that writes its responses itself
+                    raise request.refusal()
+                if generator:
+                    fields["messages"] = sent = 0
+                    responses = behaviour(request, context)
+                    try:
+                        async for response in responses:
+                            await context.write(response)
+                            sent += 1
+                            fields["messages"] = sent
+                    finally:
+                        await responses.aclose()
+                else:  # a coroutine that writes its responses itself
                     await behaviour(request, context)
-                    return
-                fields["messages"] = sent = 0
-                responses = behaviour(request, context)
-                try:
-                    async for response in responses:
-                        await context.write(response)
-                        sent += 1
-                        fields["messages"] = sent
-                finally:
-                    await responses.aclose()
             except BaseException as error:
-                await _fail(error, context, fields)
+                status = _status_of(error, context, fields)
             finally:
                 self._finish(method, started, fields)
                 _call.reset(token)
+            if status is not None:
+                await _abort(context, status)
             return
             yield  # type: ignore[unreachable]  # an async generator that yields nothing (see the class)
 
@@ -227,13 +231,14 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self._log.add(fields)
 
 
-async def _fail(error: BaseException, context: Context, fields: dict[str, object]) -> NoReturn:
-    """Ends a call that raised: its status is recorded in `fields["code"]`; always raises."""
-    if isinstance(error, grpc.aio.AbortError):  # aborted already (the status is set)
-        fields["code"] = _code(context)
-        raise error
+def _status_of(error: BaseException, context: Context, fields: dict[str, object]) -> grpc.Status:
+    """The status to end a call that raised `error` with, its code put in `fields`; raises again what
+    ended the call already (an abort, a cancellation) or is not the call's to answer."""
     if isinstance(error, asyncio.CancelledError | GeneratorExit):
         fields["code"] = "CANCELLED"
+        raise error
+    if isinstance(error, grpc.aio.AbortError):  # aborted already (by the auth interceptor)
+        fields["code"] = _code(context)
         raise error
     if isinstance(error, grpc.aio.InternalError):  # a write failed: the call is over (the client left)
         fields["code"] = "CANCELLED"
@@ -255,10 +260,14 @@ async def _fail(error: BaseException, context: Context, fields: dict[str, object
     else:  # KeyboardInterrupt, SystemExit
         raise error
     fields["code"] = status.code.name
+    return status
+
+
+async def _abort(context: Context, status: grpc.Status) -> NoReturn:
+    """Ends the call with `status` (after its line is logged: the line has the time the call ended)."""
     try:
         await context.abort(status.code, status.details, status.trailing_metadata)
     except grpc.aio.InternalError:  # the client left before the status could be sent
-        fields["code"] = "CANCELLED"
         raise asyncio.CancelledError from None
     raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
@@ -268,6 +277,18 @@ class _Undecodable:
 
     def __init__(self, error: Exception) -> None:
         self.error = error
+
+    def refusal(self) -> DlrhubError:
+        """The error to answer: INVALID_ARGUMENT UNDECODABLE_REQUEST, or the domain error the
+        deserialiser raised (transport/handlers.py refuses too many typed reports)."""
+        if isinstance(self.error, DlrhubError):
+            return self.error
+        return invalid_argument(
+            "",
+            "not a valid protobuf message (or a string is not UTF-8)",
+            ErrorReason.UNDECODABLE_REQUEST,
+            message=f"the request is not a valid protobuf message: {self.error}",
+        )
 
 
 def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
@@ -289,25 +310,12 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return deserialize
 
 
-async def _checked(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
     """A stream of requests, refusing one that could not be decoded."""
     async for request in requests:
         if isinstance(request, _Undecodable):
-            await _refuse_undecodable(request, context)
+            raise request.refusal()
         yield request
-
-
-async def _refuse_undecodable(request: _Undecodable, context: Context) -> None:
-    if isinstance(request.error, DlrhubError):  # refused while decoding, for a reason of its own
-        raise request.error
-    error = invalid_argument(
-        "",
-        "not a valid protobuf message (or a string is not UTF-8)",
-        ErrorReason.UNDECODABLE_REQUEST,
-        message=f"the request is not a valid protobuf message: {request.error}",
-    )
-    status = to_status(error)
-    await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 def _fields(method: str, context: Context) -> dict[str, object]:
