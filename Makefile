@@ -1,6 +1,6 @@
 # dlrhub: every target does its own set-up on a fresh machine.
 #   make run   - run the service on its embedded default (SQLite under ./data/)
-#   make test  - buf lint, generated-code check, ruff, mypy and the test suite
+#   make test  - buf lint, buf breaking, generated-code check, ruff, mypy and the test suite
 #   make gen   - regenerate gen/ from protos/
 #   make bench - the benchmarks (see bench/README.md)
 
@@ -30,6 +30,7 @@ run: $(INSTALLED)
 
 lint: setup
 	node_modules/.bin/buf lint
+	$(PY) tools/buf_breaking.py
 	$(PY) tools/generate_protos.py --check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -30,6 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
+try:
+    from tools import debian
+except ImportError:  # run as a script: tools/ itself is on sys.path
+    import debian  # type: ignore[no-redef,import-not-found]
+
 DEBIAN_ROOT = Path("/usr/lib/postgresql")
 SERVER_USER = "postgres"  # the OS user the server runs as when we are root, and the database superuser
 DATABASE = "dlrhub"
@@ -88,25 +93,15 @@ def _is_root() -> bool:
 
 
 def install_postgresql() -> Path:
-    """`apt-get install postgresql` (refreshing the package lists if that fails), as root only."""
-    if not _is_root():
-        raise ClusterError(
-            f"PostgreSQL is not installed (no {DEBIAN_ROOT}/*/bin/initdb) and we are not root: "
-            f"`sudo apt-get install postgresql`, or set {URL_ENV} to a server's URL"
-        )
-    install = ["apt-get", "install", "-y", "--no-install-recommends", "postgresql"]
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    attempts = [install, ["apt-get", "update"], install]
-    output = ""
-    for command in attempts:
-        result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-        output += result.stdout + result.stderr
-        if command is not install or result.returncode != 0:
-            continue
-        bin_dir = find_bin_dir()
-        if bin_dir is not None:
-            return bin_dir
-    raise ClusterError(f"could not install Debian's postgresql package:\n{output[-4000:]}")
+    """Debian's `postgresql` package, installed (as root only); its bin directory."""
+    try:
+        debian.install(["postgresql"], f", or set {URL_ENV} to a server's URL")
+    except debian.PackageError as error:
+        raise ClusterError(str(error)) from None
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        raise ClusterError(f"Debian's postgresql is installed, but {DEBIAN_ROOT}/*/bin/initdb is missing")
+    return bin_dir
 
 
 def _as_server_user(command: Sequence[str]) -> list[str]:
