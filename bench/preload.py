@@ -65,6 +65,7 @@ def ensure(count: int, *, log: bool = True) -> Path:
                 print(f"preload: {done:,}/{count:,} reports ({rate:,.0f}/s)", file=sys.stderr, flush=True)
     finally:
         store.close()  # the last connection checkpoints the WAL into the file and removes it
+    Path(f"{building}.lock").unlink()  # the store's one-process lock: no server runs on this file
     building.rename(path)
     return path
 

@@ -69,7 +69,7 @@ def measure(workdir: Path, rounds: int = ROUNDS) -> list[WriteCostPoint]:
                 timings[history].append(_applied_and_rolled_back(store, submissions) / GROUP * 1e6)
     finally:
         store.close()
-        for suffix in ("", "-wal", "-shm"):
+        for suffix in ("", "-wal", "-shm", ".lock"):
             Path(f"{path}{suffix}").unlink(missing_ok=True)
     return [
         WriteCostPoint(

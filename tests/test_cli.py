@@ -85,5 +85,5 @@ def test_unusable_listen_address_exits_non_zero(tmp_path: Path) -> None:
         timeout=30,
         check=False,
     )
-    assert result.returncode == 1
-    assert "cannot start" in result.stderr
+    assert result.returncode == 2
+    assert result.stderr == "dlrhub: cannot start: cannot listen on 256.0.0.1:1: Name or service not known\n"

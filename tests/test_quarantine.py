@@ -209,8 +209,11 @@ class KeyedByReference(Normaliser):
         received: Timestamp,
         *,
         default_channel: Channel.ValueType = Channel.CHANNEL_SMS,
+        max_items: int | None = None,
     ) -> list[NormalisedItem]:
-        items = super().normalise(payload, format, received, default_channel=default_channel)
+        items = super().normalise(
+            payload, format, received, default_channel=default_channel, max_items=max_items
+        )
         return [self._keyed(item, received) for item in items]
 
     def _keyed(self, item: NormalisedItem, received: Timestamp) -> NormalisedItem:

@@ -101,6 +101,9 @@ class Settings:
     max_streams: int = _env("DLRHUB_MAX_STREAMS", 1000)
     # Seconds an Ingest request id is remembered (its answer replayed to a retry); then it is new.
     request_id_ttl: int = _env("DLRHUB_REQUEST_ID_TTL", 86_400)
+    # Payload bytes being normalised and committed at once; more waits its turn. It bounds memory:
+    # a payload takes many times its size until its commit is answered.
+    write_budget_bytes: int = _env("DLRHUB_WRITE_BUDGET_BYTES", 16 * 1024 * 1024)
     # OpenTelemetry tracing: off, console or otlp (OTEL_EXPORTER_OTLP_* configure the exporter).
     tracing: str = _env("DLRHUB_TRACING", "off")
     # A WARNING or ERROR line that repeats is logged once, then counted: one summary per interval.

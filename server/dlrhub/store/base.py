@@ -6,9 +6,10 @@ threads), and writes run on the committer's writer thread. Writes happen only
 inside `Store.transaction()`, from one writer thread at a time; reads may run
 concurrently from other threads and see only committed data.
 
-Errors: an engine raises StoreError (or lets its own error escape) when it
-cannot read or commit; a transaction that raises is rolled back whole, and
-nothing in it was acknowledged.
+Errors: an engine raises StoreError for every failure to read or commit,
+wrapping its own exceptions, so nothing above the store sees an engine's error
+(the gRPC interceptor answers it UNAVAILABLE); a transaction that raises is
+rolled back whole, and nothing in it was acknowledged.
 
 The contract tests in tests/test_store_contract.py run against every engine.
 """
@@ -31,7 +32,8 @@ T = TypeVar("T")
 
 
 class ReadRunner(Protocol):
-    """Runs a blocking store call on a reader thread; the event loop awaits its result."""
+    """Runs a blocking call on a worker thread (a store call on a reader thread); the event loop
+    awaits its result."""
 
     def __call__(self, call: Callable[[], T], /) -> Awaitable[T]: ...
 
@@ -223,6 +225,11 @@ class Store(Protocol):
 
     def open_quarantine_count(self) -> int:
         """How many quarantined items are not resolved."""
+
+    def check(self, *, write: bool = False) -> None:
+        """Returns if the store can serve now, else raises StoreError saying why: it can read, and
+        with `write` (from the writer thread only) it can commit a small durable write that changes
+        nothing. Cheap: the health probe calls it every few seconds."""
 
     def close(self) -> None:
         """Releases every connection."""

@@ -13,17 +13,25 @@ PRAGMA user_version, so a newer release opens an older file):
 One connection writes (the committer's thread); each reader thread has its
 own connection. WAL lets readers run beside the writer and see only committed
 data. synchronous=FULL makes every commit durable before it returns.
+
+One server per file: the store holds an exclusive lock on `<db>.lock` while it
+is open (a second server on the file would miss the first one's changes on its
+live feed), and acknowledges a commit only if the path still names the file it
+opened (not deleted or replaced under it).
 """
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import sqlite_utils
 
@@ -36,6 +44,9 @@ log = logging.getLogger(__name__)
 _BUSY_TIMEOUT_MS = 10_000
 # Reports read at a time by migration 4 (its progress is logged after each).
 MIGRATION_CHUNK = 100_000
+P = ParamSpec("P")
+R = TypeVar("R")
+C = TypeVar("C", bound=type)
 # The messages table's column for each selector of messages_by.
 _COLUMNS = {Selector.BULK_ID: "bulk_id", Selector.REFERENCE: "reference"}
 
@@ -294,19 +305,66 @@ HISTORY_QUERY = (
 )
 
 
+def _store_error(method: Callable[P, R]) -> Callable[P, R]:
+    """`method`, raising StoreError (base.py's contract) where SQLite raises its own error."""
+
+    @functools.wraps(method)
+    def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except sqlite3.Error as error:
+            raise StoreError(f"{method.__name__}: {error}") from error
+
+    return guarded
+
+
+def _store_errors(cls: C) -> C:
+    """The class, each of its public methods raising StoreError for SQLite's errors: nothing above
+    the store sees an engine's exception."""
+    for name, member in list(vars(cls).items()):
+        if callable(member) and not name.startswith("_"):
+            setattr(cls, name, _store_error(member))
+    return cls
+
+
+def _execute(connection: sqlite3.Connection, statement: str) -> None:
+    """One statement of a transaction's frame (BEGIN, COMMIT, ROLLBACK); raises StoreError."""
+    try:
+        connection.execute(statement)
+    except sqlite3.Error as error:
+        raise StoreError(f"{statement}: {error}") from error
+
+
+@_store_errors
 class SqliteStore:
     """The Store interface over one SQLite file."""
 
     def __init__(self, path: Path | str) -> None:
+        """Opens (creating and migrating) the database; raises StoreError saying why it cannot."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = _connect(self.path)
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            raise StoreError(f"cannot open {self.path}: {self.path.parent} is not a directory")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StoreError(f"cannot open {self.path}: {_reason(error)}") from error
+        self._lock_file = _hold_lock(self.path)
+        try:
+            self._writer = _connect(self.path)
+        except sqlite3.Error as error:
+            os.close(self._lock_file)
+            raise StoreError(f"cannot open {self.path}: {_reason(error)}") from error
         try:
             if self._writer.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
                 raise StoreError(f"{self.path}: cannot switch to WAL mode")
             migrate(self._writer)
-        except BaseException:
+            # The file opened: a commit is acknowledged only while the path still names it.
+            self._identity = _file_identity(self.path)
+        except BaseException as error:
             self._writer.close()
+            os.close(self._lock_file)
+            if isinstance(error, OSError | sqlite3.Error | StoreError):
+                raise StoreError(f"cannot open {self.path}: {_reason(error)}") from error
             raise
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
@@ -317,13 +375,14 @@ class SqliteStore:
     @contextmanager
     def transaction(self) -> Iterator[_SqliteTransaction]:
         connection = self._writer
-        connection.execute("BEGIN IMMEDIATE")
+        _execute(connection, "BEGIN IMMEDIATE")
         try:
             yield _SqliteTransaction(connection)
-            connection.execute("COMMIT")
+            _execute(connection, "COMMIT")
+            self._check_identity()  # committed to a file deleted or replaced: not durable, not acknowledged
         except BaseException:
             if connection.in_transaction:  # also when COMMIT itself failed
-                connection.execute("ROLLBACK")
+                _execute(connection, "ROLLBACK")
             raise
 
     # Reads.
@@ -404,11 +463,42 @@ class SqliteStore:
         )
         return int(row[0])
 
+    def check(self, *, write: bool = False) -> None:
+        self._check_identity()
+        if write:
+            with self.transaction():
+                # The schema version set to itself: a page written and synced, nothing changed.
+                version = self._writer.execute("PRAGMA user_version").fetchone()[0]
+                self._writer.execute(f"PRAGMA user_version = {int(version)}")
+        else:
+            self.latest_cursor()
+
     def close(self) -> None:
         with self._lock:
             for connection in [*self._readers, self._writer]:
                 connection.close()
             self._readers.clear()
+            if self._lock_file >= 0:
+                os.close(self._lock_file)  # another server may open the file now
+                self._lock_file = -1
+
+    def _check_identity(self) -> None:
+        """Raises StoreError unless the path still names the file opened: deleted (with its directory,
+        say) or replaced under the running server, what is committed to it would be lost."""
+        try:
+            identity = _file_identity(self.path)
+        except FileNotFoundError:
+            raise StoreError(
+                f"{self.path} was deleted under the running server: nothing more is acknowledged;"
+                " restart to open the database again"
+            ) from None
+        except OSError as error:
+            raise StoreError(f"cannot check {self.path}: {error.strerror}") from error
+        if identity != self._identity:
+            raise StoreError(
+                f"{self.path} was replaced by another file under the running server: nothing more is"
+                " acknowledged; restart to open it"
+            )
 
     def _reader(self) -> sqlite3.Connection:
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
@@ -421,6 +511,45 @@ class SqliteStore:
         return connection
 
 
+def _hold_lock(db: Path) -> int:
+    """An exclusive lock on `<db>.lock` (holding this process's id), kept until its descriptor closes.
+
+    One server per database file: the live feed comes from the server's own commits (feed/hub.py),
+    so a second server on the file would miss the first one's changes. Raises StoreError naming the
+    process that holds the lock. The kernel releases the lock when the process ends, however it ends.
+    """
+    path = db.with_name(db.name + ".lock")
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as error:
+        raise StoreError(f"cannot open {db}: cannot create {path}: {error.strerror}") from error
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(descriptor, 20, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(descriptor)
+        raise StoreError(
+            f"{db} is in use by another dlrhub (pid {holder}): one server per database file"
+        ) from None
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+    return descriptor
+
+
+def _reason(error: BaseException) -> str:
+    """Why opening failed, without Python's decoration."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
+    return str(error)
+
+
+def _file_identity(path: Path) -> tuple[int, int]:
+    """What tells one file from another at the same path: its device and inode."""
+    status = path.stat()
+    return status.st_dev, status.st_ino
+
+
+@_store_errors
 class _SqliteTransaction:
     def __init__(self, connection: sqlite3.Connection) -> None:
         self._connection = connection
@@ -446,23 +575,19 @@ class _SqliteTransaction:
         stored = DeliveryReport()
         stored.CopyFrom(report)
         stored.ClearField("raw_payload")  # kept verbatim in its own column
-        try:
-            cursor: int = self._connection.execute(
-                "INSERT INTO reports (source, message_id, report, state, raw, digest)"
-                " VALUES (?, ?, ?, ?, ?, ?) RETURNING cursor",
-                (
-                    report.source,
-                    report.message_id,
-                    stored.SerializeToString(),
-                    merged_bytes,
-                    report.raw_payload,
-                    digest,
-                ),
-            ).fetchone()[0]
-        except sqlite3.IntegrityError:
-            raise StoreError(
-                f"a report of message {report.message_id!r} with this digest is stored already"
-            ) from None
+        # A digest stored already breaks the unique key: StoreError (_store_errors).
+        cursor: int = self._connection.execute(
+            "INSERT INTO reports (source, message_id, report, state, raw, digest)"
+            " VALUES (?, ?, ?, ?, ?, ?) RETURNING cursor",
+            (
+                report.source,
+                report.message_id,
+                stored.SerializeToString(),
+                merged_bytes,
+                report.raw_payload,
+                digest,
+            ),
+        ).fetchone()[0]
         self._connection.execute(
             """INSERT INTO messages (source, message_id, bulk_id, reference, status, report, merge, cursor)
                VALUES (?, ?, ?, ?, ?, ?, ?, ?)

@@ -3,12 +3,14 @@
 Submissions queue up while the writer thread commits the previous group;
 the next group takes everything waiting (up to `max_group`). Each caller is
 answered only after its group has committed (synchronous=FULL), and the
-group's changes are published to the hub only after that commit.
+group's changes are published to the hub only after that commit. Whether
+each group committed is told to `on_outcome` (the store's health).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -41,14 +43,14 @@ class Committer:
         max_group: int = 512,
         max_waiting: int = 10_000,
         on_commit: Callable[[float, int], None] | None = None,
-        on_failure: Callable[[], None] | None = None,
+        on_outcome: Callable[[Exception | None], None] | None = None,
     ) -> None:
         self._store = store
         self._hub = hub
         # Called after each commit with its duration in seconds and how many items it held.
         self._on_commit = on_commit
-        # Called after each group commit that failed.
-        self._on_failure = on_failure
+        # Called on the event loop after each group: None once it committed, else why it failed.
+        self._on_outcome = on_outcome
         self._max_group = max_group
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue(max_waiting)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlrhub-writer")
@@ -92,6 +94,12 @@ class Committer:
 
         return await asyncio.get_running_loop().run_in_executor(self._writer, transaction)
 
+    async def check(self) -> None:
+        """Returns if the store can commit now, else raises StoreError: a small durable write, on
+        the writer thread between groups."""
+        check = functools.partial(self._store.check, write=True)
+        await asyncio.get_running_loop().run_in_executor(self._writer, check)
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         stopping = False
@@ -115,18 +123,26 @@ class Committer:
                 results = await loop.run_in_executor(self._writer, self._write, [p.submission for p in group])
             except Exception as error:
                 # One line per failed group: a storm of them (a full disk) is rate-limited by
-                # observability.logs.RepeatFilter and counted in dlrhub_store_failures_total.
+                # observability.logs.RepeatFilter, and counted in dlrhub_store_failures_total by
+                # on_outcome.
                 log.exception("commit failed for %d submissions", len(group))
-                if self._on_failure is not None:
-                    self._on_failure()
+                self._tell(error)
                 for pending in group:
                     if not pending.future.done():
                         pending.future.set_exception(StoreError(f"the store could not commit: {error}"))
                 continue
+            self._tell(None)
             self._hub.publish(change for applied in results for change in applied.changes)
             for pending, applied in zip(group, results, strict=True):
                 if not pending.future.done():
                     pending.future.set_result(applied)
+
+    def _tell(self, error: Exception | None) -> None:
+        if self._on_outcome is not None:
+            try:
+                self._on_outcome(error)
+            except Exception:
+                log.exception("commit outcome observer failed")
 
     def _write(self, submissions: list[Submission]) -> list[Applied]:
         started = time.perf_counter()
