@@ -356,6 +356,9 @@ async def test_a_slow_stream_shows_its_lag_until_it_reads_and_disappears_when_it
             assert delta(before, during, "dlrhub_stream_latest_cursor") == count
             assert value(during, "dlrhub_stream_latest_cursor") == cursors[-1]
             assert series(during, "dlrhub_stream_lag") == {labels_of(subscriber=subscriber): count}
+            # What it has not taken yet is held in the live window (the first is being sent).
+            assert value(during, "dlrhub_stream_buffered_changes") >= 1
+            assert value(during, "dlrhub_stream_buffered_bytes") > FAT_PADDING
 
             # Once it has read everything, it is behind by nothing.
             got = [await read_message(call) for _ in range(count)]
@@ -367,6 +370,9 @@ async def test_a_slow_stream_shows_its_lag_until_it_reads_and_disappears_when_it
                 return lag == {labels_of(subscriber=subscriber): 0}
 
             await eventually(caught_up, "the lag did not return to 0 after the stream read everything")
+            read_all = await scrape(port)  # and the window let go of it
+            assert value(read_all, "dlrhub_stream_buffered_changes") == 0
+            assert value(read_all, "dlrhub_stream_buffered_bytes") == 0
         finally:
             call.cancel()
 

@@ -1,7 +1,7 @@
 """A stalled Stream consumer: Ingest goes on, and the consumer misses nothing when it reads again.
 
 A consumer that opens a stream and then reads nothing fills its HTTP/2 window; the server's send
-then waits, the hub's bounded buffer for that subscriber overflows and is dropped, and the stream
+then waits, the subscriber falls out of the hub's bounded window of recent changes, and the stream
 catches up from the store once the consumer reads again. Publishing never waits for a subscriber,
 so Ingest keeps being acknowledged meanwhile.
 
@@ -33,8 +33,9 @@ from deliveryreport.v1.delivery_report_service_pb2 import (
 from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
 from dlrhub import app
 from dlrhub.config import Settings
+from dlrhub.feed.encoding import EncodedChange
 from dlrhub.feed.follow import Heartbeat, follow_batches
-from dlrhub.store.base import Change, ChangeFilter
+from dlrhub.store.base import ChangeFilter
 from tests.conftest import FakeClock, Running
 from tests.helpers import FULL, TIMEOUT
 
@@ -151,8 +152,8 @@ async def test_stalled_consumer_misses_nothing_and_does_not_hold_up_ingest(
         )
         live_during_load = len(live_got)
 
-        # The stall reached the server: its sends wait on the window, and the hub dropped the
-        # stalled subscribers' buffers (marked overflowed) rather than wait for them.
+        # The stall reached the server: its sends wait on the HTTP/2 window, and the hub let the
+        # stalled subscribers fall out of its window (marked overflowed) rather than wait for them.
         subscriptions = running.hub.subscriptions
         assert len(subscriptions) == 3
         stalled_subscriptions = [
@@ -217,7 +218,7 @@ async def test_a_change_published_as_the_heartbeat_wait_times_out_is_not_skipped
     async def consume() -> None:
         nonlocal heartbeats
         feed = cast(
-            AsyncGenerator[list[Change] | Heartbeat, None],
+            AsyncGenerator[list[EncodedChange] | Heartbeat, None],
             follow_batches(running.store, running.hub, read, ChangeFilter(), 0, 0.001),
         )
         try:

@@ -109,6 +109,7 @@ def test_an_address_this_host_does_not_have(tmp_path: Path) -> None:
             "DLRHUB_MAX_STREAMS: invalid literal for int() with base 10: 'many'",
         ),
         ({"DLRHUB_REFLECTION": "perhaps"}, "DLRHUB_REFLECTION: expected on or off, not 'perhaps'"),
+        ({"DLRHUB_STREAM_BUFFER_BYTES": "0"}, "DLRHUB_STREAM_BUFFER_BYTES: at least 1, not 0"),
         ({"DLRHUB_TRACING": "bogus"}, "DLRHUB_TRACING must be off, console or otlp, not 'bogus'"),
         (
             {"DLRHUB_GMS_WEBHOOK_AUTH": "open"},

@@ -20,7 +20,8 @@ from deliveryreport.v1.delivery_report_service_pb2 import (
     StreamRequest,
     StreamResponse,
 )
-from dlrhub.feed.follow import Heartbeat, follow_batches
+from dlrhub.feed.encoding import EncodedChange
+from dlrhub.feed.follow import FIRST_READ, Heartbeat, follow_batches
 from dlrhub.feed.hub import Hub
 from dlrhub.store import SqliteStore
 from dlrhub.store.base import Change, ChangeFilter
@@ -428,15 +429,15 @@ async def test_a_stream_catching_up_stops_at_shutdown(server: Running) -> None:
         return loop.run_in_executor(running.reads, call)
 
     feed = cast(
-        AsyncGenerator[list[Change] | Heartbeat, None],
+        AsyncGenerator[list[EncodedChange] | Heartbeat, None],
         follow_batches(running.store, running.hub, read, ChangeFilter(), 0, 15, max_batch=500),
     )
     try:
         assert await anext(feed) == Heartbeat(0)
         first_batch = await anext(feed)
         assert isinstance(first_batch, list)
-        assert len(first_batch) == 500
-        running.hub.close()  # shutdown, with 700 changes still to replay
+        assert len(first_batch) == FIRST_READ  # a catch-up's first read asks for a few
+        running.hub.close()  # shutdown, with most of the changes still to replay
         assert [item async for item in feed] == []
     finally:
         await feed.aclose()

@@ -20,8 +20,10 @@ from deliveryreport.v1.delivery_report_service_pb2 import (
     StreamRequest,
     StreamResponse,
 )
-from dlrhub.feed.encoding import StreamEncoder
-from dlrhub.store.base import Change
+from dlrhub.feed.encoding import EncodedChange
+from dlrhub.feed.encoding import batches as encode_batches
+from dlrhub.feed.hub import Hub
+from dlrhub.store.base import Change, ChangeFilter
 from tests.conftest import FakeClock, Running
 from tests.helpers import (
     TIMEOUT,
@@ -168,21 +170,17 @@ async def test_stream_batches_names_the_field_inside_the_stream_request(server: 
 def test_a_change_is_encoded_once_and_decodes_to_its_stream_response() -> None:
     report = DeliveryReport(message_id="m-1", status=DeliveryStatus.DELIVERY_STATUS_DELIVERED)
     state = DeliveryReport(message_id="m-1", bulk_id="b-1", status=DeliveryStatus.DELIVERY_STATUS_DELIVERED)
-    encode = StreamEncoder(size=2)
-    [first] = encode.batches([Change(7, report, state)])
-    [second] = encode.batches([Change(7, report, state)])
-    assert second is first  # a second subscriber gets the same bytes
+    hub = Hub()
+    first, second = hub.subscribe(ChangeFilter()), hub.subscribe(ChangeFilter())
+    hub.publish([Change(7, report, state)])
+    [mine] = first.take(0, 10, 1 << 20)
+    [theirs] = second.take(0, 10, 1 << 20)
+    assert theirs.response is mine.response  # encoded once, as published: both subscribers send it
     expected = StreamResponse(cursor="7", change=StreamChange(report=report, state=state))
-    assert StreamBatchesResponse.FromString(first) == StreamBatchesResponse(responses=[expected])
-    single = encode.response(Change(7, report, state))
-    assert StreamResponse.FromString(single) == expected
-    assert encode.response(Change(7, report, state)) is single  # Stream subscribers share bytes too
-
-    list(encode.batches([Change(8, report, state), Change(9, report, state)]))
-    # Over the size: the oldest (7) was dropped, and is encoded again on demand.
-    [again] = encode.batches([Change(7, report, state)])
-    assert again is not first
-    assert again == first
+    assert StreamResponse.FromString(mine.response) == expected
+    [batch] = encode_batches([mine])
+    assert StreamBatchesResponse.FromString(batch) == StreamBatchesResponse(responses=[expected])
+    assert len(batch) == mine.size
 
 
 @given(
@@ -194,10 +192,10 @@ def test_a_batch_is_its_changes_in_order_split_at_the_byte_limit(texts: list[str
         Change(cursor, DeliveryReport(message_id=f"m-{cursor}", reference=text), DeliveryReport())
         for cursor, text in enumerate(texts, start=1)
     ]
-    batches = list(StreamEncoder(size=100).batches(changes, max_bytes=limit))
-    decoded = [StreamBatchesResponse.FromString(batch).responses for batch in batches]
+    encoded = list(encode_batches([EncodedChange(change) for change in changes], max_bytes=limit))
+    decoded = [StreamBatchesResponse.FromString(batch).responses for batch in encoded]
     assert [response.cursor for batch in decoded for response in batch] == [str(c.cursor) for c in changes]
     assert [response.change.report for batch in decoded for response in batch] == [c.report for c in changes]
-    for batch, responses in zip(batches, decoded, strict=True):
+    for batch, responses in zip(encoded, decoded, strict=True):
         # Over the limit only when one change alone is bigger than it.
         assert len(batch) <= limit or len(responses) == 1

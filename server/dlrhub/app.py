@@ -162,7 +162,11 @@ async def start(
         if store is None:
             store = await read(functools.partial(SqliteStore, settings.db))  # it migrates: blocking
             started.push_async_callback(read, store.close)
-        hub = Hub(capacity=settings.stream_buffer, latest_cursor=await read(store.latest_cursor))
+        hub = Hub(
+            capacity=settings.stream_buffer,
+            max_bytes=settings.stream_buffer_bytes,
+            latest_cursor=await read(store.latest_cursor),
+        )
         health_servicer = health_aio.HealthServicer()
         metrics = Metrics()
         committer, store_health = await _committing(store, hub, metrics, health_servicer, started)

@@ -52,8 +52,11 @@ class Settings:
     # Operator files extending (or replacing) the shipped code tables.
     gms_codes: Path | None = _env("DLRHUB_GMS_CODES", None)
     sent_sms_report_codes: Path | None = _env("DLRHUB_SENT_SMS_REPORT_CODES", None)
-    # Changes buffered per Stream subscriber before it catches up from the store.
+    # The live feed's window of recent changes, which every Stream subscriber reads at its own pace:
+    # at most this many changes and this many encoded bytes; a subscriber that falls further behind
+    # catches up from the store.
     stream_buffer: int = _env("DLRHUB_STREAM_BUFFER", 8192)
+    stream_buffer_bytes: int = _env("DLRHUB_STREAM_BUFFER_BYTES", 16 * 1024 * 1024)
     # Seconds in-flight calls get to finish at shutdown.
     shutdown_grace: float = _env("DLRHUB_SHUTDOWN_GRACE", 10.0)
     # Webhook HTTP listen address, host:port (port 0 picks a free port).
@@ -112,6 +115,12 @@ class Settings:
     def __post_init__(self) -> None:
         if self.request_id_ttl < 1:
             raise ValueError(f"DLRHUB_REQUEST_ID_TTL: at least 1 second, not {self.request_id_ttl}")
+        for name, size in (
+            ("DLRHUB_STREAM_BUFFER", self.stream_buffer),
+            ("DLRHUB_STREAM_BUFFER_BYTES", self.stream_buffer_bytes),
+        ):
+            if size < 1:
+                raise ValueError(f"{name}: at least 1, not {size}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

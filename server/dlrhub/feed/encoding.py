@@ -1,4 +1,4 @@
-"""Each change's StreamResponse bytes, encoded once for every subscriber that sends it.
+"""A change's StreamResponse bytes, encoded once for every subscriber that sends it.
 
 The bytes are framed here from the report and state's own encodings, as protobuf frames a message
 field (a tag, the length, the bytes), so nothing is copied into a StreamResponse first:
@@ -10,12 +10,14 @@ field (a tag, the length, the bytes), so nothing is copied into a StreamResponse
 A batch is the concatenation of its changes' framed bytes, so batches cost no more encoding than
 single changes. The servicer yields these bytes as they are (transport/handlers.py registers
 serialisers that pass bytes through). tests/test_stream.py parses them with the generated code.
+
+The hub encodes each live change once as it is published (its size is what the hub's budget counts);
+a change read from the store while catching up is encoded by the subscriber that reads it.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from google.protobuf.descriptor import Descriptor
 
@@ -51,64 +53,39 @@ def _field(tag: bytes, data: bytes) -> bytes:
     return tag + _varint(len(data)) + data
 
 
-def _response(change: Change) -> bytes:
-    """The StreamResponse of a change."""
-    body = _field(_REPORT, change.report.SerializeToString()) + _field(
-        _STATE, change.state.SerializeToString()
-    )
-    return _field(_CURSOR, str(change.cursor).encode()) + _field(_CHANGE, body)
+class EncodedChange:
+    """A change with its StreamResponse bytes (`response`) and the few bytes (`framing`) that make
+    them an item of a StreamBatchesResponse."""
+
+    __slots__ = ("change", "framing", "response")
+
+    def __init__(self, change: Change) -> None:
+        self.change = change
+        body = _field(_REPORT, change.report.SerializeToString()) + _field(
+            _STATE, change.state.SerializeToString()
+        )
+        self.response = _field(_CURSOR, str(change.cursor).encode()) + _field(_CHANGE, body)
+        self.framing = _RESPONSES + _varint(len(self.response))
+
+    @property
+    def cursor(self) -> int:
+        return self.change.cursor
+
+    @property
+    def size(self) -> int:
+        """Its bytes as an item of a StreamBatchesResponse."""
+        return len(self.framing) + len(self.response)
 
 
-class _Encoded:
-    """One change's StreamResponse, and the same framed as an item of a StreamBatchesResponse."""
-
-    __slots__ = ("framed", "plain")
-
-    def __init__(self, plain: bytes) -> None:
-        self.plain = plain
-        self.framed: bytes | None = None  # made when a StreamBatches subscriber first sends it
-
-
-class StreamEncoder:
-    """Each change's StreamResponse, encoded once however many subscribers send it.
-
-    Cursors are never reused, so a cursor names one encoding; the newest `size` are kept (as many as
-    a subscriber buffers: live subscribers send a change within that window).
-    """
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        # OrderedDict, not dict: popping the oldest of a dict scans the holes its deletions left.
-        self._encoded: OrderedDict[int, _Encoded] = OrderedDict()
-
-    def _entry(self, change: Change) -> _Encoded:
-        entry = self._encoded.get(change.cursor)
-        if entry is None:
-            entry = self._encoded[change.cursor] = _Encoded(_response(change))
-            if len(self._encoded) > self._size:
-                self._encoded.popitem(last=False)
-        return entry
-
-    def response(self, change: Change) -> bytes:
-        """The change as a StreamResponse."""
-        return self._entry(change).plain
-
-    def _framed(self, change: Change) -> bytes:
-        entry = self._entry(change)
-        if entry.framed is None:
-            entry.framed = _field(_RESPONSES, entry.plain)
-        return entry.framed
-
-    def batches(self, changes: list[Change], max_bytes: int = MAX_BATCH_BYTES) -> Iterator[bytes]:
-        """The changes as StreamBatchesResponses of up to `max_bytes` each (or one bigger change)."""
-        parts: list[bytes] = []
-        size = 0
-        for change in changes:
-            framed = self._framed(change)
-            if parts and size + len(framed) > max_bytes:
-                yield b"".join(parts)
-                parts, size = [], 0
-            parts.append(framed)
-            size += len(framed)
-        if parts:
+def batches(changes: Sequence[EncodedChange], max_bytes: int = MAX_BATCH_BYTES) -> Iterator[bytes]:
+    """The changes as StreamBatchesResponses of up to `max_bytes` each (or one bigger change)."""
+    parts: list[bytes] = []
+    size = 0
+    for change in changes:
+        if parts and size + change.size > max_bytes:
             yield b"".join(parts)
+            parts, size = [], 0
+        parts += (change.framing, change.response)
+        size += change.size
+    if parts:
+        yield b"".join(parts)

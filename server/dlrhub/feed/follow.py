@@ -2,8 +2,13 @@
 
 No gap and no duplicate: the subscription starts before the store is read,
 so every change committed after that moment also arrives live; changes at or
-before the last cursor delivered are skipped. When the subscriber's buffer
-overflows (a slow consumer), it catches up from the store again.
+before the last cursor delivered are skipped. When the subscriber falls out of
+the hub's window (a slow consumer), it catches up from the store again.
+
+What it holds is bounded in bytes too: a live batch takes at most MAX_BATCH_BYTES
+of encoded changes off the window, and a catch-up read asks the store for as many
+changes as fit in about that much, judging by the changes it last read (the first
+read of a catch-up asks for a few: their size is not known yet).
 
 The first item is always a heartbeat with the start position, sent as soon
 as the subscription is live, so a caller knows from when changes are covered
@@ -13,15 +18,17 @@ and has a cursor to resume from even if nothing matches.
 from __future__ import annotations
 
 import functools
-from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from dlrhub.feed.encoding import MAX_BATCH_BYTES, EncodedChange
 from dlrhub.feed.hub import Hub
 from dlrhub.store.base import Change, ChangeFilter, ReadRunner, Store
 
-# Changes read from the store at a time, and yielded together at most.
+# Changes read from the store at a time, and yielded together, at most.
 MAX_BATCH = 500
+# Changes asked of the store by the first read of a catch-up.
+FIRST_READ = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +46,7 @@ async def follow_batches(
     after: int | None,
     heartbeat_seconds: float,
     max_batch: int = MAX_BATCH,
-) -> AsyncIterator[list[Change] | Heartbeat]:
+) -> AsyncIterator[list[EncodedChange] | Heartbeat]:
     """Changes matching the filter with cursor > `after` (None: only changes from now on), those
     that are ready at the same moment together (never empty, at most `max_batch`): a subscriber that
     sends them in one message keeps up with far more."""
@@ -51,29 +58,31 @@ async def follow_batches(
         catch_up = True
         while not subscription.closed:
             if catch_up or subscription.overflowed:
-                subscription.overflowed = False
+                hub.resume(subscription)  # live from here on; what came before is in the store
                 catch_up = False
+                asked = min(FIRST_READ, max_batch)
                 while not subscription.closed:  # a long replay stops at shutdown too
-                    batch = await read(functools.partial(store.changes, last, max_batch))
+                    batch = await read(functools.partial(store.changes, last, asked))
                     if not batch:
                         break
-                    matched = [change for change in batch if change_filter.matches(change)]
+                    matched = [EncodedChange(change) for change in batch if change_filter.matches(change)]
                     last = batch[-1].cursor
                     if matched:
                         yield matched
                     subscription.position = last
-                    if len(batch) < max_batch:
+                    if len(batch) < asked:
                         break
+                    asked = _fitting(batch, max_batch)
                 continue
-            if subscription.buffer:
-                ready = _take(subscription.buffer, last, max_batch)
+            if subscription.next < hub.end:
+                ready = subscription.take(last, max_batch, MAX_BATCH_BYTES)
                 if ready:
                     last = ready[-1].cursor
                     yield ready
                     subscription.position = last
                 continue
             if not await subscription.wait(heartbeat_seconds):
-                if subscription.buffer or subscription.overflowed:
+                if subscription.ready:
                     # A change was published as the wait timed out: deliver it before any heartbeat,
                     # or the heartbeat's cursor would pass it and it would be skipped.
                     continue
@@ -83,13 +92,7 @@ async def follow_batches(
         hub.unsubscribe(subscription)
 
 
-def _take(buffer: deque[Change], last: int, limit: int) -> list[Change]:
-    """Up to `limit` buffered changes after cursor `last`, taken off the buffer (older ones were
-    already read from the store while catching up)."""
-    ready: list[Change] = []
-    while buffer and len(ready) < limit:
-        change = buffer.popleft()
-        if change.cursor > last:
-            ready.append(change)
-            last = change.cursor
-    return ready
+def _fitting(changes: list[Change], max_batch: int) -> int:
+    """How many changes of about the size of these fit in MAX_BATCH_BYTES (1 to `max_batch`)."""
+    size = sum(change.report.ByteSize() + change.state.ByteSize() for change in changes)
+    return max(1, min(max_batch, MAX_BATCH_BYTES * len(changes) // max(1, size)))

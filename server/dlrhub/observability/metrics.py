@@ -195,8 +195,18 @@ class _LiveCollector(Collector):
         yield lag
         yield CounterMetricFamily(
             "dlrhub_stream_overflows",
-            "Times a Stream subscriber fell more than its buffer behind and caught up from the store",
+            "Times a Stream subscriber fell out of the live window and caught up from the store",
             value=self._hub.overflows,
+        )
+        yield GaugeMetricFamily(
+            "dlrhub_stream_buffered_bytes",
+            "Encoded bytes of the changes in the live window, kept until every subscriber has read them",
+            value=self._hub.buffered_bytes,
+        )
+        yield GaugeMetricFamily(
+            "dlrhub_stream_buffered_changes",
+            "Changes in the live window",
+            value=max(0, self._hub.buffered_changes),
         )
         yield GaugeMetricFamily(
             "dlrhub_quarantine_open", "Quarantined items not resolved", value=self._open_quarantine()

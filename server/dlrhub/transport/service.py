@@ -46,11 +46,11 @@ from dlrhub.errors import (
     Unavailable,
     invalid_argument,
 )
-from dlrhub.feed.encoding import StreamEncoder
+from dlrhub.feed.encoding import EncodedChange, batches
 from dlrhub.feed.follow import Heartbeat, follow_batches
 from dlrhub.feed.hub import Hub
 from dlrhub.observability.calls import note
-from dlrhub.store.base import Change, ChangeFilter, QuarantinedItem, ReadRunner, Selector, Store
+from dlrhub.store.base import ChangeFilter, QuarantinedItem, ReadRunner, Selector, Store
 from dlrhub.transport.pages import MAX_PAGE_BYTES, decode_page_token, encode_page_token, page_size
 from dlrhub.write import quarantine
 from dlrhub.write.submission import in_view, is_wholly_rejected
@@ -79,7 +79,6 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
         self._hub = hub
         self._read = read
         self._max_streams = max_streams
-        self._encode = StreamEncoder(size=hub.capacity)
 
     async def Ingest(self, request: IngestRequest, context: Context) -> IngestResponse:
         return await self._ingest(request)
@@ -109,7 +108,7 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
                 yield StreamResponse(cursor=str(item.cursor), heartbeat=_HEARTBEAT)
             else:
                 for change in item:
-                    yield self._encode.response(change)
+                    yield change.response
 
     async def StreamBatches(  # type: ignore[override]  # bytes as well: see transport/handlers.py
         self, request: StreamBatchesRequest, context: Context
@@ -121,7 +120,7 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
                     heartbeat = StreamResponse(cursor=str(item.cursor), heartbeat=_HEARTBEAT)
                     yield StreamBatchesResponse(responses=[heartbeat])
                 else:
-                    for batch in self._encode.batches(item):
+                    for batch in batches(item):
                         yield batch
         except DlrhubError as error:
             # The fields are those of the StreamRequest inside this request.
@@ -292,7 +291,7 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
 
     # Stream.
 
-    async def _follow(self, request: StreamRequest) -> AsyncIterator[list[Change] | Heartbeat]:
+    async def _follow(self, request: StreamRequest) -> AsyncIterator[list[EncodedChange] | Heartbeat]:
         """The feed the request asks for, once the request is checked (raises DlrhubError)."""
         heartbeat = _heartbeat_seconds(request)
         after: int | None = None
