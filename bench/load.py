@@ -13,6 +13,11 @@ Job kinds:
                  per IngestRequest), "fetch" (a GetMessageRequest for a random stored message id) or
                  "fetch_history" (the same with include_history).
                  The same bytes go to dlrhub or to the echo server, so the client does the same work.
+  webhook        the same closed (or open) loop of HTTP POSTs to `url` (a webhook, or the echo's
+                 do-nothing handler) on keep-alive connections, one per call in flight (aiohttp's
+                 client); payload "ingest" (one GMS report object) or "batch" (a JSON array of
+                 `batch`), the text Ingest would carry. With `count_accepted` it reads "accepted"
+                 off each JSON answer (dlrhub's); any status but 200 is an error.
   client_stream  `concurrency` client-streaming calls at a time, `messages` single-report
                  IngestRequests each (echo ceiling of batched ingest).
   server_stream  one server-streaming call, counting messages (echo ceiling of Stream fan-out).
@@ -38,6 +43,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import grpc
 from google.protobuf.duration_pb2 import Duration
 
@@ -98,6 +104,10 @@ async def run(job: Job) -> Result:
         return {}
     if job["kind"] in ("server_stream", "subscribe") and job.get("subscriber_client") == "node":
         return await _node_subscriber(job)
+    window = _Window(job)
+    if job["kind"] == "webhook":
+        cpu = _CpuWindow(window)
+        return await _webhook(job, window) | cpu.result()
     kinds = {
         "unary": _unary,
         "client_stream": _client_stream,
@@ -106,11 +116,8 @@ async def run(job: Job) -> Result:
     }
     async with grpc.aio.insecure_channel(job["target"], options=CHANNEL_OPTIONS) as channel:
         await asyncio.wait_for(channel.channel_ready(), 15)
-        window = _Window(job)
         cpu = _CpuWindow(window)
-        result = await kinds[job["kind"]](channel, job, window)
-        result.update(cpu.result())
-        return result
+        return await kinds[job["kind"]](channel, job, window) | cpu.result()
 
 
 class _Window:
@@ -148,27 +155,43 @@ class _CpuWindow:
         return {"client_cpu_s": end - self.marks[0]}
 
 
-def _factory(job: Job) -> Factory:
-    payload = job["payload"]
+def _reports(job: Job) -> Callable[[], tuple[str, str | None, int]] | None:
+    """Fresh GMS reports as a provider posts them, for payload "ingest" (one) or "batch" (`batch`):
+    the text, its message id (of one report) and its number of reports; None for another payload."""
     worker, tag = job["worker_index"], job["tag"]
     sequence = itertools.count()
-    if payload == "ingest":
+    if job["payload"] == "ingest":
 
-        def ingest() -> tuple[bytes, str | None, int]:
+        def one() -> tuple[str, str | None, int]:
             n = next(sequence)
             message_id = live_id(tag, worker, n)
-            return IngestRequest(payload=gms_report(message_id, n)).SerializeToString(), message_id, 1
+            return gms_report(message_id, n), message_id, 1
 
-        return ingest
-    if payload == "batch":
+        return one
+    if job["payload"] == "batch":
         size = job["batch"]
 
-        def batch() -> tuple[bytes, str | None, int]:
+        def batch() -> tuple[str, str | None, int]:
             first = next(sequence) * size
             ids = [live_id(tag, worker, first + n) for n in range(size)]
-            return IngestRequest(payload=gms_batch(ids, first)).SerializeToString(), None, size
+            return gms_batch(ids, first), None, size
 
         return batch
+    return None
+
+
+def _factory(job: Job) -> Factory:
+    """gRPC requests: an IngestRequest of `_reports`, or a GetMessageRequest (fetch)."""
+    payload = job["payload"]
+    reports = _reports(job)
+    if reports is not None:
+
+        def ingest() -> tuple[bytes, str | None, int]:
+            text, message_id, items = reports()
+            return IngestRequest(payload=text).SerializeToString(), message_id, items
+
+        return ingest
+    worker, tag = job["worker_index"], job["tag"]
     if payload in ("fetch", "fetch_history"):
         chooser = random.Random(f"{tag}-{worker}")  # load, not security
         stored, history = job["stored"], payload == "fetch_history"
@@ -187,10 +210,65 @@ def _factory(job: Job) -> Factory:
     raise ValueError(f"unknown payload {payload!r}")
 
 
+class _Failed(Exception):
+    """A call that did not succeed; its status code (a gRPC code's name, or "HTTP 503")."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code
+
+
 async def _unary(channel: grpc.aio.Channel, job: Job, window: _Window) -> Result:
     call = channel.unary_unary(job["method"], None, None)  # identity: bytes in, bytes out
-    make = _factory(job)
-    check_ingest = job["method"] == INGEST
+
+    async def send(request: bytes) -> bytes:
+        try:
+            response: bytes = await call(request, timeout=60)
+        except grpc.aio.AioRpcError as error:
+            raise _Failed(error.code().name) from None
+        return response
+
+    accepted = (
+        (lambda answer: IngestResponse.FromString(answer).accepted_count) if job["method"] == INGEST else None
+    )
+    return await _calls(job, window, send, _factory(job), accepted)
+
+
+async def _webhook(job: Job, window: _Window) -> Result:
+    reports = _reports(job)
+    assert reports is not None, job["payload"]
+
+    def make() -> tuple[bytes, str | None, int]:
+        text, message_id, items = reports()
+        return text.encode(), message_id, items
+
+    connector = aiohttp.TCPConnector(limit=job["concurrency"])
+    headers = {"Content-Type": "application/json"}
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
+
+        async def send(body: bytes) -> bytes:
+            try:
+                async with session.post(job["url"], data=body, headers=headers) as response:
+                    answer = await response.read()
+            except (aiohttp.ClientError, TimeoutError) as error:
+                raise _Failed(type(error).__name__) from None
+            if response.status != 200:
+                raise _Failed(f"HTTP {response.status}")
+            return answer
+
+        accepted = (lambda answer: int(json.loads(answer)["accepted"])) if job.get("count_accepted") else None
+        return await _calls(job, window, send, make, accepted)
+
+
+async def _calls(
+    job: Job,
+    window: _Window,
+    send: Callable[[bytes], Awaitable[bytes]],
+    make: Factory,
+    accepted: Callable[[bytes], int] | None,
+) -> Result:
+    """`send`s requests made by `make`, closed loop with `concurrency` in flight (or paced at `rate`),
+    counting what completes in the window; with `accepted`, the items each answer did not accept."""
     latencies: list[int] = []
     errors: Counter[str] = Counter()
     records: list[tuple[str, int, int]] = []
@@ -200,10 +278,10 @@ async def _unary(channel: grpc.aio.Channel, job: Job, window: _Window) -> Result
     async def once(request: bytes, message_id: str | None, items: int) -> None:
         sent = time.time_ns()
         try:
-            response = await call(request, timeout=60)
-        except grpc.aio.AioRpcError as error:
+            response = await send(request)
+        except _Failed as failed:
             if window.inside(time.time_ns()):
-                errors[error.code().name] += 1
+                errors[failed.code] += 1
             await asyncio.sleep(0.005)
             return
         done = time.time_ns()
@@ -215,9 +293,8 @@ async def _unary(channel: grpc.aio.Channel, job: Job, window: _Window) -> Result
         totals["items"] += items
         if len(latencies) < MAX_LATENCIES:
             latencies.append((done - sent) // 1000)
-        if check_ingest:
-            accepted = IngestResponse.FromString(response).accepted_count
-            totals["not_accepted"] += items - accepted
+        if accepted is not None:
+            totals["not_accepted"] += items - accepted(response)
 
     await window.sleep_until(window.begin)
     rate = job.get("rate")

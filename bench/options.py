@@ -27,9 +27,9 @@ MODES = {
     ),
 }
 
-PHASES = frozenset({"unary", "batched", "fanout", "latency", "fetch", "history", "hot"})
+PHASES = frozenset({"unary", "batched", "webhook", "fanout", "latency", "fetch", "history", "hot"})
 # The phases that load a dlrhub server with Ingest.
-INGEST_PHASES = frozenset({"unary", "batched", "fanout", "latency"})
+INGEST_PHASES = frozenset({"unary", "batched", "webhook", "fanout", "latency"})
 
 
 @dataclass(frozen=True)

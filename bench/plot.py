@@ -52,7 +52,8 @@ def _curves(suite: SuiteResult, throughput: Any, latency: Any, colors: dict[str,
     style = _STYLES.get(loop, "-")
     curves: dict[str, list[tuple[int, float, float, float]]] = {}
     for point in suite.points:
-        if not isinstance(point, CallsPoint) or point.scenario in ("client_stream", "batched"):
+        batches = ("client_stream", "batched", "webhook_batch")  # one point each: in the bars, or nowhere
+        if not isinstance(point, CallsPoint) or point.scenario in batches:
             continue
         name = f"{point.target} {point.scenario}".replace("dlrhub unary", "dlrhub Ingest")
         name = name.replace("echo unary", "echo (Ingest bytes)").replace(

@@ -125,6 +125,7 @@ def rows(options: Options, suite: SuiteResult) -> list[Row]:
     """The table's rows: each dlrhub figure beside its ceiling, judged against its target."""
     table = _Table(suite.points)
     _ingest_rows(options, table)
+    _webhook_rows(options, table)
     _write_cost_rows(table)
     _fetch_rows(options, table)
     _stream_rows(options, table)
@@ -216,6 +217,45 @@ def _ingest_rows(options: Options, table: _Table) -> None:
             echo_stream.items_per_s,
             ">= 0.5",
             lambda r: r >= 0.5,
+        )
+
+
+def _webhook_rows(options: Options, table: _Table) -> None:
+    """POSTs of one report, judged at each level against the do-nothing handler's POSTs; POSTs of
+    `batch` reports, judged in reports per second against the handler's POSTs per second of the
+    same bodies (as batched Ingest is judged against the stack's messages), and in POSTs per second
+    beside them, for information."""
+    for level in options.mode.unary_levels:
+        echo = table.find(CallsPoint, "webhook", "echo", concurrency=level)
+        hub = table.find(CallsPoint, "webhook", "dlrhub", concurrency=level)
+        if echo and hub:
+            table.add(
+                "webhook",
+                f"webhook, 1 report per POST, {level} in flight",
+                hub.calls_per_s,
+                "POSTs/s",
+                echo.calls_per_s,
+                ">= 0.7",
+                lambda r: r >= 0.7,
+            )
+            table.add(
+                "webhook", f"  webhook p99, {level} in flight", hub.latency.p99_ms, "ms", echo.latency.p99_ms
+            )
+    echo = table.find(CallsPoint, "webhook_batch", "echo")
+    hub = table.find(CallsPoint, "webhook_batch", "dlrhub")
+    if echo and hub:
+        where = f"{hub.batch} reports per POST, {hub.concurrency} in flight"
+        table.add(
+            "webhook_batch",
+            f"webhook, {where}",
+            hub.items_per_s,
+            "reports/s",
+            echo.calls_per_s,
+            ">= 0.5",
+            lambda r: r >= 0.5,
+        )
+        table.add(
+            "webhook_batch", f"  the same in POSTs/s, {where}", hub.calls_per_s, "POSTs/s", echo.calls_per_s
         )
 
 

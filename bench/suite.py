@@ -2,6 +2,8 @@
 
   unary    unary Ingest vs the unary echo of the same bytes, at each level of calls in flight
   batched  batched Ingest vs the client-streaming echo, in reports (messages) per second
+  webhook  POST /webhooks/gms of one report, at each level of calls in flight, and of 100-report
+           batches, vs a do-nothing aiohttp handler on the same listener (bench/echo_server.py)
   fanout   the echo's bare fan-out to 1 and N subscribers; dlrhub's at the highest paced Ingest rate
            every subscriber keeps up with, and with Ingest flat out
   latency  Ingest ack -> subscriber, unary Ingest paced at shares of the peak unary rate
@@ -160,6 +162,11 @@ def _ingest_and_stream(suite: Suite, echo: Server, hub: Server) -> None:
     if "batched" in only:
         _batched(suite, echo, hub)
         _profile_if_missed(suite, "batched", hub, lambda: _batch_jobs(suite))
+    if "webhook" in only:
+        _webhook(suite, echo, hub)
+        top = max(suite.options.mode.unary_levels)
+        _profile_if_missed(suite, "webhook", hub, lambda: _webhook_jobs(suite, hub, top))
+        _profile_if_missed(suite, "webhook_batch", hub, lambda: _webhook_jobs(suite, hub, batched=True))
     if "fanout" in only:
         _fanout(suite, echo, hub)
         method = suite.options.stream_method
@@ -244,6 +251,28 @@ def _batched(suite: Suite, echo: Server, hub: Server) -> None:
             batch=options.batch,
         )
     )
+
+
+def _webhook(suite: Suite, echo: Server, hub: Server) -> None:
+    """POST /webhooks/gms of one report at each level, and of `batch` reports, vs the echo's
+    do-nothing handler on the same listener settings."""
+    print(f"-- webhook POSTs vs a do-nothing aiohttp handler ({suite.event_loop})", flush=True)
+    options = suite.options
+    runs = [(level, False) for level in options.mode.unary_levels] + [(options.batch_inflight, True)]
+    for concurrency, batched in runs:
+        for server in (echo, hub):
+            measured = suite.measure(server, _webhook_jobs(suite, server, concurrency, batched=batched))
+            suite.record(
+                calls_point(
+                    measured.results,
+                    suite.duration,
+                    measured.window,
+                    scenario="webhook_batch" if batched else "webhook",
+                    target=server.name,
+                    concurrency=concurrency,
+                    batch=options.batch if batched else None,
+                )
+            )
 
 
 def _fanout(suite: Suite, echo: Server, hub: Server) -> None:
@@ -435,6 +464,24 @@ def _unary_jobs(suite: Suite, method: str, payload: str, concurrency: int, **ext
 def _batch_jobs(suite: Suite) -> Jobs:
     options = suite.options
     return _unary_jobs(suite, INGEST, "batch", options.batch_inflight, batch=options.batch)
+
+
+def _webhook_jobs(suite: Suite, server: Server, concurrency: int = 0, *, batched: bool = False) -> Jobs:
+    """POSTs to the server's /webhooks/gms, `concurrency` in flight (batched: `batch_inflight`)
+    over the loaders, of one report each (batched: `batch`); dlrhub's answers are checked."""
+    options = suite.options
+    job: Job = {
+        "kind": "webhook",
+        "url": f"http://{server.http_address}/webhooks/gms",
+        "payload": "batch" if batched else "ingest",
+        "batch": options.batch,
+        "count_accepted": server.name == "dlrhub",
+    }
+    shares = _split(options.batch_inflight if batched else concurrency, options.procs)
+    return [
+        (worker, {**job, "concurrency": share})
+        for worker, share in zip(suite.pool.loaders, shares, strict=False)
+    ]
 
 
 def _subscriber_jobs(suite: Suite, count: int, method: str, mode: str, **extra: Any) -> Jobs:
