@@ -1,4 +1,4 @@
-"""The client commands of the `dlrhub` console script.
+"""The `dlrhub` command: the client commands, and those that installed packages add (`serve`).
 
     dlrhub ingest FILE|- [--format gms|sent-sms-report] [--request-id ID] [--batch-size N] [--json]
     dlrhub fetch (--message-id ID [--history] | --bulk-id ID | --reference REF) [--json]
@@ -12,6 +12,10 @@ Connection: --target (env DLRHUB_TARGET, default 127.0.0.1:50051), --token (env 
 
 Exit codes: 0 done; 1 other error; 2 bad usage; 3 invalid input (some or all items rejected);
 4 not found; 5 dlrhub unavailable (safe to retry).
+
+dlrhub-client owns the command; another package adds a command to it through an entry point of the
+group "dlrhub.commands", named as the command, naming a function that takes the sub-command parser
+(the server, dlrhub, adds `serve` so). Installing dlrhub-client alone gives the client commands only.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import json
 import os
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -30,6 +35,7 @@ from google.protobuf.message import Message
 
 from deliveryreport.v1.delivery_report_pb2 import Channel, DeliveryReport, DeliveryStatus, Source
 from deliveryreport.v1.delivery_report_service_pb2 import Format, IngestResponse
+from dlrhub_client import __version__
 from dlrhub_client.aio import DEFAULT_TARGET, AsyncClient, TlsConfig
 from dlrhub_client.errors import DlrhubClientError, InvalidArgumentError, NotFoundError, UnavailableError
 from dlrhub_client.payloads import InvalidJson, batch, batch_items, decode
@@ -41,6 +47,28 @@ FORMATS = {
     "sent-sms-report": Format.FORMAT_SENT_SMS_REPORT,
 }
 SOURCES = {"gms": Source.SOURCE_GMS, "sent-sms-report": Source.SOURCE_SENT_SMS_REPORT}
+COMMANDS_GROUP = "dlrhub.commands"
+
+Register = Callable[[Any], None]
+
+
+def main(argv: Sequence[str] | None = None, *, commands: Sequence[Register] = ()) -> int:
+    """Runs `dlrhub`: the commands of `commands` and of the installed entry points, then the client's."""
+    parser = argparse.ArgumentParser(prog="dlrhub", description="Delivery-report hub.")
+    plugins = entry_points(group=COMMANDS_GROUP)
+    versions = [f"dlrhub-client {__version__}"]
+    versions += [f"{plugin.dist.name} {plugin.dist.version}" for plugin in plugins if plugin.dist is not None]
+    parser.add_argument("--version", action="version", version=", ".join(dict.fromkeys(versions)))
+    subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in commands:
+        add(subcommands)
+    for plugin in plugins:  # an entry point's name is the command it adds
+        if plugin.name not in subcommands.choices:
+            plugin.load()(subcommands)
+    register(subcommands)
+    options = parser.parse_args(argv)
+    code: int = options.run(options)
+    return code
 
 
 def register(commands: Any) -> None:

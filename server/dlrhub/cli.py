@@ -1,4 +1,5 @@
-"""The `dlrhub` command.
+"""`dlrhub serve`: the server's command, which this package adds to the `dlrhub` command of
+dlrhub-client (dlrhub_client.cli; the entry point group "dlrhub.commands" names `register`).
 
     dlrhub serve [--listen HOST:PORT] [--http-listen HOST:PORT] [--admin-listen HOST:PORT] [--db PATH] ...
     dlrhub ingest | fetch | tail ...     (the client commands: dlrhub_client.cli)
@@ -20,9 +21,8 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from dlrhub import __version__
 from dlrhub_client import cli as client_cli
 
 if TYPE_CHECKING:
@@ -33,9 +33,12 @@ log = logging.getLogger(__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dlrhub", description="Delivery-report hub.")
-    parser.add_argument("--version", action="version", version=f"dlrhub {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    """The `dlrhub` command with `serve` (also where no entry point is installed: `python -m dlrhub`)."""
+    return client_cli.main(argv, commands=[register])
+
+
+def register(commands: Any) -> None:
+    """Adds `serve` to the `dlrhub` sub-command parser."""
     serve = commands.add_parser("serve", help="run the gRPC service")
     serve.add_argument(
         "--listen", help="gRPC address, host:port (env DLRHUB_LISTEN; default 127.0.0.1:50051)"
@@ -69,10 +72,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--tls-client-ca", type=Path, help="CA for client certificates: mutual TLS (env DLRHUB_TLS_CLIENT_CA)"
     )
     serve.set_defaults(run=_run_serve)
-    client_cli.register(commands)
-    options = parser.parse_args(argv)
-    code: int = options.run(options)
-    return code
 
 
 _SERVE_FLAGS = (
