@@ -1,11 +1,13 @@
 """dlrhub-client as its users get it: the wheel built from client/, installed into a clean virtualenv
-with its dependencies from the package index, used against the real server.
+with its dependencies from the package index, used against the real server, and typed for a caller's
+mypy.
 
 The virtualenv is made once per test session (about 20 s with a warm pip cache).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from dlrhub_client import AsyncClient, Client
 from tests.conftest import FIXTURES, ROOT
 from tests.helpers import PROCESS_TIMEOUT
 from tools import launcher
@@ -77,7 +80,7 @@ def client_env(tmp_path_factory: pytest.TempPathFactory) -> ClientEnv:
     [wheel] = (work / "dist").glob("dlrhub_client-*.whl")
     root = work / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(root)], check=True, timeout=INSTALL_TIMEOUT)
-    _pip(root / "bin" / "python", "install", wheel)
+    _pip(root / "bin" / "python", "install", f"{wheel}[types]")  # with the stubs a typed caller adds
     return ClientEnv(wheel, root, time.monotonic() - started)
 
 
@@ -92,6 +95,7 @@ def installed(env: ClientEnv, tmp_path: Path) -> dict[str, str]:
 def test_the_client_wheel_brings_no_server_dependency(client_env: ClientEnv, tmp_path: Path) -> None:
     names = installed(client_env, tmp_path)
     assert {"dlrhub-client", "grpcio", "protobuf", "googleapis-common-protos", "tqdm"} <= names.keys()
+    assert {"types-protobuf", "grpc-stubs"} <= names.keys()  # the `types` extra
     brought = [name for name in names if name in SERVER_ONLY or name.startswith(SERVER_ONLY_FAMILIES)]
     assert brought == [], f"the client wheel brought server dependencies: {brought}"
     # The server's package is not in the wheel either.
@@ -158,3 +162,68 @@ def test_with_the_server_installed_the_same_command_serves_too() -> None:
     assert "serve" in _command_help([str(script), "--help"])
     assert _command_help([str(script), "--version"]) == "dlrhub-client 0.1.0, dlrhub 0.1.0\n"
     assert "--listen" in _command_help([sys.executable, "-m", "dlrhub", "serve", "--help"])
+
+
+# Typed for its users.
+
+CONSUMER = """
+from dlrhub_client import Client, DeliveryReport, DeliveryStatus
+
+
+def delivered(target: str) -> list[str]:
+    with Client(target, timeout=5) as client:
+        reports: list[DeliveryReport] = list(client.iter_bulk("B1", page_size=100))
+        state = client.get_message("m1", include_history=True)
+    done = DeliveryStatus.DELIVERY_STATUS_DELIVERED
+    return [r.message_id for r in [*reports, *state.messages] if r.status == done]
+"""
+
+
+def mypy(env: ClientEnv, source: str, directory: Path) -> subprocess.CompletedProcess[str]:
+    """mypy --strict on `source` as a caller's module, seeing only what the client wheel installed."""
+    (directory / "consumer.py").write_text(source, encoding="utf-8")
+    return subprocess.run(
+        [
+            *(sys.executable, "-m", "mypy", "--strict", "--python-executable", str(env.python)),
+            *("--cache-dir", str(directory / ".mypy_cache"), "consumer.py"),
+        ],
+        cwd=directory,  # outside the repository: none of its configuration or source paths
+        capture_output=True,
+        text=True,
+        timeout=PROCESS_TIMEOUT * 4,
+        check=False,
+    )
+
+
+def test_a_callers_mypy_sees_the_client_and_the_generated_types(
+    client_env: ClientEnv, tmp_path: Path
+) -> None:
+    checked = mypy(client_env, CONSUMER, tmp_path)
+    assert checked.returncode == 0, checked.stdout
+    misspelt_keyword = CONSUMER.replace("include_history=True", "include_histroy=True")
+    checked = mypy(client_env, misspelt_keyword, tmp_path)
+    assert checked.returncode == 1
+    assert 'Unexpected keyword argument "include_histroy" for "get_message" of "Client"' in checked.stdout
+    misspelt_field = CONSUMER.replace("r.message_id", "r.mesage_id")
+    checked = mypy(client_env, misspelt_field, tmp_path)
+    assert checked.returncode == 1
+    assert '"DeliveryReport" has no attribute "mesage_id"' in checked.stdout
+
+
+def test_the_blocking_client_has_the_async_clients_signatures() -> None:
+    def public(cls: type) -> set[str]:
+        return {name for name in vars(cls) if not name.startswith("_")} | {"__init__"}
+
+    assert public(Client) == public(AsyncClient)
+    for name in sorted(public(Client)):
+        blocking, asynchronous = (
+            inspect.signature(getattr(Client, name)),
+            inspect.signature(getattr(AsyncClient, name)),
+        )
+        # A grpc.aio channel belongs to one event loop: the blocking client makes its own, on its loop.
+        parameters = [
+            p for p in asynchronous.parameters.values() if (name, p.name) != ("__init__", "channel")
+        ]
+        assert list(blocking.parameters.values()) == parameters, name
+        returns = str(asynchronous.return_annotation).replace("AsyncIterator[", "Iterator[")
+        assert blocking.return_annotation == returns, name
