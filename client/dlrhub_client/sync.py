@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Itera
 from datetime import timedelta
 from typing import Any, TypeVar
 
+from grpc_health.v1.health_pb2 import HealthCheckResponse
+
 from deliveryreport.v1.delivery_report_pb2 import Channel, DeliveryReport, DeliveryStatus, Source
 from deliveryreport.v1.delivery_report_service_pb2 import (
     Format,
@@ -159,6 +161,9 @@ class Client:
 
     def renormalise_quarantine(self, ids: Iterable[int] = ()) -> RenormaliseQuarantineResponse:
         return self._run(self._client.renormalise_quarantine(ids))
+
+    def check_health(self, service: str = "") -> HealthCheckResponse.ServingStatus.ValueType:
+        return self._run(self._client.check_health(service))
 
     def stream(
         self,

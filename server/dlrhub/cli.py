@@ -37,9 +37,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     return client_cli.main(argv, commands=[register])
 
 
+SERVE_EXAMPLES = """\
+examples:
+  dlrhub serve                                   SQLite in ./data/, gRPC on 127.0.0.1:50051, webhooks on :8080
+  dlrhub serve --listen 0.0.0.0:50051 --admin-listen 127.0.0.1:9464    reachable; /metrics on 9464
+  DLRHUB_TOKENS=ingest:SECRET1,read:SECRET2 dlrhub serve             with authentication
+
+Logs go to stderr: readable lines on a terminal, JSON lines elsewhere (--log-format).
+"""
+
+
 def register(commands: Any) -> None:
     """Adds `serve` to the `dlrhub` sub-command parser."""
-    serve = commands.add_parser("serve", help="run the gRPC service")
+    serve = commands.add_parser(
+        "serve",
+        help="run the gRPC service",
+        description="Run dlrhub: the gRPC service, the provider webhooks and, if set, the poller and"
+        " the admin port. Every setting has a DLRHUB_* environment variable; a flag wins over it.",
+        epilog=SERVE_EXAMPLES + _environment(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     serve.add_argument(
         "--listen", help="gRPC address, host:port (env DLRHUB_LISTEN; default 127.0.0.1:50051)"
     )
@@ -54,6 +71,11 @@ def register(commands: Any) -> None:
     serve.add_argument("--db", type=Path, help="SQLite file (env DLRHUB_DB; default data/dlrhub.db)")
     serve.add_argument(
         "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="env DLRHUB_LOG_LEVEL"
+    )
+    serve.add_argument(
+        "--log-format",
+        choices=["json", "text"],
+        help="env DLRHUB_LOG_FORMAT; default: text on a terminal, JSON otherwise",
     )
     serve.add_argument(
         "--gms-codes", type=Path, help="GMS code table extending the shipped one (env DLRHUB_GMS_CODES)"
@@ -74,12 +96,30 @@ def register(commands: Any) -> None:
     serve.set_defaults(run=_run_serve)
 
 
+def _environment() -> str:
+    """Every DLRHUB_* variable of the settings, with its default (the README says what each means)."""
+    from dlrhub.config import Settings  # noqa: PLC0415 - light, but only `serve` needs it
+
+    lines = []
+    for setting in dataclasses.fields(Settings):
+        default = setting.default
+        if isinstance(default, bool):
+            default = "on" if default else "off"
+        elif default in (None, ""):
+            default = "(unset)"
+        lines.append(f"  {setting.metadata['env']:<44} {default}")
+    return (
+        "\nenvironment (the README's Configuration section says what each means):\n" + "\n".join(lines) + "\n"
+    )
+
+
 _SERVE_FLAGS = (
     "listen",
     "http_listen",
     "admin_listen",
     "db",
     "log_level",
+    "log_format",
     "gms_codes",
     "sent_sms_report_codes",
     "tokens_file",
@@ -102,7 +142,11 @@ def _run_serve(options: argparse.Namespace) -> int:
         return 2
     overrides = {name: value for name in _SERVE_FLAGS if (value := getattr(options, name, None)) is not None}
     settings = dataclasses.replace(settings, **overrides)
-    logs.configure(settings.log_level, settings.log_repeat_interval)
+    try:
+        logs.configure(settings.log_level, settings.log_repeat_interval, settings.log_format)
+    except ValueError as error:
+        print(f"dlrhub: DLRHUB_LOG_FORMAT: {error}", file=sys.stderr)
+        return 2
     _raise_file_limit()
     try:
         asyncio.run(_serve(settings, app.start))
