@@ -1,6 +1,7 @@
 # dlrhub: every target does its own set-up on a fresh machine.
-#   make run      - run the service on its embedded default (SQLite under ./data/)
+#   make run      - run the service on its embedded default (SQLite under ./data/); ARGS='...' adds flags
 #   make test     - buf lint, buf breaking, generated-code check, ruff, mypy and the test suite
+#   make client-tools - for the README's second terminal: grpcurl in .venv/bin, the Node client's packages
 #   make gen      - regenerate gen/ from protos/
 #   make bench    - the benchmarks (see bench/README.md)
 
@@ -14,8 +15,10 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 RUNTIME_INSTALLED := $(VENV)/.runtime-installed
 INSTALLED := $(VENV)/.installed
 NODE_INSTALLED := node_modules/.installed
+# Flags for `dlrhub serve`, e.g. make run ARGS='--listen 0.0.0.0:50051'.
+ARGS ?=
 
-.PHONY: setup run test lint gen bench clean
+.PHONY: setup run client-tools test lint gen bench clean
 
 setup: $(INSTALLED) $(NODE_INSTALLED)
 
@@ -40,7 +43,10 @@ $(NODE_INSTALLED): package.json package-lock.json
 	touch $@
 
 run: $(RUNTIME_INSTALLED)
-	$(BIN)/dlrhub serve
+	$(BIN)/dlrhub serve $(ARGS)
+
+client-tools: $(RUNTIME_INSTALLED) $(NODE_INSTALLED)
+	$(PIP) -e ./client -e '.[grpcurl]'
 
 lint: setup
 	node_modules/.bin/buf lint

@@ -104,6 +104,15 @@ def test_the_client_wheel_brings_no_server_dependency(client_env: ClientEnv, tmp
     assert packages == {"dlrhub_client", "deliveryreport"}
     missing_server = client_env.run(client_env.python, "-c", "import dlrhub", cwd=tmp_path)
     assert "No module named 'dlrhub'" in missing_server.stderr
+    # The licence's text travels with it.
+    licence = client_env.run(
+        client_env.python,
+        "-c",
+        "from importlib.metadata import distribution as d; "
+        "print(d('dlrhub-client').read_text('licenses/LICENSE'), end='')",
+        cwd=tmp_path,
+    )
+    assert licence.stdout == (ROOT / "LICENSE").read_text(encoding="utf-8")
 
 
 def test_the_installed_client_talks_to_a_real_server(
