@@ -10,6 +10,8 @@ server options and identity serializers), drives both from separate load process
   unary Ingest (one report per call)       vs unary echo of the same bytes, at several concurrencies
   batched Ingest (100 reports per call)    vs client-streaming echo, in reports (messages) per second
   Fetch by message id, 10k (and 1M) stored vs unary echo of the same request bytes
+  Fetch with history, 10k (and 1M) stored  the same, with include_history
+  write cost of a hot message's report     in process, 10,000 vs 500 reports of history
   Stream fan-out, 1 and 10 subscribers     vs bare server-streaming fan-out of same-size messages
   Ingest-ack -> subscriber latency         at half of the peak unary Ingest rate, 1 and 10 subscribers
   server RSS                               with 10k (and 1M) reports stored, after the Fetch load

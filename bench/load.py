@@ -10,7 +10,8 @@ Job kinds:
   unary          closed loop with `concurrency` calls in flight (or, with `rate`, an open loop paced
                  at `rate` calls/s with at most `concurrency` in flight), identity serializers;
                  payload "ingest" (one fresh report per IngestRequest), "batch" (`batch` reports
-                 per IngestRequest) or "fetch" (a GetMessageRequest for a random stored message id).
+                 per IngestRequest), "fetch" (a GetMessageRequest for a random stored message id) or
+                 "fetch_history" (the same with include_history).
                  The same bytes go to dlrhub or to the echo server, so the client does the same work.
   client_stream  `concurrency` client-streaming calls at a time, `messages` single-report
                  IngestRequests each (echo ceiling of batched ingest).
@@ -168,11 +169,13 @@ def _factory(job: Job) -> Factory:
             return IngestRequest(payload=gms_batch(ids, first)).SerializeToString(), None, size
 
         return batch
-    if payload == "fetch":
+    if payload in ("fetch", "fetch_history"):
         chooser = random.Random(f"{tag}-{worker}")  # load, not security
-        stored = job["stored"]
+        stored, history = job["stored"], payload == "fetch_history"
         pool = [
-            GetMessageRequest(message_id=stored_id(chooser.randrange(stored))).SerializeToString()
+            GetMessageRequest(
+                message_id=stored_id(chooser.randrange(stored)), include_history=history
+            ).SerializeToString()
             for _ in range(FETCH_POOL)
         ]
         cycle = itertools.cycle(pool)

@@ -8,16 +8,20 @@ It measures, in microseconds per report:
   (a) Normaliser.normalise of one GMS report text,
   (b) Normaliser.normalise of a GMS batch (a JSON array) of 100 reports,
   (c) Normaliser.normalise of a SentSMSReport {"results": [...]} of 100 reports,
-  (d) merge() of a report into an existing state (a new winner, and a duplicate),
+  (d) merge() of a report into an existing state (a new winner),
 and, as baselines in the same run,
   (e) json.loads of the same single GMS text,
   (f) google.protobuf.json_format.ParseDict of the equivalent DeliveryReport dict,
-  (g) orjson.loads of the same single GMS text (only if orjson is installed).
+  (g) orjson.loads of the same single GMS text (only if orjson is installed);
+and, for where the server stops normalising on the event loop (dlrhub.write.writer.INLINE_BYTES),
+  (h) a hop from an asyncio event loop to a worker thread and back (run_in_executor of a no-op),
+  (i) Normaliser.normalise of a GMS batch of INLINE_BYTES, per call.
 Each figure is the best of 5 runs of about 0.2 s each (time.perf_counter_ns).
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 import math
@@ -25,6 +29,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import google.protobuf
@@ -36,6 +41,7 @@ from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
 from deliveryreport.v1.delivery_report_service_pb2 import Format
 from dlrhub.merge import MessageState, merge
 from dlrhub.normalise import Normaliser
+from dlrhub.write.writer import INLINE_BYTES
 
 RUNS = 5
 RUN_NS = 200_000_000  # about 0.2 s per run
@@ -105,6 +111,20 @@ def _run(call: Callable[[], object], loops: int) -> int:
     return time.perf_counter_ns() - start
 
 
+def hop_ns(hops: int = 2000) -> float:
+    """Nanoseconds per hop from the event loop to a worker thread and back: best of RUNS runs."""
+
+    async def run(pool: ThreadPoolExecutor) -> int:
+        loop = asyncio.get_running_loop()
+        start = time.perf_counter_ns()
+        for _ in range(hops):
+            await loop.run_in_executor(pool, int)
+        return time.perf_counter_ns() - start
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return min(asyncio.run(run(pool)) for _ in range(RUNS)) / hops
+
+
 def reports_of(normaliser: Normaliser, text: str, received: Timestamp) -> list[DeliveryReport]:
     """The reports of `text`, checking that no item was rejected (a rejection would be cheaper)."""
     items = normaliser.normalise(text, Format.FORMAT_UNSPECIFIED, received)
@@ -134,14 +154,14 @@ def main() -> None:
     state: MessageState | None = None
     for item in gms_history:
         (earlier,) = reports_of(normaliser, json.dumps(item), received)
-        state = merge(state, earlier).state
+        state = merge(state, earlier)
     assert state is not None
     existing = state
     later_item = {**gms_item(0), "time": 1477417299000, "sent_via": "viber", "hyber_status": 23033}
     (later,) = reports_of(normaliser, json.dumps(later_item), received)
-    assert merge(existing, later).state.report.raw_payload == later.raw_payload
-    assert merge(existing, report).duplicate
+    assert merge(existing, later).report.raw_payload == later.raw_payload
 
+    inline_batch = json.dumps([gms_item(index) for index in range(INLINE_BYTES // len(single))])
     report_dict = json_format.MessageToDict(report)
     gms, sms_reports = Format.FORMAT_GMS, Format.FORMAT_SENT_SMS_REPORT
 
@@ -160,7 +180,6 @@ def main() -> None:
             / BATCH,
         ),
         ("(d) merge, a new winner into a state of 3", best_ns_per_call(lambda: merge(existing, later))),
-        ("(d) merge, a duplicate into a state of 3", best_ns_per_call(lambda: merge(existing, report))),
         ("(e) json.loads, one GMS report", best_ns_per_call(lambda: json.loads(single))),
         (
             "(f) json_format.ParseDict, one DeliveryReport",
@@ -173,6 +192,10 @@ def main() -> None:
         rows.append(("(g) orjson.loads: skipped, orjson not installed", float("nan")))
     else:
         rows.append(("(g) orjson.loads, one GMS report", best_ns_per_call(lambda: orjson.loads(single))))
+    hop = hop_ns()
+    rows.append(("(h) event loop -> worker thread -> event loop, per hop", hop))
+    inline = best_ns_per_call(lambda: normaliser.normalise(inline_batch, gms, received))
+    rows.append((f"(i) normalise, a GMS batch of {len(inline_batch)} bytes, per call", inline))
 
     print(
         f"Python {platform.python_version()} ({sys.implementation.name}), "
@@ -193,6 +216,11 @@ def main() -> None:
     print(
         f"(a) / (f) ParseDict:  "
         f"{normalise_one / measured['(f) json_format.ParseDict, one DeliveryReport']:.2f}x"
+    )
+    switch_ms = sys.getswitchinterval() * 1000
+    print(
+        f"(h) / (i): a hop costs {hop / inline:.0%} of normalising {INLINE_BYTES} bytes, which holds the"
+        f" event loop {inline / 1e6:.2f} ms (a worker thread holds the GIL {switch_ms:g} ms at a time)"
     )
 
 

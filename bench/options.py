@@ -27,7 +27,9 @@ MODES = {
     ),
 }
 
-PHASES = frozenset({"unary", "batched", "fanout", "latency", "fetch"})
+PHASES = frozenset({"unary", "batched", "fanout", "latency", "fetch", "history", "hot"})
+# The phases that load a dlrhub server with Ingest.
+INGEST_PHASES = frozenset({"unary", "batched", "fanout", "latency"})
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ def ensure(count: int, *, log: bool = True) -> Path:
                     last = min(end, first + CHUNK)
                     payload = gms_batch([stored_id(i) for i in range(first, last)], first)
                     items = normaliser.normalise(payload, Format.FORMAT_GMS, received)
-                    applied = apply(tx, Submission(items, received))
+                    [applied] = apply(tx, [Submission(items, received)])
                     if applied.response.accepted_count != last - first:
                         raise RuntimeError(f"preload: reports {first}..{last} were not all accepted")
             done = end
@@ -65,6 +65,7 @@ def ensure(count: int, *, log: bool = True) -> Path:
                 print(f"preload: {done:,}/{count:,} reports ({rate:,.0f}/s)", file=sys.stderr, flush=True)
     finally:
         store.close()  # the last connection checkpoints the WAL into the file and removes it
+    Path(f"{building}.lock").unlink()  # the store's one-process lock: no server runs on this file
     building.rename(path)
     return path
 

@@ -3,7 +3,8 @@
 A point is one measurement window (bench/measurement.py), summarised here from the answers of the
 load processes (bench/load.py; plain dicts): `CallsPoint` for unary and client-streaming calls
 (Ingest, batched Ingest, Fetch, and their echo ceilings), `FanoutPoint` for server-streaming
-subscribers, `LatencyPoint` for the time from an Ingest answer to each subscriber. The JSON results
+subscribers, `LatencyPoint` for the time from an Ingest answer to each subscriber, `WriteCostPoint`
+for the write path's cost per report of a hot message (bench/write_cost.py). The JSON results
 are these records as `dataclasses.asdict` writes them, field for field (bench/README.md).
 """
 
@@ -57,7 +58,9 @@ class CallsPoint:
     """Unary or client-streaming calls, `concurrency` in flight: unary Ingest, batched Ingest, Fetch,
     and their echo ceilings."""
 
-    scenario: str  # unary, batched, client_stream (batched's ceiling), fetch_echo, fetch_10k, fetch_1M
+    # unary, batched, client_stream (batched's ceiling), fetch_echo, fetch_10k, fetch_1M, and
+    # fetch_history_10k, fetch_history_1M (Fetch with include_history)
+    scenario: str
     target: str  # dlrhub or echo
     concurrency: int
     calls_per_s: float
@@ -119,7 +122,20 @@ class LatencyPoint:
     window: Window
 
 
-Point = CallsPoint | FanoutPoint | LatencyPoint
+@dataclass(frozen=True, kw_only=True)
+class WriteCostPoint:
+    """The write path alone (bench/write_cost.py): the cost of applying one new report of a message
+    that has `history` reports already, in groups of `group`."""
+
+    scenario: str = "hot_message"
+    target: str = "dlrhub"
+    history: int
+    group: int
+    per_report_us: float  # the median of the rounds
+    rounds_us: tuple[float, ...]
+
+
+Point = CallsPoint | FanoutPoint | LatencyPoint | WriteCostPoint
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,18 @@ import grpc
 
 from bench.common import RESULTS, ROOT
 from bench.options import Options
-from bench.records import CallsPoint, FanoutPoint, LatencyPoint, Point, SuiteResult, count_label
+from bench.records import (
+    CallsPoint,
+    FanoutPoint,
+    LatencyPoint,
+    Point,
+    SuiteResult,
+    WriteCostPoint,
+    count_label,
+)
+from bench.write_cost import HISTORIES
 
-P = TypeVar("P", CallsPoint, FanoutPoint, LatencyPoint)
+P = TypeVar("P", CallsPoint, FanoutPoint, LatencyPoint, WriteCostPoint)
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,12 @@ class Environment:
 
 
 def progress_line(point: Point) -> str:
+    if isinstance(point, WriteCostPoint):
+        rounds = ", ".join(f"{value:.0f}" for value in point.rounds_us)
+        return (
+            f"  {point.target:6} {point.scenario:13} history={point.history:<6,} "
+            f"{point.per_report_us:8.1f} us per report (median; rounds of {point.group}: {rounds})"
+        )
     window = point.window
     cpu = (
         f"server {window.server_cpu_pct:.0f}% cpu, clients {window.client_cpu_pct:.0f}%,"
@@ -110,6 +125,7 @@ def rows(options: Options, suite: SuiteResult) -> list[Row]:
     """The table's rows: each dlrhub figure beside its ceiling, judged against its target."""
     table = _Table(suite.points)
     _ingest_rows(options, table)
+    _write_cost_rows(table)
     _fetch_rows(options, table)
     _stream_rows(options, table)
     _latency_rows(options, table)
@@ -203,47 +219,75 @@ def _ingest_rows(options: Options, table: _Table) -> None:
         )
 
 
+def _write_cost_rows(table: _Table) -> None:
+    """The cost per new report of a hot message (bench/write_cost.py), judged on the long history
+    against the short one: it must not grow with the history (#19.2)."""
+    short, long = HISTORIES
+    base = table.find(WriteCostPoint, "hot_message", "dlrhub", history=short)
+    hot = table.find(WriteCostPoint, "hot_message", "dlrhub", history=long)
+    if base and hot:
+        table.add("hot", f"write cost per report, {short:,} reports of history", base.per_report_us, "us")
+        table.add(
+            "hot",
+            f"write cost per report, {long:,} vs {short:,} reports of history",
+            hot.per_report_us,
+            "us",
+            base.per_report_us,
+            "<= 1.25",
+            lambda r: r <= 1.25,
+        )
+
+
+# Fetch by id (judged against the echo), and with include_history (information: a history read was a
+# full table scan, #19.3); both judged on their p99 with 1M stored against 10k.
+_FETCHES = (
+    ("fetch", "Fetch by id", "Fetch", True),
+    ("fetch_history", "Fetch with history", "Fetch with history", False),
+)
+
+
 def _fetch_rows(options: Options, table: _Table) -> None:
     million = count_label(options.million)
-    for label in ("10k", million):
-        phase = f"fetch_{label}"
-        for level in options.mode.fetch_levels:
-            hub = table.find(CallsPoint, phase, "dlrhub", concurrency=level)
-            echo = table.find(CallsPoint, "fetch_echo", "echo", concurrency=level)
-            if not (hub and echo):
-                continue
-            table.add(
-                phase,
-                f"Fetch by id, {label} stored, {level} in flight",
-                hub.calls_per_s,
-                "calls/s",
-                echo.calls_per_s,
-                ">= 0.9",
-                lambda r: r >= 0.9,
-            )
-            where = f"{label}, {level} in flight"
-            table.add(phase, f"  Fetch p50, {where}", hub.latency.p50_ms, "ms", echo.latency.p50_ms)
-            table.add(phase, f"  Fetch p99, {where}", hub.latency.p99_ms, "ms", echo.latency.p99_ms)
-            if hub.window.server_disk_read_mb_s >= 0.1:
+    for scenario, title, short, judged in _FETCHES:
+        for label in ("10k", million):
+            phase = f"{scenario}_{label}"
+            for level in options.mode.fetch_levels:
+                hub = table.find(CallsPoint, phase, "dlrhub", concurrency=level)
+                echo = table.find(CallsPoint, "fetch_echo", "echo", concurrency=level)
+                if not (hub and echo):
+                    continue
                 table.add(
                     phase,
-                    f"  server disk reads, {label}, {level} in flight",
-                    hub.window.server_disk_read_mb_s,
-                    "MB/s",
+                    f"{title}, {label} stored, {level} in flight",
+                    hub.calls_per_s,
+                    "calls/s",
+                    echo.calls_per_s,
+                    ">= 0.9" if judged else "",
+                    (lambda r: r >= 0.9) if judged else None,
                 )
-    for level in options.mode.fetch_levels:
-        big = table.find(CallsPoint, f"fetch_{million}", "dlrhub", concurrency=level)
-        small = table.find(CallsPoint, "fetch_10k", "dlrhub", concurrency=level)
-        if big and small:
-            table.add(
-                f"fetch_{million}",
-                f"Fetch p99 {million} vs 10k, {level} in flight",
-                big.latency.p99_ms,
-                "ms",
-                small.latency.p99_ms,
-                "<= 1.3",
-                lambda r: r <= 1.3,
-            )
+                where = f"{label}, {level} in flight"
+                table.add(phase, f"  {short} p50, {where}", hub.latency.p50_ms, "ms", echo.latency.p50_ms)
+                table.add(phase, f"  {short} p99, {where}", hub.latency.p99_ms, "ms", echo.latency.p99_ms)
+                if hub.window.server_disk_read_mb_s >= 0.1:
+                    table.add(
+                        phase,
+                        f"  server disk reads, {label}, {level} in flight",
+                        hub.window.server_disk_read_mb_s,
+                        "MB/s",
+                    )
+        for level in options.mode.fetch_levels:
+            big = table.find(CallsPoint, f"{scenario}_{million}", "dlrhub", concurrency=level)
+            small = table.find(CallsPoint, f"{scenario}_10k", "dlrhub", concurrency=level)
+            if big and small:
+                table.add(
+                    f"{scenario}_{million}",
+                    f"{short} p99 {million} vs 10k, {level} in flight",
+                    big.latency.p99_ms,
+                    "ms",
+                    small.latency.p99_ms,
+                    "<= 1.3",
+                    lambda r: r <= 1.3,
+                )
 
 
 def _stream_rows(options: Options, table: _Table) -> None:
@@ -356,6 +400,8 @@ def _fmt(value: float | None, unit: str) -> str:
         return f"{value:.0f} MiB"
     if unit == "MB/s":
         return f"{value:.1f} MB/s"
+    if unit == "us":
+        return f"{value:.1f} us"
     return f"{value:,.0f} {unit}"
 
 

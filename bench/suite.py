@@ -6,6 +6,9 @@
            every subscriber keeps up with, and with Ingest flat out
   latency  Ingest ack -> subscriber, unary Ingest paced at shares of the peak unary rate
   fetch    Fetch by message id vs the unary echo of the same request bytes, 10k (and 1M) stored
+  history  the same Fetch with include_history (#19.3: a history read was a full table scan)
+  hot      in process, no gRPC: the write path's cost per new report of a message with 500 and
+           10,000 reports of history (bench/write_cost.py; #19.2)
 
 With --profile, a phase that misses a target runs its load once more with py-spy on the server.
 """
@@ -23,7 +26,7 @@ import grpc
 import httpx
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from bench import measurement, preload, profiling, report
+from bench import measurement, preload, profiling, report, write_cost
 from bench.common import (
     CACHE,
     ECHO_CLIENT_STREAM,
@@ -41,7 +44,7 @@ from bench.common import (
 )
 from bench.load import Job, Result
 from bench.measurement import Measured, Pool
-from bench.options import Options
+from bench.options import INGEST_PHASES, Options
 from bench.records import (
     CallsPoint,
     FanoutPoint,
@@ -50,6 +53,7 @@ from bench.records import (
     Point,
     ProfiledPhase,
     SuiteResult,
+    WriteCostPoint,
     calls_point,
     count_label,
     fanout_point,
@@ -61,7 +65,7 @@ from deliveryreport.v1.delivery_report_service_pb2 import Format, StreamChange, 
 from dlrhub.merge import merge
 from dlrhub.normalise import Normaliser
 
-P = TypeVar("P", CallsPoint, FanoutPoint, LatencyPoint)
+P = TypeVar("P", CallsPoint, FanoutPoint, LatencyPoint, WriteCostPoint)
 Jobs = list[tuple[int, Job]]  # (load process, job)
 
 
@@ -117,19 +121,24 @@ class Suite:
 
 def _run_loop(suite: Suite) -> SuiteResult:
     options = suite.options
+    if "hot" in options.only:
+        print("-- write cost per report of a hot message, by its history (in process)", flush=True)
+        for point in write_cost.measure(suite.workdir):
+            suite.record(point)
     echo = start_echo(suite.event_loop)
     print(f"echo server: {echo.address} ({echo.ready.get('loop', '')})", flush=True)
     try:
-        db = suite.workdir / f"ingest-{suite.event_loop}.db"
-        hub = start_dlrhub(db, suite.event_loop)
-        print(f"dlrhub: {hub.address} (uvloop loaded: {runs_uvloop(hub)}), db {db}", flush=True)
-        try:
-            _ingest_and_stream(suite, echo, hub)
-            stored = {"stored": _stored_count(hub)}
-            suite.rss_kib["after the Ingest and Stream phases"] = proc_status(hub.pid) | stored
-        finally:
-            hub.stop()
-        if "fetch" in options.only:
+        if options.only & INGEST_PHASES:
+            db = suite.workdir / f"ingest-{suite.event_loop}.db"
+            hub = start_dlrhub(db, suite.event_loop)
+            print(f"dlrhub: {hub.address} (uvloop loaded: {runs_uvloop(hub)}), db {db}", flush=True)
+            try:
+                _ingest_and_stream(suite, echo, hub)
+                stored = {"stored": _stored_count(hub)}
+                suite.rss_kib["after the Ingest and Stream phases"] = proc_status(hub.pid) | stored
+            finally:
+                hub.stop()
+        if options.only & {"fetch", "history"}:
             small = suite.workdir / "fetch-10k.db"
             shutil.copyfile(preload.ensure(10_000), small)
             _fetch(suite, echo, 10_000, small)
@@ -343,10 +352,19 @@ def _latency(suite: Suite, hub: Server, peak: float) -> None:
 
 
 def _fetch(suite: Suite, echo: Server, stored: int, db: Path) -> None:
-    """Fetch by random stored message ids, `stored` in the database, vs the unary echo of the same
-    request bytes (measured once per level); the server's RSS idle and after the load."""
+    """Fetch by random stored message ids (phase fetch), and with their history (phase history),
+    `stored` in the database, vs the unary echo of the same request bytes (measured once per level);
+    the server's RSS idle and after the load."""
     print(f"-- Fetch by message id, {stored:,} stored ({suite.event_loop})", flush=True)
     levels, label = suite.options.mode.fetch_levels, count_label(stored)
+    payloads = [
+        (payload, scenario)
+        for phase, payload, scenario in (
+            ("fetch", "fetch", f"fetch_{label}"),
+            ("history", "fetch_history", f"fetch_history_{label}"),
+        )
+        if phase in suite.options.only
+    ]
     hub = start_dlrhub(db, suite.event_loop)
     try:
         suite.rss_kib[f"idle, {label} stored"] = proc_status(hub.pid)
@@ -358,11 +376,12 @@ def _fetch(suite: Suite, echo: Server, stored: int, db: Path) -> None:
                 for point in suite.points
             ):
                 _unary_point(suite, "fetch_echo", echo, ECHO_UNARY, "fetch", concurrency, stored=stored)
-            if suite.options.warm:
-                # This VM reclaims idle page cache within seconds (DAMON): without this, a big
-                # file is read from disk and the figure measures the disk (see README).
-                warm_page_cache(db)
-            _unary_point(suite, f"fetch_{label}", hub, FETCH, "fetch", concurrency, stored=stored)
+            for payload, scenario in payloads:
+                if suite.options.warm:
+                    # This VM reclaims idle page cache within seconds (DAMON): without this, a big
+                    # file is read from disk and the figure measures the disk (see README).
+                    warm_page_cache(db)
+                _unary_point(suite, scenario, hub, FETCH, payload, concurrency, stored=stored)
         suite.rss_kib[f"after Fetch load, {label} stored"] = proc_status(hub.pid)
         _profile_if_missed(
             suite,
@@ -476,7 +495,7 @@ def _stream_message_bytes() -> int:
     text = gms_report(live_id("00000000", 0, 0), 0)
     (item,) = normaliser.normalise(text, Format.FORMAT_UNSPECIFIED, received)
     assert item.report is not None
-    state = merge(None, item.report).state.report
+    state = merge(None, item.report).report
     return StreamResponse(cursor="1000000", change=StreamChange(report=item.report, state=state)).ByteSize()
 
 

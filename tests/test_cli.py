@@ -90,8 +90,8 @@ def test_unusable_listen_address_exits_non_zero(tmp_path: Path) -> None:
         timeout=30,
         check=False,
     )
-    assert result.returncode == 1
-    assert "cannot start" in result.stderr
+    assert result.returncode == 2
+    assert result.stderr == "dlrhub: cannot start: cannot listen on 256.0.0.1:1: Name or service not known\n"
 
 
 def _serve_on_a_terminal(tmp_path: Path, environment: dict[str, str]) -> list[str]:
@@ -173,4 +173,7 @@ def test_an_unknown_log_format_stops_start_up(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 2
-    assert result.stderr == "dlrhub: DLRHUB_LOG_FORMAT: the log format must be json or text, not 'xml'\n"
+    assert (
+        result.stderr
+        == "dlrhub: cannot start: DLRHUB_LOG_FORMAT: the log format must be json or text, not 'xml'\n"
+    )

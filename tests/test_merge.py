@@ -23,7 +23,7 @@ from deliveryreport.v1.delivery_report_pb2 import (
     Source,
 )
 from deliveryreport.v1.delivery_report_service_pb2 import Format
-from dlrhub.merge import DESCRIPTIVE_FIELDS, MessageState, digest, merge, merge_key
+from dlrhub.merge import DESCRIPTIVE_FIELDS, NO_EVENT_TIME, MessageState, digest, merge, merge_key
 from dlrhub.normalise import Normaliser
 from dlrhub.statuses import FINAL
 
@@ -107,63 +107,71 @@ def copy_of(
 
 
 def fold(reports: Iterable[DeliveryReport]) -> MessageState:
-    state: MessageState | None = None
-    for report in reports:
-        state = merge(state, report).state
-    assert state is not None
-    return state
+    return fold_with_flags(reports)[0]
 
 
 def fold_with_flags(reports: Iterable[DeliveryReport]) -> tuple[MessageState, list[bool]]:
+    """The state after `reports`, merged as Ingest does: a report whose digest is stored already is a
+    duplicate and is not merged. Also checks that merging it would change nothing either."""
     state: MessageState | None = None
+    stored: set[bytes] = set()
     flags = []
     for report in reports:
-        result = merge(state, report)
-        state = result.state
-        flags.append(result.duplicate)
+        duplicate = digest(report) in stored
+        flags.append(duplicate)
+        if duplicate:
+            assert state is not None
+            assert merge(state, report) == state
+            continue
+        stored.add(digest(report))
+        state = merge(state, report)
     assert state is not None
     return state, flags
 
 
-def identity(report: DeliveryReport) -> tuple[object, ...]:
-    """§5: duplicates share source, message id, raw codes, event time and channel."""
-    event = serialized_timestamp(report.event_time) if report.HasField("event_time") else None
-    return (
-        report.source,
-        report.message_id,
-        report.raw.SerializeToString(deterministic=True),
-        event,
-        report.channel,
-    )
+def identity(report: DeliveryReport) -> bytes:
+    """Duplicates are the same report apart from its arrival (received time, original text)."""
+    return without_arrival(report)
 
 
-def serialized_timestamp(moment: Timestamp) -> bytes:
-    return moment.SerializeToString(deterministic=True)
-
-
-def spec_key(report: DeliveryReport) -> tuple[int, int, bytes]:
-    """(rank, event time or else received time, tie-break)."""
-    moment = report.event_time if report.HasField("event_time") else report.received_time
-    return SPEC_RANK[report.status], moment.ToNanoseconds(), digest(report)
+def spec_key(report: DeliveryReport) -> tuple[int, bool, int, bytes]:
+    """(rank, event time, tie-break), a report without event time before every timed one."""
+    timed = report.HasField("event_time")
+    return SPEC_RANK[report.status], timed, report.event_time.ToNanoseconds() if timed else 0, digest(report)
 
 
 def present(report: DeliveryReport) -> set[str]:
     return {field.name for field, _ in report.ListFields()}
 
 
-def spec_state(reports: Sequence[DeliveryReport]) -> tuple[DeliveryReport, dict[str, tuple[int, int, bytes]]]:
-    """The state §4 asks for, computed directly: the winner, each descriptive field from its best supplier."""
+def spec_state(reports: Sequence[DeliveryReport]) -> tuple[DeliveryReport, dict[str, bytes]]:
+    """The state §4 asks for, computed directly: the winner, each descriptive field from its best
+    supplier (named by its digest)."""
     ranked = sorted(reports, key=spec_key)
     expected = copy_of(ranked[-1])
-    suppliers: dict[str, tuple[int, int, bytes]] = {}
+    suppliers: dict[str, bytes] = {}
     for name in DESCRIPTIVE:
-        expected.ClearField(name)
         having = [report for report in ranked if name in present(report)]
+        take(expected, having[-1] if having else DeliveryReport(), name)
         if having:
-            field: dict[str, Any] = {name: getattr(having[-1], name)}
-            expected.MergeFrom(DeliveryReport(**field))
-            suppliers[name] = spec_key(having[-1])
+            suppliers[name] = digest(having[-1])
     return expected, suppliers
+
+
+def changed(report: DeliveryReport, **fields: Any) -> DeliveryReport:
+    """A copy of `report` with the fields given set anew (None clears one)."""
+    copy = copy_of(report)
+    for name, value in fields.items():
+        take(copy, DeliveryReport() if value is None else DeliveryReport(**{name: value}), name)
+    return copy
+
+
+def take(target: DeliveryReport, source: DeliveryReport, name: str) -> None:
+    """Sets `target`'s field `name` as `source` has it (or clears it)."""
+    target.ClearField(name)  # type: ignore[arg-type]  # a DESCRIPTIVE name
+    if name in present(source):
+        field: dict[str, Any] = {name: getattr(source, name)}
+        target.MergeFrom(DeliveryReport(**field))
 
 
 def without_arrival(report: DeliveryReport) -> bytes:
@@ -179,7 +187,7 @@ def merged_in_every_order(*reports: DeliveryReport) -> DeliveryReport:
     states = [fold(order) for order in itertools.permutations(reports)]
     for state in states[1:]:
         assert serialized(state.report) == serialized(states[0].report)
-        assert state.keys == states[0].keys
+        assert (state.winner, state.suppliers) == (states[0].winner, states[0].suppliers)
     return states[0].report
 
 
@@ -334,6 +342,21 @@ distinct_reports = st.sampled_from([GMS, SSR]).flatmap(
     lambda source: st.lists(reports(source), min_size=1, max_size=6, unique_by=identity)
 )
 
+
+@st.composite
+def same_codes_and_time(draw: st.DrawFn) -> list[DeliveryReport]:
+    """Distinct reports of one message with the same status, raw codes, error, event time and
+    channel: they differ only in descriptive fields (and arrival)."""
+    first, *others = draw(st.lists(reports(draw(st.sampled_from([GMS, SSR]))), min_size=2, max_size=6))
+    distinct = {identity(first): first}
+    for other in others:
+        variant = copy_of(first, received_time=other.received_time, raw_payload=other.raw_payload)
+        for name in DESCRIPTIVE:
+            take(variant, other, name)
+        distinct.setdefault(identity(variant), variant)
+    return list(distinct.values())
+
+
 SETTINGS = settings(max_examples=200, deadline=None)
 
 
@@ -354,14 +377,12 @@ def test_the_state_is_the_winner_with_descriptive_fields_from_the_best_supplier(
 
     assert serialized(state.report) == serialized(expected)
     assert flags == [False] * len(distinct)
-    assert {(key.rank, key.time_ns, key.digest) for key in state.keys} == {spec_key(r) for r in distinct}
-    assert {name: (key.rank, key.time_ns, key.digest) for name, key in state.suppliers.items()} == suppliers
+    assert state.winner == merge_key(max(distinct, key=spec_key))
+    assert {name: key.digest for name, key in state.suppliers.items()} == suppliers
     for report in distinct:
         again = merge(state, copy_of(report))
-        assert again.duplicate
-        assert serialized(again.state.report) == serialized(state.report)
-        assert again.state.keys == state.keys
-        assert again.state.suppliers == state.suppliers
+        assert serialized(again.report) == serialized(state.report)
+        assert (again.winner, again.suppliers) == (state.winner, state.suppliers)
 
 
 @SETTINGS
@@ -376,7 +397,7 @@ def test_any_order_with_exact_copies_ends_in_the_same_state(
     state, flags = fold_with_flags(arrival)
 
     assert serialized(state.report) == serialized(expected.report)
-    assert state.keys == expected.keys
+    assert state.winner == expected.winner
     assert state.suppliers == expected.suppliers
     seen = [identity(report) for report in arrival]
     assert flags == [seen[i] in seen[:i] for i in range(len(arrival))]
@@ -393,27 +414,44 @@ def test_copies_that_differ_only_in_arrival_are_duplicates_in_any_order(
     for original, received, payload in data.draw(
         st.lists(st.tuples(st.sampled_from(distinct), moments, st.sampled_from([" ", "\n", "\t  "]))),
     ):
-        # A report without event time is ordered by its received time, so a copy of it received
-        # at another time would move it (see the note at test_a_copy_received_later_is_a_duplicate).
+        # Any received time, with or without an event time: the order never depends on it.
         copies.append(
-            copy_of(
-                original,
-                received_time=received if original.HasField("event_time") else None,
-                raw_payload=payload + original.raw_payload + payload,
-            )
+            copy_of(original, received_time=received, raw_payload=payload + original.raw_payload + payload)
         )
     arrival = data.draw(st.permutations([*distinct, *copies]))
 
     state, flags = fold_with_flags(arrival)
 
     assert without_arrival(state.report) == without_arrival(expected.report)
-    assert state.keys == expected.keys
+    assert state.winner == expected.winner
     assert state.suppliers == expected.suppliers
     assert flags.count(True) == len(copies)
     # The received time and original text are those of the first copy of the winner to arrive.
-    first_of_winner = next(r for r in arrival if identity(r) == identity(expected.report))
+    first_of_winner = next(r for r in arrival if digest(r) == expected.winner.digest)
     assert state.report.received_time == first_of_winner.received_time
     assert state.report.raw_payload == first_of_winner.raw_payload
+
+
+@SETTINGS
+@given(distinct=same_codes_and_time(), data=st.data())
+def test_reports_that_share_codes_and_time_end_in_the_same_state_in_any_order(
+    distinct: list[DeliveryReport], data: st.DataObject
+) -> None:
+    """Not the first to arrive wins, but the greatest digest (#19.6)."""
+    expected, suppliers = spec_state(distinct)
+    copies = [
+        copy_of(original, received_time=received)
+        for original, received in data.draw(
+            st.lists(st.tuples(st.sampled_from(distinct), moments), max_size=6)
+        )
+    ]
+    arrival = data.draw(st.permutations([*distinct, *copies]))
+
+    state, flags = fold_with_flags(arrival)
+
+    assert without_arrival(state.report) == without_arrival(expected)
+    assert {name: key.digest for name, key in state.suppliers.items()} == suppliers
+    assert flags.count(True) == len(copies)
 
 
 # --- §4: a non-final status never replaces a final one -------------------------------------------
@@ -653,12 +691,12 @@ def test_order_is_by_event_time_never_by_arrival() -> None:
     )
 
     first = merge(None, rejected)
-    second = merge(first.state, undelivered)
+    second = merge(first, undelivered)
 
-    assert not second.duplicate
-    assert second.state.report.status == S.DELIVERY_STATUS_REJECTED
-    assert serialized(second.state.report) == serialized(rejected)
-    assert second.state.keys == {merge_key(rejected), merge_key(undelivered)}
+    assert digest(undelivered) != digest(rejected)
+    assert second.report.status == S.DELIVERY_STATUS_REJECTED
+    assert serialized(second.report) == serialized(rejected)
+    assert second.winner == merge_key(rejected)
 
 
 def test_equal_rank_and_time_is_broken_the_same_way_in_every_order() -> None:
@@ -671,7 +709,7 @@ def test_equal_rank_and_time_is_broken_the_same_way_in_every_order() -> None:
     merged = merged_in_every_order(one, other)
 
     assert merged.raw in (one.raw, other.raw)
-    assert len(fold([one, other]).keys) == 2
+    assert digest(one) != digest(other)
 
 
 # --- §4/§5: duplicates ---------------------------------------------------------------------------
@@ -687,23 +725,20 @@ DELIVERED = ssr_report(
 
 
 def test_an_exact_duplicate_changes_nothing() -> None:
-    state = merge(None, DELIVERED).state
+    state = merge(None, DELIVERED)
 
-    result = merge(state, copy_of(DELIVERED))
+    copy = copy_of(DELIVERED)
+    result = merge(state, copy)
 
-    assert result.duplicate
-    assert serialized(result.state.report) == serialized(state.report)
-    assert result.state.keys == state.keys
-    assert result.state.suppliers == state.suppliers
+    assert digest(copy) == digest(DELIVERED)
+    assert serialized(result.report) == serialized(state.report)
+    assert result.winner == state.winner
+    assert result.suppliers == state.suppliers
 
 
 @pytest.mark.parametrize("event_time", ["2019-11-09T16:00:00Z", None])
 def test_a_copy_received_later_is_a_duplicate(event_time: str | None) -> None:
-    """A retried report (other received time, other white space) is a duplicate and changes nothing.
-
-    Note: for a report without event time this keeps the first received time as its merge time, so
-    which copy arrives first can decide the order against another report of the same rank.
-    """
+    """A retried report (other received time, other white space) is a duplicate and changes nothing."""
     first = ssr_report(
         S.DELIVERY_STATUS_EXPIRED,
         ssr_raw(4, "EXPIRED", 15, "EXPIRED_EXPIRED"),
@@ -713,13 +748,13 @@ def test_a_copy_received_later_is_a_duplicate(event_time: str | None) -> None:
     retried = copy_of(
         first, received_time=at("2019-11-09T16:05:00Z"), raw_payload=first.raw_payload.replace(" ", "\n  ")
     )
-    state = merge(None, first).state
+    state = merge(None, first)
 
     result = merge(state, retried)
 
-    assert result.duplicate
-    assert serialized(result.state.report) == serialized(first)
-    assert result.state.keys == {merge_key(first)}
+    assert digest(retried) == digest(first)
+    assert serialized(result.report) == serialized(first)
+    assert result.winner == merge_key(first)
 
 
 @pytest.mark.parametrize(
@@ -728,53 +763,29 @@ def test_a_copy_received_later_is_a_duplicate(event_time: str | None) -> None:
         pytest.param(
             copy_of(DELIVERED, received_time=at("2019-11-09T16:00:01Z")), id="control-same-identity"
         ),
+        pytest.param(changed(DELIVERED, event_time=at("2019-11-09T16:00:00.001Z")), id="other-event-time"),
+        pytest.param(changed(DELIVERED, event_time=None), id="no-event-time"),
+        pytest.param(changed(DELIVERED, channel=Channel.CHANNEL_VIBER), id="other-channel"),
         pytest.param(
-            ssr_report(
-                S.DELIVERY_STATUS_DELIVERED,
-                ssr_raw(3, "DELIVERED", 5, "DELIVERED_TO_HANDSET"),
-                "2019-11-09T16:00:00.001Z",
-                "2019-11-09T16:00:01Z",
-            ),
-            id="other-event-time",
+            changed(DELIVERED, raw=ssr_raw(3, "DELIVERED", 5, "DELIVERED")), id="other-raw-status-name"
         ),
         pytest.param(
-            ssr_report(
-                S.DELIVERY_STATUS_DELIVERED,
-                ssr_raw(3, "DELIVERED", 5, "DELIVERED_TO_HANDSET"),
-                None,
-                "2019-11-09T16:00:00Z",
+            copy_of(
+                DELIVERED, received_time=at("2019-11-09T17:00:00Z"), raw_payload=DELIVERED.raw_payload + " "
             ),
-            id="no-event-time",
+            id="control-other-arrival",
         ),
-        pytest.param(
-            ssr_report(
-                S.DELIVERY_STATUS_DELIVERED,
-                ssr_raw(3, "DELIVERED", 5, "DELIVERED_TO_HANDSET"),
-                "2019-11-09T16:00:00Z",
-                "2019-11-09T16:00:01Z",
-                channel=Channel.CHANNEL_VIBER,
-            ),
-            id="other-channel",
-        ),
-        pytest.param(
-            ssr_report(
-                S.DELIVERY_STATUS_DELIVERED,
-                ssr_raw(3, "DELIVERED", 5, "DELIVERED"),
-                "2019-11-09T16:00:00Z",
-                "2019-11-09T16:00:01Z",
-            ),
-            id="other-raw-status-name",
-        ),
+        pytest.param(changed(DELIVERED, price=Price(amount="0.02", currency="EUR")), id="other-price"),
+        pytest.param(changed(DELIVERED, bulk_id=None), id="no-bulk-id"),
     ],
 )
-def test_a_duplicate_needs_the_same_raw_codes_event_time_and_channel(other: DeliveryReport) -> None:
-    state = merge(None, DELIVERED).state
-    same_identity = identity(other) == identity(DELIVERED)
+def test_a_duplicate_is_the_same_report_apart_from_its_arrival(other: DeliveryReport) -> None:
+    state, flags = fold_with_flags([DELIVERED, other])
 
-    result = merge(state, other)
-
-    assert result.duplicate == same_identity
-    assert len(result.state.keys) == (1 if same_identity else 2)
+    assert flags[1] == (identity(other) == identity(DELIVERED))
+    assert (digest(other) == digest(DELIVERED)) == flags[1]
+    if flags[1]:
+        assert state == merge(None, DELIVERED)
 
 
 # --- §4/§5: descriptive fields and the fields that follow the winner --------------------------------
@@ -926,35 +937,66 @@ def test_status_final_raw_error_event_time_and_channel_follow_the_winner(winner_
 
 def test_a_winner_without_event_time_clears_the_event_time() -> None:
     timed = gms_report(S.DELIVERY_STATUS_FAILED, gms_raw(3), "2019-11-09T16:03:00Z", "2019-11-09T16:03:01Z")
-    # No `time`: ordered by its received time, 16:05, after 16:03.
+    # No `time`, but a greater rank.
+    untimed = gms_report(S.DELIVERY_STATUS_DELIVERED, gms_raw(2, 23, 23011), None, "2019-11-09T16:05:00Z")
+
+    merged = merged_in_every_order(timed, untimed)
+
+    assert merged.status == S.DELIVERY_STATUS_DELIVERED
+    assert not merged.HasField("event_time")
+
+
+# --- without event time: before every timed report of its rank, never by received time -----------
+
+
+def test_a_report_without_event_time_sorts_before_a_timed_one_of_its_rank() -> None:
+    timed = gms_report(S.DELIVERY_STATUS_FAILED, gms_raw(3), "2019-11-09T16:03:00Z", "2019-11-09T16:03:01Z")
+    # Received later than the timed one happened: that says nothing about when it happened.
     untimed = gms_report(S.DELIVERY_STATUS_UNDELIVERED, gms_raw(3, 35), None, "2019-11-09T16:05:00Z")
 
     merged = merged_in_every_order(timed, untimed)
 
-    assert merged.status == S.DELIVERY_STATUS_UNDELIVERED
-    assert not merged.HasField("event_time")
-
-
-# --- §5: without event time, order by received time ----------------------------------------------
+    assert merged.status == S.DELIVERY_STATUS_FAILED
+    assert merged.event_time == at("2019-11-09T16:03:00Z")
+    assert merge_key(untimed).time_ns == NO_EVENT_TIME
 
 
 @pytest.mark.parametrize(
-    ("expired_received", "rejected_received", "expected"),
-    [
-        ("2019-11-09T16:00:00Z", "2019-11-09T16:05:00Z", S.DELIVERY_STATUS_REJECTED),
-        ("2019-11-09T16:05:00Z", "2019-11-09T16:00:00Z", S.DELIVERY_STATUS_EXPIRED),
-    ],
+    ("expired_received", "rejected_received"),
+    [("2019-11-09T16:00:00Z", "2019-11-09T16:05:00Z"), ("2019-11-09T16:05:00Z", "2019-11-09T16:00:00Z")],
 )
-def test_reports_without_event_time_order_by_received_time(
-    expired_received: str, rejected_received: str, expected: DeliveryStatus.ValueType
+def test_reports_without_event_time_never_order_by_received_time(
+    expired_received: str, rejected_received: str
 ) -> None:
+    """Which of two untimed reports of one rank wins is the same whenever each was received."""
     expired = gms_report(S.DELIVERY_STATUS_EXPIRED, gms_raw(3, 35, 35015), None, expired_received)
     rejected = gms_report(S.DELIVERY_STATUS_REJECTED, gms_raw(3, 36, 36024), None, rejected_received)
+    winner = max(expired, rejected, key=digest)  # the tie-break: the greater digest
 
     merged = merged_in_every_order(expired, rejected)
 
-    assert merged.status == expected
-    assert merged.received_time == later(at(expired_received), at(rejected_received))
+    assert merged.status == winner.status
+    assert merged.received_time == winner.received_time
+
+
+def test_four_gms_reports_without_time_end_in_one_state_in_all_24_orders() -> None:
+    """#19.6: four failures of one message without `time` gave four different final states."""
+    received = [
+        "2019-11-09T16:00:00Z",
+        "2019-11-09T16:00:01Z",
+        "2019-11-09T16:00:02Z",
+        "2019-11-09T16:00:03Z",
+    ]
+    failures = [
+        gms_report(S.DELIVERY_STATUS_FAILED, gms_raw(3), None, received[0]),
+        gms_report(S.DELIVERY_STATUS_UNDELIVERED, gms_raw(3, 35), None, received[1]),
+        gms_report(S.DELIVERY_STATUS_REJECTED, gms_raw(3, 36), None, received[2]),
+        gms_report(S.DELIVERY_STATUS_EXPIRED, gms_raw(3, 35, 35015), None, received[3]),
+    ]
+
+    merged = merged_in_every_order(*failures)
+
+    assert serialized(merged) == serialized(max(failures, key=digest))
 
 
 # --- end to end through the real normaliser ------------------------------------------------------
@@ -993,14 +1035,12 @@ def test_the_same_gms_report_with_other_white_space_merges_as_a_duplicate() -> N
     assert first.raw_payload != again.raw_payload
     assert first.received_time != again.received_time
 
-    created = merge(None, first)
-    result = merge(created.state, again)
+    state, flags = fold_with_flags([first, again])
 
-    assert not created.duplicate
-    assert result.duplicate
-    assert result.state.report.status == S.DELIVERY_STATUS_DELIVERED
-    assert result.state.report.raw_payload == GMS_COMPACT
-    assert serialized(result.state.report) == serialized(created.state.report)
+    assert flags == [False, True]
+    assert state.report.status == S.DELIVERY_STATUS_DELIVERED
+    assert state.report.raw_payload == GMS_COMPACT
+    assert serialized(state.report) == serialized(merge(None, first).report)
 
 
 def test_the_same_gms_report_at_another_time_is_not_a_duplicate() -> None:
@@ -1010,8 +1050,8 @@ def test_the_same_gms_report_at_another_time_is_not_a_duplicate() -> None:
         normaliser, GMS_COMPACT.replace("1477417294667", "1477417295000"), "2019-11-09T16:01:00Z"
     )
 
-    result = merge(merge(None, first).state, later)
+    state, flags = fold_with_flags([first, later])
 
-    assert not result.duplicate
-    assert result.state.report.event_time == later.event_time
-    assert len(result.state.keys) == 2
+    assert flags == [False, False]
+    assert state.report.event_time == later.event_time
+    assert state.winner == merge_key(later)

@@ -55,6 +55,7 @@ def test_public_surface() -> None:
         "Normaliser",
         "PayloadError",
         "Rejection",
+        "TooManyItems",
         "detect_format",
         "single_item_payload",
         "typed_payload",

@@ -120,7 +120,7 @@ def test_advanced_get_answer_makes_delivered_via_the_message_channel_in_any_orde
         state = None
         for report in order:
             assert report is not None
-            state = merge(state, report).state
+            state = merge(state, report)
         assert state is not None
         assert (state.report.channel, state.report.status) == (
             Channel.CHANNEL_SMS,

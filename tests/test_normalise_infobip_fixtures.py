@@ -232,7 +232,7 @@ def test_seen_report_merged_after_its_delivery_report_keeps_the_recipient() -> N
     for got in reports_of("omni_whatsapp_pull.json") + reports_of(
         "omni_whatsapp_seen.json", C.CHANNEL_WHATSAPP
     ):
-        state = merge(state, got).state
+        state = merge(state, got)
     assert state is not None
     merged = state.report
     assert (merged.status, merged.channel, merged.recipient) == (

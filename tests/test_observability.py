@@ -158,6 +158,7 @@ async def test_a_batch_with_a_duplicate_and_a_bad_item_moves_each_series_by_its_
         IngestOutcome.INGEST_OUTCOME_ACCEPTED,
         IngestOutcome.INGEST_OUTCOME_REJECTED,
     ]
+    await server.app.store_health.probe()  # the quarantine gauge is read ahead of scrapes: now
     after = await scrape(server.app.admin_port)
 
     # One item per outcome, each with its source and unified status (none for the rejected item).
@@ -196,6 +197,7 @@ async def test_failed_calls_are_counted_by_their_status_code(server: Running) ->
         await server.stub.GetMessage(GetMessageRequest(message_id="obs-no-such-id"), timeout=TIMEOUT)
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
 
+    await server.app.store_health.probe()  # the quarantine gauge is read ahead of scrapes: now
     after = await scrape(server.app.admin_port)
     assert moved(before, after, "dlrhub_rpc_requests_total") == {
         labels_of(method=INGEST, code="INVALID_ARGUMENT"): 1,
@@ -515,8 +517,8 @@ async def test_a_stream_closed_while_its_send_is_held_up_is_logged_cancelled_wit
     assert getattr(line, "request_id", None) == "obs-held"
     assert value(after, "dlrhub_rpc_requests_total", method=STREAM, code="CANCELLED") == 1
     assert errors == []
-    # (grpc logs the failed send itself, at ERROR, under grpc._cython; dlrhub logs no error.)
-    assert not [r for r in caplog.records if r.name.startswith("dlrhub") and r.levelno >= logging.ERROR]
+    # No error is logged, by dlrhub or by grpc (the interceptor ends the failed send as CANCELLED).
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 # --- log lines -----------------------------------------------------------------------------------
@@ -779,15 +781,14 @@ def test_an_unknown_tracing_mode_stops_start_up_with_a_clear_message(tmp_path: P
         timeout=30,
         check=False,
     )
-    assert finished.returncode != 0
-    lines = [json.loads(line) for line in finished.stderr.splitlines() if line.startswith("{")]
-    errors = [entry["message"] for entry in lines if entry["level"] == "ERROR"]
-    assert len(errors) == 1
-    assert "DLRHUB_TRACING" in errors[0]
-    assert "'bogus'" in errors[0]
-    assert "console" in errors[0]
-    assert "otlp" in errors[0]
-    assert not any(entry["message"] == "serving" for entry in lines)
+    assert finished.returncode == 2
+    # One line, and nothing else: no "serving" (tests/test_start_failures.py covers every start failure).
+    [error] = finished.stderr.splitlines()
+    assert error.startswith("dlrhub: cannot start: ")
+    assert "DLRHUB_TRACING" in error
+    assert "'bogus'" in error
+    assert "console" in error
+    assert "otlp" in error
 
 
 async def test_an_unknown_tracing_mode_stops_an_in_process_start(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import sqlite3
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -27,15 +27,16 @@ from deliveryreport.v1.delivery_report_pb2 import (
     SentSmsReportStatusCodes,
     Source,
 )
-from dlrhub.merge import MessageState, merge
+from dlrhub.merge import MessageState, digest, merge
 from dlrhub.store import SqliteStore, StoreError
-from dlrhub.store.base import Change, QuarantinedItem, Selector, Store, Transaction
+from dlrhub.store.base import Change, QuarantinedItem, SavedResponse, Selector, Store, Transaction
 from dlrhub.store.sqlite import SCHEMA_VERSION
 
 S = DeliveryStatus
 GMS = Source.SOURCE_GMS
 SSR = Source.SOURCE_SENT_SMS_REPORT
 BASE_SECONDS = 1_700_000_000
+NOW = BASE_SECONDS + 50_000
 # A page's byte limit that no page here comes near.
 ANY_SIZE = 1 << 30
 
@@ -136,10 +137,10 @@ def report(
 
 
 def put(tx: Transaction, incoming: DeliveryReport) -> tuple[int, MessageState]:
-    """What Ingest does with one report: load, merge, append."""
-    merged = merge(tx.load_state(incoming.source, incoming.message_id), incoming)
-    assert not merged.duplicate
-    return tx.append(incoming, merged.state), merged.state
+    """What Ingest does with one new report: load, merge, append."""
+    assert not tx.is_stored(digest(incoming))
+    state = merge(tx.load_state(incoming.source, incoming.message_id), incoming)
+    return tx.append(incoming, digest(incoming), state), state
 
 
 def commit(store: Store, *reports: DeliveryReport) -> list[int]:
@@ -167,6 +168,11 @@ def page_ids(states: list[DeliveryReport]) -> list[str]:
     return [state.message_id for state in states]
 
 
+def saved(response: bytes) -> SavedResponse:
+    """An answer saved for a request (its digest made up from the answer)."""
+    return SavedResponse(b"request:" + response, response)
+
+
 class Boom(Exception):
     pass
 
@@ -182,7 +188,7 @@ def test_a_committed_transaction_is_visible_whole_and_only_after_commit(engine: 
     with ThreadPoolExecutor(max_workers=1) as reader, store.transaction() as tx:
         cursors = [put(tx, incoming)[0] for incoming in (first, second, third)]
         tx.quarantine(item(1))
-        tx.save_response("r-1", b"answer")
+        tx.save_response("r-1", saved(b"answer"), NOW)
 
         # Readers (on other threads, as in the service) see none of it before the commit.
         def snapshot() -> tuple[object, ...]:
@@ -204,7 +210,7 @@ def test_a_committed_transaction_is_visible_whole_and_only_after_commit(engine: 
     assert store.latest_cursor() == cursors[-1]
     assert [quarantined for _, quarantined in store.quarantined(0, 10)] == [item(1)]
     with store.transaction() as tx:
-        assert tx.find_response("r-1") == b"answer"
+        assert tx.find_response("r-1", NOW) == saved(b"answer")
 
 
 def test_a_transaction_that_raises_is_rolled_back_whole(engine: Handle) -> None:
@@ -213,7 +219,7 @@ def test_a_transaction_that_raises_is_rolled_back_whole(engine: Handle) -> None:
     [cursor] = commit(store, before)
     with store.transaction() as tx:
         tx.quarantine(item(1))
-        tx.save_response("kept", b"kept")
+        tx.save_response("kept", saved(b"kept"), NOW)
     changes_before = all_changes(store)
     quarantined_before = store.quarantined(0, 10)
 
@@ -222,7 +228,7 @@ def test_a_transaction_that_raises_is_rolled_back_whole(engine: Handle) -> None:
             put(tx, report("m-1", S.DELIVERY_STATUS_DELIVERED, seconds=2, bulk_id="B", reference="R"))
             put(tx, report("m-2", S.DELIVERY_STATUS_DELIVERED, seconds=2, bulk_id="B", reference="R"))
             tx.quarantine(item(2))
-            tx.save_response("lost", b"lost")
+            tx.save_response("lost", saved(b"lost"), NOW)
             raise Boom
 
     with pytest.raises(Boom):
@@ -240,12 +246,15 @@ def test_a_transaction_that_raises_is_rolled_back_whole(engine: Handle) -> None:
     assert store.latest_cursor() == cursor
     assert store.quarantined(0, 10) == quarantined_before
     with store.transaction() as tx:
-        assert tx.find_response("lost") is None
-        assert tx.find_response("kept") == b"kept"
-        # The merge bookkeeping was rolled back too: the message has one report, not two.
+        assert tx.find_response("lost", NOW) is None
+        assert tx.find_response("kept", NOW) == saved(b"kept")
+        # The merge bookkeeping and the digests were rolled back too.
         state = tx.load_state(SSR, "m-1")
         assert state is not None
-        assert len(state.keys) == 1
+        assert state.winner == merge(None, before).winner
+        rolled_back = report("m-1", S.DELIVERY_STATUS_DELIVERED, seconds=2, bulk_id="B", reference="R")
+        assert not tx.is_stored(digest(rolled_back))
+        assert tx.is_stored(digest(before))
 
     # The store goes on working after a rollback.
     [after] = commit(store, report("m-2", S.DELIVERY_STATUS_DELIVERED, seconds=5))
@@ -264,13 +273,60 @@ def test_load_state_sees_writes_earlier_in_the_same_transaction(engine: Handle) 
         assert seen == second
         assert seen.report.status == S.DELIVERY_STATUS_DELIVERED
         assert seen.report.price.amount == "0.0075"  # from the earlier report of this transaction
-        assert len(seen.keys) == 2
+        assert seen.suppliers["price"] == first.winner
         # Another source's message with the same id is another message.
         assert tx.load_state(GMS, "m-1") is None
         # A duplicate of a report appended in this transaction is recognised.
-        assert merge(seen, report("m-1", S.DELIVERY_STATUS_SENT, seconds=1)).duplicate
+        assert tx.is_stored(digest(report("m-1", S.DELIVERY_STATUS_SENT, seconds=1, price="0.0075")))
+        assert not tx.is_stored(digest(report("m-1", S.DELIVERY_STATUS_SENT, seconds=1)))
     with store.transaction() as tx:
         assert tx.load_state(SSR, "m-1") == second
+
+
+def test_prefetch_is_a_hint_that_changes_no_answer(engine: Handle) -> None:
+    store = engine.store
+    stored = report("m-1", S.DELIVERY_STATUS_SENT, seconds=1)
+    commit(store, stored)
+    later = report("m-1", S.DELIVERY_STATUS_DELIVERED, seconds=2)
+    new = report("m-2", S.DELIVERY_STATUS_DELIVERED, seconds=2)
+    with store.transaction() as tx:
+        tx.prefetch({(SSR, "m-1"), (SSR, "m-2"), (GMS, "m-1")}, {digest(stored), digest(later), digest(new)})
+        assert tx.is_stored(digest(stored))
+        assert not tx.is_stored(digest(later))
+        assert tx.load_state(GMS, "m-1") is None
+        _, state = put(tx, later)
+        # Writes after the prefetch are seen.
+        assert tx.is_stored(digest(later))
+        assert tx.load_state(SSR, "m-1") == state
+        _, created = put(tx, new)
+        assert tx.load_state(SSR, "m-2") == created
+        # So are messages and digests it did not name.
+        other = report("m-3", S.DELIVERY_STATUS_SENT, seconds=1)
+        assert tx.load_state(SSR, "m-3") is None
+        assert not tx.is_stored(digest(other))
+        put(tx, other)
+        assert tx.is_stored(digest(other))
+    assert [state.status for state in store.messages("m-1")] == [S.DELIVERY_STATUS_DELIVERED]
+
+
+def test_a_digest_is_stored_once(engine: Handle) -> None:
+    """The unique key under is_stored: appending a stored digest fails, and nothing of the
+    transaction is kept."""
+    store = engine.store
+    first = report("m-1", S.DELIVERY_STATUS_SENT, seconds=1)
+    [cursor] = commit(store, first)
+
+    def again() -> None:
+        with store.transaction() as tx:
+            put(tx, report("m-2", S.DELIVERY_STATUS_SENT, seconds=1))
+            retried = report("m-1", S.DELIVERY_STATUS_SENT, seconds=1)
+            tx.append(retried, digest(retried), merge(tx.load_state(SSR, "m-1"), retried))
+
+    with pytest.raises(StoreError):
+        again()
+    assert store.latest_cursor() == cursor
+    assert store.history("m-1") == [first]
+    assert store.messages("m-2") == []
 
 
 def test_reads_from_another_thread_see_a_commit_from_the_writer_thread(engine: Handle) -> None:
@@ -535,18 +591,81 @@ def test_quarantine_round_trip(engine: Handle) -> None:
     assert all_changes(store) == []
 
 
+def test_the_same_open_item_is_counted_not_kept_again(engine: Handle) -> None:
+    """#19.11: a provider retrying a partly bad batch 20 times made 20 open rows."""
+    store = engine.store
+    first = item(1)
+    # Received again later, under another request id (and worded otherwise): the same item.
+    again = replace(first, received_seconds=first.received_seconds + 60, received_nanos=5, request_id="retry")
+    distinct = [
+        replace(first, reason="INVALID_VALUE"),
+        replace(first, field="results[2].messageId"),
+        replace(first, whole_payload=True),
+        replace(first, format=1),
+        replace(first, raw=first.raw + " "),
+    ]
+    with store.transaction() as tx:
+        tx.quarantine(first)
+        tx.quarantine(again)
+    with store.transaction() as tx:
+        tx.quarantine(replace(again, received_seconds=again.received_seconds + 60, description="reworded"))
+        for other in distinct:
+            tx.quarantine(other)
+
+    kept = store.quarantined(0, 10)
+    counted = replace(
+        first, received_count=3, last_received_seconds=first.received_seconds + 120, last_received_nanos=5
+    )
+    assert [quarantined for _, quarantined in kept] == [counted, *distinct]
+    assert counted.last_received_time() == Timestamp(seconds=first.received_seconds + 120, nanos=5)
+    assert first.last_received_time() == first.received_time()
+    assert store.open_quarantine_count() == 6
+
+    # Once resolved, the same item received again is open again, as a new row.
+    with store.transaction() as tx:
+        tx.resolve_quarantined(kept[0][0], NOW)
+        tx.quarantine(first)
+    resolved, *_, reopened = store.quarantined(0, 10)
+    assert resolved == (kept[0][0], replace(counted, resolved_seconds=NOW))
+    assert reopened[1] == first
+    assert reopened[0] > kept[-1][0]
+    assert store.open_quarantine_count() == 6
+
+
 def test_find_response_and_save_response(engine: Handle) -> None:
     store = engine.store
-    answer = bytes(range(256))
+    answer = SavedResponse(bytes(range(16)), bytes(range(256)))
     with store.transaction() as tx:
-        assert tx.find_response("r-1") is None
-        tx.save_response("r-1", answer)
-        assert tx.find_response("r-1") == answer  # in the same transaction
-        tx.save_response("r-2", b"")
+        assert tx.find_response("r-1", NOW) is None
+        tx.save_response("r-1", answer, NOW)
+        assert tx.find_response("r-1", NOW) == answer  # in the same transaction
+        tx.save_response("r-2", SavedResponse(b"", b""), NOW)
     with store.transaction() as tx:
-        assert tx.find_response("r-1") == answer
-        assert tx.find_response("r-2") == b""
-        assert tx.find_response("R-1") is None
+        assert tx.find_response("r-1", NOW) == answer
+        assert tx.find_response("r-2", NOW) == SavedResponse(b"", b"")
+        assert tx.find_response("R-1", NOW) is None
+
+
+def test_saved_responses_expire(engine: Handle) -> None:
+    store = engine.store
+    with store.transaction() as tx:
+        for number in range(5):
+            tx.save_response(f"old-{number}", saved(b"old"), NOW - 100 - number)
+        tx.save_response("new", saved(b"new"), NOW)
+    with store.transaction() as tx:
+        # Saved before `since_seconds`: expired, as if never saved.
+        assert tx.find_response("old-0", NOW - 100) == saved(b"old")
+        assert tx.find_response("old-0", NOW - 99) is None
+        # An expired id is saved again in place of the old answer.
+        tx.save_response("old-0", saved(b"again"), NOW)
+        assert tx.find_response("old-0", NOW) == saved(b"again")
+    with store.transaction() as tx:
+        assert tx.expire_responses(NOW, 3) == 3
+        assert tx.expire_responses(NOW, 3) == 1
+        assert tx.expire_responses(NOW, 3) == 0
+        assert tx.find_response("old-0", 0) == saved(b"again")
+        assert tx.find_response("new", 0) == saved(b"new")
+        assert [tx.find_response(f"old-{number}", 0) for number in range(1, 5)] == [None] * 4
 
 
 # --- durability ----------------------------------------------------------------------------------
@@ -565,12 +684,12 @@ def test_reopening_keeps_everything(engine: Handle) -> None:
         for incoming in reports[2:]:
             put(tx, incoming)
         tx.quarantine(item(7))
-        tx.save_response("r-1", b"\x00saved\xff")
+        tx.save_response("r-1", saved(b"\x00saved\xff"), NOW)
 
     def everything(store: Store) -> tuple[object, ...]:
         with store.transaction() as tx:
             states = [tx.load_state(source, name) for source in (SSR, GMS) for name in ("m-1", "m-2")]
-            response = tx.find_response("r-1")
+            response = tx.find_response("r-1", NOW)
         return (
             [store.messages(message_id) for message_id in ("m-1", "m-2")],
             [store.history(message_id) for message_id in ("m-1", "m-2")],
@@ -591,8 +710,10 @@ def test_reopening_keeps_everything(engine: Handle) -> None:
     # The merge bookkeeping survived too: a stored report is still a duplicate, and a new one merges.
     with store.transaction() as tx:
         state = tx.load_state(SSR, "m-1")
-        assert merge(state, reports[0]).duplicate
-        assert not merge(state, report("m-1", S.DELIVERY_STATUS_SEEN, seconds=3)).duplicate
+        assert tx.is_stored(digest(reports[0]))
+        seen = report("m-1", S.DELIVERY_STATUS_SEEN, seconds=3)
+        assert not tx.is_stored(digest(seen))
+        assert merge(state, seen).report.price.amount == "0.0075"
 
 
 # --- SQLite: the schema version ------------------------------------------------------------------
@@ -649,7 +770,7 @@ def test_sqlite_migrates_an_empty_file_from_version_zero(tmp_path: Path) -> None
         assert store.latest_cursor() == cursor
         with store.transaction() as tx:
             tx.quarantine(item(1))
-            tx.save_response("r", b"x")
+            tx.save_response("r", saved(b"x"), NOW)
         assert len(store.quarantined(0, 10)) == 1
     finally:
         store.close()

@@ -88,7 +88,10 @@ async def test_a_full_disk_logs_each_failure_once_then_counts(
     loud = [entry for entry in entries if entry["level"] in ("WARNING", "ERROR")]
     committer = [entry for entry in loud if entry["logger"] == "dlrhub.write.committer"]
     webhooks = [entry for entry in loud if entry["logger"] == "dlrhub.transport.webhooks"]
-    assert len(loud) == len(committer) + len(webhooks), loud  # nothing else went wrong
+    health = [entry for entry in loud if entry["logger"] == "dlrhub.observability.health"]
+    assert len(loud) == len(committer) + len(webhooks) + len(health), loud  # nothing else went wrong
+    # The store's health changed twice, each said once: NOT_SERVING at the first failure, SERVING again.
+    assert [entry["level"] for entry in health] == ["ERROR", "WARNING"]
 
     # The first failure of each kind with its traceback, then counts: every failure accounted for.
     for lines, total in ((committer, failures), (webhooks, FAILING_POSTS)):

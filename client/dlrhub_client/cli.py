@@ -12,9 +12,9 @@
 Connection, before or after the command: --target (env DLRHUB_TARGET, default 127.0.0.1:50051),
 --token (env DLRHUB_TOKEN), --tls-ca / --tls-cert / --tls-key for TLS and mutual TLS, --timeout.
 
-Exit codes: 0 done; 1 other error; 2 bad usage; 3 invalid input (some or all items rejected);
-4 not found; 5 dlrhub unavailable (safe to retry); 130 interrupted (Ctrl-C); 141 the reader of the
-output went away (`| head`), quietly.
+Exit codes: 0 done; 1 other error; 2 bad usage; 3 invalid input (some or all items rejected, or a
+request id already used by another request); 4 not found; 5 dlrhub unavailable (safe to retry);
+130 interrupted (Ctrl-C); 141 the reader of the output went away (`| head`), quietly.
 
 dlrhub-client owns the command; another package adds a command to it through an entry point of the
 group "dlrhub.commands", named as the command, naming a function that takes the sub-command parser
@@ -374,6 +374,9 @@ async def _ingest(client: AsyncClient, options: argparse.Namespace) -> int:
             try:
                 response = await client.ingest(call.payload, format=call.format, request_id=request_id)
             except InvalidArgumentError as error:
+                if error.reason == "REQUEST_ID_REUSED":  # nothing of it was stored: stop here
+                    say(f"dlrhub: request id {request_id!r}: {error.message}", sys.stderr)
+                    return EXIT_INVALID
                 # On stderr even with --json: a wholly rejected payload has no response to print.
                 say(f"rejected: {error.message}", sys.stderr)
                 for violation in error.violations:
@@ -383,6 +386,12 @@ async def _ingest(client: AsyncClient, options: argparse.Namespace) -> int:
                 rejected += call.size if call.origins is not None else max(1, len(error.violations))
                 progress.update(call.size)
                 continue
+            if response.replayed:
+                say(
+                    f"dlrhub: request id {request_id!r} was answered before: its first answer again"
+                    " (nothing applied twice)",
+                    sys.stderr,
+                )
             accepted += response.accepted_count
             duplicate += response.duplicate_count
             rejected += response.rejected_count

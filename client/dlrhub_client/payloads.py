@@ -8,7 +8,8 @@ so both the server's normaliser and the client's batch splitting work on item te
   of each array-valued member of a top-level object. It walks only those outer levels itself; every
   value inside is decoded by the standard library's C scanner in one pass. Floats become
   `decimal.Decimal`, so prices stay exact; NaN and Infinity are rejected. Errors are `InvalidJson`,
-  whose text gives line and column.
+  whose text gives line and column. With `max_items`, an array of those outer levels with more
+  elements raises `TooManyItems` as soon as it has one too many: the rest is never decoded.
 - `batch_items` gives a batch body's format and item texts; `batch` wraps item texts back into the
   body of a format.
 
@@ -53,10 +54,19 @@ class InvalidJson(ValueError):
     """The text is not JSON; the message says why, with line and column where there are some."""
 
 
-def decode(text: str) -> Document:
-    """Decode `text`; raises InvalidJson if it is not JSON."""
+class TooManyItems(Exception):
+    """A batch holds more than `limit` items (decoding stopped at the first one over)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"more than {limit} items in one payload (at most {limit}): split the batch")
+        self.limit = limit
+
+
+def decode(text: str, *, max_items: int | None = None) -> Document:
+    """Decode `text`; raises InvalidJson if it is not JSON, TooManyItems if one of its outer arrays
+    has more than `max_items` elements."""
     try:
-        return _Walker(text).document()
+        return _Walker(text, max_items).document()
     except json.JSONDecodeError as error:
         raise InvalidJson(f"{error.msg}: line {error.lineno} column {error.colno}") from None
     except RecursionError:
@@ -95,9 +105,10 @@ def batch(format: Format.ValueType, items: Sequence[str]) -> str:
 class _Walker:
     """Walks the outer one or two levels of a JSON text, recording item spans."""
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, max_items: int | None = None) -> None:
         self.text = text.removeprefix("\ufeff")
         self.pos = 0
+        self.max_items = max_items
 
     def document(self) -> Document:
         self._skip()
@@ -126,6 +137,8 @@ class _Walker:
         while True:
             self._skip()
             start = self.pos
+            if len(items) == self.max_items:
+                raise TooManyItems(self.max_items)
             items.append(self._value())
             texts.append(self.text[start : self.pos])
             self._skip()

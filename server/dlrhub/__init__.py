@@ -16,7 +16,8 @@ Data flows one way, through one package per layer:
 
 app.py builds and wires the parts (the composition root), cli.py is `dlrhub serve`, config.py the
 settings, errors.py the domain errors and the one map to gRPC statuses, observability/ the metrics,
-per-call log lines, tracing and log format. The client, dlrhub_client, never imports this package.
+per-call log lines (where every call's failure becomes its status), the store's health, tracing and
+log format. The client, dlrhub_client, never imports this package.
 """
 
 __version__ = "0.1.0"

@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import resource
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -23,6 +25,7 @@ from dlrhub.config import Settings, env_name
 from dlrhub.feed.hub import Hub
 from dlrhub.normalise import Normaliser
 from dlrhub.observability.calls import CallInterceptor, CallLog
+from dlrhub.observability.health import StoreHealth
 from dlrhub.observability.metrics import Metrics
 from dlrhub.observability.tracing import tracing_interceptor
 from dlrhub.store import SqliteStore
@@ -36,6 +39,7 @@ from dlrhub.transport.poller import Poller, PollerSettings
 from dlrhub.transport.service import DeliveryReportService
 from dlrhub.transport.webhook_access import Access, AllowList, WebhookAuth
 from dlrhub.write.committer import Committer
+from dlrhub.write.expiry import RequestIdExpiry
 from dlrhub.write.writer import Writer
 
 log = logging.getLogger(__name__)
@@ -74,6 +78,11 @@ class App:
     http: HttpListener
     call_log: CallLog
     http_log: CallLog
+    metrics: Metrics
+    store_health: StoreHealth
+    normalisers: ThreadPoolExecutor
+    writer: Writer
+    expiry: RequestIdExpiry
     poller: Poller | None = None
     admin: HttpListener | None = None
 
@@ -94,6 +103,7 @@ class App:
     async def stop(self) -> None:
         """Graceful: NOT_SERVING, streams end, in-flight calls finish, writes commit, store closes."""
         await self.health.enter_graceful_shutdown()
+        await self.store_health.stop()
         if self.poller is not None:
             await self.poller.stop()
         self.hub.close()
@@ -103,6 +113,8 @@ class App:
         self.http_log.close()
         await self.server.stop(self.settings.shutdown_grace)
         self.call_log.close()  # and lines of streams that end later are logged at once
+        self.normalisers.shutdown(wait=True)
+        await self.expiry.stop()
         await self.committer.stop()
         await _runner(self.reads)(self.store.close)
         self.reads.shutdown(wait=True)
@@ -132,6 +144,9 @@ async def start(
         reads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dlrhub-reader")
         started.callback(reads.shutdown)
         read = _runner(reads)
+        # Normalising big payloads: Python code, so two threads are plenty (the GIL runs one at a time).
+        normalisers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dlrhub-normaliser")
+        started.callback(normalisers.shutdown)
         if store is not None:
             started.push_async_callback(read, store.close)
         if normaliser is None:
@@ -148,30 +163,25 @@ async def start(
             store = await read(functools.partial(SqliteStore, settings.db))  # it migrates: blocking
             started.push_async_callback(read, store.close)
         hub = Hub(capacity=settings.stream_buffer, latest_cursor=await read(store.latest_cursor))
+        health_servicer = health_aio.HealthServicer()
         metrics = Metrics()
-        # Read when /metrics is scraped (admin.py), on a reader thread.
-        metrics.watch(hub, store.open_quarantine_count)
-        committer = Committer(
-            store,
-            hub,
-            on_commit=_commit_recorder(metrics),
-            on_failure=metrics.store_failures.labels("commit").inc,
-        )
-        committer.start()
-        started.push_async_callback(committer.stop)
+        committer, store_health = await _committing(store, hub, metrics, health_servicer, started)
+        expiry = _request_id_expiry(committer, clock, settings.request_id_ttl, started)
         writer = Writer(
             normaliser,
             committer,
             clock,
             max_items=settings.max_batch_items,
             max_item_bytes=settings.max_item_bytes,
+            request_id_ttl=settings.request_id_ttl,
             metrics=metrics,
+            offload=_runner(normalisers),
+            budget_bytes=settings.write_budget_bytes,
         )
 
         service = DeliveryReportService(
             writer=writer, store=store, hub=hub, read=read, max_streams=settings.max_streams
         )
-        health_servicer = health_aio.HealthServicer()
         call_log = CallLog(traced=tracing is not None)
         http_log = CallLog(logging.getLogger(webhooks.__name__), "http")
         server, port = _grpc_server(
@@ -196,14 +206,13 @@ async def start(
             on_count=metrics.http_connections.set,
         )
         metrics.http_max_connections.set(http_max_connections)
-        admin_listener = _admin_listener(settings, lambda: read(metrics.render), ssl_context)
+        admin_listener = _admin_listener(settings, _renderer(metrics), ssl_context)
         for listener, address in ((http, settings.http_listen), (admin_listener, settings.admin_listen)):
             if listener is not None:
-                await listener.start(address)
+                await _listen(listener, address)
                 started.push_async_callback(listener.stop)
 
-        for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await _serving_setter(health_servicer)(store_health.serving)
         poller = None
         if poller_settings is not None:
             poller = Poller(
@@ -225,6 +234,11 @@ async def start(
         http,
         call_log,
         http_log,
+        metrics,
+        store_health,
+        normalisers,
+        writer,
+        expiry,
         poller,
         admin_listener,
     )
@@ -250,6 +264,38 @@ async def start(
     return app
 
 
+async def _committing(
+    store: Store,
+    hub: Hub,
+    metrics: Metrics,
+    health_servicer: health_aio.HealthServicer,
+    started: contextlib.AsyncExitStack,
+) -> tuple[Committer, StoreHealth]:
+    """The committer, started, and the store's health, probing (both stopped by `started` if starting
+    fails later)."""
+    store_health = StoreHealth(store, _serving_setter(health_servicer))
+    # Read when /metrics is scraped: from memory (the open quarantine as of the last count).
+    metrics.watch(hub, lambda: store_health.open_quarantine)
+    committer = Committer(
+        store, hub, on_commit=_commit_recorder(metrics), on_outcome=_commit_outcome(metrics, store_health)
+    )
+    committer.start()
+    started.push_async_callback(committer.stop)
+    await store_health.start(committer.check)
+    started.push_async_callback(store_health.stop)
+    return committer, store_health
+
+
+def _request_id_expiry(
+    committer: Committer, clock: Callable[[], int], ttl_seconds: int, started: contextlib.AsyncExitStack
+) -> RequestIdExpiry:
+    """The expiry of request ids, started (stopped by `started` if starting fails later)."""
+    expiry = RequestIdExpiry(committer, clock, ttl_seconds)
+    expiry.start()
+    started.push_async_callback(expiry.stop)
+    return expiry
+
+
 def _grpc_server(
     settings: Settings, service: DeliveryReportService, health_servicer: Any, interceptors: list[Any]
 ) -> tuple[grpc.aio.Server, int]:
@@ -258,12 +304,13 @@ def _grpc_server(
         options=[*SERVER_OPTIONS, ("grpc.max_receive_message_length", settings.max_request_bytes)],
         interceptors=interceptors,
     )
-    add_to_server(service, server)
+    add_to_server(service, server, max_items=settings.max_batch_items)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection.enable_server_reflection([SERVICE_NAME, health_name, reflection.SERVICE_NAME], server)
     tls_files = tls.files(settings)
+    _check_listen(settings.listen)
     try:
         if tls_files is not None:
             return server, server.add_secure_port(settings.listen, tls.grpc_credentials(*tls_files))
@@ -286,12 +333,52 @@ def _admin_listener(
     )
 
 
+async def _listen(listener: HttpListener, address: str) -> None:
+    try:
+        await listener.start(address)
+    except OSError as error:  # its words repeat the address: the system's are enough
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        raise OSError(f"cannot listen on {address} (HTTP): {reason}") from None
+
+
+def _check_listen(listen: str) -> None:
+    """Raises OSError naming `listen` when it cannot be bound (in use, not an address of this host):
+    grpc would write its own error line first, and the command says what failed in one line."""
+    host, _, port = listen.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return  # grpc says what is wrong with it; a free port is always found
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else None
+        raise OSError(f"cannot listen on {listen}: {reason or error}") from None
+    for family, kind, protocol, _, address in addresses:
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc binds
+            try:
+                probe.bind(address)
+            except OSError as error:
+                raise OSError(f"cannot listen on {listen}: {error.strerror}") from None
+
+
 def _interceptors(tracing: Any, metrics: Metrics, call_log: CallLog, tokens: Tokens | None) -> list[Any]:
     """Outermost first: tracing (when on), then per-call logs and metrics, then authentication."""
     chain: list[Any] = [tracing, CallInterceptor(metrics, call_log)]
     if tokens is not None:
         chain.append(AuthInterceptor(tokens))
     return [interceptor for interceptor in chain if interceptor is not None]
+
+
+def _commit_outcome(metrics: Metrics, store_health: StoreHealth) -> Callable[[Exception | None], None]:
+    """Counts a group commit that failed, and tells the store's health how each went."""
+    failures = metrics.store_failures.labels("commit")
+
+    def told(error: Exception | None) -> None:
+        if error is not None:
+            failures.inc()
+        store_health.committed(error)
+
+    return told
 
 
 def _commit_recorder(metrics: Metrics) -> Callable[[float, int], None]:
@@ -369,13 +456,35 @@ def _poller_settings(settings: Settings, given: PollerSettings | None) -> Poller
     )
 
 
-def _runner(reads: Executor) -> ReadRunner:
-    """Runs blocking store calls on the reader threads (store/base.py: never on the event loop)."""
+def _runner(threads: Executor) -> ReadRunner:
+    """Runs blocking calls on `threads` (store calls on the reader threads: never on the event loop)."""
 
-    def read(call: Callable[[], T]) -> Awaitable[T]:
-        return asyncio.get_running_loop().run_in_executor(reads, call)
+    def run(call: Callable[[], T]) -> Awaitable[T]:
+        return asyncio.get_running_loop().run_in_executor(threads, call)
 
-    return read
+    return run
+
+
+def _serving_setter(health_servicer: health_aio.HealthServicer) -> Callable[[bool], Awaitable[None]]:
+    """Reports the store's state as the health of the server ("") and of the DeliveryReportService."""
+
+    async def set_serving(serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, status)
+
+    return set_serving
+
+
+def _renderer(metrics: Metrics) -> Callable[[], Awaitable[bytes]]:
+    """/metrics, rendered on the event loop from memory: a scrape never waits on the store."""
+
+    async def render() -> bytes:
+        return metrics.render()
+
+    return render
 
 
 def _health_setter(health_servicer: health_aio.HealthServicer) -> Callable[[bool], Awaitable[None]]:

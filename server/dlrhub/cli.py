@@ -5,8 +5,9 @@ dlrhub-client (dlrhub_client.cli; the entry point group "dlrhub.commands" names 
     dlrhub ingest | fetch | tail ...     (the client commands: dlrhub_client.cli)
 
 Every flag has a DLRHUB_* environment variable; a flag wins over it. Only `serve` imports the
-server: the client commands, --help and --version start without loading it. A configuration the
-server refuses exits with status 2 and one line saying why; a port or file it cannot open, with 1.
+server: the client commands, --help and --version start without loading it. When the server cannot
+start (a setting, the database, a listen address), it exits with status 2 and one line on stderr,
+`dlrhub: cannot start: ...`, saying why.
 """
 
 from __future__ import annotations
@@ -138,25 +139,30 @@ def _run_serve(options: argparse.Namespace) -> int:
     try:
         settings = Settings.from_env()
     except ValueError as error:
-        print(f"dlrhub: {error}", file=sys.stderr)
-        return 2
+        return _cannot_start(error)
     overrides = {name: value for name in _SERVE_FLAGS if (value := getattr(options, name, None)) is not None}
     settings = dataclasses.replace(settings, **overrides)
     try:
         logs.configure(settings.log_level, settings.log_repeat_interval, settings.log_format)
     except ValueError as error:
-        print(f"dlrhub: DLRHUB_LOG_FORMAT: {error}", file=sys.stderr)
-        return 2
+        return _cannot_start(ValueError(f"DLRHUB_LOG_FORMAT: {error}"))
     _raise_file_limit()
     try:
         asyncio.run(_serve(settings, app.start))
-    except ValueError as error:  # the configuration
-        log.error("cannot start: %s", error)
-        return 2
-    except OSError as error:
-        log.error("cannot start: %s", error)
-        return 1
+    except CannotStart as error:
+        return _cannot_start(error)
     return 0
+
+
+class CannotStart(Exception):
+    """The server could not start: a setting, the database or a listen address; the message says
+    which, in words for the operator."""
+
+
+def _cannot_start(error: Exception) -> int:
+    """One line on stderr naming the problem (no traceback), and exit status 2."""
+    print(f"dlrhub: cannot start: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
+    return 2
 
 
 def _raise_file_limit() -> None:
@@ -189,7 +195,12 @@ async def _serve(settings: Settings, start: Callable[[Settings], Awaitable[App]]
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    running = await start(settings)
+    from dlrhub.store import StoreError  # noqa: PLC0415  # the server loads only for serve
+
+    try:
+        running = await start(settings)
+    except (StoreError, OSError, ValueError) as error:  # what start raises for what it was given
+        raise CannotStart(str(error)) from error
     _tune_gc()
     await stop.wait()
     running.flush_logs()  # the lines of calls that ended before, then this one

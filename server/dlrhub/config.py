@@ -101,10 +101,19 @@ class Settings:
     # The largest item of a payload, in UTF-8 bytes (ITEM_TOO_LARGE above; it is quarantined).
     max_item_bytes: int = _env("DLRHUB_MAX_ITEM_BYTES", 64 * 1024)
     max_streams: int = _env("DLRHUB_MAX_STREAMS", 1000)
+    # Seconds an Ingest request id is remembered (its answer replayed to a retry); then it is new.
+    request_id_ttl: int = _env("DLRHUB_REQUEST_ID_TTL", 86_400)
+    # Payload bytes being normalised and committed at once; more waits its turn. It bounds memory:
+    # a payload takes many times its size until its commit is answered.
+    write_budget_bytes: int = _env("DLRHUB_WRITE_BUDGET_BYTES", 16 * 1024 * 1024)
     # OpenTelemetry tracing: off, console or otlp (OTEL_EXPORTER_OTLP_* configure the exporter).
     tracing: str = _env("DLRHUB_TRACING", "off")
     # A WARNING or ERROR line that repeats is logged once, then counted: one summary per interval.
     log_repeat_interval: float = _env("DLRHUB_LOG_REPEAT_INTERVAL", 10.0)
+
+    def __post_init__(self) -> None:
+        if self.request_id_ttl < 1:
+            raise ValueError(f"DLRHUB_REQUEST_ID_TTL: at least 1 second, not {self.request_id_ttl}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

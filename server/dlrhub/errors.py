@@ -7,7 +7,10 @@
     ├── Unauthenticated   UNAUTHENTICATED (no token, or an unknown one)
     ├── PermissionDenied  PERMISSION_DENIED (the token's roles do not allow the call)
     ├── ResourceExhausted RESOURCE_EXHAUSTED (over a limit, named in the message)
-    └── Unavailable       UNAVAILABLE (the store cannot commit; safe to retry)
+    ├── Unavailable       UNAVAILABLE (the store cannot read or commit, or the server is stopping;
+    │                     safe to retry)
+    └── Internal          INTERNAL (a fault of the server's; the message names the request id it
+                          was logged with, and nothing else)
 
 Every status carries a google.rpc.Status with an ErrorInfo (a reason from
 the contract's ErrorReason enum, so no other can be written; domain
@@ -18,6 +21,9 @@ and its details are kept under MAX_DETAILS_BYTES, so that every client can
 read them (gRPC clients refuse trailers over 8 KiB): the violations that do
 not fit are left out, and the ErrorInfo metadata `violations_omitted` counts
 them; a long message or metadata value is cut short.
+
+The per-call interceptor (observability/calls.py) gives every call that raises its status here:
+a DlrhubError its own, a store failure `store_unavailable()`, anything else `internal_error()`.
 """
 
 from __future__ import annotations
@@ -112,6 +118,28 @@ class ResourceExhausted(DlrhubError):
 
 class Unavailable(DlrhubError):
     code = code_pb2.UNAVAILABLE
+
+
+class Internal(DlrhubError):
+    code = code_pb2.INTERNAL
+
+
+def store_unavailable() -> Unavailable:
+    """A store that cannot read or commit: the same words whatever the engine said (that is logged)."""
+    return Unavailable(
+        "the store cannot read or commit right now; retry later (an Ingest retried with the same"
+        " request_id is stored once)",
+        ErrorReason.STORE_UNAVAILABLE,
+    )
+
+
+def internal_error(request_id: str) -> Internal:
+    """An unexpected fault: the caller learns only the request id the server logged it with."""
+    return Internal(
+        f"internal error; the server logged it with request id {request_id}",
+        ErrorReason.INTERNAL,
+        metadata={"request_id": request_id},
+    )
 
 
 def to_status(error: DlrhubError) -> grpc.Status:

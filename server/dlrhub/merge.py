@@ -1,21 +1,29 @@
 """The state machine of one message: stored state + incoming report -> new state.
 
 Reports of a message (keyed by source and message id) arrive duplicated and
-out of order. Every distinct report has a merge key (rank of its status,
-event time, digest). The current state is a maximum, so any order of the
-same reports, with any duplicates, ends in the same state:
+out of order. A report's identity is its digest: a hash of the normalised
+report without what depends on its arrival (received time, original text).
+Two reports are duplicates exactly when their digests are equal, so a
+provider's retry (other white space, other key order) is a duplicate, and two
+reports with the same codes and time but another price are two reports.
+
+Every distinct report has a merge key (rank of its status, event time,
+digest); a report without event time sorts before every timed report of its
+rank. The key depends on the report alone, never on when or in which order it
+arrived, and the current state is a maximum, so any order of the same
+reports, with any duplicates, ends in the same state:
 
 - status, final flag, raw codes, error, event time, channel (and the
-  winner's received time and raw text) come from the report with the
-  greatest key;
+  winner's received time and raw text: those of the first copy of it to
+  arrive) come from the report with the greatest key;
 - each descriptive field (price, parts, bulk id, reference, recipient,
   sender, MCC/MNC, template id, sent time, entity and application ids) comes
-  from the greatest-keyed report that has it;
-- a report whose digest (source, message id, raw codes, event time, channel)
-  is already known is a duplicate and changes nothing.
+  from the greatest-keyed report that has it.
 
-The digest is also the tie-break between different reports of equal rank and
-time: a total order that does not depend on arrival.
+Merging is idempotent (a duplicate changes nothing), and the state keeps only
+the winner's key and each descriptive field's supplier key: its size does not
+grow with the history. Whether a report is a duplicate is asked of the store,
+which keeps every digest (store/base.py, Transaction.is_stored).
 """
 
 from __future__ import annotations
@@ -51,10 +59,13 @@ class MergeKey:
     """Orders the reports of one message: rank, then event time, then digest."""
 
     rank: int
-    # Event time in nanoseconds since the epoch; the received time when the
-    # report has no event time.
+    # Event time in nanoseconds since the epoch; NO_EVENT_TIME when the report has none.
     time_ns: int
     digest: bytes
+
+
+# Before every time a Timestamp can hold (the earliest, in year 1, is -62,135,596,800 s).
+NO_EVENT_TIME = -(2**63)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,38 +73,26 @@ class MessageState:
     """The merged report of one message and what the merge needs to go on."""
 
     report: DeliveryReport
-    # The keys of every distinct report merged so far.
-    keys: frozenset[MergeKey]
+    # The key of the report the status (and the fields that follow it) came from.
+    winner: MergeKey
     # For each descriptive field present in `report`: the key of the report it came from.
     suppliers: Mapping[str, MergeKey]
 
-    @property
-    def winner(self) -> MergeKey:
-        return max(self.keys)
-
-
-@dataclass(frozen=True, slots=True)
-class MergeResult:
-    state: MessageState
-    # The incoming report was already merged: the state is unchanged.
-    duplicate: bool
-
 
 def digest(report: DeliveryReport) -> bytes:
-    """Identity of a report for duplicate detection: source, message id, channel, event time and raw codes."""
-    event = report.event_time
-    identity = (
-        f"{report.source}\x00{report.message_id}\x00{report.channel}\x00"
-        f"{event.seconds if report.HasField('event_time') else '-'}.{event.nanos}\x00"
-    ).encode()
-    return hashlib.blake2b(
-        identity + report.raw.SerializeToString(deterministic=True), digest_size=16
-    ).digest()
+    """A report's identity: 128 bits of blake2b over its deterministic serialisation without its
+    received time and raw text (its source and message id are inside it)."""
+    content = DeliveryReport()
+    content.CopyFrom(report)
+    content.ClearField("received_time")
+    content.ClearField("raw_payload")
+    return hashlib.blake2b(content.SerializeToString(deterministic=True), digest_size=16).digest()
 
 
 def merge_key(report: DeliveryReport) -> MergeKey:
-    moment = report.event_time if report.HasField("event_time") else report.received_time
-    return MergeKey(RANK[report.status], moment.seconds * 1_000_000_000 + moment.nanos, digest(report))
+    event = report.event_time
+    time_ns = event.seconds * 1_000_000_000 + event.nanos if report.HasField("event_time") else NO_EVENT_TIME
+    return MergeKey(RANK[report.status], time_ns, digest(report))
 
 
 def has_field(report: DeliveryReport, name: str) -> bool:
@@ -102,15 +101,17 @@ def has_field(report: DeliveryReport, name: str) -> bool:
     return report.HasField(name)  # type: ignore[arg-type]  # a DESCRIPTIVE_FIELDS name
 
 
-def merge(state: MessageState | None, incoming: DeliveryReport) -> MergeResult:
-    """Merge `incoming` into `state` (None for a message not seen before)."""
-    key = merge_key(incoming)
+def merge(state: MessageState | None, incoming: DeliveryReport, key: MergeKey | None = None) -> MessageState:
+    """Merge `incoming` into `state` (None for a message not seen before).
+
+    `key` is merge_key(incoming), for a caller that has it already. Merging a report that is
+    already merged returns an equal state.
+    """
+    if key is None:
+        key = merge_key(incoming)
     if state is None:
         suppliers = {name: key for name in DESCRIPTIVE_FIELDS if has_field(incoming, name)}
-        return MergeResult(MessageState(_copy(incoming), frozenset((key,)), suppliers), duplicate=False)
-    if any(known.digest == key.digest for known in state.keys):
-        return MergeResult(state, duplicate=True)
-
+        return MessageState(_copy(incoming), key, suppliers)
     if key > state.winner:
         report = _copy(incoming)
         suppliers = {name: key for name in DESCRIPTIVE_FIELDS if has_field(incoming, name)}
@@ -128,7 +129,7 @@ def merge(state: MessageState | None, incoming: DeliveryReport) -> MergeResult:
     for name, source, supplier in sources:
         _copy_field(report, source, name)
         suppliers[name] = supplier
-    return MergeResult(MessageState(report, state.keys | {key}, suppliers), duplicate=False)
+    return MessageState(report, max(key, state.winner), suppliers)
 
 
 def _copy(report: DeliveryReport) -> DeliveryReport:

@@ -158,7 +158,8 @@ class DeliveryStatus(_DeliveryStatus, metaclass=_DeliveryStatusEnumTypeWrapper):
     """The unified status. The merge rule orders statuses by rank:
     UNSPECIFIED 0 < ACCEPTED 10 < SENT 20 < UNDELIVERED = EXPIRED = REJECTED =
     FAILED 30 < DELIVERED 40 < SEEN 50. A higher rank always wins; within a rank
-    the later event time wins.
+    the later event time wins (a report without event time comes before every
+    timed one), then a digest of the report: never the time it was received.
     """
 
 DELIVERY_STATUS_UNSPECIFIED: DeliveryStatus.ValueType  # 0

@@ -28,7 +28,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n/deliveryreport/v1/delivery_report_service.proto\x12\x11\x64\x65liveryreport.v1\x1a\'deliveryreport/v1/delivery_report.proto\x1a(deliveryreport/v1/provider_formats.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8a\x02\n\rIngestRequest\x12\x11\n\x07payload\x18\x01 \x01(\tH\x00\x12,\n\x03gms\x18\x03 \x01(\x0b\x32\x1d.deliveryreport.v1.GmsReportsH\x00\x12<\n\x0fsent_sms_report\x18\x04 \x01(\x0b\x32!.deliveryreport.v1.SentSmsReportsH\x00\x12)\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x19.deliveryreport.v1.Format\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x33\n\x04view\x18\x06 \x01(\x0e\x32%.deliveryreport.v1.IngestResponseViewB\x06\n\x04\x62ody\"?\n\tItemError\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"\xd4\x01\n\x0cIngestResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x31\n\x07outcome\x18\x02 \x01(\x0e\x32 .deliveryreport.v1.IngestOutcome\x12\x31\n\x06report\x18\x03 \x01(\x0b\x32!.deliveryreport.v1.DeliveryReport\x12\x0e\n\x06\x63ursor\x18\x04 \x01(\t\x12+\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x1c.deliveryreport.v1.ItemError\x12\x12\n\nmessage_id\x18\x06 \x01(\t\"\x8b\x01\n\x0eIngestResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.deliveryreport.v1.IngestResult\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x02 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x03 \x01(\x05\x12\x16\n\x0erejected_count\x18\x04 \x01(\x05\"k\n\x11GetMessageRequest\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12)\n\x06source\x18\x02 \x01(\x0e\x32\x19.deliveryreport.v1.Source\x12\x17\n\x0finclude_history\x18\x03 \x01(\x08\"\x98\x01\n\x12GetMessageResponse\x12\x33\n\x08messages\x18\x01 \x03(\x0b\x32!.deliveryreport.v1.DeliveryReport\x12\x32\n\x07history\x18\x02 \x03(\x0b\x32!.deliveryreport.v1.DeliveryReport\x12\x19\n\x11history_truncated\x18\x03 \x01(\x08\"\x9b\x01\n\x13ListMessagesRequest\x12\x11\n\x07\x62ulk_id\x18\x01 \x01(\tH\x00\x12\x13\n\treference\x18\x02 \x01(\tH\x00\x12)\n\x06source\x18\x03 \x01(\x0e\x32\x19.deliveryreport.v1.Source\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\tB\n\n\x08selector\"O\n\x0bStatusCount\x12\x31\n\x06status\x18\x01 \x01(\x0e\x32!.deliveryreport.v1.DeliveryStatus\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\"\xaf\x01\n\x14ListMessagesResponse\x12\x33\n\x08messages\x18\x01 \x03(\x0b\x32!.deliveryreport.v1.DeliveryReport\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x35\n\rstatus_counts\x18\x03 \x03(\x0b\x32\x1e.deliveryreport.v1.StatusCount\x12\x12\n\ntotal_size\x18\x04 \x01(\x05\"\xc8\x02\n\rStreamRequest\x12\x0f\n\x07\x62ulk_id\x18\x01 \x01(\t\x12\x13\n\x0bmessage_ids\x18\x02 \x03(\t\x12\x33\n\x08statuses\x18\x03 \x03(\x0e\x32!.deliveryreport.v1.DeliveryStatus\x12,\n\x08\x63hannels\x18\x04 \x03(\x0e\x32\x1a.deliveryreport.v1.Channel\x12)\n\x06source\x18\x05 \x01(\x0e\x32\x19.deliveryreport.v1.Source\x12\x10\n\x06\x63ursor\x18\x06 \x01(\tH\x00\x12\x18\n\x0e\x66rom_beginning\x18\x07 \x01(\x08H\x00\x12\x35\n\x12heartbeat_interval\x18\t \x01(\x0b\x32\x19.google.protobuf.DurationB\x07\n\x05startJ\x04\x08\x08\x10\tR\x11heartbeat_seconds\"\xb6\x01\n\x0eStreamResponse\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\t\x12\x31\n\x06\x63hange\x18\x05 \x01(\x0b\x32\x1f.deliveryreport.v1.StreamChangeH\x00\x12\x37\n\theartbeat\x18\x06 \x01(\x0b\x32\".deliveryreport.v1.StreamHeartbeatH\x00\x42\x07\n\x05\x65ventJ\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05R\x06reportR\x05state\"s\n\x0cStreamChange\x12\x31\n\x06report\x18\x01 \x01(\x0b\x32!.deliveryreport.v1.DeliveryReport\x12\x30\n\x05state\x18\x02 \x01(\x0b\x32!.deliveryreport.v1.DeliveryReport\"\x11\n\x0fStreamHeartbeat\"H\n\x14StreamBatchesRequest\x12\x30\n\x06stream\x18\x01 \x01(\x0b\x32 .deliveryreport.v1.StreamRequest\"M\n\x15StreamBatchesResponse\x12\x34\n\tresponses\x18\x01 \x03(\x0b\x32!.deliveryreport.v1.StreamResponse\"\x93\x02\n\x0fQuarantinedItem\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x31\n\rreceived_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12)\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x19.deliveryreport.v1.Format\x12\x15\n\rwhole_payload\x18\x05 \x01(\x08\x12\x0b\n\x03raw\x18\x06 \x01(\t\x12+\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x1c.deliveryreport.v1.ItemError\x12\x31\n\rresolved_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"X\n\x15ListQuarantineRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x18\n\x10include_resolved\x18\x03 \x01(\x08\"x\n\x16ListQuarantineResponse\x12\x31\n\x05items\x18\x01 \x03(\x0b\x32\".deliveryreport.v1.QuarantinedItem\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\nopen_count\x18\x03 \x01(\x05\"+\n\x1cRenormaliseQuarantineRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"c\n\x11RenormaliseResult\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x30\n\x07results\x18\x02 \x03(\x0b\x32\x1f.deliveryreport.v1.IngestResult\x12\x10\n\x08resolved\x18\x03 \x01(\x08\"\x8c\x01\n\x1dRenormaliseQuarantineResponse\x12\x35\n\x07results\x18\x01 \x03(\x0b\x32$.deliveryreport.v1.RenormaliseResult\x12\x16\n\x0eresolved_count\x18\x02 \x01(\x05\x12\x1c\n\x14still_rejected_count\x18\x03 \x01(\x05*L\n\x06\x46ormat\x12\x16\n\x12\x46ORMAT_UNSPECIFIED\x10\x00\x12\x0e\n\nFORMAT_GMS\x10\x01\x12\x1a\n\x16\x46ORMAT_SENT_SMS_REPORT\x10\x02*y\n\x12IngestResponseView\x12$\n INGEST_RESPONSE_VIEW_UNSPECIFIED\x10\x00\x12\x1e\n\x1aINGEST_RESPONSE_VIEW_BASIC\x10\x01\x12\x1d\n\x19INGEST_RESPONSE_VIEW_FULL\x10\x02*\x87\x01\n\rIngestOutcome\x12\x1e\n\x1aINGEST_OUTCOME_UNSPECIFIED\x10\x00\x12\x1b\n\x17INGEST_OUTCOME_ACCEPTED\x10\x01\x12\x1c\n\x18INGEST_OUTCOME_DUPLICATE\x10\x02\x12\x1b\n\x17INGEST_OUTCOME_REJECTED\x10\x03\x32\xbc\x05\n\x15\x44\x65liveryReportService\x12M\n\x06Ingest\x12 .deliveryreport.v1.IngestRequest\x1a!.deliveryreport.v1.IngestResponse\x12Y\n\nGetMessage\x12$.deliveryreport.v1.GetMessageRequest\x1a%.deliveryreport.v1.GetMessageResponse\x12_\n\x0cListMessages\x12&.deliveryreport.v1.ListMessagesRequest\x1a\'.deliveryreport.v1.ListMessagesResponse\x12O\n\x06Stream\x12 .deliveryreport.v1.StreamRequest\x1a!.deliveryreport.v1.StreamResponse0\x01\x12\x64\n\rStreamBatches\x12\'.deliveryreport.v1.StreamBatchesRequest\x1a(.deliveryreport.v1.StreamBatchesResponse0\x01\x12\x65\n\x0eListQuarantine\x12(.deliveryreport.v1.ListQuarantineRequest\x1a).deliveryreport.v1.ListQuarantineResponse\x12z\n\x15RenormaliseQuarantine\x12/.deliveryreport.v1.RenormaliseQuarantineRequest\x1a\x30.deliveryreport.v1.RenormaliseQuarantineResponseB\xc2\x01\n\x1bio.dlrhub.deliveryreport.v1B\x1a\x44\x65liveryReportServiceProtoP\x01Z,dlrhub.io/deliveryreport/v1;deliveryreportv1\xa2\x02\x03\x44LR\xaa\x02\x18\x44lrhub.DeliveryReport.V1\xca\x02\x18\x44lrhub\\DeliveryReport\\V1\xea\x02\x1a\x44lrhub::DeliveryReport::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n/deliveryreport/v1/delivery_report_service.proto\x12\x11\x64\x65liveryreport.v1\x1a\'deliveryreport/v1/delivery_report.proto\x1a(deliveryreport/v1/provider_formats.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8a\x02\n\rIngestRequest\x12\x11\n\x07payload\x18\x01 \x01(\tH\x00\x12,\n\x03gms\x18\x03 \x01(\x0b\x32\x1d.deliveryreport.v1.GmsReportsH\x00\x12<\n\x0fsent_sms_report\x18\x04 \x01(\x0b\x32!.deliveryreport.v1.SentSmsReportsH\x00\x12)\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x19.deliveryreport.v1.Format\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x33\n\x04view\x18\x06 \x01(\x0e\x32%.deliveryreport.v1.IngestResponseViewB\x06\n\x04\x62ody\"?\n\tItemError\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"\xd4\x01\n\x0cIngestResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x31\n\x07outcome\x18\x02 \x01(\x0e\x32 .deliveryreport.v1.IngestOutcome\x12\x31\n\x06report\x18\x03 \x01(\x0b\x32!.deliveryreport.v1.DeliveryReport\x12\x0e\n\x06\x63ursor\x18\x04 \x01(\t\x12+\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x1c.deliveryreport.v1.ItemError\x12\x12\n\nmessage_id\x18\x06 \x01(\t\"\x9d\x01\n\x0eIngestResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.deliveryreport.v1.IngestResult\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x02 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x03 \x01(\x05\x12\x16\n\x0erejected_count\x18\x04 \x01(\x05\x12\x10\n\x08replayed\x18\x05 \x01(\x08\"k\n\x11GetMessageRequest\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12)\n\x06source\x18\x02 \x01(\x0e\x32\x19.deliveryreport.v1.Source\x12\x17\n\x0finclude_history\x18\x03 \x01(\x08\"\x98\x01\n\x12GetMessageResponse\x12\x33\n\x08messages\x18\x01 \x03(\x0b\x32!.deliveryreport.v1.DeliveryReport\x12\x32\n\x07history\x18\x02 \x03(\x0b\x32!.deliveryreport.v1.DeliveryReport\x12\x19\n\x11history_truncated\x18\x03 \x01(\x08\"\x9b\x01\n\x13ListMessagesRequest\x12\x11\n\x07\x62ulk_id\x18\x01 \x01(\tH\x00\x12\x13\n\treference\x18\x02 \x01(\tH\x00\x12)\n\x06source\x18\x03 \x01(\x0e\x32\x19.deliveryreport.v1.Source\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\tB\n\n\x08selector\"O\n\x0bStatusCount\x12\x31\n\x06status\x18\x01 \x01(\x0e\x32!.deliveryreport.v1.DeliveryStatus\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\"\xaf\x01\n\x14ListMessagesResponse\x12\x33\n\x08messages\x18\x01 \x03(\x0b\x32!.deliveryreport.v1.DeliveryReport\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x35\n\rstatus_counts\x18\x03 \x03(\x0b\x32\x1e.deliveryreport.v1.StatusCount\x12\x12\n\ntotal_size\x18\x04 \x01(\x05\"\xc8\x02\n\rStreamRequest\x12\x0f\n\x07\x62ulk_id\x18\x01 \x01(\t\x12\x13\n\x0bmessage_ids\x18\x02 \x03(\t\x12\x33\n\x08statuses\x18\x03 \x03(\x0e\x32!.deliveryreport.v1.DeliveryStatus\x12,\n\x08\x63hannels\x18\x04 \x03(\x0e\x32\x1a.deliveryreport.v1.Channel\x12)\n\x06source\x18\x05 \x01(\x0e\x32\x19.deliveryreport.v1.Source\x12\x10\n\x06\x63ursor\x18\x06 \x01(\tH\x00\x12\x18\n\x0e\x66rom_beginning\x18\x07 \x01(\x08H\x00\x12\x35\n\x12heartbeat_interval\x18\t \x01(\x0b\x32\x19.google.protobuf.DurationB\x07\n\x05startJ\x04\x08\x08\x10\tR\x11heartbeat_seconds\"\xb6\x01\n\x0eStreamResponse\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\t\x12\x31\n\x06\x63hange\x18\x05 \x01(\x0b\x32\x1f.deliveryreport.v1.StreamChangeH\x00\x12\x37\n\theartbeat\x18\x06 \x01(\x0b\x32\".deliveryreport.v1.StreamHeartbeatH\x00\x42\x07\n\x05\x65ventJ\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05R\x06reportR\x05state\"s\n\x0cStreamChange\x12\x31\n\x06report\x18\x01 \x01(\x0b\x32!.deliveryreport.v1.DeliveryReport\x12\x30\n\x05state\x18\x02 \x01(\x0b\x32!.deliveryreport.v1.DeliveryReport\"\x11\n\x0fStreamHeartbeat\"H\n\x14StreamBatchesRequest\x12\x30\n\x06stream\x18\x01 \x01(\x0b\x32 .deliveryreport.v1.StreamRequest\"M\n\x15StreamBatchesResponse\x12\x34\n\tresponses\x18\x01 \x03(\x0b\x32!.deliveryreport.v1.StreamResponse\"\xe3\x02\n\x0fQuarantinedItem\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x31\n\rreceived_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12)\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x19.deliveryreport.v1.Format\x12\x15\n\rwhole_payload\x18\x05 \x01(\x08\x12\x0b\n\x03raw\x18\x06 \x01(\t\x12+\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x1c.deliveryreport.v1.ItemError\x12\x31\n\rresolved_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0ereceived_count\x18\t \x01(\x05\x12\x36\n\x12last_received_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"X\n\x15ListQuarantineRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x18\n\x10include_resolved\x18\x03 \x01(\x08\"x\n\x16ListQuarantineResponse\x12\x31\n\x05items\x18\x01 \x03(\x0b\x32\".deliveryreport.v1.QuarantinedItem\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\nopen_count\x18\x03 \x01(\x05\"+\n\x1cRenormaliseQuarantineRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"c\n\x11RenormaliseResult\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x30\n\x07results\x18\x02 \x03(\x0b\x32\x1f.deliveryreport.v1.IngestResult\x12\x10\n\x08resolved\x18\x03 \x01(\x08\"\x8c\x01\n\x1dRenormaliseQuarantineResponse\x12\x35\n\x07results\x18\x01 \x03(\x0b\x32$.deliveryreport.v1.RenormaliseResult\x12\x16\n\x0eresolved_count\x18\x02 \x01(\x05\x12\x1c\n\x14still_rejected_count\x18\x03 \x01(\x05*L\n\x06\x46ormat\x12\x16\n\x12\x46ORMAT_UNSPECIFIED\x10\x00\x12\x0e\n\nFORMAT_GMS\x10\x01\x12\x1a\n\x16\x46ORMAT_SENT_SMS_REPORT\x10\x02*y\n\x12IngestResponseView\x12$\n INGEST_RESPONSE_VIEW_UNSPECIFIED\x10\x00\x12\x1e\n\x1aINGEST_RESPONSE_VIEW_BASIC\x10\x01\x12\x1d\n\x19INGEST_RESPONSE_VIEW_FULL\x10\x02*\x87\x01\n\rIngestOutcome\x12\x1e\n\x1aINGEST_OUTCOME_UNSPECIFIED\x10\x00\x12\x1b\n\x17INGEST_OUTCOME_ACCEPTED\x10\x01\x12\x1c\n\x18INGEST_OUTCOME_DUPLICATE\x10\x02\x12\x1b\n\x17INGEST_OUTCOME_REJECTED\x10\x03\x32\xbc\x05\n\x15\x44\x65liveryReportService\x12M\n\x06Ingest\x12 .deliveryreport.v1.IngestRequest\x1a!.deliveryreport.v1.IngestResponse\x12Y\n\nGetMessage\x12$.deliveryreport.v1.GetMessageRequest\x1a%.deliveryreport.v1.GetMessageResponse\x12_\n\x0cListMessages\x12&.deliveryreport.v1.ListMessagesRequest\x1a\'.deliveryreport.v1.ListMessagesResponse\x12O\n\x06Stream\x12 .deliveryreport.v1.StreamRequest\x1a!.deliveryreport.v1.StreamResponse0\x01\x12\x64\n\rStreamBatches\x12\'.deliveryreport.v1.StreamBatchesRequest\x1a(.deliveryreport.v1.StreamBatchesResponse0\x01\x12\x65\n\x0eListQuarantine\x12(.deliveryreport.v1.ListQuarantineRequest\x1a).deliveryreport.v1.ListQuarantineResponse\x12z\n\x15RenormaliseQuarantine\x12/.deliveryreport.v1.RenormaliseQuarantineRequest\x1a\x30.deliveryreport.v1.RenormaliseQuarantineResponseB\xc2\x01\n\x1bio.dlrhub.deliveryreport.v1B\x1a\x44\x65liveryReportServiceProtoP\x01Z,dlrhub.io/deliveryreport/v1;deliveryreportv1\xa2\x02\x03\x44LR\xaa\x02\x18\x44lrhub.DeliveryReport.V1\xca\x02\x18\x44lrhub\\DeliveryReport\\V1\xea\x02\x1a\x44lrhub::DeliveryReport::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,12 +36,12 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'deliveryreport.v1.delivery_
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\033io.dlrhub.deliveryreport.v1B\032DeliveryReportServiceProtoP\001Z,dlrhub.io/deliveryreport/v1;deliveryreportv1\242\002\003DLR\252\002\030Dlrhub.DeliveryReport.V1\312\002\030Dlrhub\\DeliveryReport\\V1\352\002\032Dlrhub::DeliveryReport::V1'
-  _globals['_FORMAT']._serialized_start=3174
-  _globals['_FORMAT']._serialized_end=3250
-  _globals['_INGESTRESPONSEVIEW']._serialized_start=3252
-  _globals['_INGESTRESPONSEVIEW']._serialized_end=3373
-  _globals['_INGESTOUTCOME']._serialized_start=3376
-  _globals['_INGESTOUTCOME']._serialized_end=3511
+  _globals['_FORMAT']._serialized_start=3272
+  _globals['_FORMAT']._serialized_end=3348
+  _globals['_INGESTRESPONSEVIEW']._serialized_start=3350
+  _globals['_INGESTRESPONSEVIEW']._serialized_end=3471
+  _globals['_INGESTOUTCOME']._serialized_start=3474
+  _globals['_INGESTOUTCOME']._serialized_end=3609
   _globals['_INGESTREQUEST']._serialized_start=219
   _globals['_INGESTREQUEST']._serialized_end=485
   _globals['_ITEMERROR']._serialized_start=487
@@ -49,41 +49,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INGESTRESULT']._serialized_start=553
   _globals['_INGESTRESULT']._serialized_end=765
   _globals['_INGESTRESPONSE']._serialized_start=768
-  _globals['_INGESTRESPONSE']._serialized_end=907
-  _globals['_GETMESSAGEREQUEST']._serialized_start=909
-  _globals['_GETMESSAGEREQUEST']._serialized_end=1016
-  _globals['_GETMESSAGERESPONSE']._serialized_start=1019
-  _globals['_GETMESSAGERESPONSE']._serialized_end=1171
-  _globals['_LISTMESSAGESREQUEST']._serialized_start=1174
-  _globals['_LISTMESSAGESREQUEST']._serialized_end=1329
-  _globals['_STATUSCOUNT']._serialized_start=1331
-  _globals['_STATUSCOUNT']._serialized_end=1410
-  _globals['_LISTMESSAGESRESPONSE']._serialized_start=1413
-  _globals['_LISTMESSAGESRESPONSE']._serialized_end=1588
-  _globals['_STREAMREQUEST']._serialized_start=1591
-  _globals['_STREAMREQUEST']._serialized_end=1919
-  _globals['_STREAMRESPONSE']._serialized_start=1922
-  _globals['_STREAMRESPONSE']._serialized_end=2104
-  _globals['_STREAMCHANGE']._serialized_start=2106
-  _globals['_STREAMCHANGE']._serialized_end=2221
-  _globals['_STREAMHEARTBEAT']._serialized_start=2223
-  _globals['_STREAMHEARTBEAT']._serialized_end=2240
-  _globals['_STREAMBATCHESREQUEST']._serialized_start=2242
-  _globals['_STREAMBATCHESREQUEST']._serialized_end=2314
-  _globals['_STREAMBATCHESRESPONSE']._serialized_start=2316
-  _globals['_STREAMBATCHESRESPONSE']._serialized_end=2393
-  _globals['_QUARANTINEDITEM']._serialized_start=2396
-  _globals['_QUARANTINEDITEM']._serialized_end=2671
-  _globals['_LISTQUARANTINEREQUEST']._serialized_start=2673
-  _globals['_LISTQUARANTINEREQUEST']._serialized_end=2761
-  _globals['_LISTQUARANTINERESPONSE']._serialized_start=2763
-  _globals['_LISTQUARANTINERESPONSE']._serialized_end=2883
-  _globals['_RENORMALISEQUARANTINEREQUEST']._serialized_start=2885
-  _globals['_RENORMALISEQUARANTINEREQUEST']._serialized_end=2928
-  _globals['_RENORMALISERESULT']._serialized_start=2930
-  _globals['_RENORMALISERESULT']._serialized_end=3029
-  _globals['_RENORMALISEQUARANTINERESPONSE']._serialized_start=3032
-  _globals['_RENORMALISEQUARANTINERESPONSE']._serialized_end=3172
-  _globals['_DELIVERYREPORTSERVICE']._serialized_start=3514
-  _globals['_DELIVERYREPORTSERVICE']._serialized_end=4214
+  _globals['_INGESTRESPONSE']._serialized_end=925
+  _globals['_GETMESSAGEREQUEST']._serialized_start=927
+  _globals['_GETMESSAGEREQUEST']._serialized_end=1034
+  _globals['_GETMESSAGERESPONSE']._serialized_start=1037
+  _globals['_GETMESSAGERESPONSE']._serialized_end=1189
+  _globals['_LISTMESSAGESREQUEST']._serialized_start=1192
+  _globals['_LISTMESSAGESREQUEST']._serialized_end=1347
+  _globals['_STATUSCOUNT']._serialized_start=1349
+  _globals['_STATUSCOUNT']._serialized_end=1428
+  _globals['_LISTMESSAGESRESPONSE']._serialized_start=1431
+  _globals['_LISTMESSAGESRESPONSE']._serialized_end=1606
+  _globals['_STREAMREQUEST']._serialized_start=1609
+  _globals['_STREAMREQUEST']._serialized_end=1937
+  _globals['_STREAMRESPONSE']._serialized_start=1940
+  _globals['_STREAMRESPONSE']._serialized_end=2122
+  _globals['_STREAMCHANGE']._serialized_start=2124
+  _globals['_STREAMCHANGE']._serialized_end=2239
+  _globals['_STREAMHEARTBEAT']._serialized_start=2241
+  _globals['_STREAMHEARTBEAT']._serialized_end=2258
+  _globals['_STREAMBATCHESREQUEST']._serialized_start=2260
+  _globals['_STREAMBATCHESREQUEST']._serialized_end=2332
+  _globals['_STREAMBATCHESRESPONSE']._serialized_start=2334
+  _globals['_STREAMBATCHESRESPONSE']._serialized_end=2411
+  _globals['_QUARANTINEDITEM']._serialized_start=2414
+  _globals['_QUARANTINEDITEM']._serialized_end=2769
+  _globals['_LISTQUARANTINEREQUEST']._serialized_start=2771
+  _globals['_LISTQUARANTINEREQUEST']._serialized_end=2859
+  _globals['_LISTQUARANTINERESPONSE']._serialized_start=2861
+  _globals['_LISTQUARANTINERESPONSE']._serialized_end=2981
+  _globals['_RENORMALISEQUARANTINEREQUEST']._serialized_start=2983
+  _globals['_RENORMALISEQUARANTINEREQUEST']._serialized_end=3026
+  _globals['_RENORMALISERESULT']._serialized_start=3028
+  _globals['_RENORMALISERESULT']._serialized_end=3127
+  _globals['_RENORMALISEQUARANTINERESPONSE']._serialized_start=3130
+  _globals['_RENORMALISEQUARANTINERESPONSE']._serialized_end=3270
+  _globals['_DELIVERYREPORTSERVICE']._serialized_start=3612
+  _globals['_DELIVERYREPORTSERVICE']._serialized_end=4312
 # @@protoc_insertion_point(module_scope)

@@ -109,8 +109,9 @@ class _IngestOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_IngestO
     INGEST_OUTCOME_ACCEPTED: _IngestOutcome.ValueType  # 1
     """New: stored in the message's history and merged into its state."""
     INGEST_OUTCOME_DUPLICATE: _IngestOutcome.ValueType  # 2
-    """Already stored (same source, message id, raw codes, event time and
-    channel): nothing changed.
+    """Already stored: the same report (every field equal, apart from its
+    received time and original text, as in a provider's retry) is in the
+    message's history. Nothing changed.
     """
     INGEST_OUTCOME_REJECTED: _IngestOutcome.ValueType  # 3
     """Not a valid report: quarantined with its reason, nothing else changed."""
@@ -123,8 +124,9 @@ INGEST_OUTCOME_UNSPECIFIED: IngestOutcome.ValueType  # 0
 INGEST_OUTCOME_ACCEPTED: IngestOutcome.ValueType  # 1
 """New: stored in the message's history and merged into its state."""
 INGEST_OUTCOME_DUPLICATE: IngestOutcome.ValueType  # 2
-"""Already stored (same source, message id, raw codes, event time and
-channel): nothing changed.
+"""Already stored: the same report (every field equal, apart from its
+received time and original text, as in a provider's retry) is in the
+message's history. Nothing changed.
 """
 INGEST_OUTCOME_REJECTED: IngestOutcome.ValueType  # 3
 """Not a valid report: quarantined with its reason, nothing else changed."""
@@ -149,9 +151,15 @@ class IngestRequest(_message.Message):
     format: Global___Format.ValueType
     """The format of `payload`; ignored for typed reports."""
     request_id: _builtins.str
-    """Optional idempotency key (e.g. a UUID). A retried Ingest with the same
-    request id answers the first answer again (in the view it asks for) and
-    applies nothing twice.
+    """Optional idempotency key (e.g. a UUID): at most 128 characters, no
+    control characters (INVALID_ARGUMENT otherwise). A retry with the same
+    request id and the same request (the same format and payload text, or
+    the same typed reports) answers the first answer again (in the view it
+    asks for), with `replayed` set, and applies nothing twice. The same
+    request id with another request is INVALID_ARGUMENT, reason
+    REQUEST_ID_REUSED, and nothing of it is stored. An id is remembered for
+    the server's DLRHUB_REQUEST_ID_TTL (24 hours by default); after that it
+    counts as new.
     """
     view: Global___IngestResponseView.ValueType
     """How much of each item the answer carries; unset is BASIC."""
@@ -279,12 +287,17 @@ class IngestResponse(_message.Message):
     ACCEPTED_COUNT_FIELD_NUMBER: _builtins.int
     DUPLICATE_COUNT_FIELD_NUMBER: _builtins.int
     REJECTED_COUNT_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
     accepted_count: _builtins.int
     """Number of ACCEPTED items."""
     duplicate_count: _builtins.int
     """Number of DUPLICATE items."""
     rejected_count: _builtins.int
     """Number of REJECTED items."""
+    replayed: _builtins.bool
+    """True when this is the saved answer of an earlier call with the same
+    `request_id` and the same request: nothing was applied again.
+    """
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___IngestResult]:
         """One result per item, in input order."""
@@ -296,10 +309,11 @@ class IngestResponse(_message.Message):
         accepted_count: _builtins.int = ...,
         duplicate_count: _builtins.int = ...,
         rejected_count: _builtins.int = ...,
+        replayed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_count", b"accepted_count", "duplicate_count", b"duplicate_count", "rejected_count", b"rejected_count", "results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_count", b"accepted_count", "duplicate_count", b"duplicate_count", "rejected_count", b"rejected_count", "replayed", b"replayed", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -705,7 +719,9 @@ Global___StreamBatchesResponse: _TypeAlias = StreamBatchesResponse  # noqa: Y015
 
 @_typing.final
 class QuarantinedItem(_message.Message):
-    """A rejected item (or a whole payload that was unusable), kept verbatim."""
+    """A rejected item (or a whole payload that was unusable), kept verbatim,
+    once while it is open however often it is received.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -717,6 +733,8 @@ class QuarantinedItem(_message.Message):
     RAW_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     RESOLVED_TIME_FIELD_NUMBER: _builtins.int
+    RECEIVED_COUNT_FIELD_NUMBER: _builtins.int
+    LAST_RECEIVED_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Identifier in the quarantine, increasing with time (int64, as an
     identifier: it only grows).
@@ -731,6 +749,11 @@ class QuarantinedItem(_message.Message):
     """True when it is a whole payload rather than one item of a batch."""
     raw: _builtins.str
     """Its original text, byte for byte."""
+    received_count: _builtins.int
+    """How many times it was received while open: an item received again (the
+    same format, whole payload or item, text, field and reason, as when a
+    provider retries a partly bad batch) is counted here, not kept again.
+    """
     @_builtins.property
     def received_time(self) -> _timestamp_pb2.Timestamp:
         """When dlrhub received it."""
@@ -743,6 +766,10 @@ class QuarantinedItem(_message.Message):
     def resolved_time(self) -> _timestamp_pb2.Timestamp:
         """Set once a re-normalisation stored it."""
 
+    @_builtins.property
+    def last_received_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was last received (`received_time` when it was received once)."""
+
     def __init__(
         self,
         *,
@@ -754,10 +781,12 @@ class QuarantinedItem(_message.Message):
         raw: _builtins.str = ...,
         error: Global___ItemError | None = ...,
         resolved_time: _timestamp_pb2.Timestamp | None = ...,
+        received_count: _builtins.int = ...,
+        last_received_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "received_time", b"received_time", "resolved_time", b"resolved_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "last_received_time", b"last_received_time", "received_time", b"received_time", "resolved_time", b"resolved_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "format", b"format", "id", b"id", "raw", b"raw", "received_time", b"received_time", "request_id", b"request_id", "resolved_time", b"resolved_time", "whole_payload", b"whole_payload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "format", b"format", "id", b"id", "last_received_time", b"last_received_time", "raw", b"raw", "received_count", b"received_count", "received_time", b"received_time", "request_id", b"request_id", "resolved_time", b"resolved_time", "whole_payload", b"whole_payload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

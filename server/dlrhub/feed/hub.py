@@ -12,7 +12,8 @@ right after its commit, in cursor order (one writer thread: commit order is
 cursor order). So `latest_cursor` is the store's,
 and a subscriber that has read the store up to a cursor finds every later
 change in its buffer. A change committed by another process is never
-published here: with several processes writing one database, live changes
+published here (the SQLite store refuses a second process on its file): with
+several processes writing one database, live changes
 must come from the store itself (a notification, or reading `Store.changes`
 after the latest cursor seen), and this assumption is what that work
 replaces.

@@ -6,7 +6,8 @@
 
 Each item is a report (with its original text in `raw_payload`) or a
 rejection naming the field path; a payload that is unusable as a whole
-raises PayloadError. `default_channel` is the channel the endpoint a payload
+raises PayloadError, and one with more than `max_items` items TooManyItems
+(found while decoding: the rest is never read). `default_channel` is the channel the endpoint a payload
 arrived at serves (a per-channel webhook URL, the poller's setting): it is
 the channel of a SentSMSReport report whose body names none.
 """
@@ -25,7 +26,7 @@ from deliveryreport.v1.error_reason_pb2 import ErrorReason
 from deliveryreport.v1.provider_formats_pb2 import GmsReports, SentSmsReports
 from dlrhub.normalise import gms, markup, sent_sms_report
 from dlrhub.normalise.codes import CodeTable
-from dlrhub.normalise.document import Document, decode
+from dlrhub.normalise.document import Document, TooManyItems, decode
 from dlrhub.normalise.results import NormalisedItem, PayloadError, Rejection
 from dlrhub_client.payloads import batch
 
@@ -35,6 +36,7 @@ __all__ = [
     "Normaliser",
     "PayloadError",
     "Rejection",
+    "TooManyItems",
     "detect_format",
     "single_item_payload",
     "typed_payload",
@@ -63,15 +65,17 @@ class Normaliser:
         received: Timestamp,
         *,
         default_channel: Channel.ValueType = Channel.CHANNEL_SMS,
+        max_items: int | None = None,
     ) -> list[NormalisedItem]:
-        """Every item of a provider payload; raises PayloadError if it is unusable as a whole."""
+        """Every item of a provider payload; raises PayloadError if it is unusable as a whole, and
+        TooManyItems if it holds more than `max_items` items."""
         if markup.is_markup(payload):  # only GMS sends XML
             if format not in (Format.FORMAT_UNSPECIFIED, Format.FORMAT_GMS):
                 raise PayloadError(
                     Rejection("", ErrorReason.WRONG_TYPE, "a SentSMSReport payload must be JSON, not XML")
                 )
             return gms.normalise(markup.decode(payload), self.gms_table, received)
-        document = decode(payload)
+        document = decode(payload, max_items)
         if format == Format.FORMAT_UNSPECIFIED:
             format = detect_format(document)
         if format == Format.FORMAT_GMS:

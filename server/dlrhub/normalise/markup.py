@@ -10,7 +10,8 @@ repeated child a list, so reading them names the field and its wrong type.
 
 Only what GMS documents is read: any other root element is a PayloadError. A
 document type declaration is refused before it is read, so no entity is ever
-defined or expanded.
+defined or expanded, and so is a document of more than MAX_ELEMENTS elements
+(a report has a few dozen), as soon as it has one too many.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dlrhub.normalise.document import Document
 from dlrhub.normalise.results import PayloadError, Rejection
 
 ROOT = "DeliveryReport"
+MAX_ELEMENTS = 1000
 
 
 def is_markup(text: str) -> bool:
@@ -74,6 +76,7 @@ class _Builder:
         self.value: dict[str, Any] = {}
         # One frame per open element: its name, its children so far, its text so far.
         self._stack: list[tuple[str, dict[str, Any], list[str]]] = []
+        self._elements = 0
 
     def refuse_doctype(self, *_: object) -> None:
         raise _Refused("a document type declaration is not accepted")
@@ -81,6 +84,9 @@ class _Builder:
     def start(self, name: str, _attributes: dict[str, str]) -> None:
         if not self._stack:
             self.root = name
+        self._elements += 1
+        if self._elements > MAX_ELEMENTS:
+            raise _Refused(f"more than {MAX_ELEMENTS} elements: not one report")
         self._stack.append((name, {}, []))
 
     def characters(self, data: str) -> None:
@@ -93,8 +99,9 @@ class _Builder:
             return
         value: Any = children or ("".join(text).strip() or None)
         siblings = self._stack[-1][1]
-        if name in siblings:
-            previous = siblings[name]
-            siblings[name] = [*previous, value] if isinstance(previous, list) else [previous, value]
-        else:
+        if name not in siblings:
             siblings[name] = value
+        elif isinstance(siblings[name], list):  # a list only a repeated child makes
+            siblings[name].append(value)
+        else:
+            siblings[name] = [siblings[name], value]

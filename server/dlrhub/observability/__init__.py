@@ -1,1 +1,1 @@
-"""Metrics, per-call log lines, tracing and the JSON log format."""
+"""Metrics, per-call log lines, the store's health, tracing and the JSON log format."""

@@ -11,24 +11,29 @@ phone numbers). With tracing on (tracing.py), a call's line carries its trace id
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
+import inspect
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 
 from deliveryreport.v1.error_reason_pb2 import ErrorReason
-from dlrhub.errors import invalid_argument, to_status
+from dlrhub.errors import DlrhubError, internal_error, invalid_argument, store_unavailable, to_status
 from dlrhub.observability.metrics import Metrics
 from dlrhub.observability.tracing import current_trace_id
+from dlrhub.store.base import StoreError
 
 if TYPE_CHECKING:
     Handler = grpc.RpcMethodHandler[Any, Any]
+    Context = grpc.aio.ServicerContext[Any, Any]
 
 log = logging.getLogger(__name__)
+# Characters of a caller's x-request-id kept in a log line (the rest is cut off).
+MAX_LOGGED_REQUEST_ID = 128
 
 _call: contextvars.ContextVar[dict[str, object] | None] = contextvars.ContextVar("dlrhub_call", default=None)
 
@@ -118,6 +123,20 @@ class CallLog:
 
 
 class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Wraps every handler, of any shape, in one place that logs, counts and maps errors.
+
+    Each call's outcome becomes a status here, once: a domain error its own (errors.to_status); a
+    store that cannot read or commit UNAVAILABLE with reason STORE_UNAVAILABLE; anything else
+    INTERNAL with a fixed message, and an ERROR line with the traceback and the call's request id.
+    No exception text reaches a caller.
+
+    A streaming handler (an async generator, or a coroutine that writes with `context.write`, as
+    grpc_health's Watch does) is served by an async generator that writes every response itself
+    and yields none: so a write that fails because the client has gone ends the call as CANCELLED
+    here, instead of failing inside grpc (which logs it as an ERROR), and an outer interceptor that
+    expects an async generator (OpenTelemetry's) still finds one.
+    """
+
     def __init__(self, metrics: Metrics, call_log: CallLog) -> None:
         self._metrics = metrics
         self._log = call_log
@@ -135,68 +154,124 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             "request_deserializer": _tolerant(handler.request_deserializer),
             "response_serializer": handler.response_serializer,
         }
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(self._unary(method, handler.unary_unary), **options)
-        if handler.unary_stream is not None:
-            streaming: Any = handler.unary_stream  # an async generator function on grpc.aio
-            return grpc.unary_stream_rpc_method_handler(self._stream(method, streaming), **options)
-        return handler
+        behaviour: Any
+        if (behaviour := handler.unary_unary) is not None:
+            return grpc.unary_unary_rpc_method_handler(self._unary(method, behaviour, False), **options)
+        if (behaviour := handler.unary_stream) is not None:
+            return grpc.unary_stream_rpc_method_handler(self._stream(method, behaviour, False), **options)
+        if (behaviour := handler.stream_unary) is not None:
+            return grpc.stream_unary_rpc_method_handler(self._unary(method, behaviour, True), **options)
+        behaviour = handler.stream_stream
+        return grpc.stream_stream_rpc_method_handler(self._stream(method, behaviour, True), **options)
 
-    def _unary(self, method: str, behaviour: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
-        async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    def _unary(
+        self, method: str, behaviour: Callable[..., Awaitable[Any]], streaming_requests: bool
+    ) -> Callable[..., Awaitable[Any]]:
+        async def call(request: Any, context: Context) -> Any:
             fields = _fields(method, context)
             token = _call.set(fields)
             started = time.perf_counter()
-            code = "OK"
             try:
-                await _refuse_undecodable(request, context)
+                if streaming_requests:
+                    request = _checked(request)
+                elif isinstance(request, _Undecodable):
+                    raise request.refusal()
                 return await behaviour(request, context)
-            except asyncio.CancelledError:
-                code = "CANCELLED"
-                raise
-            except BaseException:
-                code = _code(context)
-                raise
+            except BaseException as error:
+                status = _status_of(error, context, fields)
             finally:
-                self._finish(method, code, started, fields)
+                self._finish(method, started, fields)
                 _call.reset(token)
+            return await _abort(context, status)
 
         return call
 
     def _stream(
-        self, method: str, behaviour: Callable[..., AsyncIterator[Any]]
+        self, method: str, behaviour: Callable[..., Any], streaming_requests: bool
     ) -> Callable[..., AsyncIterator[Any]]:
-        async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            fields = _fields(method, context) | {"messages": 0}
+        generator = inspect.isasyncgenfunction(behaviour)
+
+        async def call(request: Any, context: Context) -> AsyncIterator[Any]:
+            fields = _fields(method, context)
             token = _call.set(fields)
             started = time.perf_counter()
-            code = "OK"
+            status = None
             try:
-                await _refuse_undecodable(request, context)
-                async for response in behaviour(request, context):
-                    fields["messages"] = int(fields["messages"]) + 1  # type: ignore[call-overload]
-                    yield response
-            except (asyncio.CancelledError, GeneratorExit):
-                code = "CANCELLED"
-                raise
-            except BaseException:
-                code = _code(context)
-                raise
+                if streaming_requests:
+                    request = _checked(request)
+                elif isinstance(request, _Undecodable):
+                    raise request.refusal()
+                if generator:
+                    fields["messages"] = sent = 0
+                    responses = behaviour(request, context)
+                    try:
+                        async for response in responses:
+                            await context.write(response)
+                            sent += 1
+                            fields["messages"] = sent
+                    finally:
+                        await responses.aclose()
+                else:  # a coroutine that writes its responses itself
+                    await behaviour(request, context)
+            except BaseException as error:
+                status = _status_of(error, context, fields)
             finally:
-                self._finish(method, code, started, fields)
-                # A stream whose client left while a send was held up is closed later by the event
-                # loop's async-generator finaliser, in another context, where the token cannot be reset.
-                with contextlib.suppress(ValueError):
-                    _call.reset(token)
+                self._finish(method, started, fields)
+                _call.reset(token)
+            if status is not None:
+                await _abort(context, status)
+            return
+            yield  # type: ignore[unreachable]  # an async generator that yields nothing (see the class)
 
         return call
 
-    def _finish(self, method: str, code: str, started: float, fields: dict[str, object]) -> None:
+    def _finish(self, method: str, started: float, fields: dict[str, object]) -> None:
         seconds = time.perf_counter() - started
+        code = str(fields.setdefault("code", "OK"))
         self._metrics.record_rpc(method, code, seconds)
-        fields["code"] = code
         fields["duration_ms"] = round(seconds * 1000, 3)
         self._log.add(fields)
+
+
+def _status_of(error: BaseException, context: Context, fields: dict[str, object]) -> grpc.Status:
+    """The status to end a call that raised `error` with, its code put in `fields`; raises again what
+    ended the call already (an abort, a cancellation) or is not the call's to answer."""
+    if isinstance(error, asyncio.CancelledError | GeneratorExit):
+        fields["code"] = "CANCELLED"
+        raise error
+    if isinstance(error, grpc.aio.AbortError):  # aborted already (by the auth interceptor)
+        fields["code"] = _code(context)
+        raise error
+    if isinstance(error, grpc.aio.InternalError):  # a write failed: the call is over (the client left)
+        fields["code"] = "CANCELLED"
+        raise asyncio.CancelledError from error
+    if isinstance(error, DlrhubError):
+        status = to_status(error)
+    elif isinstance(error, StoreError):
+        fields["error"] = str(error)
+        status = to_status(store_unavailable())
+    elif isinstance(error, Exception):
+        request_id = str(fields.setdefault("request_id", uuid.uuid4().hex[:16]))
+        log.error(
+            "internal error in %s",
+            fields["rpc"],
+            exc_info=error,
+            extra={"rpc": fields["rpc"], "request_id": request_id},
+        )
+        status = to_status(internal_error(request_id))
+    else:  # KeyboardInterrupt, SystemExit
+        raise error
+    fields["code"] = status.code.name
+    return status
+
+
+async def _abort(context: Context, status: grpc.Status) -> NoReturn:
+    """Ends the call with `status` (after its line is logged: the line has the time the call ended)."""
+    try:
+        await context.abort(status.code, status.details, status.trailing_metadata)
+    except grpc.aio.InternalError:  # the client left before the status could be sent
+        raise asyncio.CancelledError from None
+    raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
 
 class _Undecodable:
@@ -205,9 +280,22 @@ class _Undecodable:
     def __init__(self, error: Exception) -> None:
         self.error = error
 
+    def refusal(self) -> DlrhubError:
+        """The error to answer: INVALID_ARGUMENT UNDECODABLE_REQUEST, or the domain error the
+        deserialiser raised (transport/handlers.py refuses too many typed reports)."""
+        if isinstance(self.error, DlrhubError):
+            return self.error
+        return invalid_argument(
+            "",
+            "not a valid protobuf message (or a string is not UTF-8)",
+            ErrorReason.UNDECODABLE_REQUEST,
+            message=f"the request is not a valid protobuf message: {self.error}",
+        )
+
 
 def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    """Lets an undecodable request reach the call, to be refused as INVALID_ARGUMENT.
+    """Lets an undecodable request reach the call, to be refused as INVALID_ARGUMENT (or with the
+    domain error the deserialiser raised: transport/handlers.py refuses too many typed reports).
 
     grpc.aio would otherwise answer UNKNOWN by itself when deserialising fails.
     """
@@ -224,27 +312,23 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return deserialize
 
 
-async def _refuse_undecodable(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-    if isinstance(request, _Undecodable):
-        error = invalid_argument(
-            "",
-            "not a valid protobuf message (or a string is not UTF-8)",
-            ErrorReason.UNDECODABLE_REQUEST,
-            message=f"the request is not a valid protobuf message: {request.error}",
-        )
-        status = to_status(error)
-        await context.abort(status.code, status.details, status.trailing_metadata)
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A stream of requests, refusing one that could not be decoded."""
+    async for request in requests:
+        if isinstance(request, _Undecodable):
+            raise request.refusal()
+        yield request
 
 
-def _fields(method: str, context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, object]:
+def _fields(method: str, context: Context) -> dict[str, object]:
     fields: dict[str, object] = {"rpc": method}
     for key, value in context.invocation_metadata() or ():
         if key == "x-request-id":
-            fields["request_id"] = value
+            fields["request_id"] = value[:MAX_LOGGED_REQUEST_ID]
     return fields
 
 
-def _code(context: grpc.aio.ServicerContext[Any, Any]) -> str:
-    """The status an aborted call ended with (UNKNOWN for an unexpected exception)."""
+def _code(context: Context) -> str:
+    """The status an aborted call ended with."""
     code = context.code()
     return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"

@@ -141,11 +141,11 @@ class Metrics:
         duration.observe(seconds)
 
     def watch(self, hub: Hub, open_quarantine: Callable[[], int]) -> None:
-        """Stream and quarantine gauges, read when scraped."""
+        """Stream and quarantine gauges, read when scraped (from memory: never from the store)."""
         self.registry.register(_LiveCollector(hub, open_quarantine))
 
     def render(self) -> bytes:
-        """The exposition text (blocking: it may read the store)."""
+        """The exposition text."""
         return generate_latest(self.registry)
 
     def record_ingest(self, items: Sequence[NormalisedItem], response: IngestResponse) -> None:

@@ -6,9 +6,10 @@ threads), and writes run on the committer's writer thread. Writes happen only
 inside `Store.transaction()`, from one writer thread at a time; reads may run
 concurrently from other threads and see only committed data.
 
-Errors: an engine raises StoreError (or lets its own error escape) when it
-cannot read or commit; a transaction that raises is rolled back whole, and
-nothing in it was acknowledged.
+Errors: an engine raises StoreError for every failure to read or commit,
+wrapping its own exceptions, so nothing above the store sees an engine's error
+(the gRPC interceptor answers it UNAVAILABLE); a transaction that raises is
+rolled back whole, and nothing in it was acknowledged.
 
 The contract tests in tests/test_store_contract.py run against every engine.
 """
@@ -16,7 +17,8 @@ The contract tests in tests/test_store_contract.py run against every engine.
 from __future__ import annotations
 
 import enum
-from collections.abc import Awaitable, Callable, Sequence
+import hashlib
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -30,7 +32,8 @@ T = TypeVar("T")
 
 
 class ReadRunner(Protocol):
-    """Runs a blocking store call on a reader thread; the event loop awaits its result."""
+    """Runs a blocking call on a worker thread (a store call on a reader thread); the event loop
+    awaits its result."""
 
     def __call__(self, call: Callable[[], T], /) -> Awaitable[T]: ...
 
@@ -109,29 +112,81 @@ class QuarantinedItem:
     resolved_seconds: int | None = None
     # The fraction of `received_seconds`, in nanoseconds (0 to 999,999,999).
     received_nanos: int = 0
+    # How many times it was received while open, and when last (None: received once).
+    received_count: int = 1
+    last_received_seconds: int | None = None
+    last_received_nanos: int = 0
 
     def received_time(self) -> Timestamp:
         """When it was received, as the reports made from it carry it."""
         return Timestamp(seconds=self.received_seconds, nanos=self.received_nanos)
 
+    def last_received_time(self) -> Timestamp:
+        """When it was last received."""
+        if self.last_received_seconds is None:
+            return self.received_time()
+        return Timestamp(seconds=self.last_received_seconds, nanos=self.last_received_nanos)
+
+    def digest(self) -> bytes:
+        """What makes two items the same: format, whole payload or item, field, reason and text.
+        An open item is kept once; the same item received again is counted (Transaction.quarantine)."""
+        identity = hashlib.blake2b(digest_size=16)
+        for part in (str(self.format), str(int(self.whole_payload)), self.field, self.reason, self.raw):
+            encoded = part.encode()
+            identity.update(len(encoded).to_bytes(8, "big"))
+            identity.update(encoded)
+        return identity.digest()
+
+
+@dataclass(frozen=True, slots=True)
+class SavedResponse:
+    """The answer to an Ingest call that carried a request id, kept for its retries."""
+
+    # What the request was (a digest of its format and payload): a retry has the same.
+    request_digest: bytes
+    # The IngestResponse, serialised.
+    response: bytes
+
 
 class Transaction(Protocol):
-    """One atomic, durable unit of writes (and the reads it depends on)."""
+    """One atomic, durable unit of writes (and the reads it depends on).
+
+    The committer writes a whole group of Ingest calls in one transaction: it first says which
+    messages and reports the group is about (`prefetch`), then asks and writes report by report.
+    Every read sees the writes made earlier in the same transaction, so an engine may answer the
+    per-report calls from what `prefetch` loaded and send its writes at the commit, in bulk.
+    """
+
+    def prefetch(self, messages: Collection[tuple[int, str]], digests: Collection[bytes]) -> None:
+        """A hint: the messages (source, message id) and the report digests this transaction is
+        about to ask about, for an engine to read (and lock, in a fixed order) in one go. Calls about
+        others still work; an engine may ignore it."""
 
     def load_state(self, source: int, message_id: str) -> MessageState | None:
         """The merged state of a message, including writes earlier in this transaction."""
 
-    def append(self, report: DeliveryReport, state: MessageState) -> int:
-        """Adds `report` to the history and saves the message's new state; returns the cursor."""
+    def is_stored(self, digest: bytes) -> bool:
+        """Whether a report with this digest (dlrhub.merge.digest) is in the history, including
+        writes earlier in this transaction."""
+
+    def append(self, report: DeliveryReport, digest: bytes, state: MessageState) -> int:
+        """Adds `report` (whose digest is `digest`) to the history and saves its message's new
+        state; returns the cursor. A digest is stored once: appending one that is stored already
+        raises StoreError (a unique key, the safety net under `is_stored`)."""
 
     def quarantine(self, item: QuarantinedItem) -> None:
-        """Keeps a rejected item."""
+        """Keeps a rejected item; if the same item (QuarantinedItem.digest) is open already, counts
+        it there instead (received_count, and its received time as the last)."""
 
-    def find_response(self, request_id: str) -> bytes | None:
-        """The saved response of an earlier request with this id."""
+    def find_response(self, request_id: str, since_seconds: int) -> SavedResponse | None:
+        """The saved answer to a request with this id, if it was saved at `since_seconds` (Unix
+        time) or later: older ones have expired."""
 
-    def save_response(self, request_id: str, response: bytes) -> None:
-        """Saves a request's response for replays."""
+    def save_response(self, request_id: str, saved: SavedResponse, seconds: int) -> None:
+        """Saves a request's answer, at `seconds` (Unix time), in place of an expired one."""
+
+    def expire_responses(self, before_seconds: int, limit: int) -> int:
+        """Deletes up to `limit` saved answers saved before `before_seconds`; returns how many."""
 
     def resolve_quarantined(self, quarantine_id: int, seconds: int) -> None:
         """Marks a quarantined item as stored by a re-normalisation."""
@@ -171,6 +226,11 @@ class Store(Protocol):
     def open_quarantine_count(self) -> int:
         """How many quarantined items are not resolved."""
 
+    def check(self, *, write: bool = False) -> None:
+        """Returns if the store can serve now, else raises StoreError saying why: it can read, and
+        with `write` (from the writer thread only) it can commit a small durable write that changes
+        nothing. Cheap: the health probe calls it every few seconds."""
+
     def close(self) -> None:
         """Releases every connection."""
 
@@ -181,6 +241,7 @@ __all__: Sequence[str] = [
     "MessagePage",
     "QuarantinedItem",
     "ReadRunner",
+    "SavedResponse",
     "Selector",
     "Store",
     "StoreError",

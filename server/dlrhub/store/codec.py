@@ -1,25 +1,28 @@
 """MessageState to and from bytes, for any store engine.
 
-The merge bookkeeping (keys and field suppliers) is packed binary, written on
-every accepted report:
+The merge bookkeeping (the winner's key and the field suppliers' keys) is
+packed binary, written on every accepted report. Its size is bounded by the
+number of descriptive fields, whatever the length of the message's history:
 
-    version 1 (byte) | key count (u32) | supplier count (u32)
+    version 2 (byte) | key count (u32) | supplier count (u32)
     key count x      rank (i16) | event seconds (i64) | nanos (u32) | digest (16 bytes)
     supplier count x DeliveryReport field number (u32) | index into the keys (u32)
 
-Fields are named by their protobuf field numbers, which never change. Rows
-written by earlier releases hold JSON (starting with "{") and are still read.
+The first key is the winner's; the others are the suppliers' keys that are
+not the winner's. Fields are named by their protobuf field numbers, which
+never change. Earlier releases kept every key seen (version 1, and JSON before
+it), in an order that depended on arrival; the SQLite migration to schema 4
+rebuilds those rows from the history, so this release reads version 2 only.
 """
 
 from __future__ import annotations
 
-import json
 import struct
 
 from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
 from dlrhub.merge import DESCRIPTIVE_FIELDS, MergeKey, MessageState
 
-_VERSION = 1
+VERSION = 2
 _HEADER = struct.Struct(">BII")
 _KEY = struct.Struct(">hqI16s")
 _SUPPLIER = struct.Struct(">II")
@@ -29,24 +32,24 @@ _NS = 1_000_000_000
 
 
 def encode_merge(state: MessageState) -> bytes:
-    """The merge bookkeeping of a state (its keys and field suppliers), packed."""
-    keys = sorted(state.keys)
-    index = {key: position for position, key in enumerate(keys)}
-    parts = [_HEADER.pack(_VERSION, len(keys), len(state.suppliers))]
-    parts.extend(_KEY.pack(key.rank, *divmod(key.time_ns, _NS), key.digest) for key in keys)
-    parts.extend(_SUPPLIER.pack(_NUMBER[name], index[key]) for name, key in state.suppliers.items())
-    return b"".join(parts)
+    """The merge bookkeeping of a state (its winner's and field suppliers' keys), packed."""
+    keys = [state.winner]
+    positions = {state.winner.digest: 0}  # a digest names its key (and bytes cache their hash)
+    suppliers = []
+    for name, key in state.suppliers.items():
+        position = positions.setdefault(key.digest, len(keys))
+        if position == len(keys):
+            keys.append(key)
+        suppliers.append(_SUPPLIER.pack(_NUMBER[name], position))
+    packed_keys = [_KEY.pack(key.rank, *divmod(key.time_ns, _NS), key.digest) for key in keys]
+    return b"".join((_HEADER.pack(VERSION, len(keys), len(suppliers)), *packed_keys, *suppliers))
 
 
 def decode_state(report: bytes, merge: bytes) -> MessageState:
-    keys, suppliers = _decode_json(merge) if merge[:1] == b"{" else _decode_packed(merge)
-    return MessageState(DeliveryReport.FromString(report), frozenset(keys), suppliers)
-
-
-def _decode_packed(merge: bytes) -> tuple[list[MergeKey], dict[str, MergeKey]]:
+    """The state of a message from its merged report and its packed bookkeeping."""
     version, key_count, supplier_count = _HEADER.unpack_from(merge)
-    if version != _VERSION:
-        raise ValueError(f"merge bookkeeping of version {version}, newer than this release ({_VERSION})")
+    if version != VERSION:
+        raise ValueError(f"merge bookkeeping of version {version}; this release reads version {VERSION}")
     offset = _HEADER.size
     keys = []
     for _ in range(key_count):
@@ -58,11 +61,4 @@ def _decode_packed(merge: bytes) -> tuple[list[MergeKey], dict[str, MergeKey]]:
         number, position = _SUPPLIER.unpack_from(merge, offset)
         suppliers[_NAME[number]] = keys[position]
         offset += _SUPPLIER.size
-    return keys, suppliers
-
-
-def _decode_json(merge: bytes) -> tuple[list[MergeKey], dict[str, MergeKey]]:
-    """The format of releases before the packed one."""
-    data = json.loads(merge)
-    keys = [MergeKey(rank, time_ns, bytes.fromhex(digest)) for rank, time_ns, digest in data["keys"]]
-    return keys, {name: keys[position] for name, position in data["suppliers"].items()}
+    return MessageState(DeliveryReport.FromString(report), keys[0], suppliers)

@@ -4,32 +4,49 @@ Tables (sqlite-utils builds them; migrations are numbered and recorded in
 PRAGMA user_version, so a newer release opens an older file):
 - messages: the merged state of each (source, message_id);
 - reports: the append-only history of distinct reports; its INTEGER PRIMARY
-  KEY AUTOINCREMENT `cursor` is the Stream position (never reused);
+  KEY AUTOINCREMENT `cursor` is the Stream position (never reused), and its
+  `digest` (the report's identity, dlrhub.merge.digest) is unique;
 - quarantine: rejected items with their reason;
-- requests: responses of Ingest calls that carried a request_id.
+- requests: answers of Ingest calls that carried a request_id, with a digest
+  of the request, until they expire.
 
 One connection writes (the committer's thread); each reader thread has its
 own connection. WAL lets readers run beside the writer and see only committed
 data. synchronous=FULL makes every commit durable before it returns.
+
+One server per file: the store holds an exclusive lock on `<db>.lock` while it
+is open (a second server on the file would miss the first one's changes on its
+live feed), and acknowledges a commit only if the path still names the file it
+opened (not deleted or replaced under it).
 """
 
 from __future__ import annotations
 
+import fcntl
+import functools
+import logging
+import os
 import sqlite3
 import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
 
 import sqlite_utils
 
 from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
-from dlrhub.merge import MessageState
-from dlrhub.store.base import Change, MessagePage, QuarantinedItem, Selector, StoreError
+from dlrhub.merge import MessageState, merge, merge_key
+from dlrhub.store.base import Change, MessagePage, QuarantinedItem, SavedResponse, Selector, StoreError
 from dlrhub.store.codec import decode_state, encode_merge
 
+log = logging.getLogger(__name__)
 _BUSY_TIMEOUT_MS = 10_000
+# Reports read at a time by migration 4 (its progress is logged after each).
+MIGRATION_CHUNK = 100_000
+P = ParamSpec("P")
+R = TypeVar("R")
+C = TypeVar("C", bound=type)
 # The messages table's column for each selector of messages_by.
 _COLUMNS = {Selector.BULK_ID: "bulk_id", Selector.REFERENCE: "reference"}
 
@@ -95,8 +112,163 @@ def _migration_3(db: sqlite_utils.Database) -> None:
     db.table("quarantine").add_column("received_nanos", int, not_null_default=0)
 
 
+def _migration_4(db: sqlite_utils.Database) -> None:
+    """Reports get their identity, and messages the order-independent merge with bounded bookkeeping.
+
+    Every report gets its digest (unique: the safety net against storing a report twice), and every
+    message's state and bookkeeping are rebuilt by merging its history again: the old bookkeeping
+    kept every key seen, and ordered reports without event time by their received time. One index,
+    (message_id, cursor), serves the history with and without a source.
+    """
+    connection = db.conn
+    connection.execute("ALTER TABLE reports ADD COLUMN digest BLOB")
+    connection.execute("DROP INDEX idx_reports_source_message_id_cursor")
+    db.table("reports").create_index(["message_id", "cursor"])
+    total = connection.execute("SELECT count(*) FROM reports").fetchone()[0]
+    if total:
+        log.info("migrating to schema 4: %d reports to identify and merge again", total)
+    # The pass reads and updates rows in message order, all over the file: with SQLite's default
+    # 2 MiB of cache, dirty pages spill to the WAL again and again (1M reports: 108 s, not 75 s).
+    cache_size = connection.execute("PRAGMA cache_size").fetchone()[0]
+    connection.execute("PRAGMA cache_size = -262144")  # KiB: 256 MiB, for the migration only
+    try:
+        _rebuild_messages(connection, total)
+    finally:
+        connection.execute(f"PRAGMA cache_size = {int(cache_size)}")
+    db.table("reports").create_index(["digest"], unique=True)
+
+
+def _rebuild_messages(connection: sqlite3.Connection, total: int) -> None:
+    """Migration 4's pass over the history: every report's digest, every message's state again."""
+    rebuild = _Rebuild(connection)
+    after: tuple[str, int] = ("", 0)
+    done = 0
+    while rows := connection.execute(
+        "SELECT message_id, cursor, report, raw FROM reports"
+        " WHERE (message_id, cursor) > (?, ?) ORDER BY message_id, cursor LIMIT ?",
+        (*after, MIGRATION_CHUNK),
+    ).fetchall():
+        for message_id, cursor, report, raw in rows:
+            rebuild.add(message_id, cursor, _with_raw(report, raw))
+        rebuild.flush()
+        after = (rows[-1][0], rows[-1][1])
+        done += len(rows)
+        log.info("migrating to schema 4: %d of %d reports", done, total)
+    rebuild.end_message()
+    rebuild.flush()
+
+
+class _Rebuild:
+    """Migration 4's pass over the history, one message id after another (in cursor order)."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._connection = connection
+        self._message_id: str | None = None
+        self._states: dict[int, MessageState] = {}  # of the current message id, by source
+        self._digests: set[bytes] = set()  # of the current message id
+        self._digest_rows: list[tuple[bytes, int]] = []
+        self._message_rows: list[tuple[object, ...]] = []
+
+    def add(self, message_id: str, cursor: int, report: DeliveryReport) -> None:
+        if message_id != self._message_id:
+            self.end_message()
+            self._message_id = message_id
+        key = merge_key(report)
+        if key.digest in self._digests:
+            # Stored twice by an older rule: it keeps its place in the history without a digest
+            # (the unique key does not refuse it), and is merged once.
+            log.warning("report %d is a copy of an earlier report of message %r", cursor, message_id)
+            return
+        self._digests.add(key.digest)
+        self._digest_rows.append((key.digest, cursor))
+        self._states[report.source] = merge(self._states.get(report.source), report, key)
+
+    def end_message(self) -> None:
+        for source, state in self._states.items():
+            merged = state.report
+            self._message_rows.append(
+                (
+                    merged.SerializeToString(),
+                    encode_merge(state),
+                    merged.status,
+                    merged.bulk_id,
+                    merged.reference,
+                    source,
+                    self._message_id,
+                )
+            )
+        self._states.clear()
+        self._digests.clear()
+
+    def flush(self) -> None:
+        self._connection.executemany("UPDATE reports SET digest = ? WHERE cursor = ?", self._digest_rows)
+        self._connection.executemany(
+            "UPDATE messages SET report = ?, merge = ?, status = ?, bulk_id = ?, reference = ?"
+            " WHERE source = ? AND message_id = ?",
+            self._message_rows,
+        )
+        self._digest_rows.clear()
+        self._message_rows.clear()
+
+
+def _migration_5(db: sqlite_utils.Database) -> None:
+    """Saved answers keep a digest of their request, so that a reused request id is told from a retry.
+
+    Answers saved before cannot tell: they are dropped. A retry of such a request is applied again,
+    and its reports are answered as duplicates: nothing is lost or stored twice.
+    """
+    db.execute("DELETE FROM requests")
+    db.table("requests").add_column("request_digest", bytes, not_null_default=b"")
+    db.table("requests").create_index(["created_seconds"])
+
+
+def _migration_6(db: sqlite_utils.Database) -> None:
+    """An open quarantined item is kept once: the same item received again is counted on its row.
+
+    Each item gets its digest (QuarantinedItem.digest), unique among open items. Open items already
+    kept more than once become one row: the oldest, with the count and the last received time of
+    all of them.
+    """
+    quarantine = db.table("quarantine")
+    quarantine.add_column("digest", bytes)
+    quarantine.add_column("received_count", int, not_null_default=1)
+    quarantine.add_column("last_received_seconds", int)
+    quarantine.add_column("last_received_nanos", int, not_null_default=0)
+    connection = db.conn
+    first_of: dict[bytes, int] = {}  # open items: the id of the first row of each digest
+    rows = connection.execute(
+        "SELECT id, format, whole_payload, field, reason, raw, resolved_seconds, received_seconds,"
+        " received_nanos FROM quarantine ORDER BY id"
+    ).fetchall()
+    for quarantine_id, format, whole, field, reason, raw, resolved, seconds, nanos in rows:
+        item = QuarantinedItem(raw, field, reason, "", seconds, format=format, whole_payload=bool(whole))
+        digest = item.digest()
+        first = first_of.get(digest) if resolved is None else None
+        if first is None:
+            connection.execute("UPDATE quarantine SET digest = ? WHERE id = ?", (digest, quarantine_id))
+            if resolved is None:
+                first_of[digest] = quarantine_id
+            continue
+        connection.execute(
+            "UPDATE quarantine SET received_count = received_count + 1, last_received_seconds = ?,"
+            " last_received_nanos = ? WHERE id = ?",
+            (seconds, nanos, first),
+        )
+        connection.execute("DELETE FROM quarantine WHERE id = ?", (quarantine_id,))
+    connection.execute(
+        "CREATE UNIQUE INDEX idx_quarantine_open_digest ON quarantine (digest) WHERE resolved_seconds IS NULL"
+    )
+
+
 # Append only: a release never edits a migration that has shipped.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
+    _migration_1,
+    _migration_2,
+    _migration_3,
+    _migration_4,
+    _migration_5,
+    _migration_6,
+]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -127,19 +299,72 @@ def migrate(connection: sqlite3.Connection) -> int:
     return found
 
 
+# Served by the (message_id, cursor) index, with a source or without.
+HISTORY_QUERY = (
+    "SELECT report, raw FROM reports WHERE message_id = ? AND (? = 0 OR source = ?) ORDER BY cursor"
+)
+
+
+def _store_error(method: Callable[P, R]) -> Callable[P, R]:
+    """`method`, raising StoreError (base.py's contract) where SQLite raises its own error."""
+
+    @functools.wraps(method)
+    def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except sqlite3.Error as error:
+            raise StoreError(f"{method.__name__}: {error}") from error
+
+    return guarded
+
+
+def _store_errors(cls: C) -> C:
+    """The class, each of its public methods raising StoreError for SQLite's errors: nothing above
+    the store sees an engine's exception."""
+    for name, member in list(vars(cls).items()):
+        if callable(member) and not name.startswith("_"):
+            setattr(cls, name, _store_error(member))
+    return cls
+
+
+def _execute(connection: sqlite3.Connection, statement: str) -> None:
+    """One statement of a transaction's frame (BEGIN, COMMIT, ROLLBACK); raises StoreError."""
+    try:
+        connection.execute(statement)
+    except sqlite3.Error as error:
+        raise StoreError(f"{statement}: {error}") from error
+
+
+@_store_errors
 class SqliteStore:
     """The Store interface over one SQLite file."""
 
     def __init__(self, path: Path | str) -> None:
+        """Opens (creating and migrating) the database; raises StoreError saying why it cannot."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = _connect(self.path)
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            raise StoreError(f"cannot open {self.path}: {self.path.parent} is not a directory")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StoreError(f"cannot open {self.path}: {_reason(error)}") from error
+        self._lock_file = _hold_lock(self.path)
+        try:
+            self._writer = _connect(self.path)
+        except sqlite3.Error as error:
+            os.close(self._lock_file)
+            raise StoreError(f"cannot open {self.path}: {_reason(error)}") from error
         try:
             if self._writer.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
                 raise StoreError(f"{self.path}: cannot switch to WAL mode")
             migrate(self._writer)
-        except BaseException:
+            # The file opened: a commit is acknowledged only while the path still names it.
+            self._identity = _file_identity(self.path)
+        except BaseException as error:
             self._writer.close()
+            os.close(self._lock_file)
+            if isinstance(error, OSError | sqlite3.Error | StoreError):
+                raise StoreError(f"cannot open {self.path}: {_reason(error)}") from error
             raise
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
@@ -150,13 +375,14 @@ class SqliteStore:
     @contextmanager
     def transaction(self) -> Iterator[_SqliteTransaction]:
         connection = self._writer
-        connection.execute("BEGIN IMMEDIATE")
+        _execute(connection, "BEGIN IMMEDIATE")
         try:
             yield _SqliteTransaction(connection)
-            connection.execute("COMMIT")
+            _execute(connection, "COMMIT")
+            self._check_identity()  # committed to a file deleted or replaced: not durable, not acknowledged
         except BaseException:
             if connection.in_transaction:  # also when COMMIT itself failed
-                connection.execute("ROLLBACK")
+                _execute(connection, "ROLLBACK")
             raise
 
     # Reads.
@@ -169,10 +395,7 @@ class SqliteStore:
         return [DeliveryReport.FromString(report) for (report,) in rows]
 
     def history(self, message_id: str, source: int = 0) -> list[DeliveryReport]:
-        rows = self._reader().execute(
-            "SELECT report, raw FROM reports WHERE message_id = ? AND (? = 0 OR source = ?) ORDER BY cursor",
-            (message_id, source, source),
-        )
+        rows = self._reader().execute(HISTORY_QUERY, (message_id, source, source))
         return [_with_raw(report, raw) for report, raw in rows]
 
     def messages_by(
@@ -229,29 +452,8 @@ class SqliteStore:
         where = "id > ?" + ("" if include_resolved else " AND resolved_seconds IS NULL")
         if ids:
             where += f" AND id IN ({','.join('?' * len(ids))})"
-        columns = (
-            "id, raw, field, reason, description, received_seconds, request_id, format, whole_payload,"
-            " resolved_seconds, received_nanos"
-        )
-        query = f"SELECT {columns} FROM quarantine WHERE {where} ORDER BY id LIMIT ?"  # noqa: S608
-        return [
-            (
-                row[0],
-                QuarantinedItem(
-                    raw=row[1],
-                    field=row[2],
-                    reason=row[3],
-                    description=row[4],
-                    received_seconds=row[5],
-                    request_id=row[6],
-                    format=row[7],
-                    whole_payload=bool(row[8]),
-                    resolved_seconds=row[9],
-                    received_nanos=row[10],
-                ),
-            )
-            for row in self._reader().execute(query, (after, *ids, limit))
-        ]
+        query = f"SELECT {_QUARANTINE_COLUMNS} FROM quarantine WHERE {where} ORDER BY id LIMIT ?"  # noqa: S608
+        return [_quarantined_item(row) for row in self._reader().execute(query, (after, *ids, limit))]
 
     def open_quarantine_count(self) -> int:
         row = (
@@ -261,11 +463,42 @@ class SqliteStore:
         )
         return int(row[0])
 
+    def check(self, *, write: bool = False) -> None:
+        self._check_identity()
+        if write:
+            with self.transaction():
+                # The schema version set to itself: a page written and synced, nothing changed.
+                version = self._writer.execute("PRAGMA user_version").fetchone()[0]
+                self._writer.execute(f"PRAGMA user_version = {int(version)}")
+        else:
+            self.latest_cursor()
+
     def close(self) -> None:
         with self._lock:
             for connection in [*self._readers, self._writer]:
                 connection.close()
             self._readers.clear()
+            if self._lock_file >= 0:
+                os.close(self._lock_file)  # another server may open the file now
+                self._lock_file = -1
+
+    def _check_identity(self) -> None:
+        """Raises StoreError unless the path still names the file opened: deleted (with its directory,
+        say) or replaced under the running server, what is committed to it would be lost."""
+        try:
+            identity = _file_identity(self.path)
+        except FileNotFoundError:
+            raise StoreError(
+                f"{self.path} was deleted under the running server: nothing more is acknowledged;"
+                " restart to open the database again"
+            ) from None
+        except OSError as error:
+            raise StoreError(f"cannot check {self.path}: {error.strerror}") from error
+        if identity != self._identity:
+            raise StoreError(
+                f"{self.path} was replaced by another file under the running server: nothing more is"
+                " acknowledged; restart to open it"
+            )
 
     def _reader(self) -> sqlite3.Connection:
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
@@ -278,9 +511,51 @@ class SqliteStore:
         return connection
 
 
+def _hold_lock(db: Path) -> int:
+    """An exclusive lock on `<db>.lock` (holding this process's id), kept until its descriptor closes.
+
+    One server per database file: the live feed comes from the server's own commits (feed/hub.py),
+    so a second server on the file would miss the first one's changes. Raises StoreError naming the
+    process that holds the lock. The kernel releases the lock when the process ends, however it ends.
+    """
+    path = db.with_name(db.name + ".lock")
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as error:
+        raise StoreError(f"cannot open {db}: cannot create {path}: {error.strerror}") from error
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(descriptor, 20, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(descriptor)
+        raise StoreError(
+            f"{db} is in use by another dlrhub (pid {holder}): one server per database file"
+        ) from None
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+    return descriptor
+
+
+def _reason(error: BaseException) -> str:
+    """Why opening failed, without Python's decoration."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
+    return str(error)
+
+
+def _file_identity(path: Path) -> tuple[int, int]:
+    """What tells one file from another at the same path: its device and inode."""
+    status = path.stat()
+    return status.st_dev, status.st_ino
+
+
+@_store_errors
 class _SqliteTransaction:
     def __init__(self, connection: sqlite3.Connection) -> None:
         self._connection = connection
+
+    def prefetch(self, messages: Collection[tuple[int, str]], digests: Collection[bytes]) -> None:
+        pass  # a local file answers each lookup in microseconds
 
     def load_state(self, source: int, message_id: str) -> MessageState | None:
         row = self._connection.execute(
@@ -288,16 +563,30 @@ class _SqliteTransaction:
         ).fetchone()
         return None if row is None else decode_state(row[0], row[1])
 
-    def append(self, report: DeliveryReport, state: MessageState) -> int:
+    def is_stored(self, digest: bytes) -> bool:
+        return (
+            self._connection.execute("SELECT 1 FROM reports WHERE digest = ?", (digest,)).fetchone()
+            is not None
+        )
+
+    def append(self, report: DeliveryReport, digest: bytes, state: MessageState) -> int:
         merged = state.report
         merged_bytes = merged.SerializeToString()
         stored = DeliveryReport()
         stored.CopyFrom(report)
         stored.ClearField("raw_payload")  # kept verbatim in its own column
+        # A digest stored already breaks the unique key: StoreError (_store_errors).
         cursor: int = self._connection.execute(
-            "INSERT INTO reports (source, message_id, report, state, raw)"
-            " VALUES (?, ?, ?, ?, ?) RETURNING cursor",
-            (report.source, report.message_id, stored.SerializeToString(), merged_bytes, report.raw_payload),
+            "INSERT INTO reports (source, message_id, report, state, raw, digest)"
+            " VALUES (?, ?, ?, ?, ?, ?) RETURNING cursor",
+            (
+                report.source,
+                report.message_id,
+                stored.SerializeToString(),
+                merged_bytes,
+                report.raw_payload,
+                digest,
+            ),
         ).fetchone()[0]
         self._connection.execute(
             """INSERT INTO messages (source, message_id, bulk_id, reference, status, report, merge, cursor)
@@ -321,7 +610,10 @@ class _SqliteTransaction:
     def quarantine(self, item: QuarantinedItem) -> None:
         self._connection.execute(
             "INSERT INTO quarantine (received_seconds, received_nanos, request_id, field, reason,"
-            " description, raw, format, whole_payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " description, raw, format, whole_payload, digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (digest) WHERE resolved_seconds IS NULL DO UPDATE SET"
+            " received_count = received_count + 1, last_received_seconds = excluded.received_seconds,"
+            " last_received_nanos = excluded.received_nanos",
             (
                 item.received_seconds,
                 item.received_nanos,
@@ -332,6 +624,7 @@ class _SqliteTransaction:
                 item.raw,
                 item.format,
                 item.whole_payload,
+                item.digest(),
             ),
         )
 
@@ -340,17 +633,53 @@ class _SqliteTransaction:
             "UPDATE quarantine SET resolved_seconds = ? WHERE id = ?", (seconds, quarantine_id)
         )
 
-    def find_response(self, request_id: str) -> bytes | None:
+    def find_response(self, request_id: str, since_seconds: int) -> SavedResponse | None:
         row = self._connection.execute(
-            "SELECT response FROM requests WHERE request_id = ?", (request_id,)
+            "SELECT request_digest, response FROM requests WHERE request_id = ? AND created_seconds >= ?",
+            (request_id, since_seconds),
         ).fetchone()
-        return None if row is None else bytes(row[0])
+        return None if row is None else SavedResponse(bytes(row[0]), bytes(row[1]))
 
-    def save_response(self, request_id: str, response: bytes) -> None:
+    def save_response(self, request_id: str, saved: SavedResponse, seconds: int) -> None:
         self._connection.execute(
-            "INSERT INTO requests (request_id, response, created_seconds) VALUES (?, ?, ?)",
-            (request_id, response, int(time.time())),
+            "INSERT OR REPLACE INTO requests (request_id, request_digest, response, created_seconds)"
+            " VALUES (?, ?, ?, ?)",
+            (request_id, saved.request_digest, saved.response, seconds),
         )
+
+    def expire_responses(self, before_seconds: int, limit: int) -> int:
+        cursor = self._connection.execute(
+            "DELETE FROM requests WHERE request_id IN"
+            " (SELECT request_id FROM requests WHERE created_seconds < ? LIMIT ?)",
+            (before_seconds, limit),
+        )
+        return cursor.rowcount
+
+
+_QUARANTINE_COLUMNS = (
+    "id, raw, field, reason, description, received_seconds, request_id, format, whole_payload,"
+    " resolved_seconds, received_nanos, received_count, last_received_seconds, last_received_nanos"
+)
+
+
+def _quarantined_item(row: Sequence[Any]) -> tuple[int, QuarantinedItem]:
+    """A quarantine row's id and item, from _QUARANTINE_COLUMNS."""
+    item = QuarantinedItem(
+        raw=row[1],
+        field=row[2],
+        reason=row[3],
+        description=row[4],
+        received_seconds=row[5],
+        request_id=row[6],
+        format=row[7],
+        whole_payload=bool(row[8]),
+        resolved_seconds=row[9],
+        received_nanos=row[10],
+        received_count=row[11],
+        last_received_seconds=row[12],
+        last_received_nanos=row[13],
+    )
+    return row[0], item
 
 
 def _with_raw(report: bytes, raw: str) -> DeliveryReport:

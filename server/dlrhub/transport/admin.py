@@ -16,7 +16,8 @@ MAX_CONNECTIONS = 16
 
 
 def create_app(render_metrics: Callable[[], Awaitable[bytes]]) -> web.Application:
-    """The admin application; `render_metrics` gives the exposition text (off the event loop)."""
+    """The admin application; `render_metrics` gives the exposition text (from memory: a scrape never
+    waits on the store)."""
 
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=await render_metrics(), headers={"Content-Type": CONTENT_TYPE_LATEST})

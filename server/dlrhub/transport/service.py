@@ -1,11 +1,13 @@
 """The gRPC servicer: each request into calls on the write path, the store and the feed, and their
-results into a response (or the status of a domain error)."""
+results into a response. It raises domain errors (errors.py); the per-call interceptor
+(observability/calls.py) turns whatever a call raises into its status."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Sequence
+import unicodedata
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 from google.protobuf.message import Message
@@ -43,26 +45,24 @@ from dlrhub.errors import (
     ResourceExhausted,
     Unavailable,
     invalid_argument,
-    to_status,
 )
 from dlrhub.feed.encoding import StreamEncoder
 from dlrhub.feed.follow import Heartbeat, follow_batches
 from dlrhub.feed.hub import Hub
-from dlrhub.normalise import typed_payload
 from dlrhub.observability.calls import note
-from dlrhub.store.base import Change, ChangeFilter, QuarantinedItem, ReadRunner, Selector, Store, StoreError
+from dlrhub.store.base import Change, ChangeFilter, QuarantinedItem, ReadRunner, Selector, Store
 from dlrhub.transport.pages import MAX_PAGE_BYTES, decode_page_token, encode_page_token, page_size
 from dlrhub.write import quarantine
 from dlrhub.write.submission import in_view, is_wholly_rejected
-from dlrhub.write.writer import AnswerTooLarge, TooManyItems, Writer
+from dlrhub.write.writer import AnswerTooLarge, RequestIdReused, TooManyItems, Writer
 
-T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
 # Heartbeat intervals: when none is given, and the range one may be (seconds).
 DEFAULT_HEARTBEAT_SECONDS = 15.0
 MIN_HEARTBEAT_SECONDS = 0.1
 MAX_HEARTBEAT_SECONDS = 3600.0
 MAX_RENORMALISE_IDS = 10_000
+MAX_REQUEST_ID_LENGTH = 128
 # The largest FULL Ingest answer: a gRPC client's default receive limit (4 MiB), less a margin.
 MAX_FULL_ANSWER_BYTES = (4 << 20) - (64 << 10)
 _HEARTBEAT = StreamHeartbeat()
@@ -82,37 +82,34 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
         self._encode = StreamEncoder(size=hub.capacity)
 
     async def Ingest(self, request: IngestRequest, context: Context) -> IngestResponse:
-        return await _answer(context, self._ingest(request))
+        return await self._ingest(request)
 
     async def GetMessage(self, request: GetMessageRequest, context: Context) -> GetMessageResponse:
-        return await _answer(context, self._get_message(request))
+        return await self._get_message(request)
 
     async def ListMessages(self, request: ListMessagesRequest, context: Context) -> ListMessagesResponse:
-        return await _answer(context, self._list_messages(request))
+        return await self._list_messages(request)
 
     async def ListQuarantine(
         self, request: ListQuarantineRequest, context: Context
     ) -> ListQuarantineResponse:
-        return await _answer(context, self._list_quarantine(request))
+        return await self._list_quarantine(request)
 
     async def RenormaliseQuarantine(
         self, request: RenormaliseQuarantineRequest, context: Context
     ) -> RenormaliseQuarantineResponse:
-        return await _answer(context, self._renormalise_quarantine(request))
+        return await self._renormalise_quarantine(request)
 
     async def Stream(  # type: ignore[override]  # bytes as well: see transport/handlers.py
         self, request: StreamRequest, context: Context
     ) -> AsyncIterator[StreamResponse | bytes]:
         """Yields heartbeats as messages and changes already encoded (see transport/handlers.py)."""
-        try:
-            async for item in await self._follow(request):
-                if isinstance(item, Heartbeat):
-                    yield StreamResponse(cursor=str(item.cursor), heartbeat=_HEARTBEAT)
-                else:
-                    for change in item:
-                        yield self._encode.response(change)
-        except DlrhubError as error:
-            await _abort(context, error)
+        async for item in await self._follow(request):
+            if isinstance(item, Heartbeat):
+                yield StreamResponse(cursor=str(item.cursor), heartbeat=_HEARTBEAT)
+            else:
+                for change in item:
+                    yield self._encode.response(change)
 
     async def StreamBatches(  # type: ignore[override]  # bytes as well: see transport/handlers.py
         self, request: StreamBatchesRequest, context: Context
@@ -131,11 +128,12 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
             error.violations = [
                 replace(violation, field=f"stream.{violation.field}") for violation in error.violations
             ]
-            await _abort(context, error)
+            raise
 
     # Ingest.
 
     async def _ingest(self, request: IngestRequest) -> IngestResponse:
+        _check_request_id(request.request_id)  # before it is logged or stored anywhere
         body = request.WhichOneof("body")
         if body is None:
             raise invalid_argument(
@@ -145,29 +143,27 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
                 message="nothing to ingest: set payload, gms or sent_sms_report",
                 violation_reason=ErrorReason.MISSING_FIELD,
             )
-        if body == "payload":
-            payload, format = request.payload, request.format
-        else:
-            payload, format = typed_payload(request.gms if body == "gms" else request.sent_sms_report)
         if request.request_id:
             note(request_id=request.request_id)
         full = request.view == IngestResponseView.INGEST_RESPONSE_VIEW_FULL
         try:
             ingested = await self._writer.ingest(
-                payload,
-                format,
+                getattr(request, body),  # the payload's text, or typed reports
+                request.format,
                 request.request_id,
                 max_full_answer_bytes=MAX_FULL_ANSWER_BYTES if full else None,
             )
-        except TooManyItems as error:
+        except RequestIdReused as error:
             raise invalid_argument(
-                body,
+                "request_id",
                 str(error),
-                ErrorReason.TOO_MANY_ITEMS,
+                ErrorReason.REQUEST_ID_REUSED,
                 message=str(error),
-                violation_reason=ErrorReason.TOO_MANY_ITEMS,
-                metadata={"items": str(error.count), "max_items": str(error.limit)},
+                violation_reason=ErrorReason.REQUEST_ID_REUSED,
+                metadata={"request_id": error.request_id},
             ) from None
+        except TooManyItems as error:
+            raise too_many_items(body, error) from None
         except AnswerTooLarge as error:
             raise invalid_argument(
                 "view",
@@ -177,11 +173,6 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
                 violation_reason=ErrorReason.RESPONSE_TOO_LARGE,
                 metadata={"response_bytes": str(error.size), "max_response_bytes": str(error.limit)},
             ) from None
-        except StoreError as error:
-            raise Unavailable(
-                "the store could not commit the reports; retry with the same request_id",
-                ErrorReason.STORE_UNAVAILABLE,
-            ) from error
         rejection = ingested.rejection
         if rejection is not None:
             raise invalid_argument(
@@ -341,18 +332,16 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
         return follow_batches(self._store, self._hub, self._read, change_filter, after, heartbeat)
 
 
-async def _answer(context: Context, work: Awaitable[T]) -> T:
-    """The result of a unary call, or the call aborted with the status of its domain error."""
-    try:
-        return await work
-    except DlrhubError as error:
-        await _abort(context, error)
-        raise  # unreachable: abort raises
-
-
-async def _abort(context: Context, error: DlrhubError) -> None:
-    status = to_status(error)
-    await context.abort(status.code, status.details, status.trailing_metadata)
+def too_many_items(field: str, error: TooManyItems) -> InvalidArgument:
+    """INVALID_ARGUMENT TOO_MANY_ITEMS for the body in `field` (decoding stopped at one too many)."""
+    return invalid_argument(
+        field,
+        str(error),
+        ErrorReason.TOO_MANY_ITEMS,
+        message=str(error),
+        violation_reason=ErrorReason.TOO_MANY_ITEMS,
+        metadata={"items": str(error.limit + 1), "max_items": str(error.limit)},
+    )
 
 
 def _quarantined_item(quarantine_id: int, item: QuarantinedItem) -> QuarantinedItemMessage:
@@ -364,10 +353,27 @@ def _quarantined_item(quarantine_id: int, item: QuarantinedItem) -> QuarantinedI
         whole_payload=item.whole_payload,
         raw=item.raw,
         error=ItemError(field=item.field, reason=item.reason, description=item.description),
+        received_count=item.received_count,
+        last_received_time=item.last_received_time(),
     )
     if item.resolved_seconds is not None:
         message.resolved_time.seconds = item.resolved_seconds
     return message
+
+
+def _check_request_id(request_id: str) -> None:
+    """A request id is at most MAX_REQUEST_ID_LENGTH characters, none of them a control character."""
+    if len(request_id) > MAX_REQUEST_ID_LENGTH:
+        raise invalid_argument(
+            "request_id",
+            f"is {len(request_id)} characters long; at most {MAX_REQUEST_ID_LENGTH} are allowed",
+            ErrorReason.INVALID_REQUEST_ID,
+            metadata={"max_length": str(MAX_REQUEST_ID_LENGTH)},
+        )
+    if any(unicodedata.category(character) == "Cc" for character in request_id):
+        raise invalid_argument(
+            "request_id", "must not contain control characters", ErrorReason.INVALID_REQUEST_ID
+        )
 
 
 def _within(messages: Sequence[Message], max_bytes: int) -> int:

@@ -3,23 +3,27 @@
 Submissions queue up while the writer thread commits the previous group;
 the next group takes everything waiting (up to `max_group`). Each caller is
 answered only after its group has committed (synchronous=FULL), and the
-group's changes are published to the hub only after that commit.
+group's changes are published to the hub only after that commit. Whether
+each group committed is told to `on_outcome` (the store's health).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 from dlrhub.feed.hub import Hub
-from dlrhub.store.base import Store, StoreError
+from dlrhub.store.base import Store, StoreError, Transaction
 from dlrhub.write.submission import Applied, Submission, apply
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -39,14 +43,14 @@ class Committer:
         max_group: int = 512,
         max_waiting: int = 10_000,
         on_commit: Callable[[float, int], None] | None = None,
-        on_failure: Callable[[], None] | None = None,
+        on_outcome: Callable[[Exception | None], None] | None = None,
     ) -> None:
         self._store = store
         self._hub = hub
         # Called after each commit with its duration in seconds and how many items it held.
         self._on_commit = on_commit
-        # Called after each group commit that failed.
-        self._on_failure = on_failure
+        # Called on the event loop after each group: None once it committed, else why it failed.
+        self._on_outcome = on_outcome
         self._max_group = max_group
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue(max_waiting)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlrhub-writer")
@@ -78,6 +82,24 @@ class Committer:
         # writer skips it; once its group is being written, it commits whether or not anyone waits.
         return await future
 
+    async def run(self, work: Callable[[Transaction], T]) -> T:
+        """Runs `work` in a transaction of its own on the writer thread, between two groups (for
+        upkeep, such as deleting expired rows: keep it short, every Ingest waits for it)."""
+        if self._task is None or self._task.done():
+            raise StoreError("the store is not accepting writes")
+
+        def transaction() -> T:
+            with self._store.transaction() as tx:
+                return work(tx)
+
+        return await asyncio.get_running_loop().run_in_executor(self._writer, transaction)
+
+    async def check(self) -> None:
+        """Returns if the store can commit now, else raises StoreError: a small durable write, on
+        the writer thread between groups."""
+        check = functools.partial(self._store.check, write=True)
+        await asyncio.get_running_loop().run_in_executor(self._writer, check)
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         stopping = False
@@ -101,23 +123,31 @@ class Committer:
                 results = await loop.run_in_executor(self._writer, self._write, [p.submission for p in group])
             except Exception as error:
                 # One line per failed group: a storm of them (a full disk) is rate-limited by
-                # observability.logs.RepeatFilter and counted in dlrhub_store_failures_total.
+                # observability.logs.RepeatFilter, and counted in dlrhub_store_failures_total by
+                # on_outcome.
                 log.exception("commit failed for %d submissions", len(group))
-                if self._on_failure is not None:
-                    self._on_failure()
+                self._tell(error)
                 for pending in group:
                     if not pending.future.done():
                         pending.future.set_exception(StoreError(f"the store could not commit: {error}"))
                 continue
+            self._tell(None)
             self._hub.publish(change for applied in results for change in applied.changes)
             for pending, applied in zip(group, results, strict=True):
                 if not pending.future.done():
                     pending.future.set_result(applied)
 
+    def _tell(self, error: Exception | None) -> None:
+        if self._on_outcome is not None:
+            try:
+                self._on_outcome(error)
+            except Exception:
+                log.exception("commit outcome observer failed")
+
     def _write(self, submissions: list[Submission]) -> list[Applied]:
         started = time.perf_counter()
         with self._store.transaction() as tx:
-            applied = [apply(tx, submission) for submission in submissions]
+            applied = apply(tx, submissions)
         if self._on_commit is not None:
             try:  # committed already: a failing observer must not turn it into an error
                 self._on_commit(time.perf_counter() - started, sum(len(s.items) or 1 for s in submissions))

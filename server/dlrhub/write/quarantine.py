@@ -16,8 +16,8 @@ from collections.abc import Sequence
 
 from deliveryreport.v1.delivery_report_service_pb2 import IngestOutcome, RenormaliseQuarantineResponse
 from deliveryreport.v1.error_reason_pb2 import ErrorReason
-from dlrhub.errors import NotFound, Unavailable
-from dlrhub.store.base import ReadRunner, Store, StoreError
+from dlrhub.errors import NotFound
+from dlrhub.store.base import ReadRunner, Store
 from dlrhub.write.submission import in_view, item_error
 from dlrhub.write.writer import Writer
 
@@ -30,7 +30,8 @@ async def renormalise(
 ) -> RenormaliseQuarantineResponse:
     """Re-runs the open items among `ids` (every open item when there are none), oldest first.
 
-    Raises NotFound when an id names no quarantined item, Unavailable when the store cannot commit.
+    Raises NotFound when an id names no quarantined item, StoreError when the store cannot commit
+    (what was re-run before that is stored).
     """
     if ids:
         wanted = sorted(set(ids))
@@ -50,12 +51,7 @@ async def renormalise(
     while True:
         rows = await read(functools.partial(store.quarantined, after, PAGE, include_resolved=False, ids=ids))
         for quarantine_id, item in rows:
-            try:
-                ingested = await writer.renormalise(quarantine_id, item)
-            except StoreError as error:
-                raise Unavailable(
-                    "the store could not commit; nothing more was re-run", ErrorReason.STORE_UNAVAILABLE
-                ) from error
+            ingested = await writer.renormalise(quarantine_id, item)
             result = response.results.add(id=quarantine_id)
             if ingested.rejection is not None:
                 result.results.add(

@@ -1,12 +1,13 @@
 """Ingest as a unit of work: normalised items -> merge -> store, inside one transaction.
 
-The committer runs `apply` for every submission of a group inside a single
-store transaction; the changes it returns are published only after that
-transaction has committed.
+The committer runs `apply` on each group of submissions inside a single store
+transaction; the changes it returns are published only after that transaction
+has committed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -17,9 +18,9 @@ from deliveryreport.v1.delivery_report_service_pb2 import (
     ItemError,
 )
 from deliveryreport.v1.error_reason_pb2 import ErrorReason
-from dlrhub.merge import merge
+from dlrhub.merge import MergeKey, merge, merge_key
 from dlrhub.normalise import NormalisedItem, Rejection
-from dlrhub.store.base import Change, QuarantinedItem, Transaction
+from dlrhub.store.base import Change, QuarantinedItem, SavedResponse, Transaction
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +41,10 @@ class Submission:
     # For a re-normalisation: when it ran (Unix seconds), the item's resolved time. `received` is
     # the item's original received time, kept for the reports.
     resolved_seconds: int = 0
+    # For an Ingest with a request id: what the request was (saved with its answer), and the Unix
+    # time before which a saved answer has expired.
+    request_digest: bytes = b""
+    replay_since_seconds: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,16 +55,37 @@ class Applied:
     changes: list[Change] = field(default_factory=list)
     # The response is the saved answer of an earlier call with the same request id.
     replayed: bool = False
+    # The request id was used before by another request: nothing was applied.
+    reused: bool = False
 
 
-def apply(tx: Transaction, submission: Submission) -> Applied:
-    """Applies one submission inside an open transaction."""
+def apply(tx: Transaction, submissions: Sequence[Submission]) -> list[Applied]:
+    """Applies a group of submissions, in order, inside an open transaction."""
+    keys = [[merge_key(item.report) if item.report else None for item in s.items] for s in submissions]
+    tx.prefetch(
+        {
+            (item.report.source, item.report.message_id)
+            for s in submissions
+            for item in s.items
+            if item.report
+        },
+        {key.digest for group in keys for key in group if key},
+    )
+    return [_apply(tx, submission, group) for submission, group in zip(submissions, keys, strict=True)]
+
+
+def _apply(tx: Transaction, submission: Submission, keys: list[MergeKey | None]) -> Applied:
+    """Applies one submission; `keys` are the merge keys of its items (None for a rejected one)."""
     # A re-normalisation carries its item's request id only to remember it: it is no retry of that
-    # Ingest, so it neither replays the Ingest's saved answer nor saves one in its place.
-    if submission.request_id and not submission.quarantine_id:
-        saved = tx.find_response(submission.request_id)
+    # Ingest (it has no request digest), so it neither replays the saved answer nor saves one.
+    if submission.request_digest:
+        saved = tx.find_response(submission.request_id, submission.replay_since_seconds)
+        if saved is not None and saved.request_digest != submission.request_digest:
+            return Applied(IngestResponse(), reused=True)
         if saved is not None:
-            return Applied(IngestResponse.FromString(saved), replayed=True)
+            replay = IngestResponse.FromString(saved.response)
+            replay.replayed = True
+            return Applied(replay, replayed=True)
     if submission.payload_rejection is not None:
         if not submission.quarantine_id:
             tx.quarantine(
@@ -71,7 +97,7 @@ def apply(tx: Transaction, submission: Submission) -> Applied:
 
     response = IngestResponse()
     changes: list[Change] = []
-    for item in submission.items:
+    for item, key in zip(submission.items, keys, strict=True):
         result = response.results.add(index=item.index)
         if item.report is None:
             assert item.rejection is not None
@@ -82,21 +108,23 @@ def apply(tx: Transaction, submission: Submission) -> Applied:
             response.rejected_count += 1
             continue
         report = item.report
+        assert key is not None
         result.report.CopyFrom(report)
         result.report.ClearField("raw_payload")  # the caller sent it; GetMessage and Stream carry it
-        merged = merge(tx.load_state(report.source, report.message_id), report)
-        if merged.duplicate:
+        if tx.is_stored(key.digest):
             result.outcome = IngestOutcome.INGEST_OUTCOME_DUPLICATE
             response.duplicate_count += 1
             continue
-        cursor = tx.append(report, merged.state)
-        changes.append(Change(cursor, report, merged.state.report))
+        state = merge(tx.load_state(report.source, report.message_id), report, key)
+        cursor = tx.append(report, key.digest, state)
+        changes.append(Change(cursor, report, state.report))
         result.outcome = IngestOutcome.INGEST_OUTCOME_ACCEPTED
         result.cursor = str(cursor)
         response.accepted_count += 1
 
-    if submission.request_id and not submission.quarantine_id and not is_wholly_rejected(response):
-        tx.save_response(submission.request_id, response.SerializeToString())
+    if submission.request_digest and not is_wholly_rejected(response):
+        saved = SavedResponse(submission.request_digest, response.SerializeToString())
+        tx.save_response(submission.request_id, saved, submission.received.seconds)
     if submission.quarantine_id and not response.rejected_count:
         tx.resolve_quarantined(
             submission.quarantine_id, submission.resolved_seconds or submission.received.seconds

@@ -3,10 +3,18 @@
 The gRPC Ingest, the webhooks and the poller all call `Writer.ingest`, so a
 report takes the same path whichever way it arrives; a quarantined item is
 run again through `Writer.renormalise`.
+
+A payload is normalised on the event loop while it is small (a thread hop would cost more than
+the work); a bigger one on a worker thread (`offload`), so that one big request does not stall every
+other call. Every payload holds its size in a budget of bytes being written at once (budget.py) from
+before it is normalised until its commit is answered, so that big requests do not take memory
+without bound. Its items are counted while it is decoded: one over `max_items` ends the decoding.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -14,12 +22,41 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from deliveryreport.v1.delivery_report_service_pb2 import Format, IngestResponse
 from deliveryreport.v1.error_reason_pb2 import ErrorReason
-from dlrhub.normalise import NormalisedItem, Normaliser, PayloadError, Rejection, single_item_payload
+from deliveryreport.v1.provider_formats_pb2 import GmsReports, SentSmsReports
+from dlrhub.normalise import (
+    NormalisedItem,
+    Normaliser,
+    PayloadError,
+    Rejection,
+    TooManyItems,
+    single_item_payload,
+    typed_payload,
+)
 from dlrhub.observability.metrics import Metrics
-from dlrhub.store.base import QuarantinedItem
+from dlrhub.store.base import QuarantinedItem, ReadRunner
+from dlrhub.write.budget import ByteBudget
 from dlrhub.write.committer import Committer
 from dlrhub.write.submission import Submission, full_answer_bytes
 
+__all__ = [
+    "INLINE_BYTES",
+    "AnswerTooLarge",
+    "Ingested",
+    "RequestIdReused",
+    "TooManyItems",
+    "TypedReports",
+    "Writer",
+]
+
+# Reports as typed messages (Ingest's `gms` and `sent_sms_report`).
+TypedReports = GmsReports | SentSmsReports
+# Payloads up to this size are normalised on the event loop: ~130 GMS reports, 1.5-3 ms, no longer
+# than a worker thread holds the GIL (and so the loop) at a time, the 5 ms switch interval; a hop to
+# a worker thread and back would cost 2-5% more (bench/normalise_bench.py measures both).
+INLINE_BYTES = 32 * 1024
+# Payload bytes being written at once, by default: one of the largest requests (16 MiB), or several
+# smaller ones (the GIL normalises one at a time anyway).
+BUDGET_BYTES = 16 * 1024 * 1024
 # The largest item (its text, in UTF-8 bytes) by default: real reports are under 2 KB. It bounds
 # every stored report, and so each Stream change and every page.
 DEFAULT_MAX_ITEM_BYTES = 64 * 1024
@@ -34,13 +71,15 @@ class Ingested:
     rejection: Rejection | None = None
 
 
-class TooManyItems(Exception):
-    """A payload holds more items than one call may carry; nothing of it was stored."""
+class RequestIdReused(Exception):
+    """The request id names an earlier, different request; nothing of this one was stored."""
 
-    def __init__(self, count: int, limit: int) -> None:
-        super().__init__(f"{count} items in one payload; at most {limit} are allowed: split the batch")
-        self.count = count
-        self.limit = limit
+    def __init__(self, request_id: str) -> None:
+        super().__init__(
+            "this request_id was used by another request (another format or payload): nothing was"
+            " stored; give each request an id of its own"
+        )
+        self.request_id = request_id
 
 
 class AnswerTooLarge(Exception):
@@ -65,45 +104,52 @@ class Writer:
         *,
         max_items: int = 10_000,
         max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES,
+        request_id_ttl: int = 86_400,
         metrics: Metrics | None = None,
+        offload: ReadRunner | None = None,
+        budget_bytes: int = BUDGET_BYTES,
     ) -> None:
         self._normaliser = normaliser
         self._committer = committer
         self._clock = clock
-        self._max_items = max_items
+        # Items one payload may hold.
+        self.max_items = max_items
         self._max_item_bytes = max_item_bytes
+        self._request_id_ttl = request_id_ttl
         self._metrics = metrics
+        # Runs a big payload's normalising on a worker thread; without it, everything runs inline.
+        self._offload = offload
+        # Payload bytes being written (normalised and committed) at once.
+        self.budget = ByteBudget(budget_bytes)
 
     async def ingest(
         self,
-        payload: str,
+        payload: str | TypedReports,
         format: Format.ValueType,
         request_id: str = "",
         *,
         max_full_answer_bytes: int | None = None,
     ) -> Ingested:
-        """Normalises and commits a payload.
+        """Normalises and commits a payload (provider text, or typed reports: then `format` is theirs).
 
         Raises, with nothing stored: TooManyItems over the item limit; AnswerTooLarge when
-        `max_full_answer_bytes` is given and the answer with every report could be larger. Raises
-        StoreError if the store cannot commit.
+        `max_full_answer_bytes` is given and the answer with every report could be larger;
+        RequestIdReused when the request id names another request. Raises StoreError if the store
+        cannot commit.
         """
         received = Timestamp()
         received.FromNanoseconds(self._clock())
-        try:
-            items = self._normaliser.normalise(payload, format, received)
-        except PayloadError as error:
-            submission = Submission([], received, request_id, error.rejection, payload, format)
-        else:
-            if len(items) > self._max_items:
-                raise TooManyItems(len(items), self._max_items)
-            items = self._bounded(items)
-            if max_full_answer_bytes is not None:
-                size = full_answer_bytes(items)
-                if size > max_full_answer_bytes:
-                    raise AnswerTooLarge(size, max_full_answer_bytes)
-            submission = Submission(items, received, request_id)
-        return await self._commit(submission)
+        size = len(payload) if isinstance(payload, str) else payload.ByteSize()
+        prepare = functools.partial(
+            self._prepare,
+            payload,
+            format,
+            received,
+            request_id,
+            self.max_items,
+            max_full_answer_bytes=max_full_answer_bytes,
+        )
+        return await self._write(size, prepare)
 
     async def renormalise(self, quarantine_id: int, item: QuarantinedItem) -> Ingested:
         """Runs a quarantined item through the current normaliser again, and commits what now passes.
@@ -114,28 +160,72 @@ class Writer:
         resolved_seconds = self._clock() // 1_000_000_000  # now: when it is resolved, if it is
         # One item of a batch runs in a batch of its own, as it came.
         payload = item.raw if item.whole_payload else single_item_payload(item.raw, item.format)
+        prepare = functools.partial(
+            self._prepare,
+            payload,
+            Format.ValueType(item.format),
+            received,
+            item.request_id,
+            None,  # an item kept in the quarantine is run again whatever the limit is now
+            quarantine_id=quarantine_id,
+            resolved_seconds=resolved_seconds,
+        )
+        return await self._write(len(payload), prepare)
+
+    async def _write(self, size: int, prepare: Callable[[], Submission]) -> Ingested:
+        """Commits what `prepare()` makes of a payload of `size` (normalised inline when it is small,
+        else on a worker thread), holding `size` of the byte budget meanwhile."""
+        taken = await self.budget.take(size)
         try:
-            items = self._normaliser.normalise(payload, Format.ValueType(item.format), received)
+            if self._offload is None or size <= INLINE_BYTES:
+                submission = prepare()
+            else:
+                submission = await self._offload(prepare)
+            return await self._commit(submission)
+        finally:
+            self.budget.give(taken)
+
+    def _prepare(
+        self,
+        payload: str | TypedReports,
+        format: Format.ValueType,
+        received: Timestamp,
+        request_id: str,
+        max_items: int | None,
+        *,
+        max_full_answer_bytes: int | None = None,
+        quarantine_id: int = 0,
+        resolved_seconds: int = 0,
+    ) -> Submission:
+        """The submission of a normalised payload (on a worker thread for a big one)."""
+        if not isinstance(payload, str):
+            typed = payload.reports if isinstance(payload, GmsReports) else payload.results
+            if max_items is not None and len(typed) > max_items:
+                raise TooManyItems(max_items)
+            payload, format = typed_payload(payload)
+        # What an Ingest with a request id was (a re-normalisation carries its item's id only to keep it).
+        digest = request_digest(payload, format) if request_id and not quarantine_id else b""
+        submission = functools.partial(
+            Submission,
+            received=received,
+            request_id=request_id,
+            payload=payload,
+            format=format,
+            quarantine_id=quarantine_id,
+            resolved_seconds=resolved_seconds,
+            request_digest=digest,
+            replay_since_seconds=received.seconds - self._request_id_ttl,
+        )
+        try:
+            items = self._normaliser.normalise(payload, format, received, max_items=max_items)
         except PayloadError as error:
-            submission = Submission(
-                [],
-                received,
-                item.request_id,
-                error.rejection,
-                payload,
-                item.format,
-                quarantine_id=quarantine_id,
-                resolved_seconds=resolved_seconds,
-            )
-        else:
-            submission = Submission(
-                self._bounded(items),
-                received,
-                item.request_id,
-                quarantine_id=quarantine_id,
-                resolved_seconds=resolved_seconds,
-            )
-        return await self._commit(submission)
+            return submission([], payload_rejection=error.rejection)
+        items = self._bounded(items)
+        if max_full_answer_bytes is not None:
+            size = full_answer_bytes(items)
+            if size > max_full_answer_bytes:
+                raise AnswerTooLarge(size, max_full_answer_bytes)
+        return submission(items)
 
     def _bounded(self, items: list[NormalisedItem]) -> list[NormalisedItem]:
         """The items, each one over the item size limit rejected (ITEM_TOO_LARGE) instead."""
@@ -147,12 +237,20 @@ class Writer:
 
     async def _commit(self, submission: Submission) -> Ingested:
         applied = await self._committer.submit(submission)
+        if applied.reused:
+            raise RequestIdReused(submission.request_id)
         if self._metrics is not None and not applied.replayed:
             if submission.payload_rejection is not None:
                 self._metrics.record_rejected_payload(submission.format)
             else:
                 self._metrics.record_ingest(submission.items, applied.response)
         return Ingested(applied.response, submission.payload_rejection)
+
+
+def request_digest(payload: str, format: Format.ValueType) -> bytes:
+    """What a request with a request id was: its format and exact payload text (for typed reports,
+    the canonical JSON built from them), hashed."""
+    return hashlib.blake2b(f"{int(format)}\n{payload}".encode(), digest_size=16).digest()
 
 
 def _too_large(item: NormalisedItem, limit: int) -> NormalisedItem:
