@@ -69,5 +69,6 @@ bench: $(INSTALLED) $(NODE_INSTALLED)
 	$(PIP) -e ./client -e '.[dev,bench]'
 	$(PY) -m bench $(BENCH_ARGS)
 
+# *.egg-info: setuptools' metadata of the editable installs (at the top: before the split, stale).
 clean:
-	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache *.egg-info server/*.egg-info client/*.egg-info

@@ -29,6 +29,7 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.helpers import PROCESS_TIMEOUT
+from tests.test_grpcurl import parse_messages
 from tools import launcher
 
 README = ROOT / "README.md"
@@ -86,21 +87,6 @@ def readme_commands() -> list[str]:
 def readme_examples() -> list[Example]:
     """The grpcurl commands of README.md's ```sh blocks, in order."""
     return [Example(line, shlex.split(line)) for line in readme_commands() if line.startswith("grpcurl ")]
-
-
-def json_messages(text: str) -> list[dict[str, Any]]:
-    """grpcurl's JSON output: one object per message, concatenated."""
-    decoder = json.JSONDecoder()
-    messages: list[dict[str, Any]] = []
-    index = 0
-    while True:
-        while index < len(text) and text[index].isspace():
-            index += 1
-        if index == len(text):
-            return messages
-        message, index = decoder.raw_decode(text, index)
-        assert isinstance(message, dict)
-        messages.append(message)
 
 
 def test_readme_has_grpcurl_examples_of_every_rpc() -> None:
@@ -321,7 +307,7 @@ def _check_grpcurl(
             yield f"exit {done.returncode}, not 68 (-max-time)"
         if "Code: DeadlineExceeded" not in done.stderr:
             yield "did not end at -max-time"
-        messages = json_messages(done.stdout)
+        messages = parse_messages(done.stdout)
         if example.method.endswith("/StreamBatches"):
             if not all(set(m) == {"responses"} for m in messages):
                 yield "not StreamBatchesResponses"
