@@ -1,13 +1,18 @@
-"""`dlrhub serve` as a real process: settings from flags and environment, JSON logs, graceful stop."""
+"""`dlrhub serve` as a real process: settings from flags and environment, its logs (JSON, or text on a
+terminal), graceful stop."""
 
 from __future__ import annotations
 
 import json
 import os
+import pty
+import re
+import select
 import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -87,3 +92,88 @@ def test_unusable_listen_address_exits_non_zero(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert result.stderr == "dlrhub: cannot start: cannot listen on 256.0.0.1:1: Name or service not known\n"
+
+
+def _serve_on_a_terminal(tmp_path: Path, environment: dict[str, str]) -> list[str]:
+    """`dlrhub serve` with stderr on a pseudo-terminal until it serves, then stopped: its stderr lines."""
+    leader, follower = pty.openpty()
+    command = [
+        sys.executable,
+        "-m",
+        "dlrhub",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+    ]
+    process = subprocess.Popen(
+        [*command, "--db", str(tmp_path / "tty.db")],
+        stdout=subprocess.DEVNULL,
+        stderr=follower,
+        env=environment,
+    )
+    os.close(follower)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 60
+        while b"serving" not in seen and time.monotonic() < deadline:
+            ready, _, _ = select.select([leader], [], [], 1)
+            if ready:
+                seen += os.read(leader, 65536)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the process has exited and everything was read
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(leader)
+    return seen.decode().replace("\r\n", "\n").splitlines()
+
+
+def test_logs_are_readable_lines_on_a_terminal_and_json_otherwise(tmp_path: Path) -> None:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("DLRHUB_")}
+    lines = _serve_on_a_terminal(tmp_path, environment)
+    serving = next(line for line in lines if "serving" in line)
+    assert re.fullmatch(
+        r"\d\d:\d\d:\d\d\.\d{3} INFO    dlrhub\.app: serving listen=127\.0\.0\.1:0 port=\d+ .*", serving
+    )
+    assert 'db="' not in serving  # a value without spaces is not quoted
+    assert lines[-1].endswith("dlrhub.app: stopped")
+    assert not any(line.startswith("{") for line in lines)
+
+    # DLRHUB_LOG_FORMAT wins: JSON on a terminal, text into a pipe.
+    as_json = _serve_on_a_terminal(tmp_path, {**environment, "DLRHUB_LOG_FORMAT": "json"})
+    assert json.loads(next(line for line in as_json if "serving" in line))["message"] == "serving"
+    port = launcher.free_port()
+    text = {**environment, "DLRHUB_LOG_FORMAT": "text"}
+    with launcher.start(tmp_path / "text.db", env=text, listen=f"127.0.0.1:{port}") as server:
+        pass
+    assert any(
+        re.match(r"\d\d:\d\d:\d\d\.\d{3} INFO    dlrhub\.app: serving ", line)
+        for line in server.output.stderr
+    )
+
+
+def test_an_unknown_log_format_stops_start_up(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "dlrhub", "serve", "--db", str(tmp_path / "x.db")],
+        env={**os.environ, "DLRHUB_LOG_FORMAT": "xml"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert (
+        result.stderr
+        == "dlrhub: cannot start: DLRHUB_LOG_FORMAT: the log format must be json or text, not 'xml'\n"
+    )

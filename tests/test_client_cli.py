@@ -7,11 +7,13 @@ filters its streams by them, so the tests do not see each other's reports.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
 import pty
 import queue
+import shlex
 import shutil
 import signal
 import struct
@@ -19,6 +21,7 @@ import subprocess
 import sys
 import termios
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,10 +29,11 @@ from typing import Any
 
 import pytest
 
+from dlrhub.config import Settings
 from dlrhub_client import Client, DeliveryStatus
 from tests.conftest import FIXTURES
 from tests.helpers import PROCESS_TIMEOUT, gms_bare
-from tools import launcher
+from tools import debian, launcher
 
 _SCRIPT = shutil.which("dlrhub", path=str(Path(sys.executable).parent))
 DLRHUB = [_SCRIPT] if _SCRIPT else [sys.executable, "-m", "dlrhub.cli"]
@@ -158,29 +162,59 @@ def test_ingest_invalid_json_exits_3_with_line_and_column(hub: launcher.Server, 
     assert "Traceback" not in missing.stderr
 
 
-def test_ingest_json_lines_one_payload_per_line(hub: launcher.Server, tmp_path: Path) -> None:
+def test_ingest_json_lines_are_batched_like_an_array(hub: launcher.Server, tmp_path: Path) -> None:
+    """The reports of JSON lines go in calls of --batch-size, as an array's; each rejected item is named
+    by its line (and its place in that line), and a line that is no batch goes alone."""
     lines = [
         json.dumps(gms_bare("lines-1")),
         json.dumps([gms_bare("lines-2"), gms_bare("lines-3")]),
         json.dumps({"results": [sent_sms("lines-4", "B-LINES")]}),
+        json.dumps(gms_bare("lines-5")),
     ]
     path = tmp_path / "reports.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     as_json = dlrhub("ingest", str(path), "--json", "--target", hub.address)
     assert as_json.returncode == 0, as_json.stderr
-    responses = json_lines(as_json.stdout)  # one Ingest response per line
-    assert [len(response["results"]) for response in responses] == [1, 2, 1]
-    assert [response["accepted_count"] for response in responses] == [1, 2, 1]
+    responses = json_lines(as_json.stdout)  # one Ingest response per call
+    # A call holds one format: the GMS reports of lines 1-2, the SentSMSReport one, then line 4's.
+    assert [len(response["results"]) for response in responses] == [3, 1, 1]
     assert [r["message_id"] for response in responses for r in response["results"]] == [
         "lines-1",
         "lines-2",
         "lines-3",
         "lines-4",
+        "lines-5",
     ]
+    again = dlrhub("ingest", str(path), "--batch-size", "2", "--json", "--target", hub.address)
+    assert [len(response["results"]) for response in json_lines(again.stdout)] == [2, 1, 1, 1]
+    assert all(
+        response["duplicate_count"] == len(response["results"]) for response in json_lines(again.stdout)
+    )
 
-    again = dlrhub("ingest", str(path), "--target", hub.address)
-    assert (again.returncode, again.stdout) == (0, "accepted 0, duplicate 4, rejected 0\n"), again.stderr
+    bad = tmp_path / "bad.jsonl"
+    get_answer = {"reports": [gms_bare("lines-get", extra_id="REF-LINES")]}  # a GMS GET answer: no batch
+    bad.write_text(
+        "\n".join(
+            json.dumps(line)
+            for line in (
+                gms_bare("lines-6"),
+                [gms_bare("lines-7"), {"status": 2, "time": 1}],
+                {"message_id": "lines-8", "status": "two", "time": 1},
+                get_answer,
+            )
+        ),
+        encoding="utf-8",
+    )
+    result = dlrhub("ingest", str(bad), "--target", hub.address)
+    assert result.returncode == 3
+    assert result.stdout == "accepted 3, duplicate 0, rejected 2\n"
+    assert result.stderr.splitlines() == [
+        "rejected line 2: [1].message_id: [1].message_id is required",
+        "rejected line 3: status: status must be an integer, not a str",
+    ]
+    with Client(hub.address, timeout=10) as client:
+        assert [r.message_id for r in client.iter_reference("REF-LINES")] == ["lines-get"]
 
 
 def test_a_large_batch_is_split_into_calls_and_all_of_it_is_stored(
@@ -278,8 +312,15 @@ def test_fetch_prints_a_table_json_history_bulks_and_references(hub: launcher.Se
 
     bulk_lines = bulk.stdout.splitlines()
     assert "BULK ID" in bulk_lines[0]
-    assert sorted(line.split()[1] for line in bulk_lines[1:]) == ["fetch-bulk-1", "fetch-bulk-2"]
-    assert all("SENT_SMS_REPORT" in line and "B-FETCH" in line for line in bulk_lines[1:])
+    assert sorted(line.split()[1] for line in bulk_lines[1:3]) == ["fetch-bulk-1", "fetch-bulk-2"]
+    assert all("SENT_SMS_REPORT" in line and "B-FETCH" in line for line in bulk_lines[1:3])
+    # Then the bulk's counts per status, and the total.
+    assert [line.split() for line in bulk_lines[3:]] == [
+        [],
+        ["STATUS", "MESSAGES"],
+        ["DELIVERED", "2"],
+        ["total", "2"],
+    ]
 
     assert [report["message_id"] for report in json_lines(reference.stdout)] == ["fetch-1"]
     assert empty_bulk.stdout.splitlines()[1:] == ["(no messages)"]
@@ -412,16 +453,53 @@ def test_tail_prints_changes_resumes_from_a_cursor_and_filters(
     assert everything.nothing_more(0.3)
 
 
-def test_tail_stops_cleanly_on_ctrl_c(hub: launcher.Server, tails: list[Tail]) -> None:
+def test_tail_stops_on_ctrl_c_with_status_130_and_nothing_on_stderr(
+    hub: launcher.Server, tails: list[Tail]
+) -> None:
     with Client(hub.address, timeout=10) as client:
         stored = client.ingest_gms([gms_bare("ctrl-c-1")])
     tail = Tail("--from-beginning", "--message-id", "ctrl-c-1", "--target", hub.address)
     tails.append(tail)
     assert [line["cursor"] for line in tail.lines(1)] == [stored.results[0].cursor]
     tail.process.send_signal(signal.SIGINT)
-    assert tail.process.wait(timeout=PROCESS_TIMEOUT) == 0
+    assert tail.process.wait(timeout=PROCESS_TIMEOUT) == 130  # 128 + SIGINT, as shells report it
     assert tail.process.stderr is not None
-    assert "Traceback" not in tail.process.stderr.read()
+    assert tail.process.stderr.read() == ""
+
+
+def test_tail_into_head_ends_quietly_when_head_has_enough(hub: launcher.Server) -> None:
+    """`dlrhub tail | head -n 2`: once head exits, tail's next line finds the pipe closed; it ends with
+    128 + SIGPIPE, as `yes | head` does, and writes nothing on stderr."""
+    command = [*DLRHUB, "tail", "--heartbeats", "--heartbeat-interval", "0.2", "--target", hub.address]
+    tail = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    assert tail.stdout is not None
+    assert tail.stderr is not None
+    head = subprocess.run(
+        ["head", "-n", "2"],
+        stdin=tail.stdout,
+        capture_output=True,
+        text=True,
+        timeout=PROCESS_TIMEOUT,
+        check=True,
+    )
+    tail.stdout.close()  # head holds the only reading end now, and it has exited
+    try:
+        assert tail.wait(timeout=PROCESS_TIMEOUT) == 141
+    finally:
+        tail.kill()
+        tail.wait()
+    assert [json.loads(line)["heartbeat"] for line in head.stdout.splitlines()] == [{}, {}]
+    assert tail.stderr.read() == ""
+
+
+def test_tail_where_nothing_listens_says_so_within_seconds() -> None:
+    started = time.monotonic()
+    result = dlrhub("tail", "--target", f"127.0.0.1:{launcher.free_port()}")
+    assert time.monotonic() - started < 10  # not the minutes of every reconnection's backoff
+    assert result.returncode == 5
+    assert "unavailable at 127.0.0.1:" in result.stderr
+    assert "Connection refused" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_bad_tail_options_are_usage_errors() -> None:
@@ -441,16 +519,50 @@ def test_a_large_file_shows_a_progress_bar_on_a_terminal_only(hub: launcher.Serv
     """On a terminal (a pseudo-terminal here) stderr shows tqdm's bar; piped, it shows nothing."""
     ids = [f"bar-{n:04d}" for n in range(40)]
     batch = write_json(tmp_path / "bar.json", [gms_bare(message_id) for message_id in ids])
-    command = [*DLRHUB, "ingest", batch, "--batch-size", "10", "--target", hub.address]
+    terminal, out, code = _on_a_terminal(
+        [*DLRHUB, "ingest", batch, "--batch-size", "10", "--target", hub.address]
+    )
+    assert code == 0
+    assert out == "accepted 40, duplicate 0, rejected 0\n"
+    assert b"40/40" in terminal, terminal
+    assert b"item" in terminal, terminal
+
+    piped = dlrhub("ingest", batch, "--batch-size", "10", "--target", hub.address)
+    assert (piped.returncode, piped.stderr) == (0, "")
+
+
+def test_a_message_never_breaks_the_progress_bar(hub: launcher.Server, tmp_path: Path) -> None:
+    """A rejection said while the bar shows starts on a line of its own (the bar is cleared first)
+    and the bar comes back below it, never glued to it."""
+    items = [gms_bare(f"bar-msg-{n:02d}") if n % 7 else {"status": 2, "time": 1} for n in range(40)]
+    batch = write_json(tmp_path / "bar-msg.json", items)
+    terminal, _, code = _on_a_terminal(
+        [*DLRHUB, "ingest", batch, "--batch-size", "10", "--target", hub.address]
+    )
+    assert code == 3
+    lines = terminal.replace(b"\r\n", b"\n").split(b"\n")
+    said = [line for line in lines if b"rejected item" in line]
+    assert len(said) == 6, terminal
+    for line in said:
+        shown = line.split(b"\r")[-1]  # what stays on the row after the carriage returns
+        assert shown.startswith(b"rejected item "), line
+        assert b"it/s" not in shown, line
+        assert b"%|" not in shown, line
+    assert b"40/40" in terminal
+
+
+def _on_a_terminal(command: list[str]) -> tuple[bytes, str, int]:
+    """Runs `command` with stderr on a 100-column pseudo-terminal: what the terminal got, what stdout
+    got, and the exit status."""
     leader, follower = pty.openpty()
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    terminal = b""
     try:
         with subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=follower, env=ENV, text=True
         ) as process:
             os.close(follower)
             out, _ = process.communicate(timeout=PROCESS_TIMEOUT)
-            terminal = b""
             while True:
                 try:
                     chunk = os.read(leader, 65536)
@@ -461,10 +573,123 @@ def test_a_large_file_shows_a_progress_bar_on_a_terminal_only(hub: launcher.Serv
                 terminal += chunk
     finally:
         os.close(leader)
-    assert process.returncode == 0
-    assert out == "accepted 40, duplicate 0, rejected 0\n"
-    assert b"40/40" in terminal, terminal
-    assert b"item" in terminal, terminal
+    return terminal, out, process.returncode
 
-    piped = dlrhub("ingest", batch, "--batch-size", "10", "--target", hub.address)
-    assert (piped.returncode, piped.stderr) == (0, "")
+
+def test_connection_flags_go_before_or_after_the_command(hub: launcher.Server) -> None:
+    with Client(hub.address, timeout=10) as client:
+        client.ingest_gms([gms_bare("flags-1")])
+    before, after, both = dlrhub_all(
+        ["--target", hub.address, "--timeout", "10", "fetch", "--message-id", "flags-1", "--json"],
+        ["fetch", "--message-id", "flags-1", "--json", "--target", hub.address],
+        # After the command wins: the first target answers nothing.
+        ["--target", "127.0.0.1:1", "fetch", "--message-id", "flags-1", "--json", "--target", hub.address],
+    )
+    for result in (before, after, both):
+        assert result.returncode == 0, result.stderr
+        assert json_lines(result.stdout)[0]["message_id"] == "flags-1"
+
+
+def test_help_shows_examples_and_the_environment() -> None:
+    top, ingest, tail, serve = dlrhub_all(
+        ["--help"], ["ingest", "--help"], ["tail", "-h"], ["serve", "--help"]
+    )
+    for result in (top, ingest, tail, serve):
+        assert result.returncode == 0, result.stderr
+        assert "examples:\n  dlrhub " in result.stdout
+    assert "DLRHUB_TARGET" in top.stdout
+    assert "DLRHUB_TOKEN" in top.stdout
+    assert "before or after the command" in top.stdout
+    assert "(env DLRHUB_TARGET" in ingest.stdout
+    every = [field.metadata["env"] for field in dataclasses.fields(Settings)]
+    assert [name for name in every if name not in serve.stdout] == []
+
+
+def test_health_says_serving_and_names_what_fails(hub: launcher.Server) -> None:
+    serving, unknown, nothing = dlrhub_all(
+        ["health", "--target", hub.address],
+        ["health", "--service", "no.such.Service", "--target", hub.address],
+        ["health", "--target", f"127.0.0.1:{launcher.free_port()}"],
+    )
+    assert (serving.returncode, serving.stdout) == (0, "SERVING\n"), serving.stderr
+    assert unknown.returncode == 4
+    assert "no health service 'no.such.Service'" in unknown.stderr
+    assert nothing.returncode == 5
+    assert "unavailable at" in nothing.stderr
+
+
+# completion
+
+
+def _completion(shell: str) -> str:
+    result = dlrhub("completion", shell)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def _bash_complete(script: Path, words: Sequence[str], cwd: Path) -> list[str]:
+    """What bash's completion offers for `words` (the last one being completed) with `script` loaded."""
+    quoted = " ".join(shlex.quote(word) for word in words)
+    program = (
+        f"source {shlex.quote(str(script))}; COMP_WORDS=({quoted}); COMP_CWORD={len(words) - 1}; _dlrhub;"
+        ' printf "%s\\n" "${COMPREPLY[@]}"'
+    )
+    done = subprocess.run(
+        ["bash", "-c", program], cwd=cwd, capture_output=True, text=True, timeout=PROCESS_TIMEOUT, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    return done.stdout.split()
+
+
+def test_bash_completion_offers_commands_flags_and_values(tmp_path: Path) -> None:
+    script = tmp_path / "dlrhub.bash"
+    script.write_text(_completion("bash"), encoding="utf-8")
+    (tmp_path / "reports.json").write_text("[]", encoding="utf-8")
+    assert _bash_complete(script, ["dlrhub", "ta"], tmp_path) == ["tail"]
+    assert set(_bash_complete(script, ["dlrhub", ""], tmp_path)) >= {
+        "serve",
+        "ingest",
+        "fetch",
+        "tail",
+        "--target",
+    }
+    assert _bash_complete(script, ["dlrhub", "tail", "--st"], tmp_path) == ["--status"]
+    assert _bash_complete(script, ["dlrhub", "tail", "--status", "de"], tmp_path) == ["delivered"]
+    assert _bash_complete(script, ["dlrhub", "ingest", "--format", ""], tmp_path) == [
+        "auto",
+        "gms",
+        "sent-sms-report",
+    ]
+    assert _bash_complete(script, ["dlrhub", "ingest", "rep"], tmp_path) == ["reports.json"]
+    # A connection flag before the command: the command is still found, and so are its flags.
+    assert _bash_complete(script, ["dlrhub", "--target", "h:1", "fetch", "--bul"], tmp_path) == ["--bulk-id"]
+    assert _bash_complete(script, ["dlrhub", "fetch", "--message-id", ""], tmp_path) == []
+
+
+def test_zsh_completion_loads_and_completes() -> None:
+    debian.install(["zsh"])
+    program = (
+        f"eval {shlex.quote(_completion('zsh'))}\n"
+        "print -r -- ${_comps[dlrhub]}\n"
+        "setopt ksharrays\n"  # bash's array indexes, as zsh's bash layer runs the function
+        "COMP_WORDS=(dlrhub tail --status de); COMP_CWORD=3; _dlrhub; print -r -- ${COMPREPLY[@]}\n"
+    )
+    done = subprocess.run(
+        ["zsh", "-f", "-c", program], capture_output=True, text=True, timeout=PROCESS_TIMEOUT, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    registered, offered = done.stdout.splitlines()
+    assert registered  # the completion function zsh runs for `dlrhub`
+    # zsh's compgen leaves the matching to zsh's completion system, which offers "delivered" of these.
+    assert offered.split() == [
+        "accepted",
+        "sent",
+        "delivered",
+        "undelivered",
+        "expired",
+        "rejected",
+        "failed",
+        "seen",
+    ]

@@ -41,10 +41,11 @@ from dlrhub import app as app_module
 from dlrhub.config import Settings
 from dlrhub.observability.calls import CallLog
 from dlrhub.observability.logs import JsonFormatter
+from dlrhub.observability.metrics import UNMAPPED_CODES_LABELS
 from dlrhub.store import SqliteStore
 from dlrhub.store.base import Store, Transaction
 from dlrhub.transport.poller import PollerSettings
-from tests.conftest import FakeClock, Running, serving
+from tests.conftest import ROOT, FakeClock, Running, serving
 from tests.fake_provider import FakeProvider, report
 from tests.helpers import TIMEOUT, eventually
 from tools import launcher
@@ -236,6 +237,54 @@ async def test_a_code_missing_from_the_table_is_counted_as_unmapped_once(server:
         labels_of(source="gms", status="unspecified", outcome="duplicate"): 1,
         labels_of(source="gms", status="delivered", outcome="accepted"): 1,
     }
+
+
+async def test_unmapped_codes_keep_a_bounded_set_of_series_and_log_each_new_code_once(
+    server: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    """2,000 codes missing from the table made 2,000 series; now the first UNMAPPED_CODES_LABELS
+    code strings have one each and the rest count under "other", and each code is logged once."""
+    before = await scrape(server.app.admin_port)
+    with caplog.at_level(logging.WARNING, logger="dlrhub.observability.metrics"):
+        first = [gms_item(f"obs-unmapped-{n}", status=7, substatus=1000 + n) for n in range(2000)]
+        assert (await server.stub.Ingest(gms_request(first), timeout=TIMEOUT)).accepted_count == 2000
+        # The same codes on other messages: counted again, not logged again.
+        again = [gms_item(f"obs-unmapped-again-{n}", status=7, substatus=1000 + n) for n in range(100)]
+        assert (await server.stub.Ingest(gms_request(again), timeout=TIMEOUT)).accepted_count == 100
+    after = await scrape(server.app.admin_port)
+
+    unmapped = moved(before, after, "dlrhub_unmapped_codes_total")
+    assert len(unmapped) == UNMAPPED_CODES_LABELS + 1
+    labelled = {labels: count for labels, count in unmapped.items() if dict(labels)["codes"] != "other"}
+    assert set(labelled.values()) == {2}  # the first 50 codes, each seen in both batches
+    assert dict(next(iter(labelled))).keys() == {"source", "codes"}
+    assert unmapped[labels_of(source="gms", codes="other")] == 2100 - 2 * UNMAPPED_CODES_LABELS
+
+    logged = [
+        record for record in caplog.records if record.getMessage().startswith("provider codes that map")
+    ]
+    assert sorted(vars(record)["codes"] for record in logged) == sorted(
+        f"status=7,substatus={1000 + n},hyber_status=23011" for n in range(2000)
+    )
+    assert {vars(record)["source"] for record in logged} == {"gms"}
+
+
+def documented_metrics() -> set[str]:
+    """The metric names of the README's metrics table (first column, without labels)."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Metrics, logs and traces") :]
+    return set(re.findall(r"^\| `(dlrhub_[a-z_]+)[{`]", section, re.MULTILINE))
+
+
+async def test_every_metric_the_server_exports_is_documented_in_the_readme(server: Running) -> None:
+    async with httpx.AsyncClient() as http:
+        response = await http.get(f"http://127.0.0.1:{server.app.admin_port}/metrics", timeout=TIMEOUT)
+    exported = set(re.findall(r"^# TYPE (dlrhub_\w+) ", response.text, re.MULTILINE))
+    # prometheus-client adds X_created (when a counter or histogram started) beside some of them.
+    exported = {name for name in exported if not name.endswith("_created")}
+    documented = documented_metrics()
+    assert exported - documented == set(), "exported but not in the README's metrics table"
+    assert documented - exported == set(), "in the README's metrics table but not exported"
 
 
 # --- the poller ----------------------------------------------------------------------------------
@@ -701,9 +750,21 @@ def test_console_tracing_puts_the_trace_id_on_the_rpc_line_and_exports_the_span(
     # The exported span: the call's, with that trace id.
     assert f'"trace_id": "0x{trace_id}"' in stdout
     assert "/deliveryreport.v1.DeliveryReportService/Ingest" in stdout
+    assert '"service.name": "dlrhub"' in stdout  # where OTEL_SERVICE_NAME names none
     # Lines logged outside a call carry no trace id.
     assert all("trace_id" not in entry for entry in lines if entry["message"] in ("shutting down", "stopped"))
     assert SECRET_MESSAGE_ID not in json.dumps(lines)
+
+
+def test_tracing_names_the_service_as_otel_service_name_says(tmp_path: Path) -> None:
+    named = serve(tmp_path / "named.db", DLRHUB_TRACING="console", OTEL_SERVICE_NAME="dlrhub-eu-1")
+    _, stdout = ingest_and_stop(named, "req-named")
+    assert '"service.name": "dlrhub-eu-1"' in stdout
+    attributes = serve(
+        tmp_path / "attributes.db", DLRHUB_TRACING="console", OTEL_RESOURCE_ATTRIBUTES="service.name=dlrhub-b"
+    )
+    _, stdout = ingest_and_stop(attributes, "req-attributes")
+    assert '"service.name": "dlrhub-b"' in stdout
 
 
 def test_without_tracing_no_trace_id_and_no_span_output(tmp_path: Path) -> None:

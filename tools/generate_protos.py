@@ -4,7 +4,10 @@
     python tools/generate_protos.py --check  # fail if gen/ is not current
 
 The proto package path is the Python import path (`deliveryreport.v1`), so
-nothing is rewritten after protoc. gen/ holds generated files only.
+nothing is rewritten after protoc. gen/ holds generated files only: what protoc
+and mypy-protobuf write, and the PEP 561 marker `py.typed` that says their .pyi
+stubs are the package's types (in deliveryreport/v1/, as PEP 561 asks of a
+namespace package), so a caller's mypy checks its use of DeliveryReport.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ def generate(out: Path) -> None:
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
+    for package in {path.parent for path in out.rglob("*.pyi")}:
+        (package / "py.typed").touch()
 
 
 def differences(left: Path, right: Path) -> list[str]:

@@ -188,15 +188,16 @@ def launch(
     known_ports: tuple[int, int, int] = (0, 0, 0),
     timeout: float = START_TIMEOUT,
     keep: int | None = None,
+    cwd: Path = ROOT,
 ) -> Server:
-    """Runs `command` from the repository root; returned once it writes a JSON line `ready` accepts,
-    whose "port", "http_port" and "admin_port" are its ports (or, for a known gRPC port, once health
-    says SERVING)."""
+    """Runs `command` from `cwd` (the repository root; `cwd` is put on PYTHONPATH); returned once it
+    writes a JSON line `ready` accepts, whose "port", "http_port" and "admin_port" are its ports (or,
+    for a known gRPC port, once health says SERVING)."""
     environment = dict(os.environ if env is None else env)
     environment["PYTHONUNBUFFERED"] = "1"
-    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environment.get("PYTHONPATH")]))
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(cwd), environment.get("PYTHONPATH")]))
     process = subprocess.Popen(
-        command, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command, cwd=cwd, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     output = Output(process, ready, keep)
     port, http_port, admin_port = known_ports

@@ -23,6 +23,8 @@ from dlrhub_client.errors import (
 )
 from dlrhub_client.sync import Client
 
+__version__ = "0.1.0"
+
 __all__ = [
     "DEFAULT_TARGET",
     "AsyncClient",

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
+from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
 from deliveryreport.v1 import delivery_report_service_pb2_grpc as service_grpc
 from deliveryreport.v1.delivery_report_pb2 import Channel, DeliveryReport, DeliveryStatus, Source
@@ -94,6 +95,11 @@ class AsyncClient:
             )
         self._channel = channel
         self._stub: DeliveryReportServiceAsyncStub = service_grpc.DeliveryReportServiceStub(channel)
+        self._health_check = channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=HealthCheckRequest.SerializeToString,
+            response_deserializer=HealthCheckResponse.FromString,
+        )
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._timeout = timeout
         self._reconnect_attempts = reconnect_attempts
@@ -242,6 +248,17 @@ class AsyncClient:
         return await self._unary(
             self._stub.RenormaliseQuarantine(request, timeout=self._timeout, metadata=self._metadata)
         )
+
+    # Health.
+
+    async def check_health(self, service: str = "") -> HealthCheckResponse.ServingStatus.ValueType:
+        """The server's health (grpc.health.v1), or that of one of its services: SERVING or
+        NOT_SERVING (HealthCheckResponse.ServingStatus). Raises UnavailableError when it does not
+        answer, NotFoundError for a service it does not know. Open to callers without a token."""
+        response: HealthCheckResponse = await self._unary(
+            self._health_check(HealthCheckRequest(service=service), timeout=self._timeout)
+        )
+        return response.status
 
     # Stream.
 

@@ -76,13 +76,19 @@ def decode(text: str, *, max_items: int | None = None) -> Document:
 
 
 def batch_items(document: Document) -> tuple[Format.ValueType, list[str]] | None:
-    """The format of a batch body and the text of each of its items: a GMS array, or a SentSMSReport
-    object whose only member is `results`; None for anything else (one GMS object, say)."""
-    if isinstance(document.value, list):
+    """The format of a batch body and the text of each of its items: a GMS array, a SentSMSReport
+    object whose only member is `results`, or one GMS report (an object with `message_id`, which
+    the server reads as a batch of one); None for anything else (a GMS GET answer, say)."""
+    value = document.value
+    if isinstance(value, list):
         return Format.FORMAT_GMS, document.elements
+    if not isinstance(value, dict):
+        return None
     results = document.member_elements.get("results")
-    if isinstance(document.value, dict) and set(document.value) == {"results"} and results is not None:
+    if set(value) == {"results"} and results is not None:
         return Format.FORMAT_SENT_SMS_REPORT, results
+    if "message_id" in value and "results" not in value:
+        return Format.FORMAT_GMS, [document.text]
     return None
 
 

@@ -1,4 +1,5 @@
-"""The `dlrhub` command.
+"""`dlrhub serve`: the server's command, which this package adds to the `dlrhub` command of
+dlrhub-client (dlrhub_client.cli; the entry point group "dlrhub.commands" names `register`).
 
     dlrhub serve [--listen HOST:PORT] [--http-listen HOST:PORT] [--admin-listen HOST:PORT] [--db PATH] ...
     dlrhub ingest | fetch | tail ...     (the client commands: dlrhub_client.cli)
@@ -21,9 +22,8 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from dlrhub import __version__
 from dlrhub_client import cli as client_cli
 
 if TYPE_CHECKING:
@@ -34,10 +34,30 @@ log = logging.getLogger(__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dlrhub", description="Delivery-report hub.")
-    parser.add_argument("--version", action="version", version=f"dlrhub {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the gRPC service")
+    """The `dlrhub` command with `serve` (also where no entry point is installed: `python -m dlrhub`)."""
+    return client_cli.main(argv, commands=[register])
+
+
+SERVE_EXAMPLES = """\
+examples:
+  dlrhub serve                                   SQLite in ./data/, gRPC on 127.0.0.1:50051, webhooks on :8080
+  dlrhub serve --listen 0.0.0.0:50051 --admin-listen 127.0.0.1:9464    reachable; /metrics on 9464
+  DLRHUB_TOKENS=ingest:SECRET1,read:SECRET2 dlrhub serve             with authentication
+
+Logs go to stderr: readable lines on a terminal, JSON lines elsewhere (--log-format).
+"""
+
+
+def register(commands: Any) -> None:
+    """Adds `serve` to the `dlrhub` sub-command parser."""
+    serve = commands.add_parser(
+        "serve",
+        help="run the gRPC service",
+        description="Run dlrhub: the gRPC service, the provider webhooks and, if set, the poller and"
+        " the admin port. Every setting has a DLRHUB_* environment variable; a flag wins over it.",
+        epilog=SERVE_EXAMPLES + _environment(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     serve.add_argument(
         "--listen", help="gRPC address, host:port (env DLRHUB_LISTEN; default 127.0.0.1:50051)"
     )
@@ -52,6 +72,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--db", type=Path, help="SQLite file (env DLRHUB_DB; default data/dlrhub.db)")
     serve.add_argument(
         "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="env DLRHUB_LOG_LEVEL"
+    )
+    serve.add_argument(
+        "--log-format",
+        choices=["json", "text"],
+        help="env DLRHUB_LOG_FORMAT; default: text on a terminal, JSON otherwise",
     )
     serve.add_argument(
         "--gms-codes", type=Path, help="GMS code table extending the shipped one (env DLRHUB_GMS_CODES)"
@@ -70,10 +95,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--tls-client-ca", type=Path, help="CA for client certificates: mutual TLS (env DLRHUB_TLS_CLIENT_CA)"
     )
     serve.set_defaults(run=_run_serve)
-    client_cli.register(commands)
-    options = parser.parse_args(argv)
-    code: int = options.run(options)
-    return code
+
+
+def _environment() -> str:
+    """Every DLRHUB_* variable of the settings, with its default (the README says what each means)."""
+    from dlrhub.config import Settings  # noqa: PLC0415 - light, but only `serve` needs it
+
+    lines = []
+    for setting in dataclasses.fields(Settings):
+        default = setting.default
+        if isinstance(default, bool):
+            default = "on" if default else "off"
+        elif default in (None, ""):
+            default = "(unset)"
+        lines.append(f"  {setting.metadata['env']:<44} {default}")
+    return (
+        "\nenvironment (the README's Configuration section says what each means):\n" + "\n".join(lines) + "\n"
+    )
 
 
 _SERVE_FLAGS = (
@@ -82,6 +120,7 @@ _SERVE_FLAGS = (
     "admin_listen",
     "db",
     "log_level",
+    "log_format",
     "gms_codes",
     "sent_sms_report_codes",
     "tokens_file",
@@ -103,7 +142,10 @@ def _run_serve(options: argparse.Namespace) -> int:
         return _cannot_start(error)
     overrides = {name: value for name in _SERVE_FLAGS if (value := getattr(options, name, None)) is not None}
     settings = dataclasses.replace(settings, **overrides)
-    logs.configure(settings.log_level, settings.log_repeat_interval)
+    try:
+        logs.configure(settings.log_level, settings.log_repeat_interval, settings.log_format)
+    except ValueError as error:
+        return _cannot_start(ValueError(f"DLRHUB_LOG_FORMAT: {error}"))
     _raise_file_limit()
     try:
         asyncio.run(_serve(settings, app.start))

@@ -49,6 +49,8 @@ class Settings:
     db: Path = _env("DLRHUB_DB", DEFAULT_DB)
     # DEBUG, INFO, WARNING or ERROR.
     log_level: str = _env("DLRHUB_LOG_LEVEL", "INFO")
+    # json or text; empty: text when stderr is a terminal, JSON otherwise.
+    log_format: str = _env("DLRHUB_LOG_FORMAT", "")
     # Operator files extending (or replacing) the shipped code tables.
     gms_codes: Path | None = _env("DLRHUB_GMS_CODES", None)
     sent_sms_report_codes: Path | None = _env("DLRHUB_SENT_SMS_REPORT_CODES", None)

@@ -1,4 +1,5 @@
-"""Structured logs: one JSON object per line on stderr.
+"""Structured logs on stderr: one JSON object per line, or, for a person at a terminal, one
+readable line per record (`text`: the default when stderr is a terminal; DLRHUB_LOG_FORMAT chooses).
 
 A line per call is on the hot path, so lines are written in batches: when
 `capacity` lines are waiting, at once for a WARNING or worse, and otherwise at
@@ -67,6 +68,30 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return _ENCODER.encode(entry)
+
+
+class TextFormatter(logging.Formatter):
+    """A line for a person: local time, level, logger and message, then the fields as key=value
+    (quoted where they hold a space), and a traceback below."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        moment = time.strftime("%H:%M:%S", time.localtime(record.created))
+        fields = {key: value for key, value in vars(record).items() if key not in _STANDARD}
+        if "trace_id" not in fields and (trace_id := current_trace_id()) is not None:
+            fields["trace_id"] = trace_id
+        line = f"{moment}.{int(record.msecs):03d} {record.levelname:<7} {record.name}: {record.getMessage()}"
+        line += "".join(f" {key}={_text(value)}" for key, value in fields.items())
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def _text(value: object) -> str:
+    text = value if isinstance(value, str) else _ENCODER.encode(value)
+    return _ENCODER.encode(text) if not text or any(c.isspace() or c in '"=' for c in text) else text
+
+
+FORMATS = ("json", "text")
 
 
 class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -183,7 +208,12 @@ class RepeatFilter(logging.Filter):
         logging.getLogger(last.name).handle(summary)
 
 
-def configure(level: str, repeat_interval: float = 10.0) -> None:
+def configure(level: str, repeat_interval: float = 10.0, format: str = "") -> None:
+    """Logging for the server: `format` json or text (FORMATS), or "" for text on a terminal and
+    JSON elsewhere. Raises ValueError for another format."""
+    if format not in ("", *FORMATS):
+        raise ValueError(f"the log format must be json or text, not {format!r}")
+    text = format == "text" or (not format and sys.stderr.isatty())
     # A line per call is on the hot path: skip what these lines never show (the caller's file and
     # line, thread and process names), as the logging documentation's optimisation notes advise.
     logging._srcfile = None
@@ -191,7 +221,7 @@ def configure(level: str, repeat_interval: float = 10.0) -> None:
     logging.logProcesses = False
     logging.logMultiprocessing = False
     handler = BatchingStreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(TextFormatter() if text else JsonFormatter())
     repeats = RepeatFilter(repeat_interval)
     handler.addFilter(repeats)
     atexit.register(repeats.flush)  # before logging's own exit hook writes the last lines

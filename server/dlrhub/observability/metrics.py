@@ -4,10 +4,12 @@ admin listener (DLRHUB_ADMIN_LISTEN).
 dlrhub_rpc_requests_total{method,code}            RPCs by method and status code
 dlrhub_rpc_duration_seconds{method}               RPC latency
 dlrhub_reports_total{source,status,outcome}       items by source, unified status and outcome
-dlrhub_unmapped_codes_total{source,codes}         raw provider codes that mapped to UNSPECIFIED
+dlrhub_unmapped_codes_total{source,codes}         raw provider codes that mapped to UNSPECIFIED: the
+                                                  first UNMAPPED_CODES_LABELS code strings, then "other"
 dlrhub_store_commit_seconds                       duration of each group commit
 dlrhub_store_commit_reports                       items per group commit (group-commit batch size)
 dlrhub_store_failures_total{operation}            store operations that failed (commit: a group commit)
+dlrhub_http_requests_total{route,status}          webhook requests by route and HTTP status
 dlrhub_http_connections                           open connections to the webhook port
 dlrhub_http_max_connections                       the most it holds (more wait to be accepted)
 dlrhub_poller_last_success_timestamp_seconds      when a poll last succeeded
@@ -25,6 +27,7 @@ dlrhub_quarantine_open                            quarantined items not resolved
 from __future__ import annotations
 
 import collections
+import logging
 from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -35,6 +38,8 @@ from deliveryreport.v1.delivery_report_pb2 import DeliveryReport, DeliveryStatus
 from deliveryreport.v1.delivery_report_service_pb2 import Format, IngestOutcome, IngestResponse
 from dlrhub.feed.hub import Hub
 from dlrhub.normalise import NormalisedItem
+
+log = logging.getLogger(__name__)
 
 _SOURCE_OF_FORMAT: dict[int, str] = {
     Format.FORMAT_GMS: "gms",
@@ -50,6 +55,13 @@ _UNSPECIFIED = DeliveryStatus.DELIVERY_STATUS_UNSPECIFIED
 _STATUS_NAMES = {
     value: name.removeprefix("DELIVERY_STATUS_").lower() for name, value in DeliveryStatus.items()
 }
+# No label value comes from provider data unbounded: the unmapped-codes counter labels this many
+# distinct code strings (per process), and counts any further ones under "other". Each new code
+# string is logged once (the first UNMAPPED_CODES_LOGGED of them are remembered; any after that
+# are logged each time, and the repeated-line limiter of logs.py bounds those lines).
+UNMAPPED_CODES_LABELS = 50
+UNMAPPED_CODES_LOGGED = 10_000
+OTHER_CODES = "other"
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -116,6 +128,8 @@ class Metrics:
         # The labelled children of the per-call series, looked up once (labels() takes a lock).
         self._rpc_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         self._report_children: dict[tuple[str, str, str], Counter] = {}
+        self._unmapped_children: dict[tuple[str, str], Counter] = {}
+        self._unmapped_logged: set[tuple[str, str]] = set()
 
     def record_rpc(self, method: str, code: str, seconds: float) -> None:
         children = self._rpc_children.get((method, code))
@@ -144,7 +158,7 @@ class Metrics:
             if report is not None:
                 source = _SOURCES.get(report.source, "unknown")
                 if report.status == _UNSPECIFIED and outcome == "accepted":
-                    self.unmapped.labels(source, raw_codes(report)).inc()
+                    self._count_unmapped(source, raw_codes(report))
                 counts[source, _STATUS_NAMES.get(report.status, "unknown"), outcome] += 1
             else:
                 counts[_SOURCE_OF_FORMAT.get(item.format, "unknown"), "", outcome] += 1
@@ -153,6 +167,25 @@ class Metrics:
             if child is None:
                 child = self._report_children[labels] = self.reports.labels(*labels)
             child.inc(count)
+
+    def _count_unmapped(self, source: str, codes: str) -> None:
+        """Counts a report whose codes map to no status: under its codes while fewer than
+        UNMAPPED_CODES_LABELS code strings have a series, else under "other"; logs new codes."""
+        child = self._unmapped_children.get((source, codes))
+        if child is None:
+            if (source, codes) not in self._unmapped_logged:
+                log.warning(
+                    "provider codes that map to no status: add them to the %s code table",
+                    source,
+                    extra={"source": source, "codes": codes},
+                )
+                if len(self._unmapped_logged) < UNMAPPED_CODES_LOGGED:
+                    self._unmapped_logged.add((source, codes))
+            if len(self._unmapped_children) < UNMAPPED_CODES_LABELS:
+                child = self._unmapped_children[source, codes] = self.unmapped.labels(source, codes)
+            else:
+                child = self.unmapped.labels(source, OTHER_CODES)
+        child.inc()
 
     def record_rejected_payload(self, format: int) -> None:
         self.reports.labels(_SOURCE_OF_FORMAT.get(format, "unknown"), "", "rejected").inc()

@@ -1,6 +1,8 @@
 """Tracing: OpenTelemetry's gRPC instrumentation, off unless DLRHUB_TRACING is `console` or `otlp`.
 
-The OTLP exporter reads the standard OTEL_EXPORTER_OTLP_* variables. A call's
+The OTLP exporter reads the standard OTEL_EXPORTER_OTLP_* variables; the service
+is named by OTEL_SERVICE_NAME (or service.name in OTEL_RESOURCE_ATTRIBUTES), and
+"dlrhub" when neither says. A call's
 log line carries its trace id (calls.CallLog); the log formatter adds the
 current trace id to any other line logged inside a traced call (logs.py).
 """
@@ -11,7 +13,7 @@ import grpc
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
-from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
 
@@ -25,7 +27,7 @@ def tracing_interceptor(mode: str) -> grpc.aio.ServerInterceptor | None:  # type
 
 
 def _provider(mode: str) -> TracerProvider:
-    provider = TracerProvider(resource=Resource.create({"service.name": "dlrhub"}))
+    provider = TracerProvider(resource=_resource())
     if mode == "console":
         provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
     elif mode == "otlp":
@@ -33,6 +35,15 @@ def _provider(mode: str) -> TracerProvider:
     else:
         raise ValueError(f"DLRHUB_TRACING must be off, console or otlp, not {mode!r}")
     return provider
+
+
+def _resource() -> Resource:
+    """The SDK's resource (it reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES), named "dlrhub"
+    where they name no service (the SDK's default is "unknown_service")."""
+    resource = Resource.create()
+    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({SERVICE_NAME: "dlrhub"}))
+    return resource
 
 
 def current_trace_id() -> str | None:
