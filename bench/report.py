@@ -221,14 +221,16 @@ def _ingest_rows(options: Options, table: _Table) -> None:
 
 
 def _webhook_rows(options: Options, table: _Table) -> None:
-    """POSTs of one report, judged at each level against the do-nothing handler's POSTs; POSTs of
-    `batch` reports, judged in reports per second against the handler's POSTs per second of the
-    same bodies (as batched Ingest is judged against the stack's messages), and in POSTs per second
-    beside them, for information."""
+    """POSTs of one report, judged at each level against the do-nothing handler's POSTs. POSTs of
+    `batch` reports, judged in reports per second against the most reports per second the handler
+    took one per POST (as batched Ingest is judged against the stack's single-report messages); and
+    for information, in POSTs per second against the handler's POSTs of the same bodies."""
+    singles = []
     for level in options.mode.unary_levels:
         echo = table.find(CallsPoint, "webhook", "echo", concurrency=level)
         hub = table.find(CallsPoint, "webhook", "dlrhub", concurrency=level)
         if echo and hub:
+            singles.append(echo.calls_per_s)
             table.add(
                 "webhook",
                 f"webhook, 1 report per POST, {level} in flight",
@@ -238,25 +240,23 @@ def _webhook_rows(options: Options, table: _Table) -> None:
                 ">= 0.7",
                 lambda r: r >= 0.7,
             )
-            table.add(
-                "webhook", f"  webhook p99, {level} in flight", hub.latency.p99_ms, "ms", echo.latency.p99_ms
-            )
+            p99 = f"  webhook p99, {level} in flight"
+            table.add("webhook", p99, hub.latency.p99_ms, "ms", echo.latency.p99_ms)
     echo = table.find(CallsPoint, "webhook_batch", "echo")
     hub = table.find(CallsPoint, "webhook_batch", "dlrhub")
-    if echo and hub:
-        where = f"{hub.batch} reports per POST, {hub.concurrency} in flight"
+    if hub and singles:
         table.add(
             "webhook_batch",
-            f"webhook, {where}",
+            f"webhook, {hub.batch} reports per POST, {hub.concurrency} in flight",
             hub.items_per_s,
             "reports/s",
-            echo.calls_per_s,
+            max(singles),
             ">= 0.5",
             lambda r: r >= 0.5,
         )
-        table.add(
-            "webhook_batch", f"  the same in POSTs/s, {where}", hub.calls_per_s, "POSTs/s", echo.calls_per_s
-        )
+    if echo and hub:
+        same = f"  in POSTs/s, vs the handler's POSTs of the same {hub.batch}-report bodies"
+        table.add("webhook_batch", same, hub.calls_per_s, "POSTs/s", echo.calls_per_s)
 
 
 def _write_cost_rows(table: _Table) -> None:
