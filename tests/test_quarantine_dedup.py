@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 import httpx
+import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from deliveryreport.v1.delivery_report_service_pb2 import (
@@ -27,6 +28,9 @@ from deliveryreport.v1.delivery_report_service_pb2 import (
 from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
 from dlrhub import app
 from tests.conftest import FakeClock, serving
+
+# Each test runs over SQLite and over PostgreSQL (conftest.py).
+pytestmark = pytest.mark.engines
 
 TIMEOUT = 10.0
 ACCEPTED = IngestOutcome.INGEST_OUTCOME_ACCEPTED
