@@ -417,13 +417,15 @@ def _first_line(error: BaseException) -> str:
 # by default), so a transaction locks buckets of messages, not messages. A transaction of up to SMALL
 # messages takes a shared lock on each message's coarse bucket (one of COARSE) and an exclusive lock
 # on its fine bucket (one of FINE: writers of different messages rarely wait for each other); a
-# larger one takes the exclusive coarse locks only. Either way a writer holds at most COARSE locks,
-# and two writers of one message always conflict. All in one statement, in key order (coarse keys
-# first): writers that lock in one order cannot deadlock.
+# larger one takes the exclusive coarse locks only. Either way a writer holds at most COARSE message
+# locks, and two writers of one message always conflict. A request id is locked too (one of FINE
+# buckets of its own), so that a retry on another process waits for the first answer and replays it.
+# All in one statement, in key order: writers that lock in one order cannot deadlock.
 COARSE = 512
 FINE = 1 << 20
 SMALL = 128
 _FINE_BASE = _NAMESPACE + COARSE
+_REQUEST_BASE = _FINE_BASE + FINE
 
 
 def message_buckets(source: int, message_id: str) -> tuple[int, int]:
@@ -433,12 +435,19 @@ def message_buckets(source: int, message_id: str) -> tuple[int, int]:
     return _NAMESPACE + fine % COARSE, _FINE_BASE + fine
 
 
-def lock_modes(keys: Collection[tuple[int, str]]) -> dict[int, bool]:
-    """The advisory locks that serialise the writers of these messages: key -> shared."""
+def request_bucket(request_id: str) -> int:
+    """A request id's lock key."""
+    hashed = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
+    return _REQUEST_BASE + int.from_bytes(hashed) % FINE
+
+
+def lock_modes(keys: Collection[tuple[int, str]], request_ids: Collection[str] = ()) -> dict[int, bool]:
+    """The advisory locks that serialise the writers of these messages and requests: key -> shared."""
     buckets = [message_buckets(*key) for key in keys]
+    requests = {request_bucket(request_id): False for request_id in request_ids}
     if len(buckets) > SMALL:
-        return {coarse: False for coarse, _ in buckets}
-    return {coarse: True for coarse, _ in buckets} | {fine: False for _, fine in buckets}
+        return {coarse: False for coarse, _ in buckets} | requests
+    return {coarse: True for coarse, _ in buckets} | {fine: False for _, fine in buckets} | requests
 
 
 _LOCK = """SELECT CASE WHEN shared THEN pg_advisory_xact_lock_shared(key) ELSE pg_advisory_xact_lock(key) END
@@ -487,25 +496,32 @@ class _PostgresTransaction:
         self._quarantined: list[tuple[object, ...]] = []
         self._responses: dict[str, tuple[SavedResponse, int]] = {}
 
-    def prefetch(self, messages: Collection[tuple[int, str]], digests: Collection[bytes]) -> None:
+    def prefetch(
+        self,
+        messages: Collection[tuple[int, str]],
+        digests: Collection[bytes],
+        request_ids: Collection[str] = (),
+    ) -> None:
         wanted = [key for key in messages if key not in self._states]
         asked = [digest for digest in digests if digest not in self._stored and digest not in self._absent]
         connection = self._connection
+        found = None
         with connection.pipeline():
-            self._lock_messages(wanted)
+            self._lock(wanted, request_ids)
             states = self._load(wanted)
-            found = connection.execute(
-                "SELECT digest FROM reports WHERE digest = ANY(%s::bytea[])", (asked,), binary=True
-            )
+            if asked:
+                found = connection.execute(
+                    "SELECT digest FROM reports WHERE digest = ANY(%s::bytea[])", (asked,), binary=True
+                )
         self._keep_states(wanted, states)
-        stored = {bytes(digest) for (digest,) in found}
+        stored = set() if found is None else {bytes(digest) for (digest,) in found}
         self._stored |= stored
         self._absent |= set(asked) - stored
 
     def load_state(self, source: int, message_id: str) -> MessageState | None:
         key = (source, message_id)
         if key not in self._states:
-            self._lock_messages([key])
+            self._lock([key])
             self._keep_states([key], self._load([key]))
         return self._states[key]
 
@@ -524,7 +540,7 @@ class _PostgresTransaction:
     def append(self, report: DeliveryReport, digest: bytes, state: MessageState) -> int:
         key = (report.source, report.message_id)
         if key not in self._states:  # not loaded: lock it (and its stored state is replaced anyway)
-            self._lock_messages([key])
+            self._lock([key])
         if digest in self._stored:
             raise StoreError("append: a report with this digest is stored already")
         ordinal = len(self._reports)
@@ -585,6 +601,7 @@ class _PostgresTransaction:
         if request_id in self._responses:
             saved, seconds = self._responses[request_id]
             return saved if seconds >= since_seconds else None
+        self._lock((), [request_id])  # a concurrent first call of this id commits its answer first
         row = self._connection.execute(
             "SELECT request_digest, response FROM requests WHERE request_id = %s AND created_seconds >= %s",
             (text(request_id), since_seconds),
@@ -639,11 +656,12 @@ class _PostgresTransaction:
             self._txid = txid
         return self._txid
 
-    def _lock_messages(self, keys: Collection[MessageKey]) -> None:
-        """Takes the locks of these messages not held yet (lock_modes), in key order, in one statement."""
+    def _lock(self, keys: Collection[MessageKey], request_ids: Collection[str] = ()) -> None:
+        """Takes the locks of these messages and requests not held yet (lock_modes), in key order, in
+        one statement."""
         wanted = sorted(
             (key, shared)
-            for key, shared in lock_modes(keys).items()
+            for key, shared in lock_modes(keys, request_ids).items()
             if key not in self._locked or (self._locked[key] and not shared)
         )
         if wanted:
