@@ -1,7 +1,7 @@
 """The Store contract (dlrhub/store/base.py), written once and run against every engine.
 
-To add an engine, add one line to ENGINES: a function that opens the engine's store at a directory
-(the same directory again means the same data). The tests at the end are about SQLite itself
+To add an engine, add one line to ENGINES: a function that opens the engine's store for a test (for
+the same test and directory again, on the same data). The tests at the end are about SQLite itself
 (its schema version).
 """
 
@@ -30,6 +30,7 @@ from deliveryreport.v1.delivery_report_pb2 import (
 from dlrhub.merge import MessageState, digest, merge
 from dlrhub.store import SqliteStore, StoreError
 from dlrhub.store.base import Change, QuarantinedItem, SavedResponse, Selector, Store, Transaction
+from dlrhub.store.postgres import PostgresStore
 from dlrhub.store.sqlite import SCHEMA_VERSION
 
 S = DeliveryStatus
@@ -40,16 +41,22 @@ NOW = BASE_SECONDS + 50_000
 # A page's byte limit that no page here comes near.
 ANY_SIZE = 1 << 30
 
-Opener = Callable[[Path], Store]
+# Opens an engine's store for a test (the same test and directory again: the same data).
+Opener = Callable[[pytest.FixtureRequest, Path], Store]
 
 
-def _open_sqlite(directory: Path) -> Store:
+def _open_sqlite(request: pytest.FixtureRequest, directory: Path) -> Store:
     return SqliteStore(directory / "dlrhub.db")
+
+
+def _open_postgres(request: pytest.FixtureRequest, directory: Path) -> Store:
+    return PostgresStore(request.getfixturevalue("postgres_db"))  # the test's own database
 
 
 # One line per engine.
 ENGINES = [
     pytest.param(_open_sqlite, id="sqlite"),
+    pytest.param(_open_postgres, id="postgres"),
 ]
 
 
@@ -58,19 +65,20 @@ class Handle:
     """An open store of one engine, which a test can close and open again on the same data."""
 
     opener: Opener
+    request: pytest.FixtureRequest
     directory: Path
     store: Store
 
     def reopen(self) -> Store:
         self.store.close()
-        self.store = self.opener(self.directory)
+        self.store = self.opener(self.request, self.directory)
         return self.store
 
 
 @pytest.fixture(params=ENGINES)
 def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Handle]:
     opener: Opener = request.param
-    handle = Handle(opener, tmp_path, opener(tmp_path))
+    handle = Handle(opener, request, tmp_path, opener(request, tmp_path))
     try:
         yield handle
     finally:
@@ -379,6 +387,33 @@ def test_latest_cursor(engine: Handle) -> None:
     assert store.latest_cursor() > max(cursors)
 
 
+def test_committed_cursor_is_the_greatest_committed_one(engine: Handle) -> None:
+    """One writer: committed_cursor is latest_cursor (PostgreSQL with several writers:
+    test_postgres_store.py)."""
+    store = engine.store
+    assert store.committed_cursor() == 0
+    [cursor] = commit(store, report("m-1"))
+    assert store.committed_cursor() == store.latest_cursor() == cursor
+    with store.transaction() as tx:
+        put(tx, report("m-2"))
+        assert store.committed_cursor() == cursor  # not committed yet
+    assert store.committed_cursor() == store.latest_cursor() > cursor
+
+
+def test_a_cursor_is_written_and_read_back_by_its_engine_only(engine: Handle) -> None:
+    store = engine.store
+    [cursor] = commit(store, report("m-1"))
+    cursors = store.cursor_format
+    assert cursors.parse(cursors.format(cursor)) == cursor
+    assert cursors.parse(cursors.format(0)) == 0
+    other = {SqliteStore.cursor_format, PostgresStore.cursor_format} - {cursors}
+    assert len(other) == 1
+    assert other.pop().parse(cursors.format(cursor)) is None  # the other engine's cursor
+    text = cursors.format(cursor)
+    for malformed in ("", "-1", "1e3", "12a", " 12", "\u0661", text + "x", cursors.format(1 << 63)):
+        assert cursors.parse(malformed) is None, malformed
+
+
 # --- reads ---------------------------------------------------------------------------------------
 
 
@@ -558,6 +593,34 @@ def test_changes_in_cursor_order_with_the_state_after_each(engine: Handle) -> No
     assert [change.cursor for change in store.changes(0, 1)] == cursors[:1]
     assert store.changes(cursors[-1], 100) == []
     assert store.changes(cursors[-1] + 1000, 100) == []
+
+
+def test_any_text_is_kept_as_given(engine: Handle) -> None:
+    """NUL and backslashes in ids and text (valid UTF-8, and valid JSON as \\u0000; PostgreSQL's
+    text cannot hold NUL): each value is its own, and comes back as given."""
+    store = engine.store
+    odd = ["a\x00b", "a\\0b", "a\\\\0b", "a\\", "\x00", "a0b"]
+    reports = [report(text, bulk_id=text, reference=text) for text in odd]
+    for made in reports:
+        made.raw_payload = f"{made.message_id}\x00 \\"
+    items = [replace(item(number), raw=text, field=text, description=text) for number, text in enumerate(odd)]
+    with store.transaction() as tx:
+        for incoming in reports:
+            put(tx, incoming)
+        for quarantined in items:
+            tx.quarantine(quarantined)
+        tx.save_response("r\x00", saved(b"nul"), NOW)
+    with store.transaction() as tx:
+        assert tx.find_response("r\x00", NOW) == saved(b"nul")
+        assert tx.find_response("r\\0", NOW) is None
+        assert [tx.load_state(SSR, text).report.message_id for text in odd] == odd  # type: ignore[union-attr]
+    for text, incoming in zip(odd, reports, strict=True):
+        assert page_ids(store.messages(text)) == [text]
+        assert store.history(text) == [incoming]
+        for selector in Selector:
+            assert page_ids(store.messages_by(selector, text, 0, 0, 10, ANY_SIZE).states) == [text]
+    assert [change.report for change in all_changes(store)] == reports
+    assert [quarantined for _, quarantined in store.quarantined(0, 10)] == items
 
 
 # --- quarantine and saved responses --------------------------------------------------------------

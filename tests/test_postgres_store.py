@@ -1,0 +1,256 @@
+"""What only the PostgreSQL store has to hold: several writers on one database (each a PostgresStore,
+as each dlrhub process has its own), stream positions under concurrent commits, its schema version.
+
+The contract every engine holds is tests/test_store_contract.py.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psycopg
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
+from deliveryreport.v1.delivery_report_service_pb2 import Format
+from dlrhub.merge import digest, merge
+from dlrhub.normalise import Normaliser
+from dlrhub.store import SqliteStore, StoreError
+from dlrhub.store.base import Store
+from dlrhub.store.postgres import COARSE, SCHEMA_VERSION, SMALL, PostgresStore
+from dlrhub.write.submission import Applied, Submission, apply
+from dlrhub.write.writer import request_digest
+from tests.helpers import ACCEPTED, TIMEOUT, gms_batch
+from tests.test_store_contract import GMS, SSR, S, commit, put, report
+
+
+@pytest.fixture
+def stores(postgres_db: str) -> Iterator[list[PostgresStore]]:
+    """Four stores on one new database: four dlrhub processes' views of it."""
+    opened = [PostgresStore(postgres_db) for _ in range(4)]
+    try:
+        yield opened
+    finally:
+        for store in opened:
+            store.close()
+
+
+def ingest(store: Store, group: list[DeliveryReport]) -> None:
+    """What the committer does with a group: prefetch (lock, load), then merge and append the new."""
+    with store.transaction() as tx:
+        tx.prefetch({(r.source, r.message_id) for r in group}, {digest(r) for r in group})
+        for incoming in group:
+            if not tx.is_stored(digest(incoming)):
+                put(tx, incoming)
+
+
+def reports_of_many_messages() -> list[DeliveryReport]:
+    """Reports of 2 x SMALL messages (two sources), several each, in an order that is not their events'."""
+    statuses = [S.DELIVERY_STATUS_SENT, S.DELIVERY_STATUS_DELIVERED, S.DELIVERY_STATUS_UNDELIVERED]
+    made = [
+        report(f"m-{number}", status, seconds=seconds, source=source, bulk_id=f"B{number % 3}", price=price)
+        for number in range(SMALL)
+        for source in (GMS, SSR)
+        for seconds, status in enumerate(statuses, start=1)
+        for price in ("", "0.01")
+    ]
+    random.Random(15).shuffle(made)
+    return made
+
+
+def test_concurrent_writers_store_what_one_writer_stores(stores: list[PostgresStore], tmp_path: Path) -> None:
+    """#15.3: four writers, each with every report in its own random order and groups (so each
+    report arrives four times, concurrently), store the states and history one writer stores."""
+    reports = reports_of_many_messages()
+
+    def write_all(store: PostgresStore, seed: int) -> None:
+        mine = reports[:]
+        shuffler = random.Random(seed)
+        shuffler.shuffle(mine)
+        while mine:
+            size = shuffler.randint(1, 3 * SMALL)  # small and large groups: both ways of locking
+            group, mine = mine[:size], mine[size:]
+            ingest(store, group + group[: shuffler.randint(0, 2)])  # duplicates in the group too
+
+    with ThreadPoolExecutor(max_workers=len(stores)) as writers:
+        for done in [writers.submit(write_all, store, seed) for seed, store in enumerate(stores)]:
+            done.result()  # no deadlock, no unique key broken
+
+    one = SqliteStore(tmp_path / "one.db")
+    try:
+        for incoming in reports:
+            ingest(one, [incoming])
+        message_ids = sorted({r.message_id for r in reports})
+        shared = stores[0]
+        for message_id in message_ids:
+            assert shared.messages(message_id) == one.messages(message_id)
+            history = shared.history(message_id)
+            assert sorted(r.SerializeToString() for r in history) == sorted(
+                r.SerializeToString() for r in one.history(message_id)
+            )
+        changes = shared.changes(0, 10_000)
+        assert len(changes) == len({digest(r) for r in reports}) == len(reports)
+        cursors = [change.cursor for change in changes]
+        assert cursors == sorted(set(cursors))
+        # Each change's state is the merge of the message's changes before it, in stream order.
+        states: dict[tuple[int, str], object] = {}
+        for change in changes:
+            key = (change.report.source, change.report.message_id)
+            merged = merge(states.get(key), change.report)  # type: ignore[arg-type]
+            assert change.state == merged.report
+            states[key] = merged
+    finally:
+        one.close()
+
+
+def test_changes_stop_below_a_transaction_still_open(stores: list[PostgresStore]) -> None:
+    """#15.4: a transaction that began first (a smaller position) and commits last holds back what
+    `changes` returns, so a reader that resumes after the last change it got misses nothing."""
+    first_writer, second_writer, reader = stores[:3]
+    [before] = commit(reader, report("m-0"))
+    opened = threading.Event()
+    finish = threading.Event()
+    early: list[int] = []
+
+    def slow() -> None:
+        with first_writer.transaction() as tx:
+            early.append(put(tx, report("m-1"))[0])
+            opened.set()
+            assert finish.wait(10)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        slow_done = pool.submit(slow)
+        assert opened.wait(10)
+        [late] = commit(second_writer, report("m-2"))
+        assert early[0] < late  # positions follow the order the transactions began in
+
+        # Committed, but below it a smaller position may still commit: not returned yet.
+        assert [change.cursor for change in reader.changes(0, 100)] == [before]
+        assert reader.latest_cursor() == before
+        assert reader.committed_cursor() == late  # an Ingest's cursor is never "ahead"
+
+        finish.set()
+        slow_done.result()
+    assert [change.cursor for change in reader.changes(0, 100)] == [before, early[0], late]
+    assert [change.report.message_id for change in reader.changes(before, 100)] == ["m-1", "m-2"]
+    assert reader.latest_cursor() == reader.committed_cursor() == late
+
+
+@pytest.mark.parametrize("count", [SMALL, 20 * COARSE])
+def test_a_writer_holds_a_bounded_number_of_locks(postgres_db: str, count: int) -> None:
+    """PostgreSQL's lock table is small and shared (it filled at ~20k locks in one transaction): a
+    transaction writing many messages still takes at most COARSE locks."""
+    store = PostgresStore(postgres_db)
+    many = [report(f"m-{number}", seconds=1) for number in range(count)]
+    try:
+        with store.transaction() as tx, psycopg.connect(postgres_db) as other:
+            tx.prefetch({(r.source, r.message_id) for r in many}, {digest(r) for r in many})
+            [(held,)] = other.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
+            assert 0 < held <= COARSE
+            for incoming in many:
+                put(tx, incoming)
+        assert len(store.changes(0, 2 * count)) == count
+    finally:
+        store.close()
+
+
+def waiting_for_a_lock(url: str, count: int) -> None:
+    """Returns once `count` dlrhub connections wait for a lock (fails after TIMEOUT seconds)."""
+    deadline = time.monotonic() + TIMEOUT
+    with psycopg.connect(url, autocommit=True) as watcher:
+        while time.monotonic() < deadline:
+            [(waiting,)] = watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE application_name = 'dlrhub' AND wait_event_type = 'Lock'"
+            ).fetchall()
+            if waiting >= count:
+                return
+            time.sleep(0.01)
+    pytest.fail(f"no {count} dlrhub connections waiting for a lock within {TIMEOUT} s")
+
+
+def test_one_request_id_on_two_processes_at_once_is_answered_once(
+    stores: list[PostgresStore], postgres_db: str
+) -> None:
+    """#15.3: a request id is answered once across processes. Here two different requests carry the
+    same id at the same moment (their messages differ, so no message lock orders them): the second
+    waits for the first to commit, then is told its id names another request."""
+    received = Timestamp(seconds=1_700_000_000)
+
+    def submission(message_id: str) -> Submission:
+        payload = gms_batch(message_id)
+        items = Normaliser.load().normalise(payload, Format.FORMAT_GMS, received)
+        digest = request_digest(payload, Format.FORMAT_GMS)
+        return Submission(items, received, "nightly-1", payload=payload, request_digest=digest)
+
+    first_in = threading.Event()
+    commit_first = threading.Event()
+
+    def first() -> Applied:
+        with stores[0].transaction() as tx:
+            [applied] = apply(tx, [submission("first")], stores[0].cursor_format)
+            first_in.set()
+            assert commit_first.wait(TIMEOUT)
+        return applied
+
+    def second() -> Applied:
+        with stores[1].transaction() as tx:
+            [applied] = apply(tx, [submission("second")], stores[1].cursor_format)
+        return applied
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        first_done = pool.submit(first)
+        assert first_in.wait(TIMEOUT)
+        second_done = pool.submit(second)
+        waiting_for_a_lock(postgres_db, 1)
+        commit_first.set()
+        assert [result.outcome for result in first_done.result().response.results] == [ACCEPTED]
+        assert second_done.result().reused
+    assert stores[2].messages("first")
+    assert not stores[2].messages("second")
+
+
+def test_lost_connections_are_opened_again(stores: list[PostgresStore], postgres_db: str) -> None:
+    """The server restarted, or a connection was cut: the call that finds its connection gone fails
+    with StoreError (nothing of a transaction in it was committed), and the next call connects again."""
+    store = stores[0]
+    [cursor] = commit(store, report("m-1"))
+    assert store.latest_cursor() == cursor  # this thread's reader is connected now
+    with psycopg.connect(postgres_db, autocommit=True) as admin:
+        cut = admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = 'dlrhub' AND datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchall()
+    assert len(cut) >= 2  # the writer and the reader, at least
+    with pytest.raises(StoreError):
+        store.latest_cursor()
+    with pytest.raises(StoreError), store.transaction() as tx:
+        put(tx, report("m-2"))
+    assert store.latest_cursor() == cursor  # m-2 was not committed
+    [later] = commit(store, report("m-2"))
+    assert later > cursor
+    store.check(write=True)
+    assert [change.cursor for change in store.changes(0, 10)] == [cursor, later]
+
+
+def test_a_newer_schema_is_refused(postgres_db: str) -> None:
+    PostgresStore(postgres_db).close()
+    with psycopg.connect(postgres_db, autocommit=True) as connection:
+        connection.execute("UPDATE dlrhub_schema SET version = %s", (SCHEMA_VERSION + 1,))
+    with pytest.raises(StoreError, match=rf"schema version {SCHEMA_VERSION + 1} is newer than this dlrhub"):
+        PostgresStore(postgres_db)
+
+
+def test_replicas_starting_together_migrate_once(postgres_db: str) -> None:
+    with ThreadPoolExecutor(max_workers=4) as starting:
+        opened = list(starting.map(lambda _: PostgresStore(postgres_db), range(4)))
+    for store in opened:
+        store.close()
+    with psycopg.connect(postgres_db) as connection:
+        assert connection.execute("SELECT version FROM dlrhub_schema").fetchall() == [(SCHEMA_VERSION,)]
