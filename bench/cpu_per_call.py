@@ -4,18 +4,21 @@
     python -m bench.cpu_per_call --kinds http_echo,webhook
 
 Starts `dlrhub serve` on a fresh database with 5,000 reports, then drives unary Ingest (one fresh
-report per call) and Fetch by message id from two load processes, 16 calls in flight each, and
-prints the server's CPU time (all its threads, from /proc) per call for each round. The `echo` kind
-drives the echo server (`bench.echo_server`, the ceiling of `python -m bench`) the same way with a
-Fetch request's bytes: the floor of what any unary call costs on this gRPC stack, measured in the
-same run, to which the other kinds are compared (median over median). The `webhook` kind POSTs one
-fresh GMS report to dlrhub's /webhooks/gms on IN_FLIGHT keep-alive connections per process, and
+report per call) and Fetch by message id from two load processes, 16 calls in flight each
+(`--in-flight`), and prints the server's CPU time (all its threads, from /proc) per call for each
+round. The `echo` kind drives the echo server (`bench.echo_server`, the ceiling of `python -m bench`)
+the same way with a Fetch request's bytes: the floor of what any unary call costs on this gRPC stack,
+measured in the same run, to which the other kinds are compared (median over median). The `webhook`
+kind POSTs one fresh GMS report per call to dlrhub's /webhooks/gms on keep-alive connections, and
 `http_echo` the same bodies to the echo's do-nothing aiohttp handler (the webhook phase's ceiling),
-to which `webhook` is compared. CPU per call
+to which `webhook` is compared. For `ingest` and `webhook` each round also prints dlrhub's group
+commits (from its /metrics): how many reports each held and how long each took. CPU per call
 moves less with the machine's noise than throughput ratios do (rounds mostly within ±5-10%, with an
 odd outlier), so alternating before/after runs on a quiet machine show changes of ~10% that
-`python -m bench` cannot. The server is started as `python -m bench` starts it (DLRHUB_* variables
-you set apply, so keep them the same for both sides).
+`python -m bench` cannot; `--against DIR` runs a second dlrhub from another version's server/ (made
+with `git archive`) in the same run, its rounds paired with this one's, and prints the ratio of each
+pair. The servers are started as `python -m bench` starts them (DLRHUB_* variables you set apply,
+so keep them the same for both sides).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -39,19 +43,19 @@ from bench.servers import Server, start_dlrhub, start_echo
 from deliveryreport.v1.delivery_report_service_pb2 import GetMessageRequest, IngestRequest
 
 STORED = 5000
-IN_FLIGHT = 16
+IN_FLIGHT = 16  # per load process (two)
 KINDS = ("echo", "ingest", "fetch", "http_echo", "webhook")
 HTTP_KINDS = ("http_echo", "webhook")
 # What each kind is compared to: the ceiling of its stack, measured in the same run.
 BASELINE = {"ingest": "echo", "fetch": "echo", "webhook": "http_echo"}
 
 
-def _load(port: int, kind: str, calls: int, seed: int) -> None:
-    """`calls` unary calls of `kind`, IN_FLIGHT at a time (run in a load process)."""
+def _load(port: int, kind: str, calls: int, seed: int, in_flight: int = IN_FLIGHT) -> None:
+    """`calls` unary calls of `kind`, `in_flight` at a time (run in a load process)."""
 
     async def run() -> None:
         if kind in HTTP_KINDS:
-            await _post(port, calls, seed)
+            await _post(port, calls, seed, in_flight)
             return
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             path = {"echo": ECHO_UNARY, "fetch": FETCH, "ingest": INGEST}[kind]
@@ -68,17 +72,17 @@ def _load(port: int, kind: str, calls: int, seed: int) -> None:
                         body = IngestRequest(payload=gms_report(fresh, number)).SerializeToString()
                     await method(body)
 
-            await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
+            await asyncio.gather(*(worker() for _ in range(in_flight)))
 
     asyncio.run(run())
 
 
-async def _post(port: int, calls: int, seed: int) -> None:
-    """`calls` POSTs of one fresh GMS report to /webhooks/gms, IN_FLIGHT at a time."""
+async def _post(port: int, calls: int, seed: int, in_flight: int) -> None:
+    """`calls` POSTs of one fresh GMS report to /webhooks/gms, `in_flight` at a time."""
     url = f"http://127.0.0.1:{port}/webhooks/gms"
     numbers = iter(range(calls))
     headers = {"Content-Type": "application/json"}
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=IN_FLIGHT)) as session:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=in_flight)) as session:
 
         async def worker() -> None:
             for number in numbers:
@@ -88,10 +92,10 @@ async def _post(port: int, calls: int, seed: int) -> None:
                     if response.status != 200:
                         raise RuntimeError(f"POST answered {response.status}")
 
-        await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
+        await asyncio.gather(*(worker() for _ in range(in_flight)))
 
 
-def _load_star(job: tuple[int, str, int, int]) -> None:
+def _load_star(job: tuple[int, str, int, int, int]) -> None:
     _load(*job)
 
 
@@ -100,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--calls", type=int, default=6000, help="calls per round, over two processes")
     parser.add_argument("--kinds", default="echo,ingest,fetch")
+    parser.add_argument(
+        "--in-flight", type=int, default=IN_FLIGHT, help="calls in flight per load process (two)"
+    )
     parser.add_argument(
         "--against",
         metavar="SERVER_DIR",
@@ -122,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         with multiprocessing.get_context("spawn").Pool(2) as pool:
             warm_up = [job for hub in hubs.values() for job in _warm_up(hub)]
             if echo is not None:
-                warm_up += [(echo.port, "echo", 500, 3), (echo.http_port, "http_echo", 500, 4)]
+                warm_up += [
+                    (echo.port, "echo", 500, 3, IN_FLIGHT),
+                    (echo.http_port, "http_echo", 500, 4, IN_FLIGHT),
+                ]
             pool.map(_load_star, warm_up)
             medians: dict[str, float] = {}
             for kind in kinds:
@@ -131,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                 for round_ in range(options.rounds):
                     # Paired rounds, in turn first and second, so a drift of the machine is shared.
                     for name in sorted(targets, reverse=round_ % 2 == 1):
-                        rounds[name].append(_round(pool, targets[name], kind, options.calls, round_))
+                        rounds[name].append(_round(pool, targets[name], kind, options, round_))
                 for name, measured in rounds.items():
                     label = f"{kind} ({name})" if name else kind
                     medians[label] = statistics.median(us for us, _ in measured)
@@ -161,24 +171,51 @@ def _start(servers: contextlib.ExitStack, db: Path, pythonpath: str | None = Non
     return server
 
 
-def _warm_up(server: Server) -> list[tuple[int, str, int, int]]:
-    return [
-        (server.port, "fetch", 500, 1),
-        (server.port, "ingest", 500, 2),
-        (server.http_port, "webhook", 500, 5),
-    ]
+def _warm_up(server: Server) -> list[tuple[int, str, int, int, int]]:
+    kinds = [(server.port, "fetch"), (server.port, "ingest"), (server.http_port, "webhook")]
+    return [(port, kind, 500, seed, IN_FLIGHT) for seed, (port, kind) in enumerate(kinds)]
 
 
-def _round(pool: Any, target: Server, kind: str, calls: int, round_: int) -> tuple[float, float]:
-    """One round of `calls` calls of `kind` to `target`: its CPU per call (µs) and calls per second."""
+def _round(
+    pool: Any, target: Server, kind: str, options: argparse.Namespace, round_: int
+) -> tuple[float, float]:
+    """One round of `options.calls` calls of `kind` to `target`: its CPU per call (µs), calls/s."""
     time.sleep(0.5)  # the last round's queued log lines are written (CallLog)
     _check_running(target)
     port = target.http_port if kind in HTTP_KINDS else target.port
+    commits = _commits(target)
     cpu, started = proc_cpu_seconds(target.pid), time.perf_counter()
-    half = calls // 2
-    pool.map(_load_star, [(port, kind, half, 2 * round_ + k) for k in range(2)])
+    half = options.calls // 2
+    pool.map(_load_star, [(port, kind, half, 2 * round_ + k, options.in_flight) for k in range(2)])
     seconds = time.perf_counter() - started
-    return (proc_cpu_seconds(target.pid) - cpu) / (2 * half) * 1e6, 2 * half / seconds
+    per_call = (proc_cpu_seconds(target.pid) - cpu) / (2 * half) * 1e6
+    if commits is not None and kind in ("ingest", "webhook"):
+        (groups, reports, commit_seconds) = (
+            b - a for a, b in zip(commits, _commits(target) or commits, strict=True)
+        )
+        if groups:
+            print(
+                f"  {kind}: {groups:.0f} group commits, {reports / groups:.1f} reports and"
+                f" {commit_seconds / groups * 1000:.2f} ms each (on the writer thread, fsync included)",
+                flush=True,
+            )
+    return per_call, 2 * half / seconds
+
+
+def _commits(server: Server) -> tuple[float, float, float] | None:
+    """dlrhub's group commits so far, from its /metrics: how many, their reports and their seconds."""
+    if not server.admin_port:
+        return None
+    with urllib.request.urlopen(f"http://{server.admin_address}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    figures = dict(
+        line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("dlrhub_store_commit_")
+    )
+    return (
+        float(figures["dlrhub_store_commit_reports_count"]),
+        float(figures["dlrhub_store_commit_reports_sum"]),
+        float(figures["dlrhub_store_commit_seconds_sum"]),
+    )
 
 
 def _check_running(server: Server) -> None:
