@@ -22,15 +22,19 @@ _UNSUPPORTED_ENV = ("DLRHUB_TOKENS", "DLRHUB_TOKENS_FILE", "DLRHUB_TLS_CERT", "D
 _KEEP_LINES = 200  # of each pipe: dlrhub logs a line per call
 
 
-def start_dlrhub(db: Path | str, event_loop: str) -> Server:
+def start_dlrhub(db: Path | str, event_loop: str, *, pythonpath: str | None = None) -> Server:
     """`dlrhub serve` with its real settings: only the addresses (free ports) and the database (a
     file, or a postgresql:// URL) are set, and the DLRHUB_* variables of the environment apply (but
     the token and TLS ones). On uvloop it runs through bench/serve_uvloop.py. Returned once it
     serves: its "serving" log line, or its health service where a log level above INFO hides that
-    line (so its ports are chosen here, not by the server)."""
+    line (so its ports are chosen here, not by the server). With `pythonpath`, the dlrhub package
+    found there runs (another version's server/, for an A/B comparison)."""
+    env = _environment()
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath, env.get("PYTHONPATH")]))
     server = launcher.start(
         db,
-        env=_environment(),
+        env=env,
         listen=f"127.0.0.1:{launcher.free_port()}",
         http_listen=f"127.0.0.1:{launcher.free_port()}",
         admin_listen=f"127.0.0.1:{launcher.free_port()}",

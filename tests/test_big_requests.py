@@ -192,15 +192,32 @@ async def started(tmp_path: Path, normaliser: Normaliser, **settings: Any) -> ap
     )
 
 
-async def test_a_big_payload_is_normalised_off_the_event_loop_and_a_small_one_on_it(tmp_path: Path) -> None:
+async def post_gms(running: app.App, payload: str) -> int:
+    """POSTs a GMS payload to the webhook; the number of reports accepted."""
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{running.http_port}", timeout=TIMEOUT) as http:
+        answer = await http.post("/webhooks/gms", content=payload)
+    assert answer.status_code == 200, answer.text
+    accepted: int = answer.json()["accepted"]
+    return accepted
+
+
+@pytest.mark.parametrize("via", ["ingest", "webhook"])
+async def test_a_big_payload_is_normalised_off_the_event_loop_and_a_small_one_on_it(
+    tmp_path: Path, via: str
+) -> None:
     normaliser = GatedNormaliser()
     running = await started(tmp_path, normaliser)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = DeliveryReportServiceStub(channel)
-            small = await stub.Ingest(IngestRequest(payload=batch("small", 2)), timeout=TIMEOUT)
-            assert small.accepted_count == 2
-            big = asyncio.ensure_future(ingest(stub, batch("big", 500)))
+
+            async def send(payload: str) -> int:
+                if via == "webhook":
+                    return await post_gms(running, payload)
+                return (await ingest(stub, payload)).accepted_count
+
+            assert await send(batch("small", 2)) == 2
+            big = asyncio.ensure_future(send(batch("big", 500)))
             await eventually(lambda: len(normaliser.threads) == 2, "the big payload is being normalised")
             # Held on its worker thread, the big payload stalls nothing: health and GetMessage answer.
             health = health_pb2_grpc.HealthStub(channel)
@@ -210,7 +227,9 @@ async def test_a_big_payload_is_normalised_off_the_event_loop_and_a_small_one_on
             assert [state.message_id for state in fetched.messages] == ["small-1"]
             assert not big.done()
             normaliser.gate.set()
-            assert (await big).accepted_count == 500
+            assert await big == 500
+            stored = await stub.GetMessage(GetMessageRequest(message_id="big-499"), timeout=2.0)
+            assert [state.message_id for state in stored.messages] == ["big-499"]
     finally:
         normaliser.gate.set()
         await running.stop()

@@ -307,6 +307,22 @@ async def test_an_idle_kept_alive_connection_is_closed_after_its_request(tmp_pat
         assert running.store.latest_cursor() == 1
 
 
+async def test_a_body_arriving_in_parts_is_read_whole_and_stored(tmp_path: Path) -> None:
+    # The handler starts on the request head: the rest of the body is awaited (under the body timer).
+    async with serving(tmp_path) as running:
+        reader, writer = await asyncio.open_connection("127.0.0.1", running.http_port)
+        request = post(GMS, gms_batch("parts-1"))
+        writer.write(request[: -len(gms_batch("parts-1")) // 2])
+        await writer.drain()
+        await asyncio.sleep(0.2)  # pacing only: the handler is waiting for the rest by now
+        writer.write(request[-len(gms_batch("parts-1")) // 2 :])
+        answer = await closed_by_server(reader)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 200")
+        assert b'"accepted": 1' in answer
+        assert running.store.latest_cursor() == 1
+
+
 async def test_a_slow_body_gets_408_and_nothing_is_stored(tmp_path: Path) -> None:
     async with quick(tmp_path) as running:
         reader, writer = await asyncio.open_connection("127.0.0.1", running.http_port)

@@ -12,9 +12,16 @@ import httpx
 import pytest
 
 from deliveryreport.v1.delivery_report_pb2 import Channel, DeliveryStatus, Source
-from deliveryreport.v1.delivery_report_service_pb2 import GetMessageRequest, IngestRequest
+from deliveryreport.v1.delivery_report_service_pb2 import (
+    GetMessageRequest,
+    IngestOutcome,
+    IngestRequest,
+    IngestResponse,
+    ItemError,
+)
 from dlrhub import app
 from dlrhub.config import Settings
+from dlrhub.transport import webhooks
 from tests.conftest import FIXTURES, SEEDS, FakeClock, Running
 
 GMS = "/webhooks/gms"
@@ -100,6 +107,34 @@ async def test_gms_batch_with_a_bad_item_names_it_and_stores_the_rest(
     [(field, reason, _, raw)] = quarantine_rows(db_path)
     assert (field, reason) == ("[1].message_id", "MISSING_FIELD")
     assert json.loads(raw) == bad
+
+
+def test_answer_is_the_json_of_every_outcome_with_error_texts_escaped() -> None:
+    # The answer is formatted directly (webhooks._summary): it must read back as JSON of the same
+    # outcomes whatever characters an error's texts hold.
+    description = 'say "hi" \\ \u00fc \u2028 \n\t\x01 end'
+    response = IngestResponse(accepted_count=1, duplicate_count=1, rejected_count=1)
+    response.results.add(index=0, outcome=IngestOutcome.INGEST_OUTCOME_ACCEPTED, cursor="12345678901234567")
+    response.results.add(index=1, outcome=IngestOutcome.INGEST_OUTCOME_DUPLICATE)
+    response.results.add(
+        index=2,
+        outcome=IngestOutcome.INGEST_OUTCOME_REJECTED,
+        error=ItemError(field='[2]."x"', reason="INVALID_VALUE", description=description),
+    )
+    assert json.loads(webhooks._summary(response)) == {
+        "accepted": 1,
+        "duplicate": 1,
+        "rejected": 1,
+        "results": [
+            {"index": 0, "outcome": "ACCEPTED", "cursor": "12345678901234567"},
+            {"index": 1, "outcome": "DUPLICATE"},
+            {
+                "index": 2,
+                "outcome": "REJECTED",
+                "error": {"field": '[2]."x"', "reason": "INVALID_VALUE", "description": description},
+            },
+        ],
+    }
 
 
 async def test_malformed_gms_seed_example_is_400_with_line_and_column_and_quarantined(

@@ -15,6 +15,7 @@ Nothing else is served on this port (metrics are on the admin port: admin.py).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -67,6 +68,8 @@ def create_app(
 
 def _observe(metrics: Metrics | None, call_log: CallLog) -> Any:
     """Middleware: one log line per request (route, status, duration, request id, outcome counts)."""
+    # The request counter of each (route, status) pair seen, looked up once (a few routes, statuses).
+    counters: dict[tuple[str, int], Callable[[], None]] = {}
 
     @web.middleware
     async def observe(
@@ -87,7 +90,10 @@ def _observe(metrics: Metrics | None, call_log: CallLog) -> Any:
             resource = request.match_info.route.resource
             route = resource.canonical if resource is not None else "unmatched"
             if metrics is not None:
-                metrics.http_requests.labels(route, str(status)).inc()
+                count = counters.get((route, status))
+                if count is None:  # a route and status seen first: its series, once
+                    count = counters[route, status] = metrics.http_requests.labels(route, str(status)).inc
+                count()
             call_log.add(
                 {
                     "route": route,
@@ -109,8 +115,11 @@ def _handler(writer: Writer, format: Format.ValueType, access: Access, body_time
             request[_DETAILS]["reason"] = ErrorReason.Name(rejection.reason)
             return _error(status, rejection.reason, rejection.description, headers)
         try:
-            async with asyncio.timeout(body_timeout):
+            if request.content.is_eof():  # the whole body is here (a small one, mostly): no wait
                 body = await request.read()
+            else:
+                async with asyncio.timeout(body_timeout):
+                    body = await request.read()
         except web.HTTPRequestEntityTooLarge as error:
             return _error(413, ErrorReason.BODY_TOO_LARGE, f"the body is over the limit: {error.text}")
         except TimeoutError:
@@ -140,27 +149,33 @@ def _handler(writer: Writer, format: Format.ValueType, access: Access, body_time
             duplicate=response.duplicate_count,
             rejected=response.rejected_count,
         )
-        return web.json_response(_summary(response), status=400 if response.rejected_count else 200)
+        status = 400 if response.rejected_count else 200
+        return web.Response(
+            body=_summary(response), status=status, content_type="application/json", charset="utf-8"
+        )
 
     return handle
 
 
-def _summary(response: IngestResponse) -> dict[str, Any]:
+def _summary(response: IngestResponse) -> bytes:
+    """The answer's JSON, as json.dumps would write it: each entry formatted directly (its index and
+    cursor are numbers, its outcome a constant), only an error's texts through json.dumps."""
     results = []
     for result in response.results:
-        entry: dict[str, Any] = {"index": result.index, "outcome": _OUTCOMES[result.outcome]}
-        if result.cursor:
-            entry["cursor"] = result.cursor
+        entry = f'{{"index": {result.index}, "outcome": "{_OUTCOMES[result.outcome]}"'
+        cursor = result.cursor
+        if cursor:
+            entry += f', "cursor": "{cursor}"' if cursor.isdigit() else f', "cursor": {json.dumps(cursor)}'
         if result.HasField("error"):
             error = result.error
-            entry["error"] = {"field": error.field, "reason": error.reason, "description": error.description}
-        results.append(entry)
-    return {
-        "accepted": response.accepted_count,
-        "duplicate": response.duplicate_count,
-        "rejected": response.rejected_count,
-        "results": results,
-    }
+            entry += ', "error": ' + json.dumps(
+                {"field": error.field, "reason": error.reason, "description": error.description}
+            )
+        results.append(entry + "}")
+    return (
+        f'{{"accepted": {response.accepted_count}, "duplicate": {response.duplicate_count}, '
+        f'"rejected": {response.rejected_count}, "results": [{", ".join(results)}]}}'
+    ).encode()
 
 
 def _error(

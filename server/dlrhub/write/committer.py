@@ -89,8 +89,12 @@ class Committer:
         """Applies a submission; returns once it is durably committed. Raises StoreError."""
         if self._task is None or self._task.done():
             raise StoreError("the store is not accepting writes")
-        future: asyncio.Future[Applied] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(submission, future))
+        future: asyncio.Future[Applied] = self._task.get_loop().create_future()
+        pending = _Pending(submission, future)
+        if self._queue.full():
+            await self._queue.put(pending)
+        else:  # the common case, without a coroutine
+            self._queue.put_nowait(pending)
         # A caller cancelled (or past its deadline) while still queued cancels the future, and the
         # writer skips it; once its group is being written, it commits whether or not anyone waits.
         return await future
