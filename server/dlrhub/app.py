@@ -11,7 +11,7 @@ import resource
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from dlrhub.config import Settings, env_name
+from dlrhub.feed.follower import Follower
 from dlrhub.feed.hub import Hub
 from dlrhub.normalise import Normaliser
 from dlrhub.observability.calls import CallInterceptor, CallLog
@@ -29,7 +30,7 @@ from dlrhub.observability.health import StoreHealth
 from dlrhub.observability.metrics import Metrics
 from dlrhub.observability.tracing import tracing_interceptor
 from dlrhub.store import SqliteStore
-from dlrhub.store.base import ReadRunner, Store
+from dlrhub.store.base import Change, ReadRunner, Store
 from dlrhub.transport import admin, tls, webhooks
 from dlrhub.transport.auth import AuthInterceptor, Tokens
 from dlrhub.transport.handlers import SERVICE_NAME, add_to_server
@@ -85,6 +86,8 @@ class App:
     expiry: RequestIdExpiry
     poller: Poller | None = None
     admin: HttpListener | None = None
+    # Reads other processes' changes into the hub when the store is shared; None otherwise.
+    follower: Follower | None = None
 
     @property
     def http_port(self) -> int:
@@ -107,6 +110,8 @@ class App:
         if self.poller is not None:
             await self.poller.stop()
         self.hub.close()
+        if self.follower is not None:
+            await self.follower.stop()
         await self.http.stop()
         if self.admin is not None:
             await self.admin.stop()
@@ -169,7 +174,7 @@ async def start(
         )
         health_servicer = health_aio.HealthServicer()
         metrics = Metrics()
-        committer, store_health = await _committing(store, hub, metrics, health_servicer, started)
+        committer, store_health, follower = await _committing(store, hub, metrics, health_servicer, started)
         expiry = _request_id_expiry(committer, clock, settings.request_id_ttl, started)
         writer = Writer(
             normaliser,
@@ -245,6 +250,7 @@ async def start(
         expiry,
         poller,
         admin_listener,
+        follower,
     )
     open_files, open_files_hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     log.info(
@@ -261,11 +267,24 @@ async def start(
             "open_files_hard_limit": open_files_hard,
             "db": str(settings.db),
             "poller": poller is not None,
+            "shared_store": store.shared,
+            "pid": os.getpid(),
             "tls": tls_files is not None,
             "auth": tokens is not None,
         },
     )
     return app
+
+
+def _following(store: Store, hub: Hub, started: contextlib.AsyncExitStack) -> Follower | None:
+    """The follower, started, when other processes may write the store too (stopped by `started` if
+    starting fails later); None when this process commits every change itself."""
+    if not store.shared:
+        return None
+    follower = Follower(store, hub, newest=store.latest_cursor)
+    follower.start()
+    started.push_async_callback(follower.stop)
+    return follower
 
 
 async def _committing(
@@ -274,20 +293,31 @@ async def _committing(
     metrics: Metrics,
     health_servicer: health_aio.HealthServicer,
     started: contextlib.AsyncExitStack,
-) -> tuple[Committer, StoreHealth]:
-    """The committer, started, and the store's health, probing (both stopped by `started` if starting
-    fails later)."""
+) -> tuple[Committer, StoreHealth, Follower | None]:
+    """The committer, started, the store's health, probing, and the follower when the store is shared
+    (all stopped by `started` if starting fails later). The committer publishes its changes to the
+    hub itself, unless a follower reads them (with other processes' changes) from the store: then it
+    wakes the follower."""
+    follower = _following(store, hub, started)
     store_health = StoreHealth(store, _serving_setter(health_servicer))
     # Read when /metrics is scraped: from memory (the open quarantine as of the last count).
-    metrics.watch(hub, lambda: store_health.open_quarantine)
+    lag = (lambda: follower.lag_seconds) if follower is not None else (lambda: 0.0)
+    metrics.watch(hub, lambda: store_health.open_quarantine, lag)
+    publish: Callable[[Iterable[Change]], None] = hub.publish
+    if follower is not None:
+        wake = follower.wake
+
+        def publish(changes: Iterable[Change]) -> None:
+            wake()
+
     committer = Committer(
-        store, hub, on_commit=_commit_recorder(metrics), on_outcome=_commit_outcome(metrics, store_health)
+        store, publish, on_commit=_commit_recorder(metrics), on_outcome=_commit_outcome(metrics, store_health)
     )
     committer.start()
     started.push_async_callback(committer.stop)
     await store_health.start(committer.check)
     started.push_async_callback(store_health.stop)
-    return committer, store_health
+    return committer, store_health, follower
 
 
 def _request_id_expiry(

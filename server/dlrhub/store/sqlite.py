@@ -28,6 +28,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -445,6 +446,16 @@ class SqliteStore:
     def latest_cursor(self) -> int:
         row = self._reader().execute("SELECT max(cursor) FROM reports").fetchone()
         return int(row[0] or 0)
+
+    # One process per file (the lock file): its committer publishes every change itself.
+    shared = False
+
+    def changed(self) -> None:
+        pass
+
+    def wait_changes(self, timeout: float) -> bool:
+        time.sleep(timeout)  # nobody else writes this file
+        return False
 
     def quarantined(
         self, after: int, limit: int, *, include_resolved: bool = True, ids: Sequence[int] = ()

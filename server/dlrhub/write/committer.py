@@ -3,8 +3,12 @@
 Submissions queue up while the writer thread commits the previous group;
 the next group takes everything waiting (up to `max_group`). Each caller is
 answered only after its group has committed (synchronous=FULL), and the
-group's changes are published to the hub only after that commit. Whether
-each group committed is told to `on_outcome` (the store's health).
+group's changes are handed to `publish` only after that commit: the hub itself
+when this process is the store's one writer, else a follower's wake-up (the
+follower reads them back from the store, with other processes' changes, in
+cursor order). Other processes sharing the store are told (Store.changed) after
+each commit that stored changes. Whether each group committed is told to
+`on_outcome` (the store's health).
 """
 
 from __future__ import annotations
@@ -13,13 +17,12 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
-from dlrhub.feed.hub import Hub
-from dlrhub.store.base import Store, StoreError, Transaction
+from dlrhub.store.base import Change, Store, StoreError, Transaction
 from dlrhub.write.submission import Applied, Submission, apply
 
 log = logging.getLogger(__name__)
@@ -38,7 +41,7 @@ class Committer:
     def __init__(
         self,
         store: Store,
-        hub: Hub,
+        publish: Callable[[Iterable[Change]], None],
         *,
         max_group: int = 512,
         max_waiting: int = 10_000,
@@ -46,7 +49,8 @@ class Committer:
         on_outcome: Callable[[Exception | None], None] | None = None,
     ) -> None:
         self._store = store
-        self._hub = hub
+        # Called on the event loop with each group's changes, in cursor order, after its commit.
+        self._publish = publish
         # Called after each commit with its duration in seconds and how many items it held.
         self._on_commit = on_commit
         # Called on the event loop after each group: None once it committed, else why it failed.
@@ -132,7 +136,7 @@ class Committer:
                         pending.future.set_exception(StoreError(f"the store could not commit: {error}"))
                 continue
             self._tell(None)
-            self._hub.publish(change for applied in results for change in applied.changes)
+            self._publish(change for applied in results for change in applied.changes)
             for pending, applied in zip(group, results, strict=True):
                 if not pending.future.done():
                     pending.future.set_result(applied)
@@ -148,9 +152,11 @@ class Committer:
         started = time.perf_counter()
         with self._store.transaction() as tx:
             applied = apply(tx, submissions)
-        if self._on_commit is not None:
-            try:  # committed already: a failing observer must not turn it into an error
+        try:  # committed already: a failing observer or notice must not turn it into an error
+            if any(result.changes for result in applied):
+                self._store.changed()
+            if self._on_commit is not None:
                 self._on_commit(time.perf_counter() - started, sum(len(s.items) or 1 for s in submissions))
-            except Exception:
-                log.exception("commit observer failed")
+        except Exception:
+            log.exception("commit observer failed")
         return applied
