@@ -216,10 +216,7 @@ async def start(
         )
         metrics.http_max_connections.set(http_max_connections)
         admin_listener = _admin_listener(settings, _renderer(metrics), ssl_context)
-        for listener, address in ((http, settings.http_listen), (admin_listener, settings.admin_listen)):
-            if listener is not None:
-                await _listen(listener, address)
-                started.push_async_callback(listener.stop)
+        await _start_listeners(settings, http, admin_listener, started)
 
         await _serving_setter(health_servicer)(store_health.serving)
         poller = None
@@ -287,6 +284,16 @@ def _following(store: Store, hub: Hub, started: contextlib.AsyncExitStack) -> Fo
     return follower
 
 
+def check_shared(settings: Settings) -> None:
+    """Raises ValueError unless the database of `settings` may be written by several processes at
+    once (for --workers), before anything is opened."""
+    if not SqliteStore.shared:
+        raise ValueError(
+            f"--workers {settings.workers} needs a database several processes can write"
+            f" (PostgreSQL: --db postgresql://...); {settings.db} is SQLite, which one process writes"
+        )
+
+
 async def _committing(
     store: Store,
     hub: Hub,
@@ -334,8 +341,13 @@ def _grpc_server(
     settings: Settings, service: DeliveryReportService, health_servicer: Any, interceptors: list[Any]
 ) -> tuple[grpc.aio.Server, int]:
     """The gRPC server with every service registered, bound (not yet started); and its port."""
+    shared_port = settings.workers > 1  # workers share the port (dlrhub/workers.py)
     server = grpc.aio.server(
-        options=[*SERVER_OPTIONS, ("grpc.max_receive_message_length", settings.max_request_bytes)],
+        options=[
+            *SERVER_OPTIONS,
+            ("grpc.max_receive_message_length", settings.max_request_bytes),
+            ("grpc.so_reuseport", int(shared_port)),
+        ],
         interceptors=interceptors,
     )
     add_to_server(service, server, max_items=settings.max_batch_items)
@@ -344,7 +356,8 @@ def _grpc_server(
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection.enable_server_reflection([SERVICE_NAME, health_name, reflection.SERVICE_NAME], server)
     tls_files = tls.files(settings)
-    _check_listen(settings.listen)
+    if not shared_port:  # the other workers have bound it
+        _check_listen(settings.listen)
     try:
         if tls_files is not None:
             return server, server.add_secure_port(settings.listen, tls.grpc_credentials(*tls_files))
@@ -367,9 +380,21 @@ def _admin_listener(
     )
 
 
-async def _listen(listener: HttpListener, address: str) -> None:
+async def _start_listeners(
+    settings: Settings, http: HttpListener, admin: HttpListener | None, started: contextlib.AsyncExitStack
+) -> None:
+    """Starts the webhook and admin listeners (stopped by `started` if starting fails later). Workers
+    share the webhook port; each has an admin port of its own (dlrhub/workers.py)."""
+    await _listen(http, settings.http_listen, reuse_port=settings.workers > 1)
+    started.push_async_callback(http.stop)
+    if admin is not None:
+        await _listen(admin, settings.admin_listen)
+        started.push_async_callback(admin.stop)
+
+
+async def _listen(listener: HttpListener, address: str, *, reuse_port: bool = False) -> None:
     try:
-        await listener.start(address)
+        await listener.start(address, reuse_port=reuse_port)
     except OSError as error:  # its words repeat the address: the system's are enough
         reason = os.strerror(error.errno) if error.errno else str(error)
         raise OSError(f"cannot listen on {address} (HTTP): {reason}") from None
