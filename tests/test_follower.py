@@ -7,23 +7,26 @@ only wakes the follower; the follower publishes); test_replicas.py runs it acros
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
+import psycopg
 import pytest
 
 from deliveryreport.v1.delivery_report_service_pb2 import StreamRequest
 from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
 from dlrhub.app import App
-from dlrhub.store import SqliteStore
+from dlrhub.store import PostgresStore, SqliteStore
 from tests.conftest import FakeClock, serving
 from tests.helpers import (
     ACCEPTED,
     DUPLICATE,
     cursors_of,
+    eventually,
     gms,
     ingest,
     payload_of,
@@ -31,6 +34,8 @@ from tests.helpers import (
     read_start,
     ssr,
 )
+
+LAG = "dlrhub_stream_lag_seconds "
 
 if TYPE_CHECKING:
     from tests.helpers import Stub
@@ -104,4 +109,52 @@ async def test_every_subscriber_gets_every_change_once_in_order(followed: tuple[
         for call in (live, replay, resumed):
             call.cancel()
     assert running.hub.latest_cursor == stored[-1]
-    assert running.metrics.render().count(b"dlrhub_stream_lag_seconds 0.0") == 1
+    assert _lag(running) == 0.0
+
+
+@contextlib.asynccontextmanager
+async def replica(tmp_path: Path, url: str, name: str) -> AsyncIterator[tuple[App, Stub]]:
+    """An in-process app over the PostgreSQL database at `url`, and a stub on it."""
+    async with serving(tmp_path / name, store=PostgresStore(url)) as running:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+        try:
+            yield running, DeliveryReportServiceStub(channel)
+        finally:
+            await channel.close(None)
+
+
+def _lag(running: App) -> float:
+    [line] = [line for line in running.metrics.render().decode().splitlines() if line.startswith(LAG)]
+    return float(line.split()[1])
+
+
+async def test_a_change_reaches_another_replica_once_every_older_transaction_has_ended(
+    tmp_path: Path, postgres_db: str
+) -> None:
+    async with (
+        replica(tmp_path, postgres_db, "a") as (a, stub_a),
+        replica(tmp_path, postgres_db, "b") as (
+            b,
+            stub_b,
+        ),
+    ):
+        assert a.follower is not None
+        assert b.follower is not None
+        subscriber = stub_b.Stream(StreamRequest())
+        await read_start(subscriber)
+        first = await ingest(stub_a, payload_of(gms("held-1")))
+        [change] = await read_changes(subscriber, 1)
+        assert change.cursor == first.results[0].cursor
+
+        # A transaction that began earlier and is still open (anywhere on the database) may yet
+        # commit a smaller position: what commits after it waits, and the lag shows it.
+        with psycopg.connect(postgres_db, autocommit=True) as other:
+            with other.transaction():
+                other.execute("SELECT pg_current_xact_id()")
+                second = await ingest(stub_a, payload_of(gms("held-2")))
+                await eventually(lambda: _lag(b) > 0 and _lag(a) > 0, "the lag of both replicas above 0")
+                assert b.hub.latest_cursor == a.hub.latest_cursor == int(change.cursor.removeprefix("pg-"))
+            [change] = await read_changes(subscriber, 1)
+        assert change.cursor == second.results[0].cursor
+        await eventually(lambda: _lag(a) == _lag(b) == 0.0, "no lag once it has ended")
+        subscriber.cancel()

@@ -278,7 +278,7 @@ def _following(store: Store, hub: Hub, started: contextlib.AsyncExitStack) -> Fo
     starting fails later); None when this process commits every change itself."""
     if not store.shared:
         return None
-    follower = Follower(store, hub, newest=store.latest_cursor)
+    follower = Follower(store, hub, newest=store.committed_cursor)
     follower.start()
     started.push_async_callback(follower.stop)
     return follower

@@ -31,6 +31,7 @@ opened again on its next use. Every psycopg error is a StoreError.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import threading
@@ -61,6 +62,7 @@ from dlrhub.store.common import (
     with_raw,
     without_raw,
 )
+from dlrhub.store.postgres_listen import Listener, Notifier
 
 log = logging.getLogger(__name__)
 Connection = psycopg.Connection[Any]
@@ -330,6 +332,7 @@ class PostgresStore:
             self._reader().execute("SELECT 1")
 
     def close(self) -> None:
+        self._close_notices()
         with self._lock:
             for connection in [*self._readers, self._writer]:
                 connection.close()
@@ -367,6 +370,29 @@ class PostgresStore:
             self._readers = [reader for reader in self._readers if not reader.closed]
             self._readers.append(connection)
         return connection
+
+    # Other processes share the database: notices of commits (store/postgres_listen.py).
+
+    shared = True
+
+    def changed(self) -> None:
+        self._notifier.changed()
+
+    def wait_changes(self, timeout: float) -> bool:
+        return self._listener.wait(timeout)
+
+    @functools.cached_property
+    def _notifier(self) -> Notifier:
+        return Notifier(self.url)
+
+    @functools.cached_property
+    def _listener(self) -> Listener:
+        return Listener(self.url)
+
+    def _close_notices(self) -> None:
+        for notices in ("_notifier", "_listener"):
+            if notices in self.__dict__:  # made (cached_property)
+                self.__dict__.pop(notices).close()
 
 
 def _by_message(message_id: str, source: int) -> tuple[str, tuple[object, ...]]:
