@@ -194,13 +194,13 @@ _BELOW_WATERMARK = "txid < pg_snapshot_xmin(pg_current_snapshot())"
 _CHANGES_QUERY = (
     "SELECT txid::text, ordinal, report, state, raw FROM reports"  # noqa: S608
     f" WHERE (txid, ordinal) > (%s::text::xid8, %s) AND {_BELOW_WATERMARK}"
-    " ORDER BY txid, ordinal LIMIT %s"
+    " ORDER BY reports.txid, ordinal LIMIT %s"  # the column: `txid` alone is the text above
 )
 
 
 def _last_position(connection: Connection, where: str) -> int:
     row = connection.execute(
-        f"SELECT txid::text, ordinal FROM reports {where} ORDER BY txid DESC, ordinal DESC LIMIT 1"  # noqa: S608
+        f"SELECT txid::text, ordinal FROM reports {where} ORDER BY reports.txid DESC, ordinal DESC LIMIT 1"  # noqa: S608
     ).fetchone()
     return 0 if row is None else position(int(row[0]), row[1])
 
