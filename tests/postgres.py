@@ -76,6 +76,5 @@ def postgres_db(postgres_url: str) -> Iterator[str]:
 def position(cursor: str) -> int:
     """The position of a PostgreSQL cursor (as the API gives it out): they sort by it."""
     parsed = PostgresStore.cursor_format.parse(cursor)
-    if parsed is None:  # TEMPORARY until the service writes pg- cursors
-        parsed = int(cursor)
+    assert parsed is not None, f"not a PostgreSQL cursor: {cursor!r}"
     return parsed

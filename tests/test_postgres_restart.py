@@ -19,7 +19,7 @@ from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportSer
 from dlrhub.app import App
 from dlrhub.store import PostgresStore
 from tests.conftest import serving
-from tests.helpers import ACCEPTED, TIMEOUT, details_of, eventually, gms, payload_of, read_start
+from tests.helpers import ACCEPTED, TIMEOUT, details_of, eventually, gms, payload_of, read_message
 from tests.postgres import position
 from tools import pg_cluster
 
@@ -63,7 +63,7 @@ async def test_a_database_restart_under_load_loses_nothing_acknowledged(
         replica(tmp_path / "b", cluster.url) as (_, stub_b, health_b),
     ):
         subscriber = stub_b.Stream(StreamRequest())
-        await read_start(subscriber)
+        assert (await read_message(subscriber)).HasField("heartbeat")
         acknowledged: list[str] = []
         refused: list[str] = []
         writing = True

@@ -29,8 +29,9 @@ from dlrhub.observability.calls import CallInterceptor, CallLog
 from dlrhub.observability.health import StoreHealth
 from dlrhub.observability.metrics import Metrics
 from dlrhub.observability.tracing import tracing_interceptor
-from dlrhub.store import SqliteStore
+from dlrhub.store import database_name, open_store
 from dlrhub.store.base import Change, ReadRunner, Store
+from dlrhub.store.engine import is_shared
 from dlrhub.transport import admin, tls, webhooks
 from dlrhub.transport.auth import AuthInterceptor, Tokens
 from dlrhub.transport.handlers import SERVICE_NAME, add_to_server
@@ -137,7 +138,7 @@ async def start(
     """Opens the store and starts serving; the bound ports are in `App.port`, `App.http_port` and
     `App.admin_port`.
 
-    The parts not given are built from `settings`: the SQLite store at `settings.db`, the
+    The parts not given are built from `settings`: the store `settings.db` names (SQLite or PostgreSQL), the
     normaliser with the configured code tables, the poller from the DLRHUB_POLL_* settings (off
     unless they are set). A store given here is the app's: it closes it at stop, or if starting
     fails. `clock` gives nanoseconds since the epoch (the received time of reports).
@@ -165,12 +166,13 @@ async def start(
         tracing = tracing_interceptor(settings.tracing)
 
         if store is None:
-            store = await read(functools.partial(SqliteStore, settings.db))  # it migrates: blocking
+            store = await read(functools.partial(open_store, settings.db))  # it migrates: blocking
             started.push_async_callback(read, store.close)
         hub = Hub(
             capacity=settings.stream_buffer,
             max_bytes=settings.stream_buffer_bytes,
             latest_cursor=await read(store.latest_cursor),
+            cursors=store.cursor_format,
         )
         health_servicer = health_aio.HealthServicer()
         metrics = Metrics()
@@ -262,7 +264,7 @@ async def start(
             "admin_port": app.admin_port,
             "open_files_limit": open_files,
             "open_files_hard_limit": open_files_hard,
-            "db": str(settings.db),
+            "db": database_name(settings.db),
             "poller": poller is not None,
             "shared_store": store.shared,
             "pid": os.getpid(),
@@ -286,12 +288,14 @@ def _following(store: Store, hub: Hub, started: contextlib.AsyncExitStack) -> Fo
 
 def check_shared(settings: Settings) -> None:
     """Raises ValueError unless the database of `settings` may be written by several processes at
-    once (for --workers), before anything is opened."""
-    if not SqliteStore.shared:
+    once (for --workers), before anything is opened; StoreError if it cannot be opened. It is opened
+    (and migrated) once here, so that a database that is not there fails in one line, not N."""
+    if not is_shared(settings.db):
         raise ValueError(
             f"--workers {settings.workers} needs a database several processes can write"
             f" (PostgreSQL: --db postgresql://...); {settings.db} is SQLite, which one process writes"
         )
+    open_store(settings.db).close()
 
 
 async def _committing(

@@ -67,6 +67,10 @@ class CursorFormat:
         return int(digits)
 
 
+# Plain decimal cursors (SQLite's).
+PLAIN_CURSORS = CursorFormat()
+
+
 @dataclass(frozen=True, slots=True)
 class Change:
     """One stored report, as the Stream delivers it."""
@@ -288,6 +292,7 @@ class Store(Protocol):
 
 __all__: Sequence[str] = [
     "MAX_CURSOR",
+    "PLAIN_CURSORS",
     "Change",
     "ChangeFilter",
     "CursorFormat",
