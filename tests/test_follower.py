@@ -40,7 +40,7 @@ from tests.postgres import position
 LAG = "dlrhub_stream_lag_seconds "
 
 if TYPE_CHECKING:
-    from tests.helpers import Stub
+    from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceAsyncStub as Stub
 
 
 class SharedSqlite(SqliteStore):

@@ -24,7 +24,7 @@ from tests.postgres import position
 from tools import pg_cluster
 
 if TYPE_CHECKING:
-    from tests.helpers import Stub
+    from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceAsyncStub as Stub
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
