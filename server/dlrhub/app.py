@@ -348,9 +348,9 @@ def _grpc_server(
     shared_port = settings.workers > 1  # workers share the port (dlrhub/workers.py)
     server = grpc.aio.server(
         options=[
-            *SERVER_OPTIONS,
-            ("grpc.max_receive_message_length", settings.max_request_bytes),
+            *(option for option in SERVER_OPTIONS if option[0] != "grpc.so_reuseport"),  # the first wins
             ("grpc.so_reuseport", int(shared_port)),
+            ("grpc.max_receive_message_length", settings.max_request_bytes),
         ],
         interceptors=interceptors,
     )
