@@ -9,7 +9,8 @@ import signal
 import socket
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -63,16 +64,16 @@ def workers(postgres_db: str) -> Iterator[tuple[launcher.Server, list[int]]]:
         yield server, pids
 
 
-def _log_entry(server: launcher.Server, message: str) -> dict[str, object]:
+def _log_entry(server: launcher.Server, message: str) -> dict[str, Any]:
     for line in server.output.lines():
         if line.startswith("{") and (entry := json.loads(line)).get("message") == message:
             return dict(entry)
     raise AssertionError(f"no {message!r} line in:\n{server.output.text()}")
 
 
-def _wait(condition: object, what: str) -> None:
+def _wait(condition: Callable[[], bool], what: str) -> None:
     deadline = time.monotonic() + PROCESS_TIMEOUT
-    while not condition():  # type: ignore[operator]
+    while not condition():
         assert time.monotonic() < deadline, f"not within {PROCESS_TIMEOUT} s: {what}"
         time.sleep(0.05)
 
