@@ -18,6 +18,7 @@ dlrhub_poller_failures_total{kind}                poll failures: auth, client_er
                                                   server_error, timeout, connection, store, unexpected
 dlrhub_stream_subscribers                         open Stream subscribers
 dlrhub_stream_lag{subscriber}                     changes each subscriber is behind the newest cursor
+                                                  (a cursor difference: on PostgreSQL, 0 = caught up)
 dlrhub_stream_latest_cursor                       the newest published cursor
 dlrhub_stream_lag_seconds                         how long the oldest change committed to a shared
                                                   database (PostgreSQL) has waited to reach this
