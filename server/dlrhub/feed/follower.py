@@ -14,16 +14,18 @@ its one publisher). It reads when woken:
 Wake-ups coalesce: one read drains everything readable. A store that cannot be read is retried with
 backoff; subscribers wait meanwhile and carry on from where the follower was.
 
-Lag: on each poll the follower also asks for the greatest committed cursor (`newest`), and remembers
-when it first saw each one it had not published yet; `lag_seconds` is the age of the oldest such
-sighting, 0 when it has published everything it has seen committed (dlrhub_stream_lag_seconds). A
-long transaction anywhere on the database holds back what `changes` may return, and shows here.
+Lag: at most once a poll interval (woken or not) the follower also asks for the greatest committed
+cursor (`newest`), and remembers when it first saw each one it had not published yet; `lag_seconds`
+is the age of the oldest such sighting, 0 when it has published everything it has seen committed
+(dlrhub_stream_lag_seconds). A long transaction anywhere on the database holds back what `changes`
+may return, and shows here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import logging
 import threading
@@ -74,6 +76,7 @@ class Follower:
         self._listener: threading.Thread | None = None
         self._task: asyncio.Task[None] | None = None
         self._failures = 0
+        self._sampled = -poll_seconds  # when `newest` was last asked, on the event loop's clock
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -107,11 +110,11 @@ class Follower:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        polled = False
         while True:
             self._wakeup.clear()  # a wake-up from now on is another read
             try:
-                if polled and self._newest is not None:
+                if self._newest is not None and loop.time() - self._sampled >= self.poll_seconds:
+                    self._sampled = loop.time()
                     self._saw(await loop.run_in_executor(self._reader, self._newest))
                 await self.drain()
             except StoreError as error:
@@ -125,12 +128,9 @@ class Follower:
             if self._failures:
                 self._failures = 0
                 log.warning("reading the store's changes again")
-            try:
+            with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.poll_seconds):
                     await self._wakeup.wait()
-                polled = False
-            except TimeoutError:
-                polled = True
 
     async def drain(self) -> None:
         """Reads and publishes every readable change after `followed`. Raises StoreError."""
