@@ -45,8 +45,9 @@ def free_ports_in_a_row(count: int) -> int:
 
 
 @pytest.fixture
-def workers(postgres_db: str) -> Iterator[tuple[launcher.Server, list[int]]]:
-    """`dlrhub serve --workers 2` on fixed ports (admin: two in a row), and its workers' pids."""
+def workers(postgres_db: str) -> Iterator[tuple[launcher.Server, list[int], int]]:
+    """`dlrhub serve --workers 2` on fixed ports, its workers' pids, and worker 0's admin port (worker
+    1's is the next)."""
     admin = free_ports_in_a_row(2)
     server = launcher.start(
         postgres_db,
@@ -61,7 +62,7 @@ def workers(postgres_db: str) -> Iterator[tuple[launcher.Server, list[int]]]:
         assert len(pids) == 2
         assert server.pid not in pids
         _wait(lambda: all(_metrics(f"127.0.0.1:{admin + n}") for n in range(2)), "both workers serve")
-        yield server, pids
+        yield server, pids, admin
 
 
 def _log_entry(server: launcher.Server, message: str) -> dict[str, Any]:
@@ -105,16 +106,15 @@ def _gone(pid: int) -> bool:
 
 
 def test_two_workers_share_the_ports_and_sigterm_stops_both(
-    workers: tuple[launcher.Server, list[int]],
+    workers: tuple[launcher.Server, list[int], int],
 ) -> None:
-    server, pids = workers
+    server, pids, admin = workers
     for n in range(CONNECTIONS):  # a connection each: the kernel spreads connections, not calls
         with grpc.insecure_channel(server.address) as channel:
             response = DeliveryReportServiceStub(channel).Ingest(
                 IngestRequest(payload=payload_of(gms(f"worker-{n}"))), timeout=TIMEOUT
             )
             assert [result.outcome for result in response.results] == [ACCEPTED]
-    admin = server.admin_port
     counts = [_ingested(_metrics(f"127.0.0.1:{admin + n}")) for n in range(2)]
     assert sum(counts) == CONNECTIONS
     assert all(counts), f"every connection went to one worker: {counts}"  # 2 in 2**23 by chance
@@ -125,9 +125,9 @@ def test_two_workers_share_the_ports_and_sigterm_stops_both(
 
 
 def test_a_worker_that_dies_stops_the_others_and_the_parent_fails(
-    workers: tuple[launcher.Server, list[int]],
+    workers: tuple[launcher.Server, list[int], int],
 ) -> None:
-    server, pids = workers
+    server, pids, _ = workers
     os.kill(pids[0], signal.SIGKILL)
     assert server.process.wait(PROCESS_TIMEOUT) == 1
     _wait(lambda: _gone(pids[1]), "the other worker stopped")

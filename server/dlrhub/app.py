@@ -281,6 +281,7 @@ def _following(store: Store, hub: Hub, started: contextlib.AsyncExitStack) -> Fo
     if not store.shared:
         return None
     follower = Follower(store, hub, newest=store.committed_cursor)
+    hub.refresh = follower.refresh
     follower.start()
     started.push_async_callback(follower.stop)
     return follower

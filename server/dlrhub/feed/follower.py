@@ -76,6 +76,8 @@ class Follower:
         self._listener: threading.Thread | None = None
         self._task: asyncio.Task[None] | None = None
         self._failures = 0
+        # One drain at a time: the task's, or a Stream's (`refresh`).
+        self._draining = asyncio.Lock()
         self._sampled = -poll_seconds  # when `newest` was last asked, on the event loop's clock
 
     def start(self) -> None:
@@ -116,7 +118,8 @@ class Follower:
                 if self._newest is not None and loop.time() - self._sampled >= self.poll_seconds:
                     self._sampled = loop.time()
                     self._saw(await loop.run_in_executor(self._reader, self._newest))
-                await self.drain()
+                async with self._draining:
+                    await self.drain()
             except StoreError as error:
                 delay = BACKOFF[min(self._failures, len(BACKOFF) - 1)]
                 self._failures += 1
@@ -131,6 +134,13 @@ class Follower:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.poll_seconds):
                     await self._wakeup.wait()
+
+    async def refresh(self) -> None:
+        """Publishes every change readable now (Hub.refresh); a store that cannot be read leaves the
+        hub as it is (the follower's task retries)."""
+        async with self._draining:
+            with contextlib.suppress(StoreError):
+                await self.drain()
 
     async def drain(self) -> None:
         """Reads and publishes every readable change after `followed`. Raises StoreError."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from dlrhub.feed.encoding import EncodedChange
 from dlrhub.store.base import PLAIN_CURSORS, Change, ChangeFilter, CursorFormat
@@ -109,6 +109,10 @@ class Hub:
         self.overflows = 0
         # Shutting down: subscriptions end, and new ones start ended.
         self.closed = False
+        # Publishes what is committed but not yet published, when changes reach the hub by being read
+        # back from the store (the follower, feed/follower.py): a Stream from "now" calls it first, so
+        # that "now" includes what was acknowledged before it began. None: the hub is always current.
+        self.refresh: Callable[[], Awaitable[None]] | None = None
 
     def subscribe(self, change_filter: ChangeFilter) -> Subscription:
         """A subscription that reads every change published from now on."""
