@@ -1,5 +1,5 @@
-"""The database restarted under load: two replicas on a PostgreSQL cluster of the test's own, stopped
-(as a crash would) and started again while callers write and a subscriber follows."""
+"""The database restarted under load: two `dlrhub serve` processes on a PostgreSQL cluster of the
+test's own, stopped (as a crash would) and started again while callers write and a subscriber follows."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import itertools
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
@@ -16,12 +15,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from deliveryreport.v1.delivery_report_service_pb2 import IngestRequest, StreamRequest, StreamResponse
 from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
-from dlrhub.app import App
-from dlrhub.store import PostgresStore
-from tests.conftest import serving
 from tests.helpers import ACCEPTED, TIMEOUT, details_of, eventually, gms, payload_of, read_message
 from tests.postgres import position
-from tools import pg_cluster
+from tools import launcher, pg_cluster
 
 if TYPE_CHECKING:
     from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceAsyncStub as Stub
@@ -41,9 +37,10 @@ def cluster() -> Iterator[pg_cluster.Cluster]:
 
 
 @contextlib.asynccontextmanager
-async def replica(tmp_path: Path, url: str) -> AsyncIterator[tuple[App, Stub, health_pb2_grpc.HealthStub]]:
-    async with serving(tmp_path, store=PostgresStore(url)) as running:
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+async def replica(url: str) -> AsyncIterator[tuple[launcher.Server, Stub, health_pb2_grpc.HealthStub]]:
+    """A `dlrhub serve` process over the database at `url`, and stubs on it."""
+    with await asyncio.to_thread(launcher.start, url) as running:
+        channel = grpc.aio.insecure_channel(running.address)
         try:
             yield running, DeliveryReportServiceStub(channel), health_pb2_grpc.HealthStub(channel)
         finally:
@@ -55,12 +52,10 @@ async def health(stub: health_pb2_grpc.HealthStub) -> int:
     return int(answer.status)
 
 
-async def test_a_database_restart_under_load_loses_nothing_acknowledged(
-    tmp_path: Path, cluster: pg_cluster.Cluster
-) -> None:
+async def test_a_database_restart_under_load_loses_nothing_acknowledged(cluster: pg_cluster.Cluster) -> None:
     async with (
-        replica(tmp_path / "a", cluster.url) as (_, stub_a, health_a),
-        replica(tmp_path / "b", cluster.url) as (_, stub_b, health_b),
+        replica(cluster.url) as (_, stub_a, health_a),
+        replica(cluster.url) as (_, stub_b, health_b),
     ):
         subscriber = stub_b.Stream(StreamRequest())
         assert (await read_message(subscriber)).HasField("heartbeat")
