@@ -8,6 +8,7 @@ had, the tests that need it fail and say why: they are never skipped.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from dlrhub.store import PostgresStore
 from tools import pg_cluster
 
 
@@ -50,15 +52,29 @@ def postgres_url() -> Iterator[str]:
         pg_cluster.stop(running)
 
 
-@pytest.fixture
-def postgres_db(postgres_url: str) -> Iterator[str]:
-    """The URL of a new empty database (a copy of template0) for this test alone; dropped after it,
-    with any connection the test left open."""
+@contextlib.contextmanager
+def fresh_database(url: str) -> Iterator[str]:
+    """The URL of a new empty database (a copy of template0) on the server of `url`; dropped at the
+    end, with any connection left open."""
     name = f"test_{uuid.uuid4().hex}"
-    with psycopg.connect(postgres_url, autocommit=True) as admin:
+    with psycopg.connect(url, autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
     try:
-        yield with_database(postgres_url, name)
+        yield with_database(url, name)
     finally:
-        with psycopg.connect(postgres_url, autocommit=True) as admin:
+        with psycopg.connect(url, autocommit=True) as admin:
             admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def postgres_db(postgres_url: str) -> Iterator[str]:
+    """The URL of a new empty database for this test alone; dropped after it."""
+    with fresh_database(postgres_url) as url:
+        yield url
+
+
+def position(cursor: str) -> int:
+    """The position of a PostgreSQL cursor (as the API gives it out): they sort by it."""
+    parsed = PostgresStore.cursor_format.parse(cursor)
+    assert parsed is not None, f"not a PostgreSQL cursor: {cursor!r}"
+    return parsed

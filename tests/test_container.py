@@ -110,6 +110,37 @@ def test_the_compose_file_builds_this_dockerfile_and_keeps_data_on_a_volume() ->
     assert published <= {int(port) for port in only("EXPOSE").arguments.split()}
 
 
+SCALE_OUT = ROOT / "deploy" / "compose.postgres.yaml"
+
+
+def test_the_scale_out_compose_file_runs_replicas_of_this_image_over_one_postgresql() -> None:
+    services = yaml.safe_load(SCALE_OUT.read_text(encoding="utf-8"))["services"]
+    postgres = services.pop("postgres")
+    assert int(postgres["image"].split(":")[1]) >= 13  # the oldest supported
+    assert postgres["healthcheck"]["test"][:2] == ["CMD", "pg_isready"]
+    assert "idle_in_transaction_session_timeout=60s" in postgres["command"]
+    assert len(services) >= 2  # replicas
+    exposed = {int(port) for port in only("EXPOSE").arguments.split()}
+    host_ports: list[str] = []
+    urls = set()
+    for service in services.values():
+        assert (SCALE_OUT.parent / service["build"]["context"]).resolve() == ROOT
+        assert (ROOT / service["build"]["dockerfile"]).resolve() == DOCKERFILE
+        assert service["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+        environment = service["environment"]
+        url = environment["DLRHUB_DB"]
+        assert url.startswith("postgresql://")
+        assert ":" not in url.removeprefix("postgresql://").split("@")[0]  # no password in the URL
+        assert environment["PGPASSWORD"] == postgres["environment"]["POSTGRES_PASSWORD"]
+        urls.add(url)
+        for port in service["ports"]:
+            host, container = str(port).rsplit(":", 1)[0], int(str(port).rsplit(":", 1)[1])
+            assert container in exposed
+            host_ports.append(host)
+    assert len(urls) == 1  # one database for all
+    assert len(host_ports) == len(set(host_ports))  # each replica reachable on its own ports
+
+
 @dataclass(frozen=True)
 class Image:
     """What the image would hold: the build directory (/src) and the virtualenv its pip installed into."""

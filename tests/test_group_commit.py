@@ -21,7 +21,9 @@ from tests.helpers import ACCEPTED, TIMEOUT, eventually, gms_batch
 async def test_a_group_holds_at_most_max_group_items(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "dlrhub.db")
     groups: list[int] = []
-    committer = Committer(store, Hub(), max_group_items=250, on_commit=lambda _, items: groups.append(items))
+    committer = Committer(
+        store, Hub().publish, max_group_items=250, on_commit=lambda _, items: groups.append(items)
+    )
     committer.start()
     writer = Writer(Normaliser.load(), committer, FakeClock())
     release = threading.Event()

@@ -362,7 +362,7 @@ async def test_a_batch_that_cannot_be_committed_is_kept_and_retried(
     queued = reports("s", 4)
     provider.add(*queued)
     store = FlakyStore(tmp_path / "flaky.db", failures=2)
-    committer = Committer(store, Hub())
+    committer = Committer(store, Hub().publish)
     committer.start()
     writer = Writer(Normaliser.load(), committer, FakeClock())
     poller = Poller(
@@ -405,7 +405,7 @@ async def test_stop_during_a_commit_finishes_the_commit(provider: FakeProvider, 
     queued = reports("c", 2)
     provider.add(*queued)
     store = GatedStore(tmp_path / "gated.db")
-    committer = Committer(store, Hub())
+    committer = Committer(store, Hub().publish)
     committer.start()
     writer = Writer(Normaliser.load(), committer, FakeClock())
     poller = Poller(PollerSettings(provider.url, KEY, limit=10, interval=30.0), writer)
@@ -474,7 +474,7 @@ async def test_backoff_is_exponential_with_jitter_and_capped(tmp_path: Path) -> 
         return jitter
 
     store = SqliteStore(tmp_path / "unused.db")
-    writer = Writer(Normaliser.load(), Committer(store, Hub()), FakeClock())
+    writer = Writer(Normaliser.load(), Committer(store, Hub().publish), FakeClock())
     poller = Poller(
         PollerSettings("http://127.0.0.1:9", KEY, backoff_initial=1.0, backoff_max=10.0),
         writer,

@@ -160,6 +160,29 @@ def test_a_bad_setting(tmp_path: Path, env: dict[str, str], expected: str) -> No
     assert not db.exists()  # refused before anything started
 
 
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (
+            ("--workers", "2"),
+            "--workers 2 needs a database several processes can write (PostgreSQL: --db postgresql://...);"
+            " {db} is SQLite, which one process writes",
+        ),
+        (
+            ("--workers", "2", "--listen", "127.0.0.1:0"),
+            "--workers 2 needs fixed ports, but DLRHUB_LISTEN is 127.0.0.1:0: each worker would listen on"
+            " a different free port",
+        ),
+        (("--workers", "0"), "DLRHUB_WORKERS: at least 1, not 0"),
+    ],
+)
+def test_workers_they_cannot_share(tmp_path: Path, flags: tuple[str, ...], expected: str) -> None:
+    db = tmp_path / "x.db"
+    ports = ("--listen", "127.0.0.1:50999", "--http-listen", "127.0.0.1:50998")
+    assert the_line(serve("--db", str(db), *ports, *flags)) == expected.format(db=db)
+    assert not db.exists()  # refused before anything started
+
+
 def test_a_code_table_that_is_not_one(tmp_path: Path) -> None:
     table = tmp_path / "codes.json"
     table.write_text('{"rules": 5}')

@@ -159,20 +159,7 @@ def start(database: str = DATABASE) -> Cluster:
         settings = {**SETTINGS, "unix_socket_directories": str(root)}
         with (running.data_dir / "postgresql.conf").open("a") as conf:  # later lines win
             conf.writelines(f"{name} = '{value}'\n" for name, value in settings.items())
-        _run(
-            [
-                str(bin_dir / "pg_ctl"),
-                "start",
-                "--pgdata",
-                str(running.data_dir),
-                "--wait",
-                "--timeout",
-                "60",
-                "--log",
-                str(root / "server.log"),
-            ],
-            "pg_ctl start",
-        )
+        start_server(running)
         _run(
             [
                 str(bin_dir / "createdb"),
@@ -192,6 +179,33 @@ def start(database: str = DATABASE) -> Cluster:
         stop(running)
         raise ClusterError(f"{error}\n{detail}".rstrip()) from None
     return running
+
+
+def start_server(running: Cluster) -> None:
+    """Starts the cluster's server (again, after `stop_server`), returning once it accepts connections."""
+    _run(
+        [
+            str(running.bin_dir / "pg_ctl"),
+            "start",
+            "--pgdata",
+            str(running.data_dir),
+            "--wait",
+            "--timeout",
+            "60",
+            "--log",
+            str(running.socket_dir / "server.log"),
+        ],
+        "pg_ctl start",
+    )
+
+
+def stop_server(running: Cluster) -> None:
+    """Stops the server as a crash would (every connection cut, no checkpoint), keeping its data:
+    `start_server` brings it back with everything committed (a restart under load, in the tests)."""
+    _run(
+        [str(running.bin_dir / "pg_ctl"), "stop", "--pgdata", str(running.data_dir), "--mode", "immediate"],
+        "pg_ctl stop",
+    )
 
 
 def stop(running: Cluster) -> None:

@@ -11,7 +11,7 @@ import resource
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from dlrhub.config import Settings, env_name
+from dlrhub.feed.follower import Follower
 from dlrhub.feed.hub import Hub
 from dlrhub.normalise import Normaliser
 from dlrhub.observability.calls import CallInterceptor, CallLog
@@ -29,7 +30,8 @@ from dlrhub.observability.health import StoreHealth
 from dlrhub.observability.metrics import Metrics
 from dlrhub.observability.tracing import tracing_interceptor
 from dlrhub.store import database_name, open_store
-from dlrhub.store.base import ReadRunner, Store
+from dlrhub.store.base import Change, ReadRunner, Store
+from dlrhub.store.engine import is_shared
 from dlrhub.transport import admin, tls, webhooks
 from dlrhub.transport.auth import AuthInterceptor, Tokens
 from dlrhub.transport.handlers import SERVICE_NAME, add_to_server
@@ -85,6 +87,8 @@ class App:
     expiry: RequestIdExpiry
     poller: Poller | None = None
     admin: HttpListener | None = None
+    # Reads other processes' changes into the hub when the store is shared; None otherwise.
+    follower: Follower | None = None
 
     @property
     def http_port(self) -> int:
@@ -107,6 +111,8 @@ class App:
         if self.poller is not None:
             await self.poller.stop()
         self.hub.close()
+        if self.follower is not None:
+            await self.follower.stop()
         await self.http.stop()
         if self.admin is not None:
             await self.admin.stop()
@@ -170,7 +176,7 @@ async def start(
         )
         health_servicer = health_aio.HealthServicer()
         metrics = Metrics()
-        committer, store_health = await _committing(store, hub, metrics, health_servicer, started)
+        committer, store_health, follower = await _committing(store, hub, metrics, health_servicer, started)
         expiry = _request_id_expiry(committer, clock, settings.request_id_ttl, started)
         writer = Writer(
             normaliser,
@@ -212,10 +218,7 @@ async def start(
         )
         metrics.http_max_connections.set(http_max_connections)
         admin_listener = _admin_listener(settings, _renderer(metrics), ssl_context)
-        for listener, address in ((http, settings.http_listen), (admin_listener, settings.admin_listen)):
-            if listener is not None:
-                await _listen(listener, address)
-                started.push_async_callback(listener.stop)
+        await _start_listeners(settings, http, admin_listener, started)
 
         await _serving_setter(health_servicer)(store_health.serving)
         poller = None
@@ -246,6 +249,7 @@ async def start(
         expiry,
         poller,
         admin_listener,
+        follower,
     )
     open_files, open_files_hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     log.info(
@@ -262,11 +266,37 @@ async def start(
             "open_files_hard_limit": open_files_hard,
             "db": database_name(settings.db),
             "poller": poller is not None,
+            "shared_store": store.shared,
+            "pid": os.getpid(),
             "tls": tls_files is not None,
             "auth": tokens is not None,
         },
     )
     return app
+
+
+def _following(store: Store, hub: Hub, started: contextlib.AsyncExitStack) -> Follower | None:
+    """The follower, started, when other processes may write the store too (stopped by `started` if
+    starting fails later); None when this process commits every change itself."""
+    if not store.shared:
+        return None
+    follower = Follower(store, hub, newest=store.committed_cursor)
+    hub.refresh = follower.refresh
+    follower.start()
+    started.push_async_callback(follower.stop)
+    return follower
+
+
+def check_shared(settings: Settings) -> None:
+    """Raises ValueError unless the database of `settings` may be written by several processes at
+    once (for --workers), before anything is opened; StoreError if it cannot be opened. It is opened
+    (and migrated) once here, so that a database that is not there fails in one line, not N."""
+    if not is_shared(settings.db):
+        raise ValueError(
+            f"--workers {settings.workers} needs a database several processes can write"
+            f" (PostgreSQL: --db postgresql://...); {settings.db} is SQLite, which one process writes"
+        )
+    open_store(settings.db).close()
 
 
 async def _committing(
@@ -275,20 +305,31 @@ async def _committing(
     metrics: Metrics,
     health_servicer: health_aio.HealthServicer,
     started: contextlib.AsyncExitStack,
-) -> tuple[Committer, StoreHealth]:
-    """The committer, started, and the store's health, probing (both stopped by `started` if starting
-    fails later)."""
+) -> tuple[Committer, StoreHealth, Follower | None]:
+    """The committer, started, the store's health, probing, and the follower when the store is shared
+    (all stopped by `started` if starting fails later). The committer publishes its changes to the
+    hub itself, unless a follower reads them (with other processes' changes) from the store: then it
+    wakes the follower."""
+    follower = _following(store, hub, started)
     store_health = StoreHealth(store, _serving_setter(health_servicer))
     # Read when /metrics is scraped: from memory (the open quarantine as of the last count).
-    metrics.watch(hub, lambda: store_health.open_quarantine)
+    lag = (lambda: follower.lag_seconds) if follower is not None else (lambda: 0.0)
+    metrics.watch(hub, lambda: store_health.open_quarantine, lag)
+    publish: Callable[[Iterable[Change]], None] = hub.publish
+    if follower is not None:
+        wake = follower.wake
+
+        def publish(changes: Iterable[Change]) -> None:
+            wake()
+
     committer = Committer(
-        store, hub, on_commit=_commit_recorder(metrics), on_outcome=_commit_outcome(metrics, store_health)
+        store, publish, on_commit=_commit_recorder(metrics), on_outcome=_commit_outcome(metrics, store_health)
     )
     committer.start()
     started.push_async_callback(committer.stop)
     await store_health.start(committer.check)
     started.push_async_callback(store_health.stop)
-    return committer, store_health
+    return committer, store_health, follower
 
 
 def _request_id_expiry(
@@ -305,8 +346,13 @@ def _grpc_server(
     settings: Settings, service: DeliveryReportService, health_servicer: Any, interceptors: list[Any]
 ) -> tuple[grpc.aio.Server, int]:
     """The gRPC server with every service registered, bound (not yet started); and its port."""
+    shared_port = settings.workers > 1  # workers share the port (dlrhub/workers.py)
     server = grpc.aio.server(
-        options=[*SERVER_OPTIONS, ("grpc.max_receive_message_length", settings.max_request_bytes)],
+        options=[
+            *(option for option in SERVER_OPTIONS if option[0] != "grpc.so_reuseport"),  # the first wins
+            ("grpc.so_reuseport", int(shared_port)),
+            ("grpc.max_receive_message_length", settings.max_request_bytes),
+        ],
         interceptors=interceptors,
     )
     add_to_server(service, server, max_items=settings.max_batch_items)
@@ -315,7 +361,8 @@ def _grpc_server(
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection.enable_server_reflection([SERVICE_NAME, health_name, reflection.SERVICE_NAME], server)
     tls_files = tls.files(settings)
-    _check_listen(settings.listen)
+    if not shared_port:  # the other workers have bound it
+        _check_listen(settings.listen)
     try:
         if tls_files is not None:
             return server, server.add_secure_port(settings.listen, tls.grpc_credentials(*tls_files))
@@ -338,9 +385,21 @@ def _admin_listener(
     )
 
 
-async def _listen(listener: HttpListener, address: str) -> None:
+async def _start_listeners(
+    settings: Settings, http: HttpListener, admin: HttpListener | None, started: contextlib.AsyncExitStack
+) -> None:
+    """Starts the webhook and admin listeners (stopped by `started` if starting fails later). Workers
+    share the webhook port; each has an admin port of its own (dlrhub/workers.py)."""
+    await _listen(http, settings.http_listen, reuse_port=settings.workers > 1)
+    started.push_async_callback(http.stop)
+    if admin is not None:
+        await _listen(admin, settings.admin_listen)
+        started.push_async_callback(admin.stop)
+
+
+async def _listen(listener: HttpListener, address: str, *, reuse_port: bool = False) -> None:
     try:
-        await listener.start(address)
+        await listener.start(address, reuse_port=reuse_port)
     except OSError as error:  # its words repeat the address: the system's are enough
         reason = os.strerror(error.errno) if error.errno else str(error)
         raise OSError(f"cannot listen on {address} (HTTP): {reason}") from None

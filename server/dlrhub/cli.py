@@ -74,6 +74,11 @@ def register(commands: Any) -> None:
         help="SQLite file or postgresql:// URL (env DLRHUB_DB; default data/dlrhub.db)",
     )
     serve.add_argument(
+        "--workers",
+        type=int,
+        help="server processes sharing the ports, over PostgreSQL only (env DLRHUB_WORKERS; default 1)",
+    )
+    serve.add_argument(
         "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="env DLRHUB_LOG_LEVEL"
     )
     serve.add_argument(
@@ -122,6 +127,7 @@ _SERVE_FLAGS = (
     "http_listen",
     "admin_listen",
     "db",
+    "workers",
     "log_level",
     "log_format",
     "gms_codes",
@@ -135,21 +141,34 @@ _SERVE_FLAGS = (
 
 def _run_serve(options: argparse.Namespace) -> int:
     # The server loads only here: the client commands, --help and --version start without it.
-    from dlrhub import app  # noqa: PLC0415
+    from dlrhub import app, workers  # noqa: PLC0415
     from dlrhub.config import Settings  # noqa: PLC0415
     from dlrhub.observability import logs  # noqa: PLC0415
+    from dlrhub.store import StoreError  # noqa: PLC0415
 
     try:
         settings = Settings.from_env()
     except ValueError as error:
         return _cannot_start(error)
     overrides = {name: value for name in _SERVE_FLAGS if (value := getattr(options, name, None)) is not None}
-    settings = dataclasses.replace(settings, **overrides)
+    try:
+        settings = dataclasses.replace(settings, **overrides)
+    except ValueError as error:
+        return _cannot_start(error)
     try:
         logs.configure(settings.log_level, settings.log_repeat_interval, settings.log_format)
     except ValueError as error:
         return _cannot_start(ValueError(f"DLRHUB_LOG_FORMAT: {error}"))
     _raise_file_limit()
+    if settings.workers > 1 and not workers.is_worker():
+        try:
+            workers.check(settings)
+            app.check_shared(settings)
+        except (ValueError, StoreError) as error:
+            return _cannot_start(error)
+        return workers.supervise(settings)
+    if workers.is_worker():
+        workers.die_with_parent()
     try:
         asyncio.run(_serve(settings, app.start))
     except CannotStart as error:

@@ -46,6 +46,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
 class Settings:
     # gRPC listen address, host:port (port 0 picks a free port).
     listen: str = _env("DLRHUB_LISTEN", DEFAULT_LISTEN)
+    # Server processes sharing the ports (over a shared PostgreSQL database only; see README).
+    workers: int = _env("DLRHUB_WORKERS", 1)
     # The database: a SQLite file, or a postgresql:// URL (store/engine.py).
     db: str | Path = _env("DLRHUB_DB", DEFAULT_DB)
     # DEBUG, INFO, WARNING or ERROR.
@@ -116,6 +118,8 @@ class Settings:
     log_repeat_interval: float = _env("DLRHUB_LOG_REPEAT_INTERVAL", 10.0)
 
     def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"DLRHUB_WORKERS: at least 1, not {self.workers}")
         if self.request_id_ttl < 1:
             raise ValueError(f"DLRHUB_REQUEST_ID_TTL: at least 1 second, not {self.request_id_ttl}")
         for name, size in (

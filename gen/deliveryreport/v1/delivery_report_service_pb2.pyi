@@ -245,12 +245,14 @@ class IngestResult(_message.Message):
     outcome: Global___IngestOutcome.ValueType
     """What happened to it."""
     cursor: _builtins.str
-    """For ACCEPTED, the stream cursor of the stored report: the Stream carries
-    the report at this position, and a Stream may resume after it as soon as
-    this answer arrives. On a database several dlrhub processes write
-    (PostgreSQL), a report another process commits at the same moment may
-    come before it in the Stream's order: to miss nothing, resume from a
-    StreamResponse cursor instead.
+    """For ACCEPTED, the stream cursor of the stored report. What it promises,
+    on any replica: a Stream that has delivered a cursor at or past this one
+    has delivered this report, if the report matched its filter; and it may be
+    passed as `StreamRequest.cursor` to any replica at once. What it does not
+    promise, where several replicas write one database: that resuming from it
+    misses nothing other replicas wrote meanwhile (a report they committed at
+    the same time may be placed before it). To miss nothing, resume from the
+    last cursor a Stream gave you.
     """
     message_id: _builtins.str
     """For ACCEPTED and DUPLICATE, the report's message id."""

@@ -52,6 +52,8 @@ async def follow_batches(
     sends them in one message keeps up with far more."""
     subscription = hub.subscribe(change_filter)
     try:
+        if after is None and hub.refresh is not None:
+            await hub.refresh()  # what it publishes is at or before "now": skipped below, as it should
         subscription.position = last = hub.latest_cursor if after is None else after
         # The stream is live from here on: say so at once, with the position it starts after.
         yield Heartbeat(last)

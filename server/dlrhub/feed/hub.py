@@ -8,24 +8,19 @@ and catches up from the store (see follow.py). So publishing never waits, a slow
 nothing and loses nothing, and the feed's memory is the window's, however many subscribers there are
 and however large the reports.
 
-Single writer: the hub assumes that every change in the store is committed by
-this process's committer (write/committer.py), which publishes each group
-right after its commit, in cursor order (one writer thread: commit order is
-cursor order). So `latest_cursor` is the store's,
-and a subscriber that has read the store up to a cursor finds every later
-change in the window. A change committed by another process is never
-published here (the SQLite store refuses a second process on its file): with
-several processes writing one database, live changes
-must come from the store itself (a notification, or reading `Store.changes`
-after the latest cursor seen), and this assumption is what that work
-replaces.
+One publisher, in cursor order: with one process writing the store (SQLite), the committer
+(write/committer.py) publishes each group right after its commit (one writer thread: commit order is
+cursor order); with several processes writing one database (Store.shared), the follower
+(feed/follower.py) publishes what it reads back from the store, local and remote changes alike. Either
+way `latest_cursor` is a position up to which every readable change has been published, and a
+subscriber that has read the store up to a cursor finds every later change in the window (follow.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from dlrhub.feed.encoding import EncodedChange
 from dlrhub.store.base import PLAIN_CURSORS, Change, ChangeFilter, CursorFormat
@@ -114,6 +109,10 @@ class Hub:
         self.overflows = 0
         # Shutting down: subscriptions end, and new ones start ended.
         self.closed = False
+        # Publishes what is committed but not yet published, when changes reach the hub by being read
+        # back from the store (the follower, feed/follower.py): a Stream from "now" calls it first, so
+        # that "now" includes what was acknowledged before it began. None: the hub is always current.
+        self.refresh: Callable[[], Awaitable[None]] | None = None
 
     def subscribe(self, change_filter: ChangeFilter) -> Subscription:
         """A subscription that reads every change published from now on."""

@@ -18,7 +18,13 @@ dlrhub_poller_failures_total{kind}                poll failures: auth, client_er
                                                   server_error, timeout, connection, store, unexpected
 dlrhub_stream_subscribers                         open Stream subscribers
 dlrhub_stream_lag{subscriber}                     changes each subscriber is behind the newest cursor
+                                                  (a cursor difference: on PostgreSQL, 0 = caught up)
 dlrhub_stream_latest_cursor                       the newest published cursor
+dlrhub_stream_lag_seconds                         how long the oldest change committed to a shared
+                                                  database (PostgreSQL) has waited to reach this
+                                                  process's Streams (0 when caught up; always 0 on
+                                                  SQLite): a long transaction anywhere on the
+                                                  database holds it back (README, Scaling out)
 dlrhub_stream_overflows_total                     times a subscriber fell more than its buffer behind
                                                   (it then catches up from the store)
 dlrhub_quarantine_open                            quarantined items not resolved
@@ -139,9 +145,11 @@ class Metrics:
         requests.inc()
         duration.observe(seconds)
 
-    def watch(self, hub: Hub, open_quarantine: Callable[[], int]) -> None:
+    def watch(
+        self, hub: Hub, open_quarantine: Callable[[], int], lag_seconds: Callable[[], float] = lambda: 0.0
+    ) -> None:
         """Stream and quarantine gauges, read when scraped (from memory: never from the store)."""
-        self.registry.register(_LiveCollector(hub, open_quarantine))
+        self.registry.register(_LiveCollector(hub, open_quarantine, lag_seconds))
 
     def render(self) -> bytes:
         """The exposition text."""
@@ -210,9 +218,12 @@ def raw_codes(report: DeliveryReport) -> str:
 
 
 class _LiveCollector(Collector):
-    def __init__(self, hub: Hub, open_quarantine: Callable[[], int]) -> None:
+    def __init__(
+        self, hub: Hub, open_quarantine: Callable[[], int], lag_seconds: Callable[[], float]
+    ) -> None:
         self._hub = hub
         self._open_quarantine = open_quarantine
+        self._lag_seconds = lag_seconds
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         subscriptions = self._hub.subscriptions
@@ -221,6 +232,11 @@ class _LiveCollector(Collector):
             "dlrhub_stream_subscribers", "Open Stream subscribers", value=len(subscriptions)
         )
         yield GaugeMetricFamily("dlrhub_stream_latest_cursor", "The newest published cursor", value=latest)
+        yield GaugeMetricFamily(
+            "dlrhub_stream_lag_seconds",
+            "How long the oldest committed change not yet readable by this process's Streams has waited",
+            value=self._lag_seconds(),
+        )
         lag = GaugeMetricFamily(
             "dlrhub_stream_lag", "Changes each subscriber is behind the newest cursor", labels=["subscriber"]
         )

@@ -264,6 +264,20 @@ class Store(Protocol):
         transaction holding a smaller cursor is still open. An Ingest answer's cursor is at or
         below it as soon as the answer is given."""
 
+    @property
+    def shared(self) -> bool:
+        """Whether other processes may write this store too. Then this process's commits are not all
+        there is: live changes come from reading the store (feed/follower.py), not from the commits."""
+
+    def changed(self) -> None:
+        """Tells the other processes sharing the store that changes were committed: called by the
+        committer after each commit that stored any. Coalesced, and never waits for them to hear it;
+        nothing to do where no other process shares the store."""
+
+    def wait_changes(self, timeout: float) -> bool:
+        """Blocks until another process tells of committed changes (True) or `timeout` seconds pass
+        (False). Raises StoreError when it cannot listen; the caller retries (and polls meanwhile)."""
+
     def quarantined(
         self, after: int, limit: int, *, include_resolved: bool = True, ids: Sequence[int] = ()
     ) -> list[tuple[int, QuarantinedItem]]:

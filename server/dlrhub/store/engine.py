@@ -59,3 +59,9 @@ def database_name(db: str | Path) -> str:
     except StoreError:
         return "an unsupported database"
     return str(db) if url is None else describe(url)
+
+
+def is_shared(db: str | Path) -> bool:
+    """Whether the database `db` names may be written by several processes at once (PostgreSQL),
+    told without opening it. Raises StoreError for what names no supported database."""
+    return _postgres_url(db) is not None

@@ -32,6 +32,7 @@ opened again on its next use. Every psycopg error is a StoreError.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
@@ -63,6 +64,7 @@ from dlrhub.store.common import (
     with_raw,
     without_raw,
 )
+from dlrhub.store.postgres_listen import Listener, Notifier
 
 log = logging.getLogger(__name__)
 Connection = psycopg.Connection[Any]
@@ -193,13 +195,13 @@ _BELOW_WATERMARK = "txid < pg_snapshot_xmin(pg_current_snapshot())"
 _CHANGES_QUERY = (
     "SELECT txid::text, ordinal, report, state, raw FROM reports"  # noqa: S608
     f" WHERE (txid, ordinal) > (%s::text::xid8, %s) AND {_BELOW_WATERMARK}"
-    " ORDER BY txid, ordinal LIMIT %s"
+    " ORDER BY reports.txid, ordinal LIMIT %s"  # the column: `txid` alone is the text above
 )
 
 
 def _last_position(connection: Connection, where: str) -> int:
     row = connection.execute(
-        f"SELECT txid::text, ordinal FROM reports {where} ORDER BY txid DESC, ordinal DESC LIMIT 1"  # noqa: S608
+        f"SELECT txid::text, ordinal FROM reports {where} ORDER BY reports.txid DESC, ordinal DESC LIMIT 1"  # noqa: S608
     ).fetchone()
     return 0 if row is None else position(int(row[0]), row[1])
 
@@ -360,6 +362,7 @@ class PostgresStore:
             self._reader().execute("SELECT 1")
 
     def close(self) -> None:
+        self._close_notices()
         with self._lock:
             for connection in [*self._readers, self._writer]:
                 connection.close()
@@ -397,6 +400,29 @@ class PostgresStore:
             self._readers = [reader for reader in self._readers if not reader.closed]
             self._readers.append(connection)
         return connection
+
+    # Other processes share the database: notices of commits (store/postgres_listen.py).
+
+    shared = True
+
+    def changed(self) -> None:
+        self._notifier.changed()
+
+    def wait_changes(self, timeout: float) -> bool:
+        return self._listener.wait(timeout)
+
+    @functools.cached_property
+    def _notifier(self) -> Notifier:
+        return Notifier(self.url)
+
+    @functools.cached_property
+    def _listener(self) -> Listener:
+        return Listener(self.url)
+
+    def _close_notices(self) -> None:
+        for notices in ("_notifier", "_listener"):
+            if notices in self.__dict__:  # made (cached_property)
+                self.__dict__.pop(notices).close()
 
 
 def _by_message(message_id: str, source: int) -> tuple[str, tuple[object, ...]]:

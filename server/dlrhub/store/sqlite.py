@@ -27,6 +27,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -430,6 +431,16 @@ class SqliteStore:
 
     def committed_cursor(self) -> int:
         return self.latest_cursor()  # one writer: every commit is visible to `changes` at once
+
+    # One process per file (the lock file): its committer publishes every change itself.
+    shared = False
+
+    def changed(self) -> None:
+        pass
+
+    def wait_changes(self, timeout: float) -> bool:
+        time.sleep(timeout)  # nobody else writes this file
+        return False
 
     def quarantined(
         self, after: int, limit: int, *, include_resolved: bool = True, ids: Sequence[int] = ()

@@ -80,8 +80,9 @@ class HttpListener:
         self._accepting: asyncio.Task[None] | None = None
         self._connecting: set[asyncio.Task[None]] = set()
 
-    async def start(self, address: str) -> None:
-        """Binds `address` (host:port; port 0 picks a free port) and starts accepting.
+    async def start(self, address: str, *, reuse_port: bool = False) -> None:
+        """Binds `address` (host:port; port 0 picks a free port) and starts accepting; with
+        `reuse_port`, other processes may bind it too (SO_REUSEPORT: the kernel shares connections).
 
         Raises OSError when the address cannot be bound.
         """
@@ -90,7 +91,9 @@ class HttpListener:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         await self._runner.setup()
         try:
-            self._socket = socket.create_server((host, int(port)), family=family, backlog=BACKLOG)
+            self._socket = socket.create_server(
+                (host, int(port)), family=family, backlog=BACKLOG, reuse_port=reuse_port
+            )
         except BaseException:
             await self._runner.cleanup()
             raise

@@ -5,8 +5,12 @@ the next group takes everything waiting (up to `max_group` submissions, and
 while they hold up to `max_group_items` items: an engine numbers a
 transaction's reports in a bounded space, see store/postgres.py). Each caller is
 answered only after its group has committed durably, and the
-group's changes are published to the hub only after that commit. Whether
-each group committed is told to `on_outcome` (the store's health).
+group's changes are handed to `publish` only after that commit: the hub itself
+when this process is the store's one writer, else a follower's wake-up (the
+follower reads them back from the store, with other processes' changes, in
+cursor order). Other processes sharing the store are told (Store.changed) after
+each commit that stored changes. Whether each group committed is told to
+`on_outcome` (the store's health).
 """
 
 from __future__ import annotations
@@ -15,13 +19,12 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
-from dlrhub.feed.hub import Hub
-from dlrhub.store.base import Store, StoreError, Transaction
+from dlrhub.store.base import Change, Store, StoreError, Transaction
 from dlrhub.write.submission import Applied, Submission, apply
 
 log = logging.getLogger(__name__)
@@ -47,7 +50,7 @@ class Committer:
     def __init__(
         self,
         store: Store,
-        hub: Hub,
+        publish: Callable[[Iterable[Change]], None],
         *,
         max_group: int = 512,
         max_group_items: int = MAX_GROUP_ITEMS,
@@ -56,7 +59,8 @@ class Committer:
         on_outcome: Callable[[Exception | None], None] | None = None,
     ) -> None:
         self._store = store
-        self._hub = hub
+        # Called on the event loop with each group's changes, in cursor order, after its commit.
+        self._publish = publish
         # Called after each commit with its duration in seconds and how many items it held.
         self._on_commit = on_commit
         # Called on the event loop after each group: None once it committed, else why it failed.
@@ -155,7 +159,7 @@ class Committer:
                         pending.future.set_exception(StoreError(f"the store could not commit: {error}"))
                 continue
             self._tell(None)
-            self._hub.publish(change for applied in results for change in applied.changes)
+            self._publish(change for applied in results for change in applied.changes)
             for pending, applied in zip(group, results, strict=True):
                 if not pending.future.done():
                     pending.future.set_result(applied)
@@ -171,9 +175,11 @@ class Committer:
         started = time.perf_counter()
         with self._store.transaction() as tx:
             applied = apply(tx, submissions, self._store.cursor_format)
-        if self._on_commit is not None:
-            try:  # committed already: a failing observer must not turn it into an error
+        try:  # committed already: a failing observer or notice must not turn it into an error
+            if any(result.changes for result in applied):
+                self._store.changed()
+            if self._on_commit is not None:
                 self._on_commit(time.perf_counter() - started, sum(map(_items, submissions)))
-            except Exception:
-                log.exception("commit observer failed")
+        except Exception:
+            log.exception("commit observer failed")
         return applied
