@@ -16,6 +16,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
+from psycopg import sql
 
 from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
 from deliveryreport.v1.delivery_report_service_pb2 import Format
@@ -236,6 +237,29 @@ def test_lost_connections_are_opened_again(stores: list[PostgresStore], postgres
     [later] = commit(store, report("m-2"))
     assert later > cursor
     store.check(write=True)
+    assert [change.cursor for change in store.changes(0, 10)] == [cursor, later]
+
+
+def test_a_database_that_refuses_new_connections_is_a_store_error(
+    stores: list[PostgresStore], postgres_db: str, postgres_url: str
+) -> None:
+    """Connecting again can fail too (the server is still down): that is a StoreError like any other
+    failure, never psycopg's own, and the store serves again once the database takes connections."""
+    store = stores[0]
+    [cursor] = commit(store, report("m-1"))
+    with psycopg.connect(postgres_db) as connection:
+        name = str(connection.info.dbname)
+    database = sql.Identifier(name)
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(database))
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+        for _ in range(2):  # the broken connection, then the refused reconnection
+            with pytest.raises(StoreError), store.transaction() as tx:
+                put(tx, report("m-2"))
+            with pytest.raises(StoreError):
+                store.latest_cursor()
+        admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(database))
+    [later] = commit(store, report("m-2"))
     assert [change.cursor for change in store.changes(0, 10)] == [cursor, later]
 
 

@@ -272,8 +272,8 @@ class PostgresStore:
 
     @contextmanager
     def transaction(self) -> Iterator[_PostgresTransaction]:
-        connection = self._writer_connection()
         try:
+            connection = self._writer_connection()
             with connection.transaction():
                 tx = _PostgresTransaction(connection)
                 yield tx
