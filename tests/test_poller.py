@@ -340,28 +340,36 @@ async def test_outage_then_recovery_loses_nothing_and_stores_nothing_twice(
 
 
 class FlakyStore(SqliteStore):
-    """A SQLite store whose first `failures` transactions raise StoreError."""
+    """A SQLite store whose transactions raise StoreError from the `first_failure`-th (counted from 1),
+    `failures` times."""
 
-    def __init__(self, path: Path, failures: int) -> None:
+    def __init__(self, path: Path, failures: int, first_failure: int = 1) -> None:
         super().__init__(path)
         self.failures = failures
+        self.first_failure = first_failure
         self.attempts = 0
 
     def transaction(self) -> Any:
         self.attempts += 1
-        if self.failures > 0:
+        if self.attempts >= self.first_failure and self.failures > 0:
             self.failures -= 1
             raise StoreError("disk unavailable")
         return super().transaction()
 
 
+# The poller's transactions: it looks for staged bodies (1), stages the fetched one (2), commits it (3).
+@pytest.mark.parametrize(
+    ("first_failure", "logged"),
+    [(2, "could not be staged"), (3, "could not be committed")],
+    ids=["staging", "commit"],
+)
 async def test_a_batch_that_cannot_be_committed_is_kept_and_retried(
-    provider: FakeProvider, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    provider: FakeProvider, tmp_path: Path, caplog: pytest.LogCaptureFixture, first_failure: int, logged: str
 ) -> None:
     caplog.set_level(logging.INFO, logger="dlrhub")
     queued = reports("s", 4)
     provider.add(*queued)
-    store = FlakyStore(tmp_path / "flaky.db", failures=2)
+    store = FlakyStore(tmp_path / "flaky.db", failures=2, first_failure=first_failure)
     committer = Committer(store, Hub())
     committer.start()
     writer = Writer(Normaliser.load(), committer, FakeClock())
@@ -372,15 +380,17 @@ async def test_a_batch_that_cannot_be_committed_is_kept_and_retried(
     poller.start()
     try:
         await eventually(lambda: all(store.messages(m) for m in ids(queued)), within=3)
-        # Committed on the third attempt, from the batch fetched once: no second request was made
+        # Written on the third attempt, from the batch fetched once: no second request was made
         # (the 30 s interval follows the commit).
-        assert store.attempts == 3
+        assert store.attempts == 5
         assert len(provider.requests) == 1
         assert provider.handed_out_ids() == ids(queued)
         for message_id in ids(queued):
             assert len(store.history(message_id)) == 1
-        kept = [r for r in caplog.records if "could not be committed" in r.getMessage()]
+        kept = [r for r in caplog.records if logged in r.getMessage()]
         assert len(kept) == 2
+        with store.transaction() as tx:
+            assert tx.staged(0, 10) == []  # unstaged with its reports
     finally:
         await poller.stop()
         await committer.stop()
