@@ -17,7 +17,7 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from deliveryreport.v1.delivery_report_pb2 import Source
+from deliveryreport.v1.delivery_report_pb2 import Channel, Source
 from deliveryreport.v1.delivery_report_service_pb2 import GetMessageRequest, RenormaliseQuarantineRequest
 from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
 from dlrhub import app as app_module
@@ -638,3 +638,35 @@ async def test_an_answer_over_the_body_cap_is_not_read_and_the_poller_backs_off(
     assert refused[0].levelno == logging.ERROR
     assert metrics.registry.get_sample_value("dlrhub_poller_failures_total", {"kind": "body_too_large"}) == 1
     assert [r.status for r in provider.requests[:2]] == [200, 200]
+
+
+# --- the channel the polled endpoint serves (#16.3) ------------------------------------------------------
+
+
+async def test_the_poller_gives_its_channel_to_reports_that_name_none(
+    provider: FakeProvider, db_path: Path, clock: FakeClock
+) -> None:
+    provider.add(report("wa-1"), {**report("named-1"), "channel": "VIBER"})
+    async with polling_app(
+        db_path, clock, provider, poll_limit=10, poll_interval=0.05, poll_channel="whatsapp"
+    ) as running:
+        store = running.app.store
+        await eventually(lambda: bool(store.messages("wa-1") and store.messages("named-1")), within=5)
+        assert store.messages("wa-1")[0].channel == Channel.CHANNEL_WHATSAPP
+        assert store.messages("named-1")[0].channel == Channel.CHANNEL_VIBER
+
+
+async def test_an_unknown_poll_channel_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    settings = Settings(
+        listen="127.0.0.1:0",
+        http_listen="127.0.0.1:0",
+        db=tmp_path / "x.db",
+        poll_base_url="http://127.0.0.1:1",
+        poll_api_key="key",
+        poll_channel="pigeon",
+    )
+    with pytest.raises(
+        ValueError, match="DLRHUB_POLL_CHANNEL: no channel is called 'pigeon'; the channels are sms"
+    ):
+        await app_module.start(settings)
+    assert not (tmp_path / "x.db").exists()
