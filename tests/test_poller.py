@@ -670,3 +670,34 @@ async def test_an_unknown_poll_channel_is_refused_before_anything_starts(tmp_pat
     ):
         await app_module.start(settings)
     assert not (tmp_path / "x.db").exists()
+
+
+class Breaking(Normaliser):
+    """A normaliser with a bug: it raises on any payload that mentions "boom"."""
+
+    def normalise(self, payload: str, *args: Any, **kwargs: Any) -> Any:
+        if "boom" in payload:
+            raise RuntimeError("a bug")
+        return super().normalise(payload, *args, **kwargs)
+
+
+async def test_a_body_the_normaliser_breaks_on_is_quarantined_whole_not_retried_for_ever(
+    server: Running, provider: FakeProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    normaliser = Normaliser.load()
+    provider.add(report("boom-1"), report("fine-1"))  # one a request
+    writer = Writer(
+        Breaking(normaliser.gms_table, normaliser.sent_sms_report_table), server.app.committer, server.clock
+    )
+    poller = Poller(PollerSettings(provider.url, KEY, limit=1, interval=0.05), writer)
+    poller.start()
+    try:
+        await eventually(lambda: bool(server.app.store.messages("fine-1")), within=5)
+    finally:
+        await poller.stop()
+    [item] = open_items(server.app.store)
+    assert (item.reason, item.whole_payload) == ("INTERNAL", True)
+    assert json.loads(item.raw) == {"results": [report("boom-1")]}
+    assert poller.failures == 0
+    assert any("could not be normalised" in r.getMessage() for r in caplog.records)
+    assert staged(server.app.store) == []
