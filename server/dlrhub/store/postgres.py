@@ -634,7 +634,7 @@ class _PostgresTransaction:
                 staged.received_nanos,
                 staged.format,
                 staged.default_channel,
-                staged.content_type,
+                text(staged.content_type),
                 staged.body,
             ),
             binary=True,
@@ -655,7 +655,7 @@ class _PostgresTransaction:
         return [
             StagedBody(
                 body=bytes(body),
-                content_type=content_type,
+                content_type=untext(content_type),
                 format=format,
                 default_channel=default_channel,
                 received_seconds=seconds,
