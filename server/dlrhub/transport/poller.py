@@ -14,6 +14,7 @@ service goes NOT_SERVING; a 400 logs the provider's `serviceException.text`; 429
 oversized answers, connection and store errors back off exponentially, with jitter. Every failure
 is retried.
 """
+
 from __future__ import annotations
 
 import asyncio
