@@ -543,6 +543,7 @@ async def test_a_batch_over_the_item_limit_is_quarantined_whole_and_the_poller_m
         await eventually(lambda: all(store.messages(m) for m in ("after-0", "after-1")), within=5)
         [item] = open_items(store)
         assert (item.reason, item.whole_payload, item.received_count) == ("TOO_MANY_ITEMS", True, 1)
+        assert "more than 5 items in one fetched body (DLRHUB_MAX_BATCH_ITEMS)" in item.description
         assert json.loads(item.raw) == {"results": reports("big", 8)}  # kept whole, as it came
         assert staged(store) == []
         # Run again (whatever the limit), every report of it is stored.

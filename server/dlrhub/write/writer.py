@@ -293,7 +293,11 @@ class Writer:
         except TooManyItems as error:
             if not staged_id:
                 raise
-            return submission([], payload_rejection=Rejection("", ErrorReason.TOO_MANY_ITEMS, str(error)))
+            description = (
+                f"more than {error.limit} items in one fetched body (DLRHUB_MAX_BATCH_ITEMS): kept whole;"
+                " RenormaliseQuarantine runs it whatever the limit"
+            )
+            return submission([], payload_rejection=Rejection("", ErrorReason.TOO_MANY_ITEMS, description))
         except Exception:
             if not staged_id:
                 raise
