@@ -10,8 +10,7 @@ Tests can make it misbehave for the next N requests (answer 500, answer 429,
 hang longer than the client's timeout without handing anything out, drip its
 answer a byte at a time, or answer a body of the test's own making; a script of
 such steps, in order, with `serve_next` for normal answers in between), and it
-records every request and every report it handed out, for assertions. With
-`on_served`, a test hears of each answer that handed reports out, once sent.
+records every request and every report it handed out, for assertions.
 
     provider = FakeProvider(api_key="k")
     await provider.start()
@@ -26,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,8 +121,6 @@ class FakeProvider:
         self._misbehaviours: deque[_Misbehaviour] = deque()
         self._runner: web.AppRunner | None = None
         self._released = asyncio.Event()
-        # Called with the message ids of each answer that handed reports out, once it was sent.
-        self.on_served: Callable[[tuple[str, ...]], None] | None = None
 
     @property
     def url(self) -> str:
@@ -200,10 +196,6 @@ class FakeProvider:
         self.requests[index] = _answered(self.requests[index], response.status, handed)
         if misbehaviour is not None and misbehaviour.kind == "drip" and response.status == 200:
             return await self._drip(request, response, misbehaviour.seconds)
-        if handed and self.on_served is not None:
-            await response.prepare(request)
-            await response.write_eof()
-            self.on_served(handed)
         return response
 
     async def _drip(self, request: web.Request, answer: web.Response, seconds: float) -> web.StreamResponse:
