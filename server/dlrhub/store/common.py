@@ -61,7 +61,8 @@ def message_page(
 
 QUARANTINE_COLUMNS = (
     "id, raw, field, reason, description, received_seconds, request_id, format, whole_payload,"
-    " resolved_seconds, received_nanos, received_count, last_received_seconds, last_received_nanos"
+    " resolved_seconds, received_nanos, received_count, last_received_seconds, last_received_nanos,"
+    " default_channel"
 )
 
 
@@ -81,6 +82,7 @@ def quarantined_item(row: Sequence[Any]) -> tuple[int, QuarantinedItem]:
         received_count=row[11],
         last_received_seconds=row[12],
         last_received_nanos=row[13],
+        default_channel=row[14],
     )
     return row[0], item
 

@@ -8,7 +8,7 @@ Tables (migration 1 holds what SQLite's schema 6 holds; `dlrhub_schema` records 
 - messages: the merged state of each (source, message_id); `id` is its place for paging;
 - reports: the history; each row's position is (txid, ordinal): the id of the transaction that
   stored it (pg_current_xact_id()) and its place in that transaction; `digest` is unique;
-- quarantine, requests: as in SQLite.
+- quarantine, requests, staged: as in SQLite.
 
 Positions. A sequence would not do: an id is taken before commit, so a transaction can commit a
 smaller id after a reader has passed it. A transaction id is taken before commit too, but every
@@ -53,6 +53,7 @@ from dlrhub.store.base import (
     QuarantinedItem,
     SavedResponse,
     Selector,
+    StagedBody,
     StoreError,
 )
 from dlrhub.store.codec import decode_state, encode_merge
@@ -136,10 +137,29 @@ def _migration_1(connection: Connection) -> None:
         connection.execute(statement)
 
 
+def _migration_2(connection: Connection) -> None:
+    """As SQLite's schema 7: fetched bodies are staged (kept raw until their reports commit), and a
+    quarantined item keeps the channel of the endpoint it came to (0: none said, SMS)."""
+    for statement in (
+        """CREATE TABLE staged (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            received_seconds bigint NOT NULL,
+            received_nanos integer NOT NULL,
+            format integer NOT NULL,
+            default_channel integer NOT NULL,
+            content_type text NOT NULL,
+            body bytea NOT NULL
+        )""",
+        "ALTER TABLE quarantine ADD COLUMN default_channel integer NOT NULL DEFAULT 0",
+    ):
+        connection.execute(statement)
+
+
 # Append only: a release never edits a migration that has shipped. Each runs in the one transaction
 # that brings the schema up to date, under the migration lock.
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _migration_1,
+    _migration_2,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -492,7 +512,8 @@ _UPSERT_MESSAGES = """INSERT INTO messages
         bulk_id = excluded.bulk_id, reference = excluded.reference, status = excluded.status,
         report = excluded.report, merge = excluded.merge, cursor = excluded.cursor"""
 _QUARANTINE = """INSERT INTO quarantine (received_seconds, received_nanos, request_id, field, reason,
-        description, raw, format, whole_payload, digest) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+        description, raw, format, whole_payload, digest, default_channel)
+    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
     ON CONFLICT (digest) WHERE resolved_seconds IS NULL DO UPDATE SET
         received_count = quarantine.received_count + 1,
         last_received_seconds = excluded.received_seconds,
@@ -618,6 +639,7 @@ class _PostgresTransaction:
                 item.format,
                 item.whole_payload,
                 item.digest(),
+                item.default_channel,
             )
         )
 
@@ -649,6 +671,46 @@ class _PostgresTransaction:
             (before_seconds, limit),
         )
         return deleted.rowcount
+
+    def stage(self, staged: StagedBody) -> int:
+        row = self._connection.execute(
+            "INSERT INTO staged (received_seconds, received_nanos, format, default_channel, content_type,"
+            " body) VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
+            (
+                staged.received_seconds,
+                staged.received_nanos,
+                staged.format,
+                staged.default_channel,
+                text(staged.content_type),
+                staged.body,
+            ),
+            binary=True,
+        ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def unstage(self, staged_id: int) -> None:
+        self._connection.execute("DELETE FROM staged WHERE id = %s", (staged_id,))
+
+    def staged(self, after: int, limit: int) -> list[StagedBody]:
+        rows = self._connection.execute(
+            "SELECT id, received_seconds, received_nanos, format, default_channel, content_type, body"
+            " FROM staged WHERE id > %s ORDER BY id LIMIT %s",
+            (after, limit),
+            binary=True,
+        )
+        return [
+            StagedBody(
+                body=bytes(body),
+                content_type=untext(content_type),
+                format=format,
+                default_channel=default_channel,
+                received_seconds=seconds,
+                received_nanos=nanos,
+                id=staged_id,
+            )
+            for staged_id, seconds, nanos, format, default_channel, content_type, body in rows
+        ]
 
     def touch(self) -> None:
         """A durable write that changes nothing (Store.check): the schema version set to itself."""
