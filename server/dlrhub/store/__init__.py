@@ -1,6 +1,7 @@
 """Storage behind a small interface (base.py); SQLite is the embedded default."""
 
 from dlrhub.store.base import (
+    AwaitingSeen,
     Change,
     ChangeFilter,
     MessagePage,
@@ -14,6 +15,7 @@ from dlrhub.store.base import (
 from dlrhub.store.sqlite import SqliteStore
 
 __all__ = [
+    "AwaitingSeen",
     "Change",
     "ChangeFilter",
     "MessagePage",

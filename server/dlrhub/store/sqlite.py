@@ -2,7 +2,8 @@
 
 Tables (sqlite-utils builds them; migrations are numbered and recorded in
 PRAGMA user_version, so a newer release opens an older file):
-- messages: the merged state of each (source, message_id);
+- messages: the merged state of each (source, message_id), with the state's channel and time
+  (`state_seconds`: its event time, else its received time) for Store.awaiting_seen;
 - reports: the append-only history of distinct reports; its INTEGER PRIMARY
   KEY AUTOINCREMENT `cursor` is the Stream position (never reused), and its
   `digest` (the report's identity, dlrhub.merge.digest) is unique;
@@ -35,9 +36,17 @@ from typing import Any, ParamSpec, TypeVar
 
 import sqlite_utils
 
-from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
+from deliveryreport.v1.delivery_report_pb2 import DeliveryReport, Source
 from dlrhub.merge import MessageState, merge, merge_key
-from dlrhub.store.base import Change, MessagePage, QuarantinedItem, SavedResponse, Selector, StoreError
+from dlrhub.store.base import (
+    AwaitingSeen,
+    Change,
+    MessagePage,
+    QuarantinedItem,
+    SavedResponse,
+    Selector,
+    StoreError,
+)
 from dlrhub.store.codec import decode_state, encode_merge
 
 log = logging.getLogger(__name__)
@@ -260,6 +269,45 @@ def _migration_6(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migration_7(db: sqlite_utils.Database) -> None:
+    """Messages keep their state's channel and time, for the GMS seen fetcher (Store.awaiting_seen).
+
+    Every message's columns are filled from its state. A partial index holds only the messages that
+    fetcher asks about: DELIVERED (3) on Viber (2) or WhatsApp (3), the values of the contract's
+    enums (SEEN_CHANNELS), which never change.
+    """
+    connection = db.conn
+    connection.execute("ALTER TABLE messages ADD COLUMN channel INTEGER NOT NULL DEFAULT 0")
+    connection.execute("ALTER TABLE messages ADD COLUMN state_seconds INTEGER NOT NULL DEFAULT 0")
+    after = 0
+    while rows := connection.execute(
+        "SELECT id, report FROM messages WHERE id > ? ORDER BY id LIMIT ?", (after, MIGRATION_CHUNK)
+    ).fetchall():
+        connection.executemany(
+            "UPDATE messages SET channel = ?, state_seconds = ? WHERE id = ?",
+            [(*_channel_and_seconds(DeliveryReport.FromString(report)), row_id) for row_id, report in rows],
+        )
+        after = rows[-1][0]
+    connection.execute(
+        "CREATE INDEX idx_messages_awaiting_seen ON messages (source, state_seconds, id)"
+        " WHERE status = 3 AND channel IN (2, 3)"
+    )
+
+
+# Repeats the WHERE terms of migration 7's partial index word for word: SQLite uses it so.
+AWAITING_SEEN_QUERY = (
+    "SELECT message_id, state_seconds, id FROM messages"
+    " WHERE status = 3 AND channel IN (2, 3) AND source = ? AND state_seconds >= ?"
+    " AND (state_seconds, id) > (?, ?) ORDER BY state_seconds, id LIMIT ?"
+)
+
+
+def _channel_and_seconds(state: DeliveryReport) -> tuple[int, int]:
+    """A message's `channel` and `state_seconds` columns, from its state."""
+    time = state.event_time if state.HasField("event_time") else state.received_time
+    return state.channel, time.seconds
+
+
 # Append only: a release never edits a migration that has shipped.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
@@ -268,6 +316,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_4,
     _migration_5,
     _migration_6,
+    _migration_7,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -442,6 +491,12 @@ class SqliteStore:
             for cursor, report, state, raw in rows
         ]
 
+    def awaiting_seen(self, since_seconds: int, after: tuple[int, int], limit: int) -> list[AwaitingSeen]:
+        rows = self._reader().execute(
+            AWAITING_SEEN_QUERY, (Source.SOURCE_GMS, since_seconds, after[0], after[1], limit)
+        )
+        return [AwaitingSeen(message_id, seconds, row_id) for message_id, seconds, row_id in rows]
+
     def latest_cursor(self) -> int:
         row = self._reader().execute("SELECT max(cursor) FROM reports").fetchone()
         return int(row[0] or 0)
@@ -589,11 +644,13 @@ class _SqliteTransaction:
             ),
         ).fetchone()[0]
         self._connection.execute(
-            """INSERT INTO messages (source, message_id, bulk_id, reference, status, report, merge, cursor)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+            """INSERT INTO messages (source, message_id, bulk_id, reference, status, report, merge, cursor,
+                 channel, state_seconds)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT (source, message_id) DO UPDATE SET
                  bulk_id = excluded.bulk_id, reference = excluded.reference, status = excluded.status,
-                 report = excluded.report, merge = excluded.merge, cursor = excluded.cursor""",
+                 report = excluded.report, merge = excluded.merge, cursor = excluded.cursor,
+                 channel = excluded.channel, state_seconds = excluded.state_seconds""",
             (
                 merged.source,
                 merged.message_id,
@@ -603,6 +660,7 @@ class _SqliteTransaction:
                 merged_bytes,
                 encode_merge(state),
                 cursor,
+                *_channel_and_seconds(merged),
             ),
         )
         return cursor
