@@ -6,10 +6,12 @@ UNAUTHORIZED body otherwise); `limit` defaults to 50 and must be 1 to
 `max_limit` (400 with a BAD_REQUEST body and a text otherwise). Optional
 `bulkId` and `messageId` filters narrow what is handed out.
 
-Tests can make it misbehave for the next N requests (answer 500, answer 429, or
-hang longer than the client's timeout without handing anything out; a script of
+Tests can make it misbehave for the next N requests (answer 500, answer 429,
+hang longer than the client's timeout without handing anything out, drip its
+answer a byte at a time, or answer a body of the test's own making; a script of
 such steps, in order, with `serve_next` for normal answers in between), and it
-records every request and every report it handed out, for assertions.
+records every request and every report it handed out, for assertions. With
+`on_served`, a test hears of each answer that handed reports out, once sent.
 
     provider = FakeProvider(api_key="k")
     await provider.start()
@@ -24,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,10 +98,13 @@ class ProviderRequest:
 
 @dataclass(slots=True)
 class _Misbehaviour:
-    kind: str  # "ok", "status" or "hang"
+    kind: str  # "ok", "status", "hang", "drip" or "body"
     remaining: int
     status: int = 0
     seconds: float = 0.0
+    # For "body": the answer's bytes and Content-Type.
+    body: bytes = b""
+    content_type: str = ""
 
 
 class FakeProvider:
@@ -117,6 +123,8 @@ class FakeProvider:
         self._misbehaviours: deque[_Misbehaviour] = deque()
         self._runner: web.AppRunner | None = None
         self._released = asyncio.Event()
+        # Called with the message ids of each answer that handed reports out, once it was sent.
+        self.on_served: Callable[[tuple[str, ...]], None] | None = None
 
     @property
     def url(self) -> str:
@@ -168,22 +176,57 @@ class FakeProvider:
         """Holds the next `times` requests for `seconds` (or until stop) before answering 503."""
         self._misbehaviours.append(_Misbehaviour("hang", times, seconds=seconds))
 
+    def drip_next(self, times: int, seconds_per_byte: float = 1.0) -> None:
+        """Answers the next `times` requests normally, but writes the body a byte at a time, one every
+        `seconds_per_byte` (until stop): each read is quick, the whole answer never ends in time."""
+        self._misbehaviours.append(_Misbehaviour("drip", times, seconds=seconds_per_byte))
+
+    def answer_next(self, body: bytes, content_type: str = "application/json", times: int = 1) -> None:
+        """Answers 200 with `body` as it is (its reports are not counted as handed out)."""
+        self._misbehaviours.append(_Misbehaviour("body", times, body=body, content_type=content_type))
+
     def handed_out_ids(self) -> list[str]:
         return [str(item["messageId"]) for item in self.handed_out]
 
     # The endpoint.
 
-    async def _reports(self, request: web.Request) -> web.Response:
+    async def _reports(self, request: web.Request) -> web.StreamResponse:
         index = len(self.requests)
         self.requests.append(
             ProviderRequest(request.method, request.path, dict(request.query), _headers(request.headers))
         )
-        response, handed = await self._answer(request)
+        misbehaviour = self._next_misbehaviour()
+        response, handed = await self._answer(request, misbehaviour)
         self.requests[index] = _answered(self.requests[index], response.status, handed)
+        if misbehaviour is not None and misbehaviour.kind == "drip" and response.status == 200:
+            return await self._drip(request, response, misbehaviour.seconds)
+        if handed and self.on_served is not None:
+            await response.prepare(request)
+            await response.write_eof()
+            self.on_served(handed)
         return response
 
-    async def _answer(self, request: web.Request) -> tuple[web.Response, tuple[str, ...]]:
-        misbehaviour = self._next_misbehaviour()
+    async def _drip(self, request: web.Request, answer: web.Response, seconds: float) -> web.StreamResponse:
+        body = answer.body
+        assert isinstance(body, bytes)
+        dripping = web.StreamResponse(headers={"Content-Type": "application/json"})
+        dripping.content_length = len(body)
+        await dripping.prepare(request)
+        with contextlib.suppress(ConnectionError):  # the client gave up
+            for index in range(len(body)):
+                await dripping.write(body[index : index + 1])
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._released.wait(), seconds)
+            await dripping.write_eof()
+        return dripping
+
+    async def _answer(
+        self, request: web.Request, misbehaviour: _Misbehaviour | None
+    ) -> tuple[web.Response, tuple[str, ...]]:
+        if misbehaviour is not None and misbehaviour.kind == "body":
+            return web.Response(
+                body=misbehaviour.body, headers={"Content-Type": misbehaviour.content_type}
+            ), ()
         if misbehaviour is not None and misbehaviour.kind == "hang":
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._released.wait(), misbehaviour.seconds)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -25,6 +26,7 @@ import httpx
 from deliveryreport.v1.delivery_report_service_pb2 import Format
 from dlrhub.observability.metrics import Metrics
 from dlrhub.store.base import StoreError
+from dlrhub.transport.fetching import DEFAULT_MAX_BODY_BYTES, Fetched, FetchFailure, backoff_delay, fetch
 from dlrhub.write.writer import Writer
 
 log = logging.getLogger(__name__)
@@ -41,8 +43,10 @@ class PollerSettings:
     limit: int = MAX_LIMIT
     # Seconds between polls when the last batch was not full.
     interval: float = 5.0
-    # Seconds a request may take.
+    # Seconds a request may take in all, its answer read whole.
     timeout: float = 30.0
+    # The largest answer read; a larger one is refused (logged, counted, backed off).
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # Backoff after failures: initial and maximum seconds.
     backoff_initial: float = 1.0
     backoff_max: float = 300.0
@@ -132,9 +136,8 @@ class Poller:
 
     def backoff(self) -> float:
         """Exponential in the number of failures in a row, capped, with full jitter on its upper half."""
-        doubling: float = 2.0 ** min(max(self.failures - 1, 0), 30)
-        ceiling = min(self.settings.backoff_max, self.settings.backoff_initial * doubling)
-        return ceiling / 2 + self._jitter() * ceiling / 2
+        settings = self.settings
+        return backoff_delay(self.failures, settings.backoff_initial, settings.backoff_max, self._jitter)
 
     async def poll_once(self) -> int:
         """Fetches one batch and commits it; returns how many reports it held. Raises PollFailure."""
@@ -165,16 +168,30 @@ class Poller:
         url = self.settings.base_url.rstrip("/") + "/sms/1/reports"
         headers = {"Authorization": f"App {self.settings.api_key}", "Accept": "application/json"}
         try:
-            response = await self._client.get(url, params={"limit": self.settings.limit}, headers=headers)
-        except httpx.TimeoutException as error:
-            log.warning("poll: timed out", extra={"url": url})
-            raise PollFailure("timeout", str(error)) from error
-        except httpx.TransportError as error:
-            log.warning("poll: cannot connect", extra={"url": url, "error": str(error)})
-            raise PollFailure("connection", str(error)) from error
-        status = response.status_code
+            response = await fetch(
+                self._client,
+                "GET",
+                url,
+                deadline=self.settings.timeout,
+                max_body_bytes=self.settings.max_body_bytes,
+                params={"limit": self.settings.limit},
+                headers=headers,
+            )
+        except FetchFailure as failure:
+            if failure.kind == "timeout":
+                log.warning("poll: timed out", extra={"url": url, "error": str(failure)})
+            elif failure.kind == "body_too_large":
+                log.error(
+                    "poll: the provider's answer is over DLRHUB_POLL_MAX_BODY_BYTES; its reports cannot"
+                    " be kept",
+                    extra={"url": url, "error": str(failure)},
+                )
+            else:
+                log.warning("poll: cannot connect", extra={"url": url, "error": str(failure)})
+            raise PollFailure(failure.kind, str(failure)) from failure
+        status = response.status
         if status == 200:
-            return response.text
+            return response.body.decode("utf-8")
         if status in (401, 403):
             log.error(
                 "poll: the provider refused the API key (HTTP %d); check DLRHUB_POLL_API_KEY",
@@ -202,9 +219,9 @@ class Poller:
             await self._set_serving(serving)
 
 
-def _service_exception_text(response: httpx.Response) -> str:
+def _service_exception_text(response: Fetched) -> str:
     """The provider's `requestError.serviceException.text`, or the start of the body."""
     try:
-        return str(response.json()["requestError"]["serviceException"]["text"])
+        return str(json.loads(response.body)["requestError"]["serviceException"]["text"])
     except (ValueError, KeyError, TypeError):
-        return response.text[:200]
+        return response.body[:200].decode("utf-8", "replace")
