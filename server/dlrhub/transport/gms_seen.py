@@ -47,7 +47,7 @@ import httpx
 from deliveryreport.v1.delivery_report_pb2 import DeliveryStatus, Source
 from deliveryreport.v1.delivery_report_service_pb2 import Format
 from dlrhub.observability.metrics import Metrics
-from dlrhub.store.base import ReadRunner, Store, StoreError
+from dlrhub.store.base import SEEN_CHANNELS, ReadRunner, Store, StoreError
 from dlrhub.transport.fetching import FetchFailure, backoff_delay, fetch, stop_task
 from dlrhub.write.writer import Writer
 
@@ -307,7 +307,7 @@ class GmsSeenFetcher:
 
     async def _outcome(self, entry: _Entry) -> str:
         """Asks about one message and stores the answer; says what happened: seen, done (no longer
-        DELIVERED, but not seen), not_seen, auth, not_found, client_error, throttled,
+        awaiting "seen", but not seen), not_seen, auth, not_found, client_error, throttled,
         server_error, timeout, connection, body_too_large, rejected or store."""
         url = self.settings.url(entry.message_id)
         try:
@@ -350,11 +350,13 @@ class GmsSeenFetcher:
         if ingested.rejection is not None or ingested.response.rejected_count:
             log.warning("gms seen: GMS's answer was rejected (quarantined)", extra={"url": url})
             return "rejected"
-        states = await self._read(lambda: self._store.messages(entry.message_id, _GMS))
-        state = states[0].status if states else _DELIVERED
-        if state == _SEEN:
+        states = await self._read(functools.partial(self._store.messages, entry.message_id, _GMS))
+        state = states[0] if states else None
+        if state is not None and state.status == _SEEN:
             return "seen"
-        return "not_seen" if state == _DELIVERED else "done"
+        if state is not None and state.status == _DELIVERED and state.channel in SEEN_CHANNELS:
+            return "not_seen"
+        return "done"  # no longer awaiting "seen" (delivered by SMS after all, say)
 
     # Reporting.
 
