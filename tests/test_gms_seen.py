@@ -155,7 +155,7 @@ async def test_refused_credentials_make_it_not_serving_until_they_work_again(
         assert s.fetcher.paused_until >= s.clock() / 1e9 + 5
 
         gms.password = PASSWORD
-        await s.advance_until(10, lambda: s.counted("seen") == 1, "asked again and seen")
+        await s.advance_until(11, lambda: s.counted("seen") == 1, "asked again and seen")
         assert s.state("viber-1").status == status("SEEN")
         await eventually(lambda: _is(s.health(), SERVING), "SERVING again")
 
@@ -171,10 +171,10 @@ async def test_server_errors_back_off_exponentially_then_it_succeeds(
         first_pause = s.fetcher.paused_until - s.clock() / 1e9
         assert 5 <= first_pause <= 10
         assert len(gms.requests) == 1  # nothing more until the pause is over
-        await s.advance_until(first_pause, lambda: s.counted("server_error") == 2, "the second 500")
+        await s.advance_until(first_pause + 1, lambda: s.counted("server_error") == 2, "the second 500")
         second_pause = s.fetcher.paused_until - s.clock() / 1e9
         assert 10 <= second_pause <= 20  # doubled
-        await s.advance_until(second_pause, lambda: s.counted("seen") == 1, "seen after the errors")
+        await s.advance_until(second_pause + 1, lambda: s.counted("seen") == 1, "seen after the errors")
         assert [request.status for request in gms.requests] == [500, 500, 200]
         assert s.fetcher.failures == 0
         assert await s.health() == SERVING
@@ -189,7 +189,7 @@ async def test_a_request_that_hangs_is_ended_by_its_deadline(
         gms.hang_next(1, seconds=30)
         await s.advance_until(INTERVAL, lambda: s.counted("timeout") == 1, "the deadline")
         assert s.state("viber-1").status == status("DELIVERED")
-        await s.advance_until(10, lambda: s.counted("seen") == 1, "asked again after the backoff")
+        await s.advance_until(11, lambda: s.counted("seen") == 1, "asked again after the backoff")
         assert s.state("viber-1").status == status("SEEN")
 
 
