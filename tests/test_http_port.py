@@ -39,6 +39,7 @@ from tools import launcher
 
 GMS = "/webhooks/gms"
 SMS = "/webhooks/sent-sms-report"
+SMS_VIBER = "/webhooks/sent-sms-report/viber"
 
 
 def post(path: str, body: str, *, keep_alive: bool = False) -> bytes:
@@ -164,10 +165,17 @@ async def test_the_admin_port_is_off_by_default(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("lists", "expected"),
     [
-        ({"webhook_allow_from": "10.0.0.0/8,2001:db8::/32"}, {GMS: 403, SMS: 403}),
-        ({"webhook_allow_from": "10.0.0.0/8, 127.0.0.0/8"}, {GMS: 200, SMS: 200}),
-        # A route's own list replaces the common one.
-        ({"webhook_allow_from": "10.0.0.0/8", "gms_webhook_allow_from": "127.0.0.1"}, {GMS: 200, SMS: 403}),
+        ({"webhook_allow_from": "10.0.0.0/8,2001:db8::/32"}, {GMS: 403, SMS: 403, SMS_VIBER: 403}),
+        ({"webhook_allow_from": "10.0.0.0/8, 127.0.0.0/8"}, {GMS: 200, SMS: 200, SMS_VIBER: 200}),
+        # A route's own list replaces the common one; a channel route has its parent's.
+        (
+            {"webhook_allow_from": "10.0.0.0/8", "gms_webhook_allow_from": "127.0.0.1"},
+            {GMS: 200, SMS: 403, SMS_VIBER: 403},
+        ),
+        (
+            {"webhook_allow_from": "10.0.0.0/8", "sent_sms_report_webhook_allow_from": "127.0.0.1"},
+            {GMS: 403, SMS: 200, SMS_VIBER: 200},
+        ),
     ],
 )
 async def test_a_post_from_outside_the_allow_list_gets_403_and_nothing_is_stored(
@@ -180,6 +188,7 @@ async def test_a_post_from_outside_the_allow_list_gets_403_and_nothing_is_stored
         answers = {
             GMS: await http.post(GMS, content=gms_batch("from-1")),
             SMS: await http.post(SMS, content=ssr_payload(ssr("from-2"))),
+            SMS_VIBER: await http.post(SMS_VIBER, content=ssr_payload(ssr("from-3"))),
         }
         assert {path: answer.status_code for path, answer in answers.items()} == expected
         for answer in answers.values():
@@ -205,9 +214,10 @@ async def test_the_allow_list_comes_before_the_credentials(tmp_path: Path) -> No
         # An allowed address still needs the credentials; a refused one is refused with them.
         assert (await http.post(GMS, content=gms_batch("both-1"))).status_code == 401
         assert (await http.post(GMS, content=gms_batch("both-2"), auth=("gms", "s3cret"))).status_code == 200
-        refused = await http.post(SMS, content=ssr_payload(ssr("both-3")), params={"token": "t0ken"})
-        assert refused.status_code == 403
-        assert "WWW-Authenticate" not in refused.headers
+        for route in (SMS, SMS_VIBER, SMS + "/no-such-channel"):  # refused before its channel is looked up
+            refused = await http.post(route, content=ssr_payload(ssr("both-3")), params={"token": "t0ken"})
+            assert refused.status_code == 403
+            assert "WWW-Authenticate" not in refused.headers
         assert running.store.latest_cursor() == 1
 
 

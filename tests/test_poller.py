@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -16,13 +17,14 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2
 
-from deliveryreport.v1.delivery_report_pb2 import Source
-from deliveryreport.v1.delivery_report_service_pb2 import GetMessageRequest
+from deliveryreport.v1.delivery_report_pb2 import Channel, Source
+from deliveryreport.v1.delivery_report_service_pb2 import GetMessageRequest, RenormaliseQuarantineRequest
 from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
 from dlrhub import app as app_module
 from dlrhub.config import Settings
 from dlrhub.feed.hub import Hub
 from dlrhub.normalise import Normaliser
+from dlrhub.observability.metrics import Metrics
 from dlrhub.store import SqliteStore
 from dlrhub.store.base import StoreError
 from dlrhub.transport.poller import HEALTH_SERVICE, Poller, PollerSettings
@@ -328,28 +330,36 @@ async def test_outage_then_recovery_loses_nothing_and_stores_nothing_twice(
 
 
 class FlakyStore(SqliteStore):
-    """A SQLite store whose first `failures` transactions raise StoreError."""
+    """A SQLite store whose transactions raise StoreError from the `first_failure`-th (counted from 1),
+    `failures` times."""
 
-    def __init__(self, path: Path, failures: int) -> None:
+    def __init__(self, path: Path, failures: int, first_failure: int = 1) -> None:
         super().__init__(path)
         self.failures = failures
+        self.first_failure = first_failure
         self.attempts = 0
 
     def transaction(self) -> Any:
         self.attempts += 1
-        if self.failures > 0:
+        if self.attempts >= self.first_failure and self.failures > 0:
             self.failures -= 1
             raise StoreError("disk unavailable")
         return super().transaction()
 
 
+# The poller's transactions: it looks for staged bodies (1), stages the fetched one (2), commits it (3).
+@pytest.mark.parametrize(
+    ("first_failure", "logged"),
+    [(2, "could not be staged"), (3, "could not be committed")],
+    ids=["staging", "commit"],
+)
 async def test_a_batch_that_cannot_be_committed_is_kept_and_retried(
-    provider: FakeProvider, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    provider: FakeProvider, tmp_path: Path, caplog: pytest.LogCaptureFixture, first_failure: int, logged: str
 ) -> None:
     caplog.set_level(logging.INFO, logger="dlrhub")
     queued = reports("s", 4)
     provider.add(*queued)
-    store = FlakyStore(tmp_path / "flaky.db", failures=2)
+    store = FlakyStore(tmp_path / "flaky.db", failures=2, first_failure=first_failure)
     committer = Committer(store, Hub())
     committer.start()
     writer = Writer(Normaliser.load(), committer, FakeClock())
@@ -360,15 +370,17 @@ async def test_a_batch_that_cannot_be_committed_is_kept_and_retried(
     poller.start()
     try:
         await eventually(lambda: all(store.messages(m) for m in ids(queued)), within=3)
-        # Committed on the third attempt, from the batch fetched once: no second request was made
+        # Written on the third attempt, from the batch fetched once: no second request was made
         # (the 30 s interval follows the commit).
-        assert store.attempts == 3
+        assert store.attempts == 5
         assert len(provider.requests) == 1
         assert provider.handed_out_ids() == ids(queued)
         for message_id in ids(queued):
             assert len(store.history(message_id)) == 1
-        kept = [r for r in caplog.records if "could not be committed" in r.getMessage()]
+        kept = [r for r in caplog.records if logged in r.getMessage()]
         assert len(kept) == 2
+        with store.transaction() as tx:
+            assert tx.staged(0, 10) == []  # unstaged with its reports
     finally:
         await poller.stop()
         await committer.stop()
@@ -486,3 +498,163 @@ async def test_backoff_is_exponential_with_jitter_and_capped(tmp_path: Path) -> 
     finally:
         await poller.stop()
         store.close()
+
+
+# --- nothing wedges the poller (#19.5) -------------------------------------------------------------------
+
+
+def results_body(*items: dict[str, Any]) -> bytes:
+    return json.dumps({"results": list(items)}).encode()
+
+
+def open_items(store: SqliteStore | Any) -> list[Any]:
+    return [item for _, item in store.quarantined(0, 100, include_resolved=False)]
+
+
+def staged(store: Any) -> list[Any]:
+    with store.transaction() as tx:
+        return list(tx.staged(0, 100))
+
+
+async def test_a_batch_over_the_item_limit_is_quarantined_whole_and_the_poller_moves_on(
+    provider: FakeProvider, db_path: Path, clock: FakeClock
+) -> None:
+    # The provider hands out more than the poller asked for: more than the server takes in one batch.
+    provider.answer_next(results_body(*reports("big", 8)))
+    provider.add(*reports("after", 2))
+    async with polling_app(
+        db_path, clock, provider, fast_backoff=True, max_batch_items=5, poll_limit=5, poll_interval=0.05
+    ) as running:
+        store = running.app.store
+        await eventually(lambda: all(store.messages(m) for m in ("after-0", "after-1")), within=5)
+        [item] = open_items(store)
+        assert (item.reason, item.whole_payload, item.received_count) == ("TOO_MANY_ITEMS", True, 1)
+        assert json.loads(item.raw) == {"results": reports("big", 8)}  # kept whole, as it came
+        assert staged(store) == []
+        # Run again (whatever the limit), every report of it is stored.
+        response = await running.stub.RenormaliseQuarantine(RenormaliseQuarantineRequest())
+        assert response.resolved_count == 1
+        assert all(store.messages(f"big-{i}") for i in range(8))
+
+
+async def test_a_lone_surrogate_under_charset_unicode_escape_quarantines_its_item_only(
+    provider: FakeProvider, db_path: Path, clock: FakeClock
+) -> None:
+    """#19.5: read with the charset it declared, the body held a lone surrogate that nothing could
+    store, and the poller retried it for ever."""
+    good = report("ue-good")
+    body = results_body(good, report("\\ud800-bad")).replace(b"\\\\ud800", b"\\ud800")
+    assert b'"messageId": "\\ud800-bad"' in body  # a JSON escape, as the provider wrote it
+    provider.answer_next(body, content_type="application/json; charset=unicode_escape")
+    provider.add(report("ue-after"))
+    async with polling_app(
+        db_path, clock, provider, fast_backoff=True, poll_limit=10, poll_interval=0.05
+    ) as running:
+        store = running.app.store
+        await eventually(lambda: bool(store.messages("ue-after")), within=5)
+        assert store.messages("ue-good")
+        [item] = open_items(store)
+        assert (item.field, item.reason, item.whole_payload) == (
+            "results[1].messageId",
+            "INVALID_VALUE",
+            False,
+        )
+        assert "unpaired surrogate" in item.description
+        assert staged(store) == []
+
+
+async def test_a_body_that_is_not_utf8_is_quarantined_whole_and_readable(
+    provider: FakeProvider, db_path: Path, clock: FakeClock
+) -> None:
+    body = results_body(report("latin-1")).replace(b"41793026727", b"41793\xe9\xed\xa0\x80")
+    provider.answer_next(body, content_type="application/json; charset=iso-8859-1")
+    provider.add(report("u-after"))
+    async with polling_app(
+        db_path, clock, provider, fast_backoff=True, poll_limit=10, poll_interval=0.05
+    ) as running:
+        store = running.app.store
+        await eventually(lambda: bool(store.messages("u-after")), within=5)
+        [item] = open_items(store)
+        assert (item.reason, item.whole_payload) == ("INVALID_UTF8", True)
+        assert "41793\\xe9\\xed\\xa0\\x80" in item.raw  # every byte kept, readable
+        assert item.received_time().ToNanoseconds() == clock.now_ns
+        assert staged(store) == []
+
+
+async def test_every_request_has_one_deadline_for_the_whole_answer(
+    server: Running, provider: FakeProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="dlrhub")
+    provider.drip_next(1, seconds_per_byte=0.02)  # an empty answer, a byte every 20 ms: ~0.3 s
+    provider.serve_next(1)
+    poller = direct_poller(server, provider, timeout=0.15, interval=30.0)
+    poller.start()
+    try:
+        await eventually(lambda: len(provider.requests) >= 2, within=5)
+    finally:
+        await poller.stop()
+    timed_out = [r for r in caplog.records if r.getMessage() == "poll: timed out"]
+    assert timed_out
+    assert "within 0.15 s" in str(timed_out[0].__dict__["error"])
+
+
+async def test_an_answer_over_the_body_cap_is_not_read_and_the_poller_backs_off(
+    server: Running, provider: FakeProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="dlrhub")
+    metrics = Metrics()
+    provider.answer_next(results_body(*reports("huge", 50)))
+    provider.add(*reports("small", 1))
+    writer = Writer(Normaliser.load(), server.app.committer, server.clock)
+    settings = PollerSettings(
+        provider.url,
+        KEY,
+        limit=10,
+        interval=30.0,
+        backoff_initial=0.01,
+        backoff_max=0.05,
+        max_body_bytes=2000,
+    )
+    poller = Poller(settings, writer, metrics=metrics)
+    poller.start()
+    try:
+        await eventually(lambda: bool(server.app.store.messages("small-0")), within=5)
+    finally:
+        await poller.stop()
+    refused = [r for r in caplog.records if "over DLRHUB_POLL_MAX_BODY_BYTES" in r.getMessage()]
+    assert refused
+    assert refused[0].levelno == logging.ERROR
+    assert metrics.registry.get_sample_value("dlrhub_poller_failures_total", {"kind": "body_too_large"}) == 1
+    assert [r.status for r in provider.requests[:2]] == [200, 200]
+
+
+# --- the channel the polled endpoint serves (#16.3) ------------------------------------------------------
+
+
+async def test_the_poller_gives_its_channel_to_reports_that_name_none(
+    provider: FakeProvider, db_path: Path, clock: FakeClock
+) -> None:
+    provider.add(report("wa-1"), {**report("named-1"), "channel": "VIBER"})
+    async with polling_app(
+        db_path, clock, provider, poll_limit=10, poll_interval=0.05, poll_channel="whatsapp"
+    ) as running:
+        store = running.app.store
+        await eventually(lambda: bool(store.messages("wa-1") and store.messages("named-1")), within=5)
+        assert store.messages("wa-1")[0].channel == Channel.CHANNEL_WHATSAPP
+        assert store.messages("named-1")[0].channel == Channel.CHANNEL_VIBER
+
+
+async def test_an_unknown_poll_channel_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    settings = Settings(
+        listen="127.0.0.1:0",
+        http_listen="127.0.0.1:0",
+        db=tmp_path / "x.db",
+        poll_base_url="http://127.0.0.1:1",
+        poll_api_key="key",
+        poll_channel="pigeon",
+    )
+    with pytest.raises(
+        ValueError, match="DLRHUB_POLL_CHANNEL: no channel is called 'pigeon'; the channels are sms"
+    ):
+        await app_module.start(settings)
+    assert not (tmp_path / "x.db").exists()

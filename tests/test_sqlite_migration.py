@@ -332,17 +332,17 @@ def test_open_quarantined_items_kept_more_than_once_become_one_counted_row(tmp_p
         store.close()
 
 
-def test_schema_7_gives_every_message_its_channel_and_time_and_indexes_those_awaiting_seen(
+def test_schema_8_gives_every_message_its_channel_and_time_and_indexes_those_awaiting_seen(
     tmp_path: Path,
 ) -> None:
-    path = tmp_path / "release-6.db"
+    path = tmp_path / "release-7.db"
     viber = gms(S.DELIVERY_STATUS_DELIVERED, 23, received=50, message_id="g-viber")
     viber.channel = Channel.CHANNEL_VIBER
     viber.event_time.FromSeconds(1_700_000_040)
     untimed = gms(S.DELIVERY_STATUS_DELIVERED, 23, received=60, message_id="g-whatsapp")
     untimed.channel = Channel.CHANNEL_WHATSAPP
     sms = gms(S.DELIVERY_STATUS_DELIVERED, 23, received=70, message_id="g-sms")
-    with schema(path, 6) as connection:
+    with schema(path, 7) as connection:
         for cursor, state in enumerate((viber, untimed, sms), start=1):
             connection.execute(
                 "INSERT INTO messages (source, message_id, bulk_id, reference, status, report, merge, cursor)"

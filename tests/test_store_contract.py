@@ -29,7 +29,15 @@ from deliveryreport.v1.delivery_report_pb2 import (
 )
 from dlrhub.merge import MessageState, digest, merge
 from dlrhub.store import SqliteStore, StoreError
-from dlrhub.store.base import Change, QuarantinedItem, SavedResponse, Selector, Store, Transaction
+from dlrhub.store.base import (
+    Change,
+    QuarantinedItem,
+    SavedResponse,
+    Selector,
+    StagedBody,
+    Store,
+    Transaction,
+)
 from dlrhub.store.sqlite import SCHEMA_VERSION
 
 S = DeliveryStatus
@@ -170,6 +178,17 @@ def page_ids(states: list[DeliveryReport]) -> list[str]:
     return [state.message_id for state in states]
 
 
+def staged_body(number: int, body: bytes = b"") -> StagedBody:
+    return StagedBody(
+        body=body or f'{{"results": [{number}]}}'.encode(),
+        content_type="application/json; charset=unicode_escape",
+        format=2,
+        default_channel=number % 3,
+        received_seconds=BASE_SECONDS + number,
+        received_nanos=number * 1000,
+    )
+
+
 def saved(response: bytes) -> SavedResponse:
     """An answer saved for a request (its digest made up from the answer)."""
     return SavedResponse(b"request:" + response, response)
@@ -222,6 +241,7 @@ def test_a_transaction_that_raises_is_rolled_back_whole(engine: Handle) -> None:
     with store.transaction() as tx:
         tx.quarantine(item(1))
         tx.save_response("kept", saved(b"kept"), NOW)
+        staged_id = tx.stage(staged_body(1))
     changes_before = all_changes(store)
     quarantined_before = store.quarantined(0, 10)
 
@@ -231,6 +251,8 @@ def test_a_transaction_that_raises_is_rolled_back_whole(engine: Handle) -> None:
             put(tx, report("m-2", S.DELIVERY_STATUS_DELIVERED, seconds=2, bulk_id="B", reference="R"))
             tx.quarantine(item(2))
             tx.save_response("lost", saved(b"lost"), NOW)
+            tx.unstage(staged_id)
+            tx.stage(staged_body(2))
             raise Boom
 
     with pytest.raises(Boom):
@@ -250,6 +272,7 @@ def test_a_transaction_that_raises_is_rolled_back_whole(engine: Handle) -> None:
     with store.transaction() as tx:
         assert tx.find_response("lost", NOW) is None
         assert tx.find_response("kept", NOW) == saved(b"kept")
+        assert tx.staged(0, 10) == [replace(staged_body(1), id=staged_id)]
         # The merge bookkeeping and the digests were rolled back too.
         state = tx.load_state(SSR, "m-1")
         assert state is not None
@@ -632,6 +655,53 @@ def test_the_same_open_item_is_counted_not_kept_again(engine: Handle) -> None:
     assert reopened[1] == first
     assert reopened[0] > kept[-1][0]
     assert store.open_quarantine_count() == 6
+
+
+def test_an_items_default_channel_is_kept_and_tells_it_apart(engine: Handle) -> None:
+    store = engine.store
+    whatsapp = replace(item(1), default_channel=3)
+    with store.transaction() as tx:
+        tx.quarantine(item(1))
+        tx.quarantine(whatsapp)  # the same text from a WhatsApp endpoint: another item
+        tx.quarantine(whatsapp)
+    kept = [quarantined for _, quarantined in store.quarantined(0, 10)]
+    counted = replace(whatsapp, received_count=2, last_received_seconds=whatsapp.received_seconds)
+    assert kept == [item(1), replace(counted, last_received_nanos=whatsapp.received_nanos)]
+
+
+# --- staged bodies --------------------------------------------------------------------------------
+
+
+def test_staged_bodies_round_trip_until_unstaged(engine: Handle) -> None:
+    store = engine.store
+    binary = staged_body(2, bytes(range(256)) * 3)  # kept as bytes, whatever they are
+    with store.transaction() as tx:
+        assert tx.staged(0, 10) == []
+        first = tx.stage(staged_body(1))
+        second = tx.stage(binary)
+        # Seen within the transaction that staged them.
+        assert [staged.id for staged in tx.staged(0, 10)] == [first, second]
+    with store.transaction() as tx:
+        third = tx.stage(staged_body(3))
+    assert first < second < third
+    with store.transaction() as tx:
+        assert tx.staged(0, 10) == [
+            replace(staged_body(1), id=first),
+            replace(binary, id=second),
+            replace(staged_body(3), id=third),
+        ]
+        assert [staged.id for staged in tx.staged(first, 1)] == [second]
+        tx.unstage(second)
+    store = engine.reopen()  # durable
+    with store.transaction() as tx:
+        assert [staged.id for staged in tx.staged(0, 10)] == [first, third]
+        tx.unstage(first)
+        tx.unstage(third)
+        fourth = tx.stage(staged_body(4))
+    with store.transaction() as tx:
+        assert [staged.id for staged in tx.staged(0, 10)] == [fourth]
+    assert fourth > third  # an id is never reused
+    assert staged_body(4).received_time() == Timestamp(seconds=BASE_SECONDS + 4, nanos=4000)
 
 
 def test_find_response_and_save_response(engine: Handle) -> None:

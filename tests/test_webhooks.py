@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +13,15 @@ import httpx
 import pytest
 
 from deliveryreport.v1.delivery_report_pb2 import Channel, DeliveryStatus, Source
-from deliveryreport.v1.delivery_report_service_pb2 import GetMessageRequest, IngestRequest
+from deliveryreport.v1.delivery_report_service_pb2 import (
+    GetMessageRequest,
+    IngestRequest,
+    RenormaliseQuarantineRequest,
+)
 from dlrhub import app
 from dlrhub.config import Settings
 from tests.conftest import FIXTURES, SEEDS, FakeClock, Running
+from tests.helpers import ssr, ssr_payload
 
 GMS = "/webhooks/gms"
 SMS = "/webhooks/sent-sms-report"
@@ -343,3 +349,76 @@ async def test_token_auth_on_the_sent_sms_report_webhook(guarded: tuple[app.App,
     assert query.status_code == 200
     assert query.json()["accepted"] == 1
     assert running.store.latest_cursor() == 3
+
+
+# --- the channel of the route a report came to (#16.3) ---------------------------------------------------
+
+C = Channel
+
+
+@pytest.mark.parametrize(
+    ("route", "expected"),
+    [
+        (SMS, C.CHANNEL_SMS),
+        (SMS + "/sms", C.CHANNEL_SMS),
+        (SMS + "/whatsapp", C.CHANNEL_WHATSAPP),
+        (SMS + "/viber", C.CHANNEL_VIBER),
+        (SMS + "/rcs", C.CHANNEL_RCS),
+        (SMS + "/MMS", C.CHANNEL_MMS),  # any case
+    ],
+)
+async def test_a_report_that_names_no_channel_takes_its_routes_and_one_that_does_keeps_its_own(
+    server: Running, http: httpx.AsyncClient, route: str, expected: Channel.ValueType
+) -> None:
+    body = ssr_payload(ssr("route-none"), ssr("route-named", channel="VIBER"))
+    response = await http.post(route, content=body)
+    assert response.status_code == 200
+    assert response.json()["accepted"] == 2
+    [unnamed] = server.app.store.messages("route-none")
+    [named] = server.app.store.messages("route-named")
+    assert (unnamed.channel, named.channel) == (expected, C.CHANNEL_VIBER)
+
+
+async def test_an_unknown_channel_route_gets_404_naming_the_channels(
+    server: Running, http: httpx.AsyncClient
+) -> None:
+    response = await http.post(SMS + "/pigeon", content=ssr_payload(ssr("pigeon-1")))
+    assert response.status_code == 404
+    assert response.headers["Content-Type"].startswith("application/json")
+    error = response.json()["error"]
+    assert (error["field"], error["reason"]) == ("channel", "INVALID_VALUE")
+    assert "'pigeon'" in error["description"]
+    assert "sms, viber, whatsapp" in error["description"]
+    assert server.app.store.latest_cursor() == 0
+    # GMS names its channel in every report: it has no channel routes.
+    assert (await http.post(GMS + "/viber", content=json.dumps(gms_report("g-1")))).status_code == 404
+
+
+async def test_a_channel_route_needs_its_parent_routes_credentials(
+    guarded: tuple[app.App, httpx.AsyncClient],
+) -> None:
+    running, http = guarded
+    body = ssr_payload(ssr("wa-auth"))
+    assert (await http.post(SMS + "/whatsapp", content=body)).status_code == 401
+    assert (await http.post(SMS + "/nothing", content=body)).status_code == 401  # credentials first
+    assert (await http.post(SMS + "/whatsapp", content=body, params={"token": "t0ken"})).status_code == 200
+    [state] = running.store.messages("wa-auth")
+    assert state.channel == C.CHANNEL_WHATSAPP
+
+
+async def test_a_quarantined_item_keeps_its_routes_channel_when_run_again(
+    server: Running, http: httpx.AsyncClient
+) -> None:
+    response = await http.post(SMS + "/whatsapp", content=ssr_payload({"to": "41793026727"}))
+    assert response.status_code == 400
+    [(quarantine_id, item)] = server.app.store.quarantined(0, 10)
+    assert item.default_channel == C.CHANNEL_WHATSAPP
+    # As if a later release accepted it: the item, fixed, is run again.
+    with server.app.store.transaction() as tx:
+        tx.quarantine(replace(item, raw=json.dumps(ssr("wa-fixed"))))
+    [_, (fixed_id, _)] = server.app.store.quarantined(0, 10)
+    renormalised = await server.stub.RenormaliseQuarantine(RenormaliseQuarantineRequest(ids=[fixed_id]))
+    assert renormalised.resolved_count == 1
+    [state] = server.app.store.messages("wa-fixed")
+    assert state.channel == C.CHANNEL_WHATSAPP
+    assert quarantine_id != fixed_id

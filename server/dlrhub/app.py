@@ -21,6 +21,7 @@ from grpc_health.v1 import _async as health_aio  # public as grpc_health.v1.heal
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from deliveryreport.v1.delivery_report_pb2 import Channel
 from dlrhub.config import Settings, env_name
 from dlrhub.feed.hub import Hub
 from dlrhub.normalise import Normaliser
@@ -32,6 +33,7 @@ from dlrhub.store import SqliteStore
 from dlrhub.store.base import ReadRunner, Store
 from dlrhub.transport import admin, tls, webhooks
 from dlrhub.transport.auth import AuthInterceptor, Tokens
+from dlrhub.transport.channels import channel_named
 from dlrhub.transport.gms_seen import HEALTH_SERVICE as GMS_SEEN_HEALTH_SERVICE
 from dlrhub.transport.gms_seen import GmsSeenFetcher, GmsSeenSettings
 from dlrhub.transport.handlers import SERVICE_NAME, add_to_server
@@ -108,7 +110,7 @@ class App:
         await self.health.enter_graceful_shutdown()
         await self.store_health.stop()
         if self.poller is not None:
-            await self.poller.stop()
+            await self.poller.stop(self.settings.shutdown_grace)
         if self.gms_seen is not None:
             await self.gms_seen.stop()
         self.hub.close()
@@ -495,11 +497,25 @@ def _poller_settings(settings: Settings, given: PollerSettings | None) -> Poller
             f"DLRHUB_POLL_LIMIT ({limit}) is over DLRHUB_MAX_BATCH_ITEMS"
             f" ({settings.max_batch_items}): a fetched batch could never be stored"
         )
-    return given or PollerSettings(
+    if given is not None:
+        return given
+    for name in ("poll_timeout", "poll_max_body_bytes"):
+        if not getattr(settings, name) > 0:
+            raise ValueError(f"{env_name(name)} must be above 0")
+    try:
+        channel = (
+            channel_named(settings.poll_channel) if settings.poll_channel else Channel.CHANNEL_UNSPECIFIED
+        )
+    except ValueError as error:
+        raise ValueError(f"{env_name('poll_channel')}: {error}") from None
+    return PollerSettings(
         settings.poll_base_url,
         settings.poll_api_key,
         limit=settings.poll_limit,
         interval=settings.poll_interval,
+        timeout=settings.poll_timeout,
+        max_body_bytes=settings.poll_max_body_bytes,
+        channel=channel,
     )
 
 

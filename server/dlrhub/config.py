@@ -88,6 +88,13 @@ class Settings:
     poll_api_key: str = _env("DLRHUB_POLL_API_KEY", "")
     poll_limit: int = _env("DLRHUB_POLL_LIMIT", 1000)
     poll_interval: float = _env("DLRHUB_POLL_INTERVAL", 5.0)
+    # Seconds one poll request may take in all, its answer read whole (a dripping answer is cut).
+    poll_timeout: float = _env("DLRHUB_POLL_TIMEOUT", 30.0)
+    # The largest answer the poller reads: a larger one is logged, counted and backed off from.
+    poll_max_body_bytes: int = _env("DLRHUB_POLL_MAX_BODY_BYTES", 64 * 1024 * 1024)
+    # The channel the polled endpoint serves (sms, viber, whatsapp, rcs, mms, ...): the channel of a
+    # report whose body names none. Empty: SMS.
+    poll_channel: str = _env("DLRHUB_POLL_CHANNEL", "")
     # The GMS seen fetcher (GMS's GET report, HTTP Basic); off unless the base URL is set, which is
     # everything before /api/dr/: https://dr-v2-{site}.hyber.im/{client_id}.
     gms_seen_base_url: str = _env("DLRHUB_GMS_SEEN_BASE_URL", "")

@@ -15,7 +15,8 @@ dlrhub_http_max_connections                       the most it holds (more wait t
 dlrhub_poller_last_success_timestamp_seconds      when a poll last succeeded
 dlrhub_poller_reports_fetched_total               reports fetched by the poller
 dlrhub_poller_failures_total{kind}                poll failures: auth, client_error, throttled,
-                                                  server_error, timeout, connection, store, unexpected
+                                                  server_error, timeout, connection, body_too_large,
+                                                  store, unexpected
 dlrhub_gms_seen_requests_total{outcome}           GMS seen fetcher requests by outcome: seen, not_seen,
                                                   done (no longer delivered, not seen), auth, not_found,
                                                   client_error, throttled, server_error, timeout,

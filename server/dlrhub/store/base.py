@@ -137,6 +137,9 @@ class QuarantinedItem:
     received_count: int = 1
     last_received_seconds: int | None = None
     last_received_nanos: int = 0
+    # The channel of the endpoint it came to (a Channel value; 0: none said), for a report that
+    # names none when it is run again.
+    default_channel: int = 0
 
     def received_time(self) -> Timestamp:
         """When it was received, as the reports made from it carry it."""
@@ -152,7 +155,10 @@ class QuarantinedItem:
         """What makes two items the same: format, whole payload or item, field, reason and text.
         An open item is kept once; the same item received again is counted (Transaction.quarantine)."""
         identity = hashlib.blake2b(digest_size=16)
-        for part in (str(self.format), str(int(self.whole_payload)), self.field, self.reason, self.raw):
+        parts = [str(self.format), str(int(self.whole_payload)), self.field, self.reason, self.raw]
+        if self.default_channel:  # items kept before endpoints had channels keep their digests
+            parts.append(str(self.default_channel))
+        for part in parts:
             encoded = part.encode()
             identity.update(len(encoded).to_bytes(8, "big"))
             identity.update(encoded)
@@ -167,6 +173,27 @@ class SavedResponse:
     request_digest: bytes
     # The IngestResponse, serialised.
     response: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StagedBody:
+    """A body fetched from a provider that hands each report out once, kept as it came (its bytes)
+    from before it is read until its reports (or its quarantined items) are committed."""
+
+    body: bytes
+    # The answer's Content-Type, as given.
+    content_type: str
+    # The format it is read as (a Format value) and the channel of a report that names none.
+    format: int
+    default_channel: int
+    # When it was fetched: the received time of its reports.
+    received_seconds: int
+    received_nanos: int = 0
+    # Its id once staged (Transaction.stage); 0 before.
+    id: int = 0
+
+    def received_time(self) -> Timestamp:
+        return Timestamp(seconds=self.received_seconds, nanos=self.received_nanos)
 
 
 class Transaction(Protocol):
@@ -211,6 +238,17 @@ class Transaction(Protocol):
 
     def resolve_quarantined(self, quarantine_id: int, seconds: int) -> None:
         """Marks a quarantined item as stored by a re-normalisation."""
+
+    def stage(self, staged: StagedBody) -> int:
+        """Keeps a fetched body (its `id` is ignored) until `unstage`; returns its id, never reused.
+        Committed in a transaction of its own, before the body is read, so that a crash cannot lose
+        what a provider handed out."""
+
+    def unstage(self, staged_id: int) -> None:
+        """Drops a staged body: in the transaction that commits its reports (or quarantines it)."""
+
+    def staged(self, after: int, limit: int) -> list[StagedBody]:
+        """Up to `limit` staged bodies with id > `after`, oldest first: to replay at start."""
 
 
 class Store(Protocol):
@@ -273,6 +311,7 @@ __all__: Sequence[str] = [
     "ReadRunner",
     "SavedResponse",
     "Selector",
+    "StagedBody",
     "Store",
     "StoreError",
     "Transaction",

@@ -9,7 +9,8 @@ PRAGMA user_version, so a newer release opens an older file):
   `digest` (the report's identity, dlrhub.merge.digest) is unique;
 - quarantine: rejected items with their reason;
 - requests: answers of Ingest calls that carried a request_id, with a digest
-  of the request, until they expire.
+  of the request, until they expire;
+- staged: bodies fetched by the poller, kept raw until their reports commit.
 
 One connection writes (the committer's thread); each reader thread has its
 own connection. WAL lets readers run beside the writer and see only committed
@@ -45,6 +46,7 @@ from dlrhub.store.base import (
     QuarantinedItem,
     SavedResponse,
     Selector,
+    StagedBody,
     StoreError,
 )
 from dlrhub.store.codec import decode_state, encode_merge
@@ -270,6 +272,23 @@ def _migration_6(db: sqlite_utils.Database) -> None:
 
 
 def _migration_7(db: sqlite_utils.Database) -> None:
+    """Fetched bodies are staged (kept raw until their reports commit), and a quarantined item keeps
+    the channel of the endpoint it came to (0: none said, SMS)."""
+    db.execute(
+        """CREATE TABLE staged (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            received_seconds INTEGER NOT NULL,
+            received_nanos INTEGER NOT NULL,
+            format INTEGER NOT NULL,
+            default_channel INTEGER NOT NULL,
+            content_type TEXT NOT NULL,
+            body BLOB NOT NULL
+        )"""
+    )
+    db.table("quarantine").add_column("default_channel", int, not_null_default=0)
+
+
+def _migration_8(db: sqlite_utils.Database) -> None:
     """Messages keep their state's channel and time, for the GMS seen fetcher (Store.awaiting_seen).
 
     Every message's columns are filled from its state. A partial index holds only the messages that
@@ -294,7 +313,7 @@ def _migration_7(db: sqlite_utils.Database) -> None:
     )
 
 
-# Repeats the WHERE terms of migration 7's partial index word for word: SQLite uses it so.
+# Repeats the WHERE terms of migration 8's partial index word for word: SQLite uses it so.
 AWAITING_SEEN_QUERY = (
     "SELECT message_id, state_seconds, id FROM messages"
     " WHERE status = 3 AND channel IN (2, 3) AND source = ? AND state_seconds >= ?"
@@ -317,6 +336,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_5,
     _migration_6,
     _migration_7,
+    _migration_8,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -668,7 +688,8 @@ class _SqliteTransaction:
     def quarantine(self, item: QuarantinedItem) -> None:
         self._connection.execute(
             "INSERT INTO quarantine (received_seconds, received_nanos, request_id, field, reason,"
-            " description, raw, format, whole_payload, digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " description, raw, format, whole_payload, digest, default_channel)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (digest) WHERE resolved_seconds IS NULL DO UPDATE SET"
             " received_count = received_count + 1, last_received_seconds = excluded.received_seconds,"
             " last_received_nanos = excluded.received_nanos",
@@ -683,6 +704,7 @@ class _SqliteTransaction:
                 item.format,
                 item.whole_payload,
                 item.digest(),
+                item.default_channel,
             ),
         )
 
@@ -690,6 +712,43 @@ class _SqliteTransaction:
         self._connection.execute(
             "UPDATE quarantine SET resolved_seconds = ? WHERE id = ?", (seconds, quarantine_id)
         )
+
+    def stage(self, staged: StagedBody) -> int:
+        staged_id: int = self._connection.execute(
+            "INSERT INTO staged (received_seconds, received_nanos, format, default_channel, content_type,"
+            " body) VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+            (
+                staged.received_seconds,
+                staged.received_nanos,
+                staged.format,
+                staged.default_channel,
+                staged.content_type,
+                staged.body,
+            ),
+        ).fetchone()[0]
+        return staged_id
+
+    def unstage(self, staged_id: int) -> None:
+        self._connection.execute("DELETE FROM staged WHERE id = ?", (staged_id,))
+
+    def staged(self, after: int, limit: int) -> list[StagedBody]:
+        rows = self._connection.execute(
+            "SELECT id, received_seconds, received_nanos, format, default_channel, content_type, body"
+            " FROM staged WHERE id > ? ORDER BY id LIMIT ?",
+            (after, limit),
+        )
+        return [
+            StagedBody(
+                body=bytes(body),
+                content_type=content_type,
+                format=format,
+                default_channel=default_channel,
+                received_seconds=seconds,
+                received_nanos=nanos,
+                id=staged_id,
+            )
+            for staged_id, seconds, nanos, format, default_channel, content_type, body in rows
+        ]
 
     def find_response(self, request_id: str, since_seconds: int) -> SavedResponse | None:
         row = self._connection.execute(
@@ -716,7 +775,8 @@ class _SqliteTransaction:
 
 _QUARANTINE_COLUMNS = (
     "id, raw, field, reason, description, received_seconds, request_id, format, whole_payload,"
-    " resolved_seconds, received_nanos, received_count, last_received_seconds, last_received_nanos"
+    " resolved_seconds, received_nanos, received_count, last_received_seconds, last_received_nanos,"
+    " default_channel"
 )
 
 
@@ -736,6 +796,7 @@ def _quarantined_item(row: Sequence[Any]) -> tuple[int, QuarantinedItem]:
         received_count=row[11],
         last_received_seconds=row[12],
         last_received_nanos=row[13],
+        default_channel=row[14],
     )
     return row[0], item
 

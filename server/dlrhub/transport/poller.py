@@ -14,22 +14,32 @@ exponentially, with jitter. Every failure is retried.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import httpx
 
+from deliveryreport.v1.delivery_report_pb2 import Channel
 from deliveryreport.v1.delivery_report_service_pb2 import Format
+from deliveryreport.v1.error_reason_pb2 import ErrorReason
 from dlrhub.observability.metrics import Metrics
-from dlrhub.store.base import StoreError
-from dlrhub.transport.fetching import DEFAULT_MAX_BODY_BYTES, Fetched, FetchFailure, backoff_delay, fetch
+from dlrhub.store.base import StagedBody, StoreError
+from dlrhub.transport.fetching import (
+    DEFAULT_MAX_BODY_BYTES,
+    Fetched,
+    FetchFailure,
+    backoff_delay,
+    fetch,
+    stop_task,
+)
 from dlrhub.write.writer import Writer
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 HEALTH_SERVICE = "dlrhub.SentSmsReportPoller"
 MAX_LIMIT = 1000
@@ -47,6 +57,8 @@ class PollerSettings:
     timeout: float = 30.0
     # The largest answer read; a larger one is refused (logged, counted, backed off).
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # The channel of a report that names none (a Channel value; unspecified: SMS).
+    channel: Channel.ValueType = Channel.CHANNEL_UNSPECIFIED
     # Backoff after failures: initial and maximum seconds.
     backoff_initial: float = 1.0
     backoff_max: float = 300.0
@@ -83,8 +95,13 @@ class Poller:
         self._sleep = sleep
         self._jitter = jitter
         self._metrics = metrics
-        # A fetched body not yet committed: retried before anything is fetched again.
-        self._pending: str | None = None
+        # A fetched body not yet staged, and a staged one not yet committed: each retried before
+        # anything is fetched again.
+        self._fetched: tuple[bytes, str] | None = None
+        self._pending: StagedBody | None = None
+        # Whether the bodies staged by an earlier run are all written, and the last one looked at.
+        self._replayed = False
+        self._replay_after = 0
         self._resting = False
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -93,15 +110,15 @@ class Poller:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self.run(), name="dlrhub-poller")
 
-    async def stop(self) -> None:
-        """Stops polling. A request in flight (at most `timeout`) and its commit finish first:
-        the provider hands each report out once, so a batch is never abandoned half-way."""
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stops polling. A request in flight and its commit get up to `grace` seconds to finish;
+        then they are cancelled. A body staged is never lost that way (it is written at the next
+        start); one still arriving is, so the grace lets it arrive."""
         self._stopping = True
         if self._task is not None:
             if self._resting:
                 self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task, grace)
         await self._client.aclose()
 
     async def run(self) -> None:
@@ -140,31 +157,69 @@ class Poller:
         return backoff_delay(self.failures, settings.backoff_initial, settings.backoff_max, self._jitter)
 
     async def poll_once(self) -> int:
-        """Fetches one batch and commits it; returns how many reports it held. Raises PollFailure."""
-        if self._pending is None:
-            self._pending = await self._fetch()
-        try:
-            ingested = await self._writer.ingest(self._pending, Format.FORMAT_SENT_SMS_REPORT)
-        except StoreError as error:
-            log.error(
-                "poll: fetched reports could not be committed; retrying them", extra={"error": str(error)}
+        """Writes one body, returning how many reports it held: first those a previous run staged
+        and did not commit, then a newly fetched one. Raises PollFailure."""
+        staged = await self._next_staged()
+        replayed = staged is not None and staged.id <= self._replay_after  # staged by an earlier run
+        if staged is None:
+            if self._fetched is None:
+                self._fetched = await self._fetch()
+            body, content_type = self._fetched
+            # Kept durably before anything else: the provider will not hand these reports out again.
+            staged = await self._store(
+                self._writer.stage(body, content_type, Format.FORMAT_SENT_SMS_REPORT, self.settings.channel),
+                "fetched reports could not be staged; retrying",
             )
-            raise PollFailure("store", str(error)) from error
+            self._fetched = None
+            self._pending = staged
+        ingested = await self._store(
+            self._writer.ingest_staged(staged), "fetched reports could not be committed; retrying them"
+        )
         self._pending = None
         response = ingested.response
         count = len(response.results) if ingested.rejection is None else 0
-        log.info(
-            "poll",
-            extra={
-                "fetched": count,
-                "accepted": response.accepted_count,
-                "duplicate": response.duplicate_count,
-                "rejected": response.rejected_count,
-            },
-        )
-        return count
+        extra: dict[str, object] = {
+            "fetched": count,
+            "accepted": response.accepted_count,
+            "duplicate": response.duplicate_count,
+            "rejected": response.rejected_count,
+            "staged_id": staged.id,
+        }
+        if ingested.rejection is not None:
+            extra["quarantined_whole"] = ErrorReason.Name(ingested.rejection.reason)
+            log.error(
+                "poll: a fetched body was quarantined whole: %s", ingested.rejection.description, extra=extra
+            )
+        else:
+            log.info("poll: replayed a staged body" if replayed else "poll", extra=extra)
+        return self.settings.limit if replayed else count  # after a replay, on at once
 
-    async def _fetch(self) -> str:
+    async def _next_staged(self) -> StagedBody | None:
+        """The body to write again: one staged that did not commit, from this run or (until none are
+        left) a previous one."""
+        if self._pending is not None or self._replayed:
+            return self._pending
+        while True:
+            after = self._replay_after
+            found = await self._store(
+                self._writer.staged(after, 1), "staged bodies could not be read; retrying"
+            )
+            if not found:
+                self._replayed = True
+                return None
+            self._replay_after = found[0].id
+            if found[0].format == Format.FORMAT_SENT_SMS_REPORT:  # another fetcher's are its own
+                self._pending = found[0]
+                return self._pending
+
+    async def _store(self, call: Awaitable[T], failed: str) -> T:
+        try:
+            return await call
+        except StoreError as error:
+            log.error("poll: %s", failed, extra={"error": str(error)})
+            raise PollFailure("store", str(error)) from error
+
+    async def _fetch(self) -> tuple[bytes, str]:
         url = self.settings.base_url.rstrip("/") + "/sms/1/reports"
         headers = {"Authorization": f"App {self.settings.api_key}", "Accept": "application/json"}
         try:
@@ -191,7 +246,7 @@ class Poller:
             raise PollFailure(failure.kind, str(failure)) from failure
         status = response.status
         if status == 200:
-            return response.body.decode("utf-8")
+            return response.body, response.headers.get("Content-Type", "")
         if status in (401, 403):
             log.error(
                 "poll: the provider refused the API key (HTTP %d); check DLRHUB_POLL_API_KEY",

@@ -1,13 +1,17 @@
 """HTTP endpoints for provider pushes, served by aiohttp on the gRPC server's event loop.
 
-    POST /webhooks/gms               one GMS report object, or a JSON array of them
-    POST /webhooks/sent-sms-report   a SentSMSReport body {"results": [...]}
+    POST /webhooks/gms                         one GMS report object, or a JSON array of them
+    POST /webhooks/sent-sms-report             a SentSMSReport body {"results": [...]}
+    POST /webhooks/sent-sms-report/{channel}   the same, from an endpoint of one channel (whatsapp,
+                                               viber, ...: transport/channels.py): the channel of
+                                               a report whose body names none
 
-Both take the same path as Ingest (normalise -> store -> stream) and answer:
+All take the same path as Ingest (normalise -> store -> stream) and answer:
 200 once every item is committed; 400 with a JSON body naming what was wrong
 per item (the valid items are stored all the same); 401 without the
 configured credentials, 403 from an address outside the allow list
-(webhook_access.py); 408 when the body does not arrive in time; 413 over the
+(webhook_access.py; a channel route requires what its parent route does); 404
+for a channel with no such name; 408 when the body does not arrive in time; 413 over the
 body size limit; 503 when the store cannot commit, so the provider retries.
 Nothing else is served on this port (metrics are on the admin port: admin.py).
 """
@@ -22,11 +26,13 @@ from typing import Any
 
 from aiohttp import web
 
+from deliveryreport.v1.delivery_report_pb2 import Channel
 from deliveryreport.v1.delivery_report_service_pb2 import Format, IngestOutcome, IngestResponse
 from deliveryreport.v1.error_reason_pb2 import ErrorReason
 from dlrhub.observability.calls import CallLog
 from dlrhub.observability.metrics import Metrics
 from dlrhub.store.base import StoreError
+from dlrhub.transport.channels import channel_named
 from dlrhub.transport.webhook_access import Access
 from dlrhub.write.writer import TooManyItems, Writer
 
@@ -37,6 +43,8 @@ ROUTES: dict[str, Format.ValueType] = {
     "/webhooks/gms": Format.FORMAT_GMS,
     "/webhooks/sent-sms-report": Format.FORMAT_SENT_SMS_REPORT,
 }
+# Routes with a channel of their own under them.
+CHANNEL_ROUTES = ("/webhooks/sent-sms-report",)
 _OUTCOMES = {
     IngestOutcome.INGEST_OUTCOME_ACCEPTED: "ACCEPTED",
     IngestOutcome.INGEST_OUTCOME_DUPLICATE: "DUPLICATE",
@@ -61,7 +69,10 @@ def create_app(
         client_max_size=max_body_bytes, middlewares=[_observe(metrics, call_log or CallLog(log, "http"))]
     )
     for path, format in ROUTES.items():
-        app.router.add_post(path, _handler(writer, format, access.get(path, Access()), body_timeout))
+        handler = _handler(writer, format, access.get(path, Access()), body_timeout)
+        app.router.add_post(path, handler)
+        if path in CHANNEL_ROUTES:
+            app.router.add_post(path + "/{channel}", handler)
     return app
 
 
@@ -108,6 +119,12 @@ def _handler(writer: Writer, format: Format.ValueType, access: Access, body_time
             status, rejection, headers = refusal
             request[_DETAILS]["reason"] = ErrorReason.Name(rejection.reason)
             return _error(status, rejection.reason, rejection.description, headers)
+        channel = Channel.CHANNEL_UNSPECIFIED
+        if "channel" in request.match_info:
+            try:
+                channel = channel_named(request.match_info["channel"].lower())
+            except ValueError as error:
+                return _error(404, ErrorReason.INVALID_VALUE, str(error), field="channel")
         try:
             async with asyncio.timeout(body_timeout):
                 body = await request.read()
@@ -123,7 +140,7 @@ def _handler(writer: Writer, format: Format.ValueType, access: Access, body_time
         except UnicodeDecodeError as error:
             return _error(400, ErrorReason.INVALID_UTF8, f"the body is not UTF-8 (byte {error.start})")
         try:
-            ingested = await writer.ingest(text, format)
+            ingested = await writer.ingest(text, format, default_channel=channel)
         except TooManyItems as error:
             return _error(413, ErrorReason.TOO_MANY_ITEMS, str(error))
         except StoreError:

@@ -45,6 +45,11 @@ class Submission:
     # time before which a saved answer has expired.
     request_digest: bytes = b""
     replay_since_seconds: int = 0
+    # For a staged body (the poller's): its id, unstaged in the transaction that applies it.
+    staged_id: int = 0
+    # The channel of the endpoint it came to (a Channel value; 0: none said), kept with what is
+    # quarantined of it.
+    default_channel: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +81,8 @@ def apply(tx: Transaction, submissions: Sequence[Submission]) -> list[Applied]:
 
 def _apply(tx: Transaction, submission: Submission, keys: list[MergeKey | None]) -> Applied:
     """Applies one submission; `keys` are the merge keys of its items (None for a rejected one)."""
+    if submission.staged_id:  # what it held is committed (or quarantined) with this
+        tx.unstage(submission.staged_id)
     # A re-normalisation carries its item's request id only to remember it: it is no retry of that
     # Ingest (it has no request digest), so it neither replays the saved answer nor saves one.
     if submission.request_digest:
@@ -187,4 +194,5 @@ def _quarantined(
         request_id=submission.request_id,
         format=format,
         whole_payload=whole_payload,
+        default_channel=submission.default_channel,
     )

@@ -9,17 +9,25 @@ the work); a bigger one on a worker thread (`offload`), so that one big request 
 other call. Every payload holds its size in a budget of bytes being written at once (budget.py) from
 before it is normalised until its commit is answered, so that big requests do not take memory
 without bound. Its items are counted while it is decoded: one over `max_items` ends the decoding.
+
+A body fetched from a provider that hands each report out once is staged first (`stage`: kept raw,
+committed durably), then written (`ingest_staged`): its reports, or what is quarantined of it, commit
+in the transaction that drops it from the staging table. Nothing in a staged body is refused back (no
+one is there to retry it): one that is not UTF-8, holds too many items or cannot be normalised at all
+is quarantined whole.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from deliveryreport.v1.delivery_report_pb2 import Channel
 from deliveryreport.v1.delivery_report_service_pb2 import Format, IngestResponse
 from deliveryreport.v1.error_reason_pb2 import ErrorReason
 from deliveryreport.v1.provider_formats_pb2 import GmsReports, SentSmsReports
@@ -33,10 +41,12 @@ from dlrhub.normalise import (
     typed_payload,
 )
 from dlrhub.observability.metrics import Metrics
-from dlrhub.store.base import QuarantinedItem, ReadRunner
+from dlrhub.store.base import QuarantinedItem, ReadRunner, StagedBody
 from dlrhub.write.budget import ByteBudget
 from dlrhub.write.committer import Committer
 from dlrhub.write.submission import Submission, full_answer_bytes
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "INLINE_BYTES",
@@ -129,27 +139,71 @@ class Writer:
         request_id: str = "",
         *,
         max_full_answer_bytes: int | None = None,
+        default_channel: Channel.ValueType = Channel.CHANNEL_UNSPECIFIED,
     ) -> Ingested:
         """Normalises and commits a payload (provider text, or typed reports: then `format` is theirs).
+
+        `default_channel` is the channel of the endpoint it came to (a per-channel webhook): the
+        channel of a report that names none (SMS when it is unspecified).
 
         Raises, with nothing stored: TooManyItems over the item limit; AnswerTooLarge when
         `max_full_answer_bytes` is given and the answer with every report could be larger;
         RequestIdReused when the request id names another request. Raises StoreError if the store
         cannot commit.
         """
-        received = Timestamp()
-        received.FromNanoseconds(self._clock())
         size = len(payload) if isinstance(payload, str) else payload.ByteSize()
         prepare = functools.partial(
             self._prepare,
             payload,
             format,
-            received,
+            self._now(),
             request_id,
             self.max_items,
             max_full_answer_bytes=max_full_answer_bytes,
+            default_channel=default_channel,
         )
         return await self._write(size, prepare)
+
+    async def stage(
+        self,
+        body: bytes,
+        content_type: str,
+        format: Format.ValueType,
+        default_channel: Channel.ValueType = Channel.CHANNEL_UNSPECIFIED,
+    ) -> StagedBody:
+        """Keeps a fetched body as it came, committed durably before anything reads it; returns it
+        with its id, for `ingest_staged`. Raises StoreError if the store cannot commit."""
+        now = self._now()
+        staged = StagedBody(body, content_type, format, default_channel, now.seconds, now.nanos)
+        staged_id = await self._committer.run(lambda tx: tx.stage(staged))
+        return replace(staged, id=staged_id)
+
+    async def staged(self, after: int, limit: int) -> list[StagedBody]:
+        """Up to `limit` staged bodies with id > `after`, oldest first (read on the writer thread,
+        between commits). Raises StoreError."""
+        return await self._committer.run(lambda tx: tx.staged(after, limit))
+
+    async def ingest_staged(self, staged: StagedBody) -> Ingested:
+        """Normalises and commits a staged body, unstaging it in the same transaction; its reports
+        keep the time it was fetched. Raises StoreError (only) if the store cannot commit."""
+        rejection = None
+        try:
+            payload = staged.body.decode("utf-8")
+        except UnicodeDecodeError as error:  # JSON is UTF-8 (RFC 8259), whatever the charset says
+            payload = staged.body.decode("utf-8", "backslashreplace")  # quarantined readable, whole
+            rejection = Rejection("", ErrorReason.INVALID_UTF8, f"the body is not UTF-8 (byte {error.start})")
+        prepare = functools.partial(
+            self._prepare,
+            payload,
+            Format.ValueType(staged.format),
+            staged.received_time(),
+            "",
+            self.max_items,
+            default_channel=Channel.ValueType(staged.default_channel),
+            staged_id=staged.id,
+            rejection=rejection,
+        )
+        return await self._write(len(payload), prepare)
 
     async def renormalise(self, quarantine_id: int, item: QuarantinedItem) -> Ingested:
         """Runs a quarantined item through the current normaliser again, and commits what now passes.
@@ -169,6 +223,7 @@ class Writer:
             None,  # an item kept in the quarantine is run again whatever the limit is now
             quarantine_id=quarantine_id,
             resolved_seconds=resolved_seconds,
+            default_channel=Channel.ValueType(item.default_channel),
         )
         return await self._write(len(payload), prepare)
 
@@ -196,8 +251,13 @@ class Writer:
         max_full_answer_bytes: int | None = None,
         quarantine_id: int = 0,
         resolved_seconds: int = 0,
+        default_channel: Channel.ValueType = Channel.CHANNEL_UNSPECIFIED,
+        staged_id: int = 0,
+        rejection: Rejection | None = None,
     ) -> Submission:
-        """The submission of a normalised payload (on a worker thread for a big one)."""
+        """The submission of a normalised payload (on a worker thread for a big one). A staged body
+        (`staged_id`) is never refused: whatever would refuse it quarantines it whole instead, as
+        does `rejection`, a reason found before."""
         if not isinstance(payload, str):
             typed = payload.reports if isinstance(payload, GmsReports) else payload.results
             if max_items is not None and len(typed) > max_items:
@@ -215,17 +275,44 @@ class Writer:
             resolved_seconds=resolved_seconds,
             request_digest=digest,
             replay_since_seconds=received.seconds - self._request_id_ttl,
+            staged_id=staged_id,
+            default_channel=default_channel,
         )
+        if rejection is not None:
+            return submission([], payload_rejection=rejection)
         try:
-            items = self._normaliser.normalise(payload, format, received, max_items=max_items)
+            items = self._normaliser.normalise(
+                payload,
+                format,
+                received,
+                default_channel=default_channel or Channel.CHANNEL_SMS,
+                max_items=max_items,
+            )
         except PayloadError as error:
             return submission([], payload_rejection=error.rejection)
+        except TooManyItems as error:
+            if not staged_id:
+                raise
+            return submission([], payload_rejection=Rejection("", ErrorReason.TOO_MANY_ITEMS, str(error)))
+        except Exception:
+            if not staged_id:
+                raise
+            log.exception("a staged body could not be normalised; it is quarantined whole")
+            description = (
+                "the body could not be normalised (the server's log says why); run it again after a fix"
+            )
+            return submission([], payload_rejection=Rejection("", ErrorReason.INTERNAL, description))
         items = self._bounded(items)
         if max_full_answer_bytes is not None:
             size = full_answer_bytes(items)
             if size > max_full_answer_bytes:
                 raise AnswerTooLarge(size, max_full_answer_bytes)
         return submission(items)
+
+    def _now(self) -> Timestamp:
+        received = Timestamp()
+        received.FromNanoseconds(self._clock())
+        return received
 
     def _bounded(self, items: list[NormalisedItem]) -> list[NormalisedItem]:
         """The items, each one over the item size limit rejected (ITEM_TOO_LARGE) instead."""
