@@ -35,7 +35,7 @@ from dlrhub.transport import admin, tls, webhooks
 from dlrhub.transport.auth import AuthInterceptor, Tokens
 from dlrhub.transport.channels import channel_named
 from dlrhub.transport.gms_seen import HEALTH_SERVICE as GMS_SEEN_HEALTH_SERVICE
-from dlrhub.transport.gms_seen import GmsSeenFetcher, GmsSeenSettings
+from dlrhub.transport.gms_seen import BadSetting, GmsSeenFetcher, GmsSeenSettings
 from dlrhub.transport.handlers import SERVICE_NAME, add_to_server
 from dlrhub.transport.listener import HttpListener, connection_budget
 from dlrhub.transport.poller import HEALTH_SERVICE as POLLER_HEALTH_SERVICE
@@ -541,8 +541,8 @@ def _gms_seen_settings(settings: Settings) -> GmsSeenSettings | None:
             interval_max=settings.gms_seen_interval_max,
             timeout=settings.gms_seen_timeout,
         )
-    except ValueError as error:
-        raise ValueError(f"DLRHUB_GMS_SEEN_*: {error}") from None
+    except BadSetting as error:
+        raise ValueError(f"{env_name('gms_seen_' + error.setting)} must be {error.expected}") from None
 
 
 def _runner(threads: Executor) -> ReadRunner:

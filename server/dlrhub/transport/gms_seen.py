@@ -64,6 +64,15 @@ _PAUSING = frozenset(
 )
 
 
+class BadSetting(ValueError):
+    """A GmsSeenSettings field (`setting`) has a value it cannot take."""
+
+    def __init__(self, setting: str, expected: str) -> None:
+        super().__init__(f"{setting} must be {expected}")
+        self.setting = setting
+        self.expected = expected
+
+
 @dataclass(frozen=True, slots=True)
 class GmsSeenSettings:
     # Everything before /api/dr/: https://dr-v2-{site}.hyber.im/{client_id}
@@ -95,12 +104,12 @@ class GmsSeenSettings:
 
     def __post_init__(self) -> None:
         if self.report not in REPORTS:
-            raise ValueError(f"the GMS report must be one of {', '.join(REPORTS)}, not {self.report!r}")
+            raise BadSetting("report", f"one of {', '.join(REPORTS)}, not {self.report!r}")
         if self.concurrency < 1:
-            raise ValueError(f"the GMS seen concurrency must be at least 1, not {self.concurrency}")
+            raise BadSetting("concurrency", f"at least 1, not {self.concurrency}")
         for name in ("window", "interval", "interval_max", "timeout", "rescan", "tick"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"the GMS seen {name} must be a number of seconds above 0")
+                raise BadSetting(name, f"a number of seconds above 0, not {getattr(self, name)}")
 
     def url(self, message_id: str) -> str:
         return f"{self.base_url.rstrip('/')}/api/dr/{urllib.parse.quote(message_id, safe='')}/{self.report}"
