@@ -229,7 +229,7 @@ async def test_a_request_id_is_bounded_before_it_is_logged_or_stored(
     assert error.message == f"request_id {description}"
     assert stored_ids(server, "bounded") == []
     assert await open_quarantine(server) == 0
-    assert saved_request_ids(server.app.settings.db) == []
+    assert saved_request_ids(Path(server.app.settings.db)) == []
     logged = "\n".join(f"{record.getMessage()} {record.__dict__}" for record in caplog.records)
     assert request_id[:129] not in logged
 

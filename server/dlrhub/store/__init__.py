@@ -1,9 +1,10 @@
-"""Storage behind a small interface (base.py); SQLite is the embedded default."""
+"""Storage behind a small interface (base.py); SQLite is the embedded default, PostgreSQL the shared one."""
 
 from dlrhub.store.base import (
     AwaitingSeen,
     Change,
     ChangeFilter,
+    CursorFormat,
     MessagePage,
     QuarantinedItem,
     SavedResponse,
@@ -12,13 +13,17 @@ from dlrhub.store.base import (
     StoreError,
     Transaction,
 )
+from dlrhub.store.engine import database_name, open_store
+from dlrhub.store.postgres import PostgresStore
 from dlrhub.store.sqlite import SqliteStore
 
 __all__ = [
     "AwaitingSeen",
     "Change",
     "ChangeFilter",
+    "CursorFormat",
     "MessagePage",
+    "PostgresStore",
     "QuarantinedItem",
     "SavedResponse",
     "Selector",
@@ -26,4 +31,6 @@ __all__ = [
     "Store",
     "StoreError",
     "Transaction",
+    "database_name",
+    "open_store",
 ]

@@ -25,7 +25,6 @@ opened (not deleted or replaced under it).
 from __future__ import annotations
 
 import fcntl
-import functools
 import logging
 import os
 import sqlite3
@@ -33,7 +32,6 @@ import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
 
 import sqlite_utils
 
@@ -42,6 +40,7 @@ from dlrhub.merge import MessageState, merge, merge_key
 from dlrhub.store.base import (
     AwaitingSeen,
     Change,
+    CursorFormat,
     MessagePage,
     QuarantinedItem,
     SavedResponse,
@@ -50,14 +49,20 @@ from dlrhub.store.base import (
     StoreError,
 )
 from dlrhub.store.codec import decode_state, encode_merge
+from dlrhub.store.common import (
+    QUARANTINE_COLUMNS,
+    channel_and_seconds,
+    message_page,
+    quarantined_item,
+    store_errors,
+    with_raw,
+    without_raw,
+)
 
 log = logging.getLogger(__name__)
 _BUSY_TIMEOUT_MS = 10_000
 # Reports read at a time by migration 4 (its progress is logged after each).
 MIGRATION_CHUNK = 100_000
-P = ParamSpec("P")
-R = TypeVar("R")
-C = TypeVar("C", bound=type)
 # The messages table's column for each selector of messages_by.
 _COLUMNS = {Selector.BULK_ID: "bulk_id", Selector.REFERENCE: "reference"}
 
@@ -160,7 +165,7 @@ def _rebuild_messages(connection: sqlite3.Connection, total: int) -> None:
         (*after, MIGRATION_CHUNK),
     ).fetchall():
         for message_id, cursor, report, raw in rows:
-            rebuild.add(message_id, cursor, _with_raw(report, raw))
+            rebuild.add(message_id, cursor, with_raw(report, raw))
         rebuild.flush()
         after = (rows[-1][0], rows[-1][1])
         done += len(rows)
@@ -304,7 +309,7 @@ def _migration_8(db: sqlite_utils.Database) -> None:
     ).fetchall():
         connection.executemany(
             "UPDATE messages SET channel = ?, state_seconds = ? WHERE id = ?",
-            [(*_channel_and_seconds(DeliveryReport.FromString(report)), row_id) for row_id, report in rows],
+            [(*channel_and_seconds(DeliveryReport.FromString(report)), row_id) for row_id, report in rows],
         )
         after = rows[-1][0]
     connection.execute(
@@ -319,12 +324,6 @@ AWAITING_SEEN_QUERY = (
     " WHERE status = 3 AND channel IN (2, 3) AND source = ? AND state_seconds >= ?"
     " AND (state_seconds, id) > (?, ?) ORDER BY state_seconds, id LIMIT ?"
 )
-
-
-def _channel_and_seconds(state: DeliveryReport) -> tuple[int, int]:
-    """A message's `channel` and `state_seconds` columns, from its state."""
-    time = state.event_time if state.HasField("event_time") else state.received_time
-    return state.channel, time.seconds
 
 
 # Append only: a release never edits a migration that has shipped.
@@ -368,32 +367,13 @@ def migrate(connection: sqlite3.Connection) -> int:
     return found
 
 
+_store_errors = store_errors(sqlite3.Error)
+
+
 # Served by the (message_id, cursor) index, with a source or without.
 HISTORY_QUERY = (
     "SELECT report, raw FROM reports WHERE message_id = ? AND (? = 0 OR source = ?) ORDER BY cursor"
 )
-
-
-def _store_error(method: Callable[P, R]) -> Callable[P, R]:
-    """`method`, raising StoreError (base.py's contract) where SQLite raises its own error."""
-
-    @functools.wraps(method)
-    def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return method(*args, **kwargs)
-        except sqlite3.Error as error:
-            raise StoreError(f"{method.__name__}: {error}") from error
-
-    return guarded
-
-
-def _store_errors(cls: C) -> C:
-    """The class, each of its public methods raising StoreError for SQLite's errors: nothing above
-    the store sees an engine's exception."""
-    for name, member in list(vars(cls).items()):
-        if callable(member) and not name.startswith("_"):
-            setattr(cls, name, _store_error(member))
-    return cls
 
 
 def _execute(connection: sqlite3.Connection, statement: str) -> None:
@@ -407,6 +387,9 @@ def _execute(connection: sqlite3.Connection, statement: str) -> None:
 @_store_errors
 class SqliteStore:
     """The Store interface over one SQLite file."""
+
+    # Plain decimal numbers, as every release has given out.
+    cursor_format = CursorFormat()
 
     def __init__(self, path: Path | str) -> None:
         """Opens (creating and migrating) the database; raises StoreError saying why it cannot."""
@@ -465,7 +448,7 @@ class SqliteStore:
 
     def history(self, message_id: str, source: int = 0) -> list[DeliveryReport]:
         rows = self._reader().execute(HISTORY_QUERY, (message_id, source, source))
-        return [_with_raw(report, raw) for report, raw in rows]
+        return [with_raw(report, raw) for report, raw in rows]
 
     def messages_by(
         self, selector: Selector, value: str, source: int, after: int, limit: int, max_bytes: int
@@ -486,20 +469,7 @@ class SqliteStore:
             )
         finally:
             reader.execute("COMMIT")
-        kept = size = 0
-        for _, report in rows[:limit]:
-            size += len(report)
-            if kept and size > max_bytes:
-                break
-            kept += 1
-        more = len(rows) > kept
-        rows = rows[:kept]
-        return MessagePage(
-            states=[DeliveryReport.FromString(report) for _, report in rows],
-            next_after=rows[-1][0] if more else None,
-            total=sum(counts.values()),
-            status_counts=counts,
-        )
+        return message_page(rows, counts, limit, max_bytes)
 
     def changes(self, after: int, limit: int) -> list[Change]:
         rows = self._reader().execute(
@@ -507,7 +477,7 @@ class SqliteStore:
             (after, limit),
         )
         return [
-            Change(cursor, _with_raw(report, raw), DeliveryReport.FromString(state))
+            Change(cursor, with_raw(report, raw), DeliveryReport.FromString(state))
             for cursor, report, state, raw in rows
         ]
 
@@ -521,14 +491,17 @@ class SqliteStore:
         row = self._reader().execute("SELECT max(cursor) FROM reports").fetchone()
         return int(row[0] or 0)
 
+    def committed_cursor(self) -> int:
+        return self.latest_cursor()  # one writer: every commit is visible to `changes` at once
+
     def quarantined(
         self, after: int, limit: int, *, include_resolved: bool = True, ids: Sequence[int] = ()
     ) -> list[tuple[int, QuarantinedItem]]:
         where = "id > ?" + ("" if include_resolved else " AND resolved_seconds IS NULL")
         if ids:
             where += f" AND id IN ({','.join('?' * len(ids))})"
-        query = f"SELECT {_QUARANTINE_COLUMNS} FROM quarantine WHERE {where} ORDER BY id LIMIT ?"  # noqa: S608
-        return [_quarantined_item(row) for row in self._reader().execute(query, (after, *ids, limit))]
+        query = f"SELECT {QUARANTINE_COLUMNS} FROM quarantine WHERE {where} ORDER BY id LIMIT ?"  # noqa: S608
+        return [quarantined_item(row) for row in self._reader().execute(query, (after, *ids, limit))]
 
     def open_quarantine_count(self) -> int:
         row = (
@@ -647,9 +620,6 @@ class _SqliteTransaction:
     def append(self, report: DeliveryReport, digest: bytes, state: MessageState) -> int:
         merged = state.report
         merged_bytes = merged.SerializeToString()
-        stored = DeliveryReport()
-        stored.CopyFrom(report)
-        stored.ClearField("raw_payload")  # kept verbatim in its own column
         # A digest stored already breaks the unique key: StoreError (_store_errors).
         cursor: int = self._connection.execute(
             "INSERT INTO reports (source, message_id, report, state, raw, digest)"
@@ -657,7 +627,7 @@ class _SqliteTransaction:
             (
                 report.source,
                 report.message_id,
-                stored.SerializeToString(),
+                without_raw(report),  # its text is kept verbatim in its own column
                 merged_bytes,
                 report.raw_payload,
                 digest,
@@ -680,7 +650,7 @@ class _SqliteTransaction:
                 merged_bytes,
                 encode_merge(state),
                 cursor,
-                *_channel_and_seconds(merged),
+                *channel_and_seconds(merged),
             ),
         )
         return cursor
@@ -771,37 +741,3 @@ class _SqliteTransaction:
             (before_seconds, limit),
         )
         return cursor.rowcount
-
-
-_QUARANTINE_COLUMNS = (
-    "id, raw, field, reason, description, received_seconds, request_id, format, whole_payload,"
-    " resolved_seconds, received_nanos, received_count, last_received_seconds, last_received_nanos,"
-    " default_channel"
-)
-
-
-def _quarantined_item(row: Sequence[Any]) -> tuple[int, QuarantinedItem]:
-    """A quarantine row's id and item, from _QUARANTINE_COLUMNS."""
-    item = QuarantinedItem(
-        raw=row[1],
-        field=row[2],
-        reason=row[3],
-        description=row[4],
-        received_seconds=row[5],
-        request_id=row[6],
-        format=row[7],
-        whole_payload=bool(row[8]),
-        resolved_seconds=row[9],
-        received_nanos=row[10],
-        received_count=row[11],
-        last_received_seconds=row[12],
-        last_received_nanos=row[13],
-        default_channel=row[14],
-    )
-    return row[0], item
-
-
-def _with_raw(report: bytes, raw: str) -> DeliveryReport:
-    message = DeliveryReport.FromString(report)
-    message.raw_payload = raw
-    return message

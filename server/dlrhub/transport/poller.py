@@ -1,14 +1,18 @@
 """Pulls SentSMSReport reports from `GET {base_url}/sms/1/reports`.
 
-The provider hands out each report only once, so a fetched batch is committed
-before the next request is made, and a batch that cannot be committed is kept
-and retried; it is never dropped. A full batch (as many reports as `limit`)
-means more are waiting: the next request goes out at once.
+The provider hands out each report only once. So a fetched body is staged before anything reads it
+(Writer.stage: kept raw, committed durably), then written (Writer.ingest_staged: its reports, or
+what is quarantined of it, commit in the transaction that unstages it), and only then is the next
+request made. At start, the bodies an earlier run staged and did not write are written first. A body
+that cannot be staged or committed is kept and retried; one that can never be stored (not UTF-8,
+over the item limit) is quarantined whole, so no body is retried for ever. A full batch (as many
+reports as `limit`) means more are waiting: the next request goes out at once.
 
-Failures never stop the poller or the server: 401/403 are logged clearly and
-the poller's health service goes NOT_SERVING; a 400 logs the provider's
-`serviceException.text`; 429, 5xx, timeouts and connection errors back off
-exponentially, with jitter. Every failure is retried.
+Every request has one deadline for the whole answer and a cap on its body (transport/fetching.py).
+Failures never stop the poller or the server: 401/403 are logged clearly and the poller's health
+service goes NOT_SERVING; a 400 logs the provider's `serviceException.text`; 429, 5xx, timeouts,
+oversized answers, connection and store errors back off exponentially, with jitter. Every failure
+is retried.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from deliveryreport.v1.delivery_report_service_pb2 import (
 from deliveryreport.v1.error_reason_pb2 import ErrorReason
 from dlrhub.merge import MergeKey, merge, merge_key
 from dlrhub.normalise import NormalisedItem, Rejection
-from dlrhub.store.base import Change, QuarantinedItem, SavedResponse, Transaction
+from dlrhub.store.base import PLAIN_CURSORS, Change, CursorFormat, QuarantinedItem, SavedResponse, Transaction
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +64,11 @@ class Applied:
     reused: bool = False
 
 
-def apply(tx: Transaction, submissions: Sequence[Submission]) -> list[Applied]:
-    """Applies a group of submissions, in order, inside an open transaction."""
+def apply(
+    tx: Transaction, submissions: Sequence[Submission], cursors: CursorFormat = PLAIN_CURSORS
+) -> list[Applied]:
+    """Applies a group of submissions, in order, inside an open transaction; `cursors` is how the
+    store writes cursors (for the results)."""
     keys = [[merge_key(item.report) if item.report else None for item in s.items] for s in submissions]
     tx.prefetch(
         {
@@ -76,10 +79,14 @@ def apply(tx: Transaction, submissions: Sequence[Submission]) -> list[Applied]:
         },
         {key.digest for group in keys for key in group if key},
     )
-    return [_apply(tx, submission, group) for submission, group in zip(submissions, keys, strict=True)]
+    return [
+        _apply(tx, submission, group, cursors) for submission, group in zip(submissions, keys, strict=True)
+    ]
 
 
-def _apply(tx: Transaction, submission: Submission, keys: list[MergeKey | None]) -> Applied:
+def _apply(
+    tx: Transaction, submission: Submission, keys: list[MergeKey | None], cursors: CursorFormat
+) -> Applied:
     """Applies one submission; `keys` are the merge keys of its items (None for a rejected one)."""
     if submission.staged_id:  # what it held is committed (or quarantined) with this
         tx.unstage(submission.staged_id)
@@ -126,7 +133,7 @@ def _apply(tx: Transaction, submission: Submission, keys: list[MergeKey | None])
         cursor = tx.append(report, key.digest, state)
         changes.append(Change(cursor, report, state.report))
         result.outcome = IngestOutcome.INGEST_OUTCOME_ACCEPTED
-        result.cursor = str(cursor)
+        result.cursor = cursors.format(cursor)
         response.accepted_count += 1
 
     if submission.request_digest and not is_wholly_rejected(response):
