@@ -222,7 +222,7 @@ class GmsSeenFetcher:
                 for row in rows:
                     listed.add(row.message_id)
                     if row.message_id not in self._entries:
-                        first = row.delivered_seconds + self.settings.interval
+                        first = row.delivered_seconds + self.settings.wait_after(0)
                         self._schedule(_Entry(first, row.message_id, row.delivered_seconds))
                 after = rows[-1].key
         except StoreError as error:
