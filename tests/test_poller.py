@@ -37,6 +37,8 @@ from tests.helpers import eventually, health
 if TYPE_CHECKING:  # the async stub type exists only in the generated .pyi
     from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceAsyncStub
 
+# Over SQLite and PostgreSQL, where a test has a server or a database (conftest's `db`).
+pytestmark = pytest.mark.engines
 KEY = "test-api-key"
 SERVING: int = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING: int = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -65,7 +67,7 @@ class PollingApp:
 
 @asynccontextmanager
 async def polling_app(
-    db: Path, clock: FakeClock, provider: FakeProvider, *, fast_backoff: bool = False, **settings: Any
+    db: str | Path, clock: FakeClock, provider: FakeProvider, *, fast_backoff: bool = False, **settings: Any
 ) -> AsyncIterator[PollingApp]:
     """The whole app, its poller pointed at the fake provider by the DLRHUB_POLL_* settings; with
     `fast_backoff`, given the same poller settings with millisecond backoff, so retries happen
@@ -171,10 +173,10 @@ async def test_fake_provider_filters_by_bulk_and_message_id(provider: FakeProvid
 
 
 async def test_polled_reports_are_stored_and_fetchable(
-    provider: FakeProvider, db_path: Path, clock: FakeClock
+    provider: FakeProvider, db: str | Path, clock: FakeClock
 ) -> None:
     provider.add(*reports("m", 3))
-    async with polling_app(db_path, clock, provider, poll_limit=10, poll_interval=0.05) as running:
+    async with polling_app(db, clock, provider, poll_limit=10, poll_interval=0.05) as running:
         assert running.app.poller is not None
 
         async def all_stored() -> bool:
@@ -202,10 +204,10 @@ async def test_polled_reports_are_stored_and_fetchable(
 
 
 async def test_a_full_batch_fetches_again_at_once(
-    provider: FakeProvider, db_path: Path, clock: FakeClock
+    provider: FakeProvider, db: str | Path, clock: FakeClock
 ) -> None:
     provider.add(*reports("f", 5))
-    async with polling_app(db_path, clock, provider, poll_limit=2, poll_interval=30.0) as running:
+    async with polling_app(db, clock, provider, poll_limit=2, poll_interval=30.0) as running:
         # Batches of 2, 2, 1 without waiting the 30 s interval in between.
         await eventually(lambda: all(running.app.store.messages(f"f-{i}") for i in range(5)), within=2)
         # The last batch was not full: the poller now waits the interval.
@@ -218,7 +220,7 @@ async def test_a_full_batch_fetches_again_at_once(
 
 async def test_rejected_key_goes_not_serving_logs_and_recovers(
     provider: FakeProvider,
-    db_path: Path,
+    db: str | Path,
     clock: FakeClock,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -226,7 +228,7 @@ async def test_rejected_key_goes_not_serving_logs_and_recovers(
     provider.api_key = "rotated-key"
     provider.add(report("k-1"))
     async with polling_app(
-        db_path, clock, provider, fast_backoff=True, poll_limit=10, poll_interval=0.05
+        db, clock, provider, fast_backoff=True, poll_limit=10, poll_interval=0.05
     ) as running:
 
         async def not_serving() -> bool:
@@ -318,7 +320,7 @@ async def test_outage_then_recovery_loses_nothing_and_stores_nothing_twice(
         assert len(fetched.messages) == 1
         assert len(fetched.history) == 1, message_id
     assert sorted(provider.handed_out_ids()) == sorted(ids(queued))
-    assert store.latest_cursor() == 10
+    assert len(store.changes(0, 100)) == 10  # each once
     statuses = [r.status for r in provider.requests]
     assert statuses[:8] == [200, 500, 500, 429, 429, 0, 0, 200]
     assert statuses[8] == 503
@@ -517,13 +519,13 @@ def staged(store: Any) -> list[Any]:
 
 
 async def test_a_batch_over_the_item_limit_is_quarantined_whole_and_the_poller_moves_on(
-    provider: FakeProvider, db_path: Path, clock: FakeClock
+    provider: FakeProvider, db: str | Path, clock: FakeClock
 ) -> None:
     # The provider hands out more than the poller asked for: more than the server takes in one batch.
     provider.answer_next(results_body(*reports("big", 8)))
     provider.add(*reports("after", 2))
     async with polling_app(
-        db_path, clock, provider, fast_backoff=True, max_batch_items=5, poll_limit=5, poll_interval=0.05
+        db, clock, provider, fast_backoff=True, max_batch_items=5, poll_limit=5, poll_interval=0.05
     ) as running:
         store = running.app.store
         await eventually(lambda: all(store.messages(m) for m in ("after-0", "after-1")), within=5)
@@ -538,7 +540,7 @@ async def test_a_batch_over_the_item_limit_is_quarantined_whole_and_the_poller_m
 
 
 async def test_a_lone_surrogate_under_charset_unicode_escape_quarantines_its_item_only(
-    provider: FakeProvider, db_path: Path, clock: FakeClock
+    provider: FakeProvider, db: str | Path, clock: FakeClock
 ) -> None:
     """#19.5: read with the charset it declared, the body held a lone surrogate that nothing could
     store, and the poller retried it for ever."""
@@ -548,7 +550,7 @@ async def test_a_lone_surrogate_under_charset_unicode_escape_quarantines_its_ite
     provider.answer_next(body, content_type="application/json; charset=unicode_escape")
     provider.add(report("ue-after"))
     async with polling_app(
-        db_path, clock, provider, fast_backoff=True, poll_limit=10, poll_interval=0.05
+        db, clock, provider, fast_backoff=True, poll_limit=10, poll_interval=0.05
     ) as running:
         store = running.app.store
         await eventually(lambda: bool(store.messages("ue-after")), within=5)
@@ -564,13 +566,13 @@ async def test_a_lone_surrogate_under_charset_unicode_escape_quarantines_its_ite
 
 
 async def test_a_body_that_is_not_utf8_is_quarantined_whole_and_readable(
-    provider: FakeProvider, db_path: Path, clock: FakeClock
+    provider: FakeProvider, db: str | Path, clock: FakeClock
 ) -> None:
     body = results_body(report("latin-1")).replace(b"41793026727", b"41793\xe9\xed\xa0\x80")
     provider.answer_next(body, content_type="application/json; charset=iso-8859-1")
     provider.add(report("u-after"))
     async with polling_app(
-        db_path, clock, provider, fast_backoff=True, poll_limit=10, poll_interval=0.05
+        db, clock, provider, fast_backoff=True, poll_limit=10, poll_interval=0.05
     ) as running:
         store = running.app.store
         await eventually(lambda: bool(store.messages("u-after")), within=5)
@@ -632,11 +634,11 @@ async def test_an_answer_over_the_body_cap_is_not_read_and_the_poller_backs_off(
 
 
 async def test_the_poller_gives_its_channel_to_reports_that_name_none(
-    provider: FakeProvider, db_path: Path, clock: FakeClock
+    provider: FakeProvider, db: str | Path, clock: FakeClock
 ) -> None:
     provider.add(report("wa-1"), {**report("named-1"), "channel": "VIBER"})
     async with polling_app(
-        db_path, clock, provider, poll_limit=10, poll_interval=0.05, poll_channel="whatsapp"
+        db, clock, provider, poll_limit=10, poll_interval=0.05, poll_channel="whatsapp"
     ) as running:
         store = running.app.store
         await eventually(lambda: bool(store.messages("wa-1") and store.messages("named-1")), within=5)
@@ -658,3 +660,34 @@ async def test_an_unknown_poll_channel_is_refused_before_anything_starts(tmp_pat
     ):
         await app_module.start(settings)
     assert not (tmp_path / "x.db").exists()
+
+
+class Breaking(Normaliser):
+    """A normaliser with a bug: it raises on any payload that mentions "boom"."""
+
+    def normalise(self, payload: str, *args: Any, **kwargs: Any) -> Any:
+        if "boom" in payload:
+            raise RuntimeError("a bug")
+        return super().normalise(payload, *args, **kwargs)
+
+
+async def test_a_body_the_normaliser_breaks_on_is_quarantined_whole_not_retried_for_ever(
+    server: Running, provider: FakeProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    normaliser = Normaliser.load()
+    provider.add(report("boom-1"), report("fine-1"))  # one a request
+    writer = Writer(
+        Breaking(normaliser.gms_table, normaliser.sent_sms_report_table), server.app.committer, server.clock
+    )
+    poller = Poller(PollerSettings(provider.url, KEY, limit=1, interval=0.05), writer)
+    poller.start()
+    try:
+        await eventually(lambda: bool(server.app.store.messages("fine-1")), within=5)
+    finally:
+        await poller.stop()
+    [item] = open_items(server.app.store)
+    assert (item.reason, item.whole_payload) == ("INTERNAL", True)
+    assert json.loads(item.raw) == {"results": [report("boom-1")]}
+    assert poller.failures == 0
+    assert any("could not be normalised" in r.getMessage() for r in caplog.records)
+    assert staged(server.app.store) == []

@@ -1,6 +1,6 @@
 """The poller in a real `dlrhub serve` process against the fake provider on 127.0.0.1: a kill -9
-between fetching a batch and committing it loses nothing (#19.4), and SIGTERM stops the server while
-a provider drips its answer (#19.5)."""
+between fetching a batch and committing it loses nothing (#19.4), on either engine, and SIGTERM stops
+the server while a provider drips its answer (#19.5)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ import os
 import signal
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 
 from tests.fake_provider import FakeProvider, report
@@ -39,45 +42,81 @@ async def provider() -> AsyncIterator[FakeProvider]:
         yield fake
 
 
-@contextlib.contextmanager
-def connected(db: Path) -> Iterator[sqlite3.Connection]:
-    connection = sqlite3.connect(db, isolation_level=None, timeout=10, check_same_thread=False)
-    try:
-        yield connection
-    finally:
-        connection.close()
+@dataclass(frozen=True)
+class Database:
+    """A database of one engine, as the server names it (`--db`) and as the test reaches it."""
+
+    target: str
+    connect: Callable[[], Any]
+    # Begins a transaction holding the lock that keeps every write out (SQLite), or every write of
+    # staged rows (PostgreSQL: staging and the commit that unstages them).
+    lock: tuple[str, ...]
+    # Raised while the schema is not there yet.
+    not_ready: type[Exception]
+
+    @contextlib.contextmanager
+    def connected(self) -> Iterator[Any]:
+        connection = self.connect()
+        try:
+            yield connection
+        finally:
+            connection.close()
+
+    def count(self, table: str) -> int:
+        with self.connected() as connection:
+            return int(connection.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
 
 
-def hold_once_staged(db: Path, connection: sqlite3.Connection, given_up: threading.Event) -> bool:
-    """Takes the database's write lock, again and again, until a staged batch (not an empty poll) is
-    in it, and keeps it then: from there, nothing more can commit. False when `given_up` first."""
+def _sqlite(tmp_path: Path) -> Database:
+    path = tmp_path / "poller.db"
+    return Database(
+        str(path),
+        lambda: sqlite3.connect(path, isolation_level=None, timeout=10, check_same_thread=False),
+        ("BEGIN IMMEDIATE",),
+        sqlite3.OperationalError,
+    )
+
+
+def _postgres(url: str) -> Database:
+    return Database(
+        url,
+        lambda: psycopg.connect(url, autocommit=True),
+        ("BEGIN", "LOCK TABLE staged IN EXCLUSIVE MODE"),
+        psycopg.errors.UndefinedTable,
+    )
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Database:
+    if request.param == "sqlite":
+        return _sqlite(tmp_path)
+    return _postgres(request.getfixturevalue("postgres_db"))
+
+
+def hold_once_staged(db: Database, connection: Any, given_up: threading.Event) -> bool:
+    """Takes the lock, again and again, until a staged batch (not an empty poll) is in the
+    database, and keeps it then: from there, its reports cannot commit. False when `given_up` first."""
     while not given_up.is_set():
-        if db.exists():
-            connection.execute("BEGIN IMMEDIATE")
-            with contextlib.suppress(sqlite3.OperationalError):  # not created or migrated yet
-                staged = connection.execute("SELECT count(*) FROM staged WHERE length(body) > 1000")
-                if staged.fetchone()[0]:
-                    return True
-            connection.execute("ROLLBACK")
+        with contextlib.suppress(db.not_ready):  # not created or migrated yet
+            for statement in db.lock:
+                connection.execute(statement)
+            staged = connection.execute("SELECT count(*) FROM staged WHERE length(body) > 1000")
+            if staged.fetchone()[0]:
+                return True
+        connection.execute("ROLLBACK")
         given_up.wait(0.001)
     return False
 
 
-def count(db: Path, table: str) -> int:
-    with connected(db) as connection:
-        return int(connection.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
-
-
 async def test_a_batch_fetched_but_not_committed_survives_kill_9(
-    provider: FakeProvider, tmp_path: Path
+    provider: FakeProvider, database: Database
 ) -> None:
-    db = tmp_path / "poller.db"
     batch = [report(f"k-{i}") for i in range(BATCH)]
     provider.add(*batch)
     given_up = threading.Event()
-    with connected(db) as lock:
-        holding = asyncio.create_task(asyncio.to_thread(hold_once_staged, db, lock, given_up))
-        server = await asyncio.to_thread(launcher.start, db, env=poller_env(provider))
+    with database.connected() as lock:
+        holding = asyncio.create_task(asyncio.to_thread(hold_once_staged, database, lock, given_up))
+        server = await asyncio.to_thread(launcher.start, database.target, env=poller_env(provider))
         try:
             # The provider has handed the batch out; the server staged it and now waits on the lock.
             try:
@@ -89,23 +128,23 @@ async def test_a_batch_fetched_but_not_committed_survives_kill_9(
         finally:
             given_up.set()
             server.stop(signal.SIGKILL, 10)
+        # Killed between the two commits: the batch is staged, none of its reports stored.
+        assert database.count("staged") >= 1
+        assert database.count("reports") == 0
         lock.execute("ROLLBACK")
-    # Killed between the two commits: the batch is staged, none of its reports stored.
-    assert count(db, "staged") >= 1
-    assert count(db, "reports") == 0
 
-    server = await asyncio.to_thread(launcher.start, db, env=poller_env(provider))
+    server = await asyncio.to_thread(launcher.start, database.target, env=poller_env(provider))
     try:
         for _ in range(300):
-            if count(db, "messages") == BATCH and count(db, "staged") == 0:
+            if database.count("messages") == BATCH and database.count("staged") == 0:
                 break
             await asyncio.sleep(0.1)
     finally:
         assert await asyncio.to_thread(server.stop) == 0
     # Every report the provider handed out once is stored once, and nothing is left staged.
-    assert count(db, "messages") == BATCH
-    assert count(db, "reports") == BATCH
-    assert count(db, "staged") == 0
+    assert database.count("messages") == BATCH
+    assert database.count("reports") == BATCH
+    assert database.count("staged") == 0
     assert provider.handed_out_ids() == [f"k-{i}" for i in range(BATCH)]
     assert "replayed a staged body" in "\n".join(server.output.stdout) + "\n".join(server.output.stderr)
 

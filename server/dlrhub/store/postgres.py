@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
@@ -254,6 +255,29 @@ def _last_position(connection: Connection, where: str) -> int:
     return 0 if row is None else position(int(row[0]), row[1])
 
 
+# --- text ------------------------------------------------------------------------------------------
+
+# PostgreSQL's text cannot hold NUL, which a report's text, ids and a quarantined item may (valid
+# UTF-8, valid JSON as \u0000). Every text column written from a report or a request holds its
+# value escaped: backslash doubled, NUL as backslash-0. One-to-one, so lookups by escaped value find
+# exactly the values asked for, and it changes nothing in text without either character.
+_ESCAPED = re.compile(r"\\(.)", re.DOTALL)
+
+
+def text(value: str) -> str:
+    """A value as a text column holds it."""
+    if "\\" in value or "\0" in value:
+        return value.replace("\\", "\\\\").replace("\0", "\\0")
+    return value
+
+
+def untext(value: str) -> str:
+    """A text column's value as it was given."""
+    if "\\" in value:
+        return _ESCAPED.sub(lambda found: "\0" if found.group(1) == "0" else found.group(1), value)
+    return value
+
+
 # --- the store -------------------------------------------------------------------------------------
 
 
@@ -319,14 +343,14 @@ class PostgresStore:
             f"SELECT report, raw FROM reports {where} ORDER BY txid, ordinal",  # noqa: S608
             params,
         )
-        return [with_raw(report, raw) for report, raw in rows]
+        return [with_raw(report, untext(raw)) for report, raw in rows]
 
     def messages_by(
         self, selector: Selector, value: str, source: int, after: int, limit: int, max_bytes: int
     ) -> MessagePage:
         reader = self._reader()
         where = f"{_COLUMNS[selector]} = %s" + (" AND source = %s" if source else "")
-        params: tuple[object, ...] = (value, source) if source else (value,)
+        params: tuple[object, ...] = (text(value), source) if source else (text(value),)
         with reader.transaction():  # one snapshot (REPEATABLE READ) for the page and the counts
             rows = reader.execute(
                 f"SELECT id, report FROM messages WHERE {where} AND id > %s ORDER BY id LIMIT %s",  # noqa: S608
@@ -344,7 +368,9 @@ class PostgresStore:
         txid, ordinal = split(after)
         rows = self._reader().execute(_CHANGES_QUERY, (str(txid), ordinal, limit))
         return [
-            Change(position(int(txid), ordinal), with_raw(report, raw), DeliveryReport.FromString(state))
+            Change(
+                position(int(txid), ordinal), with_raw(report, untext(raw)), DeliveryReport.FromString(state)
+            )
             for txid, ordinal, report, state, raw in rows
         ]
 
@@ -369,7 +395,11 @@ class PostgresStore:
             where += " AND id = ANY(%s)"
             params.append(list(ids))
         query = f"SELECT {QUARANTINE_COLUMNS} FROM quarantine WHERE {where} ORDER BY id LIMIT %s"  # noqa: S608
-        return [quarantined_item(row) for row in self._reader().execute(query, (*params, limit))]
+        rows = self._reader().execute(query, (*params, limit))
+        return [
+            quarantined_item([untext(value) if isinstance(value, str) else value for value in row])
+            for row in rows
+        ]
 
     def open_quarantine_count(self) -> int:
         row = (
@@ -428,8 +458,8 @@ class PostgresStore:
 
 def _by_message(message_id: str, source: int) -> tuple[str, tuple[object, ...]]:
     if source:
-        return "WHERE message_id = %s AND source = %s", (message_id, source)
-    return "WHERE message_id = %s", (message_id,)
+        return "WHERE message_id = %s AND source = %s", (text(message_id), source)
+    return "WHERE message_id = %s", (text(message_id),)
 
 
 def _first_line(error: BaseException) -> str:
@@ -573,18 +603,18 @@ class _PostgresTransaction:
             (
                 ordinal,
                 report.source,
-                report.message_id,
+                text(report.message_id),
                 without_raw(report),
                 merged_bytes,
-                report.raw_payload,
+                text(report.raw_payload),
                 digest,
             )
         )
         self._messages[key] = (
             merged.source,
-            merged.message_id,
-            merged.bulk_id,
-            merged.reference,
+            text(merged.message_id),
+            text(merged.bulk_id),
+            text(merged.reference),
             merged.status,
             merged_bytes,
             encode_merge(state),
@@ -601,11 +631,11 @@ class _PostgresTransaction:
             (
                 item.received_seconds,
                 item.received_nanos,
-                item.request_id,
-                item.field,
-                item.reason,
-                item.description,
-                item.raw,
+                text(item.request_id),
+                text(item.field),
+                text(item.reason),
+                text(item.description),
+                text(item.raw),
                 item.format,
                 item.whole_payload,
                 item.digest(),
@@ -625,7 +655,7 @@ class _PostgresTransaction:
             return saved if seconds >= since_seconds else None
         row = self._connection.execute(
             "SELECT request_digest, response FROM requests WHERE request_id = %s AND created_seconds >= %s",
-            (request_id, since_seconds),
+            (text(request_id), since_seconds),
         ).fetchone()
         return None if row is None else SavedResponse(bytes(row[0]), bytes(row[1]))
 
@@ -650,7 +680,7 @@ class _PostgresTransaction:
                 staged.received_nanos,
                 staged.format,
                 staged.default_channel,
-                staged.content_type,
+                text(staged.content_type),
                 staged.body,
             ),
             binary=True,
@@ -671,7 +701,7 @@ class _PostgresTransaction:
         return [
             StagedBody(
                 body=bytes(body),
-                content_type=content_type,
+                content_type=untext(content_type),
                 format=format,
                 default_channel=default_channel,
                 received_seconds=seconds,
@@ -698,7 +728,7 @@ class _PostgresTransaction:
                     cursor.executemany(_QUARANTINE, self._quarantined)
             if self._responses:
                 rows = [
-                    (request_id, saved.request_digest, saved.response, seconds)
+                    (text(request_id), saved.request_digest, saved.response, seconds)
                     for request_id, (saved, seconds) in self._responses.items()
                 ]
                 connection.execute(_SAVE_RESPONSES, _columns(rows, 4), binary=True)
@@ -734,14 +764,14 @@ class _PostgresTransaction:
             return None
         return self._connection.execute(
             "SELECT source, message_id, report, merge FROM messages WHERE message_id = ANY(%s::text[])",
-            (list({message_id for _, message_id in keys}),),
+            (list({text(message_id) for _, message_id in keys}),),
             binary=True,
         )
 
     def _keep_states(self, keys: Collection[MessageKey], found: psycopg.Cursor[Any] | None) -> None:
         loaded = {} if found is None else {(row[0], row[1]): row for row in found}
         for key in keys:
-            row = loaded.get(key)
+            row = loaded.get((key[0], text(key[1])))
             self._states[key] = None if row is None else decode_state(bytes(row[2]), bytes(row[3]))
 
 
