@@ -7,7 +7,7 @@ test moves it on to make a request due; the fetcher looks at it every `tick` (10
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +20,6 @@ from grpc_health.v1 import health_pb2
 from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
 from deliveryreport.v1.delivery_report_service_pb2 import Format
 from dlrhub import app as app_module
-from dlrhub.store.base import Store
-from dlrhub.store.postgres import PostgresStore
 from dlrhub.transport.gms_seen import HEALTH_SERVICE, GmsSeenFetcher, GmsSeenSettings
 from tests.conftest import FakeClock, serving
 from tests.fake_gms import LOGIN, PASSWORD, FakeGms, seen_code_table
@@ -37,19 +35,6 @@ RESCAN = 30.0
 async def gms() -> AsyncIterator[FakeGms]:
     async with FakeGms() as fake:
         yield fake
-
-
-# Opens the store of a test's app: None is SQLite in the test's directory.
-Opener = Callable[[], Store | None]
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def engine(request: pytest.FixtureRequest) -> Opener:
-    """Each engine, for the tests whose schedule comes from the store."""
-    if request.param == "sqlite":
-        return lambda: None
-    url: str = request.getfixturevalue("postgres_db")
-    return lambda: PostgresStore(url)
 
 
 @dataclass
@@ -99,8 +84,9 @@ class Seeing:
 
 @asynccontextmanager
 async def seeing(
-    tmp_path: Path, clock: FakeClock, gms: FakeGms, store: Store | None = None, **settings: Any
+    tmp_path: Path, clock: FakeClock, gms: FakeGms, db: str | Path | None = None, **settings: Any
 ) -> AsyncIterator[Seeing]:
+    """The app over `db` (the `db` fixture: SQLite or PostgreSQL; default SQLite in `tmp_path`)."""
     options: dict[str, Any] = {
         "interval": INTERVAL,
         "interval_max": 600.0,
@@ -114,7 +100,11 @@ async def seeing(
     options.update(settings)
     fetcher = GmsSeenSettings(gms.base_url, LOGIN, PASSWORD, **options)
     async with serving(
-        tmp_path, clock=clock, store=store, gms_codes=seen_code_table(tmp_path), gms_seen_settings=fetcher
+        tmp_path,
+        clock=clock,
+        db=db or tmp_path / "dlrhub.db",
+        gms_codes=seen_code_table(tmp_path),
+        gms_seen_settings=fetcher,
     ) as running:
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
         try:
@@ -123,10 +113,11 @@ async def seeing(
             await channel.close(None)
 
 
+@pytest.mark.engines
 async def test_delivered_viber_and_whatsapp_messages_become_seen_and_nothing_else_is_asked(
-    tmp_path: Path, clock: FakeClock, gms: FakeGms, engine: Opener
+    tmp_path: Path, clock: FakeClock, gms: FakeGms, db: str | Path
 ) -> None:
-    async with seeing(tmp_path, clock, gms, engine()) as s:
+    async with seeing(tmp_path, clock, gms, db) as s:
         await eventually(lambda: _is(s.health(), SERVING), "SERVING after the first scan")
         await s.delivered("viber-1", "viber")
         await s.delivered("whatsapp-1", "whatsapp")
@@ -247,13 +238,14 @@ async def test_requests_in_flight_never_exceed_the_concurrency(
         assert sorted(request.message_id for request in gms.requests) == sorted(ids)
 
 
+@pytest.mark.engines
 async def test_the_schedule_is_found_again_after_a_restart(
-    tmp_path: Path, clock: FakeClock, gms: FakeGms, engine: Opener
+    tmp_path: Path, clock: FakeClock, gms: FakeGms, db: str | Path
 ) -> None:
-    async with seeing(tmp_path, clock, gms, engine()) as s:
+    async with seeing(tmp_path, clock, gms, db) as s:
         await s.delivered("viber-1", "viber")
     gms.see("viber-1", clock() // 1_000_000)
-    async with seeing(tmp_path, clock, gms, engine(), report="simple") as s:
+    async with seeing(tmp_path, clock, gms, db, report="simple") as s:
         await s.advance_until(INTERVAL, lambda: s.counted("seen") == 1, "asked after the restart")
         assert [request.report for request in gms.requests] == ["simple"]
         assert s.state("viber-1").status == status("SEEN")

@@ -29,7 +29,7 @@ def _postgres_url(db: str | Path) -> str | None:
     scheme = _SCHEME.match(db)
     if scheme is not None:
         name = scheme.group(1)
-        if name.lower() in POSTGRES_SCHEMES and db[scheme.end() :].startswith("//"):
+        if name in POSTGRES_SCHEMES and db[scheme.end() :].startswith("//"):
             return db
         raise StoreError(
             f"the database {name}:... is not a file path or a postgresql:// URL (for a file whose"

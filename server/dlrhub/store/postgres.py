@@ -89,9 +89,8 @@ def _migration_1(connection: Connection) -> None:
             report bytea NOT NULL,
             merge bytea NOT NULL,
             cursor bigint NOT NULL,
-            UNIQUE (source, message_id)
+            UNIQUE (message_id, source)  -- also serves lookups by message id alone
         )""",
-        "CREATE INDEX messages_message_id ON messages (message_id)",
         "CREATE INDEX messages_bulk_id ON messages (bulk_id, id)",
         "CREATE INDEX messages_reference ON messages (reference, id)",
         """CREATE TABLE reports (
@@ -474,13 +473,15 @@ def _first_line(error: BaseException) -> str:
 # by default), so a transaction locks buckets of messages, not messages. A transaction of up to SMALL
 # messages takes a shared lock on each message's coarse bucket (one of COARSE) and an exclusive lock
 # on its fine bucket (one of FINE: writers of different messages rarely wait for each other); a
-# larger one takes the exclusive coarse locks only. Either way a writer holds at most COARSE locks,
-# and two writers of one message always conflict. All in one statement, in key order (coarse keys
-# first): writers that lock in one order cannot deadlock.
+# larger one takes the exclusive coarse locks only. Either way a writer holds at most COARSE message
+# locks, and two writers of one message always conflict. A request id is locked too (one of FINE
+# buckets of its own), so that a retry on another process waits for the first answer and replays it.
+# All in one statement, in key order: writers that lock in one order cannot deadlock.
 COARSE = 512
 FINE = 1 << 20
 SMALL = 128
 _FINE_BASE = _NAMESPACE + COARSE
+_REQUEST_BASE = _FINE_BASE + FINE
 
 
 def message_buckets(source: int, message_id: str) -> tuple[int, int]:
@@ -490,24 +491,31 @@ def message_buckets(source: int, message_id: str) -> tuple[int, int]:
     return _NAMESPACE + fine % COARSE, _FINE_BASE + fine
 
 
-def lock_modes(keys: Collection[tuple[int, str]]) -> dict[int, bool]:
-    """The advisory locks that serialise the writers of these messages: key -> shared."""
+def request_bucket(request_id: str) -> int:
+    """A request id's lock key."""
+    hashed = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
+    return _REQUEST_BASE + int.from_bytes(hashed) % FINE
+
+
+def lock_modes(keys: Collection[tuple[int, str]], request_ids: Collection[str] = ()) -> dict[int, bool]:
+    """The advisory locks that serialise the writers of these messages and requests: key -> shared."""
     buckets = [message_buckets(*key) for key in keys]
+    requests = {request_bucket(request_id): False for request_id in request_ids}
     if len(buckets) > SMALL:
-        return {coarse: False for coarse, _ in buckets}
-    return {coarse: True for coarse, _ in buckets} | {fine: False for _, fine in buckets}
+        return {coarse: False for coarse, _ in buckets} | requests
+    return {coarse: True for coarse, _ in buckets} | {fine: False for _, fine in buckets} | requests
 
 
 _LOCK = """SELECT CASE WHEN shared THEN pg_advisory_xact_lock_shared(key) ELSE pg_advisory_xact_lock(key) END
-    FROM unnest(%s::bigint[], %s::boolean[]) AS lock(key, shared) ORDER BY key"""
+    FROM unnest(%b::bigint[], %b::boolean[]) AS lock(key, shared) ORDER BY key"""
 _INSERT_REPORTS = """INSERT INTO reports (ordinal, source, message_id, report, state, raw, digest)
-    SELECT * FROM unnest(%s::integer[], %s::integer[], %s::text[], %s::bytea[], %s::bytea[],
-                         %s::text[], %s::bytea[])"""
+    SELECT * FROM unnest(%b::integer[], %b::integer[], %b::text[], %b::bytea[], %b::bytea[],
+                         %b::text[], %b::bytea[])"""
 _UPSERT_MESSAGES = """INSERT INTO messages
         (source, message_id, bulk_id, reference, status, report, merge, cursor, channel, state_seconds)
     SELECT source, message_id, bulk_id, reference, status, report, merge, cursor, channel, state_seconds
-    FROM unnest(%s::integer[], %s::text[], %s::text[], %s::text[], %s::integer[],
-                         %s::bytea[], %s::bytea[], %s::bigint[], %s::integer[], %s::bigint[])
+    FROM unnest(%b::integer[], %b::text[], %b::text[], %b::text[], %b::integer[],
+                         %b::bytea[], %b::bytea[], %b::bigint[], %b::integer[], %b::bigint[])
         WITH ORDINALITY
         AS row(source, message_id, bulk_id, reference, status, report, merge, cursor, channel,
                state_seconds, n)
@@ -529,10 +537,11 @@ _QUARANTINE = """INSERT INTO quarantine (received_seconds, received_nanos, reque
         last_received_seconds = excluded.received_seconds,
         last_received_nanos = excluded.received_nanos"""
 _SAVE_RESPONSES = """INSERT INTO requests (request_id, request_digest, response, created_seconds)
-    SELECT * FROM unnest(%s::text[], %s::bytea[], %s::bytea[], %s::bigint[])
+    SELECT * FROM unnest(%b::text[], %b::bytea[], %b::bytea[], %b::bigint[])
     ON CONFLICT (request_id) DO UPDATE SET request_digest = excluded.request_digest,
         response = excluded.response, created_seconds = excluded.created_seconds"""
 
+_TXID = "SELECT pg_current_xact_id()::text"  # takes the transaction's id, if it has none yet
 MessageKey = tuple[int, str]
 
 
@@ -553,25 +562,35 @@ class _PostgresTransaction:
         self._quarantined: list[tuple[object, ...]] = []
         self._responses: dict[str, tuple[SavedResponse, int]] = {}
 
-    def prefetch(self, messages: Collection[tuple[int, str]], digests: Collection[bytes]) -> None:
+    def prefetch(
+        self,
+        messages: Collection[tuple[int, str]],
+        digests: Collection[bytes],
+        request_ids: Collection[str] = (),
+    ) -> None:
         wanted = [key for key in messages if key not in self._states]
         asked = [digest for digest in digests if digest not in self._stored and digest not in self._absent]
         connection = self._connection
+        found = None
         with connection.pipeline():
-            self._lock_messages(wanted)
+            self._lock(wanted, request_ids)
+            txid = None if self._txid is not None else connection.execute(_TXID)
             states = self._load(wanted)
-            found = connection.execute(
-                "SELECT digest FROM reports WHERE digest = ANY(%s::bytea[])", (asked,), binary=True
-            )
+            if asked:
+                found = connection.execute(
+                    "SELECT digest FROM reports WHERE digest = ANY(%b::bytea[])", (asked,), binary=True
+                )
+        if txid is not None:
+            self._keep_txid(txid)
         self._keep_states(wanted, states)
-        stored = {bytes(digest) for (digest,) in found}
+        stored = set() if found is None else {bytes(digest) for (digest,) in found}
         self._stored |= stored
         self._absent |= set(asked) - stored
 
     def load_state(self, source: int, message_id: str) -> MessageState | None:
         key = (source, message_id)
         if key not in self._states:
-            self._lock_messages([key])
+            self._lock([key])
             self._keep_states([key], self._load([key]))
         return self._states[key]
 
@@ -590,7 +609,7 @@ class _PostgresTransaction:
     def append(self, report: DeliveryReport, digest: bytes, state: MessageState) -> int:
         key = (report.source, report.message_id)
         if key not in self._states:  # not loaded: lock it (and its stored state is replaced anyway)
-            self._lock_messages([key])
+            self._lock([key])
         if digest in self._stored:
             raise StoreError("append: a report with this digest is stored already")
         ordinal = len(self._reports)
@@ -653,6 +672,7 @@ class _PostgresTransaction:
         if request_id in self._responses:
             saved, seconds = self._responses[request_id]
             return saved if seconds >= since_seconds else None
+        self._lock((), [request_id])  # a concurrent first call of this id commits its answer first
         row = self._connection.execute(
             "SELECT request_digest, response FROM requests WHERE request_id = %s AND created_seconds >= %s",
             (text(request_id), since_seconds),
@@ -739,19 +759,24 @@ class _PostgresTransaction:
 
     def _transaction_id(self) -> int:
         if self._txid is None:
-            row = self._connection.execute("SELECT pg_current_xact_id()::text").fetchone()
-            assert row is not None
-            txid = int(row[0])
-            if txid > MAX_TXID:
-                raise StoreError(f"transaction id {txid} is past what cursors can number ({MAX_TXID})")
-            self._txid = txid
+            return self._keep_txid(self._connection.execute(_TXID))
         return self._txid
 
-    def _lock_messages(self, keys: Collection[MessageKey]) -> None:
-        """Takes the locks of these messages not held yet (lock_modes), in key order, in one statement."""
+    def _keep_txid(self, found: psycopg.Cursor[Any]) -> int:
+        row = found.fetchone()
+        assert row is not None
+        txid = int(row[0])
+        if txid > MAX_TXID:
+            raise StoreError(f"transaction id {txid} is past what cursors can number ({MAX_TXID})")
+        self._txid = txid
+        return txid
+
+    def _lock(self, keys: Collection[MessageKey], request_ids: Collection[str] = ()) -> None:
+        """Takes the locks of these messages and requests not held yet (lock_modes), in key order, in
+        one statement."""
         wanted = sorted(
             (key, shared)
-            for key, shared in lock_modes(keys).items()
+            for key, shared in lock_modes(keys, request_ids).items()
             if key not in self._locked or (self._locked[key] and not shared)
         )
         if wanted:
@@ -763,7 +788,7 @@ class _PostgresTransaction:
         if not keys:
             return None
         return self._connection.execute(
-            "SELECT source, message_id, report, merge FROM messages WHERE message_id = ANY(%s::text[])",
+            "SELECT source, message_id, report, merge FROM messages WHERE message_id = ANY(%b::text[])",
             (list({text(message_id) for _, message_id in keys}),),
             binary=True,
         )

@@ -78,6 +78,7 @@ def apply(
             if item.report
         },
         {key.digest for group in keys for key in group if key},
+        {s.request_id for s in submissions if s.request_digest},
     )
     return [
         _apply(tx, submission, group, cursors) for submission, group in zip(submissions, keys, strict=True)
