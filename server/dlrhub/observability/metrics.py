@@ -20,7 +20,8 @@ dlrhub_poller_failures_total{kind}                poll failures: auth, client_er
 dlrhub_gms_seen_requests_total{outcome}           GMS seen fetcher requests by outcome: seen, not_seen,
                                                   done (no longer delivered, not seen), auth, not_found,
                                                   client_error, throttled, server_error, timeout,
-                                                  connection, body_too_large, rejected, store, unexpected
+                                                  connection, body_too_large, rejected, store (the
+                                                  store could not be read or commit), unexpected
 dlrhub_gms_seen_awaiting                          messages the GMS seen fetcher is asking about
 dlrhub_gms_seen_expired_total                     messages dropped unseen when their window passed
 dlrhub_stream_subscribers                         open Stream subscribers
