@@ -201,6 +201,23 @@ async def test_a_request_that_hangs_is_ended_by_its_deadline(
         assert s.state("viber-1").status == status("SEEN")
 
 
+async def test_a_message_gms_does_not_know_is_asked_again_later_without_holding_up_the_others(
+    tmp_path: Path, clock: FakeClock, gms: FakeGms
+) -> None:
+    async with seeing(tmp_path, clock, gms) as s:
+        await s.delivered("unknown-1", "viber")
+        del gms.attempts["unknown-1"]  # GMS answers 404
+        await s.delivered("viber-1", "viber")
+        gms.see("viber-1", s.now_ms())
+        await s.advance_until(INTERVAL, lambda: s.counted("seen") == 1, "the known one seen")
+        await eventually(lambda: s.counted("not_found") == 1, "the 404 counted")
+        assert s.fetcher.paused_until == 0  # nothing paused
+        assert s.fetcher.awaiting == 1
+        await s.advance_until(2 * INTERVAL, lambda: s.counted("not_found") == 2, "asked again")
+        assert [request.status for request in gms.requests if request.message_id == "unknown-1"] == [404, 404]
+        assert await s.health() == SERVING
+
+
 async def test_a_message_never_seen_is_asked_on_a_growing_interval_until_the_window_passes(
     tmp_path: Path, clock: FakeClock, gms: FakeGms
 ) -> None:
