@@ -16,6 +16,7 @@ from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportSer
 from dlrhub import app
 from dlrhub.config import Settings
 from dlrhub.store.base import Store
+from dlrhub.transport.gms_seen import GmsSeenSettings
 from tools import launcher
 
 pytest_plugins = ["tests.postgres"]  # postgres_url, postgres_db
@@ -88,10 +89,15 @@ def db(db_engine: str, request: pytest.FixtureRequest, tmp_path: Path) -> str | 
 
 @contextlib.asynccontextmanager
 async def serving(
-    tmp_path: Path, *, clock: FakeClock | None = None, store: Store | None = None, **overrides: Any
+    tmp_path: Path,
+    *,
+    clock: FakeClock | None = None,
+    store: Store | None = None,
+    gms_seen_settings: GmsSeenSettings | None = None,
+    **overrides: Any,
 ) -> AsyncIterator[app.App]:
-    """A real app on free ports over `tmp_path/dlrhub.db` (or `store`), with any Settings overridden;
-    stopped after."""
+    """A real app on free ports over `tmp_path/dlrhub.db` (or `store`), with any Settings overridden
+    (and the GMS seen fetcher's own settings, given whole); stopped after."""
     defaults: dict[str, Any] = {
         "listen": "127.0.0.1:0",
         "http_listen": "127.0.0.1:0",
@@ -99,7 +105,12 @@ async def serving(
         "db": tmp_path / "dlrhub.db",
         "shutdown_grace": 1.0,
     }
-    running = await app.start(Settings(**(defaults | overrides)), clock=clock or FakeClock(), store=store)
+    running = await app.start(
+        Settings(**(defaults | overrides)),
+        clock=clock or FakeClock(),
+        store=store,
+        gms_seen_settings=gms_seen_settings,
+    )
     try:
         yield running
     finally:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from deliveryreport.v1.delivery_report_pb2 import DeliveryReport, DeliveryStatus, Source
 from deliveryreport.v1.delivery_report_service_pb2 import (
@@ -217,6 +218,18 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"not reached within {within} s: {what}")
         await asyncio.sleep(interval)
+
+
+async def health(channel: grpc.aio.Channel, service: str) -> int | None:
+    """The health status of `service` (grpc.health.v1), or None while it is unknown."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    try:
+        response = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+    except grpc.aio.AioRpcError as error:
+        if error.code() == grpc.StatusCode.NOT_FOUND:
+            return None
+        raise
+    return int(response.status)
 
 
 def connect(

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import httpx
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from deliveryreport.v1.delivery_report_pb2 import Channel, Source
 from deliveryreport.v1.delivery_report_service_pb2 import GetMessageRequest, RenormaliseQuarantineRequest
@@ -32,7 +32,7 @@ from dlrhub.write.committer import Committer
 from dlrhub.write.writer import Writer
 from tests.conftest import FakeClock, Running
 from tests.fake_provider import FakeProvider, report
-from tests.helpers import eventually
+from tests.helpers import eventually, health
 
 if TYPE_CHECKING:  # the async stub type exists only in the generated .pyi
     from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceAsyncStub
@@ -56,18 +56,6 @@ def reports(prefix: str, count: int) -> list[dict[str, Any]]:
 
 def ids(items: list[dict[str, Any]]) -> list[str]:
     return [str(item["messageId"]) for item in items]
-
-
-async def health(channel: grpc.aio.Channel, service: str) -> int | None:
-    """The health status of `service`, or None while it is unknown."""
-    stub = health_pb2_grpc.HealthStub(channel)
-    try:
-        response = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
-    except grpc.aio.AioRpcError as error:
-        if error.code() == grpc.StatusCode.NOT_FOUND:
-            return None
-        raise
-    return int(response.status)
 
 
 @dataclass

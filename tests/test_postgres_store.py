@@ -18,17 +18,24 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from psycopg import sql
 
-from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
+from deliveryreport.v1.delivery_report_pb2 import Channel, DeliveryReport
 from deliveryreport.v1.delivery_report_service_pb2 import Format
 from dlrhub.merge import digest, merge
 from dlrhub.normalise import Normaliser
 from dlrhub.store import SqliteStore, StoreError
 from dlrhub.store.base import Store
-from dlrhub.store.postgres import COARSE, SCHEMA_VERSION, SMALL, PostgresStore
+from dlrhub.store.postgres import (
+    AWAITING_SEEN_QUERY,
+    COARSE,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    SMALL,
+    PostgresStore,
+)
 from dlrhub.write.submission import Applied, Submission, apply
 from dlrhub.write.writer import request_digest
 from tests.helpers import ACCEPTED, TIMEOUT, gms_batch
-from tests.test_store_contract import GMS, SSR, S, commit, put, report
+from tests.test_store_contract import BASE_SECONDS, GMS, SSR, S, commit, put, report
 
 
 @pytest.fixture
@@ -278,3 +285,40 @@ def test_replicas_starting_together_migrate_once(postgres_db: str) -> None:
         store.close()
     with psycopg.connect(postgres_db) as connection:
         assert connection.execute("SELECT version FROM dlrhub_schema").fetchall() == [(SCHEMA_VERSION,)]
+
+
+def test_schema_3_gives_every_message_its_channel_and_time_and_indexes_those_awaiting_seen(
+    postgres_db: str,
+) -> None:
+    delivered = S.DELIVERY_STATUS_DELIVERED
+    viber = report("g-viber", delivered, seconds=40, source=GMS, channel=Channel.CHANNEL_VIBER)
+    untimed = report("g-whatsapp", delivered, source=GMS, channel=Channel.CHANNEL_WHATSAPP)
+    untimed.ClearField("event_time")
+    sms = report("g-sms", delivered, seconds=40, source=GMS)
+    with psycopg.connect(postgres_db) as connection:  # a database that release left at schema 2
+        connection.execute("CREATE TABLE dlrhub_schema (version integer NOT NULL)")
+        connection.execute("INSERT INTO dlrhub_schema (version) VALUES (2)")
+        for migration in MIGRATIONS[:2]:
+            migration(connection)
+        for cursor, state in enumerate((viber, untimed, sms), start=1):
+            connection.execute(
+                "INSERT INTO messages (source, message_id, bulk_id, reference, status, report, merge, cursor)"
+                " VALUES (%s, %s, '', '', %s, %s, '', %s)",
+                (GMS, state.message_id, state.status, state.SerializeToString(), cursor),
+            )
+
+    store = PostgresStore(postgres_db)
+    try:
+        awaiting = store.awaiting_seen(0, (0, 0), 10)
+    finally:
+        store.close()
+    # The event time, else the received time; the SMS message is not awaited.
+    assert [(row.message_id, row.delivered_seconds) for row in awaiting] == [
+        ("g-viber", BASE_SECONDS + 40),
+        ("g-whatsapp", BASE_SECONDS + 10_000),
+    ]
+    with psycopg.connect(postgres_db) as connection:
+        connection.execute("SET enable_seqscan = off")  # a few rows: show that the index can serve it
+        plan = connection.execute(f"EXPLAIN {AWAITING_SEEN_QUERY}", (GMS, 0, 0, 0, 10)).fetchall()
+    assert any("messages_awaiting_seen" in row[0] for row in plan), plan
+    assert not any("Sort" in row[0] for row in plan), plan  # the index's order: no sort

@@ -330,3 +330,42 @@ def test_open_quarantined_items_kept_more_than_once_become_one_counted_row(tmp_p
         assert (again_id, again.received_count, again.last_received_seconds) == (first_id, 4, 1_700_000_050)
     finally:
         store.close()
+
+
+def test_schema_8_gives_every_message_its_channel_and_time_and_indexes_those_awaiting_seen(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "release-7.db"
+    viber = gms(S.DELIVERY_STATUS_DELIVERED, 23, received=50, message_id="g-viber")
+    viber.channel = Channel.CHANNEL_VIBER
+    viber.event_time.FromSeconds(1_700_000_040)
+    untimed = gms(S.DELIVERY_STATUS_DELIVERED, 23, received=60, message_id="g-whatsapp")
+    untimed.channel = Channel.CHANNEL_WHATSAPP
+    sms = gms(S.DELIVERY_STATUS_DELIVERED, 23, received=70, message_id="g-sms")
+    with schema(path, 7) as connection:
+        for cursor, state in enumerate((viber, untimed, sms), start=1):
+            connection.execute(
+                "INSERT INTO messages (source, message_id, bulk_id, reference, status, report, merge, cursor)"
+                " VALUES (?, ?, '', '', ?, ?, ?, ?)",
+                (GMS, state.message_id, state.status, state.SerializeToString(), b"", cursor),
+            )
+
+    store = SqliteStore(path)
+    try:
+        awaiting = store.awaiting_seen(0, (0, 0), 10)
+    finally:
+        store.close()
+    # The event time, else the received time; the SMS message is not awaited.
+    assert [(row.message_id, row.delivered_seconds) for row in awaiting] == [
+        ("g-viber", 1_700_000_040),
+        ("g-whatsapp", 1_700_000_060),
+    ]
+    connection = sqlite3.connect(path)
+    try:
+        plan = connection.execute(
+            f"EXPLAIN QUERY PLAN {sqlite_store.AWAITING_SEEN_QUERY}", (GMS, 0, 0, 0, 10)
+        ).fetchall()
+    finally:
+        connection.close()
+    assert any("idx_messages_awaiting_seen" in str(row[-1]) for row in plan), plan
+    assert not any("TEMP B-TREE" in str(row[-1]) for row in plan), plan  # the index's order: no sort

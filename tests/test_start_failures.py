@@ -152,6 +152,20 @@ def test_an_address_this_host_does_not_have(tmp_path: Path) -> None:
             "DLRHUB_GMS_WEBHOOK_AUTH: webhook auth must be basic:USER:PASSWORD or token:SECRET",
         ),
         ({"DLRHUB_TLS_CERT": "cert.pem"}, "TLS needs both DLRHUB_TLS_CERT and DLRHUB_TLS_KEY"),
+        (
+            {"DLRHUB_GMS_SEEN_BASE_URL": "https://dr-v2.hyber.im/1234"},
+            "DLRHUB_GMS_SEEN_BASE_URL is set: set DLRHUB_GMS_SEEN_LOGIN and DLRHUB_GMS_SEEN_PASSWORD too"
+            " (GMS's GET report takes HTTP Basic credentials)",
+        ),
+        (
+            {
+                "DLRHUB_GMS_SEEN_BASE_URL": "https://dr-v2.hyber.im/1234",
+                "DLRHUB_GMS_SEEN_LOGIN": "login",
+                "DLRHUB_GMS_SEEN_PASSWORD": "password",
+                "DLRHUB_GMS_SEEN_CONCURRENCY": "0",
+            },
+            "DLRHUB_GMS_SEEN_CONCURRENCY must be at least 1, not 0",
+        ),
     ],
 )
 def test_a_bad_setting(tmp_path: Path, env: dict[str, str], expected: str) -> None:

@@ -107,6 +107,7 @@ GMS_CODES: dict[int, tuple[int, int]] = {
     S.DELIVERY_STATUS_SENT: (1, 11),
     S.DELIVERY_STATUS_DELIVERED: (2, 23),
     S.DELIVERY_STATUS_UNDELIVERED: (3, 35),
+    S.DELIVERY_STATUS_SEEN: (2, 0),  # GMS publishes no code for "seen": the store stores any codes
 }
 
 
@@ -123,6 +124,7 @@ def report(
     bulk_id: str = "",
     reference: str = "",
     price: str = "",
+    channel: Channel.ValueType = Channel.CHANNEL_SMS,
 ) -> DeliveryReport:
     """A normalised report, as the normalisers would produce it (with its original text)."""
     if source == SSR and status == S.DELIVERY_STATUS_SEEN:
@@ -139,7 +141,7 @@ def report(
         bulk_id=bulk_id,
         reference=reference,
         recipient="+41793026727",
-        channel=Channel.CHANNEL_SMS,
+        channel=channel,
         status=status,
         final=status not in (S.DELIVERY_STATUS_ACCEPTED, S.DELIVERY_STATUS_SENT),
         event_time=at(seconds),
@@ -847,6 +849,63 @@ def test_reopening_keeps_everything(engine: Handle) -> None:
         seen = report("m-1", S.DELIVERY_STATUS_SEEN, seconds=3)
         assert not tx.is_stored(digest(seen))
         assert merge(state, seen).report.price.amount == "0.0075"
+
+
+# --- awaiting seen ---------------------------------------------------------------------------------
+
+VIBER = Channel.CHANNEL_VIBER
+WHATSAPP = Channel.CHANNEL_WHATSAPP
+
+
+def awaiting_ids(store: Store, since: int, page: int = 100) -> list[str]:
+    """Every message awaiting "seen" since BASE_SECONDS + `since`, page after page."""
+    found: list[str] = []
+    after = (0, 0)
+    while rows := store.awaiting_seen(BASE_SECONDS + since, after, page):
+        assert len(rows) <= page
+        found += [row.message_id for row in rows]
+        after = rows[-1].key
+    return found
+
+
+def test_awaiting_seen_is_gms_delivered_on_viber_or_whatsapp_since_a_time(engine: Handle) -> None:
+    store = engine.store
+    delivered = S.DELIVERY_STATUS_DELIVERED
+    commit(
+        store,
+        report("v-late", delivered, seconds=30, source=GMS, channel=VIBER),
+        report("w-early", delivered, seconds=10, source=GMS, channel=WHATSAPP),
+        report("v-mid", delivered, seconds=20, source=GMS, channel=VIBER),
+        report("w-same-time", delivered, seconds=20, source=GMS, channel=WHATSAPP),
+        # Never asked about: before the window, an SMS, not delivered, not GMS.
+        report("v-old", delivered, seconds=1, source=GMS, channel=VIBER),
+        report("sms", delivered, seconds=20, source=GMS),
+        report("v-sent", S.DELIVERY_STATUS_SENT, seconds=20, source=GMS, channel=VIBER),
+        report("ssr-viber", delivered, seconds=20, source=SSR, channel=VIBER),
+    )
+    expected = ["w-early", "v-mid", "w-same-time", "v-late"]  # by delivered time, then as stored
+    assert awaiting_ids(store, since=10) == expected
+    assert awaiting_ids(store, since=10, page=1) == expected  # keyset pages: none lost or repeated
+    first = store.awaiting_seen(BASE_SECONDS + 10, (0, 0), 1)[0]
+    assert (first.message_id, first.delivered_seconds) == ("w-early", BASE_SECONDS + 10)
+    assert awaiting_ids(store, since=21) == ["v-late"]
+
+    # Seen (SEEN outranks DELIVERED), or sent after all on SMS: no longer awaited.
+    commit(
+        store,
+        report("v-mid", S.DELIVERY_STATUS_SEEN, seconds=25, source=GMS, channel=VIBER),
+        report("v-sent", delivered, seconds=22, source=GMS, channel=VIBER),
+    )
+    assert awaiting_ids(store, since=10) == ["w-early", "w-same-time", "v-sent", "v-late"]
+    assert awaiting_ids(engine.reopen(), since=10) == ["w-early", "w-same-time", "v-sent", "v-late"]
+
+
+def test_awaiting_seen_falls_back_to_the_received_time(engine: Handle) -> None:
+    untimed = report("v-untimed", S.DELIVERY_STATUS_DELIVERED, source=GMS, channel=VIBER)
+    untimed.ClearField("event_time")  # received at BASE_SECONDS + 10_000
+    commit(engine.store, untimed)
+    assert awaiting_ids(engine.store, since=10_000) == ["v-untimed"]
+    assert awaiting_ids(engine.store, since=10_001) == []
 
 
 # --- SQLite: the schema version ------------------------------------------------------------------

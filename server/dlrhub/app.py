@@ -36,6 +36,8 @@ from dlrhub.store.engine import is_shared
 from dlrhub.transport import admin, tls, webhooks
 from dlrhub.transport.auth import AuthInterceptor, Tokens
 from dlrhub.transport.channels import channel_named
+from dlrhub.transport.gms_seen import HEALTH_SERVICE as GMS_SEEN_HEALTH_SERVICE
+from dlrhub.transport.gms_seen import BadSetting, GmsSeenFetcher, GmsSeenSettings
 from dlrhub.transport.handlers import SERVICE_NAME, add_to_server
 from dlrhub.transport.listener import HttpListener, connection_budget
 from dlrhub.transport.poller import HEALTH_SERVICE as POLLER_HEALTH_SERVICE
@@ -91,6 +93,7 @@ class App:
     admin: HttpListener | None = None
     # Reads other processes' changes into the hub when the store is shared; None otherwise.
     follower: Follower | None = None
+    gms_seen: GmsSeenFetcher | None = None
 
     @property
     def http_port(self) -> int:
@@ -112,6 +115,8 @@ class App:
         await self.store_health.stop()
         if self.poller is not None:
             await self.poller.stop(self.settings.shutdown_grace)
+        if self.gms_seen is not None:
+            await self.gms_seen.stop()
         self.hub.close()
         if self.follower is not None:
             await self.follower.stop()
@@ -135,6 +140,7 @@ async def start(
     store: Store | None = None,
     normaliser: Normaliser | None = None,
     poller_settings: PollerSettings | None = None,
+    gms_seen_settings: GmsSeenSettings | None = None,
     clock: Callable[[], int] = time.time_ns,
 ) -> App:
     """Opens the store and starts serving; the bound ports are in `App.port`, `App.http_port` and
@@ -142,8 +148,9 @@ async def start(
 
     The parts not given are built from `settings`: the store `settings.db` names (SQLite or PostgreSQL), the
     normaliser with the configured code tables, the poller from the DLRHUB_POLL_* settings (off
-    unless they are set). A store given here is the app's: it closes it at stop, or if starting
-    fails. `clock` gives nanoseconds since the epoch (the received time of reports).
+    unless they are set), the GMS seen fetcher from DLRHUB_GMS_SEEN_* (likewise). A store given
+    here is the app's: it closes it at stop, or if starting fails. `clock` gives nanoseconds since
+    the epoch (the received time of reports, and the GMS seen fetcher's schedule).
 
     Configuration is checked before anything starts; if starting fails half-way, whatever had
     started is stopped again.
@@ -160,6 +167,7 @@ async def start(
         if normaliser is None:
             normaliser = Normaliser.load(settings.gms_codes, settings.sent_sms_report_codes)
         poller_settings = _poller_settings(settings, poller_settings)
+        gms_seen_settings = gms_seen_settings or _gms_seen_settings(settings)
         tokens = _tokens(settings)
         webhook_access = _webhook_access(settings, tokens is not None)
         _check_http_limits(settings)
@@ -223,13 +231,9 @@ async def start(
         await _start_listeners(settings, http, admin_listener, started)
 
         await _serving_setter(health_servicer)(store_health.serving)
-        poller = None
-        if poller_settings is not None:
-            poller = Poller(
-                poller_settings, writer, set_serving=_health_setter(health_servicer), metrics=metrics
-            )
-            await health_servicer.set(POLLER_HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
-            poller.start()
+        poller, gms_seen = await _fetchers(
+            poller_settings, gms_seen_settings, writer, store, read, clock, metrics, health_servicer
+        )
         started.pop_all()  # running: App.stop owns everything now
 
     app = App(
@@ -252,6 +256,7 @@ async def start(
         poller,
         admin_listener,
         follower,
+        gms_seen,
     )
     open_files, open_files_hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     log.info(
@@ -270,6 +275,7 @@ async def start(
             "poller": poller is not None,
             "shared_store": store.shared,
             "pid": os.getpid(),
+            "gms_seen": gms_seen is not None,
             "tls": tls_files is not None,
             "auth": tokens is not None,
         },
@@ -299,6 +305,43 @@ def check_shared(settings: Settings) -> None:
             f" (PostgreSQL: --db postgresql://...); {settings.db} is SQLite, which one process writes"
         )
     open_store(settings.db).close()
+
+
+async def _fetchers(
+    poller_settings: PollerSettings | None,
+    gms_seen_settings: GmsSeenSettings | None,
+    writer: Writer,
+    store: Store,
+    read: ReadRunner,
+    clock: Callable[[], int],
+    metrics: Metrics,
+    health_servicer: health_aio.HealthServicer,
+) -> tuple[Poller | None, GmsSeenFetcher | None]:
+    """The adapters that pull, those configured, started; each NOT_SERVING on its own health service
+    until it has done its work once."""
+    poller = gms_seen = None
+    if poller_settings is not None:
+        poller = Poller(
+            poller_settings,
+            writer,
+            set_serving=_health_setter(health_servicer, POLLER_HEALTH_SERVICE),
+            metrics=metrics,
+        )
+        await health_servicer.set(POLLER_HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+        poller.start()
+    if gms_seen_settings is not None:
+        gms_seen = GmsSeenFetcher(
+            gms_seen_settings,
+            writer,
+            store,
+            read,
+            clock,
+            set_serving=_health_setter(health_servicer, GMS_SEEN_HEALTH_SERVICE),
+            metrics=metrics,
+        )
+        await health_servicer.set(GMS_SEEN_HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+        gms_seen.start()
+    return poller, gms_seen
 
 
 async def _committing(
@@ -536,6 +579,32 @@ def _poller_settings(settings: Settings, given: PollerSettings | None) -> Poller
     )
 
 
+def _gms_seen_settings(settings: Settings) -> GmsSeenSettings | None:
+    """The GMS seen fetcher's settings from DLRHUB_GMS_SEEN_* (None, the fetcher off, unless the base
+    URL is set); ValueError names the setting that is wrong."""
+    if not settings.gms_seen_base_url:
+        return None
+    if not (settings.gms_seen_login and settings.gms_seen_password):
+        raise ValueError(
+            f"{env_name('gms_seen_base_url')} is set: set {env_name('gms_seen_login')} and"
+            f" {env_name('gms_seen_password')} too (GMS's GET report takes HTTP Basic credentials)"
+        )
+    try:
+        return GmsSeenSettings(
+            settings.gms_seen_base_url,
+            settings.gms_seen_login,
+            settings.gms_seen_password,
+            report=settings.gms_seen_report,
+            window=settings.gms_seen_window,
+            concurrency=settings.gms_seen_concurrency,
+            interval=settings.gms_seen_interval,
+            interval_max=settings.gms_seen_interval_max,
+            timeout=settings.gms_seen_timeout,
+        )
+    except BadSetting as error:
+        raise ValueError(f"{env_name('gms_seen_' + error.setting)} must be {error.expected}") from None
+
+
 def _runner(threads: Executor) -> ReadRunner:
     """Runs blocking calls on `threads` (store calls on the reader threads: never on the event loop)."""
 
@@ -567,13 +636,16 @@ def _renderer(metrics: Metrics) -> Callable[[], Awaitable[bytes]]:
     return render
 
 
-def _health_setter(health_servicer: health_aio.HealthServicer) -> Callable[[bool], Awaitable[None]]:
-    """Reports the poller's state as its own named health service (SERVING after a good poll)."""
+def _health_setter(
+    health_servicer: health_aio.HealthServicer, service: str
+) -> Callable[[bool], Awaitable[None]]:
+    """Reports a fetcher's state (the poller's, the GMS seen fetcher's) as its own named health
+    service."""
 
     async def set_serving(serving: bool) -> None:
         status = (
             health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        await health_servicer.set(POLLER_HEALTH_SERVICE, status)
+        await health_servicer.set(service, status)
 
     return set_serving

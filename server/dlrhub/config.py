@@ -98,6 +98,21 @@ class Settings:
     # The channel the polled endpoint serves (sms, viber, whatsapp, rcs, mms, ...): the channel of a
     # report whose body names none. Empty: SMS.
     poll_channel: str = _env("DLRHUB_POLL_CHANNEL", "")
+    # The GMS seen fetcher (GMS's GET report, HTTP Basic); off unless the base URL is set, which is
+    # everything before /api/dr/: https://dr-v2-{site}.hyber.im/{client_id}.
+    gms_seen_base_url: str = _env("DLRHUB_GMS_SEEN_BASE_URL", "")
+    gms_seen_login: str = _env("DLRHUB_GMS_SEEN_LOGIN", "")
+    gms_seen_password: str = _env("DLRHUB_GMS_SEEN_PASSWORD", "")
+    # advanced (every channel attempt) or simple.
+    gms_seen_report: str = _env("DLRHUB_GMS_SEEN_REPORT", "advanced")
+    # Seconds after delivery that a message is asked about, then no longer.
+    gms_seen_window: float = _env("DLRHUB_GMS_SEEN_WINDOW", 86_400.0)
+    gms_seen_concurrency: int = _env("DLRHUB_GMS_SEEN_CONCURRENCY", 4)
+    # Seconds from delivery to the first request, doubling after each request up to the maximum.
+    gms_seen_interval: float = _env("DLRHUB_GMS_SEEN_INTERVAL", 300.0)
+    gms_seen_interval_max: float = _env("DLRHUB_GMS_SEEN_INTERVAL_MAX", 3600.0)
+    # Seconds a request may take in all.
+    gms_seen_timeout: float = _env("DLRHUB_GMS_SEEN_TIMEOUT", 30.0)
     # gRPC bearer tokens with roles ("ingest:TOKEN,read:TOKEN"), or a JSON file of them;
     # with neither, the API is open (the local quick start).
     tokens: str = _env("DLRHUB_TOKENS", "")

@@ -17,6 +17,13 @@ dlrhub_poller_reports_fetched_total               reports fetched by the poller
 dlrhub_poller_failures_total{kind}                poll failures: auth, client_error, throttled,
                                                   server_error, timeout, connection, body_too_large,
                                                   store, unexpected
+dlrhub_gms_seen_requests_total{outcome}           GMS seen fetcher requests by outcome: seen, not_seen,
+                                                  done (no longer delivered, not seen), auth, not_found,
+                                                  client_error, throttled, server_error, timeout,
+                                                  connection, body_too_large, rejected, store (the
+                                                  store could not be read or commit), unexpected
+dlrhub_gms_seen_awaiting                          messages the GMS seen fetcher is asking about
+dlrhub_gms_seen_expired_total                     messages dropped unseen when their window passed
 dlrhub_stream_subscribers                         open Stream subscribers
 dlrhub_stream_lag{subscriber}                     changes each subscriber is behind the newest cursor
                                                   (a cursor difference: on PostgreSQL, 0 = caught up)
@@ -129,6 +136,15 @@ class Metrics:
         )
         self.poller_failures = Counter(
             "dlrhub_poller_failures", "Poll failures by kind", ["kind"], registry=r
+        )
+        self.gms_seen_requests = Counter(
+            "dlrhub_gms_seen_requests", "GMS seen fetcher requests by outcome", ["outcome"], registry=r
+        )
+        self.gms_seen_awaiting = Gauge(
+            "dlrhub_gms_seen_awaiting", "Messages the GMS seen fetcher is asking about", registry=r
+        )
+        self.gms_seen_expired = Counter(
+            "dlrhub_gms_seen_expired", "Messages dropped unseen when their window passed", registry=r
         )
 
         # The labelled children of the per-call series, looked up once (labels() takes a lock).

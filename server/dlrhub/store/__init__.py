@@ -1,6 +1,7 @@
 """Storage behind a small interface (base.py); SQLite is the embedded default, PostgreSQL the shared one."""
 
 from dlrhub.store.base import (
+    AwaitingSeen,
     Change,
     ChangeFilter,
     CursorFormat,
@@ -17,6 +18,7 @@ from dlrhub.store.postgres import PostgresStore
 from dlrhub.store.sqlite import SqliteStore
 
 __all__ = [
+    "AwaitingSeen",
     "Change",
     "ChangeFilter",
     "CursorFormat",

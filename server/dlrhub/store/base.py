@@ -25,7 +25,7 @@ from typing import Protocol, TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
+from deliveryreport.v1.delivery_report_pb2 import Channel, DeliveryReport
 from dlrhub.merge import MessageState
 
 T = TypeVar("T")
@@ -121,6 +121,27 @@ class MessagePage:
     # Messages matching in all, and how many are in each status.
     total: int = 0
     status_counts: dict[int, int] = field(default_factory=dict)
+
+
+# The channels whose messages may be reported "seen" after they are delivered (Store.awaiting_seen).
+SEEN_CHANNELS: frozenset[int] = frozenset({Channel.CHANNEL_VIBER, Channel.CHANNEL_WHATSAPP})
+
+
+@dataclass(frozen=True, slots=True)
+class AwaitingSeen:
+    """A GMS message delivered on a channel of SEEN_CHANNELS and not seen yet (Store.awaiting_seen)."""
+
+    message_id: str
+    # When it was delivered: its state's event time, else its received time (Unix seconds).
+    delivered_seconds: int
+    # Where it is in the order of Store.awaiting_seen: pass (delivered_seconds, position) of the
+    # last one of a page as `after` to continue.
+    position: int
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """The `after` of Store.awaiting_seen that continues after this one."""
+        return self.delivered_seconds, self.position
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,6 +313,13 @@ class Store(Protocol):
         no change can commit any more, so a reader resuming after the last one it got skips
         nothing (a change committed later always has a greater cursor than those returned)."""
 
+    def awaiting_seen(self, since_seconds: int, after: tuple[int, int], limit: int) -> list[AwaitingSeen]:
+        """GMS messages whose state is DELIVERED on a channel of SEEN_CHANNELS, delivered at
+        `since_seconds` (Unix time) or later: up to `limit`, ordered by (delivered_seconds,
+        position), after `after` ((0, 0) for the first page; AwaitingSeen.key of the last one for
+        the next). Served by an index: a page costs about its own size, however many messages the
+        store holds. The GMS seen fetcher asks GMS about these."""
+
     def latest_cursor(self) -> int:
         """The greatest cursor `changes` returns now (0 when empty): every change at or below it
         is committed and visible, and no other change will ever appear at or below it."""
@@ -336,6 +364,8 @@ class Store(Protocol):
 __all__: Sequence[str] = [
     "MAX_CURSOR",
     "PLAIN_CURSORS",
+    "SEEN_CHANNELS",
+    "AwaitingSeen",
     "Change",
     "ChangeFilter",
     "CursorFormat",

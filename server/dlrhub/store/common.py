@@ -100,3 +100,10 @@ def without_raw(report: DeliveryReport) -> bytes:
     stored.CopyFrom(report)
     stored.ClearField("raw_payload")
     return stored.SerializeToString()
+
+
+def channel_and_seconds(state: DeliveryReport) -> tuple[int, int]:
+    """A message's `channel` and `state_seconds` columns (Store.awaiting_seen), from its state: its
+    channel, and its event time, else its received time, in Unix seconds."""
+    time = state.event_time if state.HasField("event_time") else state.received_time
+    return state.channel, time.seconds

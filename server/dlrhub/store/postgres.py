@@ -44,9 +44,10 @@ from typing import Any
 import psycopg
 from psycopg import conninfo
 
-from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
+from deliveryreport.v1.delivery_report_pb2 import DeliveryReport, Source
 from dlrhub.merge import MessageState
 from dlrhub.store.base import (
+    AwaitingSeen,
     Change,
     CursorFormat,
     MessagePage,
@@ -59,6 +60,7 @@ from dlrhub.store.base import (
 from dlrhub.store.codec import decode_state, encode_merge
 from dlrhub.store.common import (
     QUARANTINE_COLUMNS,
+    channel_and_seconds,
     message_page,
     quarantined_item,
     store_errors,
@@ -155,12 +157,41 @@ def _migration_2(connection: Connection) -> None:
         connection.execute(statement)
 
 
+def _migration_3(connection: Connection) -> None:
+    """As SQLite's schema 8: messages keep their state's channel and time (Store.awaiting_seen),
+    filled from each state, and a partial index holds the messages the GMS seen fetcher asks about:
+    DELIVERED (3) on Viber (2) or WhatsApp (3), values of the contract's enums that never change."""
+    connection.execute("ALTER TABLE messages ADD COLUMN channel integer NOT NULL DEFAULT 0")
+    connection.execute("ALTER TABLE messages ADD COLUMN state_seconds bigint NOT NULL DEFAULT 0")
+    after = 0
+    while rows := connection.execute(
+        "SELECT id, report FROM messages WHERE id > %s ORDER BY id LIMIT %s", (after, MIGRATION_CHUNK)
+    ).fetchall():
+        filled = [
+            (row_id, *channel_and_seconds(DeliveryReport.FromString(report))) for row_id, report in rows
+        ]
+        connection.execute(
+            "UPDATE messages SET channel = filled.channel, state_seconds = filled.seconds"
+            " FROM unnest(%s::bigint[], %s::integer[], %s::bigint[]) AS filled(id, channel, seconds)"
+            " WHERE messages.id = filled.id",
+            _columns(filled, 3),
+        )
+        after = rows[-1][0]
+    connection.execute(
+        "CREATE INDEX messages_awaiting_seen ON messages (source, state_seconds, id)"
+        " WHERE status = 3 AND channel IN (2, 3)"
+    )
+
+
 # Append only: a release never edits a migration that has shipped. Each runs in the one transaction
 # that brings the schema up to date, under the migration lock.
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _migration_1,
     _migration_2,
+    _migration_3,
 ]
+# Messages read at a time by migration 3.
+MIGRATION_CHUNK = 10_000
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # Advisory lock keys (bigint) are shared with every other user of the database: dlrhub's are
@@ -345,6 +376,12 @@ class PostgresStore:
             for txid, ordinal, report, state, raw in rows
         ]
 
+    def awaiting_seen(self, since_seconds: int, after: tuple[int, int], limit: int) -> list[AwaitingSeen]:
+        rows = self._reader().execute(
+            AWAITING_SEEN_QUERY, (Source.SOURCE_GMS, since_seconds, after[0], after[1], limit)
+        )
+        return [AwaitingSeen(message_id, seconds, row_id) for message_id, seconds, row_id in rows]
+
     def latest_cursor(self) -> int:
         return _last_position(self._reader(), f"WHERE {_BELOW_WATERMARK}")
 
@@ -502,15 +539,23 @@ _INSERT_REPORTS = """INSERT INTO reports (ordinal, source, message_id, report, s
     SELECT * FROM unnest(%b::integer[], %b::integer[], %b::text[], %b::bytea[], %b::bytea[],
                          %b::text[], %b::bytea[])"""
 _UPSERT_MESSAGES = """INSERT INTO messages
-        (source, message_id, bulk_id, reference, status, report, merge, cursor)
-    SELECT source, message_id, bulk_id, reference, status, report, merge, cursor
+        (source, message_id, bulk_id, reference, status, report, merge, cursor, channel, state_seconds)
+    SELECT source, message_id, bulk_id, reference, status, report, merge, cursor, channel, state_seconds
     FROM unnest(%b::integer[], %b::text[], %b::text[], %b::text[], %b::integer[],
-                         %b::bytea[], %b::bytea[], %b::bigint[]) WITH ORDINALITY
-        AS row(source, message_id, bulk_id, reference, status, report, merge, cursor, n)
+                         %b::bytea[], %b::bytea[], %b::bigint[], %b::integer[], %b::bigint[])
+        WITH ORDINALITY
+        AS row(source, message_id, bulk_id, reference, status, report, merge, cursor, channel,
+               state_seconds, n)
     ORDER BY n
     ON CONFLICT (source, message_id) DO UPDATE SET
         bulk_id = excluded.bulk_id, reference = excluded.reference, status = excluded.status,
-        report = excluded.report, merge = excluded.merge, cursor = excluded.cursor"""
+        report = excluded.report, merge = excluded.merge, cursor = excluded.cursor,
+        channel = excluded.channel, state_seconds = excluded.state_seconds"""
+# Repeats the WHERE terms of migration 3's partial index, which serves it.
+AWAITING_SEEN_QUERY = """SELECT message_id, state_seconds, id FROM messages
+    WHERE status = 3 AND channel IN (2, 3) AND source = %s AND state_seconds >= %s
+        AND (state_seconds, id) > (%s, %s)
+    ORDER BY state_seconds, id LIMIT %s"""
 _QUARANTINE = """INSERT INTO quarantine (received_seconds, received_nanos, request_id, field, reason,
         description, raw, format, whole_payload, digest, default_channel)
     VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
@@ -620,6 +665,7 @@ class _PostgresTransaction:
             merged_bytes,
             encode_merge(state),
             cursor,
+            *channel_and_seconds(merged),
         )
         self._states[key] = state
         self._stored.add(digest)
@@ -723,7 +769,7 @@ class _PostgresTransaction:
             if self._reports:
                 connection.execute(_INSERT_REPORTS, _columns(self._reports, 7), binary=True)
             if self._messages:
-                connection.execute(_UPSERT_MESSAGES, _columns(list(self._messages.values()), 8), binary=True)
+                connection.execute(_UPSERT_MESSAGES, _columns(list(self._messages.values()), 10), binary=True)
             if self._quarantined:
                 with connection.cursor() as cursor:
                     cursor.executemany(_QUARANTINE, self._quarantined)

@@ -2,7 +2,8 @@
 
 Tables (sqlite-utils builds them; migrations are numbered and recorded in
 PRAGMA user_version, so a newer release opens an older file):
-- messages: the merged state of each (source, message_id);
+- messages: the merged state of each (source, message_id), with the state's channel and time
+  (`state_seconds`: its event time, else its received time) for Store.awaiting_seen;
 - reports: the append-only history of distinct reports; its INTEGER PRIMARY
   KEY AUTOINCREMENT `cursor` is the Stream position (never reused), and its
   `digest` (the report's identity, dlrhub.merge.digest) is unique;
@@ -35,9 +36,10 @@ from pathlib import Path
 
 import sqlite_utils
 
-from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
+from deliveryreport.v1.delivery_report_pb2 import DeliveryReport, Source
 from dlrhub.merge import MessageState, merge, merge_key
 from dlrhub.store.base import (
+    AwaitingSeen,
     Change,
     CursorFormat,
     MessagePage,
@@ -50,6 +52,7 @@ from dlrhub.store.base import (
 from dlrhub.store.codec import decode_state, encode_merge
 from dlrhub.store.common import (
     QUARANTINE_COLUMNS,
+    channel_and_seconds,
     message_page,
     quarantined_item,
     store_errors,
@@ -291,6 +294,39 @@ def _migration_7(db: sqlite_utils.Database) -> None:
     db.table("quarantine").add_column("default_channel", int, not_null_default=0)
 
 
+def _migration_8(db: sqlite_utils.Database) -> None:
+    """Messages keep their state's channel and time, for the GMS seen fetcher (Store.awaiting_seen).
+
+    Every message's columns are filled from its state. A partial index holds only the messages that
+    fetcher asks about: DELIVERED (3) on Viber (2) or WhatsApp (3), the values of the contract's
+    enums (SEEN_CHANNELS), which never change.
+    """
+    connection = db.conn
+    connection.execute("ALTER TABLE messages ADD COLUMN channel INTEGER NOT NULL DEFAULT 0")
+    connection.execute("ALTER TABLE messages ADD COLUMN state_seconds INTEGER NOT NULL DEFAULT 0")
+    after = 0
+    while rows := connection.execute(
+        "SELECT id, report FROM messages WHERE id > ? ORDER BY id LIMIT ?", (after, MIGRATION_CHUNK)
+    ).fetchall():
+        connection.executemany(
+            "UPDATE messages SET channel = ?, state_seconds = ? WHERE id = ?",
+            [(*channel_and_seconds(DeliveryReport.FromString(report)), row_id) for row_id, report in rows],
+        )
+        after = rows[-1][0]
+    connection.execute(
+        "CREATE INDEX idx_messages_awaiting_seen ON messages (source, state_seconds, id)"
+        " WHERE status = 3 AND channel IN (2, 3)"
+    )
+
+
+# Repeats the WHERE terms of migration 8's partial index word for word: SQLite uses it so.
+AWAITING_SEEN_QUERY = (
+    "SELECT message_id, state_seconds, id FROM messages"
+    " WHERE status = 3 AND channel IN (2, 3) AND source = ? AND state_seconds >= ?"
+    " AND (state_seconds, id) > (?, ?) ORDER BY state_seconds, id LIMIT ?"
+)
+
+
 # Append only: a release never edits a migration that has shipped.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
@@ -300,6 +336,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_5,
     _migration_6,
     _migration_7,
+    _migration_8,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -444,6 +481,12 @@ class SqliteStore:
             Change(cursor, with_raw(report, raw), DeliveryReport.FromString(state))
             for cursor, report, state, raw in rows
         ]
+
+    def awaiting_seen(self, since_seconds: int, after: tuple[int, int], limit: int) -> list[AwaitingSeen]:
+        rows = self._reader().execute(
+            AWAITING_SEEN_QUERY, (Source.SOURCE_GMS, since_seconds, after[0], after[1], limit)
+        )
+        return [AwaitingSeen(message_id, seconds, row_id) for message_id, seconds, row_id in rows]
 
     def latest_cursor(self) -> int:
         row = self._reader().execute("SELECT max(cursor) FROM reports").fetchone()
@@ -607,11 +650,13 @@ class _SqliteTransaction:
             ),
         ).fetchone()[0]
         self._connection.execute(
-            """INSERT INTO messages (source, message_id, bulk_id, reference, status, report, merge, cursor)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+            """INSERT INTO messages (source, message_id, bulk_id, reference, status, report, merge, cursor,
+                 channel, state_seconds)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT (source, message_id) DO UPDATE SET
                  bulk_id = excluded.bulk_id, reference = excluded.reference, status = excluded.status,
-                 report = excluded.report, merge = excluded.merge, cursor = excluded.cursor""",
+                 report = excluded.report, merge = excluded.merge, cursor = excluded.cursor,
+                 channel = excluded.channel, state_seconds = excluded.state_seconds""",
             (
                 merged.source,
                 merged.message_id,
@@ -621,6 +666,7 @@ class _SqliteTransaction:
                 merged_bytes,
                 encode_merge(state),
                 cursor,
+                *channel_and_seconds(merged),
             ),
         )
         return cursor
