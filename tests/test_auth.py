@@ -303,8 +303,8 @@ def test_roles_of_an_unconfigured_token_is_none(candidate: str) -> None:
 @pytest.mark.parametrize(
     ("spec", "problem"),
     [
-        ("admin:secret-1", "unknown role 'admin'"),
-        ("ingest+admin:secret-1", "unknown role 'admin'"),
+        ("owner:secret-1", "unknown role 'owner'"),
+        ("ingest+owner:secret-1", "unknown role 'owner'"),
         ("Read:secret-1", "unknown role 'Read'"),
         ("ingest+:secret-1", "unknown role ''"),
         ("ingest:", "secret is empty"),
@@ -364,7 +364,7 @@ def test_load_rejects_a_bad_file_naming_the_problem(tmp_path: Path, content: str
 
 @pytest.mark.parametrize(
     "settings",
-    [{"tokens": "admin:secret-1"}, {"tokens": "ingest:"}],
+    [{"tokens": "owner:secret-1"}, {"tokens": "ingest:"}],
 )
 async def test_start_refuses_bad_tokens_before_serving(tmp_path: Path, settings: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="token 1"):

@@ -40,6 +40,7 @@ from dlrhub.transport.service import DeliveryReportService
 from dlrhub.transport.webhook_access import Access, AllowList, WebhookAuth
 from dlrhub.write.committer import Committer
 from dlrhub.write.expiry import RequestIdExpiry
+from dlrhub.write.retention import Retention
 from dlrhub.write.writer import Writer
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ class App:
     normalisers: ThreadPoolExecutor
     writer: Writer
     expiry: RequestIdExpiry
+    retention: Retention
     poller: Poller | None = None
     admin: HttpListener | None = None
 
@@ -115,6 +117,7 @@ class App:
         self.call_log.close()  # and lines of streams that end later are logged at once
         self.normalisers.shutdown(wait=True)
         await self.expiry.stop()
+        await self.retention.stop()
         await self.committer.stop()
         await _runner(self.reads)(self.store.close)
         self.reads.shutdown(wait=True)
@@ -170,7 +173,7 @@ async def start(
         health_servicer = health_aio.HealthServicer()
         metrics = Metrics()
         committer, store_health = await _committing(store, hub, metrics, health_servicer, started)
-        expiry = _request_id_expiry(committer, clock, settings.request_id_ttl, started)
+        expiry, retention = _upkeep(committer, clock, settings, started)
         writer = Writer(
             normaliser,
             committer,
@@ -184,7 +187,14 @@ async def start(
         )
 
         service = DeliveryReportService(
-            writer=writer, store=store, hub=hub, read=read, max_streams=settings.max_streams
+            writer=writer,
+            store=store,
+            hub=hub,
+            read=read,
+            committer=committer,
+            retention=retention,
+            clock=clock,
+            max_streams=settings.max_streams,
         )
         call_log = CallLog(traced=tracing is not None)
         http_log = CallLog(logging.getLogger(webhooks.__name__), "http")
@@ -243,6 +253,7 @@ async def start(
         normalisers,
         writer,
         expiry,
+        retention,
         poller,
         admin_listener,
     )
@@ -263,6 +274,7 @@ async def start(
             "poller": poller is not None,
             "tls": tls_files is not None,
             "auth": tokens is not None,
+            "retention_seconds": settings.retention,
         },
     )
     return app
@@ -290,14 +302,18 @@ async def _committing(
     return committer, store_health
 
 
-def _request_id_expiry(
-    committer: Committer, clock: Callable[[], int], ttl_seconds: int, started: contextlib.AsyncExitStack
-) -> RequestIdExpiry:
-    """The expiry of request ids, started (stopped by `started` if starting fails later)."""
-    expiry = RequestIdExpiry(committer, clock, ttl_seconds)
+def _upkeep(
+    committer: Committer, clock: Callable[[], int], settings: Settings, started: contextlib.AsyncExitStack
+) -> tuple[RequestIdExpiry, Retention]:
+    """The expiry of request ids and the retention, started (stopped by `started` if starting fails
+    later)."""
+    expiry = RequestIdExpiry(committer, clock, settings.request_id_ttl)
     expiry.start()
     started.push_async_callback(expiry.stop)
-    return expiry
+    retention = Retention(committer, clock, settings.retention)
+    retention.start()
+    started.push_async_callback(retention.stop)
+    return expiry, retention
 
 
 def _grpc_server(

@@ -116,6 +116,9 @@ class QuarantinedItem:
     received_count: int = 1
     last_received_seconds: int | None = None
     last_received_nanos: int = 0
+    # When DismissQuarantine dismissed it; None unless it was. An item is open while neither
+    # `resolved_seconds` nor this is set.
+    dismissed_seconds: int | None = None
 
     def received_time(self) -> Timestamp:
         """When it was received, as the reports made from it carry it."""
@@ -136,6 +139,25 @@ class QuarantinedItem:
             identity.update(len(encoded).to_bytes(8, "big"))
             identity.update(encoded)
         return identity.digest()
+
+
+@dataclass(frozen=True, slots=True)
+class Pruned:
+    """What a prune deleted."""
+
+    # Messages, with their states.
+    messages: int = 0
+    # Reports of their histories (with their raw text).
+    reports: int = 0
+    # Closed (resolved or dismissed) quarantined items.
+    quarantined: int = 0
+
+    def __add__(self, other: Pruned) -> Pruned:
+        return Pruned(
+            self.messages + other.messages,
+            self.reports + other.reports,
+            self.quarantined + other.quarantined,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +213,23 @@ class Transaction(Protocol):
     def resolve_quarantined(self, quarantine_id: int, seconds: int) -> None:
         """Marks a quarantined item as stored by a re-normalisation."""
 
+    def dismiss_quarantined(
+        self, seconds: int, limit: int, *, ids: Sequence[int] = (), received_before: Timestamp | None = None
+    ) -> int:
+        """Dismisses, at `seconds` (Unix time), up to `limit` open items: those with an id in `ids`,
+        or else those last received (QuarantinedItem.last_received_time) before `received_before`.
+        Closed items are left as they are. Returns how many it dismissed."""
+
+    def prune_messages(self, before_seconds: int, limit: int) -> Pruned:
+        """Deletes up to `limit` messages in a final status (dlrhub.statuses.FINAL) whose last change
+        (the received time of their latest stored report, to the second) is before `before_seconds`,
+        with every report of their history; raises the pruned-through position (Store.pruned_through)
+        to the greatest cursor deleted. A later report of such a message starts it afresh."""
+
+    def prune_quarantined(self, before_seconds: int, limit: int) -> int:
+        """Deletes up to `limit` quarantined items resolved or dismissed before `before_seconds`;
+        returns how many. Open items are never deleted."""
+
 
 class Store(Protocol):
     """A delivery-report store."""
@@ -216,15 +255,21 @@ class Store(Protocol):
         """Up to `limit` changes with cursor > `after`, in cursor order."""
 
     def latest_cursor(self) -> int:
-        """The greatest committed cursor (0 when empty)."""
+        """The greatest committed cursor (0 when empty), pruned or not: never less than
+        `pruned_through()`."""
+
+    def pruned_through(self) -> int:
+        """The greatest cursor ever pruned (Transaction.prune_messages), 0 if none was: a Stream
+        resuming after an earlier cursor would miss changes."""
 
     def quarantined(
         self, after: int, limit: int, *, include_resolved: bool = True, ids: Sequence[int] = ()
     ) -> list[tuple[int, QuarantinedItem]]:
-        """Quarantined items with id > `after` (and in `ids`, when given), oldest first."""
+        """Quarantined items with id > `after` (and in `ids`, when given), oldest first; without
+        `include_resolved`, open items only (neither resolved nor dismissed)."""
 
     def open_quarantine_count(self) -> int:
-        """How many quarantined items are not resolved."""
+        """How many quarantined items are open: neither resolved nor dismissed."""
 
     def check(self, *, write: bool = False) -> None:
         """Returns if the store can serve now, else raises StoreError saying why: it can read, and
@@ -239,6 +284,7 @@ __all__: Sequence[str] = [
     "Change",
     "ChangeFilter",
     "MessagePage",
+    "Pruned",
     "QuarantinedItem",
     "ReadRunner",
     "SavedResponse",

@@ -5,7 +5,7 @@ results into a response. It raises domain errors (errors.py); the per-call inter
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -15,6 +15,8 @@ from google.protobuf.message import Message
 from deliveryreport.v1 import delivery_report_service_pb2_grpc as service_grpc
 from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
 from deliveryreport.v1.delivery_report_service_pb2 import (
+    DismissQuarantineRequest,
+    DismissQuarantineResponse,
     GetMessageRequest,
     GetMessageResponse,
     IngestRequest,
@@ -25,6 +27,8 @@ from deliveryreport.v1.delivery_report_service_pb2 import (
     ListMessagesResponse,
     ListQuarantineRequest,
     ListQuarantineResponse,
+    PruneMessagesRequest,
+    PruneMessagesResponse,
     RenormaliseQuarantineRequest,
     RenormaliseQuarantineResponse,
     StatusCount,
@@ -53,6 +57,8 @@ from dlrhub.observability.calls import note
 from dlrhub.store.base import ChangeFilter, QuarantinedItem, ReadRunner, Selector, Store
 from dlrhub.transport.pages import MAX_PAGE_BYTES, decode_page_token, encode_page_token, page_size
 from dlrhub.write import quarantine
+from dlrhub.write.committer import Committer
+from dlrhub.write.retention import Retention
 from dlrhub.write.submission import in_view, is_wholly_rejected
 from dlrhub.write.writer import AnswerTooLarge, RequestIdReused, TooManyItems, Writer
 
@@ -69,15 +75,27 @@ _HEARTBEAT = StreamHeartbeat()
 
 
 class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
-    """Ingest, GetMessage, ListMessages, Stream, and the quarantine."""
+    """Ingest, GetMessage, ListMessages, Stream, the quarantine and retention."""
 
     def __init__(
-        self, *, writer: Writer, store: Store, hub: Hub, read: ReadRunner, max_streams: int = 1000
+        self,
+        *,
+        writer: Writer,
+        store: Store,
+        hub: Hub,
+        read: ReadRunner,
+        committer: Committer,
+        retention: Retention,
+        clock: Callable[[], int],
+        max_streams: int = 1000,
     ) -> None:
         self._writer = writer
         self._store = store
         self._hub = hub
         self._read = read
+        self._committer = committer
+        self._retention = retention
+        self._clock = clock
         self._max_streams = max_streams
 
     async def Ingest(self, request: IngestRequest, context: Context) -> IngestResponse:
@@ -98,6 +116,14 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
         self, request: RenormaliseQuarantineRequest, context: Context
     ) -> RenormaliseQuarantineResponse:
         return await self._renormalise_quarantine(request)
+
+    async def DismissQuarantine(
+        self, request: DismissQuarantineRequest, context: Context
+    ) -> DismissQuarantineResponse:
+        return await self._dismiss_quarantine(request)
+
+    async def PruneMessages(self, request: PruneMessagesRequest, context: Context) -> PruneMessagesResponse:
+        return await self._prune_messages(request)
 
     async def Stream(  # type: ignore[override]  # bytes as well: see transport/handlers.py
         self, request: StreamRequest, context: Context
@@ -279,15 +305,55 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
     async def _renormalise_quarantine(
         self, request: RenormaliseQuarantineRequest
     ) -> RenormaliseQuarantineResponse:
-        if len(request.ids) > MAX_RENORMALISE_IDS:
+        _check_id_count(request.ids, "give none to re-run every open item")
+        return await quarantine.renormalise(self._writer, self._store, self._read, request.ids)
+
+    async def _dismiss_quarantine(self, request: DismissQuarantineRequest) -> DismissQuarantineResponse:
+        by_age = request.HasField("received_before")
+        if bool(request.ids) == by_age:
             raise invalid_argument(
                 "ids",
-                f"at most {MAX_RENORMALISE_IDS} ids",
-                ErrorReason.TOO_MANY_IDS,
-                message=f"at most {MAX_RENORMALISE_IDS} ids per call; give none to re-run every open item",
-                metadata={"max_ids": str(MAX_RENORMALISE_IDS)},
+                "set either ids or received_before" if by_age else "set ids or received_before",
+                ErrorReason.INVALID_VALUE if by_age else ErrorReason.MISSING_FIELD,
+                message="give the ids to dismiss, or received_before, not both",
+                violation_reason=ErrorReason.INVALID_VALUE if by_age else ErrorReason.MISSING_FIELD,
             )
-        return await quarantine.renormalise(self._writer, self._store, self._read, request.ids)
+        _check_id_count(request.ids, "or dismiss by received_before")
+        return await quarantine.dismiss(
+            self._committer,
+            self._store,
+            self._read,
+            self._clock,
+            ids=request.ids,
+            received_before=request.received_before if by_age else None,
+        )
+
+    # Retention.
+
+    async def _prune_messages(self, request: PruneMessagesRequest) -> PruneMessagesResponse:
+        if request.HasField("older_than"):
+            older_than = request.older_than
+            if older_than.seconds < 1 or older_than.nanos < 0:
+                raise invalid_argument("older_than", "must be at least 1 second", ErrorReason.INVALID_VALUE)
+            seconds = older_than.seconds
+        elif self._retention.retention_seconds is not None:
+            seconds = self._retention.retention_seconds
+        else:
+            raise invalid_argument(
+                "older_than",
+                "is required: the server has no retention (DLRHUB_RETENTION)",
+                ErrorReason.MISSING_FIELD,
+                violation_reason=ErrorReason.MISSING_FIELD,
+            )
+        pruned = (await self._retention.prune(seconds)).total
+        note(pruned_messages=pruned.messages)
+        pruned_through = await self._read(self._store.pruned_through)
+        return PruneMessagesResponse(
+            message_count=pruned.messages,
+            report_count=pruned.reports,
+            quarantined_count=pruned.quarantined,
+            pruned_through_cursor=str(pruned_through),
+        )
 
     # Stream.
 
@@ -298,12 +364,20 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
         start = request.WhichOneof("start")
         if start == "cursor":
             after = _parse_cursor(request.cursor)
-            latest = await self._read(self._store.latest_cursor)
+            store = self._store
+            latest, pruned = await self._read(lambda: (store.latest_cursor(), store.pruned_through()))
             if after > latest:
                 raise OutOfRange(
                     f"cursor {after} is ahead of the latest stored change ({latest})",
                     ErrorReason.CURSOR_AHEAD,
                     metadata={"cursor": request.cursor, "latest_cursor": str(latest)},
+                )
+            if after < pruned:
+                raise OutOfRange(
+                    f"changes after cursor {after} were pruned by retention (through cursor {pruned}):"
+                    f" re-read the current states, then resume after cursor {pruned}",
+                    ErrorReason.CURSOR_PRUNED,
+                    metadata={"cursor": request.cursor, "oldest_cursor": str(pruned)},
                 )
         elif start == "from_beginning" and request.from_beginning:
             after = 0
@@ -329,6 +403,18 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
                 metadata={"max_streams": str(self._max_streams)},
             )
         return follow_batches(self._store, self._hub, self._read, change_filter, after, heartbeat)
+
+
+def _check_id_count(ids: Sequence[int], otherwise: str) -> None:
+    """Raises InvalidArgument (TOO_MANY_IDS) for more than MAX_RENORMALISE_IDS ids."""
+    if len(ids) > MAX_RENORMALISE_IDS:
+        raise invalid_argument(
+            "ids",
+            f"at most {MAX_RENORMALISE_IDS} ids",
+            ErrorReason.TOO_MANY_IDS,
+            message=f"at most {MAX_RENORMALISE_IDS} ids per call; {otherwise}",
+            metadata={"max_ids": str(MAX_RENORMALISE_IDS)},
+        )
 
 
 def too_many_items(field: str, error: TooManyItems) -> InvalidArgument:
@@ -357,6 +443,8 @@ def _quarantined_item(quarantine_id: int, item: QuarantinedItem) -> QuarantinedI
     )
     if item.resolved_seconds is not None:
         message.resolved_time.seconds = item.resolved_seconds
+    if item.dismissed_seconds is not None:
+        message.dismissed_time.seconds = item.dismissed_seconds
     return message
 
 
