@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
@@ -38,7 +37,7 @@ from dlrhub_client import (
 )
 from dlrhub_client.errors import from_rpc_error
 from tests.conftest import FakeClock, serving
-from tests.helpers import TIMEOUT, connect, gms_batch
+from tests.helpers import TIMEOUT, connect, gms_batch, run
 
 INGEST_TOKEN = "ingest-token-5f0c9a1d"
 READ_TOKEN = "read-token-7b2e4c88"
@@ -88,22 +87,6 @@ async def assert_nothing_stored(running: app.App, message_id: str) -> None:
     async with connect(running, token=BOTH_TOKEN) as client:
         with pytest.raises(NotFoundError):
             await client.get_message(message_id)
-
-
-async def run(*command: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    """A subprocess, off the event loop the server runs on: (exit code, stdout, stderr)."""
-    process = await asyncio.create_subprocess_exec(
-        *command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
-    )
-    try:
-        async with asyncio.timeout(TIMEOUT * 2):
-            out, err = await process.communicate()
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
 
 
 # Authentication and roles.

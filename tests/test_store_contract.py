@@ -827,7 +827,7 @@ def test_dismissed_items_are_closed_kept_and_pruned_later(engine: Handle) -> Non
     assert [quarantine_id for quarantine_id, _ in store.quarantined(0, 10, include_resolved=False)] == [
         ids[3]
     ]
-    closed = {quarantine_id: found for quarantine_id, found in store.quarantined(0, 10)}
+    closed = dict(store.quarantined(0, 10))
     assert [closed[i].dismissed_seconds for i in ids] == [NOW, NOW, NOW, None, None]
     assert closed[ids[4]].resolved_seconds == NOW + 10
 
