@@ -1,7 +1,7 @@
 """The Store contract (dlrhub/store/base.py), written once and run against every engine.
 
-To add an engine, add one line to ENGINES: a function that opens the engine's store at a directory
-(the same directory again means the same data). The tests at the end are about SQLite itself
+To add an engine, add one line to ENGINES: a function that opens the engine's store for a test (for
+the same test and directory again, on the same data). The tests at the end are about SQLite itself
 (its schema version).
 """
 
@@ -30,6 +30,7 @@ from deliveryreport.v1.delivery_report_pb2 import (
 from dlrhub.merge import MessageState, digest, merge
 from dlrhub.store import SqliteStore, StoreError
 from dlrhub.store.base import Change, Pruned, QuarantinedItem, SavedResponse, Selector, Store, Transaction
+from dlrhub.store.postgres import PostgresStore
 from dlrhub.store.sqlite import SCHEMA_VERSION
 
 S = DeliveryStatus
@@ -40,16 +41,22 @@ NOW = BASE_SECONDS + 50_000
 # A page's byte limit that no page here comes near.
 ANY_SIZE = 1 << 30
 
-Opener = Callable[[Path], Store]
+# Opens an engine's store for a test (the same test and directory again: the same data).
+Opener = Callable[[pytest.FixtureRequest, Path], Store]
 
 
-def _open_sqlite(directory: Path) -> Store:
+def _open_sqlite(request: pytest.FixtureRequest, directory: Path) -> Store:
     return SqliteStore(directory / "dlrhub.db")
+
+
+def _open_postgres(request: pytest.FixtureRequest, directory: Path) -> Store:
+    return PostgresStore(request.getfixturevalue("postgres_db"))  # the test's own database
 
 
 # One line per engine.
 ENGINES = [
     pytest.param(_open_sqlite, id="sqlite"),
+    pytest.param(_open_postgres, id="postgres"),
 ]
 
 
@@ -58,19 +65,20 @@ class Handle:
     """An open store of one engine, which a test can close and open again on the same data."""
 
     opener: Opener
+    request: pytest.FixtureRequest
     directory: Path
     store: Store
 
     def reopen(self) -> Store:
         self.store.close()
-        self.store = self.opener(self.directory)
+        self.store = self.opener(self.request, self.directory)
         return self.store
 
 
 @pytest.fixture(params=ENGINES)
 def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Handle]:
     opener: Opener = request.param
-    handle = Handle(opener, tmp_path, opener(tmp_path))
+    handle = Handle(opener, request, tmp_path, opener(request, tmp_path))
     try:
         yield handle
     finally:
@@ -377,6 +385,33 @@ def test_latest_cursor(engine: Handle) -> None:
         put(tx, report("m-3"))
         assert store.latest_cursor() == max(cursors)  # not committed yet
     assert store.latest_cursor() > max(cursors)
+
+
+def test_committed_cursor_is_the_greatest_committed_one(engine: Handle) -> None:
+    """One writer: committed_cursor is latest_cursor (PostgreSQL with several writers:
+    test_postgres_store.py)."""
+    store = engine.store
+    assert store.committed_cursor() == 0
+    [cursor] = commit(store, report("m-1"))
+    assert store.committed_cursor() == store.latest_cursor() == cursor
+    with store.transaction() as tx:
+        put(tx, report("m-2"))
+        assert store.committed_cursor() == cursor  # not committed yet
+    assert store.committed_cursor() == store.latest_cursor() > cursor
+
+
+def test_a_cursor_is_written_and_read_back_by_its_engine_only(engine: Handle) -> None:
+    store = engine.store
+    [cursor] = commit(store, report("m-1"))
+    cursors = store.cursor_format
+    assert cursors.parse(cursors.format(cursor)) == cursor
+    assert cursors.parse(cursors.format(0)) == 0
+    other = {SqliteStore.cursor_format, PostgresStore.cursor_format} - {cursors}
+    assert len(other) == 1
+    assert other.pop().parse(cursors.format(cursor)) is None  # the other engine's cursor
+    text = cursors.format(cursor)
+    for malformed in ("", "-1", "1e3", "12a", " 12", "\u0661", text + "x", cursors.format(1 << 63)):
+        assert cursors.parse(malformed) is None, malformed
 
 
 # --- reads ---------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
-"""Storage behind a small interface (base.py); SQLite is the embedded default."""
+"""Storage behind a small interface (base.py); SQLite is the embedded default, PostgreSQL the shared one."""
 
 from dlrhub.store.base import (
     Change,
     ChangeFilter,
+    CursorFormat,
     MessagePage,
     QuarantinedItem,
     SavedResponse,
@@ -11,12 +12,15 @@ from dlrhub.store.base import (
     StoreError,
     Transaction,
 )
+from dlrhub.store.postgres import PostgresStore
 from dlrhub.store.sqlite import SqliteStore
 
 __all__ = [
     "Change",
     "ChangeFilter",
+    "CursorFormat",
     "MessagePage",
+    "PostgresStore",
     "QuarantinedItem",
     "SavedResponse",
     "Selector",

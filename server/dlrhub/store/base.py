@@ -42,6 +42,31 @@ class StoreError(Exception):
     """The store could not read or commit."""
 
 
+# The greatest cursor any engine gives out: cursors fit a signed 64-bit integer.
+MAX_CURSOR = (1 << 63) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class CursorFormat:
+    """A cursor as callers see it: an opaque string, `prefix` then the position in decimal. Each
+    engine has its own prefix (SQLite none, so its cursors stay plain numbers), so a cursor given
+    to the other engine is malformed rather than a position in another history."""
+
+    prefix: str = ""
+
+    def format(self, cursor: int) -> str:
+        return f"{self.prefix}{cursor}"
+
+    def parse(self, text: str) -> int | None:
+        """The position `text` names, or None if this engine gave out no such cursor."""
+        digits = text.removeprefix(self.prefix) if self.prefix else text
+        if (self.prefix and not text.startswith(self.prefix)) or not digits.isascii():
+            return None
+        if not digits.isdigit() or len(digits) > len(str(MAX_CURSOR)) or int(digits) > MAX_CURSOR:
+            return None
+        return int(digits)
+
+
 @dataclass(frozen=True, slots=True)
 class Change:
     """One stored report, as the Stream delivers it."""
@@ -234,6 +259,9 @@ class Transaction(Protocol):
 class Store(Protocol):
     """A delivery-report store."""
 
+    # How this engine's cursors are written for callers (Ingest results, Stream) and read back.
+    cursor_format: CursorFormat
+
     def transaction(self) -> AbstractContextManager[Transaction]:
         """A write transaction, committed durably when the block exits without error."""
 
@@ -252,11 +280,20 @@ class Store(Protocol):
         match)."""
 
     def changes(self, after: int, limit: int) -> list[Change]:
-        """Up to `limit` changes with cursor > `after`, in cursor order."""
+        """Up to `limit` changes with cursor > `after`, in cursor order: only changes below which
+        no change can commit any more, so a reader resuming after the last one it got skips
+        nothing (a change committed later always has a greater cursor than those returned)."""
 
     def latest_cursor(self) -> int:
-        """The greatest committed cursor (0 when empty), pruned or not: never less than
-        `pruned_through()`."""
+        """The greatest cursor `changes` returns now (0 when empty), or the greatest pruned
+        (`pruned_through`) if that is greater: every change at or below it is committed and
+        visible, or pruned, and no other change will ever appear at or below it."""
+
+    def committed_cursor(self) -> int:
+        """The greatest cursor of any committed change (0 when empty). It equals `latest_cursor`
+        with one writer; with several (PostgreSQL), it may be above it for a moment, while a
+        transaction holding a smaller cursor is still open. An Ingest answer's cursor is at or
+        below it as soon as the answer is given."""
 
     def pruned_through(self) -> int:
         """The greatest cursor ever pruned (Transaction.prune_messages), 0 if none was: a Stream
@@ -281,8 +318,10 @@ class Store(Protocol):
 
 
 __all__: Sequence[str] = [
+    "MAX_CURSOR",
     "Change",
     "ChangeFilter",
+    "CursorFormat",
     "MessagePage",
     "Pruned",
     "QuarantinedItem",

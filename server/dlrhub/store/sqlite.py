@@ -24,7 +24,6 @@ opened (not deleted or replaced under it).
 from __future__ import annotations
 
 import fcntl
-import functools
 import logging
 import os
 import sqlite3
@@ -32,16 +31,15 @@ import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
 
 import sqlite_utils
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
 from dlrhub.merge import MessageState, merge, merge_key
-from dlrhub.statuses import FINAL
 from dlrhub.store.base import (
     Change,
+    CursorFormat,
     MessagePage,
     Pruned,
     QuarantinedItem,
@@ -50,18 +48,21 @@ from dlrhub.store.base import (
     StoreError,
 )
 from dlrhub.store.codec import decode_state, encode_merge
+from dlrhub.store.common import (
+    FINAL,
+    OPEN,
+    QUARANTINE_COLUMNS,
+    message_page,
+    quarantined_item,
+    store_errors,
+    with_raw,
+    without_raw,
+)
 
 log = logging.getLogger(__name__)
 _BUSY_TIMEOUT_MS = 10_000
 # Reports read at a time by migration 4 (its progress is logged after each).
 MIGRATION_CHUNK = 100_000
-P = ParamSpec("P")
-R = TypeVar("R")
-C = TypeVar("C", bound=type)
-# A message in a final status (the predicate of the index of final messages by last change).
-_FINAL = f"status IN ({', '.join(str(status) for status in sorted(FINAL))})"
-# A quarantined item neither resolved nor dismissed (the predicate of the open digests' index).
-_OPEN = "resolved_seconds IS NULL AND dismissed_seconds IS NULL"
 # The messages table's column for each selector of messages_by.
 _COLUMNS = {Selector.BULK_ID: "bulk_id", Selector.REFERENCE: "reference"}
 
@@ -164,7 +165,7 @@ def _rebuild_messages(connection: sqlite3.Connection, total: int) -> None:
         (*after, MIGRATION_CHUNK),
     ).fetchall():
         for message_id, cursor, report, raw in rows:
-            rebuild.add(message_id, cursor, _with_raw(report, raw))
+            rebuild.add(message_id, cursor, with_raw(report, raw))
         rebuild.flush()
         after = (rows[-1][0], rows[-1][1])
         done += len(rows)
@@ -297,12 +298,10 @@ def _migration_9(db: sqlite_utils.Database) -> None:
             [(DeliveryReport.FromString(report).received_time.seconds, row_id) for row_id, report in rows],
         )
         after = rows[-1][0]
-    connection.execute(
-        f"CREATE INDEX idx_messages_final_changed ON messages (changed_seconds) WHERE {_FINAL}"
-    )
+    connection.execute(f"CREATE INDEX idx_messages_final_changed ON messages (changed_seconds) WHERE {FINAL}")
     connection.execute("ALTER TABLE quarantine ADD COLUMN dismissed_seconds INTEGER")
     connection.execute("DROP INDEX idx_quarantine_open_digest")
-    connection.execute(f"CREATE UNIQUE INDEX idx_quarantine_open_digest ON quarantine (digest) WHERE {_OPEN}")
+    connection.execute(f"CREATE UNIQUE INDEX idx_quarantine_open_digest ON quarantine (digest) WHERE {OPEN}")
     connection.execute(
         "CREATE TABLE retention (id INTEGER PRIMARY KEY CHECK (id = 1), pruned_through INTEGER NOT NULL)"
     )
@@ -349,32 +348,13 @@ def migrate(connection: sqlite3.Connection) -> int:
     return found
 
 
+_store_errors = store_errors(sqlite3.Error)
+
+
 # Served by the (message_id, cursor) index, with a source or without.
 HISTORY_QUERY = (
     "SELECT report, raw FROM reports WHERE message_id = ? AND (? = 0 OR source = ?) ORDER BY cursor"
 )
-
-
-def _store_error(method: Callable[P, R]) -> Callable[P, R]:
-    """`method`, raising StoreError (base.py's contract) where SQLite raises its own error."""
-
-    @functools.wraps(method)
-    def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return method(*args, **kwargs)
-        except sqlite3.Error as error:
-            raise StoreError(f"{method.__name__}: {error}") from error
-
-    return guarded
-
-
-def _store_errors(cls: C) -> C:
-    """The class, each of its public methods raising StoreError for SQLite's errors: nothing above
-    the store sees an engine's exception."""
-    for name, member in list(vars(cls).items()):
-        if callable(member) and not name.startswith("_"):
-            setattr(cls, name, _store_error(member))
-    return cls
 
 
 def _execute(connection: sqlite3.Connection, statement: str) -> None:
@@ -388,6 +368,9 @@ def _execute(connection: sqlite3.Connection, statement: str) -> None:
 @_store_errors
 class SqliteStore:
     """The Store interface over one SQLite file."""
+
+    # Plain decimal numbers, as every release has given out.
+    cursor_format = CursorFormat()
 
     def __init__(self, path: Path | str) -> None:
         """Opens (creating and migrating) the database; raises StoreError saying why it cannot."""
@@ -446,7 +429,7 @@ class SqliteStore:
 
     def history(self, message_id: str, source: int = 0) -> list[DeliveryReport]:
         rows = self._reader().execute(HISTORY_QUERY, (message_id, source, source))
-        return [_with_raw(report, raw) for report, raw in rows]
+        return [with_raw(report, raw) for report, raw in rows]
 
     def messages_by(
         self, selector: Selector, value: str, source: int, after: int, limit: int, max_bytes: int
@@ -467,20 +450,7 @@ class SqliteStore:
             )
         finally:
             reader.execute("COMMIT")
-        kept = size = 0
-        for _, report in rows[:limit]:
-            size += len(report)
-            if kept and size > max_bytes:
-                break
-            kept += 1
-        more = len(rows) > kept
-        rows = rows[:kept]
-        return MessagePage(
-            states=[DeliveryReport.FromString(report) for _, report in rows],
-            next_after=rows[-1][0] if more else None,
-            total=sum(counts.values()),
-            status_counts=counts,
-        )
+        return message_page(rows, counts, limit, max_bytes)
 
     def changes(self, after: int, limit: int) -> list[Change]:
         rows = self._reader().execute(
@@ -488,7 +458,7 @@ class SqliteStore:
             (after, limit),
         )
         return [
-            Change(cursor, _with_raw(report, raw), DeliveryReport.FromString(state))
+            Change(cursor, with_raw(report, raw), DeliveryReport.FromString(state))
             for cursor, report, state, raw in rows
         ]
 
@@ -505,19 +475,22 @@ class SqliteStore:
     def pruned_through(self) -> int:
         return int(self._reader().execute("SELECT pruned_through FROM retention").fetchone()[0])
 
+    def committed_cursor(self) -> int:
+        return self.latest_cursor()  # one writer: every commit is visible to `changes` at once
+
     def quarantined(
         self, after: int, limit: int, *, include_resolved: bool = True, ids: Sequence[int] = ()
     ) -> list[tuple[int, QuarantinedItem]]:
-        where = "id > ?" + ("" if include_resolved else f" AND {_OPEN}")
+        where = "id > ?" + ("" if include_resolved else f" AND {OPEN}")
         if ids:
             where += f" AND id IN ({','.join('?' * len(ids))})"
-        query = f"SELECT {_QUARANTINE_COLUMNS} FROM quarantine WHERE {where} ORDER BY id LIMIT ?"  # noqa: S608
-        return [_quarantined_item(row) for row in self._reader().execute(query, (after, *ids, limit))]
+        query = f"SELECT {QUARANTINE_COLUMNS} FROM quarantine WHERE {where} ORDER BY id LIMIT ?"  # noqa: S608
+        return [quarantined_item(row) for row in self._reader().execute(query, (after, *ids, limit))]
 
     def open_quarantine_count(self) -> int:
         row = (
             self._reader()
-            .execute(f"SELECT count(*) FROM quarantine WHERE {_OPEN}")  # noqa: S608
+            .execute(f"SELECT count(*) FROM quarantine WHERE {OPEN}")  # noqa: S608
             .fetchone()
         )
         return int(row[0])
@@ -631,9 +604,6 @@ class _SqliteTransaction:
     def append(self, report: DeliveryReport, digest: bytes, state: MessageState) -> int:
         merged = state.report
         merged_bytes = merged.SerializeToString()
-        stored = DeliveryReport()
-        stored.CopyFrom(report)
-        stored.ClearField("raw_payload")  # kept verbatim in its own column
         # A digest stored already breaks the unique key: StoreError (_store_errors).
         cursor: int = self._connection.execute(
             "INSERT INTO reports (source, message_id, report, state, raw, digest)"
@@ -641,7 +611,7 @@ class _SqliteTransaction:
             (
                 report.source,
                 report.message_id,
-                stored.SerializeToString(),
+                without_raw(report),  # its text is kept verbatim in its own column
                 merged_bytes,
                 report.raw_payload,
                 digest,
@@ -673,7 +643,7 @@ class _SqliteTransaction:
         self._connection.execute(
             "INSERT INTO quarantine (received_seconds, received_nanos, request_id, field, reason,"  # noqa: S608
             " description, raw, format, whole_payload, digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            f" ON CONFLICT (digest) WHERE {_OPEN} DO UPDATE SET"
+            f" ON CONFLICT (digest) WHERE {OPEN} DO UPDATE SET"
             " received_count = received_count + 1, last_received_seconds = excluded.received_seconds,"
             " last_received_nanos = excluded.received_nanos",
             (
@@ -711,7 +681,7 @@ class _SqliteTransaction:
             return 0
         cursor = self._connection.execute(
             "UPDATE quarantine SET dismissed_seconds = ? WHERE id IN"  # noqa: S608
-            f" (SELECT id FROM quarantine WHERE {_OPEN} AND {which} ORDER BY id LIMIT ?)",
+            f" (SELECT id FROM quarantine WHERE {OPEN} AND {which} ORDER BY id LIMIT ?)",
             (seconds, *values, limit),
         )
         return cursor.rowcount
@@ -719,7 +689,7 @@ class _SqliteTransaction:
     def prune_messages(self, before_seconds: int, limit: int) -> Pruned:
         connection = self._connection
         messages = connection.execute(
-            f"SELECT id, source, message_id FROM messages WHERE {_FINAL} AND changed_seconds < ?"  # noqa: S608
+            f"SELECT id, source, message_id FROM messages WHERE {FINAL} AND changed_seconds < ?"  # noqa: S608
             " LIMIT ?",
             (before_seconds, limit),
         ).fetchall()
@@ -766,37 +736,3 @@ class _SqliteTransaction:
             (before_seconds, limit),
         )
         return cursor.rowcount
-
-
-_QUARANTINE_COLUMNS = (
-    "id, raw, field, reason, description, received_seconds, request_id, format, whole_payload,"
-    " resolved_seconds, received_nanos, received_count, last_received_seconds, last_received_nanos,"
-    " dismissed_seconds"
-)
-
-
-def _quarantined_item(row: Sequence[Any]) -> tuple[int, QuarantinedItem]:
-    """A quarantine row's id and item, from _QUARANTINE_COLUMNS."""
-    item = QuarantinedItem(
-        raw=row[1],
-        field=row[2],
-        reason=row[3],
-        description=row[4],
-        received_seconds=row[5],
-        request_id=row[6],
-        format=row[7],
-        whole_payload=bool(row[8]),
-        resolved_seconds=row[9],
-        received_nanos=row[10],
-        received_count=row[11],
-        last_received_seconds=row[12],
-        last_received_nanos=row[13],
-        dismissed_seconds=row[14],
-    )
-    return row[0], item
-
-
-def _with_raw(report: bytes, raw: str) -> DeliveryReport:
-    message = DeliveryReport.FromString(report)
-    message.raw_payload = raw
-    return message

@@ -1,0 +1,170 @@
+"""What only the PostgreSQL store has to hold: several writers on one database (each a PostgresStore,
+as each dlrhub process has its own), stream positions under concurrent commits, its schema version.
+
+The contract every engine holds is tests/test_store_contract.py.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
+from dlrhub.merge import digest, merge
+from dlrhub.store import SqliteStore, StoreError
+from dlrhub.store.base import Store
+from dlrhub.store.postgres import COARSE, SCHEMA_VERSION, SMALL, PostgresStore
+from tests.test_store_contract import GMS, SSR, S, commit, put, report
+
+
+@pytest.fixture
+def stores(postgres_db: str) -> Iterator[list[PostgresStore]]:
+    """Four stores on one new database: four dlrhub processes' views of it."""
+    opened = [PostgresStore(postgres_db) for _ in range(4)]
+    try:
+        yield opened
+    finally:
+        for store in opened:
+            store.close()
+
+
+def ingest(store: Store, group: list[DeliveryReport]) -> None:
+    """What the committer does with a group: prefetch (lock, load), then merge and append the new."""
+    with store.transaction() as tx:
+        tx.prefetch({(r.source, r.message_id) for r in group}, {digest(r) for r in group})
+        for incoming in group:
+            if not tx.is_stored(digest(incoming)):
+                put(tx, incoming)
+
+
+def reports_of_many_messages() -> list[DeliveryReport]:
+    """Reports of 2 x SMALL messages (two sources), several each, in an order that is not their events'."""
+    statuses = [S.DELIVERY_STATUS_SENT, S.DELIVERY_STATUS_DELIVERED, S.DELIVERY_STATUS_UNDELIVERED]
+    made = [
+        report(f"m-{number}", status, seconds=seconds, source=source, bulk_id=f"B{number % 3}", price=price)
+        for number in range(SMALL)
+        for source in (GMS, SSR)
+        for seconds, status in enumerate(statuses, start=1)
+        for price in ("", "0.01")
+    ]
+    random.Random(15).shuffle(made)
+    return made
+
+
+def test_concurrent_writers_store_what_one_writer_stores(stores: list[PostgresStore], tmp_path: Path) -> None:
+    """#15.3: four writers, each with every report in its own random order and groups (so each
+    report arrives four times, concurrently), store the states and history one writer stores."""
+    reports = reports_of_many_messages()
+
+    def write_all(store: PostgresStore, seed: int) -> None:
+        mine = reports[:]
+        shuffler = random.Random(seed)
+        shuffler.shuffle(mine)
+        while mine:
+            size = shuffler.randint(1, 3 * SMALL)  # small and large groups: both ways of locking
+            group, mine = mine[:size], mine[size:]
+            ingest(store, group + group[: shuffler.randint(0, 2)])  # duplicates in the group too
+
+    with ThreadPoolExecutor(max_workers=len(stores)) as writers:
+        for done in [writers.submit(write_all, store, seed) for seed, store in enumerate(stores)]:
+            done.result()  # no deadlock, no unique key broken
+
+    one = SqliteStore(tmp_path / "one.db")
+    try:
+        for incoming in reports:
+            ingest(one, [incoming])
+        message_ids = sorted({r.message_id for r in reports})
+        shared = stores[0]
+        for message_id in message_ids:
+            assert shared.messages(message_id) == one.messages(message_id)
+            history = shared.history(message_id)
+            assert sorted(r.SerializeToString() for r in history) == sorted(
+                r.SerializeToString() for r in one.history(message_id)
+            )
+        changes = shared.changes(0, 10_000)
+        assert len(changes) == len({digest(r) for r in reports}) == len(reports)
+        cursors = [change.cursor for change in changes]
+        assert cursors == sorted(set(cursors))
+        # Each change's state is the merge of the message's changes before it, in stream order.
+        states: dict[tuple[int, str], object] = {}
+        for change in changes:
+            key = (change.report.source, change.report.message_id)
+            merged = merge(states.get(key), change.report)  # type: ignore[arg-type]
+            assert change.state == merged.report
+            states[key] = merged
+    finally:
+        one.close()
+
+
+def test_changes_stop_below_a_transaction_still_open(stores: list[PostgresStore]) -> None:
+    """#15.4: a transaction that began first (a smaller position) and commits last holds back what
+    `changes` returns, so a reader that resumes after the last change it got misses nothing."""
+    first_writer, second_writer, reader = stores[:3]
+    [before] = commit(reader, report("m-0"))
+    opened = threading.Event()
+    finish = threading.Event()
+    early: list[int] = []
+
+    def slow() -> None:
+        with first_writer.transaction() as tx:
+            early.append(put(tx, report("m-1"))[0])
+            opened.set()
+            assert finish.wait(10)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        slow_done = pool.submit(slow)
+        assert opened.wait(10)
+        [late] = commit(second_writer, report("m-2"))
+        assert early[0] < late  # positions follow the order the transactions began in
+
+        # Committed, but below it a smaller position may still commit: not returned yet.
+        assert [change.cursor for change in reader.changes(0, 100)] == [before]
+        assert reader.latest_cursor() == before
+        assert reader.committed_cursor() == late  # an Ingest's cursor is never "ahead"
+
+        finish.set()
+        slow_done.result()
+    assert [change.cursor for change in reader.changes(0, 100)] == [before, early[0], late]
+    assert [change.report.message_id for change in reader.changes(before, 100)] == ["m-1", "m-2"]
+    assert reader.latest_cursor() == reader.committed_cursor() == late
+
+
+@pytest.mark.parametrize("count", [SMALL, 20 * COARSE])
+def test_a_writer_holds_a_bounded_number_of_locks(postgres_db: str, count: int) -> None:
+    """PostgreSQL's lock table is small and shared (it filled at ~20k locks in one transaction): a
+    transaction writing many messages still takes at most COARSE locks."""
+    store = PostgresStore(postgres_db)
+    many = [report(f"m-{number}", seconds=1) for number in range(count)]
+    try:
+        with store.transaction() as tx, psycopg.connect(postgres_db) as other:
+            tx.prefetch({(r.source, r.message_id) for r in many}, {digest(r) for r in many})
+            [(held,)] = other.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
+            assert 0 < held <= COARSE
+            for incoming in many:
+                put(tx, incoming)
+        assert len(store.changes(0, 2 * count)) == count
+    finally:
+        store.close()
+
+
+def test_a_newer_schema_is_refused(postgres_db: str) -> None:
+    PostgresStore(postgres_db).close()
+    with psycopg.connect(postgres_db, autocommit=True) as connection:
+        connection.execute("UPDATE dlrhub_schema SET version = %s", (SCHEMA_VERSION + 1,))
+    with pytest.raises(StoreError, match=rf"schema version {SCHEMA_VERSION + 1} is newer than this dlrhub"):
+        PostgresStore(postgres_db)
+
+
+def test_replicas_starting_together_migrate_once(postgres_db: str) -> None:
+    with ThreadPoolExecutor(max_workers=4) as starting:
+        opened = list(starting.map(lambda _: PostgresStore(postgres_db), range(4)))
+    for store in opened:
+        store.close()
+    with psycopg.connect(postgres_db) as connection:
+        assert connection.execute("SELECT version FROM dlrhub_schema").fetchall() == [(SCHEMA_VERSION,)]
