@@ -17,10 +17,12 @@ import pytest
 
 from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
 from dlrhub.merge import digest, merge
-from dlrhub.store import SqliteStore, StoreError
+from dlrhub.store import SqliteStore, StoreError, postgres
 from dlrhub.store.base import Store
+from dlrhub.store.codec import encode_merge
+from dlrhub.store.common import without_raw
 from dlrhub.store.postgres import COARSE, SCHEMA_VERSION, SMALL, PostgresStore
-from tests.test_store_contract import GMS, SSR, S, commit, put, report
+from tests.test_store_contract import BASE_SECONDS, GMS, SSR, S, commit, put, received, report
 
 
 @pytest.fixture
@@ -168,3 +170,83 @@ def test_replicas_starting_together_migrate_once(postgres_db: str) -> None:
         store.close()
     with psycopg.connect(postgres_db) as connection:
         assert connection.execute("SELECT version FROM dlrhub_schema").fetchall() == [(SCHEMA_VERSION,)]
+
+
+def test_schema_1_messages_get_their_last_change_from_their_latest_report(postgres_db: str) -> None:
+    """PG migration 3 (retention): a message's last change is the received time of the report its
+    cursor names, read from the history, so that an upgrade can prune what was stored before it."""
+    histories = [
+        [received(report("old", S.DELIVERY_STATUS_SENT, seconds=1), 100), received(report("old"), 100)],
+        [received(report("recent"), 100), received(report("recent", S.DELIVERY_STATUS_SENT), 900)],
+    ]
+    with psycopg.connect(postgres_db, autocommit=True) as connection:
+        with connection.transaction():
+            connection.execute("CREATE TABLE dlrhub_schema (version integer NOT NULL)")
+            connection.execute("INSERT INTO dlrhub_schema (version) VALUES (1)")
+            postgres.MIGRATIONS[0](connection)
+        for history in histories:
+            with connection.transaction():
+                row = connection.execute("SELECT pg_current_xact_id()::text").fetchone()
+                assert row is not None
+                state = None
+                for ordinal, incoming in enumerate(history):
+                    state = merge(state, incoming)
+                    connection.execute(
+                        "INSERT INTO reports (ordinal, source, message_id, report, state, raw, digest)"
+                        " VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                        (
+                            ordinal,
+                            SSR,
+                            incoming.message_id,
+                            without_raw(incoming),
+                            b"",
+                            "{}",
+                            digest(incoming),
+                        ),
+                    )
+                assert state is not None
+                connection.execute(
+                    "INSERT INTO messages (source, message_id, bulk_id, reference, status, report, merge,"
+                    " cursor) VALUES (%s, %s, '', '', %s, %s, %s, %s)",
+                    (
+                        SSR,
+                        state.report.message_id,
+                        state.report.status,
+                        state.report.SerializeToString(),
+                        encode_merge(state),
+                        postgres.position(int(row[0]), len(history) - 1),
+                    ),
+                )
+
+    store = PostgresStore(postgres_db)
+    try:
+        assert store.pruned_through() == 0
+        with store.transaction() as tx:
+            # "old" last changed at BASE + 100 s, "recent" at BASE + 900 s (its late SENT).
+            assert tx.prune_messages(BASE_SECONDS + 500, 10).messages == 1
+        assert store.messages("old") == []
+        assert [state.message_id for state in store.messages("recent")] == ["recent"]
+    finally:
+        store.close()
+
+
+def test_a_prune_never_deletes_a_message_a_writer_has_just_changed(stores: list[PostgresStore]) -> None:
+    """The prune takes the writers' message locks, then checks the age again: a report committed
+    between its look and its delete keeps the message (and its new history)."""
+    pruner, writer = stores[0], stores[1]
+    commit(writer, received(report("busy"), 100))
+    late = received(report("busy", S.DELIVERY_STATUS_SEEN, seconds=5), 900)
+    with writer.transaction() as tx:
+        put(tx, late)  # holds the message's lock until it commits
+        tx.flush()
+        done = ThreadPoolExecutor(max_workers=1).submit(_prune, pruner, BASE_SECONDS + 500)
+        with pytest.raises(TimeoutError):
+            done.result(timeout=0.5)  # waiting for the writer's lock
+    assert done.result(timeout=10) == 0
+    assert [state.status for state in pruner.messages("busy")] == [S.DELIVERY_STATUS_SEEN]
+    assert len(pruner.history("busy")) == 2
+
+
+def _prune(store: PostgresStore, before: int) -> int:
+    with store.transaction() as tx:
+        return tx.prune_messages(before, 10).messages
