@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -236,15 +238,29 @@ def test_a_prune_never_deletes_a_message_a_writer_has_just_changed(stores: list[
     pruner, writer = stores[0], stores[1]
     commit(writer, received(report("busy"), 100))
     late = received(report("busy", S.DELIVERY_STATUS_SEEN, seconds=5), 900)
-    with writer.transaction() as tx:
-        put(tx, late)  # holds the message's lock until it commits
-        tx.flush()
-        done = ThreadPoolExecutor(max_workers=1).submit(_prune, pruner, BASE_SECONDS + 500)
-        with pytest.raises(TimeoutError):
-            done.result(timeout=0.5)  # waiting for the writer's lock
-    assert done.result(timeout=10) == 0
+    with ThreadPoolExecutor(max_workers=1) as pool, psycopg.connect(writer.url, autocommit=True) as watcher:
+        with writer.transaction() as tx:
+            put(tx, late)  # holds the message's lock until it commits
+            tx.flush()
+            pruned = pool.submit(_prune, pruner, BASE_SECONDS + 500)
+            # The prune has chosen "busy" (committed: last changed at 100) and waits for its lock.
+            for _ in range(1000):  # 10 s at most
+                assert not pruned.done(), "the prune did not wait for the writer's lock"
+                if _waiting_for_an_advisory_lock(watcher):
+                    break
+                time.sleep(0.01)
+            else:
+                raise AssertionError("the prune never waited for the writer's lock")
+        assert pruned.result() == 0
     assert [state.status for state in pruner.messages("busy")] == [S.DELIVERY_STATUS_SEEN]
     assert len(pruner.history("busy")) == 2
+
+
+def _waiting_for_an_advisory_lock(connection: psycopg.Connection[Any]) -> bool:
+    row = connection.execute(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+    ).fetchone()
+    return row is not None and row[0] > 0
 
 
 def _prune(store: PostgresStore, before: int) -> int:
