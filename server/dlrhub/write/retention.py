@@ -24,8 +24,10 @@ from dlrhub.store.base import Pruned, Transaction
 from dlrhub.write.committer import Committer
 
 log = logging.getLogger(__name__)
-# Messages (with their reports), or quarantined items, deleted per transaction.
-BATCH = 200
+# Messages (with their reports), or quarantined items, deleted per transaction. A batch's durable
+# commit writes the pages it emptied: with 50 messages of two 0.5 KB reports each, a transaction
+# took 5 ms (median; its statements 1 ms) on a loaded two-core machine, 200 took 20 ms.
+BATCH = 50
 
 
 @dataclass(slots=True)
