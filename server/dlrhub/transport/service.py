@@ -315,7 +315,9 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
                 "ids",
                 "set either ids or received_before" if by_age else "set ids or received_before",
                 ErrorReason.INVALID_VALUE if by_age else ErrorReason.MISSING_FIELD,
-                message="give the ids to dismiss, or received_before, not both",
+                message="give the ids to dismiss or received_before, not both"
+                if by_age
+                else "give the ids to dismiss, or received_before to dismiss by age",
                 violation_reason=ErrorReason.INVALID_VALUE if by_age else ErrorReason.MISSING_FIELD,
             )
         _check_id_count(request.ids, "or dismiss by received_before")
