@@ -27,7 +27,9 @@ MODES = {
     ),
 }
 
-PHASES = frozenset({"unary", "batched", "webhook", "fanout", "latency", "fetch", "history", "hot"})
+PHASES = frozenset(
+    {"unary", "batched", "webhook", "fanout", "latency", "fetch", "history", "hot", "postgres"}
+)
 # The phases that load a dlrhub server with Ingest.
 INGEST_PHASES = frozenset({"unary", "batched", "webhook", "fanout", "latency"})
 

@@ -218,6 +218,17 @@ def _ingest_rows(options: Options, table: _Table) -> None:
             ">= 0.5",
             lambda r: r >= 0.5,
         )
+    on_postgres = table.find(CallsPoint, "batched", "dlrhub-pg")
+    if batched and on_postgres:  # the ceiling here is the same load over SQLite
+        table.add(
+            "postgres",
+            f"batched Ingest over PostgreSQL, vs SQLite ({on_postgres.batch}/call)",
+            on_postgres.items_per_s,
+            "reports/s",
+            batched.items_per_s,
+            ">= 0.8",
+            lambda r: r >= 0.8,
+        )
 
 
 def _webhook_rows(options: Options, table: _Table) -> None:

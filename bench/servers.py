@@ -22,12 +22,12 @@ _UNSUPPORTED_ENV = ("DLRHUB_TOKENS", "DLRHUB_TOKENS_FILE", "DLRHUB_TLS_CERT", "D
 _KEEP_LINES = 200  # of each pipe: dlrhub logs a line per call
 
 
-def start_dlrhub(db: Path, event_loop: str) -> Server:
-    """`dlrhub serve` with its real settings: only the addresses (free ports) and the database file
-    are set, and the DLRHUB_* variables of the environment apply (but the token and TLS ones). On
-    uvloop it runs through bench/serve_uvloop.py. Returned once it serves: its "serving" log line,
-    or its health service where a log level above INFO hides that line (so its ports are chosen
-    here, not by the server)."""
+def start_dlrhub(db: Path | str, event_loop: str) -> Server:
+    """`dlrhub serve` with its real settings: only the addresses (free ports) and the database (a
+    file, or a postgresql:// URL) are set, and the DLRHUB_* variables of the environment apply (but
+    the token and TLS ones). On uvloop it runs through bench/serve_uvloop.py. Returned once it
+    serves: its "serving" log line, or its health service where a log level above INFO hides that
+    line (so its ports are chosen here, not by the server)."""
     server = launcher.start(
         db,
         env=_environment(),

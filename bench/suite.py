@@ -11,6 +11,8 @@
   history  the same Fetch with include_history (#19.3: a history read was a full table scan)
   hot      in process, no gRPC: the write path's cost per new report of a message with 500 and
            10,000 reports of history (bench/write_cost.py; #19.2)
+  postgres batched Ingest over PostgreSQL (a throwaway cluster, tools/pg_cluster.py) vs over SQLite,
+           both in this run (#15.9)
 
 With --profile, a phase that misses a target runs its load once more with py-spy on the server.
 """
@@ -66,8 +68,11 @@ from bench.servers import Server, runs_uvloop, start_dlrhub, start_echo
 from deliveryreport.v1.delivery_report_service_pb2 import Format, StreamChange, StreamResponse
 from dlrhub.merge import merge
 from dlrhub.normalise import Normaliser
+from tools import pg_cluster
 
 P = TypeVar("P", CallsPoint, FanoutPoint, LatencyPoint, WriteCostPoint)
+# The target of the points measured on dlrhub over PostgreSQL.
+POSTGRES = "dlrhub-pg"
 Jobs = list[tuple[int, Job]]  # (load process, job)
 
 
@@ -140,6 +145,8 @@ def _run_loop(suite: Suite) -> SuiteResult:
                 suite.rss_kib["after the Ingest and Stream phases"] = proc_status(hub.pid) | stored
             finally:
                 hub.stop()
+        if "postgres" in options.only:
+            _postgres(suite)
         if options.only & {"fetch", "history"}:
             small = suite.workdir / "fetch-10k.db"
             shutil.copyfile(preload.ensure(10_000), small)
@@ -239,18 +246,45 @@ def _batched(suite: Suite, echo: Server, hub: Server) -> None:
             concurrency=len(jobs),
         )
     )
+    _batched_point(suite, hub, "dlrhub")
+
+
+def _batched_point(suite: Suite, hub: Server, target: str) -> CallsPoint:
+    """Batched Ingest on `hub`, recorded as `target`'s."""
+    options = suite.options
     measured = suite.measure(hub, _batch_jobs(suite))
-    suite.record(
+    return suite.record(
         calls_point(
             measured.results,
             suite.duration,
             measured.window,
             scenario="batched",
-            target="dlrhub",
+            target=target,
             concurrency=options.batch_inflight,
             batch=options.batch,
         )
     )
+
+
+def _postgres(suite: Suite) -> None:
+    """Batched Ingest over PostgreSQL against the same over SQLite in this run (measured here too,
+    on a new file, unless the batched phase has run)."""
+    print(f"-- batched Ingest over PostgreSQL vs over SQLite ({suite.event_loop})", flush=True)
+    if not any(
+        isinstance(p, CallsPoint) and (p.scenario, p.target) == ("batched", "dlrhub") for p in suite.points
+    ):
+        hub = start_dlrhub(suite.workdir / f"batched-{suite.event_loop}.db", suite.event_loop)
+        try:
+            _batched_point(suite, hub, "dlrhub")
+        finally:
+            hub.stop()
+    with pg_cluster.cluster() as cluster:
+        hub = start_dlrhub(cluster.url, suite.event_loop)
+        print(f"dlrhub: {hub.address} over PostgreSQL ({cluster.bin_dir.parent.name})", flush=True)
+        try:
+            _batched_point(suite, hub, POSTGRES)
+        finally:
+            hub.stop()
 
 
 def _webhook(suite: Suite, echo: Server, hub: Server) -> None:

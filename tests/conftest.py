@@ -63,6 +63,29 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "dlrhub.db"
 
 
+# The store engines a module marked `engines` runs over (pytestmark = pytest.mark.engines).
+ENGINES = ("sqlite", "postgres")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "db_engine" in metafunc.fixturenames and metafunc.definition.get_closest_marker("engines"):
+        metafunc.parametrize("db_engine", ENGINES, indirect=True)
+
+
+@pytest.fixture
+def db_engine(request: pytest.FixtureRequest) -> str:
+    """The store engine of this test: SQLite unless its module is marked `engines`."""
+    return str(getattr(request, "param", "sqlite"))
+
+
+@pytest.fixture
+def db(db_engine: str, request: pytest.FixtureRequest, tmp_path: Path) -> str | Path:
+    """The `db` setting of this test's server: `tmp_path/dlrhub.db`, or a new PostgreSQL database."""
+    if db_engine == "postgres":
+        return str(request.getfixturevalue("postgres_db"))
+    return tmp_path / "dlrhub.db"
+
+
 @contextlib.asynccontextmanager
 async def serving(
     tmp_path: Path, *, clock: FakeClock | None = None, store: Store | None = None, **overrides: Any
@@ -84,9 +107,10 @@ async def serving(
 
 
 @pytest.fixture
-async def server(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Running]:
-    """The real server on a free port over a real SQLite file, with a grpc.aio stub."""
-    async with serving(tmp_path, clock=clock) as running:
+async def server(tmp_path: Path, clock: FakeClock, db: str | Path) -> AsyncIterator[Running]:
+    """The real server on a free port over a real SQLite file (or PostgreSQL database: `db`), with a
+    grpc.aio stub."""
+    async with serving(tmp_path, clock=clock, db=db) as running:
         address = f"127.0.0.1:{running.port}"
         channel = grpc.aio.insecure_channel(address)
         try:

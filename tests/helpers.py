@@ -38,6 +38,7 @@ from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportSer
 from deliveryreport.v1.error_reason_pb2 import ErrorReason
 from dlrhub import app as dlrhub_app
 from dlrhub.config import Settings
+from dlrhub.store import PostgresStore, SqliteStore
 from dlrhub_client import AsyncClient, TlsConfig
 from tests.conftest import FakeClock
 
@@ -177,7 +178,7 @@ async def ingest_each(stub: Stub, *reports: dict[str, object]) -> list[int]:
     for report in reports:
         response = await ingest(stub, payload_of(report))
         assert [result.outcome for result in response.results] == [ACCEPTED]
-        cursors.append(int(response.results[0].cursor))
+        cursors.append(position(response.results[0].cursor))
     return cursors
 
 
@@ -358,15 +359,29 @@ async def read_changes(call: StreamCall, count: int, within: float = TIMEOUT) ->
     return changes
 
 
+def position(cursor: str) -> int:
+    """The position a cursor of either engine names (the tests compare and order positions)."""
+    for cursors in (SqliteStore.cursor_format, PostgresStore.cursor_format):
+        parsed = cursors.parse(cursor)
+        if parsed is not None:
+            return parsed
+    raise AssertionError(f"{cursor!r} is no cursor of any engine")
+
+
+def cursor_text(app: dlrhub_app.App, position: int) -> str:
+    """A position as the app's store writes cursors."""
+    return app.store.cursor_format.format(position)
+
+
 def cursors_of(messages: Sequence[StreamResponse]) -> list[int]:
-    return [int(message.cursor) for message in messages]
+    return [position(message.cursor) for message in messages]
 
 
 async def read_start(call: StreamCall) -> int:
     """The first message: a heartbeat with the start position, sent as soon as the stream is live."""
     message = await read_message(call)
     assert message.WhichOneof("event") == "heartbeat"
-    return int(message.cursor)
+    return position(message.cursor)
 
 
 @asynccontextmanager

@@ -164,7 +164,7 @@ async def test_a_store_that_cannot_be_read_is_not_serving_until_it_can(
         call = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
         try:
             assert await next_status(call) == SERVING
-            with tables_away(running.settings.db, "reports", "quarantine"):
+            with tables_away(Path(running.settings.db), "reports", "quarantine"):
                 await running.store_health.probe()
                 assert await next_status(call) == NOT_SERVING
                 checked_stub = DeliveryReportServiceStub(checked)

@@ -26,6 +26,7 @@ from tests.helpers import (
     gms_payload,
     history_of,
     ingest,
+    position,
     ssr,
     ssr_payload,
     state_of,
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
     pass
 
 
+# Each test runs over SQLite and over PostgreSQL (conftest.py).
+pytestmark = pytest.mark.engines
 # --- Ingest: duplicates and out-of-order reports -------------------------------------------------
 
 
@@ -55,7 +58,7 @@ async def test_the_same_report_twice_is_a_duplicate(server: Running) -> None:
 
     history = await history_of(server.stub, "m-1")
     assert [report.raw_payload for report in history] == [payload]
-    assert server.app.store.latest_cursor() == int(first.results[0].cursor)
+    assert server.app.store.latest_cursor() == position(first.results[0].cursor)
 
 
 async def test_the_same_report_with_other_whitespace_and_key_order_is_a_duplicate(server: Running) -> None:
@@ -267,7 +270,7 @@ async def test_concurrent_calls_with_one_request_id_are_applied_once(server: Run
         response.replayed = False
     assert all(response == first for response in responses)
     assert [result.outcome for result in responses[0].results] == [ACCEPTED] * 3
-    assert server.app.store.latest_cursor() == max(int(result.cursor) for result in responses[0].results)
+    assert server.app.store.latest_cursor() == max(position(result.cursor) for result in responses[0].results)
     assert len(server.app.store.changes(0, 100)) == 3
     for message_id in ("m-1", "m-2", "m-3"):
         assert len(await history_of(server.stub, message_id)) == 1
@@ -279,7 +282,7 @@ async def test_many_concurrent_ingests_are_all_committed(server: Running) -> Non
         *(ingest(server.stub, gms_payload(gms(f"m-{number}", seconds=number))) for number in range(count))
     )
     assert all([result.outcome for result in response.results] == [ACCEPTED] for response in responses)
-    cursors = [int(response.results[0].cursor) for response in responses]
+    cursors = [position(response.results[0].cursor) for response in responses]
     assert len(set(cursors)) == count
     assert server.app.store.latest_cursor() == max(cursors)
     states = await asyncio.gather(*(state_of(server.stub, f"m-{number}") for number in range(count)))

@@ -110,7 +110,7 @@ async def test_a_store_that_cannot_read_or_commit_answers_unavailable_then_serve
 ) -> None:
     caplog.set_level(logging.INFO)
     assert (await stub.Ingest(IngestRequest(payload=gms("before-1")), timeout=TIMEOUT)).accepted_count == 1
-    db = running.settings.db
+    db = Path(running.settings.db)
 
     with tables_away(db, "messages", "reports", "quarantine"):
         calls: dict[str, Awaitable[object]] = {

@@ -35,6 +35,10 @@ if TYPE_CHECKING:
     from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceAsyncStub as Stub
 
 
+# Each test runs over SQLite and over PostgreSQL (conftest.py).
+pytestmark = pytest.mark.engines
+
+
 async def list_messages(stub: Stub, request: ListMessagesRequest) -> ListMessagesResponse:
     response: ListMessagesResponse = await asyncio.wait_for(stub.ListMessages(request), TIMEOUT)
     return response

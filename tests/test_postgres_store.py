@@ -16,14 +16,20 @@ from typing import Any
 
 import psycopg
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
+from deliveryreport.v1.delivery_report_service_pb2 import Format
 from dlrhub.merge import digest, merge
+from dlrhub.normalise import Normaliser
 from dlrhub.store import SqliteStore, StoreError, postgres
 from dlrhub.store.base import Store
 from dlrhub.store.codec import encode_merge
 from dlrhub.store.common import without_raw
 from dlrhub.store.postgres import COARSE, SCHEMA_VERSION, SMALL, PostgresStore
+from dlrhub.write.submission import Applied, Submission, apply
+from dlrhub.write.writer import request_digest
+from tests.helpers import ACCEPTED, TIMEOUT, gms_batch
 from tests.test_store_contract import BASE_SECONDS, GMS, SSR, S, commit, put, received, report
 
 
@@ -155,6 +161,62 @@ def test_a_writer_holds_a_bounded_number_of_locks(postgres_db: str, count: int) 
         assert len(store.changes(0, 2 * count)) == count
     finally:
         store.close()
+
+
+def waiting_for_a_lock(url: str, count: int) -> None:
+    """Returns once `count` dlrhub connections wait for a lock (fails after TIMEOUT seconds)."""
+    deadline = time.monotonic() + TIMEOUT
+    with psycopg.connect(url, autocommit=True) as watcher:
+        while time.monotonic() < deadline:
+            [(waiting,)] = watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE application_name = 'dlrhub' AND wait_event_type = 'Lock'"
+            ).fetchall()
+            if waiting >= count:
+                return
+            time.sleep(0.01)
+    pytest.fail(f"no {count} dlrhub connections waiting for a lock within {TIMEOUT} s")
+
+
+def test_one_request_id_on_two_processes_at_once_is_answered_once(
+    stores: list[PostgresStore], postgres_db: str
+) -> None:
+    """#15.3: a request id is answered once across processes. Here two different requests carry the
+    same id at the same moment (their messages differ, so no message lock orders them): the second
+    waits for the first to commit, then is told its id names another request."""
+    received = Timestamp(seconds=1_700_000_000)
+
+    def submission(message_id: str) -> Submission:
+        payload = gms_batch(message_id)
+        items = Normaliser.load().normalise(payload, Format.FORMAT_GMS, received)
+        digest = request_digest(payload, Format.FORMAT_GMS)
+        return Submission(items, received, "nightly-1", payload=payload, request_digest=digest)
+
+    first_in = threading.Event()
+    commit_first = threading.Event()
+
+    def first() -> Applied:
+        with stores[0].transaction() as tx:
+            [applied] = apply(tx, [submission("first")], stores[0].cursor_format)
+            first_in.set()
+            assert commit_first.wait(TIMEOUT)
+        return applied
+
+    def second() -> Applied:
+        with stores[1].transaction() as tx:
+            [applied] = apply(tx, [submission("second")], stores[1].cursor_format)
+        return applied
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        first_done = pool.submit(first)
+        assert first_in.wait(TIMEOUT)
+        second_done = pool.submit(second)
+        waiting_for_a_lock(postgres_db, 1)
+        commit_first.set()
+        assert [result.outcome for result in first_done.result().response.results] == [ACCEPTED]
+        assert second_done.result().reused
+    assert stores[2].messages("first")
+    assert not stores[2].messages("second")
 
 
 def test_a_newer_schema_is_refused(postgres_db: str) -> None:

@@ -49,18 +49,21 @@ from deliveryreport.v1.provider_formats_pb2 import GmsReport, GmsReports
 from dlrhub import app as dlrhub_app
 from dlrhub.config import Settings
 from dlrhub.normalise import NormalisedItem, Normaliser
-from dlrhub.store import SqliteStore
+from dlrhub.store import SqliteStore, Store
 from dlrhub.store.base import QuarantinedItem as StoredItem
 from dlrhub.store.sqlite import MIGRATIONS, SCHEMA_VERSION, migrate
 from dlrhub_client.payloads import batch
 from tests.conftest import FakeClock, Running
-from tests.helpers import TIMEOUT, details_of, failure
+from tests.helpers import TIMEOUT, details_of, failure, position
 from tools import launcher
 
 if TYPE_CHECKING:
     from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceAsyncStub as Stub
 
     StreamCall = grpc.aio.UnaryStreamCall[StreamRequest, StreamResponse]
+
+# The tests with a server run over SQLite and over PostgreSQL (conftest.py); the migrations are SQLite's.
+pytestmark = pytest.mark.engines
 
 T0 = FakeClock().now_ns // 1_000_000_000  # the FakeClock's start, in whole seconds
 # The samples arrive this far into their seconds: received times are kept to the nanosecond.
@@ -186,10 +189,9 @@ def assert_listed(item: QuarantinedItem, expected: Expected) -> None:
     assert not item.HasField("resolved_time")
 
 
-def quarantine_count(db: Path) -> int:
-    with sqlite3.connect(db) as connection:
-        count: int = connection.execute("SELECT count(*) FROM quarantine").fetchone()[0]
-    return count
+def quarantine_count(store: Store) -> int:
+    """Quarantined items kept, open or resolved."""
+    return len(store.quarantined(0, 10_000))
 
 
 _REFERENCE_OF = {"message_id": "extra_id", "messageId": "callbackData"}
@@ -241,7 +243,9 @@ class OwnApp:
 
 
 @asynccontextmanager
-async def own_app(db: Path, clock: FakeClock, normaliser: Normaliser | None = None) -> AsyncIterator[OwnApp]:
+async def own_app(
+    db: str | Path, clock: FakeClock, normaliser: Normaliser | None = None
+) -> AsyncIterator[OwnApp]:
     """A dlrhub of the test's own (to stop and start it again on the same database), with the
     release's normaliser, or another one."""
     running = await dlrhub_app.start(
@@ -351,11 +355,11 @@ async def test_list_quarantine_pages(server: Running) -> None:
 # --- RenormaliseQuarantine -----------------------------------------------------------------------
 
 
-async def test_renormalise_with_nothing_fixed_changes_nothing(server: Running, db_path: Path) -> None:
+async def test_renormalise_with_nothing_fixed_changes_nothing(server: Running) -> None:
     await ingest_samples(server.stub, server.clock)
     before = await all_quarantined(server.stub, include_resolved=True)
     latest = server.app.store.latest_cursor()
-    assert quarantine_count(db_path) == len(SAMPLES)
+    assert quarantine_count(server.app.store) == len(SAMPLES)
 
     for _ in range(2):  # a second run neither resolves nor quarantines anything again
         server.clock.advance(100)
@@ -372,7 +376,7 @@ async def test_renormalise_with_nothing_fixed_changes_nothing(server: Running, d
             assert not outcome.HasField("report")
             assert not outcome.cursor
 
-        assert quarantine_count(db_path) == len(SAMPLES)
+        assert quarantine_count(server.app.store) == len(SAMPLES)
         assert server.app.store.latest_cursor() == latest
         listing = await list_quarantine(server.stub, ListQuarantineRequest(include_resolved=True))
         assert list(listing.items) == before
@@ -393,16 +397,16 @@ async def test_a_rejected_xml_report_is_run_again_as_xml(server: Running) -> Non
 
 
 async def test_renormalise_with_an_unknown_id_is_not_found_and_runs_nothing(
-    db_path: Path, clock: FakeClock
+    db: str | Path, clock: FakeClock
 ) -> None:
-    async with own_app(db_path, clock) as old_release:
+    async with own_app(db, clock) as old_release:
         await ingest_samples(old_release.stub, clock)
         items = await all_quarantined(old_release.stub)
     gms_id = items[GMS_NO_ID_AT].id
     unknown = max(item.id for item in items) + 1000
 
     # The GMS item would now pass.
-    async with own_app(db_path, clock, KeyedByReference.load()) as new_release:
+    async with own_app(db, clock, KeyedByReference.load()) as new_release:
         stub, store = new_release.stub, new_release.app.store
         latest = store.latest_cursor()
         with pytest.raises(grpc.aio.AioRpcError) as raised:
@@ -422,8 +426,8 @@ async def test_renormalise_with_an_unknown_id_is_not_found_and_runs_nothing(
         assert list(again.results) == []
 
 
-async def test_renormalise_after_a_fix_stores_what_now_passes(db_path: Path, clock: FakeClock) -> None:
-    async with own_app(db_path, clock) as old_release:
+async def test_renormalise_after_a_fix_stores_what_now_passes(db: str | Path, clock: FakeClock) -> None:
+    async with own_app(db, clock) as old_release:
         await ingest_samples(old_release.stub, clock)
         items = await all_quarantined(old_release.stub)
     ids = [item.id for item in items]
@@ -433,7 +437,7 @@ async def test_renormalise_after_a_fix_stores_what_now_passes(db_path: Path, clo
     # The new release: same database, a normaliser that now accepts the two items without an id.
     clock.advance(1000)
     fixed_at = clock.now_ns // 1_000_000_000
-    async with own_app(db_path, clock, KeyedByReference.load()) as new_release:
+    async with own_app(db, clock, KeyedByReference.load()) as new_release:
         stub, store = new_release.stub, new_release.app.store
         assert await all_quarantined(stub) == items  # the quarantine survived the restart
         start = store.latest_cursor()
@@ -442,7 +446,7 @@ async def test_renormalise_after_a_fix_stores_what_now_passes(db_path: Path, clo
             first = await asyncio.wait_for(call.read(), TIMEOUT)
             assert isinstance(first, StreamResponse)
             assert first.HasField("heartbeat")
-            assert int(first.cursor) == start
+            assert position(first.cursor) == start
 
             # By explicit ids: only those are run, in id order.
             response = await renormalise(stub, [unknown_id, gms_id])
@@ -458,7 +462,7 @@ async def test_renormalise_after_a_fix_stores_what_now_passes(db_path: Path, clo
 
             message = await read_change(call)
             assert message.cursor == resolved.results[0].cursor
-            assert int(message.cursor) > start
+            assert position(message.cursor) > start
             assert message.change.report.message_id == "q-gms-ref"
             assert message.change.report.raw_payload == GMS_NO_ID
             assert message.change.report.received_time == Timestamp(seconds=T0, nanos=FRACTION_NS)
@@ -477,7 +481,7 @@ async def test_renormalise_after_a_fix_stores_what_now_passes(db_path: Path, clo
             assert message.change.report.message_id == "q-ssr-ref"
             assert message.change.report.raw_payload == SSR_NO_ID
             assert message.change.report.received_time == Timestamp(seconds=T0 + 10, nanos=FRACTION_NS)
-            assert int(message.cursor) == start + 2
+            assert message.cursor == by_id[ssr_id].results[0].cursor
 
             # Stored like any Ingest, with the original received time and the item's own text.
             for message_id, raw, received, source in (
@@ -507,7 +511,10 @@ async def test_renormalise_after_a_fix_stores_what_now_passes(db_path: Path, clo
 
             # Again: nothing left to resolve, and nothing stored twice.
             latest = store.latest_cursor()
-            assert latest == start + 2
+            assert [change.cursor for change in store.changes(start, 100)] == [
+                position(resolved.results[0].cursor),
+                position(by_id[ssr_id].results[0].cursor),
+            ]
             response = await renormalise(stub)
             assert [result.id for result in response.results] == still_open
             assert (response.resolved_count, response.still_rejected_count) == (0, 3)
@@ -515,7 +522,7 @@ async def test_renormalise_after_a_fix_stores_what_now_passes(db_path: Path, clo
             assert list(response.results) == []
             assert (response.resolved_count, response.still_rejected_count) == (0, 0)
             assert store.latest_cursor() == latest
-            assert quarantine_count(db_path) == len(SAMPLES)
+            assert quarantine_count(store) == len(SAMPLES)
             for message_id in ("q-gms-ref", "q-ssr-ref"):
                 _, history = await fetch_one(stub, message_id)
                 assert len(history) == 1

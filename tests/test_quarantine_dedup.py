@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 import httpx
+import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from deliveryreport.v1.delivery_report_service_pb2 import (
@@ -28,6 +29,9 @@ from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportSer
 from dlrhub import app
 from tests.conftest import FakeClock, serving
 
+# Each test runs over SQLite and over PostgreSQL (conftest.py).
+pytestmark = pytest.mark.engines
+
 TIMEOUT = 10.0
 ACCEPTED = IngestOutcome.INGEST_OUTCOME_ACCEPTED
 DUPLICATE = IngestOutcome.INGEST_OUTCOME_DUPLICATE
@@ -39,9 +43,11 @@ BATCH = f'{{"messages": [{{"message_id": "dedup-ok", "status": 2, "time": 147741
 
 
 @asynccontextmanager
-async def dlrhub(tmp_path: Path, clock: FakeClock, **settings: Any) -> AsyncIterator[tuple[app.App, Any]]:
+async def dlrhub(
+    tmp_path: Path, db: str | Path, clock: FakeClock, **settings: Any
+) -> AsyncIterator[tuple[app.App, Any]]:
     async with (
-        serving(tmp_path, clock=clock, **settings) as running,
+        serving(tmp_path, clock=clock, db=db, **settings) as running,
         grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel,
     ):
         yield running, DeliveryReportServiceStub(channel)
@@ -60,9 +66,9 @@ def at(clock: FakeClock) -> Timestamp:
     return moment
 
 
-async def test_a_retried_partly_bad_batch_is_one_counted_open_item(tmp_path: Path) -> None:
+async def test_a_retried_partly_bad_batch_is_one_counted_open_item(tmp_path: Path, db: str | Path) -> None:
     clock = FakeClock()
-    async with dlrhub(tmp_path, clock) as (running, stub):
+    async with dlrhub(tmp_path, db, clock) as (running, stub):
         first_at = at(clock)
         for attempt in range(20):
             response = await stub.Ingest(
@@ -97,11 +103,13 @@ async def test_a_retried_partly_bad_batch_is_one_counted_open_item(tmp_path: Pat
         ]
 
 
-async def test_once_resolved_the_same_item_is_open_again_as_a_new_item(tmp_path: Path) -> None:
+async def test_once_resolved_the_same_item_is_open_again_as_a_new_item(
+    tmp_path: Path, db: str | Path
+) -> None:
     clock = FakeClock()
     codes = tmp_path / "codes.json"
     codes.write_text(json.dumps({"rules": [{"when": {"error_code": 99999}, "status": "FAILED"}]}))
-    async with dlrhub(tmp_path, clock) as (_, stub):
+    async with dlrhub(tmp_path, db, clock) as (_, stub):
         for _ in range(3):
             await stub.Ingest(IngestRequest(payload=BATCH), timeout=TIMEOUT)
             clock.advance(1)
@@ -109,14 +117,14 @@ async def test_once_resolved_the_same_item_is_open_again_as_a_new_item(tmp_path:
         assert item.received_count == 3
 
     # The fix: a code table that maps the error code. The counted item resolves once.
-    async with dlrhub(tmp_path, clock, gms_codes=codes) as (_, stub):
+    async with dlrhub(tmp_path, db, clock, gms_codes=codes) as (_, stub):
         response = await stub.RenormaliseQuarantine(RenormaliseQuarantineRequest(), timeout=TIMEOUT)
         assert (response.resolved_count, response.still_rejected_count) == (1, 0)
         assert [r.outcome for r in response.results[0].results] == [ACCEPTED]
 
     # Without it again, the same item is rejected again: a new open item, not the resolved one.
     clock.advance(60)
-    async with dlrhub(tmp_path, clock) as (_, stub):
+    async with dlrhub(tmp_path, db, clock) as (_, stub):
         await stub.Ingest(IngestRequest(payload=BATCH), timeout=TIMEOUT)
         resolved, reopened = await listed(stub, include_resolved=True)
         assert (resolved.id, resolved.received_count, resolved.HasField("resolved_time")) == (

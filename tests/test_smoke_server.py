@@ -1,7 +1,12 @@
 from __future__ import annotations
 
+import pytest
+
 from deliveryreport.v1.delivery_report_service_pb2 import GetMessageRequest, IngestOutcome, IngestRequest
 from tests.conftest import Running
+
+# Each test runs over SQLite and over PostgreSQL (conftest.py).
+pytestmark = pytest.mark.engines
 
 
 async def test_ingest_then_fetch(server: Running) -> None:

@@ -13,9 +13,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
-from dlrhub.store import SqliteStore, StoreError
+from dlrhub.store import PostgresStore, SqliteStore, StoreError
+from dlrhub.store.postgres import SCHEMA_VERSION as POSTGRES_SCHEMA_VERSION
+from dlrhub.store.postgres import describe
 from dlrhub.store.sqlite import SCHEMA_VERSION
 from tools import launcher
 
@@ -24,6 +27,11 @@ PREFIX = "dlrhub: cannot start: "
 
 def serve(*flags: str, **env: str) -> subprocess.CompletedProcess[str]:
     """`dlrhub serve` on free ports unless `flags` say otherwise, with only the DLRHUB_* variables given."""
+    return serve_in(None, *flags, **env)
+
+
+def serve_in(cwd: Path | None, *flags: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """`serve`, in the directory `cwd` (None: this one)."""
     environment = {key: value for key, value in os.environ.items() if not key.startswith("DLRHUB_")}
     defaults = {"--listen": "127.0.0.1:0", "--http-listen": "127.0.0.1:0"}
     for flag in flags:
@@ -32,7 +40,7 @@ def serve(*flags: str, **env: str) -> subprocess.CompletedProcess[str]:
     for flag, value in defaults.items():
         command += [flag, value]
     return subprocess.run(
-        command, env={**environment, **env}, capture_output=True, text=True, timeout=60, check=False
+        command, env={**environment, **env}, cwd=cwd, capture_output=True, text=True, timeout=60, check=False
     )
 
 
@@ -72,6 +80,43 @@ def test_a_database_with_a_newer_schema(tmp_path: Path) -> None:
         f"cannot open {db}: the database has schema version {SCHEMA_VERSION + 1},"
         f" newer than this release ({SCHEMA_VERSION})"
     )
+
+
+def test_a_postgresql_database_with_a_newer_schema(postgres_db: str) -> None:
+    PostgresStore(postgres_db).close()
+    with psycopg.connect(postgres_db, autocommit=True) as connection:
+        connection.execute("UPDATE dlrhub_schema SET version = %s", (POSTGRES_SCHEMA_VERSION + 1,))
+    line = the_line(serve("--db", postgres_db))
+    name = describe(postgres_db)
+    assert line == (
+        f"cannot open {name}: schema version {POSTGRES_SCHEMA_VERSION + 1} is newer than this dlrhub"
+        f" ({POSTGRES_SCHEMA_VERSION}): upgrade dlrhub"
+    )
+
+
+def test_an_unreachable_postgresql_names_the_database_but_never_the_password(tmp_path: Path) -> None:
+    """#15.1: before, such a URL was a file path: a folder named `postgresql:` appeared."""
+    line = the_line(serve_in(tmp_path, "--db", "postgresql://dlrhub:s3cret@127.0.0.1:1/ledger"))
+    assert line.startswith("cannot open PostgreSQL database 'ledger' on 127.0.0.1:1: "), line
+    assert "s3cret" not in line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "db",
+    [
+        "mysql://db.example/ledger",
+        "sqlite:dlrhub.db",
+        "postgresql:ledger",
+        "file:///tmp/dlrhub.db",
+        "host=/run/postgresql dbname=ledger",
+    ],
+)
+def test_a_database_that_is_neither_a_path_nor_a_postgresql_url(tmp_path: Path, db: str) -> None:
+    line = the_line(serve_in(tmp_path, "--db", db))
+    assert line.startswith("the database "), line
+    assert "postgresql://" in line  # says what would do
+    assert list(tmp_path.iterdir()) == []  # nothing made of it
 
 
 def test_a_directory_nobody_may_write() -> None:

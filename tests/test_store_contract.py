@@ -595,6 +595,34 @@ def test_changes_in_cursor_order_with_the_state_after_each(engine: Handle) -> No
     assert store.changes(cursors[-1] + 1000, 100) == []
 
 
+def test_any_text_is_kept_as_given(engine: Handle) -> None:
+    """NUL and backslashes in ids and text (valid UTF-8, and valid JSON as \\u0000; PostgreSQL's
+    text cannot hold NUL): each value is its own, and comes back as given."""
+    store = engine.store
+    odd = ["a\x00b", "a\\0b", "a\\\\0b", "a\\", "\x00", "a0b"]
+    reports = [report(text, bulk_id=text, reference=text) for text in odd]
+    for made in reports:
+        made.raw_payload = f"{made.message_id}\x00 \\"
+    items = [replace(item(number), raw=text, field=text, description=text) for number, text in enumerate(odd)]
+    with store.transaction() as tx:
+        for incoming in reports:
+            put(tx, incoming)
+        for quarantined in items:
+            tx.quarantine(quarantined)
+        tx.save_response("r\x00", saved(b"nul"), NOW)
+    with store.transaction() as tx:
+        assert tx.find_response("r\x00", NOW) == saved(b"nul")
+        assert tx.find_response("r\\0", NOW) is None
+        assert [tx.load_state(SSR, text).report.message_id for text in odd] == odd  # type: ignore[union-attr]
+    for text, incoming in zip(odd, reports, strict=True):
+        assert page_ids(store.messages(text)) == [text]
+        assert store.history(text) == [incoming]
+        for selector in Selector:
+            assert page_ids(store.messages_by(selector, text, 0, 0, 10, ANY_SIZE).states) == [text]
+    assert [change.report for change in all_changes(store)] == reports
+    assert [quarantined for _, quarantined in store.quarantined(0, 10)] == items
+
+
 # --- quarantine and saved responses --------------------------------------------------------------
 
 

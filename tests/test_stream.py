@@ -23,13 +23,14 @@ from deliveryreport.v1.delivery_report_service_pb2 import (
 from dlrhub.feed.encoding import EncodedChange
 from dlrhub.feed.follow import FIRST_READ, Heartbeat, follow_batches
 from dlrhub.feed.hub import Hub
-from dlrhub.store import SqliteStore
+from dlrhub.store import PostgresStore, SqliteStore
 from dlrhub.store.base import Change, ChangeFilter
 from tests.conftest import FakeClock, Running
 from tests.helpers import (
     GMS,
     TIMEOUT,
     S,
+    cursor_text,
     cursors_of,
     failure,
     get_message,
@@ -39,6 +40,7 @@ from tests.helpers import (
     ingest,
     ingest_each,
     own_server,
+    position,
     read_changes,
     read_message,
     read_start,
@@ -52,6 +54,8 @@ if TYPE_CHECKING:
     pass
 
 
+# Each test runs over SQLite and over PostgreSQL (conftest.py).
+pytestmark = pytest.mark.engines
 # --- Stream --------------------------------------------------------------------------------------
 
 
@@ -115,7 +119,7 @@ async def test_stream_replays_a_long_history_while_reports_arrive(server: Runnin
     # while the replay is under way are published live and also read from the store by a later
     # replay batch: each must be delivered once.
     response = await ingest(server.stub, ssr_payload(*(ssr(f"old-{number}") for number in range(1500))))
-    stored = [int(result.cursor) for result in response.results]
+    stored = [position(result.cursor) for result in response.results]
     async with streaming(server.stub, StreamRequest(from_beginning=True), start=0) as call:
         first = await read_changes(call, 1)
         during = await ingest_each(server.stub, *(gms(f"new-{number}") for number in range(40)))
@@ -240,7 +244,7 @@ async def test_stream_starts_with_a_heartbeat_at_the_start_position(server: Runn
     request, position = {
         "default": (StreamRequest(), cursors[-1]),
         "from-beginning": (StreamRequest(from_beginning=True), 0),
-        "cursor": (StreamRequest(cursor=str(cursors[1])), cursors[1]),
+        "cursor": (StreamRequest(cursor=cursor_text(server.app, cursors[1])), cursors[1]),
         "nothing-matches": (StreamRequest(bulk_id="no-such-bulk"), cursors[-1]),
     }[start]
     # At once: the periodic heartbeat would come an hour later.
@@ -263,8 +267,8 @@ async def test_stream_heartbeats_carry_the_latest_cursor(server: Running) -> Non
                     message = await read_message(call)
                     assert message.HasField("heartbeat")
                     assert not message.HasField("change")
-                    assert int(message.cursor) <= cursor
-                    if int(message.cursor) == cursor:
+                    assert position(message.cursor) <= cursor
+                    if position(message.cursor) == cursor:
                         return
 
         await heartbeat_at(latest)
@@ -272,7 +276,9 @@ async def test_stream_heartbeats_carry_the_latest_cursor(server: Running) -> Non
         await heartbeat_at(latest)
         # A heartbeat's cursor is a place to resume from: nothing is lost after it.
         [following] = await ingest_each(server.stub, ssr("m-3", bulk_id="no-such-bulk"))
-    async with streaming(server.stub, StreamRequest(cursor=str(latest)), start=latest) as resumed:
+    async with streaming(
+        server.stub, StreamRequest(cursor=cursor_text(server.app, latest)), start=latest
+    ) as resumed:
         assert cursors_of(await read_changes(resumed, 1)) == [following]
 
 
@@ -285,14 +291,48 @@ async def test_stream_with_a_malformed_cursor(server: Running, cursor: str) -> N
     assert details.fields == ["cursor"]
 
 
+async def test_stream_with_a_cursor_of_the_other_engine(server: Running) -> None:
+    """SQLite's cursors are plain numbers, PostgreSQL's are not: a cursor kept from a dlrhub over the
+    other engine is refused, never taken for a position in this history."""
+    [latest] = await ingest_each(server.stub, gms("m-1"))
+    mine = server.app.store.cursor_format
+    [other] = {SqliteStore.cursor_format, PostgresStore.cursor_format} - {mine}
+    details = await stream_failure(server.stub.Stream(StreamRequest(cursor=other.format(latest))))
+    assert (details.code, details.reason, details.fields) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_CURSOR",
+        ["cursor"],
+    )
+
+
+async def test_an_ingest_cursor_is_a_stream_position_at_once(server: Running) -> None:
+    """What an Ingest answer's cursor promises (store/base.py, committed_cursor): the change is at
+    that position of the Stream, and a Stream may resume after it as soon as the answer is given."""
+    async with streaming(server.stub, StreamRequest(from_beginning=True), start=0) as before:
+        response = await ingest(server.stub, gms_payload(gms("m-1"), gms("m-2")))
+        async with streaming(
+            server.stub,
+            StreamRequest(cursor=response.results[0].cursor),
+            start=position(response.results[0].cursor),
+        ) as after:
+            [later] = await ingest_each(server.stub, gms("m-3"))
+            assert cursors_of(await read_changes(after, 2)) == [position(response.results[1].cursor), later]
+        changes = await read_changes(before, 3)
+        assert [change.cursor for change in changes[:2]] == [result.cursor for result in response.results]
+
+
 async def test_stream_with_a_cursor_ahead_of_the_latest(server: Running) -> None:
     [latest] = await ingest_each(server.stub, gms("m-1"))
-    details = await stream_failure(server.stub.Stream(StreamRequest(cursor=str(latest + 1))))
+    details = await stream_failure(
+        server.stub.Stream(StreamRequest(cursor=cursor_text(server.app, latest + 1)))
+    )
     assert details.code == grpc.StatusCode.OUT_OF_RANGE
     assert details.reason == "CURSOR_AHEAD"
-    assert details.metadata["latest_cursor"] == str(latest)
+    assert details.metadata["latest_cursor"] == cursor_text(server.app, latest)
     # The latest cursor itself is fine: the stream goes on from there.
-    async with streaming(server.stub, StreamRequest(cursor=str(latest)), start=latest) as call:
+    async with streaming(
+        server.stub, StreamRequest(cursor=cursor_text(server.app, latest)), start=latest
+    ) as call:
         [following] = await ingest_each(server.stub, gms("m-2"))
         assert cursors_of(await read_changes(call, 1)) == [following]
 
@@ -337,7 +377,7 @@ async def test_a_slow_consumer_misses_nothing_and_blocks_no_ingest(db_path: Path
                 own.stub, ssr_payload(*(ssr(f"m-{batch}-{number}", bulk_id="B") for number in range(25)))
             )
             assert response.accepted_count == 25
-            cursors += [int(result.cursor) for result in response.results]
+            cursors += [position(result.cursor) for result in response.results]
             if batch % 5 == 4:  # the second consumer reads a little, now and then
                 read_meanwhile += await read_changes(reader, 10)
         # Ingest went on although the first consumer has read nothing; now it reads everything.

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
+import pytest
 from google.protobuf.duration_pb2 import Duration
 from hypothesis import given
 from hypothesis import strategies as st
@@ -34,6 +35,7 @@ from tests.helpers import (
     ingest,
     ingest_each,
     own_server,
+    position,
     read_changes,
     read_start,
     ssr,
@@ -44,6 +46,8 @@ if TYPE_CHECKING:
     BatchCall = grpc.aio.UnaryStreamCall[StreamBatchesRequest, StreamBatchesResponse]
 
 
+# Each test runs over SQLite and over PostgreSQL (conftest.py).
+pytestmark = pytest.mark.engines
 # StreamBatches: Stream's feed, with the changes ready together in one message.
 
 
@@ -61,7 +65,7 @@ async def test_stream_batches_carries_stream_s_feed_in_order(server: Running) ->
     try:
         [start] = await read_batch(batches)  # the start heartbeat travels alone
         assert start.HasField("heartbeat")
-        assert start.cursor == "0"
+        assert position(start.cursor) == 0
         assert await read_start(singles) == 0
         live = await ingest_each(server.stub, *(gms(f"batched-{n}", "SENT") for n in range(3, 5)))
         got: list[StreamResponse] = []
@@ -84,7 +88,7 @@ async def test_changes_committed_together_arrive_in_one_message(server: Running)
         # One Ingest is one commit, published at once: the waiting subscriber sends it whole.
         batch = await read_batch(call)
         assert [message.change.report.message_id for message in batch] == [f"together-{n}" for n in range(50)]
-        assert cursors_of(batch) == [int(result.cursor) for result in response.results]
+        assert cursors_of(batch) == [position(result.cursor) for result in response.results]
     finally:
         call.cancel()
 
@@ -115,7 +119,7 @@ async def test_stream_batches_of_large_changes_fit_a_default_client(server: Runn
     cursors: list[int] = []
     for first in range(0, 40, 10):
         fat = ({**gms(f"fat-{n}"), "padding": padding} for n in range(first, first + 10))
-        cursors += [int(r.cursor) for r in (await ingest(server.stub, gms_payload(*fat))).results]
+        cursors += [position(r.cursor) for r in (await ingest(server.stub, gms_payload(*fat))).results]
     call = server.stub.StreamBatches(StreamBatchesRequest(stream=StreamRequest(from_beginning=True)))
     try:
         await read_batch(call)
@@ -145,7 +149,7 @@ async def test_a_stream_batches_consumer_that_falls_behind_catches_up_with_nothi
                 # Each commit publishes 30 changes at once: more than the buffer of 8, so the
                 # subscriber overflows and reads them from the store instead.
                 response = await ingest(own.stub, ssr_payload(*(ssr(f"f-{batch}-{n}") for n in range(30))))
-                cursors += [int(result.cursor) for result in response.results]
+                cursors += [position(result.cursor) for result in response.results]
             assert own.app.hub.overflows >= 1
             got: list[StreamResponse] = []
             while len(got) < len(cursors):

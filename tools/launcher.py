@@ -155,7 +155,7 @@ class Server:
 
 
 def start(
-    db: Path | None,
+    db: Path | str | None,
     args: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     *,
@@ -166,8 +166,8 @@ def start(
     timeout: float = START_TIMEOUT,
     keep: int | None = None,
 ) -> Server:
-    """`python -m {module} serve` with `--db db`, the addresses (None: not given, so the environment's
-    apply), then `args`, in the environment `env` (default: this one). Returned once it logs
+    """`python -m {module} serve` with `--db db` (a path or a URL), the addresses (None: not given, so
+    the environment's apply), then `args`, in the environment `env` (default: this one). Returned once it logs
     "serving" (with the ports it bound) or, where the gRPC port is given and a log level above INFO
     hides that line, once its health service answers SERVING."""
     command = [sys.executable, "-m", module, "serve"]

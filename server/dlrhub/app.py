@@ -28,7 +28,7 @@ from dlrhub.observability.calls import CallInterceptor, CallLog
 from dlrhub.observability.health import StoreHealth
 from dlrhub.observability.metrics import Metrics
 from dlrhub.observability.tracing import tracing_interceptor
-from dlrhub.store import SqliteStore
+from dlrhub.store import database_name, open_store
 from dlrhub.store.base import ReadRunner, Store
 from dlrhub.transport import admin, tls, webhooks
 from dlrhub.transport.auth import AuthInterceptor, Tokens
@@ -135,7 +135,7 @@ async def start(
     """Opens the store and starts serving; the bound ports are in `App.port`, `App.http_port` and
     `App.admin_port`.
 
-    The parts not given are built from `settings`: the SQLite store at `settings.db`, the
+    The parts not given are built from `settings`: the store `settings.db` names (SQLite or PostgreSQL), the
     normaliser with the configured code tables, the poller from the DLRHUB_POLL_* settings (off
     unless they are set). A store given here is the app's: it closes it at stop, or if starting
     fails. `clock` gives nanoseconds since the epoch (the received time of reports).
@@ -163,12 +163,13 @@ async def start(
         tracing = tracing_interceptor(settings.tracing)
 
         if store is None:
-            store = await read(functools.partial(SqliteStore, settings.db))  # it migrates: blocking
+            store = await read(functools.partial(open_store, settings.db))  # it migrates: blocking
             started.push_async_callback(read, store.close)
         hub = Hub(
             capacity=settings.stream_buffer,
             max_bytes=settings.stream_buffer_bytes,
             latest_cursor=await read(store.latest_cursor),
+            cursors=store.cursor_format,
         )
         health_servicer = health_aio.HealthServicer()
         metrics = Metrics()
@@ -270,7 +271,7 @@ async def start(
             "admin_port": app.admin_port,
             "open_files_limit": open_files,
             "open_files_hard_limit": open_files_hard,
-            "db": str(settings.db),
+            "db": database_name(settings.db),
             "poller": poller is not None,
             "tls": tls_files is not None,
             "auth": tokens is not None,

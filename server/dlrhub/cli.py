@@ -69,7 +69,10 @@ def register(commands: Any) -> None:
         "--admin-listen",
         help="admin HTTP address for /metrics, host:port (env DLRHUB_ADMIN_LISTEN; default off)",
     )
-    serve.add_argument("--db", type=Path, help="SQLite file (env DLRHUB_DB; default data/dlrhub.db)")
+    serve.add_argument(
+        "--db",
+        help="SQLite file or postgresql:// URL (env DLRHUB_DB; default data/dlrhub.db)",
+    )
     serve.add_argument(
         "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="env DLRHUB_LOG_LEVEL"
     )

@@ -37,6 +37,7 @@ def _boolean(text: str) -> bool:
 
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "str": str,
+    "str | Path": str,  # a path or a URL: Path would spoil a URL's "//"
     "Path": Path,
     "Path | None": Path,
     "int": int,
@@ -50,8 +51,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
 class Settings:
     # gRPC listen address, host:port (port 0 picks a free port).
     listen: str = _env("DLRHUB_LISTEN", DEFAULT_LISTEN)
-    # The SQLite database file.
-    db: Path = _env("DLRHUB_DB", DEFAULT_DB)
+    # The database: a SQLite file, or a postgresql:// URL (store/engine.py).
+    db: str | Path = _env("DLRHUB_DB", DEFAULT_DB)
     # DEBUG, INFO, WARNING or ERROR.
     log_level: str = _env("DLRHUB_LOG_LEVEL", "INFO")
     # json or text; empty: text when stderr is a terminal, JSON otherwise.

@@ -245,7 +245,13 @@ class IngestResult(_message.Message):
     outcome: Global___IngestOutcome.ValueType
     """What happened to it."""
     cursor: _builtins.str
-    """For ACCEPTED, the stream cursor of the stored report."""
+    """For ACCEPTED, the stream cursor of the stored report: the Stream carries
+    the report at this position, and a Stream may resume after it as soon as
+    this answer arrives. On a database several dlrhub processes write
+    (PostgreSQL), a report another process commits at the same moment may
+    come before it in the Stream's order: to miss nothing, resume from a
+    StreamResponse cursor instead.
+    """
     message_id: _builtins.str
     """For ACCEPTED and DUPLICATE, the report's message id."""
     @_builtins.property

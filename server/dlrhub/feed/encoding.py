@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from google.protobuf.descriptor import Descriptor
 
 from deliveryreport.v1.delivery_report_service_pb2 import StreamBatchesResponse, StreamChange, StreamResponse
-from dlrhub.store.base import Change
+from dlrhub.store.base import PLAIN_CURSORS, Change, CursorFormat
 
 # A StreamBatchesResponse holds changes up to about this many bytes (clients accept 4 MiB by default).
 MAX_BATCH_BYTES = 1 << 20
@@ -59,12 +59,13 @@ class EncodedChange:
 
     __slots__ = ("change", "framing", "response")
 
-    def __init__(self, change: Change) -> None:
+    def __init__(self, change: Change, cursors: CursorFormat = PLAIN_CURSORS) -> None:
+        """`cursors`: how the store that holds the change writes its cursor."""
         self.change = change
         body = _field(_REPORT, change.report.SerializeToString()) + _field(
             _STATE, change.state.SerializeToString()
         )
-        self.response = _field(_CURSOR, str(change.cursor).encode()) + _field(_CHANGE, body)
+        self.response = _field(_CURSOR, cursors.format(change.cursor).encode()) + _field(_CHANGE, body)
         self.framing = _RESPONSES + _varint(len(self.response))
 
     @property

@@ -65,7 +65,11 @@ async def follow_batches(
                     batch = await read(functools.partial(store.changes, last, asked))
                     if not batch:
                         break
-                    matched = [EncodedChange(change) for change in batch if change_filter.matches(change)]
+                    matched = [
+                        EncodedChange(change, store.cursor_format)
+                        for change in batch
+                        if change_filter.matches(change)
+                    ]
                     last = batch[-1].cursor
                     if matched:
                         yield matched

@@ -28,7 +28,7 @@ import itertools
 from collections.abc import Iterable
 
 from dlrhub.feed.encoding import EncodedChange
-from dlrhub.store.base import Change, ChangeFilter
+from dlrhub.store.base import PLAIN_CURSORS, Change, ChangeFilter, CursorFormat
 
 _ids = itertools.count(1)
 
@@ -87,9 +87,15 @@ class Hub:
     """Publishes committed changes, in cursor order, to every subscription."""
 
     def __init__(
-        self, capacity: int = DEFAULT_CAPACITY, max_bytes: int = DEFAULT_MAX_BYTES, latest_cursor: int = 0
+        self,
+        capacity: int = DEFAULT_CAPACITY,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        latest_cursor: int = 0,
+        cursors: CursorFormat = PLAIN_CURSORS,
     ) -> None:
         self.capacity = capacity
+        # How the store writes cursors (the encoded changes carry them).
+        self.cursors = cursors
         self.max_bytes = max_bytes
         # The greatest cursor published so far.
         self.latest_cursor = latest_cursor
@@ -150,7 +156,7 @@ class Hub:
                 self.latest_cursor = change.cursor
             return
         for change in changes:
-            encoded = EncodedChange(change)
+            encoded = EncodedChange(change, self.cursors)
             self._window[self.end] = encoded
             self.end += 1
             self.buffered_bytes += encoded.size

@@ -12,6 +12,7 @@ from dlrhub.store.base import (
     StoreError,
     Transaction,
 )
+from dlrhub.store.engine import database_name, open_store
 from dlrhub.store.postgres import PostgresStore
 from dlrhub.store.sqlite import SqliteStore
 
@@ -28,4 +29,6 @@ __all__ = [
     "Store",
     "StoreError",
     "Transaction",
+    "database_name",
+    "open_store",
 ]

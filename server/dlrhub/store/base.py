@@ -67,6 +67,10 @@ class CursorFormat:
         return int(digits)
 
 
+# Plain decimal cursors (SQLite's).
+PLAIN_CURSORS = CursorFormat()
+
+
 @dataclass(frozen=True, slots=True)
 class Change:
     """One stored report, as the Stream delivers it."""
@@ -204,10 +208,15 @@ class Transaction(Protocol):
     per-report calls from what `prefetch` loaded and send its writes at the commit, in bulk.
     """
 
-    def prefetch(self, messages: Collection[tuple[int, str]], digests: Collection[bytes]) -> None:
-        """A hint: the messages (source, message id) and the report digests this transaction is
-        about to ask about, for an engine to read (and lock, in a fixed order) in one go. Calls about
-        others still work; an engine may ignore it."""
+    def prefetch(
+        self,
+        messages: Collection[tuple[int, str]],
+        digests: Collection[bytes],
+        request_ids: Collection[str] = (),
+    ) -> None:
+        """A hint: the messages (source, message id), the report digests and the request ids (of
+        find_response) this transaction is about to ask about, for an engine to read (and lock, in a
+        fixed order) in one go. Calls about others still work; an engine may ignore it."""
 
     def load_state(self, source: int, message_id: str) -> MessageState | None:
         """The merged state of a message, including writes earlier in this transaction."""
@@ -319,6 +328,7 @@ class Store(Protocol):
 
 __all__: Sequence[str] = [
     "MAX_CURSOR",
+    "PLAIN_CURSORS",
     "Change",
     "ChangeFilter",
     "CursorFormat",

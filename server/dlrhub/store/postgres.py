@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
@@ -240,6 +241,29 @@ def _last_position(connection: Connection, where: str) -> int:
     return 0 if row is None else position(int(row[0]), row[1])
 
 
+# --- text ------------------------------------------------------------------------------------------
+
+# PostgreSQL's text cannot hold NUL, which a report's text, ids and a quarantined item may (valid
+# UTF-8, valid JSON as \u0000). Every text column written from a report or a request holds its
+# value escaped: backslash doubled, NUL as backslash-0. One-to-one, so lookups by escaped value find
+# exactly the values asked for, and it changes nothing in text without either character.
+_ESCAPED = re.compile(r"\\(.)", re.DOTALL)
+
+
+def text(value: str) -> str:
+    """A value as a text column holds it."""
+    if "\\" in value or "\0" in value:
+        return value.replace("\\", "\\\\").replace("\0", "\\0")
+    return value
+
+
+def untext(value: str) -> str:
+    """A text column's value as it was given."""
+    if "\\" in value:
+        return _ESCAPED.sub(lambda found: "\0" if found.group(1) == "0" else found.group(1), value)
+    return value
+
+
 # --- the store -------------------------------------------------------------------------------------
 
 
@@ -305,14 +329,14 @@ class PostgresStore:
             f"SELECT report, raw FROM reports {where} ORDER BY txid, ordinal",  # noqa: S608
             params,
         )
-        return [with_raw(report, raw) for report, raw in rows]
+        return [with_raw(report, untext(raw)) for report, raw in rows]
 
     def messages_by(
         self, selector: Selector, value: str, source: int, after: int, limit: int, max_bytes: int
     ) -> MessagePage:
         reader = self._reader()
         where = f"{_COLUMNS[selector]} = %s" + (" AND source = %s" if source else "")
-        params: tuple[object, ...] = (value, source) if source else (value,)
+        params: tuple[object, ...] = (text(value), source) if source else (text(value),)
         with reader.transaction():  # one snapshot (REPEATABLE READ) for the page and the counts
             rows = reader.execute(
                 f"SELECT id, report FROM messages WHERE {where} AND id > %s ORDER BY id LIMIT %s",  # noqa: S608
@@ -330,7 +354,9 @@ class PostgresStore:
         txid, ordinal = split(after)
         rows = self._reader().execute(_CHANGES_QUERY, (str(txid), ordinal, limit))
         return [
-            Change(position(int(txid), ordinal), with_raw(report, raw), DeliveryReport.FromString(state))
+            Change(
+                position(int(txid), ordinal), with_raw(report, untext(raw)), DeliveryReport.FromString(state)
+            )
             for txid, ordinal, report, state, raw in rows
         ]
 
@@ -353,7 +379,11 @@ class PostgresStore:
             where += " AND id = ANY(%s)"
             params.append(list(ids))
         query = f"SELECT {QUARANTINE_COLUMNS} FROM quarantine WHERE {where} ORDER BY id LIMIT %s"  # noqa: S608
-        return [quarantined_item(row) for row in self._reader().execute(query, (*params, limit))]
+        rows = self._reader().execute(query, (*params, limit))
+        return [
+            quarantined_item([untext(value) if isinstance(value, str) else value for value in row])
+            for row in rows
+        ]
 
     def open_quarantine_count(self) -> int:
         row = (
@@ -412,8 +442,8 @@ class PostgresStore:
 
 def _by_message(message_id: str, source: int) -> tuple[str, tuple[object, ...]]:
     if source:
-        return "WHERE message_id = %s AND source = %s", (message_id, source)
-    return "WHERE message_id = %s", (message_id,)
+        return "WHERE message_id = %s AND source = %s", (text(message_id), source)
+    return "WHERE message_id = %s", (text(message_id),)
 
 
 def _first_line(error: BaseException) -> str:
@@ -428,13 +458,15 @@ def _first_line(error: BaseException) -> str:
 # by default), so a transaction locks buckets of messages, not messages. A transaction of up to SMALL
 # messages takes a shared lock on each message's coarse bucket (one of COARSE) and an exclusive lock
 # on its fine bucket (one of FINE: writers of different messages rarely wait for each other); a
-# larger one takes the exclusive coarse locks only. Either way a writer holds at most COARSE locks,
-# and two writers of one message always conflict. All in one statement, in key order (coarse keys
-# first): writers that lock in one order cannot deadlock.
+# larger one takes the exclusive coarse locks only. Either way a writer holds at most COARSE message
+# locks, and two writers of one message always conflict. A request id is locked too (one of FINE
+# buckets of its own), so that a retry on another process waits for the first answer and replays it.
+# All in one statement, in key order: writers that lock in one order cannot deadlock.
 COARSE = 512
 FINE = 1 << 20
 SMALL = 128
 _FINE_BASE = _NAMESPACE + COARSE
+_REQUEST_BASE = _FINE_BASE + FINE
 
 
 def message_buckets(source: int, message_id: str) -> tuple[int, int]:
@@ -444,12 +476,19 @@ def message_buckets(source: int, message_id: str) -> tuple[int, int]:
     return _NAMESPACE + fine % COARSE, _FINE_BASE + fine
 
 
-def lock_modes(keys: Collection[tuple[int, str]]) -> dict[int, bool]:
-    """The advisory locks that serialise the writers of these messages: key -> shared."""
+def request_bucket(request_id: str) -> int:
+    """A request id's lock key."""
+    hashed = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
+    return _REQUEST_BASE + int.from_bytes(hashed) % FINE
+
+
+def lock_modes(keys: Collection[tuple[int, str]], request_ids: Collection[str] = ()) -> dict[int, bool]:
+    """The advisory locks that serialise the writers of these messages and requests: key -> shared."""
     buckets = [message_buckets(*key) for key in keys]
+    requests = {request_bucket(request_id): False for request_id in request_ids}
     if len(buckets) > SMALL:
-        return {coarse: False for coarse, _ in buckets}
-    return {coarse: True for coarse, _ in buckets} | {fine: False for _, fine in buckets}
+        return {coarse: False for coarse, _ in buckets} | requests
+    return {coarse: True for coarse, _ in buckets} | {fine: False for _, fine in buckets} | requests
 
 
 _LOCK = """SELECT CASE WHEN shared THEN pg_advisory_xact_lock_shared(key) ELSE pg_advisory_xact_lock(key) END
@@ -499,25 +538,32 @@ class _PostgresTransaction:
         self._quarantined: list[tuple[object, ...]] = []
         self._responses: dict[str, tuple[SavedResponse, int]] = {}
 
-    def prefetch(self, messages: Collection[tuple[int, str]], digests: Collection[bytes]) -> None:
+    def prefetch(
+        self,
+        messages: Collection[tuple[int, str]],
+        digests: Collection[bytes],
+        request_ids: Collection[str] = (),
+    ) -> None:
         wanted = [key for key in messages if key not in self._states]
         asked = [digest for digest in digests if digest not in self._stored and digest not in self._absent]
         connection = self._connection
+        found = None
         with connection.pipeline():
-            self._lock_messages(wanted)
+            self._lock(wanted, request_ids)
             states = self._load(wanted)
-            found = connection.execute(
-                "SELECT digest FROM reports WHERE digest = ANY(%s::bytea[])", (asked,), binary=True
-            )
+            if asked:
+                found = connection.execute(
+                    "SELECT digest FROM reports WHERE digest = ANY(%s::bytea[])", (asked,), binary=True
+                )
         self._keep_states(wanted, states)
-        stored = {bytes(digest) for (digest,) in found}
+        stored = set() if found is None else {bytes(digest) for (digest,) in found}
         self._stored |= stored
         self._absent |= set(asked) - stored
 
     def load_state(self, source: int, message_id: str) -> MessageState | None:
         key = (source, message_id)
         if key not in self._states:
-            self._lock_messages([key])
+            self._lock([key])
             self._keep_states([key], self._load([key]))
         return self._states[key]
 
@@ -536,7 +582,7 @@ class _PostgresTransaction:
     def append(self, report: DeliveryReport, digest: bytes, state: MessageState) -> int:
         key = (report.source, report.message_id)
         if key not in self._states:  # not loaded: lock it (and its stored state is replaced anyway)
-            self._lock_messages([key])
+            self._lock([key])
         if digest in self._stored:
             raise StoreError("append: a report with this digest is stored already")
         ordinal = len(self._reports)
@@ -553,18 +599,18 @@ class _PostgresTransaction:
             (
                 ordinal,
                 report.source,
-                report.message_id,
+                text(report.message_id),
                 without_raw(report),
                 merged_bytes,
-                report.raw_payload,
+                text(report.raw_payload),
                 digest,
             )
         )
         self._messages[key] = (
             merged.source,
-            merged.message_id,
-            merged.bulk_id,
-            merged.reference,
+            text(merged.message_id),
+            text(merged.bulk_id),
+            text(merged.reference),
             merged.status,
             merged_bytes,
             encode_merge(state),
@@ -581,11 +627,11 @@ class _PostgresTransaction:
             (
                 item.received_seconds,
                 item.received_nanos,
-                item.request_id,
-                item.field,
-                item.reason,
-                item.description,
-                item.raw,
+                text(item.request_id),
+                text(item.field),
+                text(item.reason),
+                text(item.description),
+                text(item.raw),
                 item.format,
                 item.whole_payload,
                 item.digest(),
@@ -602,9 +648,10 @@ class _PostgresTransaction:
         if request_id in self._responses:
             saved, seconds = self._responses[request_id]
             return saved if seconds >= since_seconds else None
+        self._lock((), [request_id])  # a concurrent first call of this id commits its answer first
         row = self._connection.execute(
             "SELECT request_digest, response FROM requests WHERE request_id = %s AND created_seconds >= %s",
-            (request_id, since_seconds),
+            (text(request_id), since_seconds),
         ).fetchone()
         return None if row is None else SavedResponse(bytes(row[0]), bytes(row[1]))
 
@@ -652,7 +699,7 @@ class _PostgresTransaction:
             (before_seconds, limit),
         ).fetchall()
         # Locked as a writer locks them, then checked again: a report may have come meanwhile.
-        self._lock_messages([(source, message_id) for source, message_id in candidates])
+        self._lock([(source, message_id) for source, message_id in candidates])
         gone = connection.execute(
             f"DELETE FROM messages WHERE (source, message_id) IN"  # noqa: S608
             f" (SELECT * FROM unnest(%s::integer[], %s::text[])) AND {where} RETURNING source, message_id",
@@ -697,7 +744,7 @@ class _PostgresTransaction:
                     cursor.executemany(_QUARANTINE, self._quarantined)
             if self._responses:
                 rows = [
-                    (request_id, saved.request_digest, saved.response, seconds)
+                    (text(request_id), saved.request_digest, saved.response, seconds)
                     for request_id, (saved, seconds) in self._responses.items()
                 ]
                 connection.execute(_SAVE_RESPONSES, _columns(rows, 4), binary=True)
@@ -716,11 +763,12 @@ class _PostgresTransaction:
             self._txid = txid
         return self._txid
 
-    def _lock_messages(self, keys: Collection[MessageKey]) -> None:
-        """Takes the locks of these messages not held yet (lock_modes), in key order, in one statement."""
+    def _lock(self, keys: Collection[MessageKey], request_ids: Collection[str] = ()) -> None:
+        """Takes the locks of these messages and requests not held yet (lock_modes), in key order, in
+        one statement."""
         wanted = sorted(
             (key, shared)
-            for key, shared in lock_modes(keys).items()
+            for key, shared in lock_modes(keys, request_ids).items()
             if key not in self._locked or (self._locked[key] and not shared)
         )
         if wanted:
@@ -733,14 +781,14 @@ class _PostgresTransaction:
             return None
         return self._connection.execute(
             "SELECT source, message_id, report, merge FROM messages WHERE message_id = ANY(%s::text[])",
-            (list({message_id for _, message_id in keys}),),
+            (list({text(message_id) for _, message_id in keys}),),
             binary=True,
         )
 
     def _keep_states(self, keys: Collection[MessageKey], found: psycopg.Cursor[Any] | None) -> None:
         loaded = {} if found is None else {(row[0], row[1]): row for row in found}
         for key in keys:
-            row = loaded.get(key)
+            row = loaded.get((key[0], text(key[1])))
             self._states[key] = None if row is None else decode_state(bytes(row[2]), bytes(row[3]))
 
 

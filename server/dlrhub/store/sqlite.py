@@ -586,7 +586,12 @@ class _SqliteTransaction:
     def __init__(self, connection: sqlite3.Connection) -> None:
         self._connection = connection
 
-    def prefetch(self, messages: Collection[tuple[int, str]], digests: Collection[bytes]) -> None:
+    def prefetch(
+        self,
+        messages: Collection[tuple[int, str]],
+        digests: Collection[bytes],
+        request_ids: Collection[str] = (),
+    ) -> None:
         pass  # a local file answers each lookup in microseconds
 
     def load_state(self, source: int, message_id: str) -> MessageState | None:

@@ -54,7 +54,7 @@ from dlrhub.feed.encoding import EncodedChange, batches
 from dlrhub.feed.follow import Heartbeat, follow_batches
 from dlrhub.feed.hub import Hub
 from dlrhub.observability.calls import note
-from dlrhub.store.base import ChangeFilter, QuarantinedItem, ReadRunner, Selector, Store
+from dlrhub.store.base import ChangeFilter, CursorFormat, QuarantinedItem, ReadRunner, Selector, Store
 from dlrhub.transport.pages import MAX_PAGE_BYTES, decode_page_token, encode_page_token, page_size
 from dlrhub.write import quarantine
 from dlrhub.write.committer import Committer
@@ -96,6 +96,7 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
         self._committer = committer
         self._retention = retention
         self._clock = clock
+        self._cursors = store.cursor_format
         self._max_streams = max_streams
 
     async def Ingest(self, request: IngestRequest, context: Context) -> IngestResponse:
@@ -131,7 +132,7 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
         """Yields heartbeats as messages and changes already encoded (see transport/handlers.py)."""
         async for item in await self._follow(request):
             if isinstance(item, Heartbeat):
-                yield StreamResponse(cursor=str(item.cursor), heartbeat=_HEARTBEAT)
+                yield StreamResponse(cursor=self._cursors.format(item.cursor), heartbeat=_HEARTBEAT)
             else:
                 for change in item:
                     yield change.response
@@ -143,7 +144,7 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
         try:
             async for item in await self._follow(request.stream):
                 if isinstance(item, Heartbeat):
-                    heartbeat = StreamResponse(cursor=str(item.cursor), heartbeat=_HEARTBEAT)
+                    heartbeat = StreamResponse(cursor=self._cursors.format(item.cursor), heartbeat=_HEARTBEAT)
                     yield StreamBatchesResponse(responses=[heartbeat])
                 else:
                     for batch in batches(item):
@@ -354,7 +355,7 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
             message_count=pruned.messages,
             report_count=pruned.reports,
             quarantined_count=pruned.quarantined,
-            pruned_through_cursor=str(pruned_through),
+            pruned_through_cursor=self._cursors.format(pruned_through),
         )
 
     # Stream.
@@ -365,21 +366,25 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
         after: int | None = None
         start = request.WhichOneof("start")
         if start == "cursor":
-            after = _parse_cursor(request.cursor)
+            after = _parse_cursor(request.cursor, self._cursors)
+            # Not latest_cursor: with several writers, a cursor an Ingest just answered may be above it
+            # for a moment (store/base.py), and the stream delivers up to it soon.
             store = self._store
-            latest, pruned = await self._read(lambda: (store.latest_cursor(), store.pruned_through()))
+            latest, pruned = await self._read(lambda: (store.committed_cursor(), store.pruned_through()))
             if after > latest:
+                text = self._cursors.format(latest)
                 raise OutOfRange(
-                    f"cursor {after} is ahead of the latest stored change ({latest})",
+                    f"cursor {request.cursor} is ahead of the latest stored change ({text})",
                     ErrorReason.CURSOR_AHEAD,
-                    metadata={"cursor": request.cursor, "latest_cursor": str(latest)},
+                    metadata={"cursor": request.cursor, "latest_cursor": text},
                 )
             if after < pruned:
+                oldest = self._cursors.format(pruned)
                 raise OutOfRange(
-                    f"changes after cursor {after} were pruned by retention (through cursor {pruned}):"
-                    f" re-read the current states, then resume after cursor {pruned}",
+                    f"changes after cursor {request.cursor} were pruned by retention (through cursor"
+                    f" {oldest}): re-read the current states, then resume after cursor {oldest}",
                     ErrorReason.CURSOR_PRUNED,
-                    metadata={"cursor": request.cursor, "oldest_cursor": str(pruned)},
+                    metadata={"cursor": request.cursor, "oldest_cursor": oldest},
                 )
         elif start == "from_beginning" and request.from_beginning:
             after = 0
@@ -493,12 +498,14 @@ def _heartbeat_seconds(request: StreamRequest) -> float:
     return seconds
 
 
-def _parse_cursor(cursor: str) -> int:
-    if not cursor.isascii() or not cursor.isdigit() or len(cursor) > 19:
+def _parse_cursor(cursor: str, cursors: CursorFormat) -> int:
+    """The position a cursor names (INVALID_ARGUMENT for a malformed one, or another engine's)."""
+    after = cursors.parse(cursor)
+    if after is None:
         raise invalid_argument(
             "cursor",
             "not a cursor dlrhub gave out",
             ErrorReason.INVALID_CURSOR,
             message=f"malformed cursor {cursor!r}: pass a cursor from a StreamResponse or an IngestResult",
         )
-    return int(cursor)
+    return after

@@ -1,7 +1,9 @@
 """Group commit: concurrent submissions share one durable transaction.
 
 Submissions queue up while the writer thread commits the previous group;
-the next group takes everything waiting (up to `max_group`). Each caller is
+the next group takes everything waiting (up to `max_group` submissions, and
+while they hold up to `max_group_items` items: an engine numbers a
+transaction's reports in a bounded space, see store/postgres.py). Each caller is
 answered only after its group has committed (synchronous=FULL), and the
 group's changes are published to the hub only after that commit. Whether
 each group committed is told to `on_outcome` (the store's health).
@@ -24,6 +26,13 @@ from dlrhub.write.submission import Applied, Submission, apply
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# Items a group holds at most (unless one submission alone holds more): well below the 2**24
+# reports PostgreSQL's positions number per transaction (store/postgres.py).
+MAX_GROUP_ITEMS = 1 << 20
+
+
+def _items(submission: Submission) -> int:
+    return len(submission.items) or 1
 
 
 @dataclass(slots=True)
@@ -41,6 +50,7 @@ class Committer:
         hub: Hub,
         *,
         max_group: int = 512,
+        max_group_items: int = MAX_GROUP_ITEMS,
         max_waiting: int = 10_000,
         on_commit: Callable[[float, int], None] | None = None,
         on_outcome: Callable[[Exception | None], None] | None = None,
@@ -52,6 +62,9 @@ class Committer:
         # Called on the event loop after each group: None once it committed, else why it failed.
         self._on_outcome = on_outcome
         self._max_group = max_group
+        self._max_group_items = max_group_items
+        # A submission taken from the queue that did not fit the group: the next group's first.
+        self._carried: _Pending | None = None
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue(max_waiting)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlrhub-writer")
         self._task: asyncio.Task[None] | None = None
@@ -103,19 +116,25 @@ class Committer:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         stopping = False
-        while not stopping:
-            first = await self._queue.get()
+        while not stopping or self._carried is not None:
+            first, self._carried = self._carried or await self._queue.get(), None
             group: list[_Pending] = []
+            items = 0
             if first is None:
                 stopping = True
             else:
                 group.append(first)
-            while len(group) < self._max_group and not self._queue.empty():
+                items = _items(first.submission)
+            while len(group) < self._max_group and not stopping and not self._queue.empty():
                 pending = self._queue.get_nowait()
                 if pending is None:
                     stopping = True
+                elif items + _items(pending.submission) > self._max_group_items:
+                    self._carried = pending
+                    break
                 else:
                     group.append(pending)
+                    items += _items(pending.submission)
             group = [pending for pending in group if not pending.future.cancelled()]
             if not group:
                 continue
@@ -147,10 +166,10 @@ class Committer:
     def _write(self, submissions: list[Submission]) -> list[Applied]:
         started = time.perf_counter()
         with self._store.transaction() as tx:
-            applied = apply(tx, submissions)
+            applied = apply(tx, submissions, self._store.cursor_format)
         if self._on_commit is not None:
             try:  # committed already: a failing observer must not turn it into an error
-                self._on_commit(time.perf_counter() - started, sum(len(s.items) or 1 for s in submissions))
+                self._on_commit(time.perf_counter() - started, sum(map(_items, submissions)))
             except Exception:
                 log.exception("commit observer failed")
         return applied

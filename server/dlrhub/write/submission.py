@@ -20,7 +20,7 @@ from deliveryreport.v1.delivery_report_service_pb2 import (
 from deliveryreport.v1.error_reason_pb2 import ErrorReason
 from dlrhub.merge import MergeKey, merge, merge_key
 from dlrhub.normalise import NormalisedItem, Rejection
-from dlrhub.store.base import Change, QuarantinedItem, SavedResponse, Transaction
+from dlrhub.store.base import PLAIN_CURSORS, Change, CursorFormat, QuarantinedItem, SavedResponse, Transaction
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,8 +59,11 @@ class Applied:
     reused: bool = False
 
 
-def apply(tx: Transaction, submissions: Sequence[Submission]) -> list[Applied]:
-    """Applies a group of submissions, in order, inside an open transaction."""
+def apply(
+    tx: Transaction, submissions: Sequence[Submission], cursors: CursorFormat = PLAIN_CURSORS
+) -> list[Applied]:
+    """Applies a group of submissions, in order, inside an open transaction; `cursors` is how the
+    store writes cursors (for the results)."""
     keys = [[merge_key(item.report) if item.report else None for item in s.items] for s in submissions]
     tx.prefetch(
         {
@@ -70,11 +73,16 @@ def apply(tx: Transaction, submissions: Sequence[Submission]) -> list[Applied]:
             if item.report
         },
         {key.digest for group in keys for key in group if key},
+        {s.request_id for s in submissions if s.request_digest},
     )
-    return [_apply(tx, submission, group) for submission, group in zip(submissions, keys, strict=True)]
+    return [
+        _apply(tx, submission, group, cursors) for submission, group in zip(submissions, keys, strict=True)
+    ]
 
 
-def _apply(tx: Transaction, submission: Submission, keys: list[MergeKey | None]) -> Applied:
+def _apply(
+    tx: Transaction, submission: Submission, keys: list[MergeKey | None], cursors: CursorFormat
+) -> Applied:
     """Applies one submission; `keys` are the merge keys of its items (None for a rejected one)."""
     # A re-normalisation carries its item's request id only to remember it: it is no retry of that
     # Ingest (it has no request digest), so it neither replays the saved answer nor saves one.
@@ -119,7 +127,7 @@ def _apply(tx: Transaction, submission: Submission, keys: list[MergeKey | None])
         cursor = tx.append(report, key.digest, state)
         changes.append(Change(cursor, report, state.report))
         result.outcome = IngestOutcome.INGEST_OUTCOME_ACCEPTED
-        result.cursor = str(cursor)
+        result.cursor = cursors.format(cursor)
         response.accepted_count += 1
 
     if submission.request_digest and not is_wholly_rejected(response):
