@@ -50,6 +50,7 @@ from tests.helpers import (
     gms_payload,
     history_of,
     ingest,
+    position,
     read_changes,
     read_start,
     run,
@@ -60,6 +61,8 @@ from tests.helpers import (
 
 if TYPE_CHECKING:
     from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceAsyncStub as Stub
+
+pytestmark = pytest.mark.engines  # the server fixture (and `db`) on SQLite and PostgreSQL
 
 DAY = 86_400
 DLRHUB = shutil.which("dlrhub", path=str(Path(sys.executable).parent)) or "dlrhub"
@@ -103,8 +106,9 @@ async def test_prune_removes_final_old_messages_with_their_history_and_nothing_e
     finally:
         call.cancel()
     assert [change.change.report.message_id for change in changes] == ["old-pending", "recent-final"]
-    assert pruned.pruned_through_cursor == str(server.app.store.pruned_through())
-    assert int(pruned.pruned_through_cursor) < int(changes[0].cursor)
+    store = server.app.store
+    assert pruned.pruned_through_cursor == store.cursor_format.format(store.pruned_through())
+    assert position(pruned.pruned_through_cursor) < position(changes[0].cursor)
 
     # A late report of a pruned message starts it afresh: it is new, not a duplicate.
     again = await ingest(stub, gms_payload(gms("old-final", seconds=2)))
@@ -126,11 +130,11 @@ async def test_prune_needs_a_positive_age_or_the_server_retention(server: Runnin
 
 
 async def test_with_retention_set_the_server_prunes_by_itself_and_on_request(
-    tmp_path: Path, clock: FakeClock
+    tmp_path: Path, clock: FakeClock, db: str | Path
 ) -> None:
     # 10 s of retention: the task runs every second of real time, and prunes what the fake clock aged.
     async with (
-        serving(tmp_path, clock=clock, retention=10) as running,
+        serving(tmp_path, clock=clock, db=db, retention=10) as running,
         grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel,
     ):
         stub: Stub = DeliveryReportServiceStub(channel)
@@ -206,7 +210,7 @@ async def test_a_stream_resumed_before_a_pruned_change_is_out_of_range_with_the_
             return stub.Stream(request)
         return stub.StreamBatches(StreamBatchesRequest(stream=request))
 
-    for cursor in ("0", first.cursor):
+    for cursor in (server.app.store.cursor_format.format(0), first.cursor):
         details = await stream_failure(call(cursor))
         assert (details.code, details.reason) == (grpc.StatusCode.OUT_OF_RANGE, "CURSOR_PRUNED")
         assert details.metadata == {"cursor": cursor, "oldest_cursor": second.cursor}
@@ -214,8 +218,8 @@ async def test_a_stream_resumed_before_a_pruned_change_is_out_of_range_with_the_
     # From the oldest cursor on, nothing was pruned: the stream resumes.
     resumed = stub.Stream(StreamRequest(cursor=second.cursor))
     try:
-        assert await read_start(resumed) == int(second.cursor)
-        assert cursors_of(await read_changes(resumed, 1)) == [int(kept.cursor)]
+        assert await read_start(resumed) == position(second.cursor)
+        assert cursors_of(await read_changes(resumed, 1)) == [position(kept.cursor)]
     finally:
         resumed.cancel()
 
@@ -290,9 +294,9 @@ async def test_dismiss_refuses_unknown_ids_and_needs_exactly_one_selector(server
 
 
 @pytest.fixture
-async def secured(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Running]:
+async def secured(tmp_path: Path, clock: FakeClock, db: str | Path) -> AsyncIterator[Running]:
     tokens = f"admin:{ADMIN_TOKEN},ingest+read:{BOTH_TOKEN}"
-    async with serving(tmp_path, clock=clock, tokens=tokens, webhooks_open=True) as running:
+    async with serving(tmp_path, clock=clock, db=db, tokens=tokens, webhooks_open=True) as running:
         address = f"127.0.0.1:{running.port}"
         async with grpc.aio.insecure_channel(address) as channel:
             yield Running(running, DeliveryReportServiceStub(channel), channel, clock, address)

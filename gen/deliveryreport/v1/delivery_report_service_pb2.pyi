@@ -1073,9 +1073,9 @@ class PruneMessagesResponse(_message.Message):
     quarantined_count: _builtins.int
     """Closed quarantined items deleted."""
     pruned_through_cursor: _builtins.str
-    """The greatest cursor ever pruned ("0" when nothing ever was): a Stream
-    resumed after it, or later, has lost nothing; one resumed before it is
-    OUT_OF_RANGE.
+    """The greatest cursor ever pruned (position 0, "0" on SQLite, when nothing
+    ever was): a Stream resumed after it, or later, has lost nothing; one
+    resumed before it is OUT_OF_RANGE.
     """
     def __init__(
         self,
