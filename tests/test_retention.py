@@ -10,10 +10,10 @@ import asyncio
 import os
 import shutil
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import grpc
 import pytest
@@ -32,8 +32,10 @@ from deliveryreport.v1.delivery_report_service_pb2 import (
 )
 from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
 from dlrhub import app
+from dlrhub.feed.encoding import EncodedChange
+from dlrhub.feed.follow import CursorPruned, Heartbeat, follow_batches
 from dlrhub.merge import digest, merge
-from dlrhub.store.base import Transaction
+from dlrhub.store.base import ChangeFilter, Transaction
 from dlrhub.write.retention import BATCH
 from dlrhub_client import PermissionDeniedError
 from tests.conftest import FakeClock, Running, serving
@@ -44,6 +46,7 @@ from tests.helpers import (
     S,
     connect,
     cursors_of,
+    details_of,
     eventually,
     failure,
     gms,
@@ -52,6 +55,7 @@ from tests.helpers import (
     ingest,
     position,
     read_changes,
+    read_message,
     read_start,
     run,
     scrape,
@@ -222,6 +226,61 @@ async def test_a_stream_resumed_before_a_pruned_change_is_out_of_range_with_the_
         assert cursors_of(await read_changes(resumed, 1)) == [position(kept.cursor)]
     finally:
         resumed.cancel()
+
+
+async def test_a_feed_catching_up_while_retention_prunes_ahead_of_it_ends_with_cursor_pruned(
+    server: Running,
+) -> None:
+    running, clock = server.app, server.clock
+    await running.committer.run(lambda tx: old_delivered(tx, 100, clock() // 1_000_000_000))
+    clock.advance(2 * DAY)
+    feed = cast(
+        AsyncGenerator[list[EncodedChange] | Heartbeat, None],
+        follow_batches(running.store, running.hub, asyncio.to_thread, ChangeFilter(), 0, 15.0, max_batch=10),
+    )
+    try:
+        assert isinstance(await anext(feed), Heartbeat)
+        first = await anext(feed)
+        assert isinstance(first, list)
+        assert len(first) == 10
+        await running.retention.prune(DAY)  # deletes the 90 changes the feed has not read yet
+        with pytest.raises(CursorPruned) as raised:
+            await anext(feed)
+    finally:
+        await feed.aclose()
+    assert raised.value.after == first[-1].cursor
+    assert raised.value.oldest == running.store.pruned_through()
+
+
+async def test_a_stream_that_is_catching_up_when_a_prune_runs_ends_out_of_range(server: Running) -> None:
+    """Over gRPC: the stream stalls (flow control) with most of the history unread, a prune deletes it."""
+    running, clock = server.app, server.clock
+    await running.committer.run(lambda tx: old_delivered(tx, 5000, clock() // 1_000_000_000))
+    clock.advance(2 * DAY)
+    options = [("grpc.http2.bdp_probe", 0)]  # the window stays small: the server stalls soon
+    async with grpc.aio.insecure_channel(server.address, options=options) as channel:
+        stub: Stub = DeliveryReportServiceStub(channel)
+        call = stub.Stream(StreamRequest(from_beginning=True))
+        try:
+            await read_start(call)
+            await read_changes(call, 1)
+            await running.retention.prune(DAY)
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await read_to_the_end(call)  # what was read before the prune arrives, then the error
+        finally:
+            call.cancel()
+    details = details_of(raised.value)
+    assert (details.code, details.reason) == (grpc.StatusCode.OUT_OF_RANGE, "CURSOR_PRUNED")
+    # Pruned through some batch of the prune (the feed may have read on while it ran), past the
+    # last change delivered.
+    oldest = position(details.metadata["oldest_cursor"])
+    assert position(details.metadata["cursor"]) < oldest <= running.store.pruned_through()
+
+
+async def read_to_the_end(call: grpc.aio.UnaryStreamCall) -> None:  # type: ignore[type-arg]
+    """Reads a stream until it fails (an end without an error fails the test too)."""
+    while True:
+        await read_message(call)
 
 
 # --- quarantine dismissal ------------------------------------------------------------------------

@@ -126,7 +126,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     CURSOR_PRUNED: _ErrorReason.ValueType  # 65
     """A `cursor` before changes that retention pruned (OUT_OF_RANGE), as
     Kubernetes watch answers 410 Gone and etcd a compacted revision: resuming
-    there would skip changes silently. Metadata: `cursor`, `oldest_cursor`
+    there would skip changes silently. Also how a stream ends that was still
+    catching up from the store when a prune deleted changes ahead of it.
+    Metadata: `cursor` (the last position covered), `oldest_cursor`
     (the greatest pruned cursor: a Stream may resume after it; re-read the
     current states with GetMessage or ListMessages first, since the pruned
     changes are gone).
@@ -305,7 +307,9 @@ last cursor received.
 CURSOR_PRUNED: ErrorReason.ValueType  # 65
 """A `cursor` before changes that retention pruned (OUT_OF_RANGE), as
 Kubernetes watch answers 410 Gone and etcd a compacted revision: resuming
-there would skip changes silently. Metadata: `cursor`, `oldest_cursor`
+there would skip changes silently. Also how a stream ends that was still
+catching up from the store when a prune deleted changes ahead of it.
+Metadata: `cursor` (the last position covered), `oldest_cursor`
 (the greatest pruned cursor: a Stream may resume after it; re-read the
 current states with GetMessage or ListMessages first, since the pruned
 changes are gone).

@@ -13,6 +13,10 @@ read of a catch-up asks for a few: their size is not known yet).
 The first item is always a heartbeat with the start position, sent as soon
 as the subscription is live, so a caller knows from when changes are covered
 and has a cursor to resume from even if nothing matches.
+
+Retention may prune changes ahead of a subscriber catching up from the store: each catch-up read
+asks, after the changes, how far the store has pruned (Store.pruned_through); past the last cursor
+delivered, changes may be missing, and the feed ends with CursorPruned rather than skip them.
 """
 
 from __future__ import annotations
@@ -29,6 +33,15 @@ from dlrhub.store.base import Change, ChangeFilter, ReadRunner, Store
 MAX_BATCH = 500
 # Changes asked of the store by the first read of a catch-up.
 FIRST_READ = 32
+
+
+class CursorPruned(Exception):
+    """Changes after `after` were pruned (through `oldest`) before this feed could read them."""
+
+    def __init__(self, after: int, oldest: int) -> None:
+        super().__init__(f"changes after cursor {after} were pruned, through cursor {oldest}")
+        self.after = after
+        self.oldest = oldest
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +75,9 @@ async def follow_batches(
                 catch_up = False
                 asked = min(FIRST_READ, max_batch)
                 while not subscription.closed:  # a long replay stops at shutdown too
-                    batch = await read(functools.partial(store.changes, last, asked))
+                    batch, pruned = await read(functools.partial(_changes, store, last, asked))
+                    if pruned > last:
+                        raise CursorPruned(last, pruned)
                     if not batch:
                         break
                     matched = [
@@ -94,6 +109,14 @@ async def follow_batches(
                 yield Heartbeat(last)
     finally:
         hub.unsubscribe(subscription)
+
+
+def _changes(store: Store, after: int, limit: int) -> tuple[list[Change], int]:
+    """Up to `limit` changes after `after`, then how far the store has pruned: read in this order,
+    a prune that deleted any change after `after` before the changes were read shows (it raises
+    the pruned-through position in the transaction that deletes)."""
+    changes = store.changes(after, limit)
+    return changes, store.pruned_through()
 
 
 def _fitting(changes: list[Change], max_batch: int) -> int:

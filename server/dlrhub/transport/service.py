@@ -51,7 +51,7 @@ from dlrhub.errors import (
     invalid_argument,
 )
 from dlrhub.feed.encoding import EncodedChange, batches
-from dlrhub.feed.follow import Heartbeat, follow_batches
+from dlrhub.feed.follow import CursorPruned, Heartbeat, follow_batches
 from dlrhub.feed.hub import Hub
 from dlrhub.observability.calls import note
 from dlrhub.store.base import ChangeFilter, CursorFormat, QuarantinedItem, ReadRunner, Selector, Store
@@ -130,12 +130,15 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
         self, request: StreamRequest, context: Context
     ) -> AsyncIterator[StreamResponse | bytes]:
         """Yields heartbeats as messages and changes already encoded (see transport/handlers.py)."""
-        async for item in await self._follow(request):
-            if isinstance(item, Heartbeat):
-                yield StreamResponse(cursor=self._cursors.format(item.cursor), heartbeat=_HEARTBEAT)
-            else:
-                for change in item:
-                    yield change.response
+        try:
+            async for item in await self._follow(request):
+                if isinstance(item, Heartbeat):
+                    yield StreamResponse(cursor=self._cursors.format(item.cursor), heartbeat=_HEARTBEAT)
+                else:
+                    for change in item:
+                        yield change.response
+        except CursorPruned as error:
+            raise self._cursor_pruned(error.after, error.oldest) from None
 
     async def StreamBatches(  # type: ignore[override]  # bytes as well: see transport/handlers.py
         self, request: StreamBatchesRequest, context: Context
@@ -149,6 +152,8 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
                 else:
                     for batch in batches(item):
                         yield batch
+        except CursorPruned as error:
+            raise self._cursor_pruned(error.after, error.oldest) from None
         except DlrhubError as error:
             # The fields are those of the StreamRequest inside this request.
             error.violations = [
@@ -360,6 +365,16 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
 
     # Stream.
 
+    def _cursor_pruned(self, after: int, oldest: int) -> OutOfRange:
+        """OUT_OF_RANGE CURSOR_PRUNED: changes after `after` were pruned, through `oldest`."""
+        cursor, oldest_cursor = self._cursors.format(after), self._cursors.format(oldest)
+        return OutOfRange(
+            f"changes after cursor {cursor} were pruned by retention (through cursor {oldest_cursor}):"
+            f" re-read the current states, then resume after cursor {oldest_cursor}",
+            ErrorReason.CURSOR_PRUNED,
+            metadata={"cursor": cursor, "oldest_cursor": oldest_cursor},
+        )
+
     async def _follow(self, request: StreamRequest) -> AsyncIterator[list[EncodedChange] | Heartbeat]:
         """The feed the request asks for, once the request is checked (raises DlrhubError)."""
         heartbeat = _heartbeat_seconds(request)
@@ -379,13 +394,7 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
                     metadata={"cursor": request.cursor, "latest_cursor": text},
                 )
             if after < pruned:
-                oldest = self._cursors.format(pruned)
-                raise OutOfRange(
-                    f"changes after cursor {request.cursor} were pruned by retention (through cursor"
-                    f" {oldest}): re-read the current states, then resume after cursor {oldest}",
-                    ErrorReason.CURSOR_PRUNED,
-                    metadata={"cursor": request.cursor, "oldest_cursor": oldest},
-                )
+                raise self._cursor_pruned(after, pruned)
         elif start == "from_beginning" and request.from_beginning:
             after = 0
         change_filter = ChangeFilter(
