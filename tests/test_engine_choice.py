@@ -37,6 +37,27 @@ def test_a_postgresql_url_is_postgresql(postgres_db: str, scheme: str, tmp_path:
         store.close()
 
 
+@pytest.mark.parametrize(
+    "db",
+    [
+        "mysql://db.example/ledger",
+        "sqlite:dlrhub.db",
+        "postgresql:ledger",
+        "PostgreSQL://db.example/ledger",  # libpq knows the lower-case schemes only
+        "file:///tmp/dlrhub.db",
+        "host=/run/postgresql dbname=ledger",
+    ],
+)
+def test_what_is_neither_a_path_nor_a_postgresql_url_is_refused(
+    db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each says what would do (the one-line start failure: tests/test_start_failures.py)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StoreError, match="postgresql://"):
+        open_store(db)
+    assert list(tmp_path.iterdir()) == []  # nothing made of it
+
+
 def test_a_database_is_named_without_its_password() -> None:
     assert database_name("postgresql://dlrhub:s3cret@db.example:6432/ledger?sslmode=require") == (
         "PostgreSQL database 'ledger' on db.example:6432"

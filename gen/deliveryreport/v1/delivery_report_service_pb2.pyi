@@ -540,7 +540,9 @@ class StreamRequest(_message.Message):
     IngestResult). A malformed cursor is INVALID_ARGUMENT.
     """
     from_beginning: _builtins.bool
-    """Replay every stored change from the first, then go live."""
+    """Replay every stored change from the first (what retention left), then
+    go live.
+    """
     @_builtins.property
     def message_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Only changes of these messages."""

@@ -59,10 +59,15 @@ async def follow_batches(
     after: int | None,
     heartbeat_seconds: float,
     max_batch: int = MAX_BATCH,
+    pruned: int = 0,
 ) -> AsyncIterator[list[EncodedChange] | Heartbeat]:
     """Changes matching the filter with cursor > `after` (None: only changes from now on), those
     that are ready at the same moment together (never empty, at most `max_batch`): a subscriber that
-    sends them in one message keeps up with far more."""
+    sends them in one message keeps up with far more.
+
+    `pruned` is the store's pruned-through position as the caller found it before the feed starts
+    (a replay from the beginning starts below it, and what was pruned then is not its loss); a prune
+    past it and past the last cursor delivered ends the feed with CursorPruned."""
     subscription = hub.subscribe(change_filter)
     try:
         subscription.position = last = hub.latest_cursor if after is None else after
@@ -75,9 +80,9 @@ async def follow_batches(
                 catch_up = False
                 asked = min(FIRST_READ, max_batch)
                 while not subscription.closed:  # a long replay stops at shutdown too
-                    batch, pruned = await read(functools.partial(_changes, store, last, asked))
-                    if pruned > last:
-                        raise CursorPruned(last, pruned)
+                    batch, pruned_now = await read(functools.partial(_changes, store, last, asked))
+                    if pruned_now > max(last, pruned):
+                        raise CursorPruned(last, pruned_now)
                     if not batch:
                         break
                     matched = [

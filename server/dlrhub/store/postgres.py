@@ -93,9 +93,8 @@ def _migration_1(connection: Connection) -> None:
             report bytea NOT NULL,
             merge bytea NOT NULL,
             cursor bigint NOT NULL,
-            UNIQUE (source, message_id)
+            UNIQUE (message_id, source)  -- also serves lookups by message id alone
         )""",
-        "CREATE INDEX messages_message_id ON messages (message_id)",
         "CREATE INDEX messages_bulk_id ON messages (bulk_id, id)",
         "CREATE INDEX messages_reference ON messages (reference, id)",
         """CREATE TABLE reports (
@@ -492,15 +491,15 @@ def lock_modes(keys: Collection[tuple[int, str]], request_ids: Collection[str] =
 
 
 _LOCK = """SELECT CASE WHEN shared THEN pg_advisory_xact_lock_shared(key) ELSE pg_advisory_xact_lock(key) END
-    FROM unnest(%s::bigint[], %s::boolean[]) AS lock(key, shared) ORDER BY key"""
+    FROM unnest(%b::bigint[], %b::boolean[]) AS lock(key, shared) ORDER BY key"""
 _INSERT_REPORTS = """INSERT INTO reports (ordinal, source, message_id, report, state, raw, digest)
-    SELECT * FROM unnest(%s::integer[], %s::integer[], %s::text[], %s::bytea[], %s::bytea[],
-                         %s::text[], %s::bytea[])"""
+    SELECT * FROM unnest(%b::integer[], %b::integer[], %b::text[], %b::bytea[], %b::bytea[],
+                         %b::text[], %b::bytea[])"""
 _UPSERT_MESSAGES = """INSERT INTO messages
         (source, message_id, bulk_id, reference, status, report, merge, cursor, changed_seconds)
     SELECT source, message_id, bulk_id, reference, status, report, merge, cursor, changed_seconds
-    FROM unnest(%s::integer[], %s::text[], %s::text[], %s::text[], %s::integer[],
-                         %s::bytea[], %s::bytea[], %s::bigint[], %s::bigint[]) WITH ORDINALITY
+    FROM unnest(%b::integer[], %b::text[], %b::text[], %b::text[], %b::integer[],
+                         %b::bytea[], %b::bytea[], %b::bigint[], %b::bigint[]) WITH ORDINALITY
         AS row(source, message_id, bulk_id, reference, status, report, merge, cursor, changed_seconds, n)
     ORDER BY n
     ON CONFLICT (source, message_id) DO UPDATE SET
@@ -514,10 +513,11 @@ _QUARANTINE = f"""INSERT INTO quarantine (received_seconds, received_nanos, requ
         last_received_seconds = excluded.received_seconds,
         last_received_nanos = excluded.received_nanos"""  # noqa: S608
 _SAVE_RESPONSES = """INSERT INTO requests (request_id, request_digest, response, created_seconds)
-    SELECT * FROM unnest(%s::text[], %s::bytea[], %s::bytea[], %s::bigint[])
+    SELECT * FROM unnest(%b::text[], %b::bytea[], %b::bytea[], %b::bigint[])
     ON CONFLICT (request_id) DO UPDATE SET request_digest = excluded.request_digest,
         response = excluded.response, created_seconds = excluded.created_seconds"""
 
+_TXID = "SELECT pg_current_xact_id()::text"  # takes the transaction's id, if it has none yet
 MessageKey = tuple[int, str]
 
 
@@ -550,11 +550,14 @@ class _PostgresTransaction:
         found = None
         with connection.pipeline():
             self._lock(wanted, request_ids)
+            txid = None if self._txid is not None else connection.execute(_TXID)
             states = self._load(wanted)
             if asked:
                 found = connection.execute(
-                    "SELECT digest FROM reports WHERE digest = ANY(%s::bytea[])", (asked,), binary=True
+                    "SELECT digest FROM reports WHERE digest = ANY(%b::bytea[])", (asked,), binary=True
                 )
+        if txid is not None:
+            self._keep_txid(txid)
         self._keep_states(wanted, states)
         stored = set() if found is None else {bytes(digest) for (digest,) in found}
         self._stored |= stored
@@ -755,13 +758,17 @@ class _PostgresTransaction:
 
     def _transaction_id(self) -> int:
         if self._txid is None:
-            row = self._connection.execute("SELECT pg_current_xact_id()::text").fetchone()
-            assert row is not None
-            txid = int(row[0])
-            if txid > MAX_TXID:
-                raise StoreError(f"transaction id {txid} is past what cursors can number ({MAX_TXID})")
-            self._txid = txid
+            return self._keep_txid(self._connection.execute(_TXID))
         return self._txid
+
+    def _keep_txid(self, found: psycopg.Cursor[Any]) -> int:
+        row = found.fetchone()
+        assert row is not None
+        txid = int(row[0])
+        if txid > MAX_TXID:
+            raise StoreError(f"transaction id {txid} is past what cursors can number ({MAX_TXID})")
+        self._txid = txid
+        return txid
 
     def _lock(self, keys: Collection[MessageKey], request_ids: Collection[str] = ()) -> None:
         """Takes the locks of these messages and requests not held yet (lock_modes), in key order, in
@@ -780,7 +787,7 @@ class _PostgresTransaction:
         if not keys:
             return None
         return self._connection.execute(
-            "SELECT source, message_id, report, merge FROM messages WHERE message_id = ANY(%s::text[])",
+            "SELECT source, message_id, report, merge FROM messages WHERE message_id = ANY(%b::text[])",
             (list({text(message_id) for _, message_id in keys}),),
             binary=True,
         )

@@ -379,6 +379,7 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
         """The feed the request asks for, once the request is checked (raises DlrhubError)."""
         heartbeat = _heartbeat_seconds(request)
         after: int | None = None
+        pruned = 0  # where retention had pruned through when the stream started
         start = request.WhichOneof("start")
         if start == "cursor":
             after = _parse_cursor(request.cursor, self._cursors)
@@ -397,6 +398,7 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
                 raise self._cursor_pruned(after, pruned)
         elif start == "from_beginning" and request.from_beginning:
             after = 0
+            pruned = await self._read(self._store.pruned_through)
         change_filter = ChangeFilter(
             bulk_id=request.bulk_id,
             message_ids=frozenset(request.message_ids),
@@ -418,7 +420,9 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
                 ErrorReason.TOO_MANY_STREAMS,
                 metadata={"max_streams": str(self._max_streams)},
             )
-        return follow_batches(self._store, self._hub, self._read, change_filter, after, heartbeat)
+        return follow_batches(
+            self._store, self._hub, self._read, change_filter, after, heartbeat, pruned=pruned
+        )
 
 
 def _check_id_count(ids: Sequence[int], otherwise: str) -> None:

@@ -4,7 +4,7 @@ Submissions queue up while the writer thread commits the previous group;
 the next group takes everything waiting (up to `max_group` submissions, and
 while they hold up to `max_group_items` items: an engine numbers a
 transaction's reports in a bounded space, see store/postgres.py). Each caller is
-answered only after its group has committed (synchronous=FULL), and the
+answered only after its group has committed durably, and the
 group's changes are published to the hub only after that commit. Whether
 each group committed is told to `on_outcome` (the store's health).
 """
