@@ -219,6 +219,29 @@ def test_one_request_id_on_two_processes_at_once_is_answered_once(
     assert not stores[2].messages("second")
 
 
+def test_lost_connections_are_opened_again(stores: list[PostgresStore], postgres_db: str) -> None:
+    """The server restarted, or a connection was cut: the call that finds its connection gone fails
+    with StoreError (nothing of a transaction in it was committed), and the next call connects again."""
+    store = stores[0]
+    [cursor] = commit(store, report("m-1"))
+    assert store.latest_cursor() == cursor  # this thread's reader is connected now
+    with psycopg.connect(postgres_db, autocommit=True) as admin:
+        cut = admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = 'dlrhub' AND datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchall()
+    assert len(cut) >= 2  # the writer and the reader, at least
+    with pytest.raises(StoreError):
+        store.latest_cursor()
+    with pytest.raises(StoreError), store.transaction() as tx:
+        put(tx, report("m-2"))
+    assert store.latest_cursor() == cursor  # m-2 was not committed
+    [later] = commit(store, report("m-2"))
+    assert later > cursor
+    store.check(write=True)
+    assert [change.cursor for change in store.changes(0, 10)] == [cursor, later]
+
+
 def test_a_newer_schema_is_refused(postgres_db: str) -> None:
     PostgresStore(postgres_db).close()
     with psycopg.connect(postgres_db, autocommit=True) as connection:

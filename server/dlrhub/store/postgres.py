@@ -1,7 +1,8 @@
 """The PostgreSQL store: several dlrhub processes on one database (PostgreSQL 13 or newer).
 
-Sections: the schema and its migrations; positions (cursors); the store (connections, reads);
-the transaction (locks, the group's reads, its writes sent in bulk at commit).
+Sections: the schema and its migrations (add a store's tables as the next migration); positions
+(cursors); text (NUL escaped); the store (connections, reads); the transaction (locks, the group's
+reads, its writes sent in bulk at commit).
 
 Tables (migration 1 holds what SQLite's schema 6 holds; `dlrhub_schema` records the version):
 - messages: the merged state of each (source, message_id); `id` is its place for paging;
@@ -19,11 +20,11 @@ cluster holds the watermark back, and so the Stream; `committed_cursor` is not h
 
 Writers. The merge needs a message's stored state, so writers are serialised per message: a
 transaction takes advisory locks on its messages (hashed into buckets, so that it takes at most
-COARSE locks: see lock_modes), in key order and in one statement, before it reads their states
-(unordered locking deadlocks). Its writes are sent at commit in a few statements with
-binary parameters. READ COMMITTED: a statement after the locks sees what the previous holder
-committed. synchronous_commit is never off on the writer's connection: a commit is durable before
-it is acknowledged.
+COARSE of them: see lock_modes) and on its request ids, in key order and in one statement, before
+it reads their states and saved answers (unordered locking deadlocks). Its writes are sent at
+commit in a few statements with binary parameters. READ COMMITTED: a statement after the locks sees
+what the previous holder committed. synchronous_commit is never off on the writer's connection: a
+commit is durable before it is acknowledged.
 
 Connections: one for the writer thread, one per reader thread (autocommit; messages_by reads in a
 REPEATABLE READ transaction, one snapshot for the page and its counts). A connection found broken is
