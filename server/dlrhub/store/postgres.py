@@ -24,7 +24,9 @@ COARSE of them: see lock_modes) and on its request ids, in key order and in one 
 it reads their states and saved answers (unordered locking deadlocks). Its writes are sent at
 commit in a few statements with binary parameters. READ COMMITTED: a statement after the locks sees
 what the previous holder committed. synchronous_commit is never off on the writer's connection: a
-commit is durable before it is acknowledged.
+commit is durable before it is acknowledged. A prune (retention) takes the locks of the messages it
+chose as a writer would, then deletes only those still final and old: a report that came meanwhile
+keeps its message.
 
 Connections: one for the writer thread, one per reader thread (autocommit; messages_by reads in a
 REPEATABLE READ transaction, one snapshot for the page and its counts). A connection found broken is
