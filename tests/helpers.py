@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -17,9 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import grpc
+import httpx
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from deliveryreport.v1.delivery_report_pb2 import DeliveryReport, DeliveryStatus, Source
 from deliveryreport.v1.delivery_report_service_pb2 import (
@@ -242,6 +245,51 @@ def connect(
 ) -> AsyncClient:
     """The async client on `running`, failing at once instead of reconnecting."""
     return AsyncClient(f"{host}:{running.port}", token=token, tls=tls, timeout=timeout, reconnect_attempts=0)
+
+
+# --- metrics -------------------------------------------------------------------------------------
+
+Labels = frozenset[tuple[str, str]]
+Samples = dict[tuple[str, Labels], float]
+
+
+async def scrape(admin_port: int | None) -> Samples:
+    """Every dlrhub_* sample on /metrics, keyed by sample name and labels."""
+    assert admin_port is not None, "the admin port is off: set admin_listen"
+    async with httpx.AsyncClient() as http:
+        response = await http.get(f"http://127.0.0.1:{admin_port}/metrics", timeout=TIMEOUT)
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("text/plain")
+    samples: Samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name.startswith("dlrhub_"):
+                samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """One series' value; 0 when the series does not exist (yet)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+
+async def run(*command: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """A subprocess, off the event loop the server runs on: (exit code, stdout, stderr)."""
+    process = await asyncio.create_subprocess_exec(
+        *command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    try:
+        async with asyncio.timeout(PROCESS_TIMEOUT):
+            out, err = await process.communicate()
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
 
 
 # --- errors --------------------------------------------------------------------------------------

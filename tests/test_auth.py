@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
@@ -38,7 +37,7 @@ from dlrhub_client import (
 )
 from dlrhub_client.errors import from_rpc_error
 from tests.conftest import FakeClock, serving
-from tests.helpers import TIMEOUT, connect, gms_batch
+from tests.helpers import TIMEOUT, connect, gms_batch, run
 
 INGEST_TOKEN = "ingest-token-5f0c9a1d"
 READ_TOKEN = "read-token-7b2e4c88"
@@ -88,22 +87,6 @@ async def assert_nothing_stored(running: app.App, message_id: str) -> None:
     async with connect(running, token=BOTH_TOKEN) as client:
         with pytest.raises(NotFoundError):
             await client.get_message(message_id)
-
-
-async def run(*command: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    """A subprocess, off the event loop the server runs on: (exit code, stdout, stderr)."""
-    process = await asyncio.create_subprocess_exec(
-        *command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
-    )
-    try:
-        async with asyncio.timeout(TIMEOUT * 2):
-            out, err = await process.communicate()
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
 
 
 # Authentication and roles.
@@ -303,8 +286,8 @@ def test_roles_of_an_unconfigured_token_is_none(candidate: str) -> None:
 @pytest.mark.parametrize(
     ("spec", "problem"),
     [
-        ("admin:secret-1", "unknown role 'admin'"),
-        ("ingest+admin:secret-1", "unknown role 'admin'"),
+        ("owner:secret-1", "unknown role 'owner'"),
+        ("ingest+owner:secret-1", "unknown role 'owner'"),
         ("Read:secret-1", "unknown role 'Read'"),
         ("ingest+:secret-1", "unknown role ''"),
         ("ingest:", "secret is empty"),
@@ -364,7 +347,7 @@ def test_load_rejects_a_bad_file_naming_the_problem(tmp_path: Path, content: str
 
 @pytest.mark.parametrize(
     "settings",
-    [{"tokens": "admin:secret-1"}, {"tokens": "ingest:"}],
+    [{"tokens": "owner:secret-1"}, {"tokens": "ingest:"}],
 )
 async def test_start_refuses_bad_tokens_before_serving(tmp_path: Path, settings: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="token 1"):

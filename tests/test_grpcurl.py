@@ -740,3 +740,23 @@ def test_stream_rejects_bad_cursors(server_process: launcher.Server) -> None:
     ahead = call_error(server_process, STREAM, {"cursor": "99"})
     assert ahead.code == "OutOfRange"
     assert ahead.detail("google.rpc.ErrorInfo")["reason"] == "CURSOR_AHEAD"
+
+
+def test_dismiss_quarantine_and_prune_messages(server_process: launcher.Server) -> None:
+    rejected = call_error(server_process, INGEST, {"payload": "not a report"})  # quarantined whole
+    assert rejected.code == "InvalidArgument"
+    [item] = call(server_process, f"{SERVICE}/ListQuarantine", {})["items"]
+
+    dismissed = call(server_process, f"{SERVICE}/DismissQuarantine", {"ids": [item["id"]]})
+    assert dismissed == {"dismissed_count": 1}  # open_count 0: proto3 JSON leaves zeros out
+    [closed] = call(server_process, f"{SERVICE}/ListQuarantine", {"include_resolved": True})["items"]
+    assert "dismissed_time" in closed
+    by_age = call(server_process, f"{SERVICE}/DismissQuarantine", {"received_before": "2020-01-01T00:00:00Z"})
+    assert by_age == {}
+
+    # Nothing here is an hour old: nothing is pruned, and no cursor ever was.
+    pruned = call(server_process, f"{SERVICE}/PruneMessages", {"older_than": "3600s"})
+    assert pruned == {"pruned_through_cursor": "0"}
+    missing = call_error(server_process, f"{SERVICE}/PruneMessages", {})
+    assert missing.code == "InvalidArgument"
+    assert missing.detail("google.rpc.BadRequest")["field_violations"][0]["field"] == "older_than"

@@ -33,8 +33,7 @@ from dlrhub.transport.listener import FILE_RESERVE
 from dlrhub.transport.webhook_access import AllowList
 from tests.certs import make_certs
 from tests.conftest import FakeClock, serving
-from tests.helpers import TIMEOUT, gms_batch, ssr, ssr_payload
-from tests.test_observability import scrape, value
+from tests.helpers import TIMEOUT, gms_batch, scrape, ssr, ssr_payload, value
 from tools import launcher
 
 GMS = "/webhooks/gms"

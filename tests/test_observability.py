@@ -26,7 +26,6 @@ import grpc
 import httpx
 import pytest
 from google.protobuf.duration_pb2 import Duration
-from prometheus_client.parser import text_string_to_metric_families
 
 from deliveryreport.v1.delivery_report_service_pb2 import (
     Format,
@@ -47,7 +46,7 @@ from dlrhub.store.base import Store, Transaction
 from dlrhub.transport.poller import PollerSettings
 from tests.conftest import ROOT, FakeClock, Running, serving
 from tests.fake_provider import FakeProvider, report
-from tests.helpers import TIMEOUT, eventually
+from tests.helpers import TIMEOUT, Labels, Samples, eventually, scrape, value
 from tools import launcher
 
 if TYPE_CHECKING:
@@ -72,29 +71,6 @@ STALLING_CHANNEL_OPTIONS = [("grpc.http2.bdp_probe", 0)]
 
 
 # --- scraping ------------------------------------------------------------------------------------
-
-Labels = frozenset[tuple[str, str]]
-Samples = dict[tuple[str, Labels], float]
-
-
-async def scrape(admin_port: int | None) -> Samples:
-    """Every dlrhub_* sample on /metrics, keyed by sample name and labels."""
-    assert admin_port is not None, "the admin port is off: set admin_listen"
-    async with httpx.AsyncClient() as http:
-        response = await http.get(f"http://127.0.0.1:{admin_port}/metrics", timeout=TIMEOUT)
-    assert response.status_code == 200
-    assert response.headers["Content-Type"].startswith("text/plain")
-    samples: Samples = {}
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            if sample.name.startswith("dlrhub_"):
-                samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    """One series' value; 0 when the series does not exist (yet)."""
-    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -22,8 +23,10 @@ from deliveryreport.v1.delivery_report_pb2 import Channel, DeliveryReport
 from deliveryreport.v1.delivery_report_service_pb2 import Format
 from dlrhub.merge import digest, merge
 from dlrhub.normalise import Normaliser
-from dlrhub.store import SqliteStore, StoreError
+from dlrhub.store import SqliteStore, StoreError, postgres
 from dlrhub.store.base import Store
+from dlrhub.store.codec import encode_merge
+from dlrhub.store.common import without_raw
 from dlrhub.store.postgres import (
     AWAITING_SEEN_QUERY,
     COARSE,
@@ -35,7 +38,7 @@ from dlrhub.store.postgres import (
 from dlrhub.write.submission import Applied, Submission, apply
 from dlrhub.write.writer import request_digest
 from tests.helpers import ACCEPTED, TIMEOUT, gms_batch
-from tests.test_store_contract import BASE_SECONDS, GMS, SSR, S, commit, put, report
+from tests.test_store_contract import BASE_SECONDS, GMS, SSR, S, commit, put, received, report
 
 
 @pytest.fixture
@@ -322,3 +325,97 @@ def test_schema_3_gives_every_message_its_channel_and_time_and_indexes_those_awa
         plan = connection.execute(f"EXPLAIN {AWAITING_SEEN_QUERY}", (GMS, 0, 0, 0, 10)).fetchall()
     assert any("messages_awaiting_seen" in row[0] for row in plan), plan
     assert not any("Sort" in row[0] for row in plan), plan  # the index's order: no sort
+
+
+def test_schema_1_messages_get_their_last_change_from_their_latest_report(postgres_db: str) -> None:
+    """PG migration 4 (retention): a message's last change is the received time of the report its
+    cursor names, read from the history, so that an upgrade can prune what was stored before it."""
+    histories = [
+        [received(report("old", S.DELIVERY_STATUS_SENT, seconds=1), 100), received(report("old"), 100)],
+        [received(report("recent"), 100), received(report("recent", S.DELIVERY_STATUS_SENT), 900)],
+    ]
+    with psycopg.connect(postgres_db, autocommit=True) as connection:
+        with connection.transaction():
+            connection.execute("CREATE TABLE dlrhub_schema (version integer NOT NULL)")
+            connection.execute("INSERT INTO dlrhub_schema (version) VALUES (1)")
+            MIGRATIONS[0](connection)
+        for history in histories:
+            with connection.transaction():
+                row = connection.execute("SELECT pg_current_xact_id()::text").fetchone()
+                assert row is not None
+                state = None
+                for ordinal, incoming in enumerate(history):
+                    state = merge(state, incoming)
+                    connection.execute(
+                        "INSERT INTO reports (ordinal, source, message_id, report, state, raw, digest)"
+                        " VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                        (
+                            ordinal,
+                            SSR,
+                            incoming.message_id,
+                            without_raw(incoming),
+                            b"",
+                            "{}",
+                            digest(incoming),
+                        ),
+                    )
+                assert state is not None
+                connection.execute(
+                    "INSERT INTO messages (source, message_id, bulk_id, reference, status, report, merge,"
+                    " cursor) VALUES (%s, %s, '', '', %s, %s, %s, %s)",
+                    (
+                        SSR,
+                        state.report.message_id,
+                        state.report.status,
+                        state.report.SerializeToString(),
+                        encode_merge(state),
+                        postgres.position(int(row[0]), len(history) - 1),
+                    ),
+                )
+
+    store = PostgresStore(postgres_db)
+    try:
+        assert store.pruned_through() == 0
+        with store.transaction() as tx:
+            # "old" last changed at BASE + 100 s, "recent" at BASE + 900 s (its late SENT).
+            assert tx.prune_messages(BASE_SECONDS + 500, 10).messages == 1
+        assert store.messages("old") == []
+        assert [state.message_id for state in store.messages("recent")] == ["recent"]
+    finally:
+        store.close()
+
+
+def test_a_prune_never_deletes_a_message_a_writer_has_just_changed(stores: list[PostgresStore]) -> None:
+    """The prune takes the writers' message locks, then checks the age again: a report committed
+    between its look and its delete keeps the message (and its new history)."""
+    pruner, writer = stores[0], stores[1]
+    commit(writer, received(report("busy"), 100))
+    late = received(report("busy", S.DELIVERY_STATUS_SEEN, seconds=5), 900)
+    with ThreadPoolExecutor(max_workers=1) as pool, psycopg.connect(writer.url, autocommit=True) as watcher:
+        with writer.transaction() as tx:
+            put(tx, late)  # holds the message's lock until it commits
+            tx.flush()
+            pruned = pool.submit(_prune, pruner, BASE_SECONDS + 500)
+            # The prune has chosen "busy" (committed: last changed at 100) and waits for its lock.
+            for _ in range(1000):  # 10 s at most
+                assert not pruned.done(), "the prune did not wait for the writer's lock"
+                if _waiting_for_an_advisory_lock(watcher):
+                    break
+                time.sleep(0.01)
+            else:
+                raise AssertionError("the prune never waited for the writer's lock")
+        assert pruned.result() == 0
+    assert [state.status for state in pruner.messages("busy")] == [S.DELIVERY_STATUS_SEEN]
+    assert len(pruner.history("busy")) == 2
+
+
+def _waiting_for_an_advisory_lock(connection: psycopg.Connection[Any]) -> bool:
+    row = connection.execute(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+    ).fetchone()
+    return row is not None and row[0] > 0
+
+
+def _prune(store: PostgresStore, before: int) -> int:
+    with store.transaction() as tx:
+        return tx.prune_messages(before, 10).messages

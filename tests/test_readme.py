@@ -271,6 +271,13 @@ def _check(
         case ["dlrhub", "health", *_]:
             if done.stdout != "SERVING\n":
                 yield "not SERVING"
+        case ["dlrhub", "quarantine", "dismiss", *_]:
+            # The README's items were received just now: none is old enough to dismiss.
+            if re.fullmatch(r"dismissed 0, still open \d+\n", done.stdout) is None:
+                yield "no count of dismissed and open items"
+        case ["dlrhub", "prune", *_]:
+            if not done.stdout.startswith("pruned 0 messages (0 reports) and 0 quarantined items;"):
+                yield "no count of what was pruned (nothing is old enough here)"
         case ["dlrhub", "quarantine", *_]:
             if "INVALID_JSON" not in done.stdout:
                 yield "the README's invalid payload is not listed"

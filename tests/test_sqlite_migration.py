@@ -369,3 +369,57 @@ def test_schema_8_gives_every_message_its_channel_and_time_and_indexes_those_awa
         connection.close()
     assert any("idx_messages_awaiting_seen" in str(row[-1]) for row in plan), plan
     assert not any("TEMP B-TREE" in str(row[-1]) for row in plan), plan  # the index's order: no sort
+
+
+def test_messages_get_their_last_change_from_their_latest_report(tmp_path: Path) -> None:
+    """Schema 9 (retention): a message's last change is the received time of the report its cursor
+    names, read from the history, so that an upgrade can prune what was stored before it."""
+    path = tmp_path / "release6.db"
+    histories = {
+        "old": [ssr(S.DELIVERY_STATUS_SENT, 1, "old"), ssr(S.DELIVERY_STATUS_DELIVERED, 2, "old")],
+        "recent": [ssr(S.DELIVERY_STATUS_DELIVERED, 1, "recent"), ssr(S.DELIVERY_STATUS_SENT, 900, "recent")],
+    }
+    with schema(path, 6) as connection:
+        for history in histories.values():
+            state = folded(history)
+            cursor = 0
+            for report in history:
+                stored = DeliveryReport()
+                stored.CopyFrom(report)
+                stored.ClearField("raw_payload")
+                cursor = connection.execute(
+                    "INSERT INTO reports (source, message_id, report, state, raw, digest)"
+                    " VALUES (?, ?, ?, ?, ?, ?) RETURNING cursor",
+                    (
+                        SSR,
+                        report.message_id,
+                        stored.SerializeToString(),
+                        b"",
+                        report.raw_payload,
+                        digest(report),
+                    ),
+                ).fetchone()[0]
+            connection.execute(
+                "INSERT INTO messages (source, message_id, bulk_id, reference, status, report, merge, cursor)"
+                " VALUES (?, ?, '', '', ?, ?, ?, ?)",
+                (
+                    SSR,
+                    state.report.message_id,
+                    state.report.status,
+                    state.report.SerializeToString(),
+                    b"",
+                    cursor,
+                ),
+            )
+
+    store = SqliteStore(path)
+    try:
+        assert user_version(path) == sqlite_store.SCHEMA_VERSION
+        assert store.pruned_through() == 0
+        with store.transaction() as tx:
+            # "old" last changed at 1_700_000_102, "recent" at 1_700_001_000 (its late SENT).
+            assert tx.prune_messages(1_700_000_500, 10).messages == 1
+        assert store.messages("old") == []
+        assert store.history("recent") == histories["recent"]
+    finally:
+        store.close()

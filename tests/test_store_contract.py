@@ -31,6 +31,7 @@ from dlrhub.merge import MessageState, digest, merge
 from dlrhub.store import SqliteStore, StoreError
 from dlrhub.store.base import (
     Change,
+    Pruned,
     QuarantinedItem,
     SavedResponse,
     Selector,
@@ -906,6 +907,137 @@ def test_awaiting_seen_falls_back_to_the_received_time(engine: Handle) -> None:
     commit(engine.store, untimed)
     assert awaiting_ids(engine.store, since=10_000) == ["v-untimed"]
     assert awaiting_ids(engine.store, since=10_001) == []
+
+
+# --- retention ------------------------------------------------------------------------------------
+
+
+def received(incoming: DeliveryReport, seconds: int) -> DeliveryReport:
+    """`incoming`, received at BASE_SECONDS + `seconds`."""
+    copy = DeliveryReport()
+    copy.CopyFrom(incoming)
+    copy.received_time.CopyFrom(at(seconds))
+    return copy
+
+
+def test_prune_deletes_exactly_the_final_messages_that_last_changed_before(engine: Handle) -> None:
+    store = engine.store
+    old_final = [
+        received(report("old-final", S.DELIVERY_STATUS_SENT, seconds=1, bulk_id="B"), 100),
+        received(report("old-final", S.DELIVERY_STATUS_DELIVERED, seconds=2, bulk_id="B"), 100),
+    ]
+    old_failed = [received(report("old-failed", S.DELIVERY_STATUS_UNDELIVERED, seconds=1, source=GMS), 200)]
+    old_pending = [received(report("old-pending", S.DELIVERY_STATUS_SENT, seconds=1, bulk_id="B"), 100)]
+    recent_final = [received(report("recent-final", S.DELIVERY_STATUS_DELIVERED, seconds=1), 900)]
+    # Final long ago, but a (late, lower) report arrived recently: its last change is recent.
+    late = [
+        received(report("late", S.DELIVERY_STATUS_DELIVERED, seconds=2), 100),
+        received(report("late", S.DELIVERY_STATUS_SENT, seconds=1), 900),
+    ]
+    cursors = commit(store, *old_final, *old_pending, *recent_final, *late, *old_failed)
+    latest = store.latest_cursor()
+
+    with store.transaction() as tx:
+        pruned = tx.prune_messages(BASE_SECONDS + 500, 100)
+    assert pruned == Pruned(messages=2, reports=3)
+    for message_id in ("old-final", "old-failed"):
+        assert store.messages(message_id) == []
+        assert store.history(message_id) == []
+    for kept in (old_pending, recent_final, late):
+        assert store.history(kept[0].message_id) == kept
+    assert [change.report.message_id for change in all_changes(store)] == [
+        "old-pending",
+        "recent-final",
+        "late",
+        "late",
+    ]
+    page = store.messages_by(Selector.BULK_ID, "B", 0, 0, 10, ANY_SIZE)
+    assert (page_ids(page.states), page.status_counts) == (["old-pending"], {S.DELIVERY_STATUS_SENT: 1})
+    # The greatest cursor deleted: the last one (old-failed's) here, so the latest stays where it was.
+    assert store.pruned_through() == cursors[-1] == latest
+    assert store.latest_cursor() == latest
+    with store.transaction() as tx:
+        assert tx.prune_messages(BASE_SECONDS + 500, 100) == Pruned()
+    assert store.pruned_through() == latest
+
+    # A late report of a pruned message starts it afresh: its old reports are no longer stored.
+    again = received(report("old-final", S.DELIVERY_STATUS_SEEN, seconds=3), 1000)
+    with store.transaction() as tx:
+        assert tx.load_state(SSR, "old-final") is None
+        assert not tx.is_stored(digest(old_final[1]))
+        put(tx, again)
+    assert store.history("old-final") == [again]
+    assert [state.status for state in store.messages("old-final")] == [S.DELIVERY_STATUS_SEEN]
+
+
+def test_prune_takes_at_most_limit_messages_and_remembers_the_greatest_cursor(engine: Handle) -> None:
+    store = engine.store
+    cursors = commit(store, *(report(f"m-{n}", S.DELIVERY_STATUS_DELIVERED, seconds=n) for n in range(5)))
+    [kept] = commit(store, report("pending", S.DELIVERY_STATUS_SENT))
+    batches = []
+    for _ in range(4):
+        with store.transaction() as tx:
+            batches.append(tx.prune_messages(BASE_SECONDS + 10_001, 2).messages)
+    assert batches == [2, 2, 1, 0]
+    assert store.pruned_through() == cursors[-1]
+    assert [change.cursor for change in all_changes(store)] == [kept]
+    assert engine.reopen().pruned_through() == cursors[-1]
+
+
+def test_pruned_through_starts_at_zero_and_latest_cursor_survives_pruning_the_last(engine: Handle) -> None:
+    store = engine.store
+    assert (store.pruned_through(), store.latest_cursor()) == (0, 0)
+    [cursor] = commit(store, report("m-1", S.DELIVERY_STATUS_DELIVERED))
+    with store.transaction() as tx:
+        assert tx.prune_messages(BASE_SECONDS + 10_001, 10) == Pruned(messages=1, reports=1)
+    assert all_changes(store) == []
+    assert (store.pruned_through(), store.latest_cursor()) == (cursor, cursor)
+    [after] = commit(store, report("m-2", S.DELIVERY_STATUS_SENT))
+    assert after > cursor  # a cursor is never reused, pruned or not
+    assert store.latest_cursor() == after
+
+
+def test_dismissed_items_are_closed_kept_and_pruned_later(engine: Handle) -> None:
+    store = engine.store
+    with store.transaction() as tx:
+        for number in range(1, 6):
+            tx.quarantine(item(number))
+    ids = [quarantine_id for quarantine_id, _ in store.quarantined(0, 10)]
+    with store.transaction() as tx:
+        # By id; an id dismissed already (or not open) is left as it is.
+        assert tx.dismiss_quarantined(NOW, 10, ids=[ids[0], ids[1]]) == 2
+        assert tx.dismiss_quarantined(NOW + 5, 10, ids=[ids[0]]) == 0
+        # By the last received time: item 3 was received at BASE + 3 s and 3,000,007 ns.
+        before = Timestamp(seconds=BASE_SECONDS + 3, nanos=3_000_007)
+        assert tx.dismiss_quarantined(NOW, 10, received_before=before) == 0
+        before.nanos += 1
+        assert tx.dismiss_quarantined(NOW, 10, received_before=before) == 1
+        # Item 4, received again after the cut-off, is still live; item 5 is resolved, not open.
+        tx.quarantine(replace(item(4), received_seconds=BASE_SECONDS + 100))
+        tx.resolve_quarantined(ids[4], NOW + 10)
+        assert tx.dismiss_quarantined(NOW, 10, received_before=at(50)) == 0
+    assert store.open_quarantine_count() == 1
+    assert [quarantine_id for quarantine_id, _ in store.quarantined(0, 10, include_resolved=False)] == [
+        ids[3]
+    ]
+    closed = dict(store.quarantined(0, 10))
+    assert [closed[i].dismissed_seconds for i in ids] == [NOW, NOW, NOW, None, None]
+    assert closed[ids[4]].resolved_seconds == NOW + 10
+
+    # The same item received again after its dismissal is a new open item.
+    with store.transaction() as tx:
+        tx.quarantine(replace(item(1), received_seconds=NOW + 20))
+    assert store.open_quarantine_count() == 2
+    assert len(store.quarantined(0, 10)) == 6
+
+    # Pruning deletes closed items closed before the cut-off, never open ones.
+    with store.transaction() as tx:
+        assert tx.prune_quarantined(NOW + 1, 2) == 2
+        assert tx.prune_quarantined(NOW + 1, 2) == 1
+        assert tx.prune_quarantined(NOW + 1, 2) == 0
+        assert tx.prune_quarantined(NOW + 11, 10) == 1  # the resolved one
+    assert [found.dismissed_seconds for _, found in store.quarantined(0, 10)] == [None, None]
+    assert store.open_quarantine_count() == 2
 
 
 # --- SQLite: the schema version ------------------------------------------------------------------

@@ -22,8 +22,7 @@ import pytest
 
 from deliveryreport.v1.delivery_report_service_pb2 import GetMessageRequest, IngestRequest
 from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
-from tests.helpers import TIMEOUT, gms_batch
-from tests.test_observability import scrape, value
+from tests.helpers import TIMEOUT, gms_batch, scrape, value
 from tools import launcher
 
 REPEAT_INTERVAL = 1.0

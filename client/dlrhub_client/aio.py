@@ -7,7 +7,7 @@ import json
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -18,6 +18,8 @@ from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from deliveryreport.v1 import delivery_report_service_pb2_grpc as service_grpc
 from deliveryreport.v1.delivery_report_pb2 import Channel, DeliveryReport, DeliveryStatus, Source
 from deliveryreport.v1.delivery_report_service_pb2 import (
+    DismissQuarantineRequest,
+    DismissQuarantineResponse,
     Format,
     GetMessageRequest,
     GetMessageResponse,
@@ -28,6 +30,8 @@ from deliveryreport.v1.delivery_report_service_pb2 import (
     ListMessagesResponse,
     ListQuarantineRequest,
     ListQuarantineResponse,
+    PruneMessagesRequest,
+    PruneMessagesResponse,
     QuarantinedItem,
     RenormaliseQuarantineRequest,
     RenormaliseQuarantineResponse,
@@ -247,6 +251,31 @@ class AsyncClient:
         request = RenormaliseQuarantineRequest(ids=list(ids))
         return await self._unary(
             self._stub.RenormaliseQuarantine(request, timeout=self._timeout, metadata=self._metadata)
+        )
+
+    async def dismiss_quarantine(
+        self, ids: Iterable[int] = (), *, received_before: datetime | None = None
+    ) -> DismissQuarantineResponse:
+        """Dismisses quarantined items: those with these ids, or every open one last received before
+        `received_before` (an aware datetime). They no longer count as open. Needs the admin role."""
+        request = DismissQuarantineRequest(ids=list(ids))
+        if received_before is not None:
+            request.received_before.FromDatetime(received_before)
+        return await self._unary(
+            self._stub.DismissQuarantine(request, timeout=self._timeout, metadata=self._metadata)
+        )
+
+    # Retention.
+
+    async def prune_messages(self, older_than: timedelta | None = None) -> PruneMessagesResponse:
+        """Prunes, now, the final messages (with their history) and closed quarantined items that
+        last changed longer ago than `older_than` (None: the server's DLRHUB_RETENTION). Needs the
+        admin role."""
+        request = PruneMessagesRequest()
+        if older_than is not None:
+            request.older_than.FromTimedelta(older_than)
+        return await self._unary(
+            self._stub.PruneMessages(request, timeout=self._timeout, metadata=self._metadata)
         )
 
     # Health.

@@ -5,6 +5,9 @@
     dlrhub tail [--bulk-id ID] [--message-id ID ...] [--status S ...] [--channel C ...] [--source S]
                 [--cursor C | --from-beginning] [--heartbeats [--heartbeat-interval SECONDS]]
     dlrhub quarantine [--all] [--json]          list rejected items
+    dlrhub quarantine dismiss (ID ... | --older-than DURATION)   close junk items without storing them
+    dlrhub prune [--older-than DURATION] [--json]   delete final messages older than that (default:
+                                                the server's DLRHUB_RETENTION) and closed items
     dlrhub renormalise [ID ...] [--json]        run them (default: all open) through the normaliser again
     dlrhub health [--service NAME]              the server's health (grpc.health.v1)
     dlrhub completion bash|zsh                  a shell completion script
@@ -30,7 +33,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, TextIO
@@ -40,9 +43,10 @@ from google.protobuf.message import Message
 from grpc_health.v1.health_pb2 import HealthCheckResponse
 
 from deliveryreport.v1.delivery_report_pb2 import Channel, DeliveryReport, DeliveryStatus, Source
-from deliveryreport.v1.delivery_report_service_pb2 import Format, StatusCount
+from deliveryreport.v1.delivery_report_service_pb2 import Format, QuarantinedItem, StatusCount
 from dlrhub_client import __version__, completion
 from dlrhub_client.aio import DEFAULT_TARGET, AsyncClient, TlsConfig
+from dlrhub_client.durations import parse_duration
 from dlrhub_client.errors import DlrhubClientError, InvalidArgumentError, NotFoundError, UnavailableError
 from dlrhub_client.payloads import Document, InvalidJson, batch, batch_items, decode
 
@@ -238,13 +242,45 @@ def register(commands: Any) -> None:
 
     quarantine = add(
         "quarantine",
-        "list rejected (quarantined) items",
+        "list rejected (quarantined) items, or dismiss them",
         "  dlrhub quarantine                           the open items, as a table\n"
-        "  dlrhub quarantine --all --json              resolved ones too, as JSON lines\n",
+        "  dlrhub quarantine --all --json              closed ones too, as JSON lines\n"
+        "  dlrhub quarantine dismiss 12 13             these items stop counting as open\n"
+        "  dlrhub quarantine dismiss --older-than 7d   every open item not received for 7 days\n",
+        "List rejected (quarantined) items; or, with `dismiss`, close junk items without storing them:"
+        " they stop counting as open (the dlrhub_quarantine_open gauge) and are kept until retention"
+        " prunes them. Dismissing needs a token with the admin role.",
     )
-    quarantine.add_argument("--all", action="store_true", help="resolved items too")
+    quarantine.add_argument("action", nargs="?", choices=["dismiss"], help="dismiss items instead of listing")
+    quarantine.add_argument("ids", nargs="*", type=int, help="with dismiss: quarantine ids")
+    quarantine.add_argument(
+        "--older-than",
+        type=_duration,
+        metavar="DURATION",
+        help="with dismiss: every open item last received longer ago than this (90m, 12h, 7d)",
+    )
+    quarantine.add_argument("--all", action="store_true", help="closed (resolved, dismissed) items too")
     quarantine.add_argument("--json", action="store_true", help="JSON lines instead of a table")
-    quarantine.set_defaults(run=lambda options: _run(options, _quarantine))
+    quarantine.set_defaults(run=lambda options: _run_quarantine(quarantine, options))
+
+    prune = add(
+        "prune",
+        "delete final messages and closed quarantined items older than a duration",
+        "  dlrhub prune                                what the server's DLRHUB_RETENTION allows, now\n"
+        "  dlrhub prune --older-than 90d               final messages not changed for 90 days\n",
+        "Delete, now, every message in a final status whose last report was received longer ago than"
+        " the duration, with its history and raw text, and every resolved or dismissed quarantined item"
+        " closed longer ago than that. Streams resumed from a cursor before a pruned change are then"
+        " refused (OUT_OF_RANGE). Needs a token with the admin role.",
+    )
+    prune.add_argument(
+        "--older-than",
+        type=_duration,
+        metavar="DURATION",
+        help="default: the server's DLRHUB_RETENTION (90m, 12h, 30d, 2w, or seconds)",
+    )
+    prune.add_argument("--json", action="store_true", help="the response as JSON")
+    prune.set_defaults(run=lambda options: _run(options, _prune))
 
     renormalise = add(
         "renormalise",
@@ -266,6 +302,17 @@ def register(commands: Any) -> None:
         "--service", default="", help="one of the server's health services (default: the server)"
     )
     health.set_defaults(run=lambda options: _run(options, _health))
+
+
+def _duration(text: str) -> timedelta:
+    """An argument type: a duration such as 7d (dlrhub_client.durations)."""
+    try:
+        duration = parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if not duration:
+        raise argparse.ArgumentTypeError("a duration of at least 1 second")
+    return duration
 
 
 class _EnumValue:
@@ -634,6 +681,12 @@ def _json(message: Message) -> str:
 # quarantine
 
 
+def _state(item: QuarantinedItem) -> str:
+    if item.HasField("resolved_time"):
+        return "resolved"
+    return "dismissed" if item.HasField("dismissed_time") else "open"
+
+
 async def _quarantine(client: AsyncClient, options: argparse.Namespace) -> int:
     items = [item async for item in client.iter_quarantine(include_resolved=options.all)]
     if options.json:
@@ -645,7 +698,7 @@ async def _quarantine(client: AsyncClient, options: argparse.Namespace) -> int:
             str(item.id),
             item.received_time.ToJsonString(),
             Format.Name(item.format).removeprefix("FORMAT_").lower(),
-            "resolved" if item.HasField("resolved_time") else "open",
+            _state(item),
             item.error.field,
             item.error.reason,
             item.error.description,
@@ -655,6 +708,40 @@ async def _quarantine(client: AsyncClient, options: argparse.Namespace) -> int:
     _print_rows(rows)
     if not items:
         print("(nothing quarantined)")
+    return EXIT_OK
+
+
+def _run_quarantine(parser: argparse.ArgumentParser, options: argparse.Namespace) -> int:
+    """`quarantine` lists; `quarantine dismiss` dismisses by ids or by age (exactly one)."""
+    if options.action != "dismiss":
+        if options.ids or options.older_than is not None:
+            parser.error("ids and --older-than go with dismiss: dlrhub quarantine dismiss ID ...")
+        return _run(options, _quarantine)
+    if bool(options.ids) == (options.older_than is not None):
+        parser.error("dismiss takes ids or --older-than DURATION, not both")
+    return _run(options, _dismiss)
+
+
+async def _dismiss(client: AsyncClient, options: argparse.Namespace) -> int:
+    before = None if options.older_than is None else datetime.now(UTC) - options.older_than
+    response = await client.dismiss_quarantine(options.ids, received_before=before)
+    if options.json:
+        print(_json(response))
+    else:
+        print(f"dismissed {response.dismissed_count}, still open {response.open_count}")
+    return EXIT_OK
+
+
+async def _prune(client: AsyncClient, options: argparse.Namespace) -> int:
+    response = await client.prune_messages(options.older_than)
+    if options.json:
+        print(_json(response))
+    else:
+        print(
+            f"pruned {response.message_count} messages ({response.report_count} reports) and"
+            f" {response.quarantined_count} quarantined items; streams resume after cursor"
+            f" {response.pruned_through_cursor} or later"
+        )
     return EXIT_OK
 
 

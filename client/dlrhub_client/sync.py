@@ -5,19 +5,21 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from grpc_health.v1.health_pb2 import HealthCheckResponse
 
 from deliveryreport.v1.delivery_report_pb2 import Channel, DeliveryReport, DeliveryStatus, Source
 from deliveryreport.v1.delivery_report_service_pb2 import (
+    DismissQuarantineResponse,
     Format,
     GetMessageResponse,
     IngestResponse,
     IngestResponseView,
     ListMessagesResponse,
     ListQuarantineResponse,
+    PruneMessagesResponse,
     QuarantinedItem,
     RenormaliseQuarantineResponse,
     StreamResponse,
@@ -161,6 +163,14 @@ class Client:
 
     def renormalise_quarantine(self, ids: Iterable[int] = ()) -> RenormaliseQuarantineResponse:
         return self._run(self._client.renormalise_quarantine(ids))
+
+    def dismiss_quarantine(
+        self, ids: Iterable[int] = (), *, received_before: datetime | None = None
+    ) -> DismissQuarantineResponse:
+        return self._run(self._client.dismiss_quarantine(ids, received_before=received_before))
+
+    def prune_messages(self, older_than: timedelta | None = None) -> PruneMessagesResponse:
+        return self._run(self._client.prune_messages(older_than))
 
     def check_health(self, service: str = "") -> HealthCheckResponse.ServingStatus.ValueType:
         return self._run(self._client.check_health(service))

@@ -46,6 +46,7 @@ from dlrhub.transport.service import DeliveryReportService
 from dlrhub.transport.webhook_access import Access, AllowList, WebhookAuth
 from dlrhub.write.committer import Committer
 from dlrhub.write.expiry import RequestIdExpiry
+from dlrhub.write.retention import Retention
 from dlrhub.write.writer import Writer
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ class App:
     normalisers: ThreadPoolExecutor
     writer: Writer
     expiry: RequestIdExpiry
+    retention: Retention
     poller: Poller | None = None
     admin: HttpListener | None = None
     # Reads other processes' changes into the hub when the store is shared; None otherwise.
@@ -128,6 +130,7 @@ class App:
         self.call_log.close()  # and lines of streams that end later are logged at once
         self.normalisers.shutdown(wait=True)
         await self.expiry.stop()
+        await self.retention.stop()
         await self.committer.stop()
         await _runner(self.reads)(self.store.close)
         self.reads.shutdown(wait=True)
@@ -187,7 +190,7 @@ async def start(
         health_servicer = health_aio.HealthServicer()
         metrics = Metrics()
         committer, store_health, follower = await _committing(store, hub, metrics, health_servicer, started)
-        expiry = _request_id_expiry(committer, clock, settings.request_id_ttl, started)
+        expiry, retention = _upkeep(committer, clock, settings, started)
         writer = Writer(
             normaliser,
             committer,
@@ -201,7 +204,14 @@ async def start(
         )
 
         service = DeliveryReportService(
-            writer=writer, store=store, hub=hub, read=read, max_streams=settings.max_streams
+            writer=writer,
+            store=store,
+            hub=hub,
+            read=read,
+            committer=committer,
+            retention=retention,
+            clock=clock,
+            max_streams=settings.max_streams,
         )
         call_log = CallLog(traced=tracing is not None)
         http_log = CallLog(logging.getLogger(webhooks.__name__), "http")
@@ -253,6 +263,7 @@ async def start(
         normalisers,
         writer,
         expiry,
+        retention,
         poller,
         admin_listener,
         follower,
@@ -278,6 +289,7 @@ async def start(
             "gms_seen": gms_seen is not None,
             "tls": tls_files is not None,
             "auth": tokens is not None,
+            "retention_seconds": settings.retention,
         },
     )
     return app
@@ -377,14 +389,18 @@ async def _committing(
     return committer, store_health, follower
 
 
-def _request_id_expiry(
-    committer: Committer, clock: Callable[[], int], ttl_seconds: int, started: contextlib.AsyncExitStack
-) -> RequestIdExpiry:
-    """The expiry of request ids, started (stopped by `started` if starting fails later)."""
-    expiry = RequestIdExpiry(committer, clock, ttl_seconds)
+def _upkeep(
+    committer: Committer, clock: Callable[[], int], settings: Settings, started: contextlib.AsyncExitStack
+) -> tuple[RequestIdExpiry, Retention]:
+    """The expiry of request ids and the retention, started (stopped by `started` if starting fails
+    later)."""
+    expiry = RequestIdExpiry(committer, clock, settings.request_id_ttl)
     expiry.start()
     started.push_async_callback(expiry.stop)
-    return expiry
+    retention = Retention(committer, clock, settings.retention)
+    retention.start()
+    started.push_async_callback(retention.stop)
+    return expiry, retention
 
 
 def _grpc_server(

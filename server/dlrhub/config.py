@@ -13,9 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dlrhub_client.durations import parse_duration
+
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_DB = Path("data") / "dlrhub.db"
 DEFAULT_HTTP_LISTEN = "127.0.0.1:8080"
+# A number of seconds, written in the environment as a duration: 90s, 15m, 12h, 30d, 2w.
+Seconds = int
 
 
 def _env(name: str, default: Any) -> Any:
@@ -39,6 +43,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "int": int,
     "float": float,
     "bool": _boolean,
+    "Seconds | None": lambda text: int(parse_duration(text).total_seconds()),
 }
 
 
@@ -131,6 +136,10 @@ class Settings:
     max_streams: int = _env("DLRHUB_MAX_STREAMS", 1000)
     # Seconds an Ingest request id is remembered (its answer replayed to a retry); then it is new.
     request_id_ttl: int = _env("DLRHUB_REQUEST_ID_TTL", 86_400)
+    # Retention: messages in a final status, with their history and raw text, and resolved or
+    # dismissed quarantined items, are deleted once their last change is older than this
+    # (write/retention.py); unset: kept forever.
+    retention: Seconds | None = _env("DLRHUB_RETENTION", None)
     # Payload bytes being normalised and committed at once; more waits its turn. It bounds memory:
     # a payload takes many times its size until its commit is answered.
     write_budget_bytes: int = _env("DLRHUB_WRITE_BUDGET_BYTES", 16 * 1024 * 1024)
@@ -142,6 +151,8 @@ class Settings:
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ValueError(f"DLRHUB_WORKERS: at least 1, not {self.workers}")
+        if self.retention is not None and self.retention < 1:
+            raise ValueError(f"DLRHUB_RETENTION: at least 1 second, not {self.retention}")
         if self.request_id_ttl < 1:
             raise ValueError(f"DLRHUB_REQUEST_ID_TTL: at least 1 second, not {self.request_id_ttl}")
         for name, size in (

@@ -542,7 +542,9 @@ class StreamRequest(_message.Message):
     IngestResult). A malformed cursor is INVALID_ARGUMENT.
     """
     from_beginning: _builtins.bool
-    """Replay every stored change from the first, then go live."""
+    """Replay every stored change from the first (what retention left), then
+    go live.
+    """
     @_builtins.property
     def message_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Only changes of these messages."""
@@ -743,6 +745,7 @@ class QuarantinedItem(_message.Message):
     RESOLVED_TIME_FIELD_NUMBER: _builtins.int
     RECEIVED_COUNT_FIELD_NUMBER: _builtins.int
     LAST_RECEIVED_TIME_FIELD_NUMBER: _builtins.int
+    DISMISSED_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Identifier in the quarantine, increasing with time (int64, as an
     identifier: it only grows).
@@ -778,6 +781,10 @@ class QuarantinedItem(_message.Message):
     def last_received_time(self) -> _timestamp_pb2.Timestamp:
         """When it was last received (`received_time` when it was received once)."""
 
+    @_builtins.property
+    def dismissed_time(self) -> _timestamp_pb2.Timestamp:
+        """Set once DismissQuarantine dismissed it (it is no longer open)."""
+
     def __init__(
         self,
         *,
@@ -791,10 +798,11 @@ class QuarantinedItem(_message.Message):
         resolved_time: _timestamp_pb2.Timestamp | None = ...,
         received_count: _builtins.int = ...,
         last_received_time: _timestamp_pb2.Timestamp | None = ...,
+        dismissed_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "last_received_time", b"last_received_time", "received_time", b"received_time", "resolved_time", b"resolved_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dismissed_time", b"dismissed_time", "error", b"error", "last_received_time", b"last_received_time", "received_time", b"received_time", "resolved_time", b"resolved_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "format", b"format", "id", b"id", "last_received_time", b"last_received_time", "raw", b"raw", "received_count", b"received_count", "received_time", b"received_time", "request_id", b"request_id", "resolved_time", b"resolved_time", "whole_payload", b"whole_payload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dismissed_time", b"dismissed_time", "error", b"error", "format", b"format", "id", b"id", "last_received_time", b"last_received_time", "raw", b"raw", "received_count", b"received_count", "received_time", b"received_time", "request_id", b"request_id", "resolved_time", b"resolved_time", "whole_payload", b"whole_payload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -817,7 +825,9 @@ class ListQuarantineRequest(_message.Message):
     page_token: _builtins.str
     """The `next_page_token` of a previous response."""
     include_resolved: _builtins.bool
-    """Also list items that were resolved by a re-normalisation."""
+    """Also list items that are closed: resolved by a re-normalisation, or
+    dismissed.
+    """
     def __init__(
         self,
         *,
@@ -845,7 +855,7 @@ class ListQuarantineResponse(_message.Message):
     next_page_token: _builtins.str
     """Token of the next page; empty on the last page."""
     open_count: _builtins.int
-    """Number of items still open (not resolved), in all."""
+    """Number of items still open (neither resolved nor dismissed), in all."""
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___QuarantinedItem]:
         """The items, oldest first."""
@@ -958,3 +968,131 @@ class RenormaliseQuarantineResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RenormaliseQuarantineResponse: _TypeAlias = RenormaliseQuarantineResponse  # noqa: Y015
+
+@_typing.final
+class DismissQuarantineRequest(_message.Message):
+    """The request of DismissQuarantine: exactly one of `ids` and
+    `received_before` (INVALID_ARGUMENT otherwise).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDS_FIELD_NUMBER: _builtins.int
+    RECEIVED_BEFORE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The items to dismiss (at most 10,000). An id of no quarantined item is
+        NOT_FOUND and nothing is dismissed; items already closed (resolved or
+        dismissed) are left as they are.
+        """
+
+    @_builtins.property
+    def received_before(self) -> _timestamp_pb2.Timestamp:
+        """Dismiss every open item last received before this time (an item
+        received again since is still live, and stays open).
+        """
+
+    def __init__(
+        self,
+        *,
+        ids: _abc.Iterable[_builtins.int] | None = ...,
+        received_before: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["received_before", b"received_before"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ids", b"ids", "received_before", b"received_before"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DismissQuarantineRequest: _TypeAlias = DismissQuarantineRequest  # noqa: Y015
+
+@_typing.final
+class DismissQuarantineResponse(_message.Message):
+    """The response of DismissQuarantine."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DISMISSED_COUNT_FIELD_NUMBER: _builtins.int
+    OPEN_COUNT_FIELD_NUMBER: _builtins.int
+    dismissed_count: _builtins.int
+    """Items this call dismissed."""
+    open_count: _builtins.int
+    """Items still open, in all, after the call."""
+    def __init__(
+        self,
+        *,
+        dismissed_count: _builtins.int = ...,
+        open_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dismissed_count", b"dismissed_count", "open_count", b"open_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DismissQuarantineResponse: _TypeAlias = DismissQuarantineResponse  # noqa: Y015
+
+@_typing.final
+class PruneMessagesRequest(_message.Message):
+    """The request of PruneMessages."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OLDER_THAN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def older_than(self) -> _duration_pb2.Duration:
+        """Prune what last changed longer ago than this: a message's age runs from
+        the received time of its latest stored report, a quarantined item's from
+        when it was resolved or dismissed. At least 1 second. Unset: the
+        server's DLRHUB_RETENTION (INVALID_ARGUMENT when retention is off).
+        """
+
+    def __init__(
+        self,
+        *,
+        older_than: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["older_than", b"older_than"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["older_than", b"older_than"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PruneMessagesRequest: _TypeAlias = PruneMessagesRequest  # noqa: Y015
+
+@_typing.final
+class PruneMessagesResponse(_message.Message):
+    """The response of PruneMessages."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_COUNT_FIELD_NUMBER: _builtins.int
+    REPORT_COUNT_FIELD_NUMBER: _builtins.int
+    QUARANTINED_COUNT_FIELD_NUMBER: _builtins.int
+    PRUNED_THROUGH_CURSOR_FIELD_NUMBER: _builtins.int
+    message_count: _builtins.int
+    """Messages deleted, with their histories."""
+    report_count: _builtins.int
+    """Reports of those histories deleted."""
+    quarantined_count: _builtins.int
+    """Closed quarantined items deleted."""
+    pruned_through_cursor: _builtins.str
+    """The greatest cursor ever pruned (position 0, "0" on SQLite, when nothing
+    ever was): a Stream resumed after it, or later, has lost nothing; one
+    resumed before it is OUT_OF_RANGE.
+    """
+    def __init__(
+        self,
+        *,
+        message_count: _builtins.int = ...,
+        report_count: _builtins.int = ...,
+        quarantined_count: _builtins.int = ...,
+        pruned_through_cursor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message_count", b"message_count", "pruned_through_cursor", b"pruned_through_cursor", "quarantined_count", b"quarantined_count", "report_count", b"report_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PruneMessagesResponse: _TypeAlias = PruneMessagesResponse  # noqa: Y015

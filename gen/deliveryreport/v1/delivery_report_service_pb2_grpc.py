@@ -87,6 +87,16 @@ class DeliveryReportServiceStub:
                 request_serializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.RenormaliseQuarantineRequest.SerializeToString,
                 response_deserializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.RenormaliseQuarantineResponse.FromString,
                 _registered_method=True)
+        self.DismissQuarantine = channel.unary_unary(
+                '/deliveryreport.v1.DeliveryReportService/DismissQuarantine',
+                request_serializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.DismissQuarantineRequest.SerializeToString,
+                response_deserializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.DismissQuarantineResponse.FromString,
+                _registered_method=True)
+        self.PruneMessages = channel.unary_unary(
+                '/deliveryreport.v1.DeliveryReportService/PruneMessages',
+                request_serializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.PruneMessagesRequest.SerializeToString,
+                response_deserializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.PruneMessagesResponse.FromString,
+                _registered_method=True)
 
 
 class DeliveryReportServiceServicer:
@@ -182,6 +192,32 @@ class DeliveryReportServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DismissQuarantine(self, request, context):
+        """Dismisses quarantined items, by id or by age: a dismissed item is no
+        longer open (it leaves `open_count` and the dlrhub_quarantine_open gauge)
+        but is kept, with its `dismissed_time`, until retention prunes it. The
+        same item received again later is a new open item. Needs the `admin`
+        role.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PruneMessages(self, request, context):
+        """Prunes now what retention prunes periodically (DLRHUB_RETENTION): every
+        message in a final status (DELIVERED, SEEN, UNDELIVERED, EXPIRED,
+        REJECTED, FAILED) whose last change was received longer ago than
+        `older_than`, with its history and raw text, and every resolved or
+        dismissed quarantined item closed longer ago than that. It deletes a
+        small batch per transaction, so Ingest is served meanwhile. A report
+        that arrives later for a pruned message starts it afresh. A Stream
+        resumed from a cursor before a pruned change is OUT_OF_RANGE
+        (CURSOR_PRUNED). Needs the `admin` role.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeliveryReportServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -219,6 +255,16 @@ def add_DeliveryReportServiceServicer_to_server(servicer, server):
                     servicer.RenormaliseQuarantine,
                     request_deserializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.RenormaliseQuarantineRequest.FromString,
                     response_serializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.RenormaliseQuarantineResponse.SerializeToString,
+            ),
+            'DismissQuarantine': grpc.unary_unary_rpc_method_handler(
+                    servicer.DismissQuarantine,
+                    request_deserializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.DismissQuarantineRequest.FromString,
+                    response_serializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.DismissQuarantineResponse.SerializeToString,
+            ),
+            'PruneMessages': grpc.unary_unary_rpc_method_handler(
+                    servicer.PruneMessages,
+                    request_deserializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.PruneMessagesRequest.FromString,
+                    response_serializer=deliveryreport_dot_v1_dot_delivery__report__service__pb2.PruneMessagesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -428,6 +474,60 @@ class DeliveryReportService:
             '/deliveryreport.v1.DeliveryReportService/RenormaliseQuarantine',
             deliveryreport_dot_v1_dot_delivery__report__service__pb2.RenormaliseQuarantineRequest.SerializeToString,
             deliveryreport_dot_v1_dot_delivery__report__service__pb2.RenormaliseQuarantineResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DismissQuarantine(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deliveryreport.v1.DeliveryReportService/DismissQuarantine',
+            deliveryreport_dot_v1_dot_delivery__report__service__pb2.DismissQuarantineRequest.SerializeToString,
+            deliveryreport_dot_v1_dot_delivery__report__service__pb2.DismissQuarantineResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PruneMessages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deliveryreport.v1.DeliveryReportService/PruneMessages',
+            deliveryreport_dot_v1_dot_delivery__report__service__pb2.PruneMessagesRequest.SerializeToString,
+            deliveryreport_dot_v1_dot_delivery__report__service__pb2.PruneMessagesResponse.FromString,
             options,
             channel_credentials,
             insecure,

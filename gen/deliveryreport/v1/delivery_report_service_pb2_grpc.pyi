@@ -98,6 +98,24 @@ class DeliveryReportServiceStub:
     again (after a fix), with an outcome per item. Items that now normalise
     are stored like any Ingest and marked resolved; the others stay open.
     """
+    DismissQuarantine: _grpc.UnaryUnaryMultiCallable[_delivery_report_service_pb2.DismissQuarantineRequest, _delivery_report_service_pb2.DismissQuarantineResponse]
+    """Dismisses quarantined items, by id or by age: a dismissed item is no
+    longer open (it leaves `open_count` and the dlrhub_quarantine_open gauge)
+    but is kept, with its `dismissed_time`, until retention prunes it. The
+    same item received again later is a new open item. Needs the `admin`
+    role.
+    """
+    PruneMessages: _grpc.UnaryUnaryMultiCallable[_delivery_report_service_pb2.PruneMessagesRequest, _delivery_report_service_pb2.PruneMessagesResponse]
+    """Prunes now what retention prunes periodically (DLRHUB_RETENTION): every
+    message in a final status (DELIVERED, SEEN, UNDELIVERED, EXPIRED,
+    REJECTED, FAILED) whose last change was received longer ago than
+    `older_than`, with its history and raw text, and every resolved or
+    dismissed quarantined item closed longer ago than that. It deletes a
+    small batch per transaction, so Ingest is served meanwhile. A report
+    that arrives later for a pruned message starts it afresh. A Stream
+    resumed from a cursor before a pruned change is OUT_OF_RANGE
+    (CURSOR_PRUNED). Needs the `admin` role.
+    """
 
 @_typing.type_check_only
 class DeliveryReportServiceAsyncStub(DeliveryReportServiceStub):
@@ -165,6 +183,24 @@ class DeliveryReportServiceAsyncStub(DeliveryReportServiceStub):
     """Runs quarantined items through the current normaliser and code tables
     again (after a fix), with an outcome per item. Items that now normalise
     are stored like any Ingest and marked resolved; the others stay open.
+    """
+    DismissQuarantine: _aio.UnaryUnaryMultiCallable[_delivery_report_service_pb2.DismissQuarantineRequest, _delivery_report_service_pb2.DismissQuarantineResponse]  # type: ignore[assignment]
+    """Dismisses quarantined items, by id or by age: a dismissed item is no
+    longer open (it leaves `open_count` and the dlrhub_quarantine_open gauge)
+    but is kept, with its `dismissed_time`, until retention prunes it. The
+    same item received again later is a new open item. Needs the `admin`
+    role.
+    """
+    PruneMessages: _aio.UnaryUnaryMultiCallable[_delivery_report_service_pb2.PruneMessagesRequest, _delivery_report_service_pb2.PruneMessagesResponse]  # type: ignore[assignment]
+    """Prunes now what retention prunes periodically (DLRHUB_RETENTION): every
+    message in a final status (DELIVERED, SEEN, UNDELIVERED, EXPIRED,
+    REJECTED, FAILED) whose last change was received longer ago than
+    `older_than`, with its history and raw text, and every resolved or
+    dismissed quarantined item closed longer ago than that. It deletes a
+    small batch per transaction, so Ingest is served meanwhile. A report
+    that arrives later for a pruned message starts it afresh. A Stream
+    resumed from a cursor before a pruned change is OUT_OF_RANGE
+    (CURSOR_PRUNED). Needs the `admin` role.
     """
 
 class DeliveryReportServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -272,6 +308,36 @@ class DeliveryReportServiceServicer(metaclass=_abc_1.ABCMeta):
         """Runs quarantined items through the current normaliser and code tables
         again (after a fix), with an outcome per item. Items that now normalise
         are stored like any Ingest and marked resolved; the others stay open.
+        """
+
+    @_abc_1.abstractmethod
+    def DismissQuarantine(
+        self,
+        request: _delivery_report_service_pb2.DismissQuarantineRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_delivery_report_service_pb2.DismissQuarantineResponse, _abc.Awaitable[_delivery_report_service_pb2.DismissQuarantineResponse]]:
+        """Dismisses quarantined items, by id or by age: a dismissed item is no
+        longer open (it leaves `open_count` and the dlrhub_quarantine_open gauge)
+        but is kept, with its `dismissed_time`, until retention prunes it. The
+        same item received again later is a new open item. Needs the `admin`
+        role.
+        """
+
+    @_abc_1.abstractmethod
+    def PruneMessages(
+        self,
+        request: _delivery_report_service_pb2.PruneMessagesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_delivery_report_service_pb2.PruneMessagesResponse, _abc.Awaitable[_delivery_report_service_pb2.PruneMessagesResponse]]:
+        """Prunes now what retention prunes periodically (DLRHUB_RETENTION): every
+        message in a final status (DELIVERED, SEEN, UNDELIVERED, EXPIRED,
+        REJECTED, FAILED) whose last change was received longer ago than
+        `older_than`, with its history and raw text, and every resolved or
+        dismissed quarantined item closed longer ago than that. It deletes a
+        small batch per transaction, so Ingest is served meanwhile. A report
+        that arrives later for a pruned message starts it afresh. A Stream
+        resumed from a cursor before a pruned change is OUT_OF_RANGE
+        (CURSOR_PRUNED). Needs the `admin` role.
         """
 
 def add_DeliveryReportServiceServicer_to_server(servicer: DeliveryReportServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -123,15 +123,26 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The server is shutting down (UNAVAILABLE): retry, resuming after the
     last cursor received.
     """
+    CURSOR_PRUNED: _ErrorReason.ValueType  # 65
+    """A `cursor` before changes that retention pruned (OUT_OF_RANGE), as
+    Kubernetes watch answers 410 Gone and etcd a compacted revision: resuming
+    there would skip changes silently. Also how a stream ends that was still
+    catching up from the store when a prune deleted changes ahead of it.
+    Metadata: `cursor` (the last position covered), `oldest_cursor`
+    (the greatest pruned cursor: a Stream may resume after it; re-read the
+    current states with GetMessage or ListMessages first, since the pruned
+    changes are gone).
+    """
     TOO_MANY_IDS: _ErrorReason.ValueType  # 70
     """Quarantine.
 
-    RenormaliseQuarantine with more ids than one call may carry. Metadata:
-    `max_ids`.
+    RenormaliseQuarantine or DismissQuarantine with more ids than one call
+    may carry. Metadata: `max_ids`.
     """
     QUARANTINED_ITEM_NOT_FOUND: _ErrorReason.ValueType  # 71
-    """RenormaliseQuarantine with an id of no quarantined item; nothing was
-    run. Metadata: `ids` (the first ones), `count`.
+    """RenormaliseQuarantine or DismissQuarantine with an id of no quarantined
+    item; nothing was run or dismissed. Metadata: `ids` (the first ones),
+    `count`.
     """
     MISSING_TOKEN: _ErrorReason.ValueType  # 80
     """Authentication (gRPC) and the webhooks' credentials.
@@ -293,15 +304,26 @@ SHUTTING_DOWN: ErrorReason.ValueType  # 64
 """The server is shutting down (UNAVAILABLE): retry, resuming after the
 last cursor received.
 """
+CURSOR_PRUNED: ErrorReason.ValueType  # 65
+"""A `cursor` before changes that retention pruned (OUT_OF_RANGE), as
+Kubernetes watch answers 410 Gone and etcd a compacted revision: resuming
+there would skip changes silently. Also how a stream ends that was still
+catching up from the store when a prune deleted changes ahead of it.
+Metadata: `cursor` (the last position covered), `oldest_cursor`
+(the greatest pruned cursor: a Stream may resume after it; re-read the
+current states with GetMessage or ListMessages first, since the pruned
+changes are gone).
+"""
 TOO_MANY_IDS: ErrorReason.ValueType  # 70
 """Quarantine.
 
-RenormaliseQuarantine with more ids than one call may carry. Metadata:
-`max_ids`.
+RenormaliseQuarantine or DismissQuarantine with more ids than one call
+may carry. Metadata: `max_ids`.
 """
 QUARANTINED_ITEM_NOT_FOUND: ErrorReason.ValueType  # 71
-"""RenormaliseQuarantine with an id of no quarantined item; nothing was
-run. Metadata: `ids` (the first ones), `count`.
+"""RenormaliseQuarantine or DismissQuarantine with an id of no quarantined
+item; nothing was run or dismissed. Metadata: `ids` (the first ones),
+`count`.
 """
 MISSING_TOKEN: ErrorReason.ValueType  # 80
 """Authentication (gRPC) and the webhooks' credentials.

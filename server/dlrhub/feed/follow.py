@@ -13,6 +13,10 @@ read of a catch-up asks for a few: their size is not known yet).
 The first item is always a heartbeat with the start position, sent as soon
 as the subscription is live, so a caller knows from when changes are covered
 and has a cursor to resume from even if nothing matches.
+
+Retention may prune changes ahead of a subscriber catching up from the store: each catch-up read
+asks, after the changes, how far the store has pruned (Store.pruned_through); past the last cursor
+delivered, changes may be missing, and the feed ends with CursorPruned rather than skip them.
 """
 
 from __future__ import annotations
@@ -31,6 +35,15 @@ MAX_BATCH = 500
 FIRST_READ = 32
 
 
+class CursorPruned(Exception):
+    """Changes after `after` were pruned (through `oldest`) before this feed could read them."""
+
+    def __init__(self, after: int, oldest: int) -> None:
+        super().__init__(f"changes after cursor {after} were pruned, through cursor {oldest}")
+        self.after = after
+        self.oldest = oldest
+
+
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
     """Nothing matched for a while; `cursor` is the latest position (safe to resume after)."""
@@ -46,10 +59,15 @@ async def follow_batches(
     after: int | None,
     heartbeat_seconds: float,
     max_batch: int = MAX_BATCH,
+    pruned: int = 0,
 ) -> AsyncIterator[list[EncodedChange] | Heartbeat]:
     """Changes matching the filter with cursor > `after` (None: only changes from now on), those
     that are ready at the same moment together (never empty, at most `max_batch`): a subscriber that
-    sends them in one message keeps up with far more."""
+    sends them in one message keeps up with far more.
+
+    `pruned` is the store's pruned-through position as the caller found it before the feed starts
+    (a replay from the beginning starts below it, and what was pruned then is not its loss); a prune
+    past it and past the last cursor delivered ends the feed with CursorPruned."""
     subscription = hub.subscribe(change_filter)
     try:
         if after is None and hub.refresh is not None:
@@ -64,7 +82,9 @@ async def follow_batches(
                 catch_up = False
                 asked = min(FIRST_READ, max_batch)
                 while not subscription.closed:  # a long replay stops at shutdown too
-                    batch = await read(functools.partial(store.changes, last, asked))
+                    batch, pruned_now = await read(functools.partial(_changes, store, last, asked))
+                    if pruned_now > max(last, pruned):
+                        raise CursorPruned(last, pruned_now)
                     if not batch:
                         break
                     matched = [
@@ -96,6 +116,14 @@ async def follow_batches(
                 yield Heartbeat(last)
     finally:
         hub.unsubscribe(subscription)
+
+
+def _changes(store: Store, after: int, limit: int) -> tuple[list[Change], int]:
+    """Up to `limit` changes after `after`, then how far the store has pruned: read in this order,
+    a prune that deleted any change after `after` before the changes were read shows (it raises
+    the pruned-through position in the transaction that deletes)."""
+    changes = store.changes(after, limit)
+    return changes, store.pruned_through()
 
 
 def _fitting(changes: list[Change], max_batch: int) -> int:

@@ -169,6 +169,9 @@ class QuarantinedItem:
     # The channel of the endpoint it came to (a Channel value; 0: none said), for a report that
     # names none when it is run again.
     default_channel: int = 0
+    # When DismissQuarantine dismissed it; None unless it was. An item is open while neither
+    # `resolved_seconds` nor this is set.
+    dismissed_seconds: int | None = None
 
     def received_time(self) -> Timestamp:
         """When it was received, as the reports made from it carry it."""
@@ -192,6 +195,25 @@ class QuarantinedItem:
             identity.update(len(encoded).to_bytes(8, "big"))
             identity.update(encoded)
         return identity.digest()
+
+
+@dataclass(frozen=True, slots=True)
+class Pruned:
+    """What a prune deleted."""
+
+    # Messages, with their states.
+    messages: int = 0
+    # Reports of their histories (with their raw text).
+    reports: int = 0
+    # Closed (resolved or dismissed) quarantined items.
+    quarantined: int = 0
+
+    def __add__(self, other: Pruned) -> Pruned:
+        return Pruned(
+            self.messages + other.messages,
+            self.reports + other.reports,
+            self.quarantined + other.quarantined,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,6 +306,23 @@ class Transaction(Protocol):
     def staged(self, after: int, limit: int) -> list[StagedBody]:
         """Up to `limit` staged bodies with id > `after`, oldest first: to replay at start."""
 
+    def dismiss_quarantined(
+        self, seconds: int, limit: int, *, ids: Sequence[int] = (), received_before: Timestamp | None = None
+    ) -> int:
+        """Dismisses, at `seconds` (Unix time), up to `limit` open items: those with an id in `ids`,
+        or else those last received (QuarantinedItem.last_received_time) before `received_before`.
+        Closed items are left as they are. Returns how many it dismissed."""
+
+    def prune_messages(self, before_seconds: int, limit: int) -> Pruned:
+        """Deletes up to `limit` messages in a final status (dlrhub.statuses.FINAL) whose last change
+        (the received time of their latest stored report, to the second) is before `before_seconds`,
+        with every report of their history; raises the pruned-through position (Store.pruned_through)
+        to the greatest cursor deleted. A later report of such a message starts it afresh."""
+
+    def prune_quarantined(self, before_seconds: int, limit: int) -> int:
+        """Deletes up to `limit` quarantined items resolved or dismissed before `before_seconds`;
+        returns how many. Open items are never deleted."""
+
 
 class Store(Protocol):
     """A delivery-report store."""
@@ -321,8 +360,9 @@ class Store(Protocol):
         store holds. The GMS seen fetcher asks GMS about these."""
 
     def latest_cursor(self) -> int:
-        """The greatest cursor `changes` returns now (0 when empty): every change at or below it
-        is committed and visible, and no other change will ever appear at or below it."""
+        """The greatest cursor `changes` returns now (0 when empty), or the greatest pruned
+        (`pruned_through`) if that is greater: every change at or below it is committed and
+        visible, or pruned, and no other change will ever appear at or below it."""
 
     def committed_cursor(self) -> int:
         """The greatest cursor of any committed change (0 when empty). It equals `latest_cursor`
@@ -344,13 +384,18 @@ class Store(Protocol):
         """Blocks until another process tells of committed changes (True) or `timeout` seconds pass
         (False). Raises StoreError when it cannot listen; the caller retries (and polls meanwhile)."""
 
+    def pruned_through(self) -> int:
+        """The greatest cursor ever pruned (Transaction.prune_messages), 0 if none was: a Stream
+        resuming after an earlier cursor would miss changes."""
+
     def quarantined(
         self, after: int, limit: int, *, include_resolved: bool = True, ids: Sequence[int] = ()
     ) -> list[tuple[int, QuarantinedItem]]:
-        """Quarantined items with id > `after` (and in `ids`, when given), oldest first."""
+        """Quarantined items with id > `after` (and in `ids`, when given), oldest first; without
+        `include_resolved`, open items only (neither resolved nor dismissed)."""
 
     def open_quarantine_count(self) -> int:
-        """How many quarantined items are not resolved."""
+        """How many quarantined items are open: neither resolved nor dismissed."""
 
     def check(self, *, write: bool = False) -> None:
         """Returns if the store can serve now, else raises StoreError saying why: it can read, and
@@ -370,6 +415,7 @@ __all__: Sequence[str] = [
     "ChangeFilter",
     "CursorFormat",
     "MessagePage",
+    "Pruned",
     "QuarantinedItem",
     "ReadRunner",
     "SavedResponse",

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
+from dlrhub.statuses import FINAL as FINAL_STATUSES
 from dlrhub.store.base import MessagePage, QuarantinedItem, StoreError
 
 P = ParamSpec("P")
@@ -59,10 +60,15 @@ def message_page(
     )
 
 
+# A message in a final status: the predicate of the index of final messages by last change.
+FINAL = f"status IN ({', '.join(str(status) for status in sorted(FINAL_STATUSES))})"
+# A quarantined item neither resolved nor dismissed: the predicate of the open digests' index.
+OPEN = "resolved_seconds IS NULL AND dismissed_seconds IS NULL"
+
 QUARANTINE_COLUMNS = (
     "id, raw, field, reason, description, received_seconds, request_id, format, whole_payload,"
     " resolved_seconds, received_nanos, received_count, last_received_seconds, last_received_nanos,"
-    " default_channel"
+    " default_channel, dismissed_seconds"
 )
 
 
@@ -83,6 +89,7 @@ def quarantined_item(row: Sequence[Any]) -> tuple[int, QuarantinedItem]:
         last_received_seconds=row[12],
         last_received_nanos=row[13],
         default_channel=row[14],
+        dismissed_seconds=row[15],
     )
     return row[0], item
 

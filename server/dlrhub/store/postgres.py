@@ -8,7 +8,8 @@ Tables (migration 1 holds what SQLite's schema 6 holds; `dlrhub_schema` records 
 - messages: the merged state of each (source, message_id); `id` is its place for paging;
 - reports: the history; each row's position is (txid, ordinal): the id of the transaction that
   stored it (pg_current_xact_id()) and its place in that transaction; `digest` is unique;
-- quarantine, requests, staged: as in SQLite.
+- quarantine, requests, staged: as in SQLite;
+- retention: one row, the greatest cursor pruned (Store.pruned_through).
 
 Positions. A sequence would not do: an id is taken before commit, so a transaction can commit a
 smaller id after a reader has passed it. A transaction id is taken before commit too, but every
@@ -23,7 +24,9 @@ COARSE of them: see lock_modes) and on its request ids, in key order and in one 
 it reads their states and saved answers (unordered locking deadlocks). Its writes are sent at
 commit in a few statements with binary parameters. READ COMMITTED: a statement after the locks sees
 what the previous holder committed. synchronous_commit is never off on the writer's connection: a
-commit is durable before it is acknowledged.
+commit is durable before it is acknowledged. A prune (retention) takes the locks of the messages it
+chose as a writer would, then deletes only those still final and old: a report that came meanwhile
+keeps its message.
 
 Connections: one for the writer thread, one per reader thread (autocommit; messages_by reads in a
 REPEATABLE READ transaction, one snapshot for the page and its counts). A connection found broken is
@@ -39,9 +42,10 @@ import re
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import psycopg
+from google.protobuf.timestamp_pb2 import Timestamp
 from psycopg import conninfo
 
 from deliveryreport.v1.delivery_report_pb2 import DeliveryReport, Source
@@ -51,6 +55,7 @@ from dlrhub.store.base import (
     Change,
     CursorFormat,
     MessagePage,
+    Pruned,
     QuarantinedItem,
     SavedResponse,
     Selector,
@@ -59,6 +64,8 @@ from dlrhub.store.base import (
 )
 from dlrhub.store.codec import decode_state, encode_merge
 from dlrhub.store.common import (
+    FINAL,
+    OPEN,
     QUARANTINE_COLUMNS,
     channel_and_seconds,
     message_page,
@@ -75,6 +82,8 @@ _store_errors = store_errors(psycopg.Error)
 # The messages table's column for each selector of messages_by.
 _COLUMNS = {Selector.BULK_ID: "bulk_id", Selector.REFERENCE: "reference"}
 _CONNECT_TIMEOUT = 10
+# Messages read at a time by the migrations that fill a new column (3, 4).
+MIGRATION_CHUNK = 10_000
 
 # --- schema ----------------------------------------------------------------------------------------
 
@@ -183,15 +192,43 @@ def _migration_3(connection: Connection) -> None:
     )
 
 
+def _migration_4(connection: Connection) -> None:
+    """Retention, as SQLite's schema 9: messages know when they last changed (the received time of
+    the report their cursor names, read from it for the rows stored before), quarantined items can
+    be dismissed, and the greatest cursor pruned is kept."""
+    connection.execute("ALTER TABLE messages ADD COLUMN changed_seconds bigint NOT NULL DEFAULT 0")
+    after = 0
+    while rows := connection.execute(
+        "SELECT m.id, r.report FROM messages m JOIN reports r"
+        " ON r.txid = (m.cursor >> %s)::text::xid8 AND r.ordinal = (m.cursor & %s)"
+        " WHERE m.id > %s ORDER BY m.id LIMIT %s",
+        (ORDINAL_BITS, MAX_ORDINAL, after, MIGRATION_CHUNK),
+    ).fetchall():
+        with connection.cursor() as cursor:
+            changed = [
+                (DeliveryReport.FromString(data).received_time.seconds, row_id) for row_id, data in rows
+            ]
+            cursor.executemany("UPDATE messages SET changed_seconds = %s WHERE id = %s", changed)
+        after = rows[-1][0]
+    for statement in (
+        f"CREATE INDEX messages_final_changed ON messages (changed_seconds) WHERE {FINAL}",
+        "ALTER TABLE quarantine ADD COLUMN dismissed_seconds bigint",
+        "DROP INDEX quarantine_open_digest",
+        f"CREATE UNIQUE INDEX quarantine_open_digest ON quarantine (digest) WHERE {OPEN}",
+        "CREATE TABLE retention (id integer PRIMARY KEY CHECK (id = 1), pruned_through bigint NOT NULL)",
+        "INSERT INTO retention (id, pruned_through) VALUES (1, 0)",
+    ):
+        connection.execute(statement)
+
+
 # Append only: a release never edits a migration that has shipped. Each runs in the one transaction
 # that brings the schema up to date, under the migration lock.
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _migration_1,
     _migration_2,
     _migration_3,
+    _migration_4,
 ]
-# Messages read at a time by migration 3.
-MIGRATION_CHUNK = 10_000
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # Advisory lock keys (bigint) are shared with every other user of the database: dlrhub's are
@@ -383,15 +420,19 @@ class PostgresStore:
         return [AwaitingSeen(message_id, seconds, row_id) for message_id, seconds, row_id in rows]
 
     def latest_cursor(self) -> int:
-        return _last_position(self._reader(), f"WHERE {_BELOW_WATERMARK}")
+        return max(_last_position(self._reader(), f"WHERE {_BELOW_WATERMARK}"), self.pruned_through())
 
     def committed_cursor(self) -> int:
-        return _last_position(self._reader(), "")
+        return max(_last_position(self._reader(), ""), self.pruned_through())
+
+    def pruned_through(self) -> int:
+        row = self._reader().execute("SELECT pruned_through FROM retention").fetchone()
+        return int(row[0]) if row else 0
 
     def quarantined(
         self, after: int, limit: int, *, include_resolved: bool = True, ids: Sequence[int] = ()
     ) -> list[tuple[int, QuarantinedItem]]:
-        where = "id > %s" + ("" if include_resolved else " AND resolved_seconds IS NULL")
+        where = "id > %s" + ("" if include_resolved else f" AND {OPEN}")
         params: list[object] = [after]
         if ids:
             where += " AND id = ANY(%s)"
@@ -406,7 +447,7 @@ class PostgresStore:
     def open_quarantine_count(self) -> int:
         row = (
             self._reader()
-            .execute("SELECT count(*) FROM quarantine WHERE resolved_seconds IS NULL")
+            .execute(f"SELECT count(*) FROM quarantine WHERE {OPEN}")  # noqa: S608
             .fetchone()
         )
         return int(row[0]) if row else 0
@@ -539,30 +580,33 @@ _INSERT_REPORTS = """INSERT INTO reports (ordinal, source, message_id, report, s
     SELECT * FROM unnest(%b::integer[], %b::integer[], %b::text[], %b::bytea[], %b::bytea[],
                          %b::text[], %b::bytea[])"""
 _UPSERT_MESSAGES = """INSERT INTO messages
-        (source, message_id, bulk_id, reference, status, report, merge, cursor, channel, state_seconds)
-    SELECT source, message_id, bulk_id, reference, status, report, merge, cursor, channel, state_seconds
+        (source, message_id, bulk_id, reference, status, report, merge, cursor, channel, state_seconds,
+         changed_seconds)
+    SELECT source, message_id, bulk_id, reference, status, report, merge, cursor, channel, state_seconds,
+        changed_seconds
     FROM unnest(%b::integer[], %b::text[], %b::text[], %b::text[], %b::integer[],
-                         %b::bytea[], %b::bytea[], %b::bigint[], %b::integer[], %b::bigint[])
+                         %b::bytea[], %b::bytea[], %b::bigint[], %b::integer[], %b::bigint[], %b::bigint[])
         WITH ORDINALITY
         AS row(source, message_id, bulk_id, reference, status, report, merge, cursor, channel,
-               state_seconds, n)
+               state_seconds, changed_seconds, n)
     ORDER BY n
     ON CONFLICT (source, message_id) DO UPDATE SET
         bulk_id = excluded.bulk_id, reference = excluded.reference, status = excluded.status,
         report = excluded.report, merge = excluded.merge, cursor = excluded.cursor,
-        channel = excluded.channel, state_seconds = excluded.state_seconds"""
+        channel = excluded.channel, state_seconds = excluded.state_seconds,
+        changed_seconds = greatest(messages.changed_seconds, excluded.changed_seconds)"""
 # Repeats the WHERE terms of migration 3's partial index, which serves it.
 AWAITING_SEEN_QUERY = """SELECT message_id, state_seconds, id FROM messages
     WHERE status = 3 AND channel IN (2, 3) AND source = %s AND state_seconds >= %s
         AND (state_seconds, id) > (%s, %s)
     ORDER BY state_seconds, id LIMIT %s"""
-_QUARANTINE = """INSERT INTO quarantine (received_seconds, received_nanos, request_id, field, reason,
+_QUARANTINE = f"""INSERT INTO quarantine (received_seconds, received_nanos, request_id, field, reason,
         description, raw, format, whole_payload, digest, default_channel)
     VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-    ON CONFLICT (digest) WHERE resolved_seconds IS NULL DO UPDATE SET
+    ON CONFLICT (digest) WHERE {OPEN} DO UPDATE SET
         received_count = quarantine.received_count + 1,
         last_received_seconds = excluded.received_seconds,
-        last_received_nanos = excluded.received_nanos"""
+        last_received_nanos = excluded.received_nanos"""  # noqa: S608
 _SAVE_RESPONSES = """INSERT INTO requests (request_id, request_digest, response, created_seconds)
     SELECT * FROM unnest(%b::text[], %b::bytea[], %b::bytea[], %b::bigint[])
     ON CONFLICT (request_id) DO UPDATE SET request_digest = excluded.request_digest,
@@ -645,6 +689,10 @@ class _PostgresTransaction:
         cursor = position(self._transaction_id(), ordinal)
         merged = state.report
         merged_bytes = merged.SerializeToString()
+        written = self._messages.get(key)
+        changed = report.received_time.seconds
+        if written is not None:
+            changed = max(changed, int(cast(int, written[8])))
         self._reports.append(
             (
                 ordinal,
@@ -666,6 +714,7 @@ class _PostgresTransaction:
             encode_merge(state),
             cursor,
             *channel_and_seconds(merged),
+            changed,
         )
         self._states[key] = state
         self._stored.add(digest)
@@ -758,6 +807,66 @@ class _PostgresTransaction:
             for staged_id, seconds, nanos, format, default_channel, content_type, body in rows
         ]
 
+    def dismiss_quarantined(
+        self, seconds: int, limit: int, *, ids: Sequence[int] = (), received_before: Timestamp | None = None
+    ) -> int:
+        self.flush()
+        values: tuple[object, ...]
+        if ids:
+            which, values = "id = ANY(%s)", (list(ids),)
+        elif received_before is not None:
+            # The last received time, as (seconds, nanos): the first one while it was received once.
+            which = (
+                "(coalesce(last_received_seconds, received_seconds), CASE WHEN last_received_seconds"
+                " IS NULL THEN received_nanos ELSE last_received_nanos END) < (%s, %s)"
+            )
+            values = (received_before.seconds, received_before.nanos)
+        else:
+            return 0
+        updated = self._connection.execute(
+            "UPDATE quarantine SET dismissed_seconds = %s WHERE id IN"  # noqa: S608
+            f" (SELECT id FROM quarantine WHERE {OPEN} AND {which} ORDER BY id LIMIT %s)",
+            (seconds, *values, limit),
+        )
+        return updated.rowcount
+
+    def prune_messages(self, before_seconds: int, limit: int) -> Pruned:
+        self.flush()
+        connection = self._connection
+        where = f"{FINAL} AND changed_seconds < %s"
+        candidates = connection.execute(
+            f"SELECT source, message_id FROM messages WHERE {where} LIMIT %s",  # noqa: S608
+            (before_seconds, limit),
+        ).fetchall()
+        # Locked as a writer locks them, then checked again: a report may have come meanwhile.
+        self._lock([(source, message_id) for source, message_id in candidates])
+        gone = connection.execute(
+            f"DELETE FROM messages WHERE (source, message_id) IN"  # noqa: S608
+            f" (SELECT * FROM unnest(%s::integer[], %s::text[])) AND {where} RETURNING source, message_id",
+            ([row[0] for row in candidates], [row[1] for row in candidates], before_seconds),
+        ).fetchall()
+        reports = connection.execute(
+            "DELETE FROM reports WHERE (source, message_id) IN"
+            " (SELECT * FROM unnest(%s::integer[], %s::text[])) RETURNING txid::text, ordinal",
+            ([row[0] for row in gone], [row[1] for row in gone]),
+        ).fetchall()
+        greatest = max((position(int(txid), ordinal) for txid, ordinal in reports), default=0)
+        connection.execute(
+            "UPDATE retention SET pruned_through = greatest(pruned_through, %s) WHERE id = 1", (greatest,)
+        )
+        for key in gone:
+            self._states.pop((key[0], key[1]), None)
+        return Pruned(messages=len(gone), reports=len(reports))
+
+    def prune_quarantined(self, before_seconds: int, limit: int) -> int:
+        self.flush()
+        deleted = self._connection.execute(
+            "DELETE FROM quarantine WHERE id IN (SELECT id FROM quarantine"
+            " WHERE coalesce(resolved_seconds, dismissed_seconds) < %s LIMIT %s)",
+            (before_seconds, limit),
+        )
+        return deleted.rowcount
+
     def touch(self) -> None:
         """A durable write that changes nothing (Store.check): the schema version set to itself."""
         self._connection.execute("UPDATE dlrhub_schema SET version = version")
@@ -769,7 +878,7 @@ class _PostgresTransaction:
             if self._reports:
                 connection.execute(_INSERT_REPORTS, _columns(self._reports, 7), binary=True)
             if self._messages:
-                connection.execute(_UPSERT_MESSAGES, _columns(list(self._messages.values()), 10), binary=True)
+                connection.execute(_UPSERT_MESSAGES, _columns(list(self._messages.values()), 11), binary=True)
             if self._quarantined:
                 with connection.cursor() as cursor:
                     cursor.executemany(_QUARANTINE, self._quarantined)

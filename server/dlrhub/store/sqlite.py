@@ -11,6 +11,7 @@ PRAGMA user_version, so a newer release opens an older file):
 - requests: answers of Ingest calls that carried a request_id, with a digest
   of the request, until they expire;
 - staged: bodies fetched by the poller, kept raw until their reports commit.
+- retention: one row, the greatest cursor pruned (Store.pruned_through).
 
 One connection writes (the committer's thread); each reader thread has its
 own connection. WAL lets readers run beside the writer and see only committed
@@ -35,6 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import sqlite_utils
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from deliveryreport.v1.delivery_report_pb2 import DeliveryReport, Source
 from dlrhub.merge import MessageState, merge, merge_key
@@ -43,6 +45,7 @@ from dlrhub.store.base import (
     Change,
     CursorFormat,
     MessagePage,
+    Pruned,
     QuarantinedItem,
     SavedResponse,
     Selector,
@@ -51,6 +54,8 @@ from dlrhub.store.base import (
 )
 from dlrhub.store.codec import decode_state, encode_merge
 from dlrhub.store.common import (
+    FINAL,
+    OPEN,
     QUARANTINE_COLUMNS,
     channel_and_seconds,
     message_page,
@@ -327,6 +332,38 @@ AWAITING_SEEN_QUERY = (
 )
 
 
+def _migration_9(db: sqlite_utils.Database) -> None:
+    """Retention: messages know when they last changed, quarantined items can be dismissed, and the
+    store remembers the greatest cursor it pruned.
+
+    `changed_seconds` is the received time of a message's latest stored report (the one its `cursor`
+    names), read from that report for the rows already stored; a partial index finds the final
+    messages by it. An open item is now one neither resolved nor dismissed: the unique index of open
+    digests follows.
+    """
+    connection = db.conn
+    connection.execute("ALTER TABLE messages ADD COLUMN changed_seconds INTEGER NOT NULL DEFAULT 0")
+    after = 0
+    while rows := connection.execute(
+        "SELECT m.id, r.report FROM messages m JOIN reports r ON r.cursor = m.cursor"
+        " WHERE m.id > ? ORDER BY m.id LIMIT ?",
+        (after, MIGRATION_CHUNK),
+    ).fetchall():
+        connection.executemany(
+            "UPDATE messages SET changed_seconds = ? WHERE id = ?",
+            [(DeliveryReport.FromString(report).received_time.seconds, row_id) for row_id, report in rows],
+        )
+        after = rows[-1][0]
+    connection.execute(f"CREATE INDEX idx_messages_final_changed ON messages (changed_seconds) WHERE {FINAL}")
+    connection.execute("ALTER TABLE quarantine ADD COLUMN dismissed_seconds INTEGER")
+    connection.execute("DROP INDEX idx_quarantine_open_digest")
+    connection.execute(f"CREATE UNIQUE INDEX idx_quarantine_open_digest ON quarantine (digest) WHERE {OPEN}")
+    connection.execute(
+        "CREATE TABLE retention (id INTEGER PRIMARY KEY CHECK (id = 1), pruned_through INTEGER NOT NULL)"
+    )
+    connection.execute("INSERT INTO retention (id, pruned_through) VALUES (1, 0)")
+
+
 # Append only: a release never edits a migration that has shipped.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
@@ -337,6 +374,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_6,
     _migration_7,
     _migration_8,
+    _migration_9,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -489,8 +527,17 @@ class SqliteStore:
         return [AwaitingSeen(message_id, seconds, row_id) for message_id, seconds, row_id in rows]
 
     def latest_cursor(self) -> int:
-        row = self._reader().execute("SELECT max(cursor) FROM reports").fetchone()
-        return int(row[0] or 0)
+        row = (
+            self._reader()
+            .execute(
+                "SELECT max(coalesce((SELECT max(cursor) FROM reports), 0), pruned_through) FROM retention"
+            )
+            .fetchone()
+        )
+        return int(row[0])
+
+    def pruned_through(self) -> int:
+        return int(self._reader().execute("SELECT pruned_through FROM retention").fetchone()[0])
 
     def committed_cursor(self) -> int:
         return self.latest_cursor()  # one writer: every commit is visible to `changes` at once
@@ -508,7 +555,7 @@ class SqliteStore:
     def quarantined(
         self, after: int, limit: int, *, include_resolved: bool = True, ids: Sequence[int] = ()
     ) -> list[tuple[int, QuarantinedItem]]:
-        where = "id > ?" + ("" if include_resolved else " AND resolved_seconds IS NULL")
+        where = "id > ?" + ("" if include_resolved else f" AND {OPEN}")
         if ids:
             where += f" AND id IN ({','.join('?' * len(ids))})"
         query = f"SELECT {QUARANTINE_COLUMNS} FROM quarantine WHERE {where} ORDER BY id LIMIT ?"  # noqa: S608
@@ -517,7 +564,7 @@ class SqliteStore:
     def open_quarantine_count(self) -> int:
         row = (
             self._reader()
-            .execute("SELECT count(*) FROM quarantine WHERE resolved_seconds IS NULL")
+            .execute(f"SELECT count(*) FROM quarantine WHERE {OPEN}")  # noqa: S608
             .fetchone()
         )
         return int(row[0])
@@ -651,12 +698,13 @@ class _SqliteTransaction:
         ).fetchone()[0]
         self._connection.execute(
             """INSERT INTO messages (source, message_id, bulk_id, reference, status, report, merge, cursor,
-                 channel, state_seconds)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                 channel, state_seconds, changed_seconds)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT (source, message_id) DO UPDATE SET
                  bulk_id = excluded.bulk_id, reference = excluded.reference, status = excluded.status,
                  report = excluded.report, merge = excluded.merge, cursor = excluded.cursor,
-                 channel = excluded.channel, state_seconds = excluded.state_seconds""",
+                 channel = excluded.channel, state_seconds = excluded.state_seconds,
+                 changed_seconds = max(changed_seconds, excluded.changed_seconds)""",
             (
                 merged.source,
                 merged.message_id,
@@ -667,16 +715,17 @@ class _SqliteTransaction:
                 encode_merge(state),
                 cursor,
                 *channel_and_seconds(merged),
+                report.received_time.seconds,
             ),
         )
         return cursor
 
     def quarantine(self, item: QuarantinedItem) -> None:
         self._connection.execute(
-            "INSERT INTO quarantine (received_seconds, received_nanos, request_id, field, reason,"
+            "INSERT INTO quarantine (received_seconds, received_nanos, request_id, field, reason,"  # noqa: S608
             " description, raw, format, whole_payload, digest, default_channel)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (digest) WHERE resolved_seconds IS NULL DO UPDATE SET"
+            f" ON CONFLICT (digest) WHERE {OPEN} DO UPDATE SET"
             " received_count = received_count + 1, last_received_seconds = excluded.received_seconds,"
             " last_received_nanos = excluded.received_nanos",
             (
@@ -735,6 +784,56 @@ class _SqliteTransaction:
             )
             for staged_id, seconds, nanos, format, default_channel, content_type, body in rows
         ]
+
+    def dismiss_quarantined(
+        self, seconds: int, limit: int, *, ids: Sequence[int] = (), received_before: Timestamp | None = None
+    ) -> int:
+        if ids:
+            which, values = f"id IN ({','.join('?' * len(ids))})", tuple(ids)
+        elif received_before is not None:
+            # The last received time, as (seconds, nanos): the first one while it was received once.
+            which = (
+                "(coalesce(last_received_seconds, received_seconds),"
+                " iif(last_received_seconds IS NULL, received_nanos, last_received_nanos)) < (?, ?)"
+            )
+            values = (received_before.seconds, received_before.nanos)
+        else:
+            return 0
+        cursor = self._connection.execute(
+            "UPDATE quarantine SET dismissed_seconds = ? WHERE id IN"  # noqa: S608
+            f" (SELECT id FROM quarantine WHERE {OPEN} AND {which} ORDER BY id LIMIT ?)",
+            (seconds, *values, limit),
+        )
+        return cursor.rowcount
+
+    def prune_messages(self, before_seconds: int, limit: int) -> Pruned:
+        connection = self._connection
+        messages = connection.execute(
+            f"SELECT id, source, message_id FROM messages WHERE {FINAL} AND changed_seconds < ?"  # noqa: S608
+            " LIMIT ?",
+            (before_seconds, limit),
+        ).fetchall()
+        reports, greatest = 0, 0
+        for _, source, message_id in messages:
+            cursors = connection.execute(
+                "DELETE FROM reports WHERE message_id = ? AND source = ? RETURNING cursor",
+                (message_id, source),
+            ).fetchall()
+            reports += len(cursors)
+            greatest = max([greatest, *(cursor for (cursor,) in cursors)])
+        connection.executemany("DELETE FROM messages WHERE id = ?", [(row[0],) for row in messages])
+        connection.execute(
+            "UPDATE retention SET pruned_through = max(pruned_through, ?) WHERE id = 1", (greatest,)
+        )
+        return Pruned(messages=len(messages), reports=reports)
+
+    def prune_quarantined(self, before_seconds: int, limit: int) -> int:
+        cursor = self._connection.execute(
+            "DELETE FROM quarantine WHERE id IN (SELECT id FROM quarantine"
+            " WHERE coalesce(resolved_seconds, dismissed_seconds) < ? LIMIT ?)",
+            (before_seconds, limit),
+        )
+        return cursor.rowcount
 
     def find_response(self, request_id: str, since_seconds: int) -> SavedResponse | None:
         row = self._connection.execute(

@@ -6,7 +6,8 @@ Tokens are configured as `ROLES:TOKEN` pairs separated by commas
 DLRHUB_TOKENS_FILE). Callers send `authorization: Bearer TOKEN`.
 
 Roles: `ingest` may call Ingest and RenormaliseQuarantine; `read` may call
-GetMessage, ListMessages, Stream, StreamBatches and ListQuarantine. No token
+GetMessage, ListMessages, Stream, StreamBatches and ListQuarantine; `admin` may
+call DismissQuarantine and PruneMessages (they close or delete data). No token
 or an unknown one is UNAUTHENTICATED; a token without the role is
 PERMISSION_DENIED. Health checks (and reflection, unless turned off) stay
 open. Tokens are compared in constant time, against every configured token.
@@ -28,7 +29,7 @@ from dlrhub.errors import DlrhubError, PermissionDenied, Unauthenticated, to_sta
 
 if TYPE_CHECKING:
     Handler = grpc.RpcMethodHandler[Any, Any]
-ROLES = frozenset({"ingest", "read"})
+ROLES = frozenset({"ingest", "read", "admin"})
 _SERVICE = "/deliveryreport.v1.DeliveryReportService/"
 # The role each method of the service needs. tests/test_auth.py checks every method is listed.
 METHOD_ROLES = {
@@ -39,6 +40,8 @@ METHOD_ROLES = {
     _SERVICE + "StreamBatches": "read",
     _SERVICE + "ListQuarantine": "read",
     _SERVICE + "RenormaliseQuarantine": "ingest",
+    _SERVICE + "DismissQuarantine": "admin",
+    _SERVICE + "PruneMessages": "admin",
 }
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 

@@ -5,7 +5,7 @@ results into a response. It raises domain errors (errors.py); the per-call inter
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -15,6 +15,8 @@ from google.protobuf.message import Message
 from deliveryreport.v1 import delivery_report_service_pb2_grpc as service_grpc
 from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
 from deliveryreport.v1.delivery_report_service_pb2 import (
+    DismissQuarantineRequest,
+    DismissQuarantineResponse,
     GetMessageRequest,
     GetMessageResponse,
     IngestRequest,
@@ -25,6 +27,8 @@ from deliveryreport.v1.delivery_report_service_pb2 import (
     ListMessagesResponse,
     ListQuarantineRequest,
     ListQuarantineResponse,
+    PruneMessagesRequest,
+    PruneMessagesResponse,
     RenormaliseQuarantineRequest,
     RenormaliseQuarantineResponse,
     StatusCount,
@@ -47,12 +51,14 @@ from dlrhub.errors import (
     invalid_argument,
 )
 from dlrhub.feed.encoding import EncodedChange, batches
-from dlrhub.feed.follow import Heartbeat, follow_batches
+from dlrhub.feed.follow import CursorPruned, Heartbeat, follow_batches
 from dlrhub.feed.hub import Hub
 from dlrhub.observability.calls import note
 from dlrhub.store.base import ChangeFilter, CursorFormat, QuarantinedItem, ReadRunner, Selector, Store
 from dlrhub.transport.pages import MAX_PAGE_BYTES, decode_page_token, encode_page_token, page_size
 from dlrhub.write import quarantine
+from dlrhub.write.committer import Committer
+from dlrhub.write.retention import Retention
 from dlrhub.write.submission import in_view, is_wholly_rejected
 from dlrhub.write.writer import AnswerTooLarge, RequestIdReused, TooManyItems, Writer
 
@@ -69,15 +75,27 @@ _HEARTBEAT = StreamHeartbeat()
 
 
 class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
-    """Ingest, GetMessage, ListMessages, Stream, and the quarantine."""
+    """Ingest, GetMessage, ListMessages, Stream, the quarantine and retention."""
 
     def __init__(
-        self, *, writer: Writer, store: Store, hub: Hub, read: ReadRunner, max_streams: int = 1000
+        self,
+        *,
+        writer: Writer,
+        store: Store,
+        hub: Hub,
+        read: ReadRunner,
+        committer: Committer,
+        retention: Retention,
+        clock: Callable[[], int],
+        max_streams: int = 1000,
     ) -> None:
         self._writer = writer
         self._store = store
         self._hub = hub
         self._read = read
+        self._committer = committer
+        self._retention = retention
+        self._clock = clock
         self._cursors = store.cursor_format
         self._max_streams = max_streams
 
@@ -100,16 +118,27 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
     ) -> RenormaliseQuarantineResponse:
         return await self._renormalise_quarantine(request)
 
+    async def DismissQuarantine(
+        self, request: DismissQuarantineRequest, context: Context
+    ) -> DismissQuarantineResponse:
+        return await self._dismiss_quarantine(request)
+
+    async def PruneMessages(self, request: PruneMessagesRequest, context: Context) -> PruneMessagesResponse:
+        return await self._prune_messages(request)
+
     async def Stream(  # type: ignore[override]  # bytes as well: see transport/handlers.py
         self, request: StreamRequest, context: Context
     ) -> AsyncIterator[StreamResponse | bytes]:
         """Yields heartbeats as messages and changes already encoded (see transport/handlers.py)."""
-        async for item in await self._follow(request):
-            if isinstance(item, Heartbeat):
-                yield StreamResponse(cursor=self._cursors.format(item.cursor), heartbeat=_HEARTBEAT)
-            else:
-                for change in item:
-                    yield change.response
+        try:
+            async for item in await self._follow(request):
+                if isinstance(item, Heartbeat):
+                    yield StreamResponse(cursor=self._cursors.format(item.cursor), heartbeat=_HEARTBEAT)
+                else:
+                    for change in item:
+                        yield change.response
+        except CursorPruned as error:
+            raise self._cursor_pruned(error.after, error.oldest) from None
 
     async def StreamBatches(  # type: ignore[override]  # bytes as well: see transport/handlers.py
         self, request: StreamBatchesRequest, context: Context
@@ -123,6 +152,8 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
                 else:
                     for batch in batches(item):
                         yield batch
+        except CursorPruned as error:
+            raise self._cursor_pruned(error.after, error.oldest) from None
         except DlrhubError as error:
             # The fields are those of the StreamRequest inside this request.
             error.violations = [
@@ -280,28 +311,82 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
     async def _renormalise_quarantine(
         self, request: RenormaliseQuarantineRequest
     ) -> RenormaliseQuarantineResponse:
-        if len(request.ids) > MAX_RENORMALISE_IDS:
-            raise invalid_argument(
-                "ids",
-                f"at most {MAX_RENORMALISE_IDS} ids",
-                ErrorReason.TOO_MANY_IDS,
-                message=f"at most {MAX_RENORMALISE_IDS} ids per call; give none to re-run every open item",
-                metadata={"max_ids": str(MAX_RENORMALISE_IDS)},
-            )
+        _check_id_count(request.ids, "give none to re-run every open item")
         return await quarantine.renormalise(self._writer, self._store, self._read, request.ids)
 
+    async def _dismiss_quarantine(self, request: DismissQuarantineRequest) -> DismissQuarantineResponse:
+        by_age = request.HasField("received_before")
+        if bool(request.ids) == by_age:
+            raise invalid_argument(
+                "ids",
+                "set either ids or received_before" if by_age else "set ids or received_before",
+                ErrorReason.INVALID_VALUE if by_age else ErrorReason.MISSING_FIELD,
+                message="give the ids to dismiss or received_before, not both"
+                if by_age
+                else "give the ids to dismiss, or received_before to dismiss by age",
+                violation_reason=ErrorReason.INVALID_VALUE if by_age else ErrorReason.MISSING_FIELD,
+            )
+        _check_id_count(request.ids, "or dismiss by received_before")
+        return await quarantine.dismiss(
+            self._committer,
+            self._store,
+            self._read,
+            self._clock,
+            ids=request.ids,
+            received_before=request.received_before if by_age else None,
+        )
+
+    # Retention.
+
+    async def _prune_messages(self, request: PruneMessagesRequest) -> PruneMessagesResponse:
+        if request.HasField("older_than"):
+            older_than = request.older_than
+            if older_than.seconds < 1 or older_than.nanos < 0:
+                raise invalid_argument("older_than", "must be at least 1 second", ErrorReason.INVALID_VALUE)
+            seconds = older_than.seconds
+        elif self._retention.retention_seconds is not None:
+            seconds = self._retention.retention_seconds
+        else:
+            raise invalid_argument(
+                "older_than",
+                "is required: the server has no retention (DLRHUB_RETENTION)",
+                ErrorReason.MISSING_FIELD,
+                violation_reason=ErrorReason.MISSING_FIELD,
+            )
+        pruned = (await self._retention.prune(seconds)).total
+        note(pruned_messages=pruned.messages)
+        pruned_through = await self._read(self._store.pruned_through)
+        return PruneMessagesResponse(
+            message_count=pruned.messages,
+            report_count=pruned.reports,
+            quarantined_count=pruned.quarantined,
+            pruned_through_cursor=self._cursors.format(pruned_through),
+        )
+
     # Stream.
+
+    def _cursor_pruned(self, after: int, oldest: int) -> OutOfRange:
+        """OUT_OF_RANGE CURSOR_PRUNED: changes after `after` were pruned, through `oldest`."""
+        cursor, oldest_cursor = self._cursors.format(after), self._cursors.format(oldest)
+        return OutOfRange(
+            f"changes after cursor {cursor} were pruned by retention (through cursor {oldest_cursor}):"
+            f" re-read the current states, then resume after cursor {oldest_cursor}",
+            ErrorReason.CURSOR_PRUNED,
+            metadata={"cursor": cursor, "oldest_cursor": oldest_cursor},
+        )
 
     async def _follow(self, request: StreamRequest) -> AsyncIterator[list[EncodedChange] | Heartbeat]:
         """The feed the request asks for, once the request is checked (raises DlrhubError)."""
         heartbeat = _heartbeat_seconds(request)
         after: int | None = None
+        pruned = 0  # where retention had pruned through when the stream started
         start = request.WhichOneof("start")
         if start == "cursor":
             after = _parse_cursor(request.cursor, self._cursors)
             # Not latest_cursor: with several writers, a cursor an Ingest just answered may be above it
             # for a moment (store/base.py), and the stream delivers up to it soon.
-            latest = await self._read(self._store.committed_cursor)
+            store = self._store
+            latest, pruned = await self._read(lambda: (store.committed_cursor(), store.pruned_through()))
             if after > latest:
                 text = self._cursors.format(latest)
                 raise OutOfRange(
@@ -309,8 +394,11 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
                     ErrorReason.CURSOR_AHEAD,
                     metadata={"cursor": request.cursor, "latest_cursor": text},
                 )
+            if after < pruned:
+                raise self._cursor_pruned(after, pruned)
         elif start == "from_beginning" and request.from_beginning:
             after = 0
+            pruned = await self._read(self._store.pruned_through)
         change_filter = ChangeFilter(
             bulk_id=request.bulk_id,
             message_ids=frozenset(request.message_ids),
@@ -332,7 +420,21 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
                 ErrorReason.TOO_MANY_STREAMS,
                 metadata={"max_streams": str(self._max_streams)},
             )
-        return follow_batches(self._store, self._hub, self._read, change_filter, after, heartbeat)
+        return follow_batches(
+            self._store, self._hub, self._read, change_filter, after, heartbeat, pruned=pruned
+        )
+
+
+def _check_id_count(ids: Sequence[int], otherwise: str) -> None:
+    """Raises InvalidArgument (TOO_MANY_IDS) for more than MAX_RENORMALISE_IDS ids."""
+    if len(ids) > MAX_RENORMALISE_IDS:
+        raise invalid_argument(
+            "ids",
+            f"at most {MAX_RENORMALISE_IDS} ids",
+            ErrorReason.TOO_MANY_IDS,
+            message=f"at most {MAX_RENORMALISE_IDS} ids per call; {otherwise}",
+            metadata={"max_ids": str(MAX_RENORMALISE_IDS)},
+        )
 
 
 def too_many_items(field: str, error: TooManyItems) -> InvalidArgument:
@@ -361,6 +463,8 @@ def _quarantined_item(quarantine_id: int, item: QuarantinedItem) -> QuarantinedI
     )
     if item.resolved_seconds is not None:
         message.resolved_time.seconds = item.resolved_seconds
+    if item.dismissed_seconds is not None:
+        message.dismissed_time.seconds = item.dismissed_seconds
     return message
 
 
