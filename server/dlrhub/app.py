@@ -240,7 +240,7 @@ async def start(
         admin_listener = _admin_listener(settings, _renderer(metrics), ssl_context)
         await _start_listeners(settings, http, admin_listener, started)
 
-        await _serving_setter(health_servicer)(store_health.serving)
+        await _health_setter(health_servicer, "", SERVICE_NAME)(store_health.serving)
         poller, gms_seen = await _fetchers(
             poller_settings, gms_seen_settings, writer, store, read, clock, metrics, health_servicer
         )
@@ -368,7 +368,7 @@ async def _committing(
     hub itself, unless a follower reads them (with other processes' changes) from the store: then it
     wakes the follower."""
     follower = _following(store, hub, started)
-    store_health = StoreHealth(store, _serving_setter(health_servicer))
+    store_health = StoreHealth(store, _health_setter(health_servicer, "", SERVICE_NAME))
     # Read when /metrics is scraped: from memory (the open quarantine as of the last count).
     lag = (lambda: follower.lag_seconds) if follower is not None else (lambda: 0.0)
     metrics.watch(hub, lambda: store_health.open_quarantine, lag)
@@ -630,19 +630,6 @@ def _runner(threads: Executor) -> ReadRunner:
     return run
 
 
-def _serving_setter(health_servicer: health_aio.HealthServicer) -> Callable[[bool], Awaitable[None]]:
-    """Reports the store's state as the health of the server ("") and of the DeliveryReportService."""
-
-    async def set_serving(serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, status)
-
-    return set_serving
-
-
 def _renderer(metrics: Metrics) -> Callable[[], Awaitable[bytes]]:
     """/metrics, rendered on the event loop from memory: a scrape never waits on the store."""
 
@@ -653,15 +640,16 @@ def _renderer(metrics: Metrics) -> Callable[[], Awaitable[bytes]]:
 
 
 def _health_setter(
-    health_servicer: health_aio.HealthServicer, service: str
+    health_servicer: health_aio.HealthServicer, *services: str
 ) -> Callable[[bool], Awaitable[None]]:
-    """Reports a fetcher's state (the poller's, the GMS seen fetcher's) as its own named health
-    service."""
+    """Reports a state as the health of `services`: the store's as the server's ("") and the
+    DeliveryReportService's, a fetcher's (the poller's, the GMS seen fetcher's) as its own."""
 
     async def set_serving(serving: bool) -> None:
         status = (
             health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        await health_servicer.set(service, status)
+        for name in services:
+            await health_servicer.set(name, status)
 
     return set_serving
