@@ -16,15 +16,20 @@ from typing import TYPE_CHECKING
 import grpc
 import psycopg
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
+from deliveryreport.v1.delivery_report_pb2 import DeliveryReport
 from deliveryreport.v1.delivery_report_service_pb2 import StreamRequest
 from deliveryreport.v1.delivery_report_service_pb2_grpc import DeliveryReportServiceStub
 from dlrhub.app import App
+from dlrhub.merge import digest, merge
 from dlrhub.store import PostgresStore, SqliteStore
 from tests.conftest import FakeClock, serving
 from tests.helpers import (
     ACCEPTED,
     DUPLICATE,
+    GMS,
+    S,
     cursors_of,
     eventually,
     failure,
@@ -187,3 +192,34 @@ async def test_a_live_stream_ends_cursor_pruned_when_a_prune_deletes_a_change_be
             assert details.metadata["oldest_cursor"] == late.cursor
         finally:
             subscriber.cancel()
+
+
+async def test_a_replica_started_after_a_prune_past_an_open_transaction_delivers_its_change(
+    tmp_path: Path, postgres_db: str, clock: FakeClock
+) -> None:
+    """The pruned-through position is no start for a follower while an older transaction is open:
+    that transaction may yet commit a smaller position, which a Stream from now is to deliver."""
+    day = 86_400
+    early = DeliveryReport(
+        source=GMS,
+        message_id="early",
+        status=S.DELIVERY_STATUS_SENT,
+        received_time=Timestamp(seconds=clock() // 1_000_000_000),
+    )
+    other = PostgresStore(postgres_db)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            a, stub_a = await stack.enter_async_context(replica(tmp_path, postgres_db, "a", clock))
+            with other.transaction() as tx:
+                first = tx.append(early, digest(early), merge(None, early))  # its position, taken now
+                [late] = (await ingest(stub_a, payload_of(gms("late")))).results  # final
+                clock.advance(2 * day)
+                assert (await a.retention.prune(day)).total.messages == 1
+                _, stub_b = await stack.enter_async_context(replica(tmp_path, postgres_db, "b", clock))
+                subscriber = stub_b.Stream(StreamRequest())
+                stack.callback(subscriber.cancel)
+                assert await read_start(subscriber) < first < position(late.cursor)
+            [after] = (await ingest(stub_a, payload_of(gms("after")))).results
+            assert cursors_of(await read_changes(subscriber, 2)) == [first, position(after.cursor)]
+    finally:
+        other.close()
