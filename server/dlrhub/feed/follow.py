@@ -67,8 +67,8 @@ async def follow_batches(
 
     `pruned` is the store's pruned-through position as the caller found it before the feed starts
     (a replay from the beginning, or even a feed from now, may start below it: what was pruned
-    then is not its loss); a prune
-    past it and past the last cursor delivered ends the feed with CursorPruned."""
+    then is not its loss); a prune past it and past the last cursor delivered ends the feed with
+    CursorPruned."""
     subscription = hub.subscribe(change_filter)
     try:
         if after is None and hub.refresh is not None:
