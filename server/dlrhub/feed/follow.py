@@ -66,8 +66,9 @@ async def follow_batches(
     sends them in one message keeps up with far more.
 
     `pruned` is the store's pruned-through position as the caller found it before the feed starts
-    (a replay from the beginning starts below it, and what was pruned then is not its loss); a prune
-    past it and past the last cursor delivered ends the feed with CursorPruned."""
+    (a replay from the beginning, or even a feed from now, may start below it: what was pruned
+    then is not its loss); a prune past it and past the last cursor delivered ends the feed with
+    CursorPruned."""
     subscription = hub.subscribe(change_filter)
     try:
         if after is None and hub.refresh is not None:
@@ -82,7 +83,7 @@ async def follow_batches(
                 catch_up = False
                 asked = min(FIRST_READ, max_batch)
                 while not subscription.closed:  # a long replay stops at shutdown too
-                    batch, pruned_now = await read(functools.partial(_changes, store, last, asked))
+                    batch, pruned_now = await read(functools.partial(changes_and_pruned, store, last, asked))
                     if pruned_now > max(last, pruned):
                         raise CursorPruned(last, pruned_now)
                     if not batch:
@@ -118,7 +119,7 @@ async def follow_batches(
         hub.unsubscribe(subscription)
 
 
-def _changes(store: Store, after: int, limit: int) -> tuple[list[Change], int]:
+def changes_and_pruned(store: Store, after: int, limit: int) -> tuple[list[Change], int]:
     """Up to `limit` changes after `after`, then how far the store has pruned: read in this order,
     a prune that deleted any change after `after` before the changes were read shows (it raises
     the pruned-through position in the transaction that deletes)."""

@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from dlrhub.feed.follow import changes_and_pruned
 from dlrhub.feed.hub import Hub
 from dlrhub.store.base import Store, StoreError
 
@@ -79,6 +80,8 @@ class Follower:
         # One drain at a time: the task's, or a Stream's (`refresh`).
         self._draining = asyncio.Lock()
         self._sampled = -poll_seconds  # when `newest` was last asked, on the event loop's clock
+        # The store's pruned-through position as last read (Store.pruned_through).
+        self._pruned = 0
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -146,13 +149,20 @@ class Follower:
         """Reads and publishes every readable change after `followed`. Raises StoreError."""
         loop = asyncio.get_running_loop()
         while True:
-            read = functools.partial(self._store.changes, self.followed, self._batch)
-            batch = await loop.run_in_executor(self._reader, read)
+            after = self.followed
+            read = functools.partial(changes_and_pruned, self._store, after, self._batch)
+            batch, pruned = await loop.run_in_executor(self._reader, read)
             if batch:
                 self.followed = batch[-1].cursor
                 self._hub.publish(batch)
                 while self._unpublished and self._unpublished[0][0] <= self.followed:
                     self._unpublished.popleft()
+            if pruned > after and pruned > self._pruned:
+                # A prune deleted changes before they were read here (held back by the watermark,
+                # say): they never reach the hub, so subscribers catch up from the store, which
+                # ends each feed they were missing from with CursorPruned (follow.py).
+                self._hub.catch_up_all()
+            self._pruned = max(self._pruned, pruned)
             if len(batch) < self._batch:
                 return
 

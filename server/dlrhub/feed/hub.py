@@ -130,6 +130,15 @@ class Hub:
             subscription.overflowed = False
             self._join(subscription)
 
+    def catch_up_all(self) -> None:
+        """Every live subscription catches up from the store (as if overflowed): the publisher may
+        have missed changes that the store now tells of (a prune ahead of the follower)."""
+        for subscription in self._subscriptions:
+            if not subscription.overflowed:
+                subscription.overflowed = True
+                self._leave(subscription.next)
+                subscription.wake()
+
     def unsubscribe(self, subscription: Subscription) -> None:
         if subscription in self._subscriptions:
             self._subscriptions.discard(subscription)

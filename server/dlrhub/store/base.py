@@ -361,8 +361,9 @@ class Store(Protocol):
 
     def latest_cursor(self) -> int:
         """The greatest cursor `changes` returns now (0 when empty), or the greatest pruned
-        (`pruned_through`) if that is greater: every change at or below it is committed and
-        visible, or pruned, and no other change will ever appear at or below it."""
+        (`pruned_through`) if that is greater and no open transaction can still commit below it:
+        every change at or below it is committed and visible, or pruned, and no other change will
+        ever appear at or below it."""
 
     def committed_cursor(self) -> int:
         """The greatest cursor of any committed change (0 when empty). It equals `latest_cursor`

@@ -420,7 +420,14 @@ class PostgresStore:
         return [AwaitingSeen(message_id, seconds, row_id) for message_id, seconds, row_id in rows]
 
     def latest_cursor(self) -> int:
-        return max(_last_position(self._reader(), f"WHERE {_BELOW_WATERMARK}"), self.pruned_through())
+        # pruned_through only up to the watermark: a prune may have deleted a change of a transaction
+        # that ended while an older one is still open, which may yet commit a smaller position.
+        reader = self._reader()
+        pruned = self.pruned_through()
+        row = reader.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text").fetchone()
+        assert row is not None
+        final = position(int(row[0]), 0) - 1  # every position at or below it is final
+        return max(_last_position(reader, f"WHERE {_BELOW_WATERMARK}"), min(pruned, final))
 
     def committed_cursor(self) -> int:
         return max(_last_position(self._reader(), ""), self.pruned_through())

@@ -396,8 +396,8 @@ class DeliveryReportService(service_grpc.DeliveryReportServiceServicer):
                 )
             if after < pruned:
                 raise self._cursor_pruned(after, pruned)
-        elif start == "from_beginning" and request.from_beginning:
-            after = 0
+        else:  # from the beginning, or from now: what was pruned before it started is not its loss
+            after = 0 if start == "from_beginning" and request.from_beginning else None
             pruned = await self._read(self._store.pruned_through)
         change_filter = ChangeFilter(
             bulk_id=request.bulk_id,
