@@ -122,6 +122,8 @@ def supervise(settings: Settings, environ: Mapping[str, str] = os.environ) -> in
         command = [sys.executable, "-m", "dlrhub", "serve"]
         process = subprocess.Popen(command, env=env, cwd=Path.cwd(), start_new_session=True)
         workers[process.pid] = (number, process)
+        if stopping:  # a signal came while it was being started: stop_all did not know it yet
+            process.send_signal(stopping[0])
     log.info("workers started", extra={"workers": {number: pid for pid, (number, _) in workers.items()}})
     status = 0
     while any(process.returncode is None for _, process in workers.values()):
