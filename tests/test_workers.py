@@ -44,14 +44,26 @@ def free_ports_in_a_row(count: int) -> int:
     raise AssertionError(f"no {count} free ports in a row")
 
 
+# The poller and the GMS seen fetcher on, towards a port nobody listens on (they retry, with backoff).
+NOWHERE = "http://127.0.0.1:9"
+FETCHERS = {
+    "DLRHUB_POLL_BASE_URL": NOWHERE,
+    "DLRHUB_POLL_API_KEY": "key",
+    "DLRHUB_GMS_SEEN_BASE_URL": NOWHERE,
+    "DLRHUB_GMS_SEEN_LOGIN": "login",
+    "DLRHUB_GMS_SEEN_PASSWORD": "password",
+}
+
+
 @pytest.fixture
 def workers(postgres_db: str) -> Iterator[tuple[launcher.Server, list[int], int]]:
-    """`dlrhub serve --workers 2` on fixed ports, its workers' pids, and worker 0's admin port (worker
-    1's is the next)."""
+    """`dlrhub serve --workers 2` on fixed ports, with both fetchers configured, its workers' pids,
+    and worker 0's admin port (worker 1's is the next)."""
     admin = free_ports_in_a_row(2)
     server = launcher.start(
         postgres_db,
         ["--workers", "2"],
+        env={**os.environ, **FETCHERS},
         listen=f"127.0.0.1:{launcher.free_port()}",
         http_listen=f"127.0.0.1:{launcher.free_port()}",
         admin_listen=f"127.0.0.1:{admin}",
@@ -65,11 +77,18 @@ def workers(postgres_db: str) -> Iterator[tuple[launcher.Server, list[int], int]
         yield server, pids, admin
 
 
+def _log_entries(server: launcher.Server, message: str) -> list[dict[str, Any]]:
+    return [
+        dict(entry)
+        for line in server.output.lines()
+        if line.startswith("{") and (entry := json.loads(line)).get("message") == message
+    ]
+
+
 def _log_entry(server: launcher.Server, message: str) -> dict[str, Any]:
-    for line in server.output.lines():
-        if line.startswith("{") and (entry := json.loads(line)).get("message") == message:
-            return dict(entry)
-    raise AssertionError(f"no {message!r} line in:\n{server.output.text()}")
+    entries = _log_entries(server, message)
+    assert entries, f"no {message!r} line in:\n{server.output.text()}"
+    return entries[0]
 
 
 def _wait(condition: Callable[[], bool], what: str) -> None:
@@ -133,3 +152,14 @@ def test_a_worker_that_dies_stops_the_others_and_the_parent_fails(
     _wait(lambda: _gone(pids[1]), "the other worker stopped")
     stopped = _log_entry(server, "a worker exited: stopping the others")
     assert (stopped["worker"], stopped["pid"], stopped["status"]) == (0, pids[0], -signal.SIGKILL)
+
+
+def test_only_worker_0_runs_the_fetchers(workers: tuple[launcher.Server, list[int], int]) -> None:
+    """N pollers would ask the provider N times as often and replay the same staged bodies at once;
+    N seen fetchers would ask GMS about every message N times."""
+    server, pids, _ = workers
+    _wait(lambda: len(_log_entries(server, "serving")) == 2, "both workers log that they serve")
+    serving = {entry["pid"]: entry for entry in _log_entries(server, "serving")}
+    assert sorted(serving) == sorted(pids)
+    fetchers = [(serving[pid]["poller"], serving[pid]["gms_seen"]) for pid in pids]
+    assert fetchers == [(True, True), (False, False)]

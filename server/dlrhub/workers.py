@@ -13,6 +13,8 @@ configured port plus the worker's number (0, 1, ...), so a scrape sees one worke
   the failure and restarts the whole service.
 - A worker dies with the parent (Linux: PR_SET_PDEATHSIG), so none is left behind when the parent is
   killed.
+- The fetchers (the SentSMSReport poller, the GMS seen fetcher) run in worker 0 only: N of them would
+  ask the providers N times as often and replay the same staged bodies at once.
 
 Refused at start (the CLI's one line, exit 2): a store that only one process may write (SQLite), and
 gRPC or webhook port 0 (each worker would get a different free port, which no client could find).
@@ -73,6 +75,29 @@ def environment(settings: Settings, base: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+# The settings that turn a fetcher on: only worker 0 keeps them.
+FETCHER_ENV = ("DLRHUB_POLL_BASE_URL", "DLRHUB_GMS_SEEN_BASE_URL")
+
+
+def worker_environment(
+    base: Mapping[str, str], settings: Settings, number: int, parent: int
+) -> dict[str, str]:
+    """Worker `number`'s environment: `base` (every setting, see `environment`) with its admin port,
+    its number and its parent's pid; without the fetchers unless it is worker 0."""
+    env = {
+        **base,
+        "DLRHUB_ADMIN_LISTEN": worker_admin_listen(settings.admin_listen, number),
+        WORKER_ENV: str(number),
+        PARENT_ENV: str(parent),
+    }
+    if not env["DLRHUB_ADMIN_LISTEN"]:
+        del env["DLRHUB_ADMIN_LISTEN"]
+    if number:
+        for name in FETCHER_ENV:
+            env.pop(name, None)
+    return env
+
+
 def is_worker(environ: Mapping[str, str] = os.environ) -> bool:
     """Whether this process is a worker started by `supervise`."""
     return WORKER_ENV in environ
@@ -110,14 +135,7 @@ def supervise(settings: Settings, environ: Mapping[str, str] = os.environ) -> in
     for number in range(settings.workers):
         if stopping:
             break
-        env = {
-            **base,
-            "DLRHUB_ADMIN_LISTEN": worker_admin_listen(settings.admin_listen, number),
-            WORKER_ENV: str(number),
-            PARENT_ENV: str(os.getpid()),
-        }
-        if not env["DLRHUB_ADMIN_LISTEN"]:
-            del env["DLRHUB_ADMIN_LISTEN"]
+        env = worker_environment(base, settings, number, os.getpid())
         # A session of its own: Ctrl-C at a terminal reaches the parent only, which passes it on once.
         command = [sys.executable, "-m", "dlrhub", "serve"]
         process = subprocess.Popen(command, env=env, cwd=Path.cwd(), start_new_session=True)
