@@ -34,6 +34,7 @@ from dlrhub.store.postgres import (
     SCHEMA_VERSION,
     SMALL,
     PostgresStore,
+    Reconnect,
 )
 from dlrhub.write.submission import Applied, Submission, apply
 from dlrhub.write.writer import request_digest
@@ -250,27 +251,40 @@ def test_lost_connections_are_opened_again(stores: list[PostgresStore], postgres
     assert [change.cursor for change in store.changes(0, 10)] == [cursor, later]
 
 
-def test_a_database_that_refuses_new_connections_is_a_store_error(
-    stores: list[PostgresStore], postgres_db: str, postgres_url: str
+def test_a_database_that_refuses_connections_is_a_store_error_and_asked_again_after_a_backoff(
+    postgres_db: str, postgres_url: str
 ) -> None:
     """Connecting again can fail too (the server is still down): that is a StoreError like any other
-    failure, never psycopg's own, and the store serves again once the database takes connections."""
-    store = stores[0]
-    [cursor] = commit(store, report("m-1"))
-    with psycopg.connect(postgres_db) as connection:
-        name = str(connection.info.dbname)
-    database = sql.Identifier(name)
-    with psycopg.connect(postgres_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(database))
-        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-        for _ in range(2):  # the broken connection, then the refused reconnection
-            with pytest.raises(StoreError), store.transaction() as tx:
-                put(tx, report("m-2"))
-            with pytest.raises(StoreError):
+    failure, never psycopg's own; until the backoff has passed no call tries again (each fails at once),
+    and the store serves again once the database takes connections."""
+    now = [0.0]
+    store = PostgresStore(postgres_db, clock=lambda: now[0])
+    try:
+        [cursor] = commit(store, report("m-1"))
+        assert store.latest_cursor() == cursor  # this thread's reader is connected now
+        with psycopg.connect(postgres_db) as connection:
+            name = str(connection.info.dbname)
+        database = sql.Identifier(name)
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(database))
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
+            )
+            for _ in range(2):  # the broken connection, then the refused attempt to connect again
+                with pytest.raises(StoreError), store.transaction() as tx:
+                    put(tx, report("m-2"))
+            with pytest.raises(StoreError):  # the reader's broken connection
                 store.latest_cursor()
-        admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(database))
-    [later] = commit(store, report("m-2"))
-    assert [change.cursor for change in store.changes(0, 10)] == [cursor, later]
+            with pytest.raises(StoreError, match=r"next attempt to connect is in 0\.1 s"):
+                store.latest_cursor()
+            admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(database))
+        with pytest.raises(StoreError, match="next attempt to connect"):  # not asked before the backoff
+            commit(store, report("m-2"))
+        now[0] += Reconnect.FIRST_DELAY
+        [later] = commit(store, report("m-2"))
+        assert [change.cursor for change in store.changes(0, 10)] == [cursor, later]
+    finally:
+        store.close()
 
 
 def test_a_newer_schema_is_refused(postgres_db: str) -> None:

@@ -40,6 +40,7 @@ import hashlib
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
@@ -332,6 +333,39 @@ def describe(url: str) -> str:
     return f"PostgreSQL database {database!r} on {host}{port}"
 
 
+class Reconnect:
+    """Paces the attempts to connect again after one failed: the next is allowed after a delay that
+    doubles from FIRST_DELAY up to MAX_DELAY seconds, and is forgotten once one succeeds. Shared by
+    the store's threads: while the database is down, their calls fail at once instead of each
+    waiting for a connection attempt."""
+
+    FIRST_DELAY = 0.1
+    MAX_DELAY = 5.0
+
+    def __init__(self, name: str, clock: Callable[[], float]) -> None:
+        self._name = name
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._delay = 0.0
+        self._next = 0.0
+
+    def wait(self) -> None:
+        """Returns if an attempt may be made now, else raises StoreError saying when."""
+        with self._lock:
+            left = self._next - self._clock()
+        if left > 0:
+            raise StoreError(f"{self._name} is unreachable: the next attempt to connect is in {left:.1f} s")
+
+    def failed(self) -> None:
+        with self._lock:
+            self._delay = min(max(self._delay * 2, self.FIRST_DELAY), self.MAX_DELAY)
+            self._next = self._clock() + self._delay
+
+    def succeeded(self) -> None:
+        with self._lock:
+            self._delay = self._next = 0.0
+
+
 @_store_errors
 class PostgresStore:
     """The Store interface over one PostgreSQL database, shared by any number of dlrhub processes."""
@@ -339,10 +373,12 @@ class PostgresStore:
     # Distinct from SQLite's plain numbers: a cursor of the other engine is refused, not misread.
     cursor_format = CursorFormat("pg-")
 
-    def __init__(self, url: str) -> None:
-        """Connects and migrates; raises StoreError naming the database (never its password)."""
+    def __init__(self, url: str, *, clock: Callable[[], float] = time.monotonic) -> None:
+        """Connects and migrates; raises StoreError naming the database (never its password). `clock`
+        (seconds) paces the attempts to connect again."""
         self.url = url
         self.name = describe(url)
+        self._reconnect = Reconnect(self.name, clock)
         self._lock = threading.Lock()
         self._local = threading.local()
         self._readers: list[Connection] = []
@@ -476,9 +512,18 @@ class PostgresStore:
     # Connections.
 
     def _connect(self) -> Connection:
-        return psycopg.connect(
-            self.url, autocommit=True, connect_timeout=_CONNECT_TIMEOUT, application_name="dlrhub"
-        )
+        """A new connection; after a failed attempt none is tried before its backoff has passed (the
+        call fails at once with StoreError), so a database that is down is not asked by every call."""
+        self._reconnect.wait()
+        try:
+            connection = psycopg.connect(
+                self.url, autocommit=True, connect_timeout=_CONNECT_TIMEOUT, application_name="dlrhub"
+            )
+        except psycopg.Error:
+            self._reconnect.failed()
+            raise
+        self._reconnect.succeeded()
+        return connection
 
     def _open_writer(self) -> Connection:
         connection = self._connect()
