@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import grpc
+import psycopg
 import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -119,6 +120,34 @@ async def test_prune_removes_final_old_messages_with_their_history_and_nothing_e
     again = await ingest(stub, gms_payload(gms("old-final", seconds=2)))
     assert [result.outcome for result in again.results] == [ACCEPTED]
     assert len(await history_of(stub, "old-final")) == 1
+
+
+async def test_a_prune_leaves_a_change_no_stream_could_read_yet(
+    tmp_path: Path, clock: FakeClock, postgres_db: str
+) -> None:
+    """A change committed while an older transaction is open waits for it to reach Streams (README,
+    "Scaling out"). A prune meanwhile deleted it unread: every live Stream skipped it silently."""
+    async with (
+        serving(tmp_path, clock=clock, db=postgres_db) as running,
+        grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel,
+    ):
+        stub = DeliveryReportServiceStub(channel)
+        call = stub.Stream(StreamRequest())
+        try:
+            await read_start(call)
+            with psycopg.connect(postgres_db, autocommit=True) as other, other.transaction():
+                other.execute("SELECT pg_current_xact_id()")
+                sent = await ingest(stub, gms_payload(gms("held-back")))
+                clock.advance(10 * DAY)
+                pruned = await stub.PruneMessages(PruneMessagesRequest(older_than=days(7)), timeout=TIMEOUT)
+                assert pruned.message_count == 0
+            [change] = await read_changes(call, 1)
+            # Read, it is pruned like any other.
+            pruned = await stub.PruneMessages(PruneMessagesRequest(older_than=days(7)), timeout=TIMEOUT)
+            assert pruned.message_count == 1
+        finally:
+            call.cancel()
+    assert change.cursor == sent.results[0].cursor
 
 
 async def test_prune_needs_a_positive_age_or_the_server_retention(server: Running) -> None:

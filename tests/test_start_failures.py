@@ -102,7 +102,11 @@ def test_an_unreachable_postgresql_names_the_database_but_never_the_password(tmp
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("db", ["mysql://db.example/ledger", "host=/run/postgresql dbname=ledger"])
+@pytest.mark.parametrize(
+    "db",
+    # "" and "." were taken for the file Path("."): the line was "PosixPath('.') has an empty name".
+    ["mysql://db.example/ledger", "host=/run/postgresql dbname=ledger", "", "."],
+)
 def test_a_database_that_is_neither_a_path_nor_a_postgresql_url(tmp_path: Path, db: str) -> None:
     line = the_line(serve_in(tmp_path, "--db", db))
     assert line.startswith("the database "), line

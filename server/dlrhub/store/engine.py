@@ -3,6 +3,7 @@
 - a `postgresql://` or `postgres://` URL: PostgreSQL, the URL given to libpq as it is (so `sslmode`,
   `host=/run/postgresql` in the query, PGPASSWORD and ~/.pgpass work as with any libpq program);
 - a file path: SQLite;
+- a value naming no file (empty, `.`, `/`) is refused;
 - anything else that looks like a URL (`scheme://...`, `scheme:...`) or a libpq `key=value` string is
   refused, rather than taken for a file name (a folder named `postgresql:` was made from such a URL).
 """
@@ -26,6 +27,10 @@ def _postgres_url(db: str | Path) -> str | None:
     """The PostgreSQL URL `db` is, None for a file path; StoreError for what is neither."""
     if isinstance(db, Path):
         return None
+    if not Path(db).name:  # "", ".", "/": a directory, not a file
+        raise StoreError(
+            f"the database {db!r} names no file: give a file path (data/dlrhub.db) or a postgresql:// URL"
+        )
     scheme = _SCHEME.match(db)
     if scheme is not None:
         name = scheme.group(1)

@@ -287,6 +287,13 @@ _CHANGES_QUERY = (
     " ORDER BY reports.txid, ordinal LIMIT %s"  # the column: `txid` alone is the text above
 )
 
+# A message with a change no Stream may read yet (an older transaction is still open): a prune waits
+# for it, or every live Stream would skip that change unseen (their followers read it after).
+_UNREADABLE = (
+    "EXISTS (SELECT 1 FROM reports WHERE reports.message_id = messages.message_id"
+    " AND reports.source = messages.source AND NOT reports.txid < pg_snapshot_xmin(pg_current_snapshot()))"
+)
+
 
 def _last_position(connection: Connection, where: str) -> int:
     row = connection.execute(
@@ -885,7 +892,7 @@ class _PostgresTransaction:
     def prune_messages(self, before_seconds: int, limit: int) -> Pruned:
         self.flush()
         connection = self._connection
-        where = f"{FINAL} AND changed_seconds < %s"
+        where = f"{FINAL} AND changed_seconds < %s AND NOT {_UNREADABLE}"
         candidates = connection.execute(
             f"SELECT source, message_id FROM messages WHERE {where} LIMIT %s",  # noqa: S608
             (before_seconds, limit),
