@@ -158,9 +158,10 @@ class Follower:
                 while self._unpublished and self._unpublished[0][0] <= self.followed:
                     self._unpublished.popleft()
             if pruned > after and pruned > self._pruned:
-                # A prune deleted changes before they were read here (held back by the watermark,
-                # say): they never reach the hub, so subscribers catch up from the store, which
-                # ends each feed they were missing from with CursorPruned (follow.py).
+                # A prune (on any replica) deleted changes before they were read here (this process
+                # was slow to read, or cut off from the database): they never reach the hub, so
+                # subscribers catch up from the store, which ends each feed they were missing from
+                # with CursorPruned (follow.py).
                 self._hub.catch_up_all()
             self._pruned = max(self._pruned, pruned)
             if len(batch) < self._batch:
