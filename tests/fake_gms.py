@@ -24,12 +24,13 @@ import asyncio
 import base64
 import contextlib
 import json
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+
+from tests.fake_provider import Misbehaviour, Script, serve_local
 
 CLIENT_ID = "1234"
 LOGIN = "dlrhub"
@@ -58,14 +59,6 @@ class GmsRequest:
     status: int = 0
 
 
-@dataclass(slots=True)
-class _Misbehaviour:
-    kind: str  # "status" or "hang"
-    remaining: int
-    status: int = 0
-    seconds: float = 0.0
-
-
 class FakeGms:
     def __init__(self, login: str = LOGIN, password: str = PASSWORD) -> None:
         # The credentials it accepts; tests may change them at any time.
@@ -79,7 +72,7 @@ class FakeGms:
         self.in_flight = 0
         self.max_in_flight = 0
         self.port = 0
-        self._misbehaviours: deque[_Misbehaviour] = deque()
+        self._script = Script()  # of "status" and "hang" steps
         self._runner: web.AppRunner | None = None
         self._released = asyncio.Event()
 
@@ -91,10 +84,7 @@ class FakeGms:
     async def __aenter__(self) -> FakeGms:
         app = web.Application()
         app.router.add_get("/{client_id}/api/dr/{message_id}/{report}", self._report)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.port = int(self._runner.addresses[0][1])
+        self._runner, self.port = await serve_local(app)
         return self
 
     async def __aexit__(self, *_: object) -> None:
@@ -125,11 +115,11 @@ class FakeGms:
         self.attempts[message_id] |= {"time": time_ms, "hyber_status": SEEN_HYBER_STATUS}
 
     def fail_next(self, times: int, status: int) -> None:
-        self._misbehaviours.append(_Misbehaviour("status", times, status=status))
+        self._script.add(Misbehaviour("status", times, status=status))
 
     def hang_next(self, times: int, seconds: float = 5.0) -> None:
         """Holds the next `times` requests for `seconds` (or until the fake stops), then answers 503."""
-        self._misbehaviours.append(_Misbehaviour("hang", times, seconds=seconds))
+        self._script.add(Misbehaviour("hang", times, seconds=seconds))
 
     def asked(self, message_id: str | None = None) -> list[GmsRequest]:
         """The requests answered 200 (about `message_id`, if given)."""
@@ -160,7 +150,7 @@ class FakeGms:
         return response
 
     async def _answer(self, request: web.Request, message_id: str, report: str) -> web.Response:
-        misbehaviour = self._next_misbehaviour()
+        misbehaviour = self._script.next()
         if misbehaviour is not None and misbehaviour.kind == "hang":
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._released.wait(), misbehaviour.seconds)
@@ -187,15 +177,6 @@ class FakeGms:
                 "channels": [{"channel": channel, "ttl": 60}],
             }
         )
-
-    def _next_misbehaviour(self) -> _Misbehaviour | None:
-        while self._misbehaviours:
-            first = self._misbehaviours[0]
-            if first.remaining > 0:
-                first.remaining -= 1
-                return first
-            self._misbehaviours.popleft()
-        return None
 
 
 def _error(status: int, message: str) -> web.Response:

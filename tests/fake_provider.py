@@ -95,14 +95,44 @@ class ProviderRequest:
 
 
 @dataclass(slots=True)
-class _Misbehaviour:
-    kind: str  # "ok", "status", "hang", "drip" or "body"
+class Misbehaviour:
+    """One step of a fake's script: what the next `remaining` requests get instead of a normal answer."""
+
+    kind: str  # "ok", "status", "hang", "drip" or "body" (each fake plays those it knows)
     remaining: int
     status: int = 0
     seconds: float = 0.0
     # For "body": the answer's bytes and Content-Type.
     body: bytes = b""
     content_type: str = ""
+
+
+class Script:
+    """Misbehaviours for the next requests, played in the order they were added."""
+
+    def __init__(self) -> None:
+        self._steps: deque[Misbehaviour] = deque()
+
+    def add(self, step: Misbehaviour) -> None:
+        self._steps.append(step)
+
+    def next(self) -> Misbehaviour | None:
+        """The step for the request now, or None: a normal answer."""
+        while self._steps:
+            first = self._steps[0]
+            if first.remaining > 0:
+                first.remaining -= 1
+                return first
+            self._steps.popleft()
+        return None
+
+
+async def serve_local(app: web.Application) -> tuple[web.AppRunner, int]:
+    """Runs `app` on 127.0.0.1, on a free port: its runner (to clean up) and the port."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, int(runner.addresses[0][1])
 
 
 class FakeProvider:
@@ -118,7 +148,7 @@ class FakeProvider:
         # Every report handed out, in order.
         self.handed_out: list[dict[str, Any]] = []
         self.port = 0
-        self._misbehaviours: deque[_Misbehaviour] = deque()
+        self._script = Script()
         self._runner: web.AppRunner | None = None
         self._released = asyncio.Event()
 
@@ -129,10 +159,7 @@ class FakeProvider:
     async def start(self) -> FakeProvider:
         app = web.Application()
         app.router.add_get("/sms/1/reports", self._reports)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.port = int(self._runner.addresses[0][1])
+        self._runner, self.port = await serve_local(app)
         self._released.clear()
         return self
 
@@ -158,11 +185,11 @@ class FakeProvider:
 
     def serve_next(self, times: int) -> None:
         """Answers the next `times` requests normally (to place failures later in the script)."""
-        self._misbehaviours.append(_Misbehaviour("ok", times))
+        self._script.add(Misbehaviour("ok", times))
 
     def fail_next(self, times: int, status: int = 500) -> None:
         """Answers `status`, with the provider's error body, to the next `times` requests."""
-        self._misbehaviours.append(_Misbehaviour("status", times, status=status))
+        self._script.add(Misbehaviour("status", times, status=status))
 
     def throttle_next(self, times: int) -> None:
         """Answers 429 Too Many Requests to the next `times` requests."""
@@ -170,16 +197,16 @@ class FakeProvider:
 
     def hang_next(self, times: int, seconds: float = 5.0) -> None:
         """Holds the next `times` requests for `seconds` (or until stop) before answering 503."""
-        self._misbehaviours.append(_Misbehaviour("hang", times, seconds=seconds))
+        self._script.add(Misbehaviour("hang", times, seconds=seconds))
 
     def drip_next(self, times: int, seconds_per_byte: float = 1.0) -> None:
         """Answers the next `times` requests normally, but writes the body a byte at a time, one every
         `seconds_per_byte` (until stop): each read is quick, the whole answer never ends in time."""
-        self._misbehaviours.append(_Misbehaviour("drip", times, seconds=seconds_per_byte))
+        self._script.add(Misbehaviour("drip", times, seconds=seconds_per_byte))
 
     def answer_next(self, body: bytes, content_type: str = "application/json", times: int = 1) -> None:
         """Answers 200 with `body` as it is (its reports are not counted as handed out)."""
-        self._misbehaviours.append(_Misbehaviour("body", times, body=body, content_type=content_type))
+        self._script.add(Misbehaviour("body", times, body=body, content_type=content_type))
 
     def handed_out_ids(self) -> list[str]:
         return [str(item["messageId"]) for item in self.handed_out]
@@ -191,7 +218,7 @@ class FakeProvider:
         self.requests.append(
             ProviderRequest(request.method, request.path, dict(request.query), _headers(request.headers))
         )
-        misbehaviour = self._next_misbehaviour()
+        misbehaviour = self._script.next()
         response, handed = await self._answer(request, misbehaviour)
         self.requests[index] = _answered(self.requests[index], response.status, handed)
         if misbehaviour is not None and misbehaviour.kind == "drip" and response.status == 200:
@@ -213,7 +240,7 @@ class FakeProvider:
         return dripping
 
     async def _answer(
-        self, request: web.Request, misbehaviour: _Misbehaviour | None
+        self, request: web.Request, misbehaviour: Misbehaviour | None
     ) -> tuple[web.Response, tuple[str, ...]]:
         if misbehaviour is not None and misbehaviour.kind == "body":
             return web.Response(
@@ -242,15 +269,6 @@ class FakeProvider:
         self.handed_out.extend(results)
         handed = tuple(str(item["messageId"]) for item in results)
         return web.json_response({"results": results}), handed
-
-    def _next_misbehaviour(self) -> _Misbehaviour | None:
-        while self._misbehaviours:
-            first = self._misbehaviours[0]
-            if first.remaining > 0:
-                first.remaining -= 1
-                return first
-            self._misbehaviours.popleft()
-        return None
 
     def _take(self, limit: int, bulk_id: str | None, message_id: str | None) -> list[dict[str, Any]]:
         taken: list[dict[str, Any]] = []
