@@ -8,12 +8,12 @@ keeps the table from growing forever.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 from collections.abc import Callable
 
 from dlrhub.store.base import Transaction
+from dlrhub.write import periodic
 from dlrhub.write.committer import Committer
 
 log = logging.getLogger(__name__)
@@ -40,14 +40,16 @@ class RequestIdExpiry:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="dlrhub-request-id-expiry")
+        self._task = periodic.every(
+            self._interval,
+            self._round,
+            name="dlrhub-request-id-expiry",
+            failure="could not delete expired request ids; trying again later",
+        )
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await periodic.cancel(self._task)
+        self._task = None
 
     async def expire(self) -> int:
         """Deletes every saved answer older than the time-to-live, BATCH at a time; how many."""
@@ -59,16 +61,9 @@ class RequestIdExpiry:
             if count < BATCH:
                 return deleted
 
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            try:
-                deleted = await self.expire()
-            except Exception:  # the store failed: the next round tries again
-                log.exception("could not delete expired request ids; trying again later")
-            else:
-                if deleted:
-                    log.info("request ids expired", extra={"deleted": deleted})
+    async def _round(self) -> None:
+        if deleted := await self.expire():
+            log.info("request ids expired", extra={"deleted": deleted})
 
 
 def _expire(tx: Transaction, *, before: int) -> int:

@@ -14,13 +14,13 @@ gone, so it is new. Stream resumed from a cursor before a pruned change is OUT_O
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dlrhub.store.base import Pruned, Transaction
+from dlrhub.write import periodic
 from dlrhub.write.committer import Committer
 
 log = logging.getLogger(__name__)
@@ -67,15 +67,16 @@ class Retention:
         seconds = self.retention_seconds
         if seconds is not None:
             interval = min(seconds / 10, 600.0) if self._interval is None else self._interval
-            loop = asyncio.get_running_loop()
-            self._task = loop.create_task(self._loop(seconds, interval), name="dlrhub-retention")
+            self._task = periodic.every(
+                interval,
+                functools.partial(self._round, seconds),
+                name="dlrhub-retention",
+                failure="could not prune; trying again later",
+            )
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await periodic.cancel(self._task)
+        self._task = None
 
     async def prune(self, older_than_seconds: int) -> Pruning:
         """Deletes every final message, and every closed quarantined item, that last changed more than
@@ -91,23 +92,17 @@ class Retention:
                     break
         return pruning
 
-    async def _loop(self, seconds: int, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                pruned = (await self.prune(seconds)).total
-            except Exception:  # the store failed: the next round tries again
-                log.exception("could not prune; trying again later")
-            else:
-                if pruned != Pruned():
-                    log.info(
-                        "pruned",
-                        extra={
-                            "messages": pruned.messages,
-                            "reports": pruned.reports,
-                            "quarantined": pruned.quarantined,
-                        },
-                    )
+    async def _round(self, seconds: int) -> None:
+        pruned = (await self.prune(seconds)).total
+        if pruned != Pruned():
+            log.info(
+                "pruned",
+                extra={
+                    "messages": pruned.messages,
+                    "reports": pruned.reports,
+                    "quarantined": pruned.quarantined,
+                },
+            )
 
 
 def _prune_messages(tx: Transaction, *, before: int, limit: int) -> Pruned:
